@@ -3,3 +3,13 @@
 Each op picks its backend through `rlhf_fast.backend.select`; `rlhf_fast.ops.reference` holds the PyTorch version.
 """
 from rlhf_fast.backend import use_backend  # noqa: F401
+
+# --- log-probabilities and entropy ---
+
+# --- KL, PPO policy/value losses, masked statistics, token rewards ---
+
+# --- GAE ---
+
+# --- fused PPO step ---
+
+# --- paged attention / KV cache ---
