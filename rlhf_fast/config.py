@@ -1,0 +1,335 @@
+"""Stage configs: small frozen dataclasses, loaded from YAML and overridden with `--set key=value`.
+
+A config is a tree of frozen dataclasses; a YAML file is a mapping with the same shape, and `key=value`
+overrides use dotted paths (`sft.lr=3e-4`). Unknown keys and values of the wrong type are `ConfigError`s that
+name the full key, as do the range checks in each `__post_init__`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key."""
+
+
+def _check(cond: bool, key: str, what: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {what}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArch:
+    """A Llama-architecture model built from scratch (used when a stage has no `model` directory)."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2  # grouped-query attention
+    intermediate_size: int = 256
+    max_position_embeddings: int = 64
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check(getattr(self, f.name) > 0, f.name, "must be > 0")
+        _check(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
+        _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", "must divide num_heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warm-up then a decaying schedule; gradients clipped by global norm."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(self.schedule in ("cosine", "linear", "constant"), "schedule", "must be cosine, linear or constant")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on {"prompt","response"} or {"messages"} JSONL."""
+
+    model: str = ""  # HF model directory; "" builds `arch` from scratch (needs `tokenizer`)
+    tokenizer: str = ""  # defaults to `model`
+    arch: ModelArch = ModelArch()
+    train_data: str = ""
+    eval_data: str = ""  # "" skips evaluation
+    max_len: int = 64  # prompt + response tokens; longer examples are truncated
+    batch_size: int = 32
+    epochs: int = 1
+    max_steps: int = 0  # > 0 stops after this many optimiser steps
+    bucket_size: int = 16  # length bucketing: sort each window of bucket_size batches by length (1 disables)
+    optim: OptimConfig = OptimConfig()
+    eval_every: int = 0  # 0: evaluate at the end only
+    save_every: int = 0  # 0: save at the end only
+    seed: int = 0
+
+    def __post_init__(self):
+        for k in ("max_len", "batch_size", "epochs", "bucket_size"):
+            _check(getattr(self, k) >= 1, k, "must be >= 1")
+        for k in ("max_steps", "eval_every", "save_every"):
+            _check(getattr(self, k) >= 0, k, "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RMConfig:
+    """Reward model on K-way rankings {"prompt","completions","ranks"} or {"prompt","chosen","rejected"}."""
+
+    model: str = ""  # the SFT model directory
+    train_data: str = ""
+    eval_data: str = ""
+    max_len: int = 64
+    batch_size: int = 16  # prompts per minibatch (all their completions go in together)
+    epochs: int = 1
+    max_steps: int = 0
+    optim: OptimConfig = OptimConfig(lr=3e-4)
+    eval_every: int = 0
+    save_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        for k in ("max_len", "batch_size", "epochs"):
+            _check(getattr(self, k) >= 1, k, "must be >= 1")
+        for k in ("max_steps", "eval_every", "save_every"):
+            _check(getattr(self, k) >= 0, k, "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class KLConfig:
+    """KL to the reference policy: where it goes and how its coefficient moves."""
+
+    coef: float = 0.05  # beta (initial value when adaptive)
+    kind: str = "k1"  # estimator: k1 | k2 | k3 | abs
+    placement: str = "reward"  # reward: r_t = score - beta*KL (InstructGPT); loss: + beta*KL in the policy loss
+    target: float = 0.0  # > 0: adaptive controller (Ziegler et al. 2019) aiming at this KL per sequence
+    horizon: int = 10000  # adaptive controller horizon in samples
+
+    def __post_init__(self):
+        _check(self.coef >= 0, "coef", "must be >= 0")
+        _check(self.kind in ("k1", "k2", "k3", "abs"), "kind", "must be k1, k2, k3 or abs")
+        _check(self.placement in ("reward", "loss"), "placement", "must be reward or loss")
+        _check(self.target >= 0, "target", "must be >= 0")
+        _check(self.horizon >= 1, "horizon", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO against a frozen reward model, with a KL penalty to the frozen SFT reference."""
+
+    policy: str = ""  # SFT model directory (also the frozen reference)
+    reward_model: str = ""  # RM directory (also the value model's initialisation)
+    prompts: str = ""  # {"prompt"} JSONL
+    ptx_data: str = ""  # {"text"} JSONL for PPO-ptx ("" disables)
+    ptx_coef: float = 0.0
+    iterations: int = 20
+    prompts_per_iter: int = 32
+    n_samples: int = 2  # completions per prompt
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    ppo_epochs: int = 2
+    minibatch_size: int = 32  # sequences per optimiser step
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    early_stop_kl: float = 0.0  # > 0: stop the epoch loop when approx KL exceeds it
+    kl: KLConfig = KLConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-4, schedule="constant")
+    max_len: int = 64  # prompt tokens kept (left-truncated)
+    save_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        for k in ("iterations", "prompts_per_iter", "n_samples", "max_new_tokens", "ppo_epochs", "minibatch_size",
+                  "max_len"):
+            _check(getattr(self, k) >= 1, k, "must be >= 1")
+        for k in ("ptx_coef", "temperature", "clip", "value_clip", "vf_coef", "entropy_coef", "early_stop_kl",
+                  "top_k", "save_every"):
+            _check(getattr(self, k) >= 0, k, "must be >= 0")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        _check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """The embedded synthetic task (see `rlhf_fast.default_task`)."""
+
+    n_sft: int = 6000  # demonstrations
+    n_rm: int = 1500  # prompts ranked by the labeler
+    n_ppo: int = 2000  # PPO training prompts
+    n_eval: int = 200  # held-out prompts per split
+    k_min: int = 4  # completions per ranked prompt: K in [k_min, k_max]
+    k_max: int = 6
+    p_verbose: float = 0.4  # demonstrations padded with filler
+    p_wrong: float = 0.15  # demonstrations with a wrong answer
+    min_items: int = 2
+    max_items: int = 5
+    seed: int = 1234
+
+    def __post_init__(self):
+        for k in ("n_sft", "n_rm", "n_ppo", "n_eval", "min_items"):
+            _check(getattr(self, k) >= 1, k, "must be >= 1")
+        _check(2 <= self.k_min <= self.k_max <= 9, "k_min", "need 2 <= k_min <= k_max <= 9")
+        _check(self.max_items >= self.min_items, "max_items", "must be >= min_items")
+        _check(self.max_items <= 8, "max_items", "must be <= 8")
+        for k in ("p_verbose", "p_wrong"):
+            _check(0 <= getattr(self, k) <= 1, k, "must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """SFT -> RM -> PPO on the embedded default task (or on given data), then the win-rate report."""
+
+    task: TaskConfig = TaskConfig()
+    sft: SFTConfig = SFTConfig(epochs=3, optim=OptimConfig(lr=2e-3, warmup_steps=30))
+    rm: RMConfig = RMConfig(epochs=2)
+    ppo: PPOConfig = PPOConfig()
+    eval_temperature: float = 1.0  # sampling temperature for the win-rate comparison
+    threads: int = 0  # torch threads (0: leave torch's default)
+
+    def __post_init__(self):
+        _check(self.eval_temperature >= 0, "eval_temperature", "must be >= 0")
+        _check(self.threads >= 0, "threads", "must be >= 0")
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+def _coerce(tp, value, key: str):
+    """`value` (from YAML) as type `tp`, or a ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def from_dict(cls, data: dict, *, prefix: str = "", base=None):
+    """Build `cls` from a (possibly partial) mapping; missing keys keep `base`'s values (else the defaults)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}: unknown key (valid: {', '.join(sorted(names))})")
+        sub_base = getattr(base, k) if base is not None else None
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict):
+            kwargs[k] = from_dict(hints[k], v, prefix=f"{prefix}{k}.", base=sub_base or _default_of(cls, k))
+        else:
+            kwargs[k] = _coerce(hints[k], v, prefix + k)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def _default_of(cls, name: str):
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["sft.lr=3e-4", "ppo.kl.coef=0.1"]` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"{pair}: an override must look like key=value")
+        key, raw = pair.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"{pair}: empty key")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicting overrides")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """`cls` from an optional YAML file, then `key=value` overrides (the overrides win)."""
+    data: dict = {}
+    if path:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_dict(cls, data, base=cls())
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists), for YAML/JSON."""
+    def conv(x):
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [conv(v) for v in x]
+        return x
+    return conv(dataclasses.asdict(cfg))
