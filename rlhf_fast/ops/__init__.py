@@ -5,6 +5,7 @@ Each op picks its backend through `rlhf_fast.backend.select`; `rlhf_fast.ops.ref
 from rlhf_fast.backend import use_backend  # noqa: F401
 
 # --- log-probabilities and entropy ---
+from rlhf_fast.ops.logprobs import linear_token_logprobs, token_logprobs  # noqa: F401,E402
 
 # --- KL, PPO policy/value losses, masked statistics, token rewards ---
 

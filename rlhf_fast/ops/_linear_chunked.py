@@ -1,0 +1,165 @@
+"""The chunked lm_head path of `linear_token_logprobs` (CPU, and any device without Triton) and its row kernels.
+
+Only rows whose label is not `ignore_index` are gathered; they go through the lm_head `ROW_TILE` rows at a time
+(the last tile zero-padded), so every row meets the identical (ROW_TILE, H) x (H, V) matmul whatever its batch,
+position or chunk size: that is what makes the result batch-invariant (for a fixed BLAS and thread count). A chunk
+of `chunk_rows` rows holds its logits in one (chunk_rows, V) buffer; the row kernel turns it into logp, lse and
+entropy, and in the backward pass (which recomputes the logits) into dlogits, in place.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast import _native
+
+ROW_TILE = 64  # rows per lm_head matmul; fixed so that every row sees the same GEMM shape
+TARGET_CHUNK_BYTES = 32 << 20  # default chunk: about 32 MiB of logits
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row kernels: logits (R, V) -> logp, lse, entropy (R,); and (lse, entropy, dlogp, dent) -> dlogits (R, V).
+# ---------------------------------------------------------------------------------------------------------------
+
+def native_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent) -> None:
+    """csrc/logprobs.cpp forward on contiguous logits (R, V); outputs (R,) in the compute dtype, written in place."""
+    assert logits.is_contiguous() and labels.dtype == torch.int64 and labels.is_contiguous()
+    n, v = logits.shape
+    _native.fn("token_logprobs_fwd_cpu")(logits.data_ptr(), _native.dtype_code(logits), labels.data_ptr(), n, v,
+                                          float(inv_temp), int(ignore_index), logp.data_ptr(), lse.data_ptr(),
+                                          ent.data_ptr())
+
+
+def native_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out) -> None:
+    """csrc/logprobs.cpp backward: writes dlogits into `out` (R, V), which may be `logits` itself."""
+    assert logits.is_contiguous() and out.is_contiguous() and out.dtype == logits.dtype
+    assert all(t.is_contiguous() and t.dtype == lse.dtype for t in (ent, dlogp, dent))
+    n, v = logits.shape
+    _native.fn("token_logprobs_bwd_cpu")(logits.data_ptr(), _native.dtype_code(logits), labels.data_ptr(), n, v,
+                                          float(inv_temp), int(ignore_index), lse.data_ptr(), ent.data_ptr(),
+                                          dlogp.data_ptr(), dent.data_ptr(), out.data_ptr())
+
+
+def torch_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent) -> None:
+    """PyTorch version of `native_rows_fwd` (materialises chunk-sized temporaries)."""
+    z = logits.to(logp.dtype) * inv_temp  # (R, V)
+    valid = labels != ignore_index
+    m = z.amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).min)  # finite even for all -inf rows
+    e = (z - m).exp()
+    s = e.sum(-1)
+    row_lse = m.squeeze(-1) + s.log()
+    ez = torch.where(e > 0, e * z, torch.zeros_like(e)).sum(-1)
+    z_y = z.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros_like(row_lse)
+    logp.copy_(torch.where(valid, z_y - row_lse, zero))
+    lse.copy_(row_lse)
+    ent.copy_(torch.where(valid, row_lse - ez / s, zero))
+
+
+def torch_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out) -> None:
+    """PyTorch version of `native_rows_bwd` (see kernels/logprobs.py for the derivation)."""
+    z = logits.to(lse.dtype) * inv_temp  # (R, V)
+    valid = labels != ignore_index
+    p = (z - lse.unsqueeze(-1)).exp()
+    mean_z = (lse - ent).unsqueeze(-1)  # E_p[z] = lse - H
+    centred = torch.where(p > 0, p * (z - mean_z), torch.zeros_like(p))
+    d = -(p * dlogp.unsqueeze(-1) + centred * dent.unsqueeze(-1))
+    d.scatter_add_(-1, torch.where(valid, labels, 0).unsqueeze(-1), dlogp.unsqueeze(-1))
+    d = torch.where(valid.unsqueeze(-1), d * inv_temp, torch.zeros_like(d))
+    out.copy_(d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixed-tile lm_head chunks.
+# ---------------------------------------------------------------------------------------------------------------
+
+def chunk_rows_for(chunk_size: int | None, n_rows: int, vocab: int) -> int:
+    """Rows per chunk: a multiple of ROW_TILE, at most the (padded) number of rows."""
+    if chunk_size is None:
+        chunk_size = max(1, TARGET_CHUNK_BYTES // (4 * vocab))
+    rows = -(-chunk_size // ROW_TILE) * ROW_TILE
+    return max(ROW_TILE, min(rows, -(-n_rows // ROW_TILE) * ROW_TILE))
+
+
+def iter_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_rows: int):
+    """Yield (start, rows, h_chunk (rows, H), logits (rows, V)) over h (M, H); the buffers are reused."""
+    m, width = h.shape
+    hbuf = h.new_zeros(chunk_rows, width)  # (C, H), zero padding past the last row
+    logits = h.new_empty(chunk_rows, weight.shape[0])  # (C, V)
+    wt = weight.t()  # (H, V)
+    for start in range(0, m, chunk_rows):
+        rows = min(chunk_rows, m - start)
+        padded = -(-rows // ROW_TILE) * ROW_TILE
+        hbuf[:rows].copy_(h[start:start + rows])
+        hbuf[rows:padded].zero_()
+        for t in range(0, padded, ROW_TILE):
+            torch.matmul(hbuf[t:t + ROW_TILE], wt, out=logits[t:t + ROW_TILE])  # (ROW_TILE, V)
+        if bias is not None:
+            logits[:rows].add_(bias)
+        yield start, rows, hbuf[:rows], logits[:rows]
+
+
+class _ChunkedLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, use_native):
+        # hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64
+        rows_fwd = native_rows_fwd if use_native else torch_rows_fwd
+        n, vocab, cd = hidden.shape[0], weight.shape[0], _compute_dtype(hidden)
+        idx = (labels != ignore_index).nonzero().squeeze(1)  # (M,) valid rows
+        y = labels.index_select(0, idx)  # (M,)
+        h = hidden.index_select(0, idx)  # (M, H)
+        m = idx.numel()
+        logp_v, lse_v, ent_v = (torch.empty(m, dtype=cd, device=hidden.device) for _ in range(3))
+        chunk_rows = chunk_rows_for(chunk_size, m, vocab)
+        for start, rows, _, logits in iter_chunks(h, weight, bias, chunk_rows):
+            sl = slice(start, start + rows)
+            rows_fwd(logits, y[sl], inv_temp, ignore_index, logp_v[sl], lse_v[sl], ent_v[sl])
+        ctx.save_for_backward(hidden, weight, bias, idx, y, lse_v, ent_v)
+        ctx.cfg = (inv_temp, ignore_index, chunk_rows, use_native)
+        logp = torch.zeros(n, dtype=cd, device=hidden.device).index_copy_(0, idx, logp_v)
+        ent = torch.zeros(n, dtype=cd, device=hidden.device).index_copy_(0, idx, ent_v)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, dlogp, dent):
+        hidden, weight, bias, idx, y, lse_v, ent_v = ctx.saved_tensors
+        inv_temp, ignore_index, chunk_rows, use_native = ctx.cfg
+        rows_bwd = native_rows_bwd if use_native else torch_rows_bwd
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        cd = lse_v.dtype
+        dlogp_v = (torch.zeros_like(lse_v) if dlogp is None else dlogp.index_select(0, idx).to(cd)).contiguous()
+        dent_v = (torch.zeros_like(lse_v) if dent is None else dent.index_select(0, idx).to(cd)).contiguous()
+        h = hidden.index_select(0, idx)  # (M, H)
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_b else None
+        for start, rows, hc, logits in iter_chunks(h, weight, bias, chunk_rows):
+            sl = slice(start, start + rows)
+            rows_bwd(logits, y[sl], lse_v[sl], ent_v[sl], dlogp_v[sl], dent_v[sl], inv_temp, ignore_index, logits)
+            accumulate_grads(logits, hc, weight, dh[sl] if need_h else None, dw, db)
+        dhidden = torch.zeros_like(hidden).index_copy_(0, idx, dh) if need_h else None
+        dweight = dw.to(weight.dtype) if need_w else None
+        dbias = db.to(bias.dtype) if need_b else None
+        return dhidden, dweight, dbias, None, None, None, None, None
+
+
+def accumulate_grads(dlogits, hc, weight, dh_out, dw, db) -> None:
+    """dh_out = dlogits @ W; dw += dlogits^T @ hc; db += sum(dlogits) (dw, db in fp32/fp64)."""
+    # dlogits (r, V) and hc (r, H) in the input dtype; dw (V, H), db (V,) in the compute dtype
+    if dh_out is not None:
+        torch.matmul(dlogits, weight, out=dh_out)  # (r, H)
+    if dw is not None or db is not None:
+        d = dlogits.to(dw.dtype if dw is not None else db.dtype)
+        if dw is not None:
+            dw.addmm_(d.t(), hc.to(dw.dtype))
+        if db is not None:
+            db.add_(d.sum(0))
+
+
+def linear_logprobs_chunked(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, use_native):
+    """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 -> logp, entropy (N,) (fp32 or fp64)."""
+    return _ChunkedLinearLogprobs.apply(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size,
+                                        use_native)

@@ -1,0 +1,211 @@
+"""Token log-probabilities and entropy: `token_logprobs` (from logits) and `linear_token_logprobs` (from hidden
+states and an lm_head, without materialising the logits).
+
+Backends (chosen per call by `rlhf_fast.backend.select`):
+  * triton: `rlhf_fast.kernels.logprobs` / `rlhf_fast.kernels.linear_logprobs` (CUDA, or CPU under TRITON_INTERPRET=1).
+  * native: `rlhf_fast._C.token_logprobs_{fwd,bwd}_cpu` (csrc/logprobs.cpp), one online-softmax pass per row, wrapped
+    below in `torch.library.custom_op`; the linear op runs fixed-shape matmul tiles + the same row kernel
+    (`rlhf_fast.ops._linear_chunked`).
+  * torch: `rlhf_fast.ops.reference.token_logprobs`; the linear op uses the same chunked path with a PyTorch row kernel.
+
+Batch invariance: a row's log-prob and entropy are bitwise independent of the batch it is in, its position and
+`chunk_size` (native and triton backends; the torch backend relies on PyTorch's CPU softmax, which processes rows
+independently, and is tested but not promised). For the linear op on CPU this holds for a fixed torch thread count
+and BLAS, because every row goes through an identical (ROW_TILE, H) x (H, V) matmul.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast import _native
+from rlhf_fast.backend import register_op, select
+from rlhf_fast.ops import _checks, reference
+from rlhf_fast.ops._linear_chunked import linear_logprobs_chunked, native_rows_bwd, native_rows_fwd
+
+register_op("token_logprobs", triton=False, native_cpu="token_logprobs_fwd_cpu")
+register_op("linear_token_logprobs", triton=False, native_cpu="token_logprobs_fwd_cpu")
+
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer 1: the native row kernel as custom ops (CPU).
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("rlhf_fast::token_logprobs_fwd", mutates_args=())
+def _native_fwd(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float,
+                ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (N, V) contiguous, labels (N,) int64 -> logp, lse, entropy (N,) fp32 (fp64 for fp64 logits)."""
+    n = logits.shape[0]
+    out_dtype = reference._compute_dtype(logits)
+    logp, lse, ent = (torch.empty(n, dtype=out_dtype, device=logits.device) for _ in range(3))
+    native_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent)
+    return logp, lse, ent
+
+
+@_native_fwd.register_fake
+def _(logits, labels, inv_temp, ignore_index):
+    out_dtype = reference._compute_dtype(logits)
+    return tuple(logits.new_empty(logits.shape[:1], dtype=out_dtype) for _ in range(3))
+
+
+@torch.library.custom_op("rlhf_fast::token_logprobs_bwd", mutates_args=())
+def _native_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
+                dlogp: torch.Tensor, dent: torch.Tensor, inv_temp: float, ignore_index: int) -> torch.Tensor:
+    """dlogits (N, V) in logits' dtype, written once per element."""
+    dlogits = torch.empty_like(logits)
+    native_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, dlogits)
+    return dlogits
+
+
+@_native_bwd.register_fake
+def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index):
+    return torch.empty_like(logits)
+
+
+def _native_setup_context(ctx, inputs, output):
+    logits, labels, inv_temp, ignore_index = inputs
+    _, lse, ent = output
+    ctx.mark_non_differentiable(lse)  # internal: saved for the backward pass only
+    ctx.save_for_backward(logits, labels, lse, ent)
+    ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
+
+
+def _native_backward(ctx, dlogp, dlse, dent):
+    logits, labels, lse, ent = ctx.saved_tensors
+    dlogp = torch.zeros_like(lse) if dlogp is None else dlogp.to(lse.dtype).contiguous()
+    dent = torch.zeros_like(lse) if dent is None else dent.to(lse.dtype).contiguous()
+    return _native_bwd(logits, labels, lse, ent, dlogp, dent, ctx.inv_temp, ctx.ignore_index), None, None, None
+
+
+_native_fwd.register_autograd(_native_backward, setup_context=_native_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument checks.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_common(labels: torch.Tensor, lead: torch.Size, vocab: int, temperature: float, ignore_index: int,
+                  lead_name: str) -> None:
+    _checks.check_tensor("labels", labels, dtypes=LABEL_DTYPES)
+    if labels.shape != lead:
+        raise ValueError(f"labels must have shape {tuple(lead)} ({lead_name} without its last dim); "
+                         f"got {_checks.desc(labels)}")
+    if not isinstance(temperature, (int, float)) or not (temperature > 0) or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels.numel():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            vals = labels[bad][:3].tolist()
+            raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; found values "
+                             f"such as {vals} ({_checks.desc(labels)})")
+
+
+def _check_logits(logits, labels, temperature, ignore_index) -> None:
+    _checks.check_float("logits", logits, min_ndim=1)
+    _checks.check_tensor("labels", labels, dtypes=LABEL_DTYPES)
+    _checks.check_same_device(["logits", "labels"], [logits, labels])
+    if logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a vocabulary dim of size >= 1; got {_checks.desc(logits)}")
+    _check_common(labels, logits.shape[:-1], logits.shape[-1], temperature, ignore_index, "logits")
+
+
+def _check_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk_size) -> None:
+    _checks.check_float("hidden", hidden, min_ndim=1)
+    _checks.check_float("weight", weight, ndim=2)
+    _checks.check_tensor("labels", labels, dtypes=LABEL_DTYPES)
+    if bias is not None:
+        _checks.check_float("bias", bias, ndim=1)
+    _checks.check_same_device(["hidden", "weight", "labels", "bias"], [hidden, weight, labels, bias])
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}; got {_checks.desc(weight)}")
+    if bias is not None and bias.dtype != hidden.dtype:
+        raise TypeError(f"bias must have hidden's dtype {hidden.dtype}; got {_checks.desc(bias)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) to match hidden's last dim; "
+                         f"got {_checks.desc(weight)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one row (vocabulary entry); got {_checks.desc(weight)}")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must have shape ({weight.shape[0]},); got {_checks.desc(bias)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _check_common(labels, hidden.shape[:-1], weight.shape[0], temperature, ignore_index, "hidden")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer 3: public functions.
+# ---------------------------------------------------------------------------------------------------------------
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                   ignore_index: int = -100, return_entropy: bool = False):
+    """Log-probability of each label under `softmax(logits / temperature)`, in one online-softmax pass per row.
+
+    Args:
+        logits: (..., V) float32/bfloat16/float16 (float64 accepted: the result is then float64).
+        labels: (...) int64 (int32 accepted), in [0, V) or equal to `ignore_index`.
+        temperature: divides the logits (sampling temperature); > 0.
+        ignore_index: label marking positions to skip: their log-prob and entropy are 0 and get no gradient.
+        return_entropy: also return the entropy of `softmax(logits / temperature)` per position.
+    Returns:
+        logp (...) float32, or (logp, entropy), both (...) float32. Differentiable w.r.t. logits.
+    """
+    _check_logits(logits, labels, temperature, ignore_index)
+    backend = select("token_logprobs", logits.device)
+    if backend == "torch":
+        return reference.token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                        return_entropy=return_entropy)
+    lead, vocab = labels.shape, logits.shape[-1]
+    logits2d = logits.reshape(-1, vocab).contiguous()  # (N, V)
+    labels1d = labels.reshape(-1).to(torch.int64).contiguous()  # (N,)
+    if backend == "native":
+        logp, _, ent = _native_fwd(logits2d, labels1d, 1.0 / temperature, ignore_index)
+    else:
+        from rlhf_fast.kernels.logprobs import triton_token_logprobs
+
+        logp, ent = triton_token_logprobs(logits2d, labels1d, 1.0 / temperature, ignore_index)
+    logp = logp.reshape(lead)
+    return (logp, ent.reshape(lead)) if return_entropy else logp
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                          return_entropy: bool = False, chunk_size: int | None = None):
+    """`token_logprobs(hidden @ weight.T + bias, labels)` without materialising the (N, V) logits.
+
+    Rows whose label is `ignore_index` are dropped before any matmul. The rest go through the lm_head in chunks of
+    `chunk_size` tokens (CPU: a multiple of `ROW_TILE`; default keeps a chunk's logits near 32 MiB); the backward pass
+    recomputes each chunk's logits and accumulates the gradients of hidden, weight and bias in fp32.
+
+    Args:
+        hidden: (..., H) float32/bfloat16/float16/float64, the policy's last hidden states.
+        weight: (V, H) same dtype, the lm_head weight.
+        labels: (...) int64/int32 in [0, V) or `ignore_index`.
+        bias: (V,) same dtype, or None.
+        temperature, ignore_index, return_entropy: as in `token_logprobs`.
+        chunk_size: tokens per chunk (memory/speed knob only: results are bitwise independent of it).
+    Returns:
+        logp (...) float32, or (logp, entropy). Differentiable w.r.t. hidden, weight and bias.
+    """
+    _check_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk_size)
+    backend = select("linear_token_logprobs", hidden.device)
+    lead, width = labels.shape, hidden.shape[-1]
+    hidden2d = hidden.reshape(-1, width)  # (N, H)
+    labels1d = labels.reshape(-1).to(torch.int64)  # (N,)
+    if backend == "triton":
+        from rlhf_fast.kernels.linear_logprobs import triton_linear_token_logprobs
+
+        logp, ent = triton_linear_token_logprobs(hidden2d, weight, bias, labels1d, 1.0 / temperature, ignore_index,
+                                                 chunk_size)
+    else:
+        logp, ent = linear_logprobs_chunked(hidden2d, weight, bias, labels1d, 1.0 / temperature, ignore_index,
+                                            chunk_size, use_native=(backend == "native"))
+    logp = logp.reshape(lead)
+    return (logp, ent.reshape(lead)) if return_entropy else logp
+
+
+def native_available() -> bool:
+    """True when the CPU row kernel of csrc/logprobs.cpp was built into `rlhf_fast._C`."""
+    return _native.has("token_logprobs_fwd_cpu")
