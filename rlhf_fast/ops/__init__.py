@@ -8,8 +8,13 @@ from rlhf_fast.backend import use_backend  # noqa: F401
 from rlhf_fast.ops.logprobs import linear_token_logprobs, token_logprobs  # noqa: F401,E402
 
 # --- KL, PPO policy/value losses, masked statistics, token rewards ---
+from rlhf_fast.ops.kl import kl_penalty  # noqa: F401,E402
+from rlhf_fast.ops.losses import PolicyLossStats, ValueLossStats, ppo_policy_loss, value_loss  # noqa: F401,E402
+from rlhf_fast.ops.rewards import token_rewards  # noqa: F401,E402
+from rlhf_fast.ops.stats import masked_mean, masked_var, masked_whiten  # noqa: F401,E402
 
 # --- GAE ---
+from rlhf_fast.ops.gae import gae, gae_packed  # noqa: F401,E402
 
 # --- fused PPO step ---
 

@@ -54,11 +54,240 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 # ---------------------------------------------------------------------------------------------------------------
 # KL estimators, PPO policy and value losses, masked statistics, token rewards
 # ---------------------------------------------------------------------------------------------------------------
+LOG_RATIO_CLAMP = 20.0  # |log ratio| is clamped to this before exp: exp(20) ~ 4.9e8 stays finite in fp16/bf16/fp32
+KL_KINDS = ("k1", "k2", "k3", "abs")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean")
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token KL estimate of KL(pi || pi_ref) from sampled log-probs (Schulman, "Approximating KL divergence").
+
+    With lr = clamp(logp - ref_logp, -20, 20):  k1 = lr,  k2 = lr^2 / 2,  k3 = exp(-lr) + lr - 1 = expm1(-lr) + lr,
+    abs = |lr|.  Shapes: any, equal; returns the same shape.
+    """
+    lr = (logp - ref_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if kind == "k1":
+        return lr
+    if kind == "k2":
+        return 0.5 * lr * lr
+    if kind == "k3":
+        return torch.expm1(-lr) + lr
+    if kind == "abs":
+        return lr.abs()
+    raise ValueError(f"kind must be one of {KL_KINDS}, got {kind!r}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over mask == 1 (over all elements, or along `dim`); 0 where nothing is valid."""
+    m = mask.bool()
+    total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    count = m.sum() if dim is None else m.sum(dim)
+    total = total.sum() if dim is None else total.sum(dim)
+    return total / count.clamp(min=1).to(x.dtype)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True) -> torch.Tensor:
+    """Variance of x over mask == 1 (Bessel-corrected if `unbiased`); 0 when fewer than 2 (1) elements are valid."""
+    m = mask.bool()
+    n = m.sum().to(x.dtype)
+    mean = masked_mean(x, m)
+    dev = torch.where(m, x - mean, torch.zeros((), dtype=x.dtype, device=x.device))
+    denom = n - 1 if unbiased else n
+    return (dev * dev).sum() / denom.clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8):
+    """(x - mean) / sqrt(var + eps) over mask == 1 (var unbiased); masked positions are set to 0.
+
+    With `shift_mean=False` the mean is added back (scale only), as TRL does for advantages.
+    """
+    m = mask.bool()
+    mean, var = masked_mean(x, m), masked_var(x, m)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _aggregate(tok: torch.Tensor, valid: torch.Tensor, agg: str, num_tokens, num_seqs) -> torch.Tensor:
+    """Reduce a (batch, T) per-token loss over the valid tokens. Default normalisers: the number of valid tokens
+    (token-mean) and the number of sequences with at least one valid token (seq-* modes); a normaliser of 0
+    gives loss 0."""
+    tok = torch.where(valid, tok, torch.zeros((), dtype=tok.dtype, device=tok.device))
+    row_sum, row_cnt = tok.sum(-1), valid.sum(-1)
+    if agg == "token-sum":
+        return tok.sum()
+    if agg == "token-mean":
+        n = valid.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=tok.device)
+        return tok.sum() / n.clamp(min=1).to(tok.dtype)
+    s = (row_cnt > 0).sum() if num_seqs is None else torch.as_tensor(num_seqs, device=tok.device)
+    s = s.clamp(min=1).to(tok.dtype)
+    if agg == "seq-mean-token-sum":
+        return row_sum.sum() / s
+    if agg == "seq-mean-token-mean":
+        return (row_sum / row_cnt.clamp(min=1).to(tok.dtype)).sum() / s
+    raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+
+
+def _finite_valid(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid, nonfinite): valid = mask & every tensor finite; nonfinite = count of masked-in non-finite tokens."""
+    m = mask.bool()
+    finite = torch.ones_like(m)
+    for t in tensors:
+        finite = finite & torch.isfinite(t)
+    return m & finite, (m & ~finite).sum()
+
+
+def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
+                    agg="token-mean", num_tokens=None, num_seqs=None):
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), optional dual clip (Ye et al. 2020), all (batch, T).
+
+    r = exp(clamp(logp - old_logp, -20, 20));  l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high));
+    for A < 0 with dual_clip c: l = min(l, -c A).  Tokens with a non-finite input are dropped (counted in stats).
+    Returns (loss, dict of stats: clip_frac, approx_kl = mean(r - 1 - log r), ratio_mean/min/max, nonfinite).
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    valid, nonfinite = _finite_valid(mask, logp, old_logp, advantages)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    lr = torch.where(valid, logp - old_logp, zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    adv = torch.where(valid, advantages, zero)
+    ratio = torch.exp(lr)
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    tok = torch.maximum(pg1, pg2)
+    clipped = pg2 > pg1
+    if dual_clip is not None:
+        pg3 = -adv * dual_clip
+        dual = (adv < 0) & (pg3 < tok)
+        tok = torch.where(adv < 0, torch.minimum(tok, pg3), tok)
+        clipped = clipped | dual
+    loss = _aggregate(tok, valid, agg, num_tokens, num_seqs)
+    with torch.no_grad():
+        any_valid = valid.any()
+        one = torch.ones((), dtype=logp.dtype, device=logp.device)
+        stats = dict(
+            clip_frac=masked_mean(clipped.to(logp.dtype), valid),
+            approx_kl=masked_mean(torch.expm1(lr) - lr, valid),
+            ratio_mean=torch.where(any_valid, masked_mean(ratio, valid), one),
+            ratio_min=torch.where(any_valid, torch.where(valid, ratio, torch.inf).min(), one),
+            ratio_max=torch.where(any_valid, torch.where(valid, ratio, -torch.inf).max(), one),
+            nonfinite=nonfinite,
+        )
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", num_tokens=None, num_seqs=None):
+    """Clipped value loss 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2) (PPO2 baselines), (batch, T).
+
+    `clip=None` disables clipping. Returns (loss, dict of stats: clip_frac, explained_variance = 1 - Var[R - v] /
+    Var[R] (0 when Var[R] == 0), value_mean, return_mean, nonfinite).
+    """
+    valid, nonfinite = _finite_valid(mask, values, old_values, returns)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    v, vo, ret = (torch.where(valid, t, zero) for t in (values, old_values, returns))
+    l1 = (v - ret) ** 2
+    if clip is None:
+        tok, clipped = 0.5 * l1, torch.zeros_like(valid)
+    else:
+        vc = vo + (v - vo).clamp(-clip, clip)
+        l2 = (vc - ret) ** 2
+        tok, clipped = 0.5 * torch.maximum(l1, l2), l2 > l1
+    loss = _aggregate(tok, valid, agg, num_tokens, num_seqs)
+    with torch.no_grad():
+        var_r = masked_var(ret, valid)
+        ev = torch.where(var_r > 0, 1 - masked_var(ret - v, valid) / torch.where(var_r > 0, var_r, 1), zero)
+        stats = dict(clip_frac=masked_mean(clipped.to(values.dtype), valid), explained_variance=ev,
+                     value_mean=masked_mean(v, valid), return_mean=masked_mean(ret, valid), nonfinite=nonfinite)
+    return loss, stats
+
+
+def token_rewards(scores, logp, ref_logp, mask, *, kl_coef, kind="k1"):
+    """InstructGPT per-token reward (Ouyang et al. 2022, eq. 2): -kl_coef * kl_t on every valid token plus the
+    scalar score (batch,) on each sequence's last valid token; 0 on masked tokens and on empty rows. (batch, T)."""
+    m = mask.bool()
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    r = torch.where(m, -kl_coef * kl_penalty(logp, ref_logp, kind), zero)
+    pos = torch.arange(m.shape[-1], device=m.device)
+    last = torch.where(m, pos, -1).max(-1).values  # (batch,) index of the last valid token, -1 if none
+    at_last = (pos == last[:, None]) & m
+    return r + torch.where(at_last, scores[:, None].to(r.dtype), zero)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Generalized advantage estimation
 # ---------------------------------------------------------------------------------------------------------------
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE (Schulman et al. 2016, eq. 16) as the reversed loop TRL/verl/OpenRLHF use; (batch, T) each.
+
+    For a valid t with next valid position n (none: V_n = A_n = 0): delta_t = r_t + gamma V_n - V_t,
+    A_t = delta_t + gamma lam A_n. A masked t adds nothing and carries A over: A_t = A_{t+1} (A after the last
+    valid token is 0). returns = advantages + values everywhere.
+    """
+    m = mask.bool()
+    next_v = torch.zeros_like(values[:, 0])
+    last = torch.zeros_like(values[:, 0])
+    adv = torch.empty_like(values)
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        a = delta + gamma * lam * last
+        last = torch.where(m[:, t], a, last)
+        next_v = torch.where(m[:, t], values[:, t], next_v)
+        adv[:, t] = last
+    return adv, adv + values
+
+
+def gae_packed(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor, *,
+               gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gae` on packed 1-D streams (total,): sequence i is [cu_seqlens[i], cu_seqlens[i+1])."""
+    adv, ret = torch.empty_like(values), torch.empty_like(values)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            a, r = gae(rewards[None, s:e], values[None, s:e], mask[None, s:e], gamma=gamma, lam=lam)
+            adv[s:e], ret[s:e] = a[0], r[0]
+    return adv, ret
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Paged KV cache and paged-attention decode
 # ---------------------------------------------------------------------------------------------------------------
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one query per row over its cached keys (grouped-query: head h reads kv head h // (H // KVH)).
+
+    q (B, H, D); k_cache, v_cache (num_blocks, block_size, KVH, D); block_tables (B, max_blocks) int32;
+    context_lens (B,) int32, >= 1. Row b attends to its tokens 0..context_lens[b]-1, token t living in slot
+    t % block_size of block block_tables[b, t // block_size]. Returns (B, H, D) in q's dtype, computed in fp32
+    (fp64 for fp64 inputs), one query at a time (so a row never depends on the rest of the batch).
+    """
+    b_, h, d = q.shape
+    bs, kvh = k_cache.shape[1], k_cache.shape[2]
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty_like(q)
+    for b in range(b_):
+        n = int(context_lens[b])
+        blocks = block_tables[b, : -(-n // bs)].long()
+        k = k_cache[blocks].reshape(-1, kvh, d)[:n].to(cdt)  # (n, KVH, D)
+        v = v_cache[blocks].reshape(-1, kvh, d)[:n].to(cdt)
+        qb = q[b].to(cdt).view(kvh, h // kvh, d)  # (KVH, G, D)
+        s = torch.einsum("kgd,nkd->kgn", qb, k) * scale  # (KVH, G, n)
+        o = torch.einsum("kgn,nkd->kgd", torch.softmax(s, dim=-1), v)  # (KVH, G, D)
+        out[b] = o.reshape(h, d).to(q.dtype)
+    return out
+
+
+def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Write k, v (T, KVH, D) into the caches (num_blocks, block_size, KVH, D) at flat slots slot_mapping (T,)
+    (slot = block * block_size + offset); negative slots are skipped (padding)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy-on-write: kv_cache (layers, 2, num_blocks, ...) gets block src[i] copied over block dst[i], every layer."""
+    kv_cache[:, :, dst.long()] = kv_cache[:, :, src.long()]

@@ -1,0 +1,219 @@
+"""PPO clipped policy loss and clipped value loss, with Triton forward/backward kernels.
+
+Both take padded (batch, T) tensors and a 0/1 mask, reduce with one of four aggregations and return
+`(loss, stats)`, the stats computed in the same pass. Gradients flow to `logp` (policy) and `values` (value loss)
+only; the other inputs are treated as constants, as every PPO trainer does.
+
+Non-finite inputs: a valid token whose logp / old_logp / advantage (or value / old value / return) is NaN or Inf
+is dropped from the loss, the normalisers and the stats, and counted in `stats.nonfinite`. The loss stays finite
+and the caller checks the flag (no host synchronisation is forced). Masked tokens may hold anything.
+
+Aggregation of the per-token loss l (valid tokens only):
+  token-mean           sum(l) / num_tokens      (default: number of valid tokens)
+  token-sum            sum(l)
+  seq-mean-token-sum   sum_b(sum_t l) / num_seqs (default: number of rows with a valid token)
+  seq-mean-token-mean  sum_b(mean_t l) / num_seqs
+A data-parallel caller passes the global num_tokens / num_seqs so the summed loss is invariant to sharding. A
+normaliser of 0 (a fully masked batch) gives loss 0 with zero gradients.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from rlhf_fast import backend
+from rlhf_fast.ops import _checks
+from rlhf_fast.ops import reference as ref
+
+AGG_MODES = ref.AGG_MODES
+backend.register_op("ppo_policy_loss", triton=True)
+backend.register_op("value_loss", triton=True)
+
+
+class PolicyLossStats(NamedTuple):
+    """Detached 0-d tensors over the valid, finite tokens of this call (not global)."""
+
+    clip_frac: torch.Tensor  # fraction of tokens whose loss is clipped (zero gradient), dual clip included
+    approx_kl: torch.Tensor  # mean(r - 1 - log r), an estimate of KL(pi_old || pi); 0 when nothing is valid
+    ratio_mean: torch.Tensor  # ratio stats are 1 when nothing is valid
+    ratio_min: torch.Tensor
+    ratio_max: torch.Tensor
+    nonfinite: torch.Tensor  # int64 count of valid tokens dropped for a NaN/Inf input
+
+
+class ValueLossStats(NamedTuple):
+    """Detached 0-d tensors over the valid, finite tokens of this call (not global)."""
+
+    clip_frac: torch.Tensor  # fraction of tokens where the clipped branch is larger
+    explained_variance: torch.Tensor  # 1 - Var[R - v] / Var[R]; 0 when Var[R] == 0
+    value_mean: torch.Tensor
+    return_mean: torch.Tensor
+    nonfinite: torch.Tensor  # int64 count of valid tokens dropped for a NaN/Inf input
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_inputs(names, tensors, mask, agg, num_tokens, num_seqs) -> None:
+    for n, t in zip(names, tensors):
+        _checks.check_float(n, t, ndim=2)
+    _checks.check_same_shape(names, tensors)
+    _checks.check_mask("mask", mask)
+    if mask.shape != tensors[0].shape:
+        raise ValueError(f"mask must have the same shape as {names[0]} {tuple(tensors[0].shape)}; "
+                         f"got {_checks.desc(mask)}")
+    _checks.check_same_device((*names, "mask"), (*tensors, mask))
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    for name, val, modes in (("num_tokens", num_tokens, ("token-mean",)),
+                             ("num_seqs", num_seqs, ("seq-mean-token-sum", "seq-mean-token-mean"))):
+        if val is None:
+            continue
+        if agg not in modes:
+            raise ValueError(f"{name} is only used by agg in {modes}; got agg={agg!r}")
+        if isinstance(val, torch.Tensor):
+            if val.numel() != 1 or val.is_floating_point() and not bool(val == val.round()):
+                raise ValueError(f"{name} must be a single integer count; got {_checks.desc(val)}")
+        elif isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name} must be a non-negative int (or a 1-element tensor); got {val!r}")
+
+
+def _normaliser(count: torch.Tensor, given) -> torch.Tensor:
+    n = count if given is None else torch.as_tensor(given, device=count.device)
+    return n.to(torch.float64).clamp(min=1)
+
+
+def _reduce_rows(row_loss, row_cnt, agg, num_tokens, num_seqs):
+    """(loss, row_weight): the aggregated loss from per-row sums (batch,) and d loss / d l_{b,t} per row."""
+    if agg == "token-sum":
+        return row_loss.sum(), torch.ones_like(row_loss)
+    if agg == "token-mean":
+        n = _normaliser(row_cnt.sum(), num_tokens).to(row_loss.dtype)
+        return row_loss.sum() / n, torch.ones_like(row_loss) / n
+    s = _normaliser((row_cnt > 0).sum(), num_seqs).to(row_loss.dtype)
+    if agg == "seq-mean-token-sum":
+        return row_loss.sum() / s, torch.ones_like(row_loss) / s
+    per_row = 1.0 / row_cnt.clamp(min=1).to(row_loss.dtype)
+    return (row_loss * per_row).sum() / s, per_row / s
+
+
+class _PolicyLossTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, old_logp, adv, mask, clips, agg, num_tokens, num_seqs):
+        from rlhf_fast.kernels import ppo_losses as kp
+
+        p = kp.policy_partials(logp, old_logp, adv, mask, *clips)  # (batch, chunks, K) -> per-row sums
+        rows = p.sum(1)
+        cnt = rows[:, kp.P_COUNT]
+        loss, w = _reduce_rows(rows[:, kp.P_LOSS], cnt, agg, num_tokens, num_seqs)
+        n = cnt.sum()
+        some = n > 0
+        one = torch.ones((), dtype=p.dtype, device=p.device)
+        stats = (rows[:, kp.P_CLIPPED].sum() / n.clamp(min=1), rows[:, kp.P_KL].sum() / n.clamp(min=1),
+                 torch.where(some, rows[:, kp.P_RATIO].sum() / n.clamp(min=1), one),
+                 torch.where(some, p[:, :, kp.P_RMIN].min(), one), torch.where(some, p[:, :, kp.P_RMAX].max(), one),
+                 rows[:, kp.P_NONFINITE].sum().round().to(torch.int64))
+        ctx.save_for_backward(logp, old_logp, adv, mask, w)
+        ctx.clips = clips
+        ctx.mark_non_differentiable(*stats)
+        return (loss, *stats)
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        from rlhf_fast.kernels import ppo_losses as kp
+
+        logp, old_logp, adv, mask, w = ctx.saved_tensors
+        grad = torch.empty(logp.shape, dtype=w.dtype, device=logp.device)
+        kp.policy_backward(logp, old_logp, adv, mask, (w * g_loss).contiguous(), grad, *ctx.clips)
+        return grad.to(logp.dtype), None, None, None, None, None, None, None
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                    clip_low: float = 0.2, clip_high: float | None = None, dual_clip: float | None = None,
+                    agg: str = "token-mean", num_tokens=None, num_seqs=None) -> tuple[torch.Tensor, PolicyLossStats]:
+    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7) with optional dual clip (Ye et al. 2020).
+
+    logp, old_logp, advantages, mask: (batch, T); mask 0/1 (bool, int or float).
+    r = exp(clamp(logp - old_logp, -20, 20));  l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), and for
+    A < 0 with `dual_clip` = c > 1:  l = min(l, -c A).  `clip_high` defaults to `clip_low` (asymmetric clipping
+    as in DAPO when larger). num_tokens / num_seqs: global normalisers (int or 1-element tensor), see the module
+    docstring. Returns (loss: 0-d float32, or float64 for float64 logp; stats: PolicyLossStats).
+    """
+    names = ("logp", "old_logp", "advantages")
+    _check_inputs(names, (logp, old_logp, advantages), mask, agg, num_tokens, num_seqs)
+    clip_high = clip_low if clip_high is None else clip_high
+    if not 0 <= clip_low < 1:
+        raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
+    if not clip_high >= 0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high!r}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 (a lower bound of dual_clip * A for A < 0), got {dual_clip!r}")
+    if backend.select("ppo_policy_loss", logp.device) == "triton" and logp.numel():
+        clips = (float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip))
+        m = mask.contiguous() if mask.dtype != torch.bool else mask.contiguous().view(torch.uint8)
+        loss, *stats = _PolicyLossTriton.apply(logp.contiguous(), old_logp.detach().contiguous(),
+                                               advantages.detach().contiguous(), m, clips, agg, num_tokens, num_seqs)
+        return loss.to(_compute_dtype(logp)), PolicyLossStats(*stats)
+    dt = _compute_dtype(logp)
+    loss, st = ref.ppo_policy_loss(logp.to(dt), old_logp.detach().to(dt), advantages.detach().to(dt), mask,
+                                   clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+                                   num_tokens=num_tokens, num_seqs=num_seqs)
+    return loss, PolicyLossStats(**st)
+
+
+class _ValueLossTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, old_values, returns, mask, clip, agg, num_tokens, num_seqs):
+        from rlhf_fast.kernels import ppo_losses as kp
+
+        p = kp.value_partials(values, old_values, returns, mask, clip)  # (batch, chunks, K)
+        rows = p.sum(1)
+        cnt = rows[:, kp.V_COUNT]
+        loss, w = _reduce_rows(rows[:, kp.V_LOSS], cnt, agg, num_tokens, num_seqs)
+        n = cnt.sum()
+        var_r = kp.combine_variance(p, kp.V_COUNT, kp.V_RMEAN, kp.V_RM2)
+        var_e = kp.combine_variance(p, kp.V_COUNT, kp.V_EMEAN, kp.V_EM2)
+        zero = torch.zeros((), dtype=p.dtype, device=p.device)
+        ev = torch.where(var_r > 0, 1 - var_e / torch.where(var_r > 0, var_r, 1), zero).to(p.dtype)
+        stats = (rows[:, kp.V_CLIPPED].sum() / n.clamp(min=1), ev,
+                 rows[:, kp.V_VSUM].sum() / n.clamp(min=1), (p[:, :, kp.V_RMEAN] * p[:, :, kp.V_COUNT]).sum()
+                 / n.clamp(min=1), rows[:, kp.V_NONFINITE].sum().round().to(torch.int64))
+        ctx.save_for_backward(values, old_values, returns, mask, w)
+        ctx.clip = clip
+        ctx.mark_non_differentiable(*stats)
+        return (loss, *stats)
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        from rlhf_fast.kernels import ppo_losses as kp
+
+        values, old_values, returns, mask, w = ctx.saved_tensors
+        grad = torch.empty(values.shape, dtype=w.dtype, device=values.device)
+        kp.value_backward(values, old_values, returns, mask, (w * g_loss).contiguous(), grad, ctx.clip)
+        return grad.to(values.dtype), None, None, None, None, None, None, None
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
+               clip: float | None = 0.2, agg: str = "token-mean", num_tokens=None,
+               num_seqs=None) -> tuple[torch.Tensor, ValueLossStats]:
+    """Clipped value loss (PPO2): l = 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2).
+
+    values, old_values, returns, mask: (batch, T); `clip=None` gives the plain 0.5 (v - R)^2. agg, num_tokens,
+    num_seqs as in `ppo_policy_loss`. Returns (loss: 0-d float32, or float64 for float64 values; ValueLossStats).
+    """
+    names = ("values", "old_values", "returns")
+    _check_inputs(names, (values, old_values, returns), mask, agg, num_tokens, num_seqs)
+    if clip is not None and not clip >= 0:
+        raise ValueError(f"clip must be >= 0 or None, got {clip!r}")
+    if backend.select("value_loss", values.device) == "triton" and values.numel():
+        m = mask.contiguous() if mask.dtype != torch.bool else mask.contiguous().view(torch.uint8)
+        loss, *stats = _ValueLossTriton.apply(values.contiguous(), old_values.detach().contiguous(),
+                                              returns.detach().contiguous(), m,
+                                              None if clip is None else float(clip), agg, num_tokens, num_seqs)
+        return loss.to(_compute_dtype(values)), ValueLossStats(*stats)
+    dt = _compute_dtype(values)
+    loss, st = ref.value_loss(values.to(dt), old_values.detach().to(dt), returns.detach().to(dt), mask, clip=clip,
+                              agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)
+    return loss, ValueLossStats(**st)
