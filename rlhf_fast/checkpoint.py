@@ -1,0 +1,83 @@
+"""Checkpoints: models in Hugging Face format plus everything needed for an exact resume.
+
+Layout of a checkpoint directory:
+    <name>/                 one sub-directory per model (`save_pretrained`; tokenizer alongside when given)
+    trainer_state.pt        optimiser and scheduler states, RNG states, step, data position, KL controller, ...
+Writes are atomic: everything goes into a temporary sibling directory, which is then renamed into place, so a crash
+mid-save leaves either the previous checkpoint or the new one, never a mix.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU, and CUDA when present) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, models: dict, state: dict, tokenizer=None) -> Path:
+    """Atomically write `models` (name -> object with `save_pretrained`) and `state` to directory `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, model in models.items():
+        model.save_pretrained(tmp / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / name))
+    torch.save(state, tmp / STATE_FILE)
+    _fsync_dir(tmp)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """`path` if it holds a complete checkpoint; after a crash between the two renames of a save, the previous
+    checkpoint (left as `.<name>.old-*`); else None."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    for old in reversed(olds):
+        if (old / STATE_FILE).is_file():
+            return old
+    return None
+
+
+def load_state(path: str | Path) -> dict:
+    """The trainer state of the checkpoint at `path` (see `find_checkpoint`)."""
+    return torch.load(Path(path) / STATE_FILE, weights_only=False)

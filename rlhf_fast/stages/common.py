@@ -1,0 +1,119 @@
+"""Pieces every stage loop shares: optimiser and LR schedule, the NaN-guarded step, metrics, curves, progress."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from rlhf_fast.config import OptimConfig
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
+                             weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Multiplier of `cfg.lr` at optimiser step `step`: linear warm-up, then cosine/linear decay to
+    `min_lr_ratio` at `total_steps` (or constant)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total_steps))
+
+
+class StepResult(NamedTuple):
+    applied: bool  # False: the loss or a gradient was NaN/Inf and the weights were left alone
+    grad_norm: float
+
+
+def guarded_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+                 scheduler, grad_clip: float) -> StepResult:
+    """Backward, clip, step, with a NaN/Inf guard: a non-finite loss or gradient norm skips the optimiser step
+    (the gradients are dropped, the weights and optimiser state untouched). The scheduler advances either way,
+    so the schedule follows the data."""
+    applied, norm = False, float("nan")
+    if torch.isfinite(loss).item():
+        loss.backward()
+        total = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        norm = float(total)
+        if math.isfinite(norm):
+            opt.step()
+            applied = True
+    opt.zero_grad(set_to_none=True)
+    scheduler.step()
+    return StepResult(applied, norm)
+
+
+class MetricsLog:
+    """Append-only JSONL metrics (`<dir>/<name>.jsonl`); on resume, rows after the resumed step are dropped."""
+
+    def __init__(self, out_dir: str | Path, name: str, *, resume_step: int | None = None):
+        self.path = Path(out_dir) / f"{name}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.rows() if resume_step is not None else []
+        with self.path.open("w") as f:
+            for r in rows:
+                if r["step"] <= resume_step:
+                    f.write(json.dumps(r) + "\n")
+
+    def log(self, step: int, **metrics: float) -> None:
+        row = {"step": step, **{k: (float(v) if not isinstance(v, str) else v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def plot(self, keys: list[str], png: str | Path, title: str) -> Path:
+        """One panel per key that was logged, against step."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.rows()
+        keys = [k for k in keys if any(k in r for r in rows)]
+        fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3), squeeze=False)
+        for ax, k in zip(axes[0], keys):
+            pts = [(r["step"], r[k]) for r in rows if k in r and isinstance(r[k], float)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+            ax.set_xlabel("step")
+            ax.set_title(k)
+            ax.grid(alpha=0.3)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(png, dpi=80)
+        plt.close(fig)
+        return Path(png)
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str = "", initial: int = 0):
+    """A tqdm bar on stderr (hidden when stderr is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=None, dynamic_ncols=True, leave=False)
+
+
+def lm_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """A causal LM's final hidden states `(B, T, H)` for right-padded `input_ids (B, T)` (no logits)."""
+    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection's weight `(V, H)` and bias (or None)."""
+    head = model.get_output_embeddings()
+    return head.weight, head.bias

@@ -1,0 +1,152 @@
+"""Reward model: the SFT backbone plus a scalar head, trained on K-way rankings with the Bradley-Terry loss.
+
+For a prompt x with K ranked completions, every pair (y_w, y_l) with rank(y_w) < rank(y_l) contributes
+    loss(x) = -1/#pairs(x) * sum_{(w, l)} log sigmoid(r(x, y_w) - r(x, y_l))     (InstructGPT, eq. 1)
+(ties give no pair). Each completion is scored by one forward pass; all pairs of a prompt sit in one minibatch,
+and the minibatch loss is the mean of loss(x) over its prompts.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_fast.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from rlhf_fast.config import RMConfig, to_dict
+from rlhf_fast.data import RankedExample, epoch_batches, load_rm, pad_right
+from rlhf_fast.heads import ScalarHeadModel
+from rlhf_fast.stages.common import MetricsLog, guarded_step, make_optimizer, make_scheduler, progress
+
+log = logging.getLogger(__name__)
+
+
+class RMResult(NamedTuple):
+    model_dir: Path  # ScalarHeadModel directory (HF causal LM + scalar_head.safetensors)
+    accuracy: float  # held-out pairwise accuracy (nan without eval data)
+    steps: int
+    skipped_steps: int
+
+
+class RankedBatch(NamedTuple):
+    input_ids: torch.Tensor  # (N, T) every completion of every prompt, right-padded
+    lengths: torch.Tensor  # (N,)
+    better: torch.Tensor  # (P,) index into N of each pair's preferred completion
+    worse: torch.Tensor  # (P,)
+    weight: torch.Tensor  # (P,) 1 / (#pairs of its prompt * #prompts): the pair weights sum to 1
+
+
+def ranked_batch(examples: list[RankedExample], pad_id: int) -> RankedBatch:
+    """Flatten the completions of `examples` and list all their ordered pairs (ties excluded)."""
+    seqs, better, worse, weight = [], [], [], []
+    prompts_with_pairs = sum(1 for e in examples if len(set(e.ranks)) > 1)
+    for e in examples:
+        base = len(seqs)
+        seqs.extend(e.prompt_ids + c for c in e.completions)
+        pairs = [(i, j) for i in range(len(e.ranks)) for j in range(len(e.ranks)) if e.ranks[i] < e.ranks[j]]
+        for i, j in pairs:
+            better.append(base + i)
+            worse.append(base + j)
+            weight.append(1.0 / (len(pairs) * prompts_with_pairs))
+    ids, lengths = pad_right(seqs, pad_id)
+    return RankedBatch(ids, lengths, torch.tensor(better, dtype=torch.long), torch.tensor(worse, dtype=torch.long),
+                       torch.tensor(weight, dtype=torch.float32))
+
+
+def bradley_terry_loss(scores: torch.Tensor, batch: RankedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores `(N,)` -> (loss, per-pair margins `(P,)`); loss = -sum_pairs weight * log sigmoid(margin)."""
+    margin = scores[batch.better] - scores[batch.worse]  # (P,)
+    return -(batch.weight * F.logsigmoid(margin)).sum(), margin
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: ScalarHeadModel, examples: list[RankedExample], pad_id: int,
+                      batch_size: int) -> float:
+    """Fraction of ranked pairs the model orders like the labels (equal scores count half)."""
+    was_training = model.training
+    model.eval()
+    right, total = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        b = ranked_batch(examples[i:i + batch_size], pad_id)
+        margin = bradley_terry_loss(model.score(b.input_ids, b.lengths), b)[1]
+        right += float((margin > 0).sum()) + 0.5 * float((margin == 0).sum())
+        total += margin.numel()
+    model.train(was_training)
+    return right / max(total, 1)
+
+
+def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = None) -> RMResult:
+    """Train (or resume) the reward model into `out_dir`; the final model goes to `out_dir/final`."""
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    if not cfg.model or not cfg.train_data:
+        raise ValueError("rm: `model` (the SFT model directory) and `train_data` are required")
+    ckpt = find_checkpoint(out / "checkpoint")
+    state = load_state(ckpt) if ckpt else None
+    if state is not None and state["finished"]:
+        log.warning("rm: %s already finished (%d steps); nothing to do. Delete it to train again.", out,
+                    state["step"])
+        return RMResult(out / "final", state["accuracy"], state["step"], state["skipped"])
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)  # the head's initialisation
+        model = ScalarHeadModel.from_pretrained(ckpt / "model" if state is not None else cfg.model)
+    model.train()
+    train = load_rm(cfg.train_data, tokenizer, cfg.max_len)
+    evals = load_rm(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else []
+    sizes = [sum(len(c) for c in e.completions) for e in train]
+    per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "lm_head" not in n]
+    opt = make_optimizer(params, cfg.optim)
+    sched = make_scheduler(opt, cfg.optim, total)
+    step, skipped = 0, 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step, skipped = state["step"], state["skipped"]
+        log.info("rm: resuming %s at step %d/%d", out, step, total)
+    metrics = MetricsLog(out, "metrics", resume_step=step if state is not None else None)
+
+    def save(path: Path, finished: bool, acc: float) -> None:
+        st = {"step": step, "skipped": skipped, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+              "rng": rng_state(), "finished": finished, "accuracy": acc, "config": to_dict(cfg)}
+        save_checkpoint(path, {"model": model}, st, tokenizer)
+
+    bar = progress(total=total, desc="rm", initial=step)
+    while step < total:
+        epoch, pos = divmod(step, per_epoch)
+        batch_idx = epoch_batches(sizes, cfg.batch_size, seed=cfg.seed, epoch=epoch)
+        batch = ranked_batch([train[i] for i in batch_idx[pos]], pad_id)
+        loss, margin = bradley_terry_loss(model.score(batch.input_ids, batch.lengths), batch)
+        res = guarded_step(loss, params, opt, sched, cfg.optim.grad_clip)
+        skipped += not res.applied
+        step += 1
+        bar.update(1)
+        metrics.log(step, loss=float(loss.detach()), train_accuracy=float((margin > 0).float().mean()),
+                    grad_norm=res.grad_norm, lr=sched.get_last_lr()[0], skipped=skipped)
+        if not res.applied:
+            log.warning("rm: step %d skipped (non-finite loss or gradient); %d skipped so far", step, skipped)
+        if cfg.eval_every and evals and step % cfg.eval_every == 0 and step < total:
+            metrics.log(step, eval_accuracy=pairwise_accuracy(model, evals, pad_id, cfg.batch_size))
+        if stop_after is not None and step >= stop_after and step < total:
+            save(out / "checkpoint", False, float("nan"))
+            bar.close()
+            return RMResult(out / "checkpoint" / "model", float("nan"), step, skipped)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            save(out / "checkpoint", False, float("nan"))
+    bar.close()
+    acc = pairwise_accuracy(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
+    metrics.log(step, eval_accuracy=acc)
+    metrics.plot(["loss", "train_accuracy", "eval_accuracy", "lr"], out / "rm_curves.png", "Reward model")
+    model.save_pretrained(out / "final")
+    tokenizer.save_pretrained(str(out / "final"))
+    save(out / "checkpoint", True, acc)
+    return RMResult(out / "final", acc, step, skipped)

@@ -1,0 +1,148 @@
+"""Supervised fine-tuning: next-token cross-entropy on response tokens only, through the fused log-prob op.
+
+loss = -(1 / #response tokens) * sum_t log p(y_t | x, y_<t), with the prompt masked by `ignore_index`, computed by
+`ops.linear_token_logprobs` from the final hidden states and the lm_head, so no `(tokens, vocab)` tensor exists.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from rlhf_fast.config import SFTConfig, to_dict
+from rlhf_fast.data import SFTExample, epoch_batches, load_sft, sft_batch
+from rlhf_fast.stages.common import (MetricsLog, guarded_step, lm_head_params, lm_hidden, make_optimizer,
+                                     make_scheduler, progress)
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+class SFTResult(NamedTuple):
+    model_dir: Path  # HF model + tokenizer
+    eval_loss: float  # nan without eval data
+    steps: int
+    skipped_steps: int  # NaN/Inf guard
+
+
+def response_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of the labelled tokens and their count.
+
+    input_ids `(B, T)` right-padded; labels `(B, T-1)` with `IGNORE` on prompt and padding.
+    """
+    hidden = lm_hidden(model, input_ids)[:, :-1]  # (B, T-1, H): position t predicts token t+1
+    weight, bias = lm_head_params(model)
+    logp = ops.linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE)  # (B, T-1) fp32
+    return -logp.sum(), (labels != IGNORE).sum()
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list[SFTExample], pad_id: int, batch_size: int) -> float:
+    """Token-weighted mean response NLL over `examples`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        nll, n = response_nll(model, *sft_batch(examples[i:i + batch_size], pad_id, IGNORE))
+        total, count = total + float(nll), count + int(n)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _load_model(cfg: SFTConfig, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_fast.default_task import build_model
+
+    if cfg.model:
+        return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    return build_model(cfg.arch, tokenizer, seed=cfg.seed)
+
+
+def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = None) -> SFTResult:
+    """Train (or resume) SFT into `out_dir`; the final model goes to `out_dir/final`.
+
+    `stop_after`: stop (checkpointed, resumable) once this many optimiser steps are done.
+    """
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    if not (cfg.tokenizer or cfg.model):
+        raise ValueError("sft: set `model` (a HF model directory) or `tokenizer` (to train `arch` from scratch)")
+    if not cfg.train_data:
+        raise ValueError("sft.train_data: required")
+    ckpt = find_checkpoint(out / "checkpoint")
+    state = load_state(ckpt) if ckpt else None
+    if state is not None and state["finished"]:
+        log.warning("sft: %s already finished (%d steps); nothing to do. Delete it to train again.", out,
+                    state["step"])
+        return SFTResult(out / "final", state["eval_loss"], state["step"], state["skipped"])
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    model = _load_model(cfg, tokenizer) if state is None else _from_ckpt(ckpt)
+    model.train()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train = load_sft(cfg.train_data, tokenizer, cfg.max_len)
+    evals = load_sft(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else []
+    lengths = [len(e.input_ids) for e in train]
+    per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg.optim)
+    sched = make_scheduler(opt, cfg.optim, total)
+    step, skipped = 0, 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step, skipped = state["step"], state["skipped"]
+        log.info("sft: resuming %s at step %d/%d", out, step, total)
+    metrics = MetricsLog(out, "metrics", resume_step=step if state is not None else None)
+
+    def save(path: Path, finished: bool, ev: float) -> None:
+        st = {"step": step, "skipped": skipped, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+              "rng": rng_state(), "finished": finished, "eval_loss": ev, "config": to_dict(cfg)}
+        save_checkpoint(path, {"model": model}, st, tokenizer)
+
+    bar = progress(total=total, desc="sft", initial=step)
+    while step < total:
+        epoch, pos = divmod(step, per_epoch)
+        batch_idx = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, bucket_size=cfg.bucket_size)
+        ids, labels = sft_batch([train[i] for i in batch_idx[pos]], pad_id, IGNORE)
+        nll, n = response_nll(model, ids, labels)
+        loss = nll / n.clamp(min=1)
+        res = guarded_step(loss, params, opt, sched, cfg.optim.grad_clip)
+        skipped += not res.applied
+        step += 1
+        bar.update(1)
+        metrics.log(step, loss=float(loss.detach()), grad_norm=res.grad_norm, lr=sched.get_last_lr()[0], skipped=skipped)
+        if not res.applied:
+            log.warning("sft: step %d skipped (non-finite loss or gradient); %d skipped so far", step, skipped)
+        if cfg.eval_every and evals and step % cfg.eval_every == 0 and step < total:
+            metrics.log(step, eval_loss=eval_loss(model, evals, pad_id, cfg.batch_size))
+        if stop_after is not None and step >= stop_after and step < total:
+            save(out / "checkpoint", False, float("nan"))
+            bar.close()
+            return SFTResult(out / "checkpoint" / "model", float("nan"), step, skipped)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            save(out / "checkpoint", False, float("nan"))
+    bar.close()
+    ev = eval_loss(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
+    metrics.log(step, eval_loss=ev)
+    metrics.plot(["loss", "eval_loss", "lr", "grad_norm"], out / "sft_curves.png", "SFT")
+    model.save_pretrained(out / "final")
+    tokenizer.save_pretrained(str(out / "final"))
+    save(out / "checkpoint", True, ev)
+    return SFTResult(out / "final", ev, step, skipped)
+
+
+def _from_ckpt(ckpt: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(ckpt / "model"), dtype=torch.float32)
