@@ -19,3 +19,4 @@ from rlhf_fast.ops.gae import gae, gae_packed  # noqa: F401,E402
 # --- fused PPO step ---
 
 # --- paged attention / KV cache ---
+from rlhf_fast.ops.paged_attention import copy_blocks, paged_attention, store_kv_cache  # noqa: F401,E402

@@ -1,0 +1,25 @@
+"""Compact packed-token models that run on a Hugging Face causal LM's own parameter tensors (no copy, no sync)."""
+from __future__ import annotations
+
+from rlhf_fast.models.gpt2 import GPT2LM
+from rlhf_fast.models.layers import AttnMetadata
+from rlhf_fast.models.llama import LlamaFamilyLM
+
+_BY_CLASS = {
+    "LlamaForCausalLM": LlamaFamilyLM,
+    "Qwen2ForCausalLM": LlamaFamilyLM,
+    "MistralForCausalLM": LlamaFamilyLM,
+    "GPT2LMHeadModel": GPT2LM,
+}
+
+
+def bind_model(hf_model):
+    """The compact model for `hf_model` (a transformers causal LM); it reads `hf_model`'s parameters at every call."""
+    for cls in type(hf_model).__mro__:
+        if cls.__name__ in _BY_CLASS and cls.__module__.startswith("transformers."):
+            return _BY_CLASS[cls.__name__](hf_model)
+    raise TypeError(f"unsupported model class {type(hf_model).__name__}: the rollout engine supports "
+                    f"{', '.join(sorted(_BY_CLASS))}")
+
+
+__all__ = ["AttnMetadata", "GPT2LM", "LlamaFamilyLM", "bind_model"]

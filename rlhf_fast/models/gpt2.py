@@ -1,0 +1,61 @@
+"""GPT-2 as a compact packed-token model bound to `GPT2LMHeadModel`'s own parameters (read at every call)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from rlhf_fast.models.layers import AttnMetadata, attention, conv1d, linear
+
+
+class GPT2LM:
+    """Decoder of `GPT2LMHeadModel` over packed tokens (learned positions, LayerNorm, Conv1D projections)."""
+
+    def __init__(self, hf_model):
+        cfg = hf_model.config
+        if getattr(cfg, "add_cross_attention", False):
+            raise ValueError("GPT-2 with cross-attention is not supported by the rollout engine")
+        self.hf = hf_model
+        self.num_layers = cfg.n_layer
+        self.num_heads = self.num_kv_heads = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.vocab_size = cfg.vocab_size
+        self.eps = cfg.layer_norm_epsilon
+        self.act = ACT2FN[cfg.activation_function]
+        self.max_context = cfg.n_positions
+        base = self.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+        by_layer = getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
+        self.scales = [base / (i + 1) if by_layer else base for i in range(self.num_layers)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.lm_head.weight.dtype
+
+    def _ln(self, x: torch.Tensor, ln) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, self.eps)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                kv_cache: torch.Tensor | None, logit_rows: torch.Tensor | None) -> torch.Tensor:
+        """Same contract as `LlamaFamilyLM.forward`: logits (R, vocab) float32."""
+        det = meta.deterministic
+        tr = self.hf.transformer
+        t = input_ids.shape[0]
+        h = tr.wte.weight[input_ids] + tr.wpe.weight[positions]  # (T, hidden)
+        for i, block in enumerate(tr.h):
+            att = block.attn
+            qkv = conv1d(self._ln(h, block.ln_1), att.c_attn.weight, att.c_attn.bias, det)  # (T, 3 * hidden)
+            q, k, v = (z.reshape(t, self.num_heads, self.head_dim) for z in qkv.chunk(3, dim=-1))
+            o = attention(q, k, v, None if kv_cache is None else kv_cache[i], meta, self.scales[i])  # (T, H, D)
+            h = h + conv1d(o.reshape(t, -1), att.c_proj.weight, att.c_proj.bias, det)
+            mlp = block.mlp
+            m = self.act(conv1d(self._ln(h, block.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, det))
+            h = h + conv1d(m, mlp.c_proj.weight, mlp.c_proj.bias, det)
+        if logit_rows is not None:
+            h = h[logit_rows]
+        h = self._ln(h, tr.ln_f)
+        return linear(h, self.hf.lm_head.weight, None, det).float()

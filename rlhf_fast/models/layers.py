@@ -1,0 +1,111 @@
+"""Building blocks of the compact models: linear layers (optionally batch-invariant), norms, rotary, attention.
+
+Tokens are packed: every tensor here is `(T, ...)` with T the tokens of all sequences of a step side by side.
+Attention sees the KV cache only through `AttnMetadata` (slot mapping, block tables, context lengths).
+
+Batch invariance (`deterministic=True`): a token's result must not depend on which other tokens share its step.
+Matrix products are run on fixed-size row chunks (`ROW_CHUNK` rows, zero-padded), so every row is reduced by the same
+GEMM kernel with the same blocking whatever the batch size; norms and softmaxes reduce each row on its own; attention
+goes through the paged kernel one query at a time, keys in block-table order.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_fast import ops
+
+ROW_CHUNK = 16  # rows per GEMM call in deterministic mode
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnMetadata:
+    """Where a step's tokens read and write K/V. Exactly one of `cu_seqlens` / `block_tables` is set.
+
+    slot_mapping: (T,) int64, cache slot (block * block_size + offset) each token's K/V is written to; None = the
+        step keeps no cache (teacher-forced scoring in the default mode).
+    cu_seqlens: list of T-offsets of the packed sequences (prefill: causal attention within each sequence).
+    block_tables: (T, max_blocks) int32, the block table each query reads (paged attention, one row per query).
+    context_lens: (T,) int32, how many cached tokens each query attends to (itself included).
+    """
+
+    slot_mapping: torch.Tensor | None
+    cu_seqlens: list[int] | None = None
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    deterministic: bool = False
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deterministic: bool) -> torch.Tensor:
+    """x (T, in) @ weight.T (in, out) + bias -> (T, out); batch-invariant in fixed row chunks when deterministic."""
+    if not deterministic:
+        return F.linear(x, weight, bias)
+    t = x.shape[0]
+    pad = -t % ROW_CHUNK
+    xc = F.pad(x, (0, 0, 0, pad)).view(-1, ROW_CHUNK, x.shape[1])  # (chunks, ROW_CHUNK, in)
+    y = torch.matmul(xc, weight.t()).view(-1, weight.shape[0])[:t]  # (T, out)
+    return y + bias if bias is not None else y
+
+
+def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, deterministic: bool) -> torch.Tensor:
+    """GPT-2's Conv1D: x (T, in) @ weight (in, out) + bias -> (T, out)."""
+    if not deterministic:
+        return torch.addmm(bias, x, weight)
+    return linear(x, weight.t(), bias, True)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm over the last dim, computed in fp32 like Hugging Face's."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotary_tables(hf_rotary, max_positions: int, dtype: torch.dtype, device: torch.device):
+    """cos, sin (max_positions, head_dim) from the Hugging Face model's own rotary module (any rope type it has)."""
+    pos = torch.arange(max_positions, device=device)[None]  # (1, P)
+    probe = torch.zeros(1, max_positions, 1, dtype=dtype, device=device)
+    cos, sin = hf_rotary(probe, pos)
+    return cos[0].to(dtype), sin[0].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, D) rotated by cos/sin (T, D) (the rotate-half convention of Llama/Qwen2/Mistral)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor | None, meta: AttnMetadata,
+              scale: float) -> torch.Tensor:
+    """q (T, H, D), k/v (T, KVH, D) of this step's tokens; kv (2, num_blocks, block_size, KVH, D) this layer's cache.
+
+    Writes k/v into the cache at `meta.slot_mapping`, then attends: causal within each packed sequence (prefill) or
+    over the cache through the block tables (decode, and every step in deterministic mode). Returns (T, H, D).
+    """
+    if kv is not None and meta.slot_mapping is not None:
+        ops.store_kv_cache(k, v, kv[0], kv[1], meta.slot_mapping)
+    if meta.block_tables is not None:
+        return ops.paged_attention(q, kv[0], kv[1], meta.block_tables, meta.context_lens, scale=scale)
+    return _varlen_causal(q, k, v, meta.cu_seqlens, scale)
+
+
+def _varlen_causal(q, k, v, cu_seqlens: list[int], scale: float) -> torch.Tensor:
+    if q.is_cuda:
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            flash_attn_varlen_func = None
+        if flash_attn_varlen_func is not None and q.dtype in (torch.float16, torch.bfloat16):
+            cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
+            max_len = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, L, D)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        out[a:b] = o[0].transpose(0, 1)
+    return out

@@ -1,0 +1,78 @@
+"""Llama, Qwen2 and Mistral as one compact packed-token model bound to the Hugging Face model's own parameters.
+
+Nothing is copied: every forward reads `hf.model.layers[i].self_attn.q_proj.weight` etc. at call time, so an optimizer
+step on the Hugging Face model is what the next rollout sees. The HF classes are never patched.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.activations import ACT2FN
+
+from rlhf_fast.models.layers import AttnMetadata, apply_rotary, attention, linear, rms_norm, rotary_tables
+
+
+class LlamaFamilyLM:
+    """Decoder of `LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM` over packed tokens."""
+
+    def __init__(self, hf_model):
+        cfg = hf_model.config
+        self.hf = hf_model
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.vocab_size = cfg.vocab_size
+        self.eps = cfg.rms_norm_eps
+        self.act = ACT2FN[cfg.hidden_act]
+        self.scale = self.head_dim ** -0.5
+        window = getattr(cfg, "sliding_window", None)
+        if getattr(cfg, "use_sliding_window", True) is False:  # Qwen2 keeps a window size it does not use
+            window = None
+        self.max_context = min(cfg.max_position_embeddings, window or cfg.max_position_embeddings)
+        self._rotary_key = None
+        self._cos = self._sin = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.lm_head.weight.dtype
+
+    def _rotary(self, positions: torch.Tensor):
+        key = (self.device, self.dtype)
+        if self._rotary_key != key:  # one table per device/dtype, shared by the engine and the scorer
+            self._cos, self._sin = rotary_tables(self.hf.model.rotary_emb, self.max_context, self.dtype, self.device)
+            self._rotary_key = key
+        return self._cos[positions], self._sin[positions]
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                kv_cache: torch.Tensor | None, logit_rows: torch.Tensor | None) -> torch.Tensor:
+        """input_ids, positions (T,); kv_cache (num_layers, 2, num_blocks, block_size, KVH, D) or None;
+        logit_rows (R,) indices of the tokens whose next-token logits are wanted (None = all).
+        Returns logits (R, vocab) in float32."""
+        det = meta.deterministic
+        inner = self.hf.model
+        t = input_ids.shape[0]
+        cos, sin = self._rotary(positions)  # (T, D)
+        h = inner.embed_tokens.weight[input_ids]  # (T, hidden)
+        for i, layer in enumerate(inner.layers):
+            att = layer.self_attn
+            x = rms_norm(h, layer.input_layernorm.weight, self.eps)
+            q = linear(x, att.q_proj.weight, att.q_proj.bias, det).view(t, self.num_heads, self.head_dim)
+            k = linear(x, att.k_proj.weight, att.k_proj.bias, det).view(t, self.num_kv_heads, self.head_dim)
+            v = linear(x, att.v_proj.weight, att.v_proj.bias, det).view(t, self.num_kv_heads, self.head_dim)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            o = attention(q, k, v, None if kv_cache is None else kv_cache[i], meta, self.scale)  # (T, H, D)
+            h = h + linear(o.reshape(t, -1), att.o_proj.weight, att.o_proj.bias, det)
+            x = rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
+            mlp = layer.mlp
+            gate = self.act(linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias, det))
+            up = linear(x, mlp.up_proj.weight, mlp.up_proj.bias, det)
+            h = h + linear(gate * up, mlp.down_proj.weight, mlp.down_proj.bias, det)
+        if logit_rows is not None:
+            h = h[logit_rows]
+        h = rms_norm(h, inner.norm.weight, self.eps)
+        return linear(h, self.hf.lm_head.weight, self.hf.lm_head.bias, det).float()

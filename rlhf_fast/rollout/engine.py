@@ -1,0 +1,177 @@
+"""RolloutEngine: continuous-batching generation with a paged KV cache, on the policy's own parameters."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.models import bind_model
+from rlhf_fast.rollout import block_table
+from rlhf_fast.rollout.allocator import BlockAllocator
+from rlhf_fast.rollout.sampling import sample
+from rlhf_fast.rollout.scheduler import Scheduler, Sequence, Step
+from rlhf_fast.rollout.types import Completion, EngineStats, SamplingParams
+
+DEFAULT_CPU_KV_BYTES = 256 * 2**20
+DEFAULT_GPU_KV_FRACTION = 0.5  # of the free device memory at construction
+
+
+def check_prompts(prompts, vocab_size: int, max_context: int, extra: int = 0) -> list[list[int]]:
+    """Validate `prompts` (a list of non-empty token-id lists); `extra` tokens must still fit in the context."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            p = p.tolist()
+        if not isinstance(p, (list, tuple)) or not all(isinstance(t, int) for t in p):
+            raise TypeError(f"prompts[{i}] must be a list of ints, got {type(p).__name__}")
+        if not p:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}] has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        if len(p) + extra > max_context:
+            raise ValueError(f"prompts[{i}] has {len(p)} tokens; with {extra} more it exceeds the model's context "
+                             f"of {max_context} tokens")
+        out.append(list(p))
+    return out
+
+
+class RolloutEngine:
+    """Generates completions for token-id prompts with a transformers causal LM, reading its live parameters.
+
+    Args:
+        model: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM or GPT2LMHeadModel.
+        block_size: tokens per KV block.
+        num_blocks / kv_cache_memory: size of the KV pool, in blocks or in bytes (default: 256 MiB on CPU, half the
+            free memory on GPU).
+        max_batch_tokens: tokens per prefill step at most (decode steps run at most this many sequences).
+        max_num_seqs: sequences running at once at most.
+        deterministic: batch-invariant forward (fixed-chunk GEMMs, paged attention for every query), so the log-probs
+            are bitwise equal to `teacher_forced_logprobs(..., deterministic=True)`.
+    """
+
+    def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
+                 kv_cache_memory: int | None = None, max_batch_tokens: int = 4096, max_num_seqs: int = 256,
+                 deterministic: bool = False):
+        self.lm = bind_model(model)
+        if block_size < 1 or max_batch_tokens < 1 or max_num_seqs < 1:
+            raise ValueError(f"block_size, max_batch_tokens and max_num_seqs must be >= 1; got {block_size}, "
+                             f"{max_batch_tokens}, {max_num_seqs}")
+        if num_blocks is not None and kv_cache_memory is not None:
+            raise ValueError("give num_blocks or kv_cache_memory, not both")
+        self.block_size = block_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_num_seqs = max_num_seqs
+        self.deterministic = deterministic
+        lm = self.lm
+        elem = torch.empty((), dtype=lm.dtype).element_size()
+        self.bytes_per_block = lm.num_layers * 2 * block_size * lm.num_kv_heads * lm.head_dim * elem
+        if num_blocks is None:
+            if kv_cache_memory is None:
+                if lm.device.type == "cuda":
+                    kv_cache_memory = int(torch.cuda.mem_get_info(lm.device)[0] * DEFAULT_GPU_KV_FRACTION)
+                else:
+                    kv_cache_memory = DEFAULT_CPU_KV_BYTES
+            num_blocks = int(kv_cache_memory) // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"the KV pool must hold at least one block of {self.bytes_per_block} bytes; "
+                             f"got num_blocks={num_blocks}")
+        self.num_blocks = num_blocks
+        self.kv_cache: torch.Tensor | None = None  # (layers, 2, num_blocks, block_size, KVH, D), made on first use
+        self.stats = EngineStats(num_blocks=num_blocks, bytes_per_block=self.bytes_per_block)
+
+    def _cache(self) -> torch.Tensor:
+        lm = self.lm
+        shape = (lm.num_layers, 2, self.num_blocks, self.block_size, lm.num_kv_heads, lm.head_dim)
+        kv = self.kv_cache
+        if kv is None or kv.device != lm.device or kv.dtype != lm.dtype:  # the model may have moved
+            self.kv_cache = kv = torch.empty(shape, dtype=lm.dtype, device=lm.device)
+        return kv
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
+        """Sample `params.n` completions per prompt; returned in (prompt_index, sample) order."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        lm = self.lm
+        prompts = check_prompts(prompts, lm.vocab_size, lm.max_context, params.max_new_tokens)
+        longest = max(len(p) for p in prompts) + params.max_new_tokens - 1  # tokens of K/V one sequence holds
+        if -(-longest // self.block_size) > self.num_blocks:
+            raise ValueError(f"a sequence of {longest} tokens needs {-(-longest // self.block_size)} KV blocks but the "
+                             f"pool has {self.num_blocks}: raise num_blocks / kv_cache_memory or shorten the request")
+        if longest > self.max_batch_tokens:
+            raise ValueError(f"a sequence of {longest} tokens exceeds max_batch_tokens={self.max_batch_tokens} "
+                             f"(a preempted sequence is recomputed in one prefill step)")
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
+        allocator = BlockAllocator(self.num_blocks, self.block_size)
+        sched = Scheduler(allocator, self.max_batch_tokens, self.max_num_seqs)
+        all_seqs: list[Sequence] = []
+        for i, p in enumerate(prompts):
+            group = [Sequence(len(all_seqs) + j, i, j, list(p), len(p), self._generator(seed, i, j))
+                     for j in range(params.n)]
+            group[0].followers = group[1:]
+            sched.add(group[0])
+            all_seqs.extend(group)
+        kv = self._cache()
+        stats = EngineStats(num_blocks=self.num_blocks, bytes_per_block=self.bytes_per_block,
+                            prompt_tokens=sum(len(p) for p in prompts))
+        t0 = time.perf_counter()
+        while sched.has_work():
+            step = sched.schedule()
+            self._run(step, kv, params, sched)
+            stats.steps += 1
+            stats.prefill_steps += step.kind == "prefill"
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize(lm.device)
+        stats.seconds = time.perf_counter() - t0
+        stats.preemptions = sched.preemptions
+        stats.peak_blocks_used = allocator.peak_used
+        stats.generated_tokens = sum(len(s.generated) for s in all_seqs)
+        self.stats = stats
+        if allocator.num_used:
+            raise RuntimeError(f"KV block leak: {allocator.num_used} blocks still referenced after generation")
+        return [Completion(s.prompt_index, s.generated, torch.tensor(s.logprobs, dtype=torch.float32),
+                           s.finish_reason) for s in all_seqs]
+
+    def _generator(self, seed: int, prompt_index: int, sample_index: int) -> torch.Generator:
+        g = torch.Generator(device=self.lm.device)
+        g.manual_seed(hash((seed, prompt_index, sample_index)) & (2**63 - 1))
+        return g
+
+    def _run(self, step: Step, kv: torch.Tensor, params: SamplingParams, sched: Scheduler) -> None:
+        dev, bs, det = self.lm.device, self.block_size, self.deterministic
+        if step.copies:  # copy-on-write of shared partial blocks, before anything writes them
+            src, dst = zip(*step.copies)
+            ops.copy_blocks(kv, torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
+        if step.kind == "prefill":
+            inputs = block_table.prefill_inputs([s.tokens for s in step.seqs], [s.block_table for s in step.seqs],
+                                                bs, dev, deterministic=det)
+        else:
+            inputs = block_table.decode_inputs([s.tokens[-1] for s in step.seqs], [s.num_cached for s in step.seqs],
+                                               [s.block_table for s in step.seqs], bs, dev, deterministic=det)
+        logits = self.lm.forward(inputs.input_ids, inputs.positions, inputs.meta, kv, inputs.logit_rows)  # (R, V)
+        rows = [r for _, r in step.samplers]
+        if rows != list(range(logits.shape[0])):
+            logits = logits[torch.tensor(rows, device=dev)]
+        seqs = [s for s, _ in step.samplers]
+        tokens = sample(logits, params.temperature, params.top_k, params.top_p, [s.generator for s in seqs])
+        logp = ops.token_logprobs(logits, tokens, temperature=params.logprob_temperature)
+        stop = set(params.stop_token_ids)
+        for s, tok, lp in zip(seqs, tokens.tolist(), logp.tolist()):
+            s.num_cached = len(s.tokens)
+            s.tokens.append(tok)
+            s.logprobs.append(lp)
+            if tok in stop:
+                sched.finish(s, "stop")
+            elif len(s.tokens) - s.num_prompt >= params.max_new_tokens:
+                sched.finish(s, "length")
+
+    def teacher_forced_logprobs(self, prompts, completions, *, temperature: float = 1.0) -> list[torch.Tensor]:
+        """`rlhf_fast.rollout.teacher_forced_logprobs` with this engine's block size and mode."""
+        from rlhf_fast.rollout.scoring import teacher_forced_logprobs
+
+        return teacher_forced_logprobs(self.lm.hf, prompts, completions, temperature=temperature,
+                                       deterministic=self.deterministic, block_size=self.block_size)

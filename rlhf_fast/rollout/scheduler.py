@@ -1,0 +1,126 @@
+"""Continuous batching: which sequences run this step, and the blocks they need.
+
+Each step is either a prefill (waiting sequences join, up to a token budget and the free blocks) or a decode (every
+running sequence advances one token). Finished sequences leave after every step, so waiting ones join as soon as
+there is room. When a decode step runs out of blocks, the newest running sequences are preempted: their blocks are
+freed and they go back to the front of the queue, to be recomputed (prefill over prompt + generated tokens) later.
+The `n` samples of a prompt are admitted together: one prefill, then the samples fork the prompt's block table.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+import torch
+
+from rlhf_fast.rollout.allocator import BlockAllocator
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One completion in flight: prompt + generated tokens, its block table and its own random generator."""
+
+    seq_id: int  # arrival order: larger = newer (preempted first)
+    prompt_index: int
+    sample_index: int
+    tokens: list[int]  # prompt followed by the generated tokens
+    num_prompt: int
+    generator: torch.Generator | None
+    followers: list[Sequence] = dataclasses.field(default_factory=list)  # samples sharing this prompt's prefill
+    block_table: list[int] = dataclasses.field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.num_prompt:]
+
+
+@dataclasses.dataclass
+class Step:
+    """What one model call computes. `samplers` pairs each sequence that samples a token with its logits row
+    (followers use their leader's prefill row); `copies` are (src, dst) blocks to copy before the call."""
+
+    kind: str  # "prefill" | "decode"
+    seqs: list[Sequence]
+    samplers: list[tuple[Sequence, int]]
+    copies: list[tuple[int, int]]
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_batch_tokens: int, max_num_seqs: int):
+        self.allocator = allocator
+        self.max_batch_tokens = max_batch_tokens
+        self.max_num_seqs = min(max_num_seqs, max_batch_tokens)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: oldest first
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Step:
+        step = self._schedule_prefill()
+        return step if step is not None else self._schedule_decode()
+
+    def _schedule_prefill(self) -> Step | None:
+        alloc = self.allocator
+        seqs: list[Sequence] = []
+        samplers: list[tuple[Sequence, int]] = []
+        budget = self.max_batch_tokens
+        while self.waiting:
+            seq = self.waiting[0]
+            group = 1 + len(seq.followers)
+            n = len(seq.tokens)
+            if seqs and (n > budget or len(self.running) + group > self.max_num_seqs):
+                break
+            if alloc.blocks_for(n) > alloc.num_free:
+                break
+            self.waiting.popleft()
+            seq.block_table = alloc.allocate(alloc.blocks_for(n))
+            row = len(seqs)
+            seqs.append(seq)
+            samplers.append((seq, row))
+            self.running.append(seq)
+            for f in seq.followers:  # prefix sharing: the samples reference the prompt's blocks
+                f.block_table = alloc.fork(seq.block_table)
+                samplers.append((f, row))
+                self.running.append(f)
+            seq.followers = []
+            budget -= n
+        return Step("prefill", seqs, samplers, []) if seqs else None
+
+    def _schedule_decode(self) -> Step:
+        alloc = self.allocator
+        copies: list[tuple[int, int]] = []
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            while alloc.append_cost(seq.block_table, seq.num_cached) > alloc.num_free:
+                victim = self.running.pop()  # the newest; may be `seq` itself
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                copy = alloc.append_slot(seq.block_table, seq.num_cached)
+                if copy is not None:
+                    copies.append(copy)
+                i += 1
+        return Step("decode", list(self.running), [(s, r) for r, s in enumerate(self.running)], copies)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.num_cached = 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        self.running.remove(seq)

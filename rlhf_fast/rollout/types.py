@@ -1,0 +1,81 @@
+"""What goes into and comes out of the rollout engine: sampling parameters, completions, statistics."""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample each completion. `temperature == 0` is greedy decoding."""
+
+    max_new_tokens: int = 64  # tokens generated per completion at most
+    temperature: float = 1.0  # logits / temperature before softmax; 0 = greedy (argmax)
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # keep the smallest set whose probability reaches top_p; 1 = all
+    n: int = 1  # completions per prompt (they share the prompt's KV blocks)
+    seed: int | None = None  # per-request seed; None draws one from torch's global generator
+    stop_token_ids: tuple[int, ...] = ()  # generation stops after emitting one of these (e.g. EOS)
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = no top-k), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature the returned log-probs are taken at (1 under greedy decoding)."""
+        return 1.0 if self.greedy else float(self.temperature)
+
+
+class Completion(NamedTuple):
+    """One sampled continuation of `prompts[prompt_index]`.
+
+    token_ids: the generated tokens (prompt excluded), length L.
+    logprobs: (L,) float32, log-softmax(logits / temperature) at each sampled token (temperature 1 when greedy).
+    finish_reason: "stop" (a stop token was emitted, and is included) or "length" (max_new_tokens reached).
+    """
+
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: torch.Tensor
+    finish_reason: str
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters of the last `generate` call (KV figures are over the whole call)."""
+
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    prefill_steps: int = 0
+    preemptions: int = 0
+    num_blocks: int = 0  # blocks in the KV pool
+    peak_blocks_used: int = 0
+    bytes_per_block: int = 0  # K and V of every layer for block_size tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        return self.peak_blocks_used * self.bytes_per_block
