@@ -14,12 +14,60 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+_STAGES = {
+    # command: (config class name, runner "module:function", help)
+    "sft": ("SFTConfig", "rlhf_fast.stages.sft:train_sft", "supervised fine-tuning on demonstrations"),
+    "rm": ("RMConfig", "rlhf_fast.stages.rm:train_rm", "reward model on K-way rankings or chosen/rejected pairs"),
+    "ppo": ("PPOConfig", "rlhf_fast.stages.ppo:train_ppo", "PPO against the reward model (KL to the SFT policy)"),
+    "pipeline": ("PipelineConfig", "rlhf_fast.stages.pipeline:run_pipeline",
+                 "SFT -> RM -> PPO -> report; with no arguments, the embedded default task"),
+}
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    import importlib
+    import logging
+    import os
+
+    from rlhf_fast import config
+
+    cls_name, runner, _ = _STAGES[args.command]
+    try:
+        cfg = config.load_config(getattr(config, cls_name), args.config, args.set)
+    except (config.ConfigError, OSError) as e:
+        print(f"rlhf-fast {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    module, fn = runner.split(":")
+    out = args.out or os.path.join("runs", args.command)
+    result = getattr(importlib.import_module(module), fn)(cfg, out)
+    if isinstance(result, dict):
+        print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
+    else:
+        print(json.dumps({k: str(v) if not isinstance(v, (int, float)) else v
+                          for k, v in result._asdict().items()}, indent=2))
+    print(f"outputs in {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf-fast", description="Kernel-accelerated PPO for RLHF.")
     sub = p.add_subparsers(dest="command", required=True)
     env = sub.add_parser("env", help="print what is available and which backend each op uses")
     env.add_argument("--json", action="store_true", help="print as JSON")
     env.set_defaults(func=_cmd_env)
+    for name, (_, _, help_text) in _STAGES.items():
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("--config", metavar="FILE", help="YAML config (keys as in the stage's dataclass)")
+        sp.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        help="override one config key, dotted for nested keys (e.g. --set optim.lr=3e-4); repeatable")
+        sp.add_argument("--out", metavar="DIR", help=f"run directory (default runs/{name}); rerunning resumes")
+        sp.set_defaults(func=_cmd_stage)
     return p
 
 

@@ -158,10 +158,12 @@ class PPOConfig:
     kl: KLConfig = KLConfig()
     optim: OptimConfig = OptimConfig(lr=1e-4, schedule="constant")
     max_len: int = 64  # prompt tokens kept (left-truncated)
+    generator: str = "engine"  # engine: the paged rollout engine | hf: Hugging Face generate (the baseline)
     save_every: int = 0
     seed: int = 0
 
     def __post_init__(self):
+        _check(self.generator in ("engine", "hf"), "generator", "must be engine or hf")
         for k in ("iterations", "prompts_per_iter", "n_samples", "max_new_tokens", "ppo_epochs", "minibatch_size",
                   "max_len"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
@@ -207,6 +209,7 @@ class PipelineConfig:
     sft: SFTConfig = SFTConfig(epochs=3, optim=OptimConfig(lr=2e-3, warmup_steps=30))
     rm: RMConfig = RMConfig(epochs=2)
     ppo: PPOConfig = PPOConfig()
+    eval_prompts: str = ""  # held-out {"prompt"} JSONL for the win rate (the default task makes its own)
     eval_temperature: float = 1.0  # sampling temperature for the win-rate comparison
     threads: int = 0  # torch threads (0: leave torch's default)
 

@@ -38,22 +38,23 @@ class StepResult(NamedTuple):
     grad_norm: float
 
 
-def guarded_step(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+def guarded_step(loss: torch.Tensor, groups: list[list[torch.nn.Parameter]], opt: torch.optim.Optimizer,
                  scheduler, grad_clip: float) -> StepResult:
     """Backward, clip, step, with a NaN/Inf guard: a non-finite loss or gradient norm skips the optimiser step
-    (the gradients are dropped, the weights and optimiser state untouched). The scheduler advances either way,
-    so the schedule follows the data."""
-    applied, norm = False, float("nan")
+    (the gradients are dropped, the weights and optimiser state untouched). Each parameter group (e.g. policy and
+    value model) is clipped to `grad_clip` on its own. The scheduler advances either way, so the schedule follows
+    the data. Returns the first group's gradient norm."""
+    applied, norms = False, [float("nan")]
     if torch.isfinite(loss).item():
         loss.backward()
-        total = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        norm = float(total)
-        if math.isfinite(norm):
+        limit = grad_clip if grad_clip > 0 else float("inf")
+        norms = [float(torch.nn.utils.clip_grad_norm_(g, limit)) for g in groups]
+        if all(math.isfinite(n) for n in norms):
             opt.step()
             applied = True
     opt.zero_grad(set_to_none=True)
     scheduler.step()
-    return StepResult(applied, norm)
+    return StepResult(applied, norms[0])
 
 
 class MetricsLog:

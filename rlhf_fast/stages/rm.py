@@ -126,7 +126,7 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
         batch_idx = epoch_batches(sizes, cfg.batch_size, seed=cfg.seed, epoch=epoch)
         batch = ranked_batch([train[i] for i in batch_idx[pos]], pad_id)
         loss, margin = bradley_terry_loss(model.score(batch.input_ids, batch.lengths), batch)
-        res = guarded_step(loss, params, opt, sched, cfg.optim.grad_clip)
+        res = guarded_step(loss, [params], opt, sched, cfg.optim.grad_clip)
         skipped += not res.applied
         step += 1
         bar.update(1)

@@ -117,7 +117,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
         ids, labels = sft_batch([train[i] for i in batch_idx[pos]], pad_id, IGNORE)
         nll, n = response_nll(model, ids, labels)
         loss = nll / n.clamp(min=1)
-        res = guarded_step(loss, params, opt, sched, cfg.optim.grad_clip)
+        res = guarded_step(loss, [params], opt, sched, cfg.optim.grad_clip)
         skipped += not res.applied
         step += 1
         bar.update(1)

@@ -1,0 +1,105 @@
+"""From sampled completions to PPO's training tensors: padding, the frozen passes (policy, reference, value,
+reward), per-token rewards and advantages. Everything here runs under `no_grad` except `policy_logprobs` and
+`values_at`, which the update also uses with gradients."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.stages.common import lm_head_params, lm_hidden
+
+IGNORE = -100
+
+
+class Rollout(NamedTuple):
+    """N = prompts x samples sequences, prompt + response, right-padded; R = longest response."""
+
+    input_ids: torch.Tensor  # (N, T) int64
+    lengths: torch.Tensor  # (N,) prompt + response tokens
+    positions: torch.Tensor  # (N, R) index into T of the hidden state that predicts each response token
+    labels: torch.Tensor  # (N, R) response token ids, IGNORE on padding
+    mask: torch.Tensor  # (N, R) float32 0/1
+    prompt_index: list[int]  # (N,) which prompt each sequence continues
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """Rows `idx`, trimmed to their own longest sequence and response."""
+        lengths = self.lengths[idx]
+        r = max(1, int(self.mask[idx].sum(1).max()))
+        t = int(lengths.max())
+        return Rollout(self.input_ids[idx, :t], lengths, self.positions[idx, :r].clamp(max=t - 1),
+                       self.labels[idx, :r], self.mask[idx, :r], [self.prompt_index[i] for i in idx.tolist()])
+
+
+def make_rollout(prompts: list[list[int]], completions, pad_id: int) -> Rollout:
+    """Pack `completions` (of `prompts[c.prompt_index]`) into padded tensors."""
+    n = len(completions)
+    r = max(1, max(len(c.token_ids) for c in completions))
+    seqs = [prompts[c.prompt_index] + list(c.token_ids) for c in completions]
+    t = max(len(s) for s in seqs)
+    ids = torch.full((n, t), pad_id, dtype=torch.long)
+    labels = torch.full((n, r), IGNORE, dtype=torch.long)
+    positions = torch.zeros((n, r), dtype=torch.long)
+    for i, (c, s) in enumerate(zip(completions, seqs)):
+        p, m = len(prompts[c.prompt_index]), len(c.token_ids)
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, :m] = torch.tensor(c.token_ids, dtype=torch.long)
+        positions[i] = (p - 1 + torch.arange(r)).clamp(max=t - 1)
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    return Rollout(ids, lengths, positions, labels, (labels != IGNORE).float(), [c.prompt_index for c in completions])
+
+
+def response_hidden(model, ro: Rollout) -> torch.Tensor:
+    """The causal LM's hidden states that predict each response token, `(N, R, H)`."""
+    hidden = lm_hidden(model, ro.input_ids)  # (N, T, H)
+    return hidden.gather(1, ro.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
+
+
+def policy_logprobs(model, ro: Rollout, temperature: float, *, entropy: bool = False):
+    """log pi(y_t | x, y_<t) at `temperature` on response tokens, `(N, R)` fp32 (0 on padding); with
+    `entropy=True` also the per-token entropy."""
+    weight, bias = lm_head_params(model)
+    return ops.linear_token_logprobs(response_hidden(model, ro), weight, ro.labels, bias=bias,
+                                     temperature=temperature, ignore_index=IGNORE, return_entropy=entropy)
+
+
+def values_at(value_model, ro: Rollout) -> torch.Tensor:
+    """V(x, y_<t) for every response token: the value head at the position that predicts it, `(N, R)`."""
+    return value_model(ro.input_ids).gather(1, ro.positions)
+
+
+class Experience(NamedTuple):
+    rollout: Rollout
+    old_logp: torch.Tensor  # (N, R)
+    ref_logp: torch.Tensor  # (N, R)
+    old_values: torch.Tensor  # (N, R)
+    scores: torch.Tensor  # (N,) reward model
+    advantages: torch.Tensor  # (N, R) whitened
+    returns: torch.Tensor  # (N, R)
+    kl: torch.Tensor  # (N,) per-sequence sum of log pi - log pi_ref (k1)
+
+    def select(self, idx: torch.Tensor) -> "Experience":
+        ro = self.rollout.select(idx)
+        r = ro.mask.shape[1]
+        return Experience(ro, *(x[idx, :r] if x.dim() == 2 else x[idx] for x in self[1:]))
+
+
+@torch.no_grad()
+def score_rollout(policy, ref, value_model, reward_model, ro: Rollout, temperature: float):
+    """The frozen passes: (old_logp, ref_logp, old_values, scores)."""
+    old_logp = policy_logprobs(policy, ro, temperature)
+    ref_logp = policy_logprobs(ref, ro, temperature)
+    old_values = values_at(value_model, ro) * ro.mask
+    scores = reward_model.score(ro.input_ids, ro.lengths)
+    return old_logp, ref_logp, old_values, scores
+
+
+@torch.no_grad()
+def advantages(ro: Rollout, old_logp, ref_logp, old_values, scores, *, kl_coef: float, kl_kind: str,
+               gamma: float, lam: float) -> Experience:
+    """r_t = score * [t last] - kl_coef * KL_t (`ops.token_rewards`), GAE, whitened advantages."""
+    rewards = ops.token_rewards(scores, old_logp, ref_logp, ro.mask, kl_coef=kl_coef, kind=kl_kind)  # (N, R)
+    adv, ret = ops.gae(rewards, old_values, ro.mask, gamma=gamma, lam=lam, whiten=True)
+    kl = ((old_logp - ref_logp) * ro.mask).sum(1)
+    return Experience(ro, old_logp, ref_logp, old_values, scores, adv, ret, kl)

@@ -1,0 +1,234 @@
+"""PPO against a frozen reward model with a KL penalty to the frozen SFT policy (InstructGPT, sec. 3.5).
+
+One iteration: sample `n_samples` completions for each of `prompts_per_iter` prompts with the rollout engine on
+the policy's live weights; score them (policy, reference, value and reward passes); per-token rewards
+`score - beta * KL`, GAE and whitened advantages; then `ppo_epochs` passes of minibatch updates of the clipped
+policy loss + `vf_coef` * clipped value loss - `entropy_coef` * entropy (+ `ptx_coef` * pretraining NLL), one
+backward per minibatch. All loss math is in `rlhf_fast.ops`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from rlhf_fast.config import PPOConfig, to_dict
+from rlhf_fast.data import SFTExample, epoch_batches, load_prompts, load_texts, sft_batch
+from rlhf_fast.heads import ScalarHeadModel
+from rlhf_fast.rollout import SamplingParams
+from rlhf_fast.stages import experience as xp
+from rlhf_fast.stages.common import MetricsLog, guarded_step, make_optimizer, make_scheduler, progress
+from rlhf_fast.stages.kl_control import KLController
+from rlhf_fast.stages.sft import response_nll
+
+log = logging.getLogger(__name__)
+
+
+class PPOResult(NamedTuple):
+    policy_dir: Path
+    value_dir: Path
+    iterations: int
+    skipped_steps: int
+
+
+def load_frozen_pair(policy_dir: str | Path, rm_dir: str | Path):
+    """The frozen reference (SFT) policy and reward model, in eval mode without gradients."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval().requires_grad_(False)
+    rm = ScalarHeadModel.from_pretrained(rm_dir).eval().requires_grad_(False)
+    return ref, rm
+
+
+def make_generator(cfg: PPOConfig, policy, pad_id: int):
+    if cfg.generator == "hf":
+        from rlhf_fast.stages.hf_generate import HFGenerator
+
+        return HFGenerator(policy, pad_id=pad_id)
+    from rlhf_fast.rollout import RolloutEngine
+
+    return RolloutEngine(policy)
+
+
+class PPOTrainer:
+    """The models, optimiser and state of one PPO run; `iteration(k)` runs one rollout + update round."""
+
+    def __init__(self, cfg: PPOConfig, policy, value, ref, reward_model, tokenizer, ptx: list[list[int]] = ()):
+        self.cfg, self.policy, self.value, self.ref, self.rm = cfg, policy, value, ref, reward_model
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.ptx = list(ptx)
+        self.groups = [[p for p in policy.parameters() if p.requires_grad],
+                       [p for n, p in value.named_parameters() if p.requires_grad and "lm_head" not in n]]
+        self.opt = make_optimizer(self.groups[0] + self.groups[1], cfg.optim)
+        self.sched = make_scheduler(self.opt, cfg.optim, cfg.iterations)
+        self.kl_ctl = KLController(cfg.kl)
+        self.generator = make_generator(cfg, policy, self.pad_id)
+        self.skipped = 0
+
+    def sampling(self, iteration: int) -> SamplingParams:
+        c = self.cfg
+        return SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
+                              top_p=c.top_p, n=c.n_samples, seed=c.seed * 100_003 + iteration,
+                              stop_token_ids=(self.eos_id,))
+
+    def collect(self, prompts: list[list[int]], iteration: int) -> tuple[xp.Experience, dict]:
+        """Rollouts, frozen passes and advantages; returns the experience and per-phase seconds."""
+        c, t0 = self.cfg, time.perf_counter()
+        self.policy.eval()
+        comps = self.generator.generate(prompts, self.sampling(iteration))
+        t1 = time.perf_counter()
+        ro = xp.make_rollout(prompts, comps, self.pad_id)
+        passes = xp.score_rollout(self.policy, self.ref, self.value, self.rm, ro, c.temperature)
+        t2 = time.perf_counter()
+        kl_coef = self.kl_ctl.value if c.kl.placement == "reward" else 0.0
+        exp = xp.advantages(ro, *passes, kl_coef=kl_coef, kl_kind=c.kl.kind, gamma=c.gamma, lam=c.lam)
+        t3 = time.perf_counter()
+        return exp, {"time_generate": t1 - t0, "time_score": t2 - t1, "time_advantages": t3 - t2,
+                     "generated_tokens": float(ro.mask.sum())}
+
+    def minibatch_loss(self, mb: xp.Experience, ptx_ids: list[list[int]]) -> tuple[torch.Tensor, dict]:
+        """Clipped policy loss + vf_coef * clipped value loss - entropy bonus (+ KL in loss) (+ ptx)."""
+        c, ro = self.cfg, mb.rollout
+        logp, ent = xp.policy_logprobs(self.policy, ro, c.temperature, entropy=True)
+        pg, pst = ops.ppo_policy_loss(logp, mb.old_logp, mb.advantages, ro.mask, clip_low=c.clip)
+        values = xp.values_at(self.value, ro)
+        vl, vst = ops.value_loss(values, mb.old_values, mb.returns, ro.mask, clip=c.value_clip)
+        entropy = ops.masked_mean(ent, ro.mask)
+        loss = pg + c.vf_coef * vl - c.entropy_coef * entropy
+        if c.kl.placement == "loss":
+            loss = loss + self.kl_ctl.value * ops.masked_mean(ops.kl_penalty(logp, mb.ref_logp, c.kl.kind), ro.mask)
+        stats = {"pg_loss": float(pg.detach()), "vf_loss": float(vl.detach()), "entropy": float(entropy.detach()),
+                 "clip_frac": float(pst.clip_frac), "approx_kl": float(pst.approx_kl),
+                 "vf_explained_var": float(vst.explained_variance)}
+        if ptx_ids:
+            nll, n = response_nll(self.policy, *sft_batch([SFTExample(t, 0) for t in ptx_ids], self.pad_id))
+            ptx_loss = nll / n.clamp(min=1)
+            loss = loss + c.ptx_coef * ptx_loss
+            stats["ptx_loss"] = float(ptx_loss.detach())
+        return loss, stats
+
+    def update(self, exp: xp.Experience, iteration: int) -> dict:
+        """`ppo_epochs` x minibatches of guarded optimiser steps (early stop on approx KL when configured)."""
+        c = self.cfg
+        self.policy.train()
+        self.value.train()
+        g = torch.Generator().manual_seed(c.seed * 7919 + iteration)
+        n = exp.scores.shape[0]
+        agg: dict[str, list[float]] = {}
+        stop = False
+        for _ in range(c.ppo_epochs):
+            perm = torch.randperm(n, generator=g)
+            for start in range(0, n, c.minibatch_size):
+                mb = exp.select(perm[start:start + c.minibatch_size])
+                ptx_ids = []
+                if self.ptx and c.ptx_coef > 0:
+                    pick = torch.randint(len(self.ptx), (c.minibatch_size,), generator=g).tolist()
+                    ptx_ids = [self.ptx[i] for i in pick]
+                loss, stats = self.minibatch_loss(mb, ptx_ids)
+                res = guarded_step(loss, self.groups, self.opt, _NoSched(), c.optim.grad_clip)
+                if not res.applied:
+                    self.skipped += 1
+                    log.warning("ppo: iteration %d: step skipped (non-finite loss or gradient)", iteration)
+                for k, v in {**stats, "grad_norm": res.grad_norm}.items():
+                    agg.setdefault(k, []).append(v)
+                if c.early_stop_kl > 0 and stats["approx_kl"] > c.early_stop_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        self.sched.step()
+        out = {k: sum(v) / len(v) for k, v in agg.items()}
+        out["early_stopped"] = float(stop)
+        return out
+
+    def iteration(self, prompts: list[list[int]], iteration: int) -> dict:
+        exp, metrics = self.collect(prompts, iteration)
+        t0 = time.perf_counter()
+        metrics.update(self.update(exp, iteration))
+        metrics["time_update"] = time.perf_counter() - t0
+        mean_kl = float(exp.kl.mean())
+        self.kl_ctl.update(mean_kl, exp.scores.shape[0])
+        metrics.update(score=float(exp.scores.mean()), kl=mean_kl, kl_coef=self.kl_ctl.value,
+                       response_len=float(exp.rollout.mask.sum(1).mean()), lr=self.sched.get_last_lr()[0],
+                       skipped=float(self.skipped))
+        return metrics
+
+
+class _NoSched:
+    """PPO's LR schedule advances once per iteration, not per minibatch."""
+
+    def step(self) -> None:
+        pass
+
+
+def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = None) -> PPOResult:
+    """Run (or resume) PPO into `out_dir`; final models in `out_dir/final/{policy,value}`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    if not (cfg.policy and cfg.reward_model and cfg.prompts):
+        raise ValueError("ppo: `policy`, `reward_model` and `prompts` are required")
+    if cfg.ptx_coef > 0 and not cfg.ptx_data:
+        raise ValueError("ppo.ptx_data: required when ptx_coef > 0")
+    ckpt = find_checkpoint(out / "checkpoint")
+    state = load_state(ckpt) if ckpt else None
+    final = out / "final"
+    if state is not None and state["finished"]:
+        log.warning("ppo: %s already finished (%d iterations); nothing to do. Delete it to train again.", out,
+                    state["iteration"])
+        return PPOResult(final / "policy", final / "value", state["iteration"], state["skipped"])
+    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    src_policy = ckpt / "policy" if state is not None else cfg.policy
+    src_value = ckpt / "value" if state is not None else cfg.reward_model
+    policy = AutoModelForCausalLM.from_pretrained(str(src_policy), dtype=torch.float32)
+    value = ScalarHeadModel.from_pretrained(src_value)
+    ref, rm = load_frozen_pair(cfg.policy, cfg.reward_model)
+    prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_len)
+    ptx = load_texts(cfg.ptx_data, tokenizer, cfg.max_len) if cfg.ptx_data and cfg.ptx_coef > 0 else []
+    trainer = PPOTrainer(cfg, policy, value, ref, rm, tokenizer, ptx)
+    it = 0
+    if state is not None:
+        trainer.opt.load_state_dict(state["optimizer"])
+        trainer.sched.load_state_dict(state["scheduler"])
+        trainer.kl_ctl.load_state_dict(state["kl_controller"])
+        set_rng_state(state["rng"])
+        it, trainer.skipped = state["iteration"], state["skipped"]
+        log.info("ppo: resuming %s at iteration %d/%d", out, it, cfg.iterations)
+    metrics = MetricsLog(out, "metrics", resume_step=it if state is not None else None)
+
+    def save(path: Path, finished: bool) -> None:
+        st = {"iteration": it, "skipped": trainer.skipped, "optimizer": trainer.opt.state_dict(),
+              "scheduler": trainer.sched.state_dict(), "kl_controller": trainer.kl_ctl.state_dict(),
+              "rng": rng_state(), "finished": finished, "config": to_dict(cfg)}
+        save_checkpoint(path, {"policy": policy, "value": value}, st, tokenizer)
+
+    per_epoch = max(1, len(prompts) // cfg.prompts_per_iter)  # full prompt batches only
+    bar = progress(total=cfg.iterations, desc="ppo", initial=it)
+    while it < cfg.iterations:
+        epoch, pos = divmod(it, per_epoch)
+        batch = epoch_batches([0] * len(prompts), cfg.prompts_per_iter, seed=cfg.seed, epoch=epoch)[pos]
+        m = trainer.iteration([prompts[i].ids for i in batch], it)
+        it += 1
+        metrics.log(it, **m)
+        bar.update(1)
+        bar.set_postfix(score=f"{m['score']:.3f}", kl=f"{m['kl']:.3f}")
+        if stop_after is not None and it >= stop_after and it < cfg.iterations:
+            save(out / "checkpoint", False)
+            bar.close()
+            return PPOResult(out / "checkpoint" / "policy", out / "checkpoint" / "value", it, trainer.skipped)
+        if cfg.save_every and it % cfg.save_every == 0 and it < cfg.iterations:
+            save(out / "checkpoint", False)
+    bar.close()
+    metrics.plot(["score", "kl", "kl_coef", "response_len", "pg_loss", "vf_loss", "entropy", "clip_frac"],
+                 out / "ppo_curves.png", "PPO")
+    policy.save_pretrained(final / "policy")
+    tokenizer.save_pretrained(str(final / "policy"))
+    value.save_pretrained(final / "value")
+    save(out / "checkpoint", True)
+    return PPOResult(final / "policy", final / "value", it, trainer.skipped)
