@@ -32,7 +32,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     if not return_entropy:
         return logp
     p = logp_all.exp()
-    plogp = torch.where(p > 0, p * logp_all, torch.zeros_like(p))
+    plogp = p * torch.where(p > 0, logp_all, torch.zeros_like(p))  # 0 * -inf would be NaN (also in backward)
     entropy = torch.where(valid, -plogp.sum(-1), torch.zeros_like(logp))
     return logp, entropy
 

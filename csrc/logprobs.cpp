@@ -1,0 +1,215 @@
+// Token log-probabilities and entropy on CPU: one online-softmax pass over each row of logits (forward) and one
+// pass writing dlogits (backward). Rows run in parallel (OpenMP); within a row the vocabulary is visited in a fixed
+// order of BLOCK-sized blocks, so a row's result is bitwise independent of the batch, its position and the thread
+// count. Python side: rlhf_fast/ops/logprobs.py (checks, custom ops, autograd).
+//
+// Notation: z = x * inv_temp (x the logits), p = softmax(z), lse = logsumexp(z), logp = z[y] - lse,
+// H = -sum p log p = lse - E_p[z].  Backward (derivation in kernels/logprobs.py):
+//   dz_j = g * (1[j == y] - p_j) - gH * p_j * (z_j - E_p[z]),   dx_j = dz_j * inv_temp.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "common.h"
+#include "registry.h"
+
+namespace rlhf_fast {
+namespace {
+
+constexpr int BLOCK = 256;  // vocabulary block: the unit of the fixed reduction order
+
+struct F32 { using T = float; static float load(T v) { return v; } static T store(float f) { return f; } };
+struct F64 { using T = double; static double load(T v) { return v; } static T store(double f) { return f; } };
+struct BF16 {
+  using T = std::uint16_t;
+  static float load(T v) { return bf16_to_float(v); }
+  static T store(float f) { return float_to_bf16(f); }
+};
+struct FP16 {
+  using T = std::uint16_t;
+  static float load(T v) { return fp16_to_float(v); }
+  static T store(float f) { return float_to_fp16(f); }
+};
+
+// exp(x) for x <= 0 (and small positive x) in a form the compiler vectorises: x = n ln2 + r, |r| <= ln2 / 2,
+// exp(r) by its degree-7 Taylor polynomial (relative error < 1e-8), 2^n through the exponent bits. Returns exactly 0
+// below -87.3 (where exp underflows float's normal range), including x = -inf.
+inline float exp_nonpos(float x) {
+  const float xc = std::min(std::max(x, -87.3f), 80.0f);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
+  const float t = xc * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  float r = xc - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  std::int32_t ti, si;
+  std::memcpy(&ti, &t, 4);
+  si = (ti - 0x4B400000 + 127) << 23;  // n + 127 in the exponent field
+  float scale;
+  std::memcpy(&scale, &si, 4);
+  return x < -87.3f ? 0.0f : p * scale;
+}
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+template <typename F>
+inline F clamp_low(F d) { return std::max(d, static_cast<F>(-88)); }  // keeps e * d finite when e == 0
+
+// Forward of one row: writes logp, lse, entropy (in the compute type F).
+template <typename In, typename F>
+void row_fwd(const typename In::T* x, std::int64_t v, F inv_t, std::int64_t label, bool valid, F* logp, F* lse,
+             F* ent) {
+  F buf[BLOCK];
+  F m = -std::numeric_limits<F>::infinity();
+  double s = 0.0, t = 0.0;  // s = sum exp(z - m), t = sum exp(z - m) * (z - m)
+  for (std::int64_t v0 = 0; v0 < v; v0 += BLOCK) {
+    const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, v - v0));
+    F bm = -std::numeric_limits<F>::infinity();
+    for (int j = 0; j < nb; ++j) {
+      buf[j] = static_cast<F>(In::load(x[v0 + j])) * inv_t;
+      bm = std::max(bm, buf[j]);
+    }
+    if (bm > m) {
+      if (s > 0.0) {
+        const double sc = std::exp(static_cast<double>(m) - static_cast<double>(bm));
+        t = sc * (t + (static_cast<double>(m) - static_cast<double>(bm)) * s);
+        s *= sc;
+      }
+      m = bm;
+    }
+    if (!(m > -std::numeric_limits<F>::infinity())) continue;  // only -inf so far
+    F sb = 0, tb = 0;
+#pragma omp simd reduction(+ : sb, tb)
+    for (int j = 0; j < nb; ++j) {
+      const F d = clamp_low(buf[j] - m);
+      const F e = exp_nonpos(buf[j] - m);
+      sb += e;
+      tb += e * d;
+    }
+    s += sb;
+    t += tb;
+  }
+  const double row_lse = static_cast<double>(m) + std::log(s);
+  *lse = static_cast<F>(row_lse);
+  if (!valid) {
+    *logp = 0;
+    *ent = 0;
+    return;
+  }
+  const double zy = static_cast<double>(static_cast<F>(In::load(x[label])) * inv_t);
+  *logp = static_cast<F>(zy - row_lse);
+  *ent = static_cast<F>(std::log(s) - t / s);
+}
+
+// Backward of one row: writes dlogits into out (may alias x: each element is read before it is written).
+template <typename In, typename F>
+void row_bwd(const typename In::T* x, typename In::T* out, std::int64_t v, F inv_t, std::int64_t label, bool valid,
+             F lse, F ent, F g, F gh) {
+  if (!valid) {
+    for (std::int64_t j = 0; j < v; ++j) out[j] = In::store(0);
+    return;
+  }
+  const F mean_z = lse - ent;  // E_p[z]
+  F buf[BLOCK];
+  for (std::int64_t v0 = 0; v0 < v; v0 += BLOCK) {
+    const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, v - v0));
+    for (int j = 0; j < nb; ++j) buf[j] = static_cast<F>(In::load(x[v0 + j])) * inv_t;
+#pragma omp simd
+    for (int j = 0; j < nb; ++j) {
+      const F p = exp_nonpos(buf[j] - lse);
+      const F centred = p * (clamp_low(buf[j] - lse) + lse - mean_z);  // p * (z - E[z]), 0 where p == 0
+      buf[j] = -(p * g + centred * gh) * inv_t;
+    }
+    if (label >= v0 && label < v0 + nb) buf[label - v0] += g * inv_t;
+    for (int j = 0; j < nb; ++j) out[v0 + j] = In::store(buf[j]);
+  }
+}
+
+template <typename In, typename F>
+void fwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std::int64_t v, double inv_temp,
+              std::int64_t ignore_index, std::uintptr_t logp, std::uintptr_t lse, std::uintptr_t ent) {
+  const auto* x = ptr<const typename In::T>(logits);
+  const auto* y = ptr<const std::int64_t>(labels);
+  F* lp = ptr<F>(logp);
+  F* ls = ptr<F>(lse);
+  F* en = ptr<F>(ent);
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < n; ++i) {
+    const bool valid = y[i] != ignore_index;
+    row_fwd<In, F>(x + i * v, v, static_cast<F>(inv_temp), valid ? y[i] : 0, valid, lp + i, ls + i, en + i);
+  }
+}
+
+template <typename In, typename F>
+void bwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std::int64_t v, double inv_temp,
+              std::int64_t ignore_index, std::uintptr_t lse, std::uintptr_t ent, std::uintptr_t dlogp,
+              std::uintptr_t dent, std::uintptr_t dlogits) {
+  const auto* x = ptr<const typename In::T>(logits);
+  auto* out = ptr<typename In::T>(dlogits);
+  const auto* y = ptr<const std::int64_t>(labels);
+  const F* ls = ptr<const F>(lse);
+  const F* en = ptr<const F>(ent);
+  const F* g = ptr<const F>(dlogp);
+  const F* gh = ptr<const F>(dent);
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < n; ++i) {
+    const bool valid = y[i] != ignore_index;
+    row_bwd<In, F>(x + i * v, out + i * v, v, static_cast<F>(inv_temp), valid ? y[i] : 0, valid, ls[i], en[i], g[i],
+                   gh[i]);
+  }
+}
+
+void check_sizes(std::int64_t n, std::int64_t v) {
+  if (n < 0 || v < 1) throw std::invalid_argument("token_logprobs: need n >= 0 rows and v >= 1 columns");
+}
+
+// logits (n, v) contiguous in `dtype`; labels (n,) int64; logp, lse, ent (n,) float32 (float64 for float64 logits).
+void token_logprobs_fwd_cpu(std::uintptr_t logits, int dtype, std::uintptr_t labels, std::int64_t n, std::int64_t v,
+                            double inv_temp, std::int64_t ignore_index, std::uintptr_t logp, std::uintptr_t lse,
+                            std::uintptr_t ent) {
+  check_sizes(n, v);
+  switch (dtype) {
+    case kFloat32: return fwd_rows<F32, float>(logits, labels, n, v, inv_temp, ignore_index, logp, lse, ent);
+    case kFloat64: return fwd_rows<F64, double>(logits, labels, n, v, inv_temp, ignore_index, logp, lse, ent);
+    case kBFloat16: return fwd_rows<BF16, float>(logits, labels, n, v, inv_temp, ignore_index, logp, lse, ent);
+    case kFloat16: return fwd_rows<FP16, float>(logits, labels, n, v, inv_temp, ignore_index, logp, lse, ent);
+  }
+  throw std::invalid_argument("token_logprobs_fwd_cpu: unsupported dtype code " + std::to_string(dtype));
+}
+
+// dlogits (n, v) in `dtype`, may equal logits; lse, ent, dlogp, dent (n,) in the compute type.
+void token_logprobs_bwd_cpu(std::uintptr_t logits, int dtype, std::uintptr_t labels, std::int64_t n, std::int64_t v,
+                            double inv_temp, std::int64_t ignore_index, std::uintptr_t lse, std::uintptr_t ent,
+                            std::uintptr_t dlogp, std::uintptr_t dent, std::uintptr_t dlogits) {
+  check_sizes(n, v);
+  switch (dtype) {
+    case kFloat32:
+      return bwd_rows<F32, float>(logits, labels, n, v, inv_temp, ignore_index, lse, ent, dlogp, dent, dlogits);
+    case kFloat64:
+      return bwd_rows<F64, double>(logits, labels, n, v, inv_temp, ignore_index, lse, ent, dlogp, dent, dlogits);
+    case kBFloat16:
+      return bwd_rows<BF16, float>(logits, labels, n, v, inv_temp, ignore_index, lse, ent, dlogp, dent, dlogits);
+    case kFloat16:
+      return bwd_rows<FP16, float>(logits, labels, n, v, inv_temp, ignore_index, lse, ent, dlogp, dent, dlogits);
+  }
+  throw std::invalid_argument("token_logprobs_bwd_cpu: unsupported dtype code " + std::to_string(dtype));
+}
+
+}  // namespace
+}  // namespace rlhf_fast
+
+RLHF_FAST_REGISTER(logprobs) {
+  namespace py = pybind11;
+  m.def("token_logprobs_fwd_cpu", &rlhf_fast::token_logprobs_fwd_cpu, py::call_guard<py::gil_scoped_release>(),
+        "Token log-probs, log-sum-exp and entropy of contiguous (n, v) logits (one online-softmax pass per row)");
+  m.def("token_logprobs_bwd_cpu", &rlhf_fast::token_logprobs_bwd_cpu, py::call_guard<py::gil_scoped_release>(),
+        "dlogits of token_logprobs (may write in place over the logits)");
+}
