@@ -123,12 +123,26 @@ def test_batch_invariance(backend):
         assert torch.equal(lp, full_lp[perm]) and torch.equal(ent, full_ent[perm])
 
 
-@pytest.mark.skipif(not _native.has("token_logprobs_bwd_cpu"), reason="native logprobs not built")
-def test_native_writes_every_output():
-    """Outputs poisoned with NaN before the kernel writes them; the in-place backward overwrites the logits."""
-    from rlhf_fast.ops._linear_chunked import native_rows_bwd, native_rows_fwd
+def _row_kernels(kind):
+    if kind == "native":
+        if not _native.has("token_logprobs_bwd_cpu"):
+            pytest.skip("native logprobs not built")
+        from rlhf_fast.ops._linear_chunked import native_rows_bwd, native_rows_fwd
 
-    logits, labels = _inputs((37,), 517, torch.float32)
+        return native_rows_fwd, native_rows_bwd
+    if not (triton_available() and (torch.cuda.is_available() or triton_interpret())):
+        pytest.skip("needs Triton on CUDA or TRITON_INTERPRET=1")
+    from rlhf_fast.kernels.logprobs import logprobs_bwd, logprobs_fwd
+
+    return logprobs_fwd, logprobs_bwd
+
+
+@pytest.mark.parametrize("kind", ["native", "triton"])
+def test_kernels_write_every_output(kind):
+    """Outputs poisoned with NaN before the kernel writes them; the in-place backward overwrites the logits."""
+    native_rows_fwd, native_rows_bwd = _row_kernels(kind)
+    logits, labels = _inputs((37,), 517 if kind == "native" else 77, torch.float32)
+    logits[3, :5] = float("-inf")  # banned tokens
     logp, lse, ent = (torch.full((37,), float("nan")) for _ in range(3))
     native_rows_fwd(logits, labels, 0.5, -100, logp, lse, ent)
     ref_logp, ref_ent = reference.token_logprobs(logits.double(), labels, temperature=2.0, return_entropy=True)
@@ -136,10 +150,14 @@ def test_native_writes_every_output():
     torch.testing.assert_close(ent.double(), ref_ent, **tol(torch.float32))
     g = torch.randn(37)
     out = torch.full_like(logits, float("nan"))
+    ref_x = logits.double().requires_grad_(True)
+    ref_lp = reference.token_logprobs(ref_x, labels, temperature=2.0)
+    (ref_dx,) = torch.autograd.grad((ref_lp * g.double()).sum(), ref_x)
     native_rows_bwd(logits, labels, lse, ent, g, torch.zeros(37), 0.5, -100, out)
     buf = logits.clone()
     native_rows_bwd(buf, labels, lse, ent, g, torch.zeros(37), 0.5, -100, buf)
     assert torch.isfinite(out).all() and torch.equal(out, buf)
+    torch.testing.assert_close(out.double(), ref_dx, **tol(torch.float32))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

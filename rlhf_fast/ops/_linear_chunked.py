@@ -163,3 +163,58 @@ def linear_logprobs_chunked(hidden, weight, bias, labels, inv_temp, ignore_index
     """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 -> logp, entropy (N,) (fp32 or fp64)."""
     return _ChunkedLinearLogprobs.apply(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size,
                                         use_native)
+
+
+class _TritonLinearLogprobs(torch.autograd.Function):
+    """Fused Triton forward (kernels/linear_logprobs.py); backward recomputes dlogits chunk by chunk in Triton and
+    folds them into dhidden / dweight / dbias with matmuls (8THV flops in all)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size):
+        from rlhf_fast.kernels.linear_logprobs import linear_logprobs_fwd
+
+        n, dev = hidden.shape[0], hidden.device
+        idx = (labels != ignore_index).nonzero().squeeze(1)  # (M,)
+        y = labels.index_select(0, idx)
+        h = hidden.index_select(0, idx)  # (M, H) contiguous
+        m = idx.numel()
+        logp_v, lse_v, ent_v = (torch.empty(m, dtype=torch.float32, device=dev) for _ in range(3))
+        linear_logprobs_fwd(h, weight, bias, y, inv_temp, logp_v, lse_v, ent_v)
+        ctx.save_for_backward(hidden, weight, bias, idx, y, lse_v, ent_v)
+        ctx.cfg = (inv_temp, chunk_size)
+        logp = torch.zeros(n, dtype=torch.float32, device=dev).index_copy_(0, idx, logp_v)
+        ent = torch.zeros(n, dtype=torch.float32, device=dev).index_copy_(0, idx, ent_v)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, dlogp, dent):
+        from rlhf_fast.kernels.linear_logprobs import linear_dlogits
+
+        hidden, weight, bias, idx, y, lse_v, ent_v = ctx.saved_tensors
+        inv_temp, chunk_size = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dlogp_v = (torch.zeros_like(lse_v) if dlogp is None else dlogp.index_select(0, idx).float()).contiguous()
+        dent_v = (torch.zeros_like(lse_v) if dent is None else dent.index_select(0, idx).float()).contiguous()
+        h = hidden.index_select(0, idx)  # (M, H)
+        m, vocab = h.shape[0], weight.shape[0]
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        db = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+        target = (512 << 20) if hidden.is_cuda else TARGET_CHUNK_BYTES
+        rows = chunk_size or max(1, target // (vocab * h.element_size()))
+        buf = h.new_empty(min(rows, max(m, 1)), vocab)  # (C, V) dlogits of one chunk
+        for start in range(0, m, rows):
+            sl = slice(start, min(start + rows, m))
+            out = buf[: sl.stop - start]
+            linear_dlogits(h[sl], weight, bias, y[sl], lse_v[sl], ent_v[sl], dlogp_v[sl], dent_v[sl], inv_temp, out)
+            accumulate_grads(out, h[sl], weight, dh[sl] if need_h else None, dw, db)
+        dhidden = torch.zeros_like(hidden).index_copy_(0, idx, dh) if need_h else None
+        dweight = dw.to(weight.dtype) if need_w else None
+        dbias = db.to(bias.dtype) if need_b else None
+        return dhidden, dweight, dbias, None, None, None, None
+
+
+def linear_logprobs_triton(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size):
+    """As `linear_logprobs_chunked`, on the Triton kernels (fp32/bf16/fp16; results fp32)."""
+    bias = None if bias is None else bias.contiguous()
+    return _TritonLinearLogprobs.apply(hidden, weight.contiguous(), bias, labels, inv_temp, ignore_index, chunk_size)

@@ -20,10 +20,11 @@ import torch
 from rlhf_fast import _native
 from rlhf_fast.backend import register_op, select
 from rlhf_fast.ops import _checks, reference
-from rlhf_fast.ops._linear_chunked import linear_logprobs_chunked, native_rows_bwd, native_rows_fwd
+from rlhf_fast.ops._linear_chunked import (linear_logprobs_chunked, linear_logprobs_triton, native_rows_bwd,
+                                           native_rows_fwd)
 
-register_op("token_logprobs", triton=False, native_cpu="token_logprobs_fwd_cpu")
-register_op("linear_token_logprobs", triton=False, native_cpu="token_logprobs_fwd_cpu")
+register_op("token_logprobs", triton=True, native_cpu="token_logprobs_fwd_cpu")
+register_op("linear_token_logprobs", triton=True, native_cpu="token_logprobs_fwd_cpu")
 
 LABEL_DTYPES = (torch.int64, torch.int32)
 
@@ -79,6 +80,32 @@ def _native_backward(ctx, dlogp, dlse, dent):
 
 
 _native_fwd.register_autograd(_native_backward, setup_context=_native_setup_context)
+
+
+class _TritonTokenLogprobs(torch.autograd.Function):
+    """Autograd around kernels/logprobs.py (fp32/bf16/fp16 logits (N, V) -> fp32 logp, entropy (N,))."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, inv_temp, ignore_index):
+        from rlhf_fast.kernels.logprobs import logprobs_fwd
+
+        n = logits.shape[0]
+        logp, lse, ent = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
+        logprobs_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent)
+        ctx.save_for_backward(logits, labels, lse, ent)
+        ctx.cfg = (inv_temp, ignore_index)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, dlogp, dent):
+        from rlhf_fast.kernels.logprobs import logprobs_bwd
+
+        logits, labels, lse, ent = ctx.saved_tensors
+        dlogp = torch.zeros_like(lse) if dlogp is None else dlogp.float().contiguous()
+        dent = torch.zeros_like(lse) if dent is None else dent.float().contiguous()
+        dlogits = torch.empty_like(logits)
+        logprobs_bwd(logits, labels, lse, ent, dlogp, dent, *ctx.cfg, dlogits)
+        return dlogits, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,7 +181,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     """
     _check_logits(logits, labels, temperature, ignore_index)
     backend = select("token_logprobs", logits.device)
-    if backend == "torch":
+    if backend == "torch" or (backend == "triton" and logits.dtype == torch.float64):  # Triton computes in fp32
         return reference.token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                         return_entropy=return_entropy)
     lead, vocab = labels.shape, logits.shape[-1]
@@ -163,9 +190,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     if backend == "native":
         logp, _, ent = _native_fwd(logits2d, labels1d, 1.0 / temperature, ignore_index)
     else:
-        from rlhf_fast.kernels.logprobs import triton_token_logprobs
-
-        logp, ent = triton_token_logprobs(logits2d, labels1d, 1.0 / temperature, ignore_index)
+        logp, ent = _TritonTokenLogprobs.apply(logits2d, labels1d, 1.0 / temperature, ignore_index)
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
 
@@ -194,11 +219,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     lead, width = labels.shape, hidden.shape[-1]
     hidden2d = hidden.reshape(-1, width)  # (N, H)
     labels1d = labels.reshape(-1).to(torch.int64)  # (N,)
-    if backend == "triton":
-        from rlhf_fast.kernels.linear_logprobs import triton_linear_token_logprobs
-
-        logp, ent = triton_linear_token_logprobs(hidden2d, weight, bias, labels1d, 1.0 / temperature, ignore_index,
-                                                 chunk_size)
+    if backend == "triton" and hidden.dtype != torch.float64:  # Triton computes in fp32; fp64 takes the chunked path
+        logp, ent = linear_logprobs_triton(hidden2d, weight, bias, labels1d, 1.0 / temperature, ignore_index,
+                                           chunk_size)
     else:
         logp, ent = linear_logprobs_chunked(hidden2d, weight, bias, labels1d, 1.0 / temperature, ignore_index,
                                             chunk_size, use_native=(backend == "native"))

@@ -1,0 +1,99 @@
+"""Triton kernels for token log-probabilities and entropy from logits (one program per row).
+
+Forward: one online-softmax pass over the row in BLOCK_V tiles -> logp, lse, entropy (fp32).
+Backward: one pass writing dlogits (may be the logits buffer itself).
+The tile size depends only on V, so a row's result does not depend on the batch it is in (batch invariance).
+Autograd lives in rlhf_fast/ops/logprobs.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def block_v(vocab: int, device: torch.device) -> int:
+    """Vocabulary tile: a function of V (and device type) only."""
+    cap = 4096 if device.type == "cuda" else 512
+    return max(16, min(triton.next_power_of_2(vocab), cap))
+
+
+@triton.jit
+def _fwd_kernel(logits_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr, V, stride_row, inv_temp, ignore_index,
+                BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    safe_label = tl.where(valid, label, 0)
+    m = tl.full((), float("-inf"), tl.float32)  # running max of z
+    s = tl.zeros((), tl.float32)  # sum exp(z - m)
+    t = tl.zeros((), tl.float32)  # sum exp(z - m) * (z - m)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # finite reference point even for all -inf so far
+        d = z - m_ref
+        e = tl.exp(d)
+        ed = tl.where(e > 0, e * d, 0.0)
+        sc = tl.exp(m - m_ref)
+        t = tl.where(s > 0, sc * (t + (m - m_ref) * s), 0.0) + tl.sum(ed, 0)
+        s = s * sc + tl.sum(e, 0)
+        m = m_new
+    lse = m + tl.log(s)
+    zy = tl.load(base + safe_label).to(tl.float32) * inv_temp
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, tl.where(valid, zy - lse, 0.0))
+    tl.store(ent_ptr + row, tl.where(valid, tl.log(s) - t / s, 0.0))
+
+
+# Backward. With z = x / T, p = softmax(z), lse = logsumexp(z):
+#   logp = z_y - lse                      =>  d logp / d z_j = 1[j = y] - p_j
+#   H = -sum_k p_k log p_k = lse - sum_k p_k z_k
+#   d(sum_k p_k z_k)/d z_j = p_j + sum_k z_k p_k (1[k = j] - p_j) = p_j + p_j z_j - p_j E_p[z]
+#   d H / d z_j = p_j - (p_j + p_j z_j - p_j E_p[z]) = -p_j (z_j - E_p[z]),   with E_p[z] = lse - H
+# so for upstream grads g (of logp) and gH (of H):  dx_j = (g (1[j = y] - p_j) - gH p_j (z_j - E_p[z])) / T.
+# Ignored rows have g = gH = 0 and get dx = 0.
+@triton.jit
+def _bwd_kernel(logits_ptr, labels_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, out_ptr, V, stride_row, stride_out,
+                inv_temp, ignore_index, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    out = out_ptr + row * stride_out
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    g = tl.where(valid, tl.load(dlogp_ptr + row), 0.0)
+    gh = tl.where(valid, tl.load(dent_ptr + row), 0.0)
+    lse = tl.load(lse_ptr + row)
+    mean_z = lse - tl.load(ent_ptr + row)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        p = tl.exp(z - lse)
+        centred = tl.where(p > 0, p * (z - mean_z), 0.0)
+        d = tl.where(cols == label, g, 0.0) - p * g - centred * gh
+        tl.store(out + cols, (d * inv_temp).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def logprobs_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent) -> None:
+    """logits (N, V) rows contiguous; labels (N,) int64; writes logp, lse, ent (N,) fp32."""
+    n, vocab = logits.shape
+    assert logits.stride(1) == 1 and labels.dtype == torch.int64
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in (logp, lse, ent))
+    if n == 0:
+        return
+    _fwd_kernel[(n,)](logits, labels, logp, lse, ent, vocab, logits.stride(0), float(inv_temp), int(ignore_index),
+                      BLOCK_V=block_v(vocab, logits.device), num_warps=8 if logits.is_cuda else 1)
+
+
+def logprobs_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out) -> None:
+    """Writes dlogits (N, V) into `out` (logits' dtype; may be `logits` itself)."""
+    n, vocab = logits.shape
+    assert logits.stride(1) == 1 and out.stride(1) == 1 and out.shape == logits.shape
+    if n == 0:
+        return
+    _bwd_kernel[(n,)](logits, labels, lse, ent, dlogp, dent, out, vocab, logits.stride(0), out.stride(0),
+                      float(inv_temp), int(ignore_index), BLOCK_V=block_v(vocab, logits.device),
+                      num_warps=8 if logits.is_cuda else 1)
