@@ -54,7 +54,7 @@ def _common_dtype(rewards: torch.Tensor, values: torch.Tensor) -> torch.dtype:
     return torch.promote_types(rewards.dtype, values.dtype)
 
 
-def _scan(r, v, m, cu, gamma, lam, whiten):
+def _scan(r, v, m, cu, gamma, lam, whiten, max_len):
     """Dispatch on flat (total,) inputs with offsets cu (num_seqs + 1,) int64; returns flat (adv, ret)."""
     use = backend.select("gae", v.device)
     m8 = m.contiguous().view(torch.uint8) if m.dtype == torch.bool else m.ne(0).contiguous().view(torch.uint8)
@@ -62,7 +62,7 @@ def _scan(r, v, m, cu, gamma, lam, whiten):
     if use == "triton":
         from rlhf_fast.kernels import gae as kg
 
-        kg.gae_scan(r, v, m8, cu, adv, ret, gamma, lam, whiten=whiten)
+        kg.gae_scan(r, v, m8, cu, adv, ret, gamma, lam, max_len=max_len, whiten=whiten)
         return adv, ret
     if use == "native":
         gae_native(r, v, m8, cu, adv, ret, float(gamma), float(lam))
@@ -98,7 +98,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     cu = torch.arange(b + 1, device=values.device, dtype=torch.int64) * t
     with torch.no_grad():
         adv, ret = _scan(rewards.detach().to(dt).contiguous().view(-1), values.detach().to(dt).contiguous().view(-1),
-                         mask.reshape(-1), cu, gamma, lam, whiten)
+                         mask.reshape(-1), cu, gamma, lam, whiten, t)
     return adv.view(b, t), ret.view(b, t)
 
 
@@ -123,6 +123,7 @@ def gae_packed(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, 
     _check_coef("gamma", gamma)
     _check_coef("lam", lam)
     dt = _common_dtype(rewards, values)
+    max_len = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
     with torch.no_grad():
         return _scan(rewards.detach().to(dt).contiguous(), values.detach().to(dt).contiguous(), mask,
-                     cu_seqlens.to(torch.int64).contiguous(), gamma, lam, whiten)
+                     cu_seqlens.to(torch.int64).contiguous(), gamma, lam, whiten, max_len)

@@ -191,7 +191,7 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
     else:
         vc = vo + (v - vo).clamp(-clip, clip)
         l2 = (vc - ret) ** 2
-        tok, clipped = 0.5 * torch.maximum(l1, l2), l2 > l1
+        tok, clipped = 0.5 * torch.maximum(l1, l2), (l2 > l1) & ((v - vo).abs() > clip)
     loss = _aggregate(tok, valid, agg, num_tokens, num_seqs)
     with torch.no_grad():
         var_r = masked_var(ret, valid)
