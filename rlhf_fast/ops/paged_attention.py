@@ -18,9 +18,9 @@ from rlhf_fast import _native
 from rlhf_fast.backend import register_op, select
 from rlhf_fast.ops import _checks, reference
 
-register_op("paged_attention", triton=False, native_cpu="paged_attention_cpu", native_cuda="paged_attention_cuda")
-register_op("store_kv_cache", triton=False)
-register_op("copy_blocks", triton=False)
+register_op("paged_attention", triton=True, native_cpu="paged_attention_cpu", native_cuda="paged_attention_cuda")
+register_op("store_kv_cache", triton=True)
+register_op("copy_blocks", triton=True)
 
 INDEX_DTYPES = (torch.int32,)
 
@@ -36,10 +36,12 @@ def _native_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     out = torch.empty_like(q)
     b, h, d = q.shape
     nb, bs, kvh, _ = k_cache.shape
-    name = "paged_attention_cuda" if q.is_cuda else "paged_attention_cpu"
-    _native.fn(name)(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-                     context_lens.data_ptr(), b, h, kvh, d, bs, block_tables.shape[1], float(scale),
-                     _native.dtype_code(q), _native.stream_handle(q))
+    args = (out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+            context_lens.data_ptr(), b, h, kvh, d, bs, block_tables.shape[1], nb, float(scale), _native.dtype_code(q))
+    if q.is_cuda:
+        _native.fn("paged_attention_cuda")(*args, _native.stream_handle(q))
+    else:
+        _native.fn("paged_attention_cpu")(*args)
     return out
 
 
