@@ -193,14 +193,15 @@ def _clip_args(clip_lo: float, clip_hi: float, dual: float | None) -> tuple[floa
     return (*split_f64(1 - clip_lo), *split_f64(1 + clip_hi), *split_f64(dual or 0.0))
 
 
-def policy_partials(logp, old_logp, adv, mask, clip_lo: float, clip_hi: float, dual: float | None):
+def policy_partials(logp, old_logp, adv, mask, clip_lo: float, clip_hi: float, dual: float | None, part=None):
     """(rows, chunks, P_K) partial sums of the policy loss; inputs (rows, T) contiguous, mask uint8/int/float."""
     rows, T = logp.shape
     block = _block(T)
     n_chunks = triton.cdiv(T, block)
     acc = _acc(logp, old_logp, adv)
-    part = torch.empty(rows, n_chunks, P_K, dtype=torch.float64 if acc == tl.float64 else torch.float32,
-                       device=logp.device)
+    if part is None:  # tests pass a NaN-filled buffer to check every partial is written
+        part = torch.empty(rows, n_chunks, P_K, dtype=torch.float64 if acc == tl.float64 else torch.float32,
+                           device=logp.device)
     _policy_fwd_kernel[(rows, n_chunks)](logp, old_logp, adv, mask, part, T, n_chunks, *_clip_args(clip_lo, clip_hi, dual),
                                          HAS_DUAL=dual is not None, BLOCK=block, ACC=acc)
     return part
@@ -282,14 +283,15 @@ def _value_bwd_kernel(V, VOLD, RET, MASK, W, GRAD, T, clip_hi, clip_lo, HAS_CLIP
     tl.store(GRAD + offs, (grad * w).to(GRAD.dtype.element_ty), mask=inb)
 
 
-def value_partials(values, old_values, returns, mask, clip: float | None):
+def value_partials(values, old_values, returns, mask, clip: float | None, part=None):
     """(rows, chunks, V_K) partial sums of the value loss; inputs (rows, T) contiguous."""
     rows, T = values.shape
     block = _block(T)
     n_chunks = triton.cdiv(T, block)
     acc = _acc(values, old_values, returns)
-    part = torch.empty(rows, n_chunks, V_K, dtype=torch.float64 if acc == tl.float64 else torch.float32,
-                       device=values.device)
+    if part is None:  # tests pass a NaN-filled buffer to check every partial is written
+        part = torch.empty(rows, n_chunks, V_K, dtype=torch.float64 if acc == tl.float64 else torch.float32,
+                           device=values.device)
     _value_fwd_kernel[(rows, n_chunks)](values, old_values, returns, mask, part, T, n_chunks, *split_f64(clip or 0.0),
                                         HAS_CLIP=clip is not None, BLOCK=block, ACC=acc)
     return part
