@@ -21,7 +21,7 @@ import torch
 from rlhf_fast import _native, backend
 from rlhf_fast.ops import _checks
 from rlhf_fast.ops import reference as ref
-from rlhf_fast.ops.stats import masked_whiten
+from rlhf_fast.ops.stats import whiten_torch
 
 backend.register_op("gae", triton=True, native_cpu="gae_cpu", native_cuda="gae_cuda")
 
@@ -54,6 +54,13 @@ def _common_dtype(rewards: torch.Tensor, values: torch.Tensor) -> torch.dtype:
     return torch.promote_types(rewards.dtype, values.dtype)
 
 
+def _pad_index(cu: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_seqs, max_len) flat indices of each sequence's tokens (right padded) and the in-sequence mask."""
+    pos = torch.arange(max_len, device=cu.device)
+    inside = pos < (cu[1:] - cu[:-1])[:, None]
+    return torch.where(inside, cu[:-1, None] + pos, 0), inside
+
+
 def _scan(r, v, m, cu, gamma, lam, whiten, max_len):
     """Dispatch on flat (total,) inputs with offsets cu (num_seqs + 1,) int64; returns flat (adv, ret)."""
     use = backend.select("gae", v.device)
@@ -66,13 +73,12 @@ def _scan(r, v, m, cu, gamma, lam, whiten, max_len):
         return adv, ret
     if use == "native":
         gae_native(r, v, m8, cu, adv, ret, float(gamma), float(lam))
-    else:
-        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-            if e > s:
-                a_, r_ = ref.gae(r[None, s:e], v[None, s:e], m8[None, s:e].bool(), gamma=gamma, lam=lam)
-                adv[s:e], ret[s:e] = a_[0], r_[0]
+    elif v.numel():  # the reference loop on a right-padded (num_seqs, max_len) view; padding is masked out
+        idx, inside = _pad_index(cu, max_len)
+        a_, r_ = ref.gae(r[idx], v[idx], m8[idx].bool() & inside, gamma=gamma, lam=lam)
+        adv[idx[inside]], ret[idx[inside]] = a_[inside], r_[inside]
     if whiten:
-        adv = masked_whiten(adv, m8.bool())
+        adv = whiten_torch(adv, m8.bool())
     return adv, ret
 
 

@@ -62,5 +62,10 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
         out = torch.empty_like(x2)
         kw.masked_whiten(x2.contiguous(), m2.contiguous(), out, shift_mean=shift_mean, eps=WHITEN_EPS)
         return out.reshape(x.shape)
+    return whiten_torch(x, mask, shift_mean=shift_mean)
+
+
+def whiten_torch(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+    """`masked_whiten` as a PyTorch composition (statistics in float32, or float64 for float64 x)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return ref.masked_whiten(x.to(acc), mask, shift_mean=shift_mean, eps=WHITEN_EPS).to(x.dtype)

@@ -1,0 +1,174 @@
+"""gae / gae_packed: every backend vs the float64 reversed loop, gamma/lam grid, holes, left/right padding,
+packed streams, lengths 1 and 8191, fused whitening, hand-computed cases, poisoned outputs and bad input."""
+import importlib
+
+import pytest
+import torch
+from _ppo_common import DEVICE, HAS_TRITON, TRITON, padded_mask, random_mask
+
+from rlhf_fast import _native
+from rlhf_fast.ops import gae, gae_packed, reference, use_backend
+
+gae_mod = importlib.import_module("rlhf_fast.ops.gae")  # the module (rlhf_fast.ops.gae is the function)
+NATIVE_NAME = "gae_cuda" if DEVICE == "cuda" else "gae_cpu"
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(not _native.has(NATIVE_NAME), reason="_C lacks GAE"))
+BACKENDS = ["torch", NATIVE, TRITON]
+COEFS = [(g, lam) for g in (0.0, 0.5, 0.99, 1.0) for lam in (0.0, 0.5, 0.99, 1.0)]
+
+
+def _inputs(b, t, dtype=torch.float32):
+    return torch.randn(b, t, device=DEVICE).to(dtype), torch.randn(b, t, device=DEVICE).to(dtype)
+
+
+def _close(got, want, dtype, torch_err=None):
+    """float64: tight; float32: within 1e-5 or 2x the error of the same loop run in float32 (flash-attn rule)."""
+    err = (got.double() - want).abs().max().item() if got.numel() else 0.0
+    limit = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 0.1}[dtype]
+    if torch_err is not None:
+        limit = max(limit, 2 * torch_err)
+    assert err <= limit * max(1.0, want.abs().max().item() if want.numel() else 1.0), (err, limit)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_gamma_lam_grid_with_holes(backend, dtype):
+    r, v = _inputs(4, 37, dtype)
+    mask = random_mask(4, 37, empty_rows=(2,))
+    with use_backend(backend):
+        for g, lam in COEFS:
+            adv, ret = gae(r, v, mask, gamma=g, lam=lam)
+            ref_adv, ref_ret = reference.gae(r.double(), v.double(), mask, gamma=g, lam=lam)
+            f32_err = (reference.gae(r.float(), v.float(), mask, gamma=g, lam=lam)[0].double() - ref_adv).abs().max()
+            assert adv.dtype == dtype and not adv.requires_grad
+            _close(adv, ref_adv, dtype, f32_err.item())
+            _close(ret, ref_ret, dtype, f32_err.item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("left", (False, True))
+def test_left_and_right_padding(backend, left):
+    r, v = _inputs(5, 29)
+    mask = padded_mask([29, 1, 0, 13, 28], 29, left=left)
+    with use_backend(backend):
+        adv, ret = gae(r, v, mask, gamma=0.99, lam=0.95)
+    ref_adv, ref_ret = reference.gae(r.double(), v.double(), mask, gamma=0.99, lam=0.95)
+    _close(adv, ref_adv, torch.float32)
+    _close(ret, ref_ret, torch.float32)
+    # Right padding: the advantage after the last valid token is 0; left padding carries the first one back.
+    if not left:
+        assert (adv[3, 13:] == 0).all()
+    else:
+        assert (adv[3, :16] == adv[3, 16]).all()
+
+
+def test_hand_computed():
+    # r = (0, 0, 1), V = 0, gamma = 0.5, lam = 1: A_2 = 1, A_1 = 0.5, A_0 = 0.25.
+    # Hole: mask (1, 0, 1), r = (0, 5, 1), V = (1, 7, 2), gamma = lam = 1: A_2 = 1 - 2 = -1; t = 1 is skipped and
+    # carries A = -1 (return -1 + 7 = 6); A_0 = (0 + V_2 - V_0) + A_2 = (2 - 1) - 1 = 0: the hole's reward is ignored.
+    for backend in ("torch", "native") if _native.has(NATIVE_NAME) else ("torch",):
+        with use_backend(backend):
+            f = lambda *x: torch.tensor([x], dtype=torch.float64, device=DEVICE)  # noqa: E731
+            adv, ret = gae(f(0, 0, 1), f(0, 0, 0), f(1, 1, 1), gamma=0.5, lam=1.0)
+            assert adv.tolist() == [[0.25, 0.5, 1.0]] and ret.tolist() == [[0.25, 0.5, 1.0]]
+            adv, ret = gae(f(0, 5, 1), f(1, 7, 2), f(1, 0, 1), gamma=1.0, lam=1.0)
+            assert adv.tolist() == [[0.0, -1.0, -1.0]] and ret.tolist() == [[1.0, 6.0, 1.0]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_matches_padded(backend):
+    lengths = [5, 0, 1, 300, 17]
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0)
+    r, v = _inputs(1, sum(lengths))
+    r, v = r[0], v[0]
+    mask = torch.rand(sum(lengths), device=DEVICE) < 0.8
+    with use_backend(backend):
+        adv, ret = gae_packed(r, v, mask, cu.to(torch.int32), gamma=0.99, lam=0.95)
+    ref_adv, ref_ret = reference.gae_packed(r.double(), v.double(), mask, cu, gamma=0.99, lam=0.95)
+    _close(adv, ref_adv, torch.float32)
+    _close(ret, ref_ret, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", NATIVE])
+def test_long_sequences_8191(backend):
+    # 33 x 8191 tokens also crosses the native kernel's OpenMP threshold (2^18 tokens).
+    r, v = _inputs(33, 8191)
+    mask = random_mask(33, 8191, p=0.9)
+    mask[0, :] = True
+    with use_backend(backend):
+        adv, ret = gae(r, v, mask, gamma=0.999, lam=0.97)
+    ref_adv, ref_ret = reference.gae(r.double(), v.double(), mask, gamma=0.999, lam=0.97)
+    f32_err = (reference.gae(r, v, mask, gamma=0.999, lam=0.97)[0].double() - ref_adv).abs().max().item()
+    _close(adv, ref_adv, torch.float32, f32_err)
+    _close(ret, ref_ret, torch.float32, f32_err)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whiten_is_masked_whitening_of_the_advantages(backend):
+    r, v = _inputs(3, 41)
+    mask = random_mask(3, 41, empty_rows=(1,))
+    with use_backend(backend):
+        adv, ret = gae(r, v, mask, gamma=1.0, lam=0.95, whiten=True)
+    ref_adv, ref_ret = reference.gae(r.double(), v.double(), mask, gamma=1.0, lam=0.95)
+    _close(adv, reference.masked_whiten(ref_adv, mask), torch.float32)
+    _close(ret, ref_ret, torch.float32)  # returns come from the raw advantages
+    assert (adv[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_kernels_write_every_output(backend):
+    if backend == "native" and not _native.has(NATIVE_NAME) or backend == "triton" and not HAS_TRITON:
+        pytest.skip(f"{backend} backend unavailable")
+    lengths = [7, 1, 0, 40]
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0)
+    r, v = torch.randn(48, device=DEVICE), torch.randn(48, device=DEVICE)
+    m8 = (torch.rand(48, device=DEVICE) < 0.7).to(torch.uint8)
+    adv, ret = torch.full_like(r, float("nan")), torch.full_like(r, float("nan"))
+    if backend == "native":
+        gae_mod.gae_native(r, v, m8, cu, adv, ret, 0.9, 0.8)
+    else:
+        from rlhf_fast.kernels import gae as kg
+
+        kg.gae_scan(r, v, m8, cu, adv, ret, 0.9, 0.8, max_len=40)
+    assert not adv.isnan().any() and not ret.isnan().any()
+    want, _ = reference.gae_packed(r.double(), v.double(), m8.bool(), cu, gamma=0.9, lam=0.8)
+    _close(adv, want, torch.float32)
+
+
+@pytest.mark.skipif(not _native.has(NATIVE_NAME), reason="_C lacks GAE")
+def test_native_half_precision_inputs():
+    r, v = _inputs(3, 50, torch.bfloat16)
+    mask = random_mask(3, 50)
+    with use_backend("native"):
+        adv, _ = gae(r, v, mask, gamma=0.99, lam=0.95)
+    assert adv.dtype == torch.bfloat16
+    want, _ = reference.gae(r.double(), v.double(), mask, gamma=0.99, lam=0.95)
+    torch.testing.assert_close(adv.double(), want, atol=5e-2, rtol=1e-2)  # one bf16 rounding of the result
+
+
+def test_bad_input():
+    r, v = _inputs(2, 5)
+    mask = torch.ones(2, 5, device=DEVICE)
+    for bad in (-0.1, 1.5, float("nan"), True, "0.9"):
+        with pytest.raises(ValueError, match="gamma must be a real number in"):
+            gae(r, v, mask, gamma=bad)
+        with pytest.raises(ValueError, match="lam must be a real number in"):
+            gae(r, v, mask, lam=bad)
+    with pytest.raises(ValueError, match="rewards must have the same shape"):
+        gae(r[:, :4], v, mask)
+    with pytest.raises(ValueError, match="mask must have the same shape"):
+        gae(r, v, mask[:1])
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        gae(r, v, mask * 0.5)
+    with pytest.raises(ValueError, match="rewards must be 2-D"):
+        gae(r[0], v[0], mask[0])
+    with pytest.raises(TypeError, match="rewards must have dtype"):
+        gae(r.long(), v, mask)
+    flat = torch.ones(10, device=DEVICE)
+    for cu in ([1, 10], [0, 6, 4, 10], [0, 9]):
+        with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+            gae_packed(flat, flat, flat, torch.tensor(cu, device=DEVICE))
+    with pytest.raises(TypeError, match="cu_seqlens must have dtype"):
+        gae_packed(flat, flat, flat, torch.tensor([0.0, 10.0], device=DEVICE))
+    if _native.has("gae_cpu"):  # the extension checks too
+        with pytest.raises(ValueError, match="gamma must be in"):
+            _native.fn("gae_cpu")(0, 0, 0, 0, 0, 0, 0, 0, 2.0, 0.5)
