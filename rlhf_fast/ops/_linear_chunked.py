@@ -12,7 +12,7 @@ import torch
 
 from rlhf_fast import _native
 
-ROW_TILE = 64  # rows per lm_head matmul; fixed so that every row sees the same GEMM shape
+ROW_TILE = 256  # rows per lm_head matmul: fixed so every row sees the same GEMM shape (smaller tiles run slower)
 TARGET_CHUNK_BYTES = 32 << 20  # default chunk: about 32 MiB of logits
 
 
@@ -84,8 +84,11 @@ def chunk_rows_for(chunk_size: int | None, n_rows: int, vocab: int) -> int:
     return max(ROW_TILE, min(rows, -(-n_rows // ROW_TILE) * ROW_TILE))
 
 
-def iter_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_rows: int):
-    """Yield (start, rows, h_chunk (rows, H), logits (rows, V)) over h (M, H); the buffers are reused."""
+def iter_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_rows: int, *,
+                fixed_tiles: bool = True):
+    """Yield (start, rows, h_chunk (rows, H), logits (rows, V)) over h (M, H); the buffers are reused.
+
+    `fixed_tiles`: compute the logits ROW_TILE rows at a time (batch invariance); else one matmul per chunk."""
     m, width = h.shape
     hbuf = h.new_zeros(chunk_rows, width)  # (C, H), zero padding past the last row
     logits = h.new_empty(chunk_rows, weight.shape[0])  # (C, V)
@@ -95,7 +98,9 @@ def iter_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         padded = -(-rows // ROW_TILE) * ROW_TILE
         hbuf[:rows].copy_(h[start:start + rows])
         hbuf[rows:padded].zero_()
-        for t in range(0, padded, ROW_TILE):
+        if not fixed_tiles:
+            torch.matmul(hbuf[:rows], wt, out=logits[:rows])  # (rows, V)
+        for t in range(0, padded if fixed_tiles else 0, ROW_TILE):
             torch.matmul(hbuf[t:t + ROW_TILE], wt, out=logits[t:t + ROW_TILE])  # (ROW_TILE, V)
         if bias is not None:
             logits[:rows].add_(bias)

@@ -1,0 +1,125 @@
+"""Benchmark token_logprobs and linear_token_logprobs against the naive PyTorch path.
+
+CPU (default): token_logprobs fwd and fwd+bwd at 4096 x 32768 (native vs torch reference, GB/s), and
+linear_token_logprobs fwd+bwd at N=4096, H=1024, V=32768 fp32 (chunked native path vs naive logits -> log_softmax ->
+gather): time, peak extra memory (also without the 144 MiB of hidden/weight gradients every path must return),
+max |error| of logp vs float64. Issue targets: memory <= 1/16 of naive, time <= 1.5x naive.
+`--gpu`: token_logprobs at 8192 x 151936 bf16 (GB/s) and the fused linear path at N=8192, H=4096, V=151936 bf16
+(TFLOP/s of 6NHV model flops). `--small` shrinks every size for a quick run.
+
+Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_logprobs [--small] [--gpu]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.harness import Case, run_case, write_results
+from rlhf_fast.ops import linear_token_logprobs, reference, token_logprobs, use_backend
+
+
+def _token_cases(n, vocab, dtype, device, backends):
+    logits = torch.randn(n, vocab, device=device).mul_(3).to(dtype)
+    labels = torch.randint(0, vocab, (n,), device=device)
+    grad = torch.randn(n, device=device)
+    nbytes = logits.numel() * logits.element_size()
+
+    def ref():
+        return reference.token_logprobs(logits.double(), labels)
+
+    cases = []
+    for b in backends:
+        def fwd(b=b):
+            with use_backend(b), torch.no_grad():
+                return token_logprobs(logits, labels)
+
+        def fwd_bwd(b=b):
+            x = logits.detach().requires_grad_(True)
+            with use_backend(b):
+                lp = token_logprobs(x, labels)
+            lp.backward(grad)
+            return lp.detach()
+
+        params = dict(backend=b, N=n, V=vocab, dtype=str(dtype).replace("torch.", ""))
+        cases.append(Case("token_logprobs/fwd", params, fwd, ref=ref, bytes_moved=nbytes))
+        # forward reads the logits once, backward reads them again and writes dlogits
+        cases.append(Case("token_logprobs/fwd+bwd", params, fwd_bwd, ref=ref, bytes_moved=3 * nbytes))
+    return cases
+
+
+def _linear_cases(n, width, vocab, dtype, device, backends):
+    hidden = torch.randn(n, width, device=device).to(dtype)
+    weight = (torch.randn(vocab, width, device=device) / width**0.5).to(dtype)
+    labels = torch.randint(0, vocab, (n,), device=device)
+    grad = torch.randn(n, device=device)
+    flops = 6.0 * n * width * vocab  # model flops of forward + backward (the chunked path recomputes: 8NHV)
+
+    def ref():
+        with torch.no_grad():
+            return reference.linear_token_logprobs(hidden.double(), weight.double(), labels)
+
+    def run(fn):
+        h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+        lp = fn(h, w)
+        lp.backward(grad)
+        return lp.detach(), h.grad, w.grad
+
+    def naive():
+        return run(lambda h, w: reference.linear_token_logprobs(h, w, labels))
+
+    params = dict(N=n, H=width, V=vocab, dtype=str(dtype).replace("torch.", ""))
+    cases = [Case("linear/fwd+bwd", dict(path="naive", **params), naive, ref=ref, out_of=lambda r: r[0], flops=flops)]
+    for b in backends:
+        def fused(b=b):
+            with use_backend(b):
+                return run(lambda h, w: linear_token_logprobs(h, w, labels))
+
+        cases.append(Case("linear/fwd+bwd", dict(path=f"chunked-{b}", **params), fused, ref=ref,
+                          out_of=lambda r: r[0], flops=flops))
+    grads_mib = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
+    return cases, grads_mib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="small sizes for a quick run")
+    ap.add_argument("--gpu", action="store_true", help="CUDA sizes (needs a GPU)")
+    args = ap.parse_args()
+    rows = []
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA device")
+        dev = torch.device("cuda")
+        n, v, nl, h = (1024, 32768, 1024, 1024) if args.small else (8192, 151936, 8192, 4096)
+        token = _token_cases(n, v, torch.bfloat16, dev, ["triton", "torch"])
+        linear, grads_mib = _linear_cases(nl, h, v, torch.bfloat16, dev, ["triton"])
+    else:
+        dev = torch.device("cpu")
+        n, v, nl, h = (512, 8192, 512, 256) if args.small else (4096, 32768, 4096, 1024)
+        token = _token_cases(n, v, torch.float32, dev, ["native", "torch"])
+        token += _token_cases(n, v, torch.bfloat16, dev, ["native"])
+        linear, grads_mib = _linear_cases(nl, h, v, torch.float32, dev, ["native"])
+    for case in token:
+        rows.append(run_case(case, dev, warmup=1, repeats=3))
+    naive = None
+    for case in linear:
+        row = run_case(case, dev, warmup=1, repeats=3)
+        row["peak_mem_minus_grads_MiB"] = round(row["peak_extra_mem_MiB"] - grads_mib, 2)
+        if naive is None:
+            naive = row
+        row["time_vs_naive"] = round(row["time_ms"] / naive["time_ms"], 3)
+        for key in ("peak_extra_mem_MiB", "peak_mem_minus_grads_MiB"):  # RSS is meaningless at --small sizes
+            ratio = row[key] / naive[key] if naive[key] > 0 else float("nan")
+            row[key.replace("peak_", "").replace("_MiB", "") + "_vs_naive"] = round(ratio, 4)
+        rows.append(row)
+    name = "logprobs_gpu" if args.gpu else "logprobs"
+    path = write_results(name + ("_small" if args.small else ""), rows, plot_x="case", plot_y="time_ms",
+                         group_by="backend")
+    for r in rows:
+        print(r)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
