@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -53,7 +54,9 @@ def guarded_step(loss: torch.Tensor, groups: list[list[torch.nn.Parameter]], opt
             opt.step()
             applied = True
     opt.zero_grad(set_to_none=True)
-    scheduler.step()
+    with warnings.catch_warnings():  # a skipped first step makes torch warn that the scheduler ran first
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        scheduler.step()
     return StepResult(applied, norms[0])
 
 
@@ -81,25 +84,33 @@ class MetricsLog:
 
     def plot(self, keys: list[str], png: str | Path, title: str) -> Path:
         """One panel per key that was logged, against step."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         rows = self.rows()
-        keys = [k for k in keys if any(k in r for r in rows)]
-        fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3), squeeze=False)
-        for ax, k in zip(axes[0], keys):
-            pts = [(r["step"], r[k]) for r in rows if k in r and isinstance(r[k], float)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
-            ax.set_xlabel("step")
-            ax.set_title(k)
-            ax.grid(alpha=0.3)
-        fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(png, dpi=80)
-        plt.close(fig)
-        return Path(png)
+        return plot_panels([(k, rows, k) for k in keys], png, title)
+
+
+def plot_panels(panels: list[tuple[str, list[dict], str]], png: str | Path, title: str, *, cols: int = 4) -> Path:
+    """(panel title, metric rows, key) per panel, each `key` against `step`; panels with no data are left out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [(t, [(r["step"], r[k]) for r in rows if isinstance(r.get(k), float)]) for t, rows, k in panels]
+    panels = [(t, pts) for t, pts in panels if pts]
+    cols = max(1, min(cols, len(panels)))
+    nrows = max(1, -(-len(panels) // cols))
+    fig = Figure(figsize=(3.2 * cols, 2.4 * nrows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax, (t, pts) in zip(axes, panels):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_title(t, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=72)
+    return Path(png)
 
 
 def progress(iterable=None, *, total: int | None = None, desc: str = "", initial: int = 0):

@@ -18,6 +18,7 @@ import torch
 from rlhf_fast.config import PipelineConfig, to_dict
 from rlhf_fast.data import load_prompts
 from rlhf_fast.rollout import SamplingParams
+from rlhf_fast.stages.common import MetricsLog, plot_panels
 from rlhf_fast.stages.experience import make_rollout, policy_logprobs
 from rlhf_fast.stages.ppo import load_frozen_pair, train_ppo
 from rlhf_fast.stages.rm import train_rm
@@ -79,7 +80,7 @@ def compare_policies(sft_dir: Path, ppo_dir: Path, rm_dir: Path, prompts_file: s
         out[name] = {"texts": [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps],
                      "scores": rm.score(ro.input_ids, ro.lengths)}
         if name == "ppo":
-            lp_t = max(temperature, 1e-6) if temperature > 0 else 1.0
+            lp_t = temperature if temperature > 0 else 1.0  # greedy: log-probs at temperature 1
             kl = (policy_logprobs(ppo, ro, lp_t) - policy_logprobs(sft, ro, lp_t)) * ro.mask
             out["mean_kl"] = float(kl.sum(1).mean())
     report = {"mean_reward_sft": float(out["sft"]["scores"].mean()),
@@ -113,12 +114,12 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path) -> dict:
         torch.set_num_threads(cfg.threads)
     cfg, eval_prompts, use_labeler = _with_default_task(cfg, out)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    sft = train_sft(cfg.sft, out / "sft")
+    sft = train_sft(cfg.sft, out / "sft", plots=False)
     log.info("sft: eval loss %.4f after %d steps", sft.eval_loss, sft.steps)
-    rm = train_rm(dataclasses.replace(cfg.rm, model=str(sft.model_dir)), out / "rm")
+    rm = train_rm(dataclasses.replace(cfg.rm, model=str(sft.model_dir)), out / "rm", plots=False)
     log.info("rm: held-out pairwise accuracy %.3f", rm.accuracy)
     ppo = train_ppo(dataclasses.replace(cfg.ppo, policy=str(sft.model_dir), reward_model=str(rm.model_dir)),
-                    out / "ppo")
+                    out / "ppo", plots=False)
     cmp = compare_policies(sft.model_dir, ppo.policy_dir, rm.model_dir, eval_prompts,
                            temperature=cfg.eval_temperature, max_new_tokens=cfg.ppo.max_new_tokens,
                            use_labeler=use_labeler, seed=cfg.ppo.seed + 1)
@@ -126,4 +127,14 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path) -> dict:
               "skipped_steps": {"sft": sft.skipped_steps, "rm": rm.skipped_steps, "ppo": ppo.skipped_steps},
               "wall_time_s": time.perf_counter() - start, "torch_threads": torch.get_num_threads()}
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    plot_curves(out)
     return report
+
+
+def plot_curves(out: Path) -> Path:
+    """All three stages' curves in one figure, `out/curves.png`."""
+    sft, rm, ppo = (MetricsLog(out / s, "metrics", resume_step=10**12).rows() for s in ("sft", "rm", "ppo"))
+    panels = [("sft loss", sft, "loss"), ("sft eval loss", sft, "eval_loss"), ("rm loss", rm, "loss"),
+              ("rm train accuracy", rm, "train_accuracy"), ("ppo reward (RM score)", ppo, "score"),
+              ("ppo KL to SFT", ppo, "kl"), ("ppo response length", ppo, "response_len"), ("ppo kl_coef", ppo, "kl_coef")]
+    return plot_panels(panels, out / "curves.png", "SFT -> RM -> PPO")

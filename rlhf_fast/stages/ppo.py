@@ -167,8 +167,12 @@ class _NoSched:
         pass
 
 
-def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = None) -> PPOResult:
-    """Run (or resume) PPO into `out_dir`; final models in `out_dir/final/{policy,value}`."""
+def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = None,
+              plots: bool = True) -> PPOResult:
+    """Run (or resume) PPO into `out_dir`; final models in `out_dir/final/{policy,value}`.
+
+    `stop_after`: stop (checkpointed, resumable) after this many iterations; `plots`: write the curves PNG.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out_dir)
@@ -225,8 +229,9 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
         if cfg.save_every and it % cfg.save_every == 0 and it < cfg.iterations:
             save(out / "checkpoint", False)
     bar.close()
-    metrics.plot(["score", "kl", "kl_coef", "response_len", "pg_loss", "vf_loss", "entropy", "clip_frac"],
-                 out / "ppo_curves.png", "PPO")
+    if plots:
+        metrics.plot(["score", "kl", "kl_coef", "response_len", "pg_loss", "vf_loss", "entropy", "clip_frac"],
+                     out / "ppo_curves.png", "PPO")
     policy.save_pretrained(final / "policy")
     tokenizer.save_pretrained(str(final / "policy"))
     value.save_pretrained(final / "value")

@@ -78,8 +78,12 @@ def pairwise_accuracy(model: ScalarHeadModel, examples: list[RankedExample], pad
     return right / max(total, 1)
 
 
-def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = None) -> RMResult:
-    """Train (or resume) the reward model into `out_dir`; the final model goes to `out_dir/final`."""
+def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = None,
+              plots: bool = True) -> RMResult:
+    """Train (or resume) the reward model into `out_dir`; the final model goes to `out_dir/final`.
+
+    `stop_after`: stop (checkpointed, resumable) after this many steps; `plots`: write the curves PNG.
+    """
     from transformers import AutoTokenizer
 
     out = Path(out_dir)
@@ -145,7 +149,8 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     bar.close()
     acc = pairwise_accuracy(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
     metrics.log(step, eval_accuracy=acc)
-    metrics.plot(["loss", "train_accuracy", "eval_accuracy", "lr"], out / "rm_curves.png", "Reward model")
+    if plots:
+        metrics.plot(["loss", "train_accuracy", "eval_accuracy", "lr"], out / "rm_curves.png", "Reward model")
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(str(out / "final"))
     save(out / "checkpoint", True, acc)

@@ -64,10 +64,12 @@ def _load_model(cfg: SFTConfig, tokenizer):
     return build_model(cfg.arch, tokenizer, seed=cfg.seed)
 
 
-def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = None) -> SFTResult:
+def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = None,
+              plots: bool = True) -> SFTResult:
     """Train (or resume) SFT into `out_dir`; the final model goes to `out_dir/final`.
 
-    `stop_after`: stop (checkpointed, resumable) once this many optimiser steps are done.
+    `stop_after`: stop (checkpointed, resumable) once this many optimiser steps are done; `plots`: write the
+    stage's curves PNG.
     """
     from transformers import AutoTokenizer
 
@@ -135,7 +137,8 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     bar.close()
     ev = eval_loss(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
     metrics.log(step, eval_loss=ev)
-    metrics.plot(["loss", "eval_loss", "lr", "grad_norm"], out / "sft_curves.png", "SFT")
+    if plots:
+        metrics.plot(["loss", "eval_loss", "lr", "grad_norm"], out / "sft_curves.png", "SFT")
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(str(out / "final"))
     save(out / "checkpoint", True, ev)
