@@ -1,0 +1,54 @@
+"""`rlhf-fast pipeline` end to end at a toy size through the CLI, and its resume behaviour."""
+import json
+import logging
+
+import pytest
+import torch
+from _tiny import one_thread
+
+from rlhf_fast.cli import main
+
+TOY = ["threads=1", "task.n_sft=48", "task.n_rm=24", "task.n_ppo=16", "task.n_eval=8", "task.max_items=3",
+       "sft.arch.hidden_size=32", "sft.arch.num_layers=1", "sft.arch.num_heads=2", "sft.arch.num_kv_heads=1",
+       "sft.arch.intermediate_size=64", "sft.epochs=1", "sft.batch_size=16", "rm.epochs=1", "rm.batch_size=8",
+       "ppo.iterations=2", "ppo.prompts_per_iter=8", "ppo.minibatch_size=8", "ppo.max_new_tokens=6",
+       "ppo.ptx_coef=0.1"]
+
+
+def test_pipeline_end_to_end_then_resume(tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    argv = ["pipeline", "--out", str(out)] + [a for kv in TOY for a in ("--set", kv)]
+    with one_thread():
+        assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("sft_eval_loss", "rm_accuracy", "win_rate", "mean_kl", "mean_reward_sft", "mean_reward_ppo",
+                "wall_time_s"):
+        assert isinstance(report[key], float), key
+    assert 0 <= report["win_rate"] <= 1 and 0 <= report["rm_accuracy"] <= 1
+    assert report["win_rate_judge"] == "labeler" and report["eval_prompts"] == 8
+    assert json.loads(capsys.readouterr().out)["win_rate"] == report["win_rate"]
+    for stage in ("sft", "rm", "ppo"):
+        assert (out / stage / "metrics.jsonl").is_file()
+    assert (out / "curves.png").stat().st_size > 0
+    assert json.loads((out / "config.json").read_text())["ppo"]["ptx_coef"] == 0.1
+    ppo_log = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ppo_log] == [1, 2] and "ptx_loss" in ppo_log[0]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(str(out / "ppo" / "final" / "policy"))
+
+    with one_thread(), caplog.at_level(logging.WARNING):  # rerunning a finished run says so, for every stage
+        assert main(argv) == 0
+    assert caplog.text.count("already finished") == 3
+    assert torch.get_num_threads() >= 1
+
+
+def test_pipeline_config_errors_exit_2(tmp_path, capsys):
+    assert main(["pipeline", "--out", str(tmp_path), "--set", "ppo.klcoef=1"]) == 2
+    assert "ppo.klcoef: unknown key" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--bogus"])
+
+
+def test_custom_data_needs_all_paths(tmp_path):
+    with pytest.raises(ValueError, match="also set rm.train_data, ppo.prompts, eval_prompts"):
+        main(["pipeline", "--out", str(tmp_path), "--set", "sft.train_data=x.jsonl"])
