@@ -17,6 +17,7 @@ from rlhf_fast.ops.stats import masked_mean, masked_var, masked_whiten  # noqa: 
 from rlhf_fast.ops.gae import gae, gae_packed  # noqa: F401,E402
 
 # --- fused PPO step ---
+from rlhf_fast.ops.fused_ppo import FusedPPOStats, PPOAgg, PPOClip, ppo_loss_from_hidden  # noqa: F401,E402
 
 # --- paged attention / KV cache ---
 from rlhf_fast.ops.paged_attention import copy_blocks, paged_attention, store_kv_cache  # noqa: F401,E402

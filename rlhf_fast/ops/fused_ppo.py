@@ -1,0 +1,251 @@
+"""The fused PPO step: from the policy's last hidden states and lm_head straight to the PPO loss.
+
+    loss = agg(pg) + kl_coef * agg(kl(logp, ref_logp)) - entropy_coef * agg(H)
+
+with pg the clipped surrogate of `ppo_policy_loss` (Schulman et al. 2017, eq. 7; optional dual clip), kl one of the
+`kl_penalty` estimators and H the policy's entropy, all per token and aggregated by the same `agg`. Since every
+term is a weighted sum over tokens whose weights (`agg`'s normalisers) are known before the first chunk, the
+forward pass goes chunk by chunk through valid tokens only: logits = h @ W.T (2THV flops), log-probs and entropy
+(row kernel), the per-token loss and its derivative w.r.t. logp (by calling `ppo_policy_loss` with token weights
+folded into the advantages, which the surrogate is positively homogeneous in, and `kl_penalty`), dlogits (row
+kernel, in place) and dhidden / dweight (4THV flops). The backward pass only scales them by the upstream gradient:
+6THV flops in all instead of 8THV, and never more than one (chunk, V) logits buffer.
+
+Tokens whose old_logp, advantage or ref_logp is NaN/Inf are dropped (as `ppo_policy_loss` does) and counted in
+`stats.nonfinite`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+
+from rlhf_fast.backend import forced_backend, register_op, select, use_backend
+from rlhf_fast.ops import _checks
+from rlhf_fast.ops import reference as ref
+from rlhf_fast.ops._linear_chunked import (accumulate_grads, chunk_rows_for, iter_chunks, native_rows_bwd,
+                                           native_rows_fwd, torch_rows_bwd, torch_rows_fwd)
+from rlhf_fast.ops.kl import kl_penalty
+from rlhf_fast.ops.losses import ppo_policy_loss
+
+register_op("ppo_loss_from_hidden", triton=True, native_cpu="token_logprobs_fwd_cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOClip:
+    """Ratio clipping of the PPO surrogate."""
+
+    low: float = 0.2  # ratio clipped below at 1 - low
+    high: float | None = None  # ratio clipped above at 1 + high; None: same as low (DAPO "clip-higher" if larger)
+    dual: float | None = None  # dual clip c > 1 (Ye et al. 2020): loss <= -c * A for A < 0; None: off
+
+    def __post_init__(self):
+        if not 0 <= self.low < 1:
+            raise ValueError(f"PPOClip.low must be in [0, 1), got {self.low!r}")
+        if self.high is not None and not self.high >= 0:
+            raise ValueError(f"PPOClip.high must be >= 0 or None, got {self.high!r}")
+        if self.dual is not None and not self.dual > 1:
+            raise ValueError(f"PPOClip.dual must be > 1 or None, got {self.dual!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOAgg:
+    """How per-token losses are reduced (see `rlhf_fast.ops.losses`), with optional global normalisers."""
+
+    mode: str = "token-mean"  # token-mean | token-sum | seq-mean-token-sum | seq-mean-token-mean
+    num_tokens: int | None = None  # token-mean: global number of valid tokens (data-parallel); None: this batch's
+    num_seqs: int | None = None  # seq-* modes: global number of sequences; None: rows with a valid token
+
+    def __post_init__(self):
+        if self.mode not in ref.AGG_MODES:
+            raise ValueError(f"PPOAgg.mode must be one of {ref.AGG_MODES}, got {self.mode!r}")
+        for name in ("num_tokens", "num_seqs"):
+            val = getattr(self, name)
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
+                raise ValueError(f"PPOAgg.{name} must be a non-negative int or None, got {val!r}")
+
+
+class FusedPPOStats(NamedTuple):
+    """Detached 0-d tensors over this call's valid tokens."""
+
+    policy_loss: torch.Tensor  # agg(pg), the clipped surrogate alone
+    kl: torch.Tensor  # agg(kl) before kl_coef (0 without ref_logp)
+    entropy: torch.Tensor  # agg(H) before entropy_coef
+    clip_frac: torch.Tensor
+    approx_kl: torch.Tensor  # mean(r - 1 - log r)
+    ratio_mean: torch.Tensor
+    ratio_min: torch.Tensor
+    ratio_max: torch.Tensor
+    nonfinite: torch.Tensor  # int64: masked-in tokens dropped for a NaN/Inf old_logp / advantage / ref_logp
+
+
+def token_weights(valid: torch.Tensor, agg: PPOAgg) -> torch.Tensor:
+    """d loss / d l_{b,t} for a (batch, T) valid mask: the aggregation as per-token weights (0 where invalid)."""
+    v = valid.to(torch.float64)
+    row_cnt = v.sum(-1, keepdim=True)  # (batch, 1)
+    if agg.mode == "token-sum":
+        w = v
+    elif agg.mode == "token-mean":
+        w = v / max(agg.num_tokens if agg.num_tokens is not None else float(v.sum()), 1)
+    else:
+        seqs = agg.num_seqs if agg.num_seqs is not None else float((row_cnt > 0).sum())
+        w = v / max(seqs, 1)
+        if agg.mode == "seq-mean-token-mean":
+            w = w / row_cnt.clamp(min=1)
+    return w
+
+
+def _loss_backend(device) -> str | None:
+    """The backend for the inner ppo_policy_loss / kl_penalty calls: the forced one where they have it, else auto."""
+    try:
+        select("ppo_policy_loss", device)
+        select("kl_penalty", device)
+    except RuntimeError:  # e.g. "native" forced for the fused op: the loss ops have no native kernel
+        return "torch"
+    return None if forced_backend() is None else forced_backend()
+
+
+class _FusedPPO(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, old_logp, adv, ref_logp, w, cfg):
+        # hidden (M, H) valid tokens only; labels, old_logp, adv, ref_logp | None, w: (M,)
+        clip, kl_coef, kl_kind, entropy_coef, inv_temp, chunk_size, rows_fwd, rows_bwd = cfg
+        m, vocab, cd = hidden.shape[0], weight.shape[0], w.dtype
+        dev = hidden.device
+        dh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(weight.shape, dtype=cd, device=dev) if ctx.needs_input_grad[1] else None
+        zero = torch.zeros((), dtype=cd, device=dev)
+        pg_sum, kl_sum, ent_sum, clipped, akl, ratio_sum = zero, zero, zero, zero, zero, zero
+        rmin = torch.full((), float("inf"), dtype=cd, device=dev)
+        rmax = torch.full((), float("-inf"), dtype=cd, device=dev)
+        ones = torch.ones(1, min(m, chunk_rows_for(chunk_size, m, vocab)), dtype=torch.bool, device=dev)
+        for start, rows, hc, logits in iter_chunks(hidden, weight, None, chunk_rows_for(chunk_size, m, vocab),
+                                                   fixed_tiles=False):
+            sl = slice(start, start + rows)
+            logp, lse, ent = (torch.empty(rows, dtype=cd, device=dev) for _ in range(3))
+            rows_fwd(logits, labels[sl], inv_temp, -1, logp, lse, ent)
+            with torch.enable_grad(), use_backend(_loss_backend(dev)):
+                lp = logp.detach().requires_grad_(True)
+                # weights folded into the advantages: pg(A * w) = w * pg(A) for w >= 0
+                pg, st = ppo_policy_loss(lp[None], old_logp[None, sl].to(cd), (adv[sl] * w[sl])[None].to(cd),
+                                         ones[:, :rows], clip_low=clip.low, clip_high=clip.high,
+                                         dual_clip=clip.dual, agg="token-sum")
+                total = pg
+                if ref_logp is not None:
+                    kl = (kl_penalty(lp, ref_logp[sl].to(cd), kl_kind) * w[sl]).sum()
+                    total = total + kl_coef * kl
+                    kl_sum = kl_sum + kl.detach()
+                (dlogp,) = torch.autograd.grad(total, lp)
+            pg_sum = pg_sum + pg.detach()
+            ent_sum = ent_sum + (ent * w[sl]).sum()
+            clipped, akl = clipped + st.clip_frac * rows, akl + st.approx_kl * rows
+            ratio_sum = ratio_sum + st.ratio_mean * rows
+            rmin, rmax = torch.minimum(rmin, st.ratio_min), torch.maximum(rmax, st.ratio_max)
+            rows_bwd(logits, labels[sl], lse, ent, dlogp.contiguous(), (-entropy_coef * w[sl]).contiguous(),
+                     inv_temp, -1, logits)
+            accumulate_grads(logits, hc, weight, dh[sl] if dh is not None else None, dw, None)
+        ctx.save_for_backward(dh, dw)
+        loss = pg_sum + kl_coef * kl_sum - entropy_coef * ent_sum
+        n = max(m, 1)
+        one = torch.ones((), dtype=cd, device=dev)
+        stats = (pg_sum, kl_sum, ent_sum, clipped / n, akl / n, ratio_sum / n if m else one,
+                 rmin if m else one, rmax if m else one)
+        ctx.mark_non_differentiable(*stats)
+        return (loss, *stats)
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        dh, dw = ctx.saved_tensors
+        dhidden = (dh * g_loss).to(dh.dtype) if dh is not None else None
+        dweight = dw * g_loss if dw is not None else None
+        return dhidden, dweight, None, None, None, None, None, None
+
+
+def _check(hidden, weight, labels, old_logp, advantages, mask, ref_logp, kl_kind, clip, agg, temperature,
+           chunk_size) -> None:
+    _checks.check_float("hidden", hidden, ndim=3)
+    _checks.check_float("weight", weight, ndim=2)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}; got {_checks.desc(weight)}")
+    if weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape (V >= 1, {hidden.shape[-1]}); got {_checks.desc(weight)}")
+    _checks.check_tensor("labels", labels, dtypes=(torch.int64, torch.int32))
+    names = ["labels", "old_logp", "advantages", "mask"] + (["ref_logp"] if ref_logp is not None else [])
+    tensors = [labels, old_logp, advantages, mask] + ([ref_logp] if ref_logp is not None else [])
+    for n, t in zip(names[1:], tensors[1:]):
+        if n != "mask":
+            _checks.check_float(n, t)
+    for n, t in zip(names, tensors):
+        if t.shape != hidden.shape[:2]:
+            raise ValueError(f"{n} must have shape {tuple(hidden.shape[:2])} (hidden's (batch, T)); "
+                             f"got {_checks.desc(t)}")
+    _checks.check_mask("mask", mask)
+    _checks.check_same_device(["hidden", "weight"] + names, [hidden, weight] + tensors)
+    if kl_kind not in ref.KL_KINDS:
+        raise ValueError(f"kl_kind must be one of {ref.KL_KINDS}, got {kl_kind!r}")
+    if not isinstance(clip, PPOClip):
+        raise TypeError(f"clip must be a PPOClip, got {type(clip).__name__}")
+    if not isinstance(agg, PPOAgg):
+        raise TypeError(f"agg must be a PPOAgg or one of {ref.AGG_MODES}, got {type(agg).__name__}")
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    bad = mask.bool() & ((labels < 0) | (labels >= weight.shape[0]))
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {weight.shape[0]}) wherever mask is 1; found values such as "
+                         f"{labels[bad][:3].tolist()} ({_checks.desc(labels)})")
+
+
+def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logp: torch.Tensor,
+                         advantages: torch.Tensor, mask: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
+                         kl_coef: float = 0.0, kl_kind: str = "k3", entropy_coef: float = 0.0,
+                         clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean", temperature: float = 1.0,
+                         chunk_size: int | None = None) -> tuple[torch.Tensor, FusedPPOStats]:
+    """PPO loss straight from hidden states, without materialising the (batch, T, V) logits.
+
+    Args:
+        hidden: (batch, T, H) float32/bfloat16/float16/float64, hidden states at the positions that predict labels.
+        weight: (V, H) same dtype, the lm_head (no bias).
+        labels: (batch, T) int64, the sampled response tokens (any value where mask is 0).
+        old_logp: (batch, T) float, log-probs under the rollout policy.
+        advantages: (batch, T) float.
+        mask: (batch, T) 0/1 response mask.
+        ref_logp: (batch, T) float, reference-policy log-probs for the KL-in-loss term, or None (no KL term).
+        kl_coef, kl_kind: weight and estimator (k1, k2, k3, abs) of the KL term (log ratio clamped to [-20, 20]).
+        entropy_coef: weight of the entropy bonus (subtracted from the loss).
+        clip: `PPOClip(low, high, dual)`.
+        agg: an aggregation mode or `PPOAgg(mode, num_tokens, num_seqs)`.
+        temperature: the logits are divided by it (use the rollout's sampling temperature).
+        chunk_size: tokens per chunk (memory/speed knob).
+    Returns:
+        (loss: 0-d float32 (float64 for float64 hidden), differentiable w.r.t. hidden and weight;
+         stats: FusedPPOStats).
+    """
+    agg = PPOAgg(agg) if isinstance(agg, str) else agg
+    _check(hidden, weight, labels, old_logp, advantages, mask, ref_logp, kl_kind, clip, agg, temperature,
+           chunk_size)
+    backend = select("ppo_loss_from_hidden", hidden.device)
+    if backend == "triton" and hidden.dtype == torch.float64:
+        backend = "torch"
+    if backend == "triton":
+        from rlhf_fast.kernels.logprobs import logprobs_bwd as rows_bwd, logprobs_fwd as rows_fwd
+    else:
+        rows_fwd, rows_bwd = (native_rows_fwd, native_rows_bwd) if backend == "native" else (torch_rows_fwd,
+                                                                                            torch_rows_bwd)
+    finite = torch.isfinite(old_logp) & torch.isfinite(advantages)
+    if ref_logp is not None:
+        finite &= torch.isfinite(ref_logp)
+    valid = mask.bool() & finite  # (batch, T)
+    nonfinite = (mask.bool() & ~finite).sum()
+    cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    w = token_weights(valid, agg).to(cd)
+    idx = valid.flatten().nonzero().squeeze(1)  # (M,)
+    take = lambda t: None if t is None else t.reshape(-1).index_select(0, idx)  # noqa: E731
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (M, H)
+    cfg = (clip, float(kl_coef), kl_kind, float(entropy_coef), 1.0 / temperature, chunk_size, rows_fwd, rows_bwd)
+    loss, *stats = _FusedPPO.apply(h, weight.contiguous(), take(labels).to(torch.int64).contiguous(),
+                                   take(old_logp), take(advantages), take(ref_logp), take(w), cfg)
+    # gradients reach `hidden` through the index_select above
+    return loss, FusedPPOStats(*stats, nonfinite)
