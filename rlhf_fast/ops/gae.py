@@ -61,8 +61,10 @@ def _pad_index(cu: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tens
     return torch.where(inside, cu[:-1, None] + pos, 0), inside
 
 
-def _scan(r, v, m, cu, gamma, lam, whiten, max_len):
-    """Dispatch on flat (total,) inputs with offsets cu (num_seqs + 1,) int64; returns flat (adv, ret)."""
+def _scan(r, v, m, cu, gamma, lam, whiten, max_len, padded=False):
+    """Dispatch on flat (total,) inputs with offsets cu (num_seqs + 1,) int64; returns flat (adv, ret).
+
+    `padded`: every sequence has length max_len (the torch path then needs no gather)."""
     use = backend.select("gae", v.device)
     m8 = m.contiguous().view(torch.uint8) if m.dtype == torch.bool else m.ne(0).contiguous().view(torch.uint8)
     adv, ret = torch.empty_like(v), torch.empty_like(v)
@@ -73,6 +75,9 @@ def _scan(r, v, m, cu, gamma, lam, whiten, max_len):
         return adv, ret
     if use == "native":
         gae_native(r, v, m8, cu, adv, ret, float(gamma), float(lam))
+    elif padded and v.numel():
+        a_, r_ = ref.gae(r.view(-1, max_len), v.view(-1, max_len), m8.view(-1, max_len).bool(), gamma=gamma, lam=lam)
+        adv, ret = a_.view(-1), r_.view(-1)
     elif v.numel():  # the reference loop on a right-padded (num_seqs, max_len) view; padding is masked out
         idx, inside = _pad_index(cu, max_len)
         a_, r_ = ref.gae(r[idx], v[idx], m8[idx].bool() & inside, gamma=gamma, lam=lam)
@@ -104,7 +109,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     cu = torch.arange(b + 1, device=values.device, dtype=torch.int64) * t
     with torch.no_grad():
         adv, ret = _scan(rewards.detach().to(dt).contiguous().view(-1), values.detach().to(dt).contiguous().view(-1),
-                         mask.reshape(-1), cu, gamma, lam, whiten, t)
+                         mask.reshape(-1), cu, gamma, lam, whiten, t, padded=True)
     return adv.view(b, t), ret.view(b, t)
 
 
