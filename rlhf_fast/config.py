@@ -28,10 +28,10 @@ class ModelArch:
     """A Llama-architecture model built from scratch (used when a stage has no `model` directory)."""
 
     hidden_size: int = 128
-    num_layers: int = 2
+    num_layers: int = 3
     num_heads: int = 4
     num_kv_heads: int = 2  # grouped-query attention
-    intermediate_size: int = 256
+    intermediate_size: int = 384
     max_position_embeddings: int = 64
 
     def __post_init__(self):
@@ -179,13 +179,13 @@ class PPOConfig:
 class TaskConfig:
     """The embedded synthetic task (see `rlhf_fast.default_task`)."""
 
-    n_sft: int = 6000  # demonstrations
-    n_rm: int = 1500  # prompts ranked by the labeler
+    n_sft: int = 20000  # demonstrations
+    n_rm: int = 4000  # prompts ranked by the labeler
     n_ppo: int = 2000  # PPO training prompts
     n_eval: int = 200  # held-out prompts per split
     k_min: int = 4  # completions per ranked prompt: K in [k_min, k_max]
     k_max: int = 6
-    p_verbose: float = 0.4  # demonstrations padded with filler
+    p_verbose: float = 0.6  # demonstrations padded with filler
     p_wrong: float = 0.15  # demonstrations with a wrong answer
     min_items: int = 2
     max_items: int = 5
@@ -206,12 +206,12 @@ class PipelineConfig:
     """SFT -> RM -> PPO on the embedded default task (or on given data), then the win-rate report."""
 
     task: TaskConfig = TaskConfig()
-    sft: SFTConfig = SFTConfig(epochs=3, optim=OptimConfig(lr=2e-3, warmup_steps=30))
+    sft: SFTConfig = SFTConfig(epochs=3, batch_size=64, optim=OptimConfig(lr=2e-3, warmup_steps=30))
     rm: RMConfig = RMConfig(epochs=2)
-    ppo: PPOConfig = PPOConfig()
+    ppo: PPOConfig = PPOConfig(iterations=60, n_samples=4, minibatch_size=64)
     eval_prompts: str = ""  # held-out {"prompt"} JSONL for the win rate (the default task makes its own)
     eval_temperature: float = 1.0  # sampling temperature for the win-rate comparison
-    threads: int = 0  # torch threads (0: leave torch's default)
+    threads: int = 1  # torch threads (0: torch's default); for models this small one thread is fastest
 
     def __post_init__(self):
         _check(self.eval_temperature >= 0, "eval_temperature", "must be >= 0")

@@ -131,10 +131,12 @@ def ppo_models(task, tmp_path_factory):
     return d
 
 
-def test_ppo_update_improves_the_objective_on_a_fixed_batch(task, ppo_models):
+@pytest.mark.parametrize("placement, generator", [("reward", "engine"), ("loss", "hf")])
+def test_ppo_update_improves_the_objective_on_a_fixed_batch(task, ppo_models, placement, generator):
     root, tok, paths = task
     cfg = PPOConfig(max_new_tokens=6, n_samples=2, minibatch_size=16, ppo_epochs=1, ptx_coef=0.1,
-                    optim=OptimConfig(lr=3e-3, schedule="constant"), entropy_coef=0.01)
+                    optim=OptimConfig(lr=1e-3, schedule="constant"), entropy_coef=0.01, generator=generator,
+                    kl=KLConfig(coef=0.1, placement=placement))
     from transformers import AutoModelForCausalLM
     policy = AutoModelForCausalLM.from_pretrained(str(ppo_models / "policy"))
     value = ScalarHeadModel.from_pretrained(ppo_models / "rm")
@@ -149,7 +151,7 @@ def test_ppo_update_improves_the_objective_on_a_fixed_batch(task, ppo_models):
     assert torch.allclose(exp.old_logp, exp.ref_logp) and float(exp.kl.abs().max()) == 0.0
     with torch.no_grad():
         before = trainer.minibatch_loss(exp, [])[1]
-    for _ in range(4):
+    for _ in range(8):
         stats = trainer.update(exp, 0)
     with torch.no_grad():
         after = trainer.minibatch_loss(exp, [])[1]

@@ -3,8 +3,8 @@
 One iteration: sample `n_samples` completions for each of `prompts_per_iter` prompts with the rollout engine on
 the policy's live weights; score them (policy, reference, value and reward passes); per-token rewards
 `score - beta * KL`, GAE and whitened advantages; then `ppo_epochs` passes of minibatch updates of the clipped
-policy loss + `vf_coef` * clipped value loss - `entropy_coef` * entropy (+ `ptx_coef` * pretraining NLL), one
-backward per minibatch. All loss math is in `rlhf_fast.ops`.
+policy loss - `entropy_coef` * entropy (the fused PPO step, `ops.ppo_loss_from_hidden`) + `vf_coef` * clipped value
+loss (+ `ptx_coef` * pretraining NLL), one backward per minibatch. All loss math is in `rlhf_fast.ops`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from rlhf_fast.data import SFTExample, epoch_batches, load_prompts, load_texts, 
 from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.rollout import SamplingParams
 from rlhf_fast.stages import experience as xp
-from rlhf_fast.stages.common import MetricsLog, guarded_step, make_optimizer, make_scheduler, progress
+from rlhf_fast.stages.common import (MetricsLog, guarded_step, lm_head_params, make_optimizer, make_scheduler,
+                                     progress)
 from rlhf_fast.stages.kl_control import KLController
 from rlhf_fast.stages.sft import response_nll
 
@@ -93,25 +94,44 @@ class PPOTrainer:
                      "generated_tokens": float(ro.mask.sum())}
 
     def minibatch_loss(self, mb: xp.Experience, ptx_ids: list[list[int]]) -> tuple[torch.Tensor, dict]:
-        """Clipped policy loss + vf_coef * clipped value loss - entropy bonus (+ KL in loss) (+ ptx)."""
+        """Clipped policy loss - entropy bonus (+ KL in loss) through the fused PPO step, + vf_coef * clipped
+        value loss (+ ptx_coef * pretraining NLL): one scalar, one backward."""
         c, ro = self.cfg, mb.rollout
-        logp, ent = xp.policy_logprobs(self.policy, ro, c.temperature, entropy=True)
-        pg, pst = ops.ppo_policy_loss(logp, mb.old_logp, mb.advantages, ro.mask, clip_low=c.clip)
-        values = xp.values_at(self.value, ro)
-        vl, vst = ops.value_loss(values, mb.old_values, mb.returns, ro.mask, clip=c.value_clip)
-        entropy = ops.masked_mean(ent, ro.mask)
-        loss = pg + c.vf_coef * vl - c.entropy_coef * entropy
-        if c.kl.placement == "loss":
-            loss = loss + self.kl_ctl.value * ops.masked_mean(ops.kl_penalty(logp, mb.ref_logp, c.kl.kind), ro.mask)
-        stats = {"pg_loss": float(pg.detach()), "vf_loss": float(vl.detach()), "entropy": float(entropy.detach()),
-                 "clip_frac": float(pst.clip_frac), "approx_kl": float(pst.approx_kl),
-                 "vf_explained_var": float(vst.explained_variance)}
+        loss, stats = self.policy_loss(mb)
+        vl, vst = ops.value_loss(xp.values_at(self.value, ro), mb.old_values, mb.returns, ro.mask, clip=c.value_clip)
+        loss = loss + c.vf_coef * vl
+        stats.update(vf_loss=float(vl.detach()), vf_explained_var=float(vst.explained_variance))
         if ptx_ids:
             nll, n = response_nll(self.policy, *sft_batch([SFTExample(t, 0) for t in ptx_ids], self.pad_id))
             ptx_loss = nll / n.clamp(min=1)
             loss = loss + c.ptx_coef * ptx_loss
             stats["ptx_loss"] = float(ptx_loss.detach())
         return loss, stats
+
+    def policy_loss(self, mb: xp.Experience) -> tuple[torch.Tensor, dict]:
+        """`ops.ppo_loss_from_hidden` on the response hidden states (an lm_head with a bias, which the fused step
+        does not take, goes through `linear_token_logprobs` + `ppo_policy_loss` instead)."""
+        c, ro = self.cfg, mb.rollout
+        kl_coef = self.kl_ctl.value if c.kl.placement == "loss" else 0.0
+        hidden = xp.response_hidden(self.policy, ro)  # (n, R, H)
+        weight, bias = lm_head_params(self.policy)
+        if bias is None:
+            loss, st = ops.ppo_loss_from_hidden(
+                hidden, weight, ro.labels.clamp(min=0), mb.old_logp, mb.advantages, ro.mask,
+                ref_logp=mb.ref_logp if kl_coef > 0 else None, kl_coef=kl_coef, kl_kind=c.kl.kind,
+                entropy_coef=c.entropy_coef, clip=ops.PPOClip(low=c.clip), temperature=c.temperature)
+            pg, entropy, clip_frac, approx_kl = st.policy_loss, st.entropy, st.clip_frac, st.approx_kl
+        else:
+            logp, ent = ops.linear_token_logprobs(hidden, weight, ro.labels, bias=bias, temperature=c.temperature,
+                                                  ignore_index=xp.IGNORE, return_entropy=True)
+            pg, pst = ops.ppo_policy_loss(logp, mb.old_logp, mb.advantages, ro.mask, clip_low=c.clip)
+            entropy = ops.masked_mean(ent, ro.mask)
+            loss = pg - c.entropy_coef * entropy
+            if kl_coef > 0:
+                loss = loss + kl_coef * ops.masked_mean(ops.kl_penalty(logp, mb.ref_logp, c.kl.kind), ro.mask)
+            clip_frac, approx_kl = pst.clip_frac, pst.approx_kl
+        return loss, {"pg_loss": float(pg.detach()), "entropy": float(entropy.detach()),
+                      "clip_frac": float(clip_frac), "approx_kl": float(approx_kl)}
 
     def update(self, exp: xp.Experience, iteration: int) -> dict:
         """`ppo_epochs` x minibatches of guarded optimiser steps (early stop on approx KL when configured)."""
