@@ -48,31 +48,54 @@ RLHF_PA_HD void merge_scales(Acc m, Acc m2, Acc& a, Acc& b) {
   b = exp_acc(m2 - mm);
 }
 
+// <a, b> over n elements with kLanes independent partial sums (element d goes to lane d % kLanes), combined in a
+// fixed order at the end: vectorisable, and the order depends only on n.
+constexpr int kLanes = 8;
+template <typename Acc>
+RLHF_PA_HD Acc dot_lanes(const Acc* a, const Acc* b, int n) {
+  Acc part[kLanes];
+  for (int j = 0; j < kLanes; ++j) part[j] = Acc(0);
+  int d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int j = 0; j < kLanes; ++j) part[j] += a[d + j] * b[d + j];
+  }
+  for (int j = 0; d + j < n; ++j) part[j] += a[d + j] * b[d + j];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
 // The whole computation for one (row, kv head) on one thread: `group` query heads (contiguous, head_dim each, at q)
 // against keys 0..n-1; Load(ptr, i) -> Acc reads cache/query elements, Store(ptr, i, Acc) writes out.
-// scratch: group * head_dim + 2 * group Acc values.
+// scratch: (group + 2) * head_dim + 2 * group Acc values.
 template <typename Acc, typename T, typename Load, typename Store>
 RLHF_PA_HD void attend_group(const T* q, const T* k_cache, const T* v_cache, const std::int32_t* table, int n,
                              int block_size, int kv_heads, int head_dim, int kvh, int group, Acc scale, T* out,
                              Acc* scratch, Load load, Store store) {
-  Acc* acc = scratch;
-  Acc* m = scratch + group * head_dim;
-  Acc* l = m + group;
+  Acc* acc = scratch;                     // (group, head_dim)
+  Acc* qs = acc + group * head_dim;       // (group, head_dim) the queries, converted once
+  Acc* kv = qs + group * head_dim;        // (2, head_dim) the current key and value
+  Acc* m = kv + 2 * head_dim;             // (group,)
+  Acc* l = m + group;                     // (group,)
   for (int g = 0; g < group; ++g) {
     m[g] = -INFINITY;
     l[g] = Acc(0);
-    for (int d = 0; d < head_dim; ++d) acc[g * head_dim + d] = Acc(0);
+    for (int d = 0; d < head_dim; ++d) {
+      acc[g * head_dim + d] = Acc(0);
+      qs[g * head_dim + d] = load(q, g * head_dim + d);
+    }
   }
+  Acc* kt = kv;
+  Acc* vt = kv + head_dim;
   for (int t = 0; t < n; ++t) {
     const std::int64_t off = token_offset(table, t, block_size, kv_heads, head_dim, kvh);
+    for (int d = 0; d < head_dim; ++d) {
+      kt[d] = load(k_cache, off + d);
+      vt[d] = load(v_cache, off + d);
+    }
     for (int g = 0; g < group; ++g) {
-      Acc s = Acc(0);
-      for (int d = 0; d < head_dim; ++d) s += load(q, g * head_dim + d) * load(k_cache, off + d);
       Acc alpha, p;
-      online_step(m[g], l[g], s * scale, alpha, p);
-      for (int d = 0; d < head_dim; ++d) {
-        acc[g * head_dim + d] = acc[g * head_dim + d] * alpha + p * load(v_cache, off + d);
-      }
+      online_step(m[g], l[g], dot_lanes(qs + g * head_dim, kt, head_dim) * scale, alpha, p);
+      Acc* a = acc + g * head_dim;
+      for (int d = 0; d < head_dim; ++d) a[d] = a[d] * alpha + p * vt[d];
     }
   }
   for (int g = 0; g < group; ++g) {

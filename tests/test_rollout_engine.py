@@ -163,3 +163,44 @@ def test_bad_input():
         RolloutEngine(model, block_size=4, num_blocks=2).generate([[1] * 10], SamplingParams(max_new_tokens=4))
     with pytest.raises(TypeError, match="unsupported model class"):
         RolloutEngine(torch.nn.Linear(2, 2))
+
+
+def kept_set_fp64(logits, top_k, top_p):
+    """Independent definition: the top_k most likely, then the shortest sorted prefix with mass >= top_p."""
+    keep = []
+    for row in logits.double():
+        order = row.argsort(descending=True).tolist()
+        if top_k:
+            order = order[:top_k]
+        p = torch.softmax(row[order], -1)
+        cut = next((i + 1 for i in range(len(order)) if float(p[:i + 1].sum()) >= top_p), len(order))
+        keep.append(set(order[:cut]))
+    return keep
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (12, 0.8), (1, 0.3), (0, 1.0)])
+def test_top_k_top_p_never_leave_the_kept_set(top_k, top_p):
+    from rlhf_fast.rollout.sampling import keep_mask, sample
+
+    logits = torch.randn(6, 50) * 3
+    keep = kept_set_fp64(logits, top_k, top_p)
+    mask = keep_mask(logits, top_k, top_p)
+    assert [set(torch.nonzero(m).flatten().tolist()) for m in mask] == keep
+    gens = [torch.Generator().manual_seed(i) for i in range(6)]
+    seen = [set() for _ in range(6)]
+    for _ in range(300):
+        for b, t in enumerate(sample(logits, 1.0, top_k, top_p, gens).tolist()):
+            assert t in keep[b]
+            seen[b].add(t)
+    if top_k == 0 and top_p == 1.0:  # plain sampling reaches beyond the most likely tokens
+        assert all(len(s) > 5 for s in seen)
+
+
+def test_sampling_follows_the_distribution():
+    from rlhf_fast.rollout.sampling import sample
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.cat([sample(logits, 0.7, 0, 1.0, [g]) for _ in range(4000)]), minlength=4)
+    expect = torch.softmax(logits[0] / 0.7, -1) * 4000
+    assert ((counts - expect).abs() < 5 * expect.sqrt() + 5).all(), (counts, expect)

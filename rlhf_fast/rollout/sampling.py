@@ -1,6 +1,6 @@
 """Token sampling: greedy, temperature, top-k, top-p, each row with its own generator (reproducible per request).
 
-A sampled token is `argmax(p / e)` with `e ~ Exp(1)` drawn from the row's generator (the exponential race, equal in
+A sampled token is `argmax(p / e)` with `e = -log(u) ~ Exp(1)` drawn from the row's generator (the exponential race, equal in
 law to drawing from `p`): tokens outside the kept set have `p = 0` and can never win, and a row's draw depends only
 on its own generator, never on the batch it is in.
 """
@@ -18,15 +18,16 @@ def keep_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     v = logits.shape[-1]
     if (top_k == 0 or top_k >= v) and top_p >= 1.0:
         return torch.ones_like(logits, dtype=torch.bool)
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    if 0 < top_k < v:  # only the k candidates need sorting
+        sorted_logits, order = logits.topk(top_k, dim=-1)  # (B, k), descending
+    else:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
     keep_sorted = torch.ones_like(sorted_logits, dtype=torch.bool)
-    if 0 < top_k < v:
-        keep_sorted[:, top_k:] = False
     if top_p < 1.0:
-        probs = torch.softmax(sorted_logits.masked_fill(~keep_sorted, float("-inf")), dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
         keep_sorted &= mass_before < top_p
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -35,9 +36,11 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     if temperature == 0:
         return logits.argmax(dim=-1)
     scaled = logits / temperature
-    keep = keep_mask(scaled, top_k, top_p)
-    probs = torch.softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)  # (B, V)
-    noise = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=g)
-                         for g in generators])  # (B, V), row b from generators[b]
-    noise = noise.clamp_min(torch.finfo(noise.dtype).tiny)  # never 0/0 for a dropped token
+    v = logits.shape[-1]
+    if (0 < top_k < v) or top_p < 1.0:
+        scaled = scaled.masked_fill(~keep_mask(scaled, top_k, top_p), float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)  # (B, V)
+    # e = -log(u), u ~ U[0, 1) from row b's own generator: Exp(1) noise
+    u = torch.stack([torch.rand(v, device=logits.device, generator=g) for g in generators])  # (B, V)
+    noise = (-torch.log(u)).clamp_min(torch.finfo(probs.dtype).tiny)  # never 0/0 for a dropped token
     return (probs / noise).argmax(dim=-1)
