@@ -23,6 +23,11 @@ def _check(cond: bool, key: str, what: str) -> None:
         raise ConfigError(f"{key}: {what}")
 
 
+def _check_device(device: str) -> None:
+    ok = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    _check(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelArch:
     """A Llama-architecture model built from scratch (used when a stage has no `model` directory)."""
@@ -81,8 +86,10 @@ class SFTConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     save_every: int = 0  # 0: save at the end only
     seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
 
     def __post_init__(self):
+        _check_device(self.device)
         for k in ("max_len", "batch_size", "epochs", "bucket_size"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("max_steps", "eval_every", "save_every"):
@@ -104,8 +111,10 @@ class RMConfig:
     eval_every: int = 0
     save_every: int = 0
     seed: int = 0
+    device: str = "auto"
 
     def __post_init__(self):
+        _check_device(self.device)
         for k in ("max_len", "batch_size", "epochs"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("max_steps", "eval_every", "save_every"):
@@ -161,8 +170,10 @@ class PPOConfig:
     generator: str = "engine"  # engine: the paged rollout engine | hf: Hugging Face generate (the baseline)
     save_every: int = 0
     seed: int = 0
+    device: str = "auto"
 
     def __post_init__(self):
+        _check_device(self.device)
         _check(self.generator in ("engine", "hf"), "generator", "must be engine or hf")
         for k in ("iterations", "prompts_per_iter", "n_samples", "max_new_tokens", "ppo_epochs", "minibatch_size",
                   "max_len"):

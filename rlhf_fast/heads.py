@@ -31,14 +31,17 @@ class ScalarHeadModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`input_ids (B, T)` -> values `(B, T)` fp32."""
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+        dev = self.head.weight.device
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(dev)
+        hidden = self.lm.base_model(input_ids=input_ids.to(dev), attention_mask=attention_mask,
                                     use_cache=False).last_hidden_state  # (B, T, H)
         return self.head(hidden).squeeze(-1).float()
 
     def score(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded `input_ids (B, T)`, `lengths (B,)` -> the value at each last real token, `(B,)`."""
         values = self(input_ids)  # (B, T)
-        return values.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        return values.gather(1, (lengths.to(values.device) - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
 
     def save_pretrained(self, path: str | Path) -> None:
         from safetensors.torch import save_file

@@ -13,6 +13,13 @@ import torch
 from rlhf_fast.config import OptimConfig
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
                              weight_decay=cfg.weight_decay)
@@ -122,7 +129,7 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", initial
 
 def lm_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
     """A causal LM's final hidden states `(B, T, H)` for right-padded `input_ids (B, T)` (no logits)."""
-    return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return model.base_model(input_ids=input_ids.to(model.device), use_cache=False).last_hidden_state
 
 
 def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:

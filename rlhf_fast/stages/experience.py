@@ -23,8 +23,12 @@ class Rollout(NamedTuple):
     mask: torch.Tensor  # (N, R) float32 0/1
     prompt_index: list[int]  # (N,) which prompt each sequence continues
 
+    def to(self, device: torch.device) -> "Rollout":
+        return self._replace(**{k: v.to(device) for k, v in self._asdict().items() if isinstance(v, torch.Tensor)})
+
     def select(self, idx: torch.Tensor) -> "Rollout":
         """Rows `idx`, trimmed to their own longest sequence and response."""
+        idx = idx.to(self.lengths.device)
         lengths = self.lengths[idx]
         r = max(1, int(self.mask[idx].sum(1).max()))
         t = int(lengths.max())
@@ -32,8 +36,8 @@ class Rollout(NamedTuple):
                        self.labels[idx, :r], self.mask[idx, :r], [self.prompt_index[i] for i in idx.tolist()])
 
 
-def make_rollout(prompts: list[list[int]], completions, pad_id: int) -> Rollout:
-    """Pack `completions` (of `prompts[c.prompt_index]`) into padded tensors."""
+def make_rollout(prompts: list[list[int]], completions, pad_id: int, device: torch.device | None = None) -> Rollout:
+    """Pack `completions` (of `prompts[c.prompt_index]`) into padded tensors (on `device`)."""
     n = len(completions)
     r = max(1, max(len(c.token_ids) for c in completions))
     seqs = [prompts[c.prompt_index] + list(c.token_ids) for c in completions]
@@ -47,7 +51,8 @@ def make_rollout(prompts: list[list[int]], completions, pad_id: int) -> Rollout:
         labels[i, :m] = torch.tensor(c.token_ids, dtype=torch.long)
         positions[i] = (p - 1 + torch.arange(r)).clamp(max=t - 1)
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    return Rollout(ids, lengths, positions, labels, (labels != IGNORE).float(), [c.prompt_index for c in completions])
+    ro = Rollout(ids, lengths, positions, labels, (labels != IGNORE).float(), [c.prompt_index for c in completions])
+    return ro.to(device) if device is not None else ro
 
 
 def response_hidden(model, ro: Rollout) -> torch.Tensor:
@@ -81,6 +86,7 @@ class Experience(NamedTuple):
 
     def select(self, idx: torch.Tensor) -> "Experience":
         ro = self.rollout.select(idx)
+        idx = idx.to(ro.lengths.device)
         r = ro.mask.shape[1]
         return Experience(ro, *(x[idx, :r] if x.dim() == 2 else x[idx] for x in self[1:]))
 

@@ -36,10 +36,11 @@ class HFGenerator:
                           eos_token_id=list(stops) or None, output_logits=True, return_dict_in_generate=True)
                 if not params.greedy:
                     kw.update(temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p)
-                res = self.model.generate(input_ids=ids, attention_mask=attn, **kw)
+                dev = self.model.device
+                res = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), **kw)
                 new = res.sequences[:, width:]  # (len(chunk) * n, L)
                 logits = torch.stack(res.logits, dim=1).float()  # (len(chunk) * n, L, V)
-                logp = ops.token_logprobs(logits, new, temperature=params.logprob_temperature)
+                logp = ops.token_logprobs(logits, new, temperature=params.logprob_temperature).cpu()
                 for row in range(new.shape[0]):
                     toks = new[row].tolist()
                     end = next((i + 1 for i, t in enumerate(toks) if t in stops), None)

@@ -18,7 +18,7 @@ import torch
 from rlhf_fast.config import PipelineConfig, to_dict
 from rlhf_fast.data import load_prompts
 from rlhf_fast.rollout import SamplingParams
-from rlhf_fast.stages.common import MetricsLog, plot_panels
+from rlhf_fast.stages.common import MetricsLog, plot_panels, resolve_device
 from rlhf_fast.stages.experience import make_rollout, policy_logprobs
 from rlhf_fast.stages.ppo import load_frozen_pair, train_ppo
 from rlhf_fast.stages.rm import train_rm
@@ -61,24 +61,25 @@ def sample(model, prompts: list[list[int]], *, temperature: float, max_new_token
 
 @torch.no_grad()
 def compare_policies(sft_dir: Path, ppo_dir: Path, rm_dir: Path, prompts_file: str, *, temperature: float,
-                     max_new_tokens: int, use_labeler: bool, seed: int = 0) -> dict:
+                     max_new_tokens: int, use_labeler: bool, seed: int = 0, device: str = "auto") -> dict:
     """Sample each policy once per held-out prompt; the labeler's (or the RM's) win rate of PPO over SFT
     (ties count half), mean RM rewards, and the PPO samples' mean KL to SFT (sum over tokens of log-ratio)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(sft_dir))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sft, rm = load_frozen_pair(sft_dir, rm_dir)
-    ppo = AutoModelForCausalLM.from_pretrained(str(ppo_dir), dtype=torch.float32).eval()
+    dev = resolve_device(device)
+    sft, rm = (m.to(dev) for m in load_frozen_pair(sft_dir, rm_dir))
+    ppo = AutoModelForCausalLM.from_pretrained(str(ppo_dir), dtype=torch.float32).to(dev).eval()
     held = load_prompts(prompts_file, tokenizer, max_len=10**9)
     ids = [p.ids for p in held]
     kw = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, eos_id=tokenizer.eos_token_id)
     out = {}
     for name, model in (("sft", sft), ("ppo", ppo)):
         comps = sample(model, ids, **kw)
-        ro = make_rollout(ids, comps, pad_id)
+        ro = make_rollout(ids, comps, pad_id, dev)
         out[name] = {"texts": [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps],
-                     "scores": rm.score(ro.input_ids, ro.lengths)}
+                     "scores": rm.score(ro.input_ids, ro.lengths).cpu()}
         if name == "ppo":
             lp_t = temperature if temperature > 0 else 1.0  # greedy: log-probs at temperature 1
             kl = (policy_logprobs(ppo, ro, lp_t) - policy_logprobs(sft, ro, lp_t)) * ro.mask
@@ -127,7 +128,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     times["ppo"], t = time.perf_counter() - t, time.perf_counter()
     cmp = compare_policies(sft.model_dir, ppo.policy_dir, rm.model_dir, eval_prompts,
                            temperature=cfg.eval_temperature, max_new_tokens=cfg.ppo.max_new_tokens,
-                           use_labeler=use_labeler, seed=cfg.ppo.seed + 1)
+                           use_labeler=use_labeler, seed=cfg.ppo.seed + 1, device=cfg.ppo.device)
     times["eval"] = time.perf_counter() - t
     report = {"sft_eval_loss": sft.eval_loss, "rm_accuracy": rm.accuracy, **cmp,
               "skipped_steps": {"sft": sft.skipped_steps, "rm": rm.skipped_steps, "ppo": ppo.skipped_steps},
@@ -143,5 +144,6 @@ def plot_curves(out: Path) -> Path:
     sft, rm, ppo = (MetricsLog(out / s, "metrics", resume_step=10**12).rows() for s in ("sft", "rm", "ppo"))
     panels = [("sft loss", sft, "loss"), ("sft eval loss", sft, "eval_loss"), ("rm loss", rm, "loss"),
               ("rm train accuracy", rm, "train_accuracy"), ("ppo reward (RM score)", ppo, "score"),
-              ("ppo KL to SFT", ppo, "kl"), ("ppo response length", ppo, "response_len"), ("ppo kl_coef", ppo, "kl_coef")]
+              ("ppo KL to SFT", ppo, "kl"), ("ppo response length", ppo, "response_len"),
+              ("ppo kl_coef", ppo, "kl_coef")]
     return plot_panels(panels, out / "curves.png", "SFT -> RM -> PPO")

@@ -23,7 +23,7 @@ from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.rollout import SamplingParams
 from rlhf_fast.stages import experience as xp
 from rlhf_fast.stages.common import (MetricsLog, guarded_step, lm_head_params, make_optimizer, make_scheduler,
-                                     progress)
+                                     progress, resolve_device)
 from rlhf_fast.stages.kl_control import KLController
 from rlhf_fast.stages.sft import response_nll
 
@@ -84,7 +84,7 @@ class PPOTrainer:
         self.policy.eval()
         comps = self.generator.generate(prompts, self.sampling(iteration))
         t1 = time.perf_counter()
-        ro = xp.make_rollout(prompts, comps, self.pad_id)
+        ro = xp.make_rollout(prompts, comps, self.pad_id, self.policy.device)
         passes = xp.score_rollout(self.policy, self.ref, self.value, self.rm, ro, c.temperature)
         t2 = time.perf_counter()
         kl_coef = self.kl_ctl.value if c.kl.placement == "reward" else 0.0
@@ -210,9 +210,10 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
     src_policy = ckpt / "policy" if state is not None else cfg.policy
     src_value = ckpt / "value" if state is not None else cfg.reward_model
-    policy = AutoModelForCausalLM.from_pretrained(str(src_policy), dtype=torch.float32)
-    value = ScalarHeadModel.from_pretrained(src_value)
-    ref, rm = load_frozen_pair(cfg.policy, cfg.reward_model)
+    device = resolve_device(cfg.device)
+    policy = AutoModelForCausalLM.from_pretrained(str(src_policy), dtype=torch.float32).to(device)
+    value = ScalarHeadModel.from_pretrained(src_value).to(device)
+    ref, rm = (m.to(device) for m in load_frozen_pair(cfg.policy, cfg.reward_model))
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_len)
     ptx = load_texts(cfg.ptx_data, tokenizer, cfg.max_len) if cfg.ptx_data and cfg.ptx_coef > 0 else []
     trainer = PPOTrainer(cfg, policy, value, ref, rm, tokenizer, ptx)

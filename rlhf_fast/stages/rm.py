@@ -19,7 +19,8 @@ from rlhf_fast.checkpoint import find_checkpoint, load_state, rng_state, save_ch
 from rlhf_fast.config import RMConfig, to_dict
 from rlhf_fast.data import RankedExample, epoch_batches, load_rm, pad_right
 from rlhf_fast.heads import ScalarHeadModel
-from rlhf_fast.stages.common import MetricsLog, guarded_step, make_optimizer, make_scheduler, progress
+from rlhf_fast.stages.common import (MetricsLog, guarded_step, make_optimizer, make_scheduler, progress,
+                                     resolve_device)
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,9 @@ def ranked_batch(examples: list[RankedExample], pad_id: int) -> RankedBatch:
 
 def bradley_terry_loss(scores: torch.Tensor, batch: RankedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """scores `(N,)` -> (loss, per-pair margins `(P,)`); loss = -sum_pairs weight * log sigmoid(margin)."""
-    margin = scores[batch.better] - scores[batch.worse]  # (P,)
-    return -(batch.weight * F.logsigmoid(margin)).sum(), margin
+    dev = scores.device
+    margin = scores[batch.better.to(dev)] - scores[batch.worse.to(dev)]  # (P,)
+    return -(batch.weight.to(dev) * F.logsigmoid(margin)).sum(), margin
 
 
 @torch.no_grad()
@@ -101,7 +103,7 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # the head's initialisation
         model = ScalarHeadModel.from_pretrained(ckpt / "model" if state is not None else cfg.model)
-    model.train()
+    model.to(resolve_device(cfg.device)).train()
     train = load_rm(cfg.train_data, tokenizer, cfg.max_len)
     evals = load_rm(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else []
     sizes = [sum(len(c) for c in e.completions) for e in train]

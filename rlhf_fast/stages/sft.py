@@ -17,7 +17,7 @@ from rlhf_fast.checkpoint import find_checkpoint, load_state, rng_state, save_ch
 from rlhf_fast.config import SFTConfig, to_dict
 from rlhf_fast.data import SFTExample, epoch_batches, load_sft, sft_batch
 from rlhf_fast.stages.common import (MetricsLog, guarded_step, lm_head_params, lm_hidden, make_optimizer,
-                                     make_scheduler, progress)
+                                     make_scheduler, progress, resolve_device)
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -37,6 +37,7 @@ def response_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[
     """
     hidden = lm_hidden(model, input_ids)[:, :-1]  # (B, T-1, H): position t predicts token t+1
     weight, bias = lm_head_params(model)
+    labels = labels.to(hidden.device)
     logp = ops.linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE)  # (B, T-1) fp32
     return -logp.sum(), (labels != IGNORE).sum()
 
@@ -87,7 +88,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     model = _load_model(cfg, tokenizer) if state is None else _from_ckpt(ckpt)
-    model.train()
+    model.to(resolve_device(cfg.device)).train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = load_sft(cfg.train_data, tokenizer, cfg.max_len)
     evals = load_sft(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else []
@@ -123,7 +124,8 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
         skipped += not res.applied
         step += 1
         bar.update(1)
-        metrics.log(step, loss=float(loss.detach()), grad_norm=res.grad_norm, lr=sched.get_last_lr()[0], skipped=skipped)
+        metrics.log(step, loss=float(loss.detach()), grad_norm=res.grad_norm, lr=sched.get_last_lr()[0],
+                    skipped=skipped)
         if not res.applied:
             log.warning("sft: step %d skipped (non-finite loss or gradient); %d skipped so far", step, skipped)
         if cfg.eval_every and evals and step % cfg.eval_every == 0 and step < total:
