@@ -34,15 +34,47 @@ constexpr int BLOCK = 256;  // vocabulary block: the unit of the fixed reduction
 
 struct F32 { using T = float; static float load(T v) { return v; } static T store(float f) { return f; } };
 struct F64 { using T = double; static double load(T v) { return v; } static T store(double f) { return f; } };
+// 16-bit loads written branch-free (same results as common.h's converters) so that the block loads vectorise.
+inline float bits_to_float(std::uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
 struct BF16 {
   using T = std::uint16_t;
-  static float load(T v) { return bf16_to_float(v); }
-  static T store(float f) { return float_to_bf16(f); }
+  static float load(T v) { return bits_to_float(static_cast<std::uint32_t>(v) << 16); }
+  static T store(float f) {  // round to nearest even, NaN stays NaN (as float_to_bf16)
+    std::uint32_t b;
+    std::memcpy(&b, &f, 4);
+    const std::uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    return static_cast<T>((b & 0x7fffffffu) > 0x7f800000u ? ((b >> 16) | 0x40u) : rounded);
+  }
 };
 struct FP16 {
   using T = std::uint16_t;
-  static float load(T v) { return fp16_to_float(v); }
-  static T store(float f) { return float_to_fp16(f); }
+  static float load(T v) {
+    const std::uint32_t bits = v, em = bits & 0x7fffu, sign = (bits & 0x8000u) << 16;
+    // exponent and mantissa shifted into float position, rescaled by 2^(127 - 15): exact for normals and subnormals
+    const float mag = bits_to_float(em << 13) * 5.192296858534828e+33f;
+    const float special = bits_to_float((em << 13) | 0x7f800000u);  // inf / nan
+    const float r = em >= 0x7c00u ? special : mag;
+    std::uint32_t rb;
+    std::memcpy(&rb, &r, 4);
+    return bits_to_float(rb | sign);
+  }
+  static T store(float f) {  // round to nearest even; all three cases computed, then selected (as float_to_fp16)
+    std::uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const std::uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    const std::uint32_t special = ax > 0x7f800000u ? 0x7e00u : 0x7c00u;  // nan / overflow to inf
+    float sub_f = bits_to_float(ax < 0x38800000u ? ax : 0u) + 0.5f;  // the add rounds to the fp16 subnormal grid
+    std::uint32_t sub;
+    std::memcpy(&sub, &sub_f, 4);
+    sub -= 0x3f000000u;
+    const std::uint32_t normal = (ax + 0xc8000fffu + ((ax >> 13) & 1u)) >> 13;  // rebias exponent, round
+    const std::uint32_t h = ax >= 0x47800000u ? special : (ax < 0x38800000u ? sub : normal);
+    return static_cast<T>(sign | h);
+  }
 };
 
 // exp(x) for x <= 0 (and small positive x) in a form the compiler vectorises: x = n ln2 + r, |r| <= ln2 / 2,

@@ -90,11 +90,14 @@ def test_ignored_empty_and_all_ignored(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_extreme_logits(backend):
-    """-inf logits (banned tokens) and huge values stay finite where the answer is finite."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extreme_logits(backend, dtype):
+    """-inf logits (banned tokens), huge and subnormal values stay finite where the answer is finite."""
     x = torch.randn(4, 50) * 5
     x[:, :10] = float("-inf")
     x[1, 20] = 1e4
+    x[2, 11:14] = torch.tensor([1e-7, -3e-8, 0.0])  # subnormal in fp16
+    x = x.to(dtype)
     labels = torch.tensor([12, 20, 30, 49])
     with use_backend(backend):
         logp, ent = token_logprobs(x.clone().requires_grad_(True), labels, return_entropy=True)
