@@ -197,3 +197,5 @@ def test_bad_input():
         PPOAgg("token-mean", num_tokens=-1)
     with pytest.raises(ValueError, match="temperature"):
         ppo_loss_from_hidden(*args, temperature=0)
+    with pytest.raises(ValueError, match="advantages is on meta but hidden is on cpu"):
+        ppo_loss_from_hidden(hidden, weight, labels, old, adv.to("meta"), mask)
