@@ -107,7 +107,8 @@ def compare_policies(sft_dir: Path, ppo_dir: Path, rm_dir: Path, prompts_file: s
 
 
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path) -> dict:
-    """All three stages into `out_dir/{sft,rm,ppo}`, then `out_dir/report.json`. Rerunning resumes."""
+    """All three stages into `out_dir/{sft,rm,ppo}`, then `out_dir/report.json`. Rerunning resumes; the report's
+    times are each stage's training time summed over resumed runs, plus this run's setup and evaluation."""
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,25 +116,22 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path) -> dict:
         torch.set_num_threads(cfg.threads)
     cfg, eval_prompts, use_labeler = _with_default_task(cfg, out)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    times = {}
-    t = time.perf_counter()
+    setup_s = time.perf_counter() - start
     sft = train_sft(cfg.sft, out / "sft", plots=False)
-    times["sft"], t = time.perf_counter() - t, time.perf_counter()
     log.info("sft: eval loss %.4f after %d steps", sft.eval_loss, sft.steps)
     rm = train_rm(dataclasses.replace(cfg.rm, model=str(sft.model_dir)), out / "rm", plots=False)
     log.info("rm: held-out pairwise accuracy %.3f", rm.accuracy)
-    times["rm"], t = time.perf_counter() - t, time.perf_counter()
     ppo = train_ppo(dataclasses.replace(cfg.ppo, policy=str(sft.model_dir), reward_model=str(rm.model_dir)),
                     out / "ppo", plots=False)
-    times["ppo"], t = time.perf_counter() - t, time.perf_counter()
+    t = time.perf_counter()
     cmp = compare_policies(sft.model_dir, ppo.policy_dir, rm.model_dir, eval_prompts,
                            temperature=cfg.eval_temperature, max_new_tokens=cfg.ppo.max_new_tokens,
                            use_labeler=use_labeler, seed=cfg.ppo.seed + 1, device=cfg.ppo.device)
-    times["eval"] = time.perf_counter() - t
+    times = {"setup": setup_s, "sft": sft.elapsed_s, "rm": rm.elapsed_s, "ppo": ppo.elapsed_s,
+             "eval": time.perf_counter() - t}
     report = {"sft_eval_loss": sft.eval_loss, "rm_accuracy": rm.accuracy, **cmp,
               "skipped_steps": {"sft": sft.skipped_steps, "rm": rm.skipped_steps, "ppo": ppo.skipped_steps},
-              "stage_time_s": times, "wall_time_s": time.perf_counter() - start,
-              "torch_threads": torch.get_num_threads()}
+              "stage_time_s": times, "wall_time_s": sum(times.values()), "torch_threads": torch.get_num_threads()}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_curves(out)
     return report

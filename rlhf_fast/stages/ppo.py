@@ -35,6 +35,7 @@ class PPOResult(NamedTuple):
     value_dir: Path
     iterations: int
     skipped_steps: int
+    elapsed_s: float  # training time, summed over resumed runs
 
 
 def load_frozen_pair(policy_dir: str | Path, rm_dir: str | Path):
@@ -200,13 +201,14 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
         raise ValueError("ppo: `policy`, `reward_model` and `prompts` are required")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise ValueError("ppo.ptx_data: required when ptx_coef > 0")
+    start = time.perf_counter()
     ckpt = find_checkpoint(out / "checkpoint")
     state = load_state(ckpt) if ckpt else None
     final = out / "final"
     if state is not None and state["finished"]:
         log.warning("ppo: %s already finished (%d iterations); nothing to do. Delete it to train again.", out,
                     state["iteration"])
-        return PPOResult(final / "policy", final / "value", state["iteration"], state["skipped"])
+        return PPOResult(final / "policy", final / "value", state["iteration"], state["skipped"], state["elapsed_s"])
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
     src_policy = ckpt / "policy" if state is not None else cfg.policy
     src_value = ckpt / "value" if state is not None else cfg.reward_model
@@ -226,11 +228,15 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
         it, trainer.skipped = state["iteration"], state["skipped"]
         log.info("ppo: resuming %s at iteration %d/%d", out, it, cfg.iterations)
     metrics = MetricsLog(out, "metrics", resume_step=it if state is not None else None)
+    before = state["elapsed_s"] if state is not None else 0.0
+
+    def elapsed() -> float:
+        return before + time.perf_counter() - start
 
     def save(path: Path, finished: bool) -> None:
         st = {"iteration": it, "skipped": trainer.skipped, "optimizer": trainer.opt.state_dict(),
               "scheduler": trainer.sched.state_dict(), "kl_controller": trainer.kl_ctl.state_dict(),
-              "rng": rng_state(), "finished": finished, "config": to_dict(cfg)}
+              "rng": rng_state(), "finished": finished, "config": to_dict(cfg), "elapsed_s": elapsed()}
         save_checkpoint(path, {"policy": policy, "value": value}, st, tokenizer)
 
     per_epoch = max(1, len(prompts) // cfg.prompts_per_iter)  # full prompt batches only
@@ -246,7 +252,8 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
         if stop_after is not None and it >= stop_after and it < cfg.iterations:
             save(out / "checkpoint", False)
             bar.close()
-            return PPOResult(out / "checkpoint" / "policy", out / "checkpoint" / "value", it, trainer.skipped)
+            return PPOResult(out / "checkpoint" / "policy", out / "checkpoint" / "value", it, trainer.skipped,
+                             elapsed())
         if cfg.save_every and it % cfg.save_every == 0 and it < cfg.iterations:
             save(out / "checkpoint", False)
     bar.close()
@@ -257,4 +264,4 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
     tokenizer.save_pretrained(str(final / "policy"))
     value.save_pretrained(final / "value")
     save(out / "checkpoint", True)
-    return PPOResult(final / "policy", final / "value", it, trainer.skipped)
+    return PPOResult(final / "policy", final / "value", it, trainer.skipped, elapsed())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ class RMResult(NamedTuple):
     accuracy: float  # held-out pairwise accuracy (nan without eval data)
     steps: int
     skipped_steps: int
+    elapsed_s: float  # training time, summed over resumed runs
 
 
 class RankedBatch(NamedTuple):
@@ -91,12 +93,13 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     out = Path(out_dir)
     if not cfg.model or not cfg.train_data:
         raise ValueError("rm: `model` (the SFT model directory) and `train_data` are required")
+    start = time.perf_counter()
     ckpt = find_checkpoint(out / "checkpoint")
     state = load_state(ckpt) if ckpt else None
     if state is not None and state["finished"]:
         log.warning("rm: %s already finished (%d steps); nothing to do. Delete it to train again.", out,
                     state["step"])
-        return RMResult(out / "final", state["accuracy"], state["step"], state["skipped"])
+        return RMResult(out / "final", state["accuracy"], state["step"], state["skipped"], state["elapsed_s"])
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -120,10 +123,15 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
         step, skipped = state["step"], state["skipped"]
         log.info("rm: resuming %s at step %d/%d", out, step, total)
     metrics = MetricsLog(out, "metrics", resume_step=step if state is not None else None)
+    before = state["elapsed_s"] if state is not None else 0.0
+
+    def elapsed() -> float:
+        return before + time.perf_counter() - start
 
     def save(path: Path, finished: bool, acc: float) -> None:
         st = {"step": step, "skipped": skipped, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-              "rng": rng_state(), "finished": finished, "accuracy": acc, "config": to_dict(cfg)}
+              "rng": rng_state(), "finished": finished, "accuracy": acc, "config": to_dict(cfg),
+              "elapsed_s": elapsed()}
         save_checkpoint(path, {"model": model}, st, tokenizer)
 
     bar = progress(total=total, desc="rm", initial=step)
@@ -145,7 +153,7 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
         if stop_after is not None and step >= stop_after and step < total:
             save(out / "checkpoint", False, float("nan"))
             bar.close()
-            return RMResult(out / "checkpoint" / "model", float("nan"), step, skipped)
+            return RMResult(out / "checkpoint" / "model", float("nan"), step, skipped, elapsed())
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             save(out / "checkpoint", False, float("nan"))
     bar.close()
@@ -156,4 +164,4 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(str(out / "final"))
     save(out / "checkpoint", True, acc)
-    return RMResult(out / "final", acc, step, skipped)
+    return RMResult(out / "final", acc, step, skipped, elapsed())

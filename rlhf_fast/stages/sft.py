@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,6 +29,7 @@ class SFTResult(NamedTuple):
     eval_loss: float  # nan without eval data
     steps: int
     skipped_steps: int  # NaN/Inf guard
+    elapsed_s: float  # training time, summed over resumed runs
 
 
 def response_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,12 +81,13 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
         raise ValueError("sft: set `model` (a HF model directory) or `tokenizer` (to train `arch` from scratch)")
     if not cfg.train_data:
         raise ValueError("sft.train_data: required")
+    start = time.perf_counter()
     ckpt = find_checkpoint(out / "checkpoint")
     state = load_state(ckpt) if ckpt else None
     if state is not None and state["finished"]:
         log.warning("sft: %s already finished (%d steps); nothing to do. Delete it to train again.", out,
                     state["step"])
-        return SFTResult(out / "final", state["eval_loss"], state["step"], state["skipped"])
+        return SFTResult(out / "final", state["eval_loss"], state["step"], state["skipped"], state["elapsed_s"])
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     model = _load_model(cfg, tokenizer) if state is None else _from_ckpt(ckpt)
@@ -107,10 +110,15 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
         step, skipped = state["step"], state["skipped"]
         log.info("sft: resuming %s at step %d/%d", out, step, total)
     metrics = MetricsLog(out, "metrics", resume_step=step if state is not None else None)
+    before = state["elapsed_s"] if state is not None else 0.0
+
+    def elapsed() -> float:
+        return before + time.perf_counter() - start
 
     def save(path: Path, finished: bool, ev: float) -> None:
         st = {"step": step, "skipped": skipped, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-              "rng": rng_state(), "finished": finished, "eval_loss": ev, "config": to_dict(cfg)}
+              "rng": rng_state(), "finished": finished, "eval_loss": ev, "config": to_dict(cfg),
+              "elapsed_s": elapsed()}
         save_checkpoint(path, {"model": model}, st, tokenizer)
 
     bar = progress(total=total, desc="sft", initial=step)
@@ -133,7 +141,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
         if stop_after is not None and step >= stop_after and step < total:
             save(out / "checkpoint", False, float("nan"))
             bar.close()
-            return SFTResult(out / "checkpoint" / "model", float("nan"), step, skipped)
+            return SFTResult(out / "checkpoint" / "model", float("nan"), step, skipped, elapsed())
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             save(out / "checkpoint", False, float("nan"))
     bar.close()
@@ -144,7 +152,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(str(out / "final"))
     save(out / "checkpoint", True, ev)
-    return SFTResult(out / "final", ev, step, skipped)
+    return SFTResult(out / "final", ev, step, skipped, elapsed())
 
 
 def _from_ckpt(ckpt: Path):
