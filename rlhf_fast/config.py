@@ -217,9 +217,10 @@ class PipelineConfig:
     """SFT -> RM -> PPO on the embedded default task (or on given data), then the win-rate report."""
 
     task: TaskConfig = TaskConfig()
-    sft: SFTConfig = SFTConfig(epochs=3, batch_size=64, optim=OptimConfig(lr=2e-3, warmup_steps=30))
-    rm: RMConfig = RMConfig(epochs=2)
-    ppo: PPOConfig = PPOConfig(iterations=60, n_samples=4, minibatch_size=64)
+    sft: SFTConfig = SFTConfig(epochs=3, batch_size=64, eval_every=100, save_every=200,
+                               optim=OptimConfig(lr=2e-3, warmup_steps=30))
+    rm: RMConfig = RMConfig(epochs=2, eval_every=100, save_every=100)
+    ppo: PPOConfig = PPOConfig(iterations=60, n_samples=4, minibatch_size=64, save_every=10)
     eval_prompts: str = ""  # held-out {"prompt"} JSONL for the win rate (the default task makes its own)
     eval_temperature: float = 1.0  # sampling temperature for the win-rate comparison
     threads: int = 1  # torch threads (0: torch's default); for models this small one thread is fastest

@@ -141,7 +141,7 @@ def plot_curves(out: Path) -> Path:
     """All three stages' curves in one figure, `out/curves.png`."""
     sft, rm, ppo = (MetricsLog(out / s, "metrics", resume_step=10**12).rows() for s in ("sft", "rm", "ppo"))
     panels = [("sft loss", sft, "loss"), ("sft eval loss", sft, "eval_loss"), ("rm loss", rm, "loss"),
-              ("rm train accuracy", rm, "train_accuracy"), ("ppo reward (RM score)", ppo, "score"),
+              ("rm held-out accuracy", rm, "eval_accuracy"), ("ppo reward (RM score)", ppo, "score"),
               ("ppo KL to SFT", ppo, "kl"), ("ppo response length", ppo, "response_len"),
               ("ppo kl_coef", ppo, "kl_coef")]
     return plot_panels(panels, out / "curves.png", "SFT -> RM -> PPO")
