@@ -1,8 +1,9 @@
 """Triton kernels for log-probabilities straight from hidden states and an lm_head, never materialising (N, V).
 
-Forward (`linear_logprobs_fwd`): each program owns BLOCK_M rows and walks the vocabulary in BLOCK_V tiles; a tile of
-logits is `hidden @ weight[tile].T` accumulated in fp32 over BLOCK_K slices of H (tl.dot), then folded into a
-per-row online softmax (running max, sum of exp, sum of exp * z for the entropy, and the label's logit).
+Forward (`linear_logprobs_fwd`): each program owns BLOCK_M rows and one of a few vocabulary ranges (more programs
+than row tiles alone would give), which it walks in BLOCK_V tiles; a tile of logits is `hidden @ weight[tile].T`
+accumulated in fp32 over BLOCK_K slices of H (tl.dot), then folded into a per-row online softmax (running max, sum
+of exp, sum of exp * z for the entropy, the label's logit). The ranges' partials are merged in a fixed order.
 Backward (`linear_dlogits`): a 2-D grid over (row tiles, vocab tiles) recomputes each logits tile the same way and
 writes dlogits for a chunk of rows; the caller turns them into dhidden / dweight / dbias with two matmuls.
 Tile sizes depend only on (H, V, dtype), and each row's arithmetic does not involve other rows, so results are
@@ -34,10 +35,11 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_
                     other=0.0)  # (BLOCK_M, BLOCK_K)
         b = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_mask[None, :] & kmask[:, None],
                     other=0.0)  # (BLOCK_K, BLOCK_V)
-        if UPCAST:  # the interpreter's tl.dot mishandles 16-bit floats
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
+        if UPCAST:
+            # Interpreter (CPU): its tl.dot mishandles 16-bit floats and, being a BLAS call, may round a row
+            # differently at different positions in the tile; an explicit product-sum in fp32 does neither.
+            acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        elif IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
@@ -47,19 +49,25 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_
 
 
 @triton.jit
-def _fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr, M, V, H, stride_h, stride_w, inv_temp,
+def _fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, M, V, H, stride_h, stride_w, inv_temp, V_SPAN,
                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row tile, vocab split): online softmax over the split's vocab range -> partials (4, splits, M):
+    running max m, sum exp(z - m), sum exp(z - m) * (z - m), and z at the label (0 if not in this split)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
     row_mask = rows < M
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max of z
-    s = tl.zeros((BLOCK_M,), tl.float32)  # sum exp(z - m)
-    t = tl.zeros((BLOCK_M,), tl.float32)  # sum exp(z - m) * (z - m)
-    zy = tl.zeros((BLOCK_M,), tl.float32)  # z at the label
-    for v0 in range(0, V, BLOCK_V):
+    v_lo = split * V_SPAN
+    v_hi = tl.minimum(v_lo + V_SPAN, V)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_M,), tl.float32)
+    t = tl.zeros((BLOCK_M,), tl.float32)
+    zy = tl.zeros((BLOCK_M,), tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, cols < V, H, stride_h, stride_w, inv_temp,
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, cols < v_hi, H, stride_h, stride_w, inv_temp,
                          HAS_BIAS, IEEE, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K)
         m_new = tl.maximum(m, tl.max(z, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -71,10 +79,12 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr, M, 
         s = s * sc + tl.sum(e, 1)
         m = m_new
         zy += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), 1)
-    lse = m + tl.log(s)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(logp_ptr + rows, zy - lse, mask=row_mask)
-    tl.store(ent_ptr + rows, tl.log(s) - t / s, mask=row_mask)
+    out = part_ptr + split * M + rows
+    plane = n_splits * M
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + plane, s, mask=row_mask)
+    tl.store(out + 2 * plane, t, mask=row_mask)
+    tl.store(out + 3 * plane, zy, mask=row_mask)
 
 
 # Backward, per logits element (z = logits / T, p = softmax(z), E_p[z] = lse - H; derivation in kernels/logprobs.py):
@@ -110,15 +120,55 @@ def _common(hidden, weight, bias):
                 **tiles(hidden.device))
 
 
+def vocab_splits(vocab: int, device: torch.device) -> tuple[int, int]:
+    """(splits, span): the vocabulary is cut into `splits` ranges of `span` columns (a function of V only)."""
+    block_v = tiles(device)["BLOCK_V"]
+    n_tiles = triton.cdiv(vocab, block_v)
+    splits = min(16 if device.type == "cuda" else 2, n_tiles)
+    span = triton.cdiv(n_tiles, splits) * block_v
+    return triton.cdiv(vocab, span), span
+
+
+@triton.jit
+def _merge_kernel(part_ptr, logp_ptr, lse_ptr, ent_ptr, M, SPLITS, BLOCK_M: tl.constexpr):
+    """Combine the per-split partials (4, SPLITS, M) of BLOCK_M rows, splits in order (batch-invariant)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    plane = SPLITS * M
+    mx = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for k in range(0, SPLITS):
+        mx = tl.maximum(mx, tl.load(part_ptr + k * M + rows, mask=row_mask, other=float("-inf")))
+    ref = tl.where(mx == float("-inf"), 0.0, mx)
+    s = tl.zeros((BLOCK_M,), tl.float32)
+    t = tl.zeros((BLOCK_M,), tl.float32)
+    zy = tl.zeros((BLOCK_M,), tl.float32)
+    for k in range(0, SPLITS):
+        off = part_ptr + k * M + rows
+        m_k = tl.load(off, mask=row_mask, other=float("-inf"))
+        s_k = tl.load(off + plane, mask=row_mask, other=0.0)
+        t_k = tl.load(off + 2 * plane, mask=row_mask, other=0.0)
+        sc = tl.exp(m_k - ref)
+        s += s_k * sc
+        t += tl.where(s_k > 0, sc * (t_k + (m_k - ref) * s_k), 0.0)
+        zy += tl.load(off + 3 * plane, mask=row_mask, other=0.0)
+    lse = mx + tl.log(s)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(logp_ptr + rows, zy - lse, mask=row_mask)
+    tl.store(ent_ptr + rows, tl.log(s) - t / s, mask=row_mask)
+
+
 def linear_logprobs_fwd(hidden, weight, bias, labels, inv_temp, logp, lse, ent) -> None:
     """hidden (M, H) (all rows valid), weight (V, H), bias (V,) | None, labels (M,) int64 -> logp, lse, ent (M,)."""
     (m, width), vocab = hidden.shape, weight.shape[0]
     if m == 0:
         return
     cfg = _common(hidden, weight, bias)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
-    _fwd_kernel[grid](hidden, weight, bias if bias is not None else hidden, labels, logp, lse, ent, m, vocab, width,
-                      hidden.stride(0), weight.stride(0), float(inv_temp), **cfg)
+    splits, span = vocab_splits(vocab, hidden.device)
+    part = torch.empty(4, splits, m, dtype=torch.float32, device=hidden.device)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), splits)
+    _fwd_kernel[grid](hidden, weight, bias if bias is not None else hidden, labels, part, m, vocab, width,
+                      hidden.stride(0), weight.stride(0), float(inv_temp), span, **cfg)
+    _merge_kernel[(triton.cdiv(m, 128),)](part, logp, lse, ent, m, splits, BLOCK_M=128)
 
 
 def linear_dlogits(hidden, weight, bias, labels, lse, ent, dlogp, dent, inv_temp, out) -> None:

@@ -156,6 +156,12 @@ def accumulate_grads(dlogits, hc, weight, dh_out, dw, db) -> None:
     # dlogits (r, V) and hc (r, H) in the input dtype; dw (V, H), db (V,) in the compute dtype
     if dh_out is not None:
         torch.matmul(dlogits, weight, out=dh_out)  # (r, H)
+    if dlogits.is_cuda and dlogits.element_size() == 2:  # tensor-core GEMM (fp32 accumulation), one rounding/chunk
+        if dw is not None:
+            dw.add_(dlogits.t() @ hc)
+        if db is not None:
+            db.add_(dlogits.sum(0, dtype=db.dtype))
+        return
     if dw is not None or db is not None:
         d = dlogits.to(dw.dtype if dw is not None else db.dtype)
         if dw is not None:

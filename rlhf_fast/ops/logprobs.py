@@ -9,9 +9,11 @@ Backends (chosen per call by `rlhf_fast.backend.select`):
   * torch: `rlhf_fast.ops.reference.token_logprobs`; the linear op uses the same chunked path with a PyTorch row kernel.
 
 Batch invariance: a row's log-prob and entropy are bitwise independent of the batch it is in, its position and
-`chunk_size` (native and triton backends; the torch backend relies on PyTorch's CPU softmax, which processes rows
-independently, and is tested but not promised). For the linear op on CPU this holds for a fixed torch thread count
-and BLAS, because every row goes through an identical (ROW_TILE, H) x (H, V) matmul.
+`chunk_size`, for the native and triton backends on a given machine (same build, BLAS, torch thread count, GPU):
+each row's softmax runs in a fixed order over fixed vocabulary blocks; the linear op's CPU path sends every row
+through an identical (ROW_TILE, H) x (H, V) matmul (zero-padded tiles), its Triton path computes each row's logits
+with fixed tiles (tl.dot, no split-K) and merges fixed vocabulary ranges in order. The torch fallback is only
+close (PyTorch's vectorised exp may round a tensor's tail elements differently), not bitwise invariant.
 """
 from __future__ import annotations
 
