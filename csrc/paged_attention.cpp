@@ -67,7 +67,7 @@ void run(const Shape& s, std::uintptr_t out, std::uintptr_t q, std::uintptr_t k,
 #pragma omp parallel if (parallel)
 #endif
   {
-    std::vector<Acc> scratch(static_cast<std::size_t>(group + 1) * 2 * s.head_dim + 2 * group);
+    std::vector<Acc> scratch(static_cast<std::size_t>(paged::attend_scratch_size(group, s.head_dim, s.block_size)));
 #ifdef RLHF_FAST_WITH_OPENMP
 #pragma omp for schedule(dynamic, 4)
 #endif

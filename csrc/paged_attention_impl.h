@@ -4,8 +4,9 @@
 // Cache layout: (num_blocks, block_size, kv_heads, head_dim); a row's token t is in slot t % block_size of block
 // table[t / block_size]. For query head h (kv head h / group), with s_t = scale * <q, k_t>:
 //   out = sum_t softmax(s)_t v_t, accumulated in one pass over t = 0..n-1 (online softmax):
-//   m' = max(m, s_t);  l' = l * exp(m - m') + exp(s_t - m');  acc' = acc * exp(m - m') + exp(s_t - m') v_t.
-// Keys are visited in one fixed order that depends only on n, so a row never depends on its batch.
+//   m' = max(m, s_t);  l' = l * exp(m - m') + exp(s_t - m');  acc' = acc * exp(m - m') + exp(s_t - m') v_t
+// (per key on CUDA; per cache block of keys on CPU, with m' the max over the block).
+// Keys are visited in one fixed order that depends only on n (and block_size), so a row never depends on its batch.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -40,19 +41,11 @@ RLHF_PA_HD void online_step(Acc& m, Acc& l, Acc s, Acc& alpha, Acc& p) {
   m = m_new;
 }
 
-// Merge a second partial state (m2, l2, acc2) into (m, l, acc): used to combine per-warp partials on CUDA.
-template <typename Acc>
-RLHF_PA_HD void merge_scales(Acc m, Acc m2, Acc& a, Acc& b) {
-  const Acc mm = m > m2 ? m : m2;
-  a = exp_acc(m - mm);
-  b = exp_acc(m2 - mm);
-}
-
 // <a, b> over n elements with kLanes independent partial sums (element d goes to lane d % kLanes), combined in a
 // fixed order at the end: vectorisable, and the order depends only on n.
 constexpr int kLanes = 8;
 template <typename Acc>
-RLHF_PA_HD Acc dot_lanes(const Acc* a, const Acc* b, int n) {
+RLHF_PA_HD Acc dot_lanes(const Acc* __restrict__ a, const Acc* __restrict__ b, int n) {
   Acc part[kLanes];
   for (int j = 0; j < kLanes; ++j) part[j] = Acc(0);
   int d = 0;
@@ -63,18 +56,37 @@ RLHF_PA_HD Acc dot_lanes(const Acc* a, const Acc* b, int n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-// The whole computation for one (row, kv head) on one thread: `group` query heads (contiguous, head_dim each, at q)
-// against keys 0..n-1; Load(ptr, i) -> Acc reads cache/query elements, Store(ptr, i, Acc) writes out.
-// scratch: (group + 2) * head_dim + 2 * group Acc values.
+// a = a * alpha + sum_j w[j] * v[j, :], j in order (v: (cnt, head_dim)).
+template <typename Acc>
+RLHF_PA_HD void axpy_block(Acc* __restrict__ a, Acc alpha, const Acc* __restrict__ w, const Acc* __restrict__ v,
+                           int cnt, int head_dim) {
+  for (int d = 0; d < head_dim; ++d) a[d] *= alpha;
+  for (int j = 0; j < cnt; ++j) {
+    const Acc wj = w[j];
+    const Acc* __restrict__ vj = v + static_cast<std::int64_t>(j) * head_dim;
+    for (int d = 0; d < head_dim; ++d) a[d] += wj * vj[d];
+  }
+}
+
+// The whole computation for one (row, kv head) on one thread, a cache block of keys at a time (one rescale of the
+// accumulator per block): `group` query heads (contiguous, head_dim each, at q) against keys 0..n-1.
+// Load(ptr, i) -> Acc reads cache/query elements, Store(ptr, i, Acc) writes out.
+// scratch: attend_scratch_size(group, head_dim, block_size) Acc values.
+RLHF_PA_HD std::int64_t attend_scratch_size(int group, int head_dim, int block_size) {
+  return static_cast<std::int64_t>(2 * group + 2 * block_size) * head_dim + block_size + 2 * group;
+}
+
 template <typename Acc, typename T, typename Load, typename Store>
 RLHF_PA_HD void attend_group(const T* q, const T* k_cache, const T* v_cache, const std::int32_t* table, int n,
                              int block_size, int kv_heads, int head_dim, int kvh, int group, Acc scale, T* out,
                              Acc* scratch, Load load, Store store) {
-  Acc* acc = scratch;                     // (group, head_dim)
-  Acc* qs = acc + group * head_dim;       // (group, head_dim) the queries, converted once
-  Acc* kv = qs + group * head_dim;        // (2, head_dim) the current key and value
-  Acc* m = kv + 2 * head_dim;             // (group,)
-  Acc* l = m + group;                     // (group,)
+  Acc* acc = scratch;                          // (group, head_dim)
+  Acc* qs = acc + group * head_dim;            // (group, head_dim): the queries, converted once
+  Acc* kt = qs + group * head_dim;             // (block_size, head_dim): this block's keys
+  Acc* vt = kt + block_size * head_dim;        // (block_size, head_dim): and values
+  Acc* s = vt + block_size * head_dim;         // (block_size,): scores, then weights
+  Acc* m = s + block_size;                     // (group,)
+  Acc* l = m + group;                          // (group,)
   for (int g = 0; g < group; ++g) {
     m[g] = -INFINITY;
     l[g] = Acc(0);
@@ -83,19 +95,31 @@ RLHF_PA_HD void attend_group(const T* q, const T* k_cache, const T* v_cache, con
       qs[g * head_dim + d] = load(q, g * head_dim + d);
     }
   }
-  Acc* kt = kv;
-  Acc* vt = kv + head_dim;
-  for (int t = 0; t < n; ++t) {
-    const std::int64_t off = token_offset(table, t, block_size, kv_heads, head_dim, kvh);
-    for (int d = 0; d < head_dim; ++d) {
-      kt[d] = load(k_cache, off + d);
-      vt[d] = load(v_cache, off + d);
+  for (int t0 = 0; t0 < n; t0 += block_size) {
+    const int cnt = n - t0 < block_size ? n - t0 : block_size;
+    const std::int64_t off = token_offset(table, t0, block_size, kv_heads, head_dim, kvh);
+    for (int j = 0; j < cnt; ++j) {  // tokens of one block are kv_heads * head_dim apart
+      const std::int64_t o = off + static_cast<std::int64_t>(j) * kv_heads * head_dim;
+      for (int d = 0; d < head_dim; ++d) {
+        kt[j * head_dim + d] = load(k_cache, o + d);
+        vt[j * head_dim + d] = load(v_cache, o + d);
+      }
     }
     for (int g = 0; g < group; ++g) {
-      Acc alpha, p;
-      online_step(m[g], l[g], dot_lanes(qs + g * head_dim, kt, head_dim) * scale, alpha, p);
-      Acc* a = acc + g * head_dim;
-      for (int d = 0; d < head_dim; ++d) a[d] = a[d] * alpha + p * vt[d];
+      Acc mx = m[g];
+      for (int j = 0; j < cnt; ++j) {
+        s[j] = dot_lanes(qs + g * head_dim, kt + j * head_dim, head_dim) * scale;
+        mx = s[j] > mx ? s[j] : mx;
+      }
+      const Acc alpha = exp_acc(m[g] - mx);  // m = -inf before the first block: alpha = 0
+      Acc sum = Acc(0);
+      for (int j = 0; j < cnt; ++j) {
+        s[j] = exp_acc(s[j] - mx);
+        sum += s[j];
+      }
+      l[g] = l[g] * alpha + sum;
+      m[g] = mx;
+      axpy_block(acc + g * head_dim, alpha, s, vt, cnt, head_dim);
     }
   }
   for (int g = 0; g < group; ++g) {
