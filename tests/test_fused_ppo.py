@@ -199,3 +199,12 @@ def test_bad_input():
         ppo_loss_from_hidden(*args, temperature=0)
     with pytest.raises(ValueError, match="advantages is on meta but hidden is on cpu"):
         ppo_loss_from_hidden(hidden, weight, labels, old, adv.to("meta"), mask)
+
+
+def test_second_backward_is_a_clear_error():
+    hidden, weight, labels, old, adv, mask, _ = _batch(2, 5, 8, 19)
+    h = hidden.requires_grad_(True)
+    loss, _ = ppo_loss_from_hidden(h, weight, labels, old, adv, mask)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward can run only once"):
+        loss.backward()

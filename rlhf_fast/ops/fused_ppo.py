@@ -145,7 +145,8 @@ class _FusedPPO(torch.autograd.Function):
             rows_bwd(logits, labels[sl], lse, ent, dlogp.contiguous(), (-entropy_coef * w[sl]).contiguous(),
                      inv_temp, -1, logits)
             accumulate_grads(logits, hc, weight, dh[sl] if dh is not None else None, dw, None)
-        ctx.save_for_backward(dh, dw)
+        ctx.grads = (dh, dw)  # intermediates, scaled in place by the backward pass
+        ctx.weight_dtype = weight.dtype
         loss = pg_sum + kl_coef * kl_sum - entropy_coef * ent_sum
         n = max(m, 1)
         one = torch.ones((), dtype=cd, device=dev)
@@ -156,9 +157,13 @@ class _FusedPPO(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        dh, dw = ctx.saved_tensors
-        dhidden = (dh * g_loss).to(dh.dtype) if dh is not None else None
-        dweight = dw * g_loss if dw is not None else None
+        if ctx.grads is None:
+            raise RuntimeError("ppo_loss_from_hidden: backward can run only once per forward (retain_graph is not "
+                               "supported: the gradients are computed in the forward pass and scaled in place)")
+        dh, dw = ctx.grads
+        ctx.grads = None
+        dhidden = dh.mul_(g_loss.to(dh.dtype)) if dh is not None else None
+        dweight = dw.mul_(g_loss.to(dw.dtype)).to(ctx.weight_dtype) if dw is not None else None
         return dhidden, dweight, None, None, None, None, None, None
 
 
