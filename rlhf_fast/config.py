@@ -199,7 +199,7 @@ class TaskConfig:
     p_verbose: float = 0.6  # demonstrations padded with filler
     p_wrong: float = 0.15  # demonstrations with a wrong answer
     min_items: int = 2
-    max_items: int = 5
+    max_items: int = 4
     seed: int = 1234
 
     def __post_init__(self):
@@ -219,8 +219,8 @@ class PipelineConfig:
     task: TaskConfig = TaskConfig()
     sft: SFTConfig = SFTConfig(epochs=3, batch_size=64, eval_every=100, save_every=200,
                                optim=OptimConfig(lr=2e-3, warmup_steps=30))
-    rm: RMConfig = RMConfig(epochs=2, eval_every=100, save_every=100)
-    ppo: PPOConfig = PPOConfig(iterations=60, n_samples=4, minibatch_size=64, save_every=10)
+    rm: RMConfig = RMConfig(epochs=3, eval_every=100, save_every=100)
+    ppo: PPOConfig = PPOConfig(iterations=30, n_samples=4, minibatch_size=64, save_every=10, kl=KLConfig(coef=0.1))
     eval_prompts: str = ""  # held-out {"prompt"} JSONL for the win rate (the default task makes its own)
     eval_temperature: float = 1.0  # sampling temperature for the win-rate comparison
     threads: int = 1  # torch threads (0: torch's default); for models this small one thread is fastest

@@ -50,8 +50,8 @@ def guarded_step(loss: torch.Tensor, groups: list[list[torch.nn.Parameter]], opt
                  scheduler, grad_clip: float) -> StepResult:
     """Backward, clip, step, with a NaN/Inf guard: a non-finite loss or gradient norm skips the optimiser step
     (the gradients are dropped, the weights and optimiser state untouched). Each parameter group (e.g. policy and
-    value model) is clipped to `grad_clip` on its own. The scheduler advances either way, so the schedule follows
-    the data. Returns the first group's gradient norm."""
+    value model) is clipped to `grad_clip` on its own. The scheduler (if any) advances either way, so the schedule
+    follows the data. Returns the first group's gradient norm."""
     applied, norms = False, [float("nan")]
     if torch.isfinite(loss).item():
         loss.backward()
@@ -61,9 +61,10 @@ def guarded_step(loss: torch.Tensor, groups: list[list[torch.nn.Parameter]], opt
             opt.step()
             applied = True
     opt.zero_grad(set_to_none=True)
-    with warnings.catch_warnings():  # a skipped first step makes torch warn that the scheduler ran first
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-        scheduler.step()
+    if scheduler is not None:
+        with warnings.catch_warnings():  # a skipped first step makes torch warn that the scheduler ran first
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            scheduler.step()
     return StepResult(applied, norms[0])
 
 

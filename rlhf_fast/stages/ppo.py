@@ -152,7 +152,7 @@ class PPOTrainer:
                     pick = torch.randint(len(self.ptx), (c.minibatch_size,), generator=g).tolist()
                     ptx_ids = [self.ptx[i] for i in pick]
                 loss, stats = self.minibatch_loss(mb, ptx_ids)
-                res = guarded_step(loss, self.groups, self.opt, _NoSched(), c.optim.grad_clip)
+                res = guarded_step(loss, self.groups, self.opt, None, c.optim.grad_clip)  # lr moves per iteration
                 if not res.applied:
                     self.skipped += 1
                     log.warning("ppo: iteration %d: step skipped (non-finite loss or gradient)", iteration)
@@ -179,13 +179,6 @@ class PPOTrainer:
                        response_len=float(exp.rollout.mask.sum(1).mean()), lr=self.sched.get_last_lr()[0],
                        skipped=float(self.skipped))
         return metrics
-
-
-class _NoSched:
-    """PPO's LR schedule advances once per iteration, not per minibatch."""
-
-    def step(self) -> None:
-        pass
 
 
 def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = None,
