@@ -207,3 +207,21 @@ def test_labeler_prefers_correct_then_short():
     assert labeler.compare(p, "a", "c") == 0.5
     with pytest.raises(ValueError, match="not a prompt"):
         labeler.parse_prompt("user : juggle a b assistant :")
+
+
+def test_ppo_early_stop_on_approx_kl(task, ppo_models):
+    root, tok, paths = task
+    from transformers import AutoModelForCausalLM
+    cfg = PPOConfig(max_new_tokens=4, n_samples=2, minibatch_size=4, ppo_epochs=3, early_stop_kl=1e-12,
+                    optim=OptimConfig(lr=1e-3, schedule="constant"))
+    policy = AutoModelForCausalLM.from_pretrained(str(ppo_models / "policy"))
+    ref = AutoModelForCausalLM.from_pretrained(str(ppo_models / "policy")).requires_grad_(False)
+    value, rm = (ScalarHeadModel.from_pretrained(ppo_models / "rm") for _ in range(2))
+    trainer = PPOTrainer(cfg, policy, value, ref, rm.requires_grad_(False), tok)
+    prompts = [tok(r["prompt"])["input_ids"] for r in rows(paths["ppo_prompts"])[:8]]
+    exp, _ = trainer.collect(prompts, 0)
+    stats = trainer.update(exp, 0)
+    # the first minibatch is on-policy (approx KL exactly 0); after one step the second one exceeds the limit
+    assert stats["early_stopped"] == 1.0
+    steps = {int(s["step"]) for s in trainer.opt.state.values()}
+    assert steps == {2}  # instead of 3 epochs x 4 minibatches
