@@ -14,13 +14,21 @@ import torch
 import triton
 import triton.language as tl
 
-LOG_RATIO_CLAMP = 20.0
+from rlhf_fast.ops import losses as L
+
+# Globals read inside kernels must be tl.constexpr. The partial-sum layouts are defined once, as plain ints, in
+# rlhf_fast.ops.losses (the native CPU kernels write the same layout).
+LOG_RATIO_CLAMP = tl.constexpr(L.LOG_RATIO_CLAMP)
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 BLOCK_ELEMWISE = 1024
-# Policy partials (last dim of the buffer).
-P_LOSS, P_COUNT, P_CLIPPED, P_KL, P_RATIO, P_RMIN, P_RMAX, P_NONFINITE, P_K = range(9)
-# Value partials; *MEAN / *M2 are the chunk's mean and centred sum of squares (combined with Chan's formula).
-V_LOSS, V_COUNT, V_CLIPPED, V_VSUM, V_NONFINITE, V_RMEAN, V_RM2, V_EMEAN, V_EM2, V_K = range(10)
+P_LOSS, P_COUNT, P_CLIPPED, P_KL = tl.constexpr(L.P_LOSS), tl.constexpr(L.P_COUNT), tl.constexpr(L.P_CLIPPED), \
+    tl.constexpr(L.P_KL)
+P_RATIO, P_RMIN, P_RMAX = tl.constexpr(L.P_RATIO), tl.constexpr(L.P_RMIN), tl.constexpr(L.P_RMAX)
+P_NONFINITE, P_K = tl.constexpr(L.P_NONFINITE), tl.constexpr(L.P_K)
+V_LOSS, V_COUNT, V_CLIPPED, V_VSUM = tl.constexpr(L.V_LOSS), tl.constexpr(L.V_COUNT), tl.constexpr(L.V_CLIPPED), \
+    tl.constexpr(L.V_VSUM)
+V_NONFINITE, V_RMEAN, V_RM2 = tl.constexpr(L.V_NONFINITE), tl.constexpr(L.V_RMEAN), tl.constexpr(L.V_RM2)
+V_EMEAN, V_EM2, V_K = tl.constexpr(L.V_EMEAN), tl.constexpr(L.V_EM2), tl.constexpr(L.V_K)
 
 
 @triton.jit
@@ -126,8 +134,8 @@ def kl_backward(logp, ref_logp, grad_out, dlr, kind: str) -> None:
 #     A < 0 with a dual clip c: l = min(l, -c A). dl/dlogp = -A r where l = pg1 (and |lr| <= 20), else 0
 #     (the clipped branches are constant in logp).
 @triton.jit
-def _policy_token(LOGP, OLD, ADV, MASK, offs, inb, CLIPS, HAS_DUAL: tl.constexpr, ACC: tl.constexpr):
-    lower, upper, dual = CLIPS  # 1 - clip_low, 1 + clip_high, dual clip
+def _policy_token(LOGP, OLD, ADV, MASK, offs, inb, lower, upper, dual, HAS_DUAL: tl.constexpr, ACC: tl.constexpr):
+    """Per-token policy loss terms; lower, upper = 1 - clip_low, 1 + clip_high."""
     lp = tl.load(LOGP + offs, mask=inb, other=0).to(ACC)
     old = tl.load(OLD + offs, mask=inb, other=0).to(ACC)
     adv = tl.load(ADV + offs, mask=inb, other=0).to(ACC)
@@ -154,13 +162,13 @@ def _policy_token(LOGP, OLD, ADV, MASK, offs, inb, CLIPS, HAS_DUAL: tl.constexpr
 @triton.jit
 def _policy_fwd_kernel(LOGP, OLD, ADV, MASK, PART, T, n_chunks, lo_hi, lo_lo, hi_hi, hi_lo, dual_hi, dual_lo,
                        HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    clips = (_join(lo_hi, lo_lo, ACC), _join(hi_hi, hi_lo, ACC), _join(dual_hi, dual_lo, ACC))
+    lower, upper, dual = _join(lo_hi, lo_lo, ACC), _join(hi_hi, hi_lo, ACC), _join(dual_hi, dual_lo, ACC)
     row, c = tl.program_id(0), tl.program_id(1)
     cols = c * BLOCK + tl.arange(0, BLOCK)
     inb = cols < T
     offs = row.to(tl.int64) * T + cols
-    valid, bad, lr, ratio, tok, clipped, _ = _policy_token(LOGP, OLD, ADV, MASK, offs, inb, clips, HAS_DUAL,
-                                                           ACC)
+    valid, bad, lr, ratio, tok, clipped, _ = _policy_token(LOGP, OLD, ADV, MASK, offs, inb, lower, upper,
+                                                           dual, HAS_DUAL, ACC)
     out = PART + (row.to(tl.int64) * n_chunks + c) * P_K
     tl.store(out + P_LOSS, tl.sum(tl.where(valid, tok, 0.0), 0))
     tl.store(out + P_COUNT, tl.sum(valid.to(ACC), 0))
@@ -175,12 +183,13 @@ def _policy_fwd_kernel(LOGP, OLD, ADV, MASK, PART, T, n_chunks, lo_hi, lo_lo, hi
 @triton.jit
 def _policy_bwd_kernel(LOGP, OLD, ADV, MASK, W, GRAD, T, lo_hi, lo_lo, hi_hi, hi_lo, dual_hi, dual_lo,
                        HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    clips = (_join(lo_hi, lo_lo, ACC), _join(hi_hi, hi_lo, ACC), _join(dual_hi, dual_lo, ACC))
+    lower, upper, dual = _join(lo_hi, lo_lo, ACC), _join(hi_hi, hi_lo, ACC), _join(dual_hi, dual_lo, ACC)
     row, c = tl.program_id(0), tl.program_id(1)
     cols = c * BLOCK + tl.arange(0, BLOCK)
     inb = cols < T
     offs = row.to(tl.int64) * T + cols
-    _, _, _, _, _, _, grad = _policy_token(LOGP, OLD, ADV, MASK, offs, inb, clips, HAS_DUAL, ACC)
+    _, _, _, _, _, _, grad = _policy_token(LOGP, OLD, ADV, MASK, offs, inb, lower, upper, dual, HAS_DUAL,
+                                         ACC)
     w = tl.load(W + row).to(ACC)
     tl.store(GRAD + offs, (grad * w).to(GRAD.dtype.element_ty), mask=inb)
 
@@ -200,7 +209,7 @@ def policy_partials(logp, old_logp, adv, mask, clip_lo: float, clip_hi: float, d
     n_chunks = triton.cdiv(T, block)
     acc = _acc(logp, old_logp, adv)
     if part is None:  # tests pass a NaN-filled buffer to check every partial is written
-        part = torch.empty(rows, n_chunks, P_K, dtype=torch.float64 if acc == tl.float64 else torch.float32,
+        part = torch.empty(rows, n_chunks, L.P_K, dtype=torch.float64 if acc == tl.float64 else torch.float32,
                            device=logp.device)
     _policy_fwd_kernel[(rows, n_chunks)](logp, old_logp, adv, mask, part, T, n_chunks, *_clip_args(clip_lo, clip_hi, dual),
                                          HAS_DUAL=dual is not None, BLOCK=block, ACC=acc)
@@ -290,7 +299,7 @@ def value_partials(values, old_values, returns, mask, clip: float | None, part=N
     n_chunks = triton.cdiv(T, block)
     acc = _acc(values, old_values, returns)
     if part is None:  # tests pass a NaN-filled buffer to check every partial is written
-        part = torch.empty(rows, n_chunks, V_K, dtype=torch.float64 if acc == tl.float64 else torch.float32,
+        part = torch.empty(rows, n_chunks, L.V_K, dtype=torch.float64 if acc == tl.float64 else torch.float32,
                            device=values.device)
     _value_fwd_kernel[(rows, n_chunks)](values, old_values, returns, mask, part, T, n_chunks, *split_f64(clip or 0.0),
                                         HAS_CLIP=clip is not None, BLOCK=block, ACC=acc)
@@ -304,12 +313,3 @@ def value_backward(values, old_values, returns, mask, row_weight, grad, clip: fl
     _value_bwd_kernel[(rows, triton.cdiv(T, block))](values, old_values, returns, mask, row_weight, grad, T,
                                                      *split_f64(clip or 0.0), HAS_CLIP=clip is not None, BLOCK=block,
                                                      ACC=_acc(values, old_values, returns))
-
-
-def combine_variance(part: torch.Tensor, count: int, mean: int, m2: int) -> torch.Tensor:
-    """Unbiased variance (0-d, float64) from per-chunk (count, mean, M2) partials (Chan et al. 1979); 0 if n < 2."""
-    n_i, mean_i, m2_i = (part[..., k].double().reshape(-1) for k in (count, mean, m2))
-    n = n_i.sum()
-    mu = (n_i * mean_i).sum() / n.clamp(min=1)
-    m2 = m2_i.sum() + (n_i * (mean_i - mu) ** 2).sum()
-    return m2 / (n - 1).clamp(min=1)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-STAT_K = 3  # (count, mean, M2) per row
+STAT_K = tl.constexpr(3)  # (count, mean, M2) per row
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def acc_dtype(t: torch.Tensor):
 
 
 def stats_buffer(n_rows: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(n_rows, STAT_K, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
+    return torch.empty(n_rows, int(STAT_K), dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
                        device=like.device)
 
 

@@ -7,9 +7,13 @@ import torch
 from _ppo_common import DEVICE, HAS_TRITON, TRITON, random_mask
 from conftest import tol
 
+from rlhf_fast import _native
 from rlhf_fast.ops import losses, ppo_policy_loss, reference, use_backend, value_loss
 
-BACKENDS = ["torch", TRITON]
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(
+    DEVICE != "cpu" or not _native.has("ppo_value_partials_cpu"), reason="the native value loss is CPU-only"))
+BACKENDS = ["torch", TRITON]  # policy loss
+VALUE_BACKENDS = ["torch", NATIVE, TRITON]
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean")
 CLIPS = [dict(), dict(clip_low=0.2, clip_high=0.28), dict(clip_low=0.1, dual_clip=3.0)]
 
@@ -67,18 +71,19 @@ def test_policy_hand_computed(backend):
             assert st.approx_kl.item() == pytest.approx(math.e - 2)  # r - 1 - log r
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", VALUE_BACKENDS)
 @pytest.mark.parametrize("agg", AGGS)
 def test_fully_masked_batch_gives_zero_loss_and_grads(backend, agg):
     logp, old, adv, _ = _policy_inputs(3, 17, torch.float32)
     mask = torch.zeros(3, 17, dtype=torch.bool, device=DEVICE)
-    with use_backend(backend):
+    with use_backend(backend if backend != "native" else None):  # the policy loss has no native kernel
         x = logp.clone().requires_grad_(True)
         loss, st = ppo_policy_loss(x, old, adv, mask, agg=agg)
         loss.backward()
         assert loss.item() == 0 and torch.equal(x.grad, torch.zeros_like(x))
         assert (st.clip_frac.item(), st.approx_kl.item(), st.ratio_mean.item(), st.ratio_min.item(),
                 st.ratio_max.item(), st.nonfinite.item()) == (0, 0, 1, 1, 1, 0)
+    with use_backend(backend):
         v = logp.clone().requires_grad_(True)
         vl, vs = value_loss(v, old, adv, mask, agg=agg)
         vl.backward()
@@ -103,13 +108,13 @@ def test_global_normalisers_make_loss_invariant_to_sharding(backend, agg):
     torch.testing.assert_close(g_sharded, g_full, **tol(torch.float64))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", VALUE_BACKENDS)
 def test_nonfinite_inputs_are_dropped_and_flagged(backend):
     logp, old, adv, mask = _policy_inputs(3, 9, torch.float32, empty_rows=())
     mask[:, :3] = True
     adv[0, 0], logp[1, 1], old[2, 2] = float("nan"), float("-inf"), float("inf")
     logp[0, 8], mask[0, 8] = float("nan"), False  # a masked NaN is ignored and not counted
-    with use_backend(backend):
+    with use_backend(backend if backend != "native" else None):  # the policy loss has no native kernel
         x = logp.clone().requires_grad_(True)
         loss, st = ppo_policy_loss(x, old, adv, mask)
         loss.backward()
@@ -118,6 +123,7 @@ def test_nonfinite_inputs_are_dropped_and_flagged(backend):
         clean[0, 0] = clean[1, 1] = clean[2, 2] = False
         want, _ = ppo_policy_loss(torch.nan_to_num(logp), torch.nan_to_num(old), torch.nan_to_num(adv), clean)
         torch.testing.assert_close(loss, want)
+    with use_backend(backend):
         values = torch.randn(3, 9, device=DEVICE)
         values[0, 0] = float("nan")
         vl, vs = value_loss(values, values.clone(), torch.randn(3, 9, device=DEVICE), mask)
@@ -138,7 +144,7 @@ def _check_value(v, vo, ret, mask, **kw):
         torch.testing.assert_close(getattr(st, name).double(), ref_st[name].double(), msg=name, **t)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", VALUE_BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64))
 @pytest.mark.parametrize("shape", [(3, 1), (4, 41), (2, 1100)])
 def test_value_loss_matches_fp64(backend, dtype, shape):
@@ -152,7 +158,7 @@ def test_value_loss_matches_fp64(backend, dtype, shape):
                 _check_value(v, vo, ret, mask, agg=agg, clip=clip)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", VALUE_BACKENDS)
 def test_value_hand_computed(backend):
     # v = 2, v_old = 0, R = 0, c = 0.5: l1 = 4, clip(v) = 0.5, l2 = 0.25 -> 0.5 * 4 = 2, grad v - R = 2.
     # v = 1, v_old = 0, R = 3, c = 0.5: l1 = 4, clip(v) = 0.5, l2 = 6.25 -> 3.125 (clipped, grad 0).
@@ -168,20 +174,22 @@ def test_value_hand_computed(backend):
         assert st.explained_variance.item() == 1.0
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
-def test_triton_partials_and_grads_write_every_element():
-    from rlhf_fast.kernels import ppo_losses as kp
-
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_kernel_partials_and_grads_write_every_element(backend):
+    if backend == "triton" and not HAS_TRITON or backend == "native" and not _native.has("ppo_value_partials_cpu"):
+        pytest.skip(f"{backend} loss kernels unavailable")
+    kp = losses._kernels(backend)
     logp, old, adv, mask = _policy_inputs(3, 1100, torch.float32)
     m8 = mask.view(torch.uint8)
-    part = torch.full((3, 2, kp.P_K), float("nan"), device=DEVICE)
-    kp.policy_partials(logp, old, adv, m8, 0.2, 0.2, None, part=part)
-    assert not part.isnan().any()
-    vpart = torch.full((3, 2, kp.V_K), float("nan"), device=DEVICE)
-    kp.value_partials(logp, old, adv, m8, 0.2, part=vpart)
-    assert not vpart.isnan().any()
-    w = torch.ones(3, device=DEVICE)
-    for bwd, args in ((kp.policy_backward, (0.2, 0.2, 3.0)), (kp.value_backward, (0.2,))):
+    chunks, dt = (2, torch.float32) if backend == "triton" else (1, torch.float64)
+    w = torch.ones(3, dtype=dt, device=DEVICE)
+    checks = [(kp.value_partials, kp.value_backward, losses.V_K, (0.2,))]
+    if backend == "triton":
+        checks.append((kp.policy_partials, kp.policy_backward, losses.P_K, (0.2, 0.2, 3.0)))
+    for fwd, bwd, k, args in checks:
+        part = torch.full((3, chunks, k), float("nan"), dtype=dt, device=DEVICE)
+        fwd(logp, old, adv, m8, *args, part=part)
+        assert not part.isnan().any()
         grad = torch.full_like(logp, float("nan"))
         bwd(logp, old, adv, m8, w, grad, *args)
         assert not grad.isnan().any() and (grad[~mask] == 0).all()

@@ -1,4 +1,5 @@
-"""PPO clipped policy loss and clipped value loss, with Triton forward/backward kernels.
+"""PPO clipped policy loss and clipped value loss: Triton forward/backward kernels (and native C++ on CPU for
+the value loss; on CPU the policy loss runs its PyTorch composition, whose vectorised exp is the faster path).
 
 Both take padded (batch, T) tensors and a 0/1 mask, reduce with one of four aggregations and return
 `(loss, stats)`, the stats computed in the same pass. Gradients flow to `logp` (policy) and `values` (value loss)
@@ -27,8 +28,13 @@ from rlhf_fast.ops import _checks
 from rlhf_fast.ops import reference as ref
 
 AGG_MODES = ref.AGG_MODES
+LOG_RATIO_CLAMP = ref.LOG_RATIO_CLAMP
+# Layout of the partial sums the loss kernels (Triton and native) write per (row, chunk); *MEAN / *M2 are a chunk's
+# mean and centred sum of squares, merged with Chan's formula (`_combine_variance`).
+P_LOSS, P_COUNT, P_CLIPPED, P_KL, P_RATIO, P_RMIN, P_RMAX, P_NONFINITE, P_K = range(9)
+V_LOSS, V_COUNT, V_CLIPPED, V_VSUM, V_NONFINITE, V_RMEAN, V_RM2, V_EMEAN, V_EM2, V_K = range(10)
 backend.register_op("ppo_policy_loss", triton=True)
-backend.register_op("value_loss", triton=True)
+backend.register_op("value_loss", triton=True, native_cpu="ppo_value_partials_cpu")
 
 
 class PolicyLossStats(NamedTuple):
@@ -99,35 +105,49 @@ def _reduce_rows(row_loss, row_cnt, agg, num_tokens, num_seqs):
     return (row_loss * per_row).sum() / s, per_row / s
 
 
-class _PolicyLossTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask, clips, agg, num_tokens, num_seqs):
+def _kernels(use: str):
+    """The launcher module of a backend: same functions and partial-sum layout for Triton and native."""
+    if use == "triton":
         from rlhf_fast.kernels import ppo_losses as kp
+    else:
+        from rlhf_fast.ops import _losses_native as kp
+    return kp
 
+
+def _combine_variance(part: torch.Tensor, count: int, mean: int, m2: int) -> torch.Tensor:
+    """Unbiased variance (0-d, float64) from per-chunk (count, mean, M2) partials (Chan et al. 1979); 0 if n < 2."""
+    n_i, mean_i, m2_i = (part[..., k].double().reshape(-1) for k in (count, mean, m2))
+    n = n_i.sum()
+    mu = (n_i * mean_i).sum() / n.clamp(min=1)
+    m2 = m2_i.sum() + (n_i * (mean_i - mu) ** 2).sum()
+    return m2 / (n - 1).clamp(min=1)
+
+
+class _PolicyLossKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, old_logp, adv, mask, clips, agg, num_tokens, num_seqs, kp):
         p = kp.policy_partials(logp, old_logp, adv, mask, *clips)  # (batch, chunks, K) -> per-row sums
         rows = p.sum(1)
-        cnt = rows[:, kp.P_COUNT]
-        loss, w = _reduce_rows(rows[:, kp.P_LOSS], cnt, agg, num_tokens, num_seqs)
+        cnt = rows[:, P_COUNT]
+        loss, w = _reduce_rows(rows[:, P_LOSS], cnt, agg, num_tokens, num_seqs)
         n = cnt.sum()
         some = n > 0
         one = torch.ones((), dtype=p.dtype, device=p.device)
-        stats = (rows[:, kp.P_CLIPPED].sum() / n.clamp(min=1), rows[:, kp.P_KL].sum() / n.clamp(min=1),
-                 torch.where(some, rows[:, kp.P_RATIO].sum() / n.clamp(min=1), one),
-                 torch.where(some, p[:, :, kp.P_RMIN].min(), one), torch.where(some, p[:, :, kp.P_RMAX].max(), one),
-                 rows[:, kp.P_NONFINITE].sum().round().to(torch.int64))
+        stats = (rows[:, P_CLIPPED].sum() / n.clamp(min=1), rows[:, P_KL].sum() / n.clamp(min=1),
+                 torch.where(some, rows[:, P_RATIO].sum() / n.clamp(min=1), one),
+                 torch.where(some, p[:, :, P_RMIN].min(), one), torch.where(some, p[:, :, P_RMAX].max(), one),
+                 rows[:, P_NONFINITE].sum().round().to(torch.int64))
         ctx.save_for_backward(logp, old_logp, adv, mask, w)
-        ctx.clips = clips
+        ctx.clips, ctx.kp = clips, kp
         ctx.mark_non_differentiable(*stats)
         return (loss, *stats)
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        from rlhf_fast.kernels import ppo_losses as kp
-
         logp, old_logp, adv, mask, w = ctx.saved_tensors
-        grad = torch.empty(logp.shape, dtype=w.dtype, device=logp.device)
-        kp.policy_backward(logp, old_logp, adv, mask, (w * g_loss).contiguous(), grad, *ctx.clips)
-        return grad.to(logp.dtype), None, None, None, None, None, None, None
+        grad = torch.empty_like(logp)
+        ctx.kp.policy_backward(logp, old_logp, adv, mask, (w * g_loss).contiguous(), grad, *ctx.clips)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -150,11 +170,13 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         raise ValueError(f"clip_high must be >= 0, got {clip_high!r}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 (a lower bound of dual_clip * A for A < 0), got {dual_clip!r}")
-    if backend.select("ppo_policy_loss", logp.device) == "triton" and logp.numel():
+    use = backend.select("ppo_policy_loss", logp.device)
+    if use != "torch" and logp.numel():
         clips = (float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip))
         m = mask.contiguous() if mask.dtype != torch.bool else mask.contiguous().view(torch.uint8)
-        loss, *stats = _PolicyLossTriton.apply(logp.contiguous(), old_logp.detach().contiguous(),
-                                               advantages.detach().contiguous(), m, clips, agg, num_tokens, num_seqs)
+        loss, *stats = _PolicyLossKernel.apply(logp.contiguous(), old_logp.detach().contiguous(),
+                                               advantages.detach().contiguous(), m, clips, agg, num_tokens, num_seqs,
+                                               _kernels(use))
         return loss.to(_compute_dtype(logp)), PolicyLossStats(*stats)
     dt = _compute_dtype(logp)
     loss, st = ref.ppo_policy_loss(logp.to(dt), old_logp.detach().to(dt), advantages.detach().to(dt), mask,
@@ -163,36 +185,32 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     return loss, PolicyLossStats(**st)
 
 
-class _ValueLossTriton(torch.autograd.Function):
+class _ValueLossKernel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, old_values, returns, mask, clip, agg, num_tokens, num_seqs):
-        from rlhf_fast.kernels import ppo_losses as kp
-
+    def forward(ctx, values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, kp):
         p = kp.value_partials(values, old_values, returns, mask, clip)  # (batch, chunks, K)
         rows = p.sum(1)
-        cnt = rows[:, kp.V_COUNT]
-        loss, w = _reduce_rows(rows[:, kp.V_LOSS], cnt, agg, num_tokens, num_seqs)
+        cnt = rows[:, V_COUNT]
+        loss, w = _reduce_rows(rows[:, V_LOSS], cnt, agg, num_tokens, num_seqs)
         n = cnt.sum()
-        var_r = kp.combine_variance(p, kp.V_COUNT, kp.V_RMEAN, kp.V_RM2)
-        var_e = kp.combine_variance(p, kp.V_COUNT, kp.V_EMEAN, kp.V_EM2)
+        var_r = _combine_variance(p, V_COUNT, V_RMEAN, V_RM2)
+        var_e = _combine_variance(p, V_COUNT, V_EMEAN, V_EM2)
         zero = torch.zeros((), dtype=p.dtype, device=p.device)
         ev = torch.where(var_r > 0, 1 - var_e / torch.where(var_r > 0, var_r, 1), zero).to(p.dtype)
-        stats = (rows[:, kp.V_CLIPPED].sum() / n.clamp(min=1), ev,
-                 rows[:, kp.V_VSUM].sum() / n.clamp(min=1), (p[:, :, kp.V_RMEAN] * p[:, :, kp.V_COUNT]).sum()
-                 / n.clamp(min=1), rows[:, kp.V_NONFINITE].sum().round().to(torch.int64))
+        stats = (rows[:, V_CLIPPED].sum() / n.clamp(min=1), ev,
+                 rows[:, V_VSUM].sum() / n.clamp(min=1), (p[:, :, V_RMEAN] * p[:, :, V_COUNT]).sum()
+                 / n.clamp(min=1), rows[:, V_NONFINITE].sum().round().to(torch.int64))
         ctx.save_for_backward(values, old_values, returns, mask, w)
-        ctx.clip = clip
+        ctx.clip, ctx.kp = clip, kp
         ctx.mark_non_differentiable(*stats)
         return (loss, *stats)
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        from rlhf_fast.kernels import ppo_losses as kp
-
         values, old_values, returns, mask, w = ctx.saved_tensors
-        grad = torch.empty(values.shape, dtype=w.dtype, device=values.device)
-        kp.value_backward(values, old_values, returns, mask, (w * g_loss).contiguous(), grad, ctx.clip)
-        return grad.to(values.dtype), None, None, None, None, None, None, None
+        grad = torch.empty_like(values)
+        ctx.kp.value_backward(values, old_values, returns, mask, (w * g_loss).contiguous(), grad, ctx.clip)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
@@ -207,11 +225,13 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     _check_inputs(names, (values, old_values, returns), mask, agg, num_tokens, num_seqs)
     if clip is not None and not clip >= 0:
         raise ValueError(f"clip must be >= 0 or None, got {clip!r}")
-    if backend.select("value_loss", values.device) == "triton" and values.numel():
+    use = backend.select("value_loss", values.device)
+    if use != "torch" and values.numel():
         m = mask.contiguous() if mask.dtype != torch.bool else mask.contiguous().view(torch.uint8)
-        loss, *stats = _ValueLossTriton.apply(values.contiguous(), old_values.detach().contiguous(),
+        loss, *stats = _ValueLossKernel.apply(values.contiguous(), old_values.detach().contiguous(),
                                               returns.detach().contiguous(), m,
-                                              None if clip is None else float(clip), agg, num_tokens, num_seqs)
+                                              None if clip is None else float(clip), agg, num_tokens, num_seqs,
+                                              _kernels(use))
         return loss.to(_compute_dtype(values)), ValueLossStats(*stats)
     dt = _compute_dtype(values)
     loss, st = ref.value_loss(values.to(dt), old_values.detach().to(dt), returns.detach().to(dt), mask, clip=clip,
