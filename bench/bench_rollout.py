@@ -7,6 +7,7 @@ Rows (bench/results/rollout.{csv,json,png}):
     sampling at temperature 1 with no top-k/top-p (PPO's setting: the log-probs are the policy's own); tokens/s,
     speed-up over HF, peak extra memory. CPU timings use 1 torch thread by default (see --threads).
   * greedy/engine-vs-hf: how many of the 32 greedy completions equal HF's `generate(do_sample=False)` run per prompt.
+  * logprobs/engine-vs-teacher-forced: max |engine log-prob - teacher-forced recompute|, default and deterministic.
   * kv/n=8 shared, kv/n=8 unshared: peak KV bytes for 8 samples per prompt with and without prefix sharing, and the
     measured waste (allocated minus held token slots) per sequence, which is at most block_size - 1.
 """
@@ -65,6 +66,21 @@ def greedy_agreement(model, prompts, new) -> tuple[int, int]:
     return equal, ties
 
 
+def mismatch_rows(model, prompts, new) -> list[dict]:
+    """max |engine log-prob - teacher-forced recompute| over every sampled token, scored in reverse order."""
+    rows = []
+    for det in (False, True):
+        eng = RolloutEngine(model, deterministic=det)
+        outs = eng.generate(prompts, SamplingParams(max_new_tokens=new, temperature=1.0, n=2, seed=1))
+        ref = eng.teacher_forced_logprobs([prompts[o.prompt_index] for o in outs][::-1], outs[::-1])[::-1]
+        diff = max(float((o.logprobs - r.cpu()).abs().max()) for o, r in zip(outs, ref))
+        rows.append({"case": "logprobs/engine-vs-teacher-forced", "deterministic": det, "tokens": len(outs) * new,
+                     "max_abs_diff": diff, "bitwise_equal": all(torch.equal(o.logprobs, r.cpu())
+                                                                for o, r in zip(outs, ref)),
+                     "device": device_name(model.device)})
+    return rows
+
+
 def kv_rows(model, prompts, new, block_size) -> list[dict]:
     rows = []
     params8 = SamplingParams(max_new_tokens=new, temperature=1.0, n=8, seed=0)
@@ -116,6 +132,7 @@ def main():
     equal, ties = greedy_agreement(model, prompts, new)
     rows.append({"case": "greedy/engine-vs-hf", "prompts": n_prompts, "new_tokens": new, "equal": equal,
                  "differ_after_tie": ties, "differ_otherwise": n_prompts - equal - ties, "device": device_name(dev)})
+    rows += mismatch_rows(model, prompts, new)
     rows += kv_rows(model, prompts[: max(4, n_prompts // 4)], new, 16)
     path = write_results("rollout", rows, plot_x="case", plot_y="tokens_per_s")
     for r in rows:

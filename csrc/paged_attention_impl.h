@@ -41,30 +41,33 @@ RLHF_PA_HD void online_step(Acc& m, Acc& l, Acc s, Acc& alpha, Acc& p) {
   m = m_new;
 }
 
+// Indices are 64-bit: Python builds extensions with -fwrapv, under which int index arithmetic blocks vectorisation.
+using idx = std::int64_t;
+
 // <a, b> over n elements with kLanes independent partial sums (element d goes to lane d % kLanes), combined in a
 // fixed order at the end: vectorisable, and the order depends only on n.
 constexpr int kLanes = 8;
 template <typename Acc>
-RLHF_PA_HD Acc dot_lanes(const Acc* __restrict__ a, const Acc* __restrict__ b, int n) {
+RLHF_PA_HD Acc dot_lanes(const Acc* __restrict__ a, const Acc* __restrict__ b, idx n) {
   Acc part[kLanes];
-  for (int j = 0; j < kLanes; ++j) part[j] = Acc(0);
-  int d = 0;
+  for (idx j = 0; j < kLanes; ++j) part[j] = Acc(0);
+  idx d = 0;
   for (; d + kLanes <= n; d += kLanes) {
-    for (int j = 0; j < kLanes; ++j) part[j] += a[d + j] * b[d + j];
+    for (idx j = 0; j < kLanes; ++j) part[j] += a[d + j] * b[d + j];
   }
-  for (int j = 0; d + j < n; ++j) part[j] += a[d + j] * b[d + j];
+  for (idx j = 0; d + j < n; ++j) part[j] += a[d + j] * b[d + j];
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
 // a = a * alpha + sum_j w[j] * v[j, :], j in order (v: (cnt, head_dim)).
 template <typename Acc>
 RLHF_PA_HD void axpy_block(Acc* __restrict__ a, Acc alpha, const Acc* __restrict__ w, const Acc* __restrict__ v,
-                           int cnt, int head_dim) {
-  for (int d = 0; d < head_dim; ++d) a[d] *= alpha;
-  for (int j = 0; j < cnt; ++j) {
+                           idx cnt, idx head_dim) {
+  for (idx d = 0; d < head_dim; ++d) a[d] *= alpha;
+  for (idx j = 0; j < cnt; ++j) {
     const Acc wj = w[j];
-    const Acc* __restrict__ vj = v + static_cast<std::int64_t>(j) * head_dim;
-    for (int d = 0; d < head_dim; ++d) a[d] += wj * vj[d];
+    const Acc* __restrict__ vj = v + j * head_dim;
+    for (idx d = 0; d < head_dim; ++d) a[d] += wj * vj[d];
   }
 }
 
@@ -87,33 +90,33 @@ RLHF_PA_HD void attend_group(const T* q, const T* k_cache, const T* v_cache, con
   Acc* s = vt + block_size * head_dim;         // (block_size,): scores, then weights
   Acc* m = s + block_size;                     // (group,)
   Acc* l = m + group;                          // (group,)
-  for (int g = 0; g < group; ++g) {
+  for (idx g = 0; g < group; ++g) {
     m[g] = -INFINITY;
     l[g] = Acc(0);
-    for (int d = 0; d < head_dim; ++d) {
+    for (idx d = 0; d < head_dim; ++d) {
       acc[g * head_dim + d] = Acc(0);
       qs[g * head_dim + d] = load(q, g * head_dim + d);
     }
   }
   for (int t0 = 0; t0 < n; t0 += block_size) {
-    const int cnt = n - t0 < block_size ? n - t0 : block_size;
+    const idx cnt = n - t0 < block_size ? n - t0 : block_size;
     const std::int64_t off = token_offset(table, t0, block_size, kv_heads, head_dim, kvh);
-    for (int j = 0; j < cnt; ++j) {  // tokens of one block are kv_heads * head_dim apart
-      const std::int64_t o = off + static_cast<std::int64_t>(j) * kv_heads * head_dim;
-      for (int d = 0; d < head_dim; ++d) {
+    for (idx j = 0; j < cnt; ++j) {  // tokens of one block are kv_heads * head_dim apart
+      const idx o = off + j * kv_heads * head_dim;
+      for (idx d = 0; d < head_dim; ++d) {
         kt[j * head_dim + d] = load(k_cache, o + d);
         vt[j * head_dim + d] = load(v_cache, o + d);
       }
     }
-    for (int g = 0; g < group; ++g) {
+    for (idx g = 0; g < group; ++g) {
       Acc mx = m[g];
-      for (int j = 0; j < cnt; ++j) {
+      for (idx j = 0; j < cnt; ++j) {
         s[j] = dot_lanes(qs + g * head_dim, kt + j * head_dim, head_dim) * scale;
         mx = s[j] > mx ? s[j] : mx;
       }
       const Acc alpha = exp_acc(m[g] - mx);  // m = -inf before the first block: alpha = 0
       Acc sum = Acc(0);
-      for (int j = 0; j < cnt; ++j) {
+      for (idx j = 0; j < cnt; ++j) {
         s[j] = exp_acc(s[j] - mx);
         sum += s[j];
       }
@@ -122,9 +125,9 @@ RLHF_PA_HD void attend_group(const T* q, const T* k_cache, const T* v_cache, con
       axpy_block(acc + g * head_dim, alpha, s, vt, cnt, head_dim);
     }
   }
-  for (int g = 0; g < group; ++g) {
+  for (idx g = 0; g < group; ++g) {
     const Acc inv = Acc(1) / l[g];
-    for (int d = 0; d < head_dim; ++d) store(out, g * head_dim + d, acc[g * head_dim + d] * inv);
+    for (idx d = 0; d < head_dim; ++d) store(out, g * head_dim + d, acc[g * head_dim + d] * inv);
   }
 }
 
