@@ -1,8 +1,12 @@
 """linear_token_logprobs: the chunked and Triton paths against the float64 naive path, gradients of hidden, weight
 and bias, batch invariance (bitwise) and bad input."""
+import functools
+
 import pytest
 import torch
 from conftest import tol
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rlhf_fast import _native
 from rlhf_fast.backend import registered_ops, triton_available, triton_interpret
@@ -109,6 +113,37 @@ def test_batch_invariance(backend, dtype):
         lbl[1, 37] = labels[5]
         lp = linear_token_logprobs(other, weight, lbl, bias=bias)
         assert same(lp[1, 37], base_lp[5])
+
+
+@functools.cache
+def _pool():
+    """300 fixed rows and their log-probs computed as one batch (native backend)."""
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(300, 48, generator=gen)
+    weight = torch.randn(777, 48, generator=gen) / 7
+    labels = torch.randint(0, 777, (300,), generator=gen)
+    with use_backend("native"):
+        return hidden, weight, labels, linear_token_logprobs(hidden, weight, labels, return_entropy=True)
+
+
+@pytest.mark.skipif(not _native.has("token_logprobs_fwd_cpu"), reason="rlhf_fast._C not built with logprobs")
+@settings(max_examples=15, deadline=None)
+@given(start=st.integers(0, 299), n=st.integers(1, 300), pad_front=st.integers(0, 70),
+       chunk=st.one_of(st.none(), st.integers(1, 700)), ignore_every=st.integers(0, 5))
+def test_batch_invariance_property(start, n, pad_front, chunk, ignore_every):
+    """Any window of the pool, shifted by unrelated rows, some rows ignored, any chunk size: bitwise equal."""
+    hidden, weight, labels, (base_lp, base_ent) = _pool()
+    rows = torch.arange(start, min(start + n, 300))
+    filler = torch.randn(pad_front, 48)
+    h = torch.cat([filler, hidden[rows]])
+    y = torch.cat([torch.randint(0, 777, (pad_front,)), labels[rows]])
+    if ignore_every:
+        y[::ignore_every + 1] = -100
+    with use_backend("native"):
+        lp, ent = linear_token_logprobs(h, weight, y, return_entropy=True, chunk_size=chunk)
+    keep = y[pad_front:] != -100
+    assert torch.equal(lp[pad_front:][keep], base_lp[rows][keep])
+    assert torch.equal(ent[pad_front:][keep], base_ent[rows][keep])
 
 
 def test_frozen_weight_only_hidden_grad():
