@@ -1,0 +1,55 @@
+"""Build the log-prob Triton kernels to sm_90 PTX without a GPU (run in a subprocess without TRITON_INTERPRET).
+
+The interpreter accepts code that compiled Triton rejects, so each kernel is compiled once per representative
+specialisation (the GPU tile sizes of the launchers); any compiler error fails the test that runs this script.
+"""
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from rlhf_fast.kernels import linear_logprobs as kl  # noqa: E402
+from rlhf_fast.kernels import logprobs as kr  # noqa: E402
+
+
+def ptx(fn, types: dict, consts: dict) -> str:
+    signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
+    constexprs = {(fn.arg_names.index(name),): value for name, value in consts.items()}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+
+def _cases():
+    block_v = kr.block_v(151936, torch.device("cuda"))
+    for dt in ("bf16", "fp32"):
+        row = dict(logits_ptr=f"*{dt}", labels_ptr="*i64", V="i32", stride_row="i64", inv_temp="fp32",
+                   ignore_index="i32")
+        yield kr._fwd_kernel, dict(row, logp_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32"), dict(BLOCK_V=block_v)
+        yield kr._bwd_kernel, dict(row, lse_ptr="*fp32", ent_ptr="*fp32", dlogp_ptr="*fp32", dent_ptr="*fp32",
+                                   out_ptr=f"*{dt}", stride_out="i64"), dict(BLOCK_V=block_v)
+        gpu = kl.tiles(torch.device("cuda"))
+        tiles = dict(BLOCK_M=gpu["BLOCK_M"], BLOCK_V=gpu["BLOCK_V"], BLOCK_K=gpu["BLOCK_K"], HAS_BIAS=dt == "fp32",
+                     IEEE=dt == "fp32", UPCAST=False)
+        lin = dict(h_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}", labels_ptr="*i64", M="i32", V="i32", H="i32",
+                   stride_h="i64", stride_w="i64", inv_temp="fp32")
+        yield kl._fwd_kernel, dict(lin, part_ptr="*fp32", V_SPAN="i32"), tiles
+        yield kl._dlogits_kernel, dict(lin, lse_ptr="*fp32", ent_ptr="*fp32", dlogp_ptr="*fp32", dent_ptr="*fp32",
+                                       out_ptr=f"*{dt}", stride_o="i64"), tiles
+    yield kl._merge_kernel, dict(part_ptr="*fp32", logp_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32", M="i32",
+                                 SPLITS="i32"), dict(BLOCK_M=128)
+
+
+if __name__ == "__main__":
+    failed = 0
+    for fn, types, consts in _cases():
+        try:
+            print(f"ok {fn.__name__} {consts}: {len(ptx(fn, types, consts))} chars of PTX")
+        except Exception as e:  # noqa: BLE001 - report every kernel, then fail
+            failed += 1
+            print(f"FAILED {fn.__name__} {consts}: {type(e).__name__}: {e}")
+    sys.exit(1 if failed else 0)
