@@ -80,6 +80,23 @@ def test_kl_kinds_clips_fp64(kl_kind, clip):
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lm_head_bias(backend):
+    hidden, weight, labels, old, adv, mask, ref_logp = _batch(2, 6, 8, 45, dtype=torch.float64)
+    bias = torch.randn(45, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    kw = dict(ref_logp=ref_logp, kl_coef=0.3, entropy_coef=0.02, clip=PPOClip(0.2, 0.25, 2.5))
+    with use_backend(backend):
+        loss, _ = ppo_loss_from_hidden(*leaves[:2], labels, old, adv, mask, bias=leaves[2], chunk_size=4, **kw)
+    grads = torch.autograd.grad(loss * 0.5, leaves)
+    refs = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    ref_loss, _ = reference.ppo_loss_from_hidden(*refs[:2], labels, old, adv, mask, bias=refs[2], agg=PPOAgg(), **kw)
+    ref_grads = torch.autograd.grad(ref_loss * 0.5, refs)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-10, rtol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
+
+
 def test_bf16_error_at_most_twice_pytorch_bf16():
     """flash-attention's rule: the error vs float64 is at most ~2x that of the plain PyTorch path in bf16."""
     batch = _batch(2, 9, 32, 211, dtype=torch.bfloat16)
@@ -197,6 +214,8 @@ def test_bad_input():
         PPOAgg("token-mean", num_tokens=-1)
     with pytest.raises(ValueError, match="temperature"):
         ppo_loss_from_hidden(*args, temperature=0)
+    with pytest.raises(ValueError, match=r"bias must be \(19,\)"):
+        ppo_loss_from_hidden(*args, bias=torch.zeros(18))
     with pytest.raises(ValueError, match="advantages is on meta but hidden is on cpu"):
         ppo_loss_from_hidden(hidden, weight, labels, old, adv.to("meta"), mask)
 

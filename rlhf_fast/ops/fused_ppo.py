@@ -108,19 +108,21 @@ def _loss_backend(device) -> str | None:
 
 class _FusedPPO(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, old_logp, adv, ref_logp, w, cfg):
-        # hidden (M, H) valid tokens only; labels, old_logp, adv, ref_logp | None, w: (M,)
+    def forward(ctx, hidden, weight, bias, labels, old_logp, adv, ref_logp, w, cfg):
+        # hidden (M, H) valid tokens only; weight (V, H); bias (V,) | None
+        # labels, old_logp, adv, ref_logp | None, w: (M,)
         clip, kl_coef, kl_kind, entropy_coef, inv_temp, chunk_size, rows_fwd, rows_bwd = cfg
         m, vocab, cd = hidden.shape[0], weight.shape[0], w.dtype
         dev = hidden.device
         dh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(weight.shape, dtype=cd, device=dev) if ctx.needs_input_grad[1] else None
+        db = torch.zeros(vocab, dtype=cd, device=dev) if ctx.needs_input_grad[2] else None
         zero = torch.zeros((), dtype=cd, device=dev)
         pg_sum, kl_sum, ent_sum, clipped, akl, ratio_sum = zero, zero, zero, zero, zero, zero
         rmin = torch.full((), float("inf"), dtype=cd, device=dev)
         rmax = torch.full((), float("-inf"), dtype=cd, device=dev)
         ones = torch.ones(1, min(m, chunk_rows_for(chunk_size, m, vocab)), dtype=torch.bool, device=dev)
-        for start, rows, hc, logits in iter_chunks(hidden, weight, None, chunk_rows_for(chunk_size, m, vocab),
+        for start, rows, hc, logits in iter_chunks(hidden, weight, bias, chunk_rows_for(chunk_size, m, vocab),
                                                    fixed_tiles=False):
             sl = slice(start, start + rows)
             logp, lse, ent = (torch.empty(rows, dtype=cd, device=dev) for _ in range(3))
@@ -144,9 +146,9 @@ class _FusedPPO(torch.autograd.Function):
             rmin, rmax = torch.minimum(rmin, st.ratio_min), torch.maximum(rmax, st.ratio_max)
             rows_bwd(logits, labels[sl], lse, ent, dlogp.contiguous(), (-entropy_coef * w[sl]).contiguous(),
                      inv_temp, -1, logits)
-            accumulate_grads(logits, hc, weight, dh[sl] if dh is not None else None, dw, None)
-        ctx.grads = (dh, dw)  # intermediates, scaled in place by the backward pass
-        ctx.weight_dtype = weight.dtype
+            accumulate_grads(logits, hc, weight, dh[sl] if dh is not None else None, dw, db)
+        ctx.grads = (dh, dw, db)  # intermediates, scaled in place by the backward pass
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         loss = pg_sum + kl_coef * kl_sum - entropy_coef * ent_sum
         n = max(m, 1)
         one = torch.ones((), dtype=cd, device=dev)
@@ -160,14 +162,15 @@ class _FusedPPO(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("ppo_loss_from_hidden: backward can run only once per forward (retain_graph is not "
                                "supported: the gradients are computed in the forward pass and scaled in place)")
-        dh, dw = ctx.grads
+        dh, dw, db = ctx.grads
         ctx.grads = None
         dhidden = dh.mul_(g_loss.to(dh.dtype)) if dh is not None else None
-        dweight = dw.mul_(g_loss.to(dw.dtype)).to(ctx.weight_dtype) if dw is not None else None
-        return dhidden, dweight, None, None, None, None, None, None
+        dweight = dw.mul_(g_loss.to(dw.dtype)).to(ctx.dtypes[0]) if dw is not None else None
+        dbias = db.mul_(g_loss.to(db.dtype)).to(ctx.dtypes[1]) if db is not None else None
+        return dhidden, dweight, dbias, None, None, None, None, None, None
 
 
-def _check(hidden, weight, labels, old_logp, advantages, mask, ref_logp, kl_kind, clip, agg, temperature,
+def _check(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, kl_kind, clip, agg, temperature,
            chunk_size) -> None:
     _checks.check_float("hidden", hidden, ndim=3)
     _checks.check_float("weight", weight, ndim=2)
@@ -175,6 +178,11 @@ def _check(hidden, weight, labels, old_logp, advantages, mask, ref_logp, kl_kind
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}; got {_checks.desc(weight)}")
     if weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
         raise ValueError(f"weight must have shape (V >= 1, {hidden.shape[-1]}); got {_checks.desc(weight)}")
+    if bias is not None:
+        _checks.check_float("bias", bias, ndim=1)
+        if bias.dtype != hidden.dtype or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be ({weight.shape[0]},) in {hidden.dtype}; got {_checks.desc(bias)}")
+        _checks.check_same_device(["hidden", "bias"], [hidden, bias])
     _checks.check_tensor("labels", labels, dtypes=(torch.int64, torch.int32))
     names = ["labels", "old_logp", "advantages", "mask"] + (["ref_logp"] if ref_logp is not None else [])
     tensors = [labels, old_logp, advantages, mask] + ([ref_logp] if ref_logp is not None else [])
@@ -204,15 +212,16 @@ def _check(hidden, weight, labels, old_logp, advantages, mask, ref_logp, kl_kind
 
 
 def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logp: torch.Tensor,
-                         advantages: torch.Tensor, mask: torch.Tensor, *, ref_logp: torch.Tensor | None = None,
-                         kl_coef: float = 0.0, kl_kind: str = "k3", entropy_coef: float = 0.0,
-                         clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean", temperature: float = 1.0,
-                         chunk_size: int | None = None) -> tuple[torch.Tensor, FusedPPOStats]:
+                         advantages: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
+                         ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
+                         entropy_coef: float = 0.0, clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean",
+                         temperature: float = 1.0, chunk_size: int | None = None) -> tuple[torch.Tensor, FusedPPOStats]:
     """PPO loss straight from hidden states, without materialising the (batch, T, V) logits.
 
     Args:
         hidden: (batch, T, H) float32/bfloat16/float16/float64, hidden states at the positions that predict labels.
-        weight: (V, H) same dtype, the lm_head (no bias).
+        weight: (V, H) same dtype, the lm_head.
+        bias: (V,) same dtype, the lm_head's bias, or None.
         labels: (batch, T) int64, the sampled response tokens (any value where mask is 0).
         old_logp: (batch, T) float, log-probs under the rollout policy.
         advantages: (batch, T) float.
@@ -229,7 +238,7 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
          stats: FusedPPOStats).
     """
     agg = PPOAgg(agg) if isinstance(agg, str) else agg
-    _check(hidden, weight, labels, old_logp, advantages, mask, ref_logp, kl_kind, clip, agg, temperature,
+    _check(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, kl_kind, clip, agg, temperature,
            chunk_size)
     backend = select("ppo_loss_from_hidden", hidden.device)
     if backend == "triton" and hidden.dtype == torch.float64:
@@ -250,7 +259,8 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     take = lambda t: None if t is None else t.reshape(-1).index_select(0, idx)  # noqa: E731
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (M, H)
     cfg = (clip, float(kl_coef), kl_kind, float(entropy_coef), 1.0 / temperature, chunk_size, rows_fwd, rows_bwd)
-    loss, *stats = _FusedPPO.apply(h, weight.contiguous(), take(labels).to(torch.int64).contiguous(),
+    bias = None if bias is None else bias.contiguous()
+    loss, *stats = _FusedPPO.apply(h, weight.contiguous(), bias, take(labels).to(torch.int64).contiguous(),
                                    take(old_logp), take(advantages), take(ref_logp), take(w), cfg)
     # gradients reach `hidden` through the index_select above
     return loss, FusedPPOStats(*stats, nonfinite)

@@ -51,8 +51,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           return_entropy=return_entropy)
 
 
-def ppo_loss_from_hidden(hidden, weight, labels, old_logp, advantages, mask, *, ref_logp=None, kl_coef=0.0,
-                         kl_kind="k3", entropy_coef=0.0, clip, agg, temperature=1.0):
+def ppo_loss_from_hidden(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, ref_logp=None,
+                         kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip, agg, temperature=1.0):
     """The fused PPO step as a composition: logits -> token_logprobs -> ppo_policy_loss + kl_coef * agg(kl_penalty)
     - entropy_coef * agg(entropy). hidden (batch, T, H), weight (V, H), the rest (batch, T); `clip` has
     low/high/dual and `agg` mode/num_tokens/num_seqs (rlhf_fast.ops.fused_ppo.PPOClip / PPOAgg).
@@ -62,7 +62,7 @@ def ppo_loss_from_hidden(hidden, weight, labels, old_logp, advantages, mask, *, 
         finite = finite & torch.isfinite(ref_logp)
     valid = mask.bool() & finite
     labels = torch.where(valid, labels, torch.full_like(labels, -100))
-    logp, ent = token_logprobs(hidden @ weight.t(), labels, temperature=temperature, return_entropy=True)
+    logp, ent = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True)
     norm = dict(num_tokens=agg.num_tokens, num_seqs=agg.num_seqs)
     pg, stats = ppo_policy_loss(logp, old_logp, advantages, valid, clip_low=clip.low, clip_high=clip.high,
                                 dual_clip=clip.dual, agg=agg.mode, **norm)
