@@ -123,6 +123,49 @@ def _combine_variance(part: torch.Tensor, count: int, mean: int, m2: int) -> tor
     return m2 / (n - 1).clamp(min=1)
 
 
+class _PolicyLossTorch(torch.autograd.Function):
+    """The PyTorch path (CPU, or no kernel): the forward also forms d l / d logp, so the backward is one multiply
+    instead of autograd replaying a dozen elementwise ops (the reference in `ops.reference` stays the oracle)."""
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, adv, mask, clips, agg, num_tokens, num_seqs):
+        lower, upper, dual = 1 - clips[0], 1 + clips[1], clips[2]
+        dt = _compute_dtype(logp)
+        lp, old, a = logp.to(dt), old_logp.to(dt), adv.to(dt)
+        m = mask.bool()
+        valid = m & torch.isfinite(lp) & torch.isfinite(old) & torch.isfinite(a)
+        zero = torch.zeros((), dtype=dt, device=lp.device)
+        raw = torch.where(valid, lp - old, zero)  # (batch, T); 0 on invalid tokens, so their ratio is 1
+        a = torch.where(valid, a, zero)  # ... and their loss and gradient 0
+        lr = raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        ratio = torch.exp(lr)
+        pg1, pg2 = -a * ratio, -a * ratio.clamp(lower, upper)
+        tok, clipped = torch.maximum(pg1, pg2), pg2 > pg1
+        if dual is not None:
+            pg3 = -a * dual
+            dual_on = (a < 0) & (pg3 < tok)
+            tok, clipped = torch.where(dual_on, pg3, tok), clipped | dual_on
+        row_cnt = valid.sum(-1)
+        loss, w = _reduce_rows(tok.sum(-1), row_cnt, agg, num_tokens, num_seqs)
+        dtok = torch.where(~clipped & (raw.abs() <= LOG_RATIO_CLAMP), pg1, zero)  # d l / d logp
+        n = row_cnt.sum().clamp(min=1).to(dt)
+        some = valid.any()
+        one = torch.ones((), dtype=dt, device=lp.device)
+        stats = ((clipped & valid).sum().to(dt) / n, (torch.expm1(lr) - lr).sum() / n,
+                 torch.where(some, torch.where(valid, ratio, zero).sum() / n, one),
+                 torch.where(some, torch.where(valid, ratio, torch.inf).min(), one),
+                 torch.where(some, torch.where(valid, ratio, -torch.inf).max(), one), (m & ~valid).sum())
+        ctx.save_for_backward(dtok, w)
+        ctx.logp_dtype = logp.dtype
+        ctx.mark_non_differentiable(*stats)
+        return (loss, *stats)
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        dtok, w = ctx.saved_tensors
+        return (dtok * (w * g_loss)[:, None]).to(ctx.logp_dtype), None, None, None, None, None, None, None
+
+
 class _PolicyLossKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, adv, mask, clips, agg, num_tokens, num_seqs, kp):
@@ -171,18 +214,16 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 (a lower bound of dual_clip * A for A < 0), got {dual_clip!r}")
     use = backend.select("ppo_policy_loss", logp.device)
+    clips = (float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip))
     if use != "torch" and logp.numel():
-        clips = (float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip))
         m = mask.contiguous() if mask.dtype != torch.bool else mask.contiguous().view(torch.uint8)
         loss, *stats = _PolicyLossKernel.apply(logp.contiguous(), old_logp.detach().contiguous(),
                                                advantages.detach().contiguous(), m, clips, agg, num_tokens, num_seqs,
                                                _kernels(use))
-        return loss.to(_compute_dtype(logp)), PolicyLossStats(*stats)
-    dt = _compute_dtype(logp)
-    loss, st = ref.ppo_policy_loss(logp.to(dt), old_logp.detach().to(dt), advantages.detach().to(dt), mask,
-                                   clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
-                                   num_tokens=num_tokens, num_seqs=num_seqs)
-    return loss, PolicyLossStats(**st)
+    else:
+        loss, *stats = _PolicyLossTorch.apply(logp, old_logp.detach(), advantages.detach(), mask, clips, agg,
+                                              num_tokens, num_seqs)
+    return loss.to(_compute_dtype(logp)), PolicyLossStats(*stats)
 
 
 class _ValueLossKernel(torch.autograd.Function):
