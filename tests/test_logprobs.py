@@ -226,3 +226,13 @@ def test_triton_kernels_compile_for_sm90():
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert out.stdout.count("ok ") == 9
+
+
+@pytest.mark.skipif(not _native.has("token_logprobs_fwd_cpu"), reason="native logprobs not built")
+def test_custom_ops_pass_opcheck():
+    """Schema, fake-tensor and autograd registration of the native custom ops (torch.compile relies on them)."""
+    x = torch.randn(5, 17, requires_grad=True)
+    y = torch.tensor([3, -100, 0, 16, 9])
+    torch.library.opcheck(torch.ops.rlhf_fast.token_logprobs_fwd.default, (x, y, 0.7, -100))
+    lse, ent, g = torch.randn(5), torch.rand(5), torch.randn(5)
+    torch.library.opcheck(torch.ops.rlhf_fast.token_logprobs_bwd.default, (x.detach(), y, lse, ent, g, g, 0.7, -100))
