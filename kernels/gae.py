@@ -25,8 +25,8 @@ def _then(p1, q1, s1, u1, w1, p2, q2, s2, u2, w2):
 
 
 @triton.jit
-def _gae_kernel(R, V, M, CU, ADV, RET, STATS, gamma_hi, gamma_lo, lam_hi, lam_lo, WITH_STATS: tl.constexpr, BLOCK: tl.constexpr,
-                ACC: tl.constexpr):
+def _gae_kernel(R, V, M, CU, ADV, RET, STATS, gamma_hi, gamma_lo, lam_hi, lam_lo, WITH_STATS: tl.constexpr,
+                BLOCK: tl.constexpr, ACC: tl.constexpr):
     seq = tl.program_id(0)
     begin, end = tl.load(CU + seq), tl.load(CU + seq + 1)
     i = tl.arange(0, BLOCK)

@@ -211,8 +211,9 @@ def policy_partials(logp, old_logp, adv, mask, clip_lo: float, clip_hi: float, d
     if part is None:  # tests pass a NaN-filled buffer to check every partial is written
         part = torch.empty(rows, n_chunks, L.P_K, dtype=torch.float64 if acc == tl.float64 else torch.float32,
                            device=logp.device)
-    _policy_fwd_kernel[(rows, n_chunks)](logp, old_logp, adv, mask, part, T, n_chunks, *_clip_args(clip_lo, clip_hi, dual),
-                                         HAS_DUAL=dual is not None, BLOCK=block, ACC=acc)
+    _policy_fwd_kernel[(rows, n_chunks)](logp, old_logp, adv, mask, part, T, n_chunks,
+                                         *_clip_args(clip_lo, clip_hi, dual), HAS_DUAL=dual is not None, BLOCK=block,
+                                         ACC=acc)
     return part
 
 
@@ -256,8 +257,8 @@ def _value_token(V, VOLD, RET, MASK, offs, inb, clip_hi, clip_lo, HAS_CLIP: tl.c
 
 
 @triton.jit
-def _value_fwd_kernel(V, VOLD, RET, MASK, PART, T, n_chunks, clip_hi, clip_lo, HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
-                      ACC: tl.constexpr):
+def _value_fwd_kernel(V, VOLD, RET, MASK, PART, T, n_chunks, clip_hi, clip_lo, HAS_CLIP: tl.constexpr,
+                      BLOCK: tl.constexpr, ACC: tl.constexpr):
     row, c = tl.program_id(0), tl.program_id(1)
     cols = c * BLOCK + tl.arange(0, BLOCK)
     inb = cols < T

@@ -27,7 +27,8 @@ def test_matches_reference_with_padding_and_holes(kind, left):
     want = reference.token_rewards(scores, x64, ref_logp, mask, kl_coef=0.05, kind=kind)
     torch.testing.assert_close(got, want)
     g = torch.randn(b, t, dtype=torch.float64)
-    torch.testing.assert_close(torch.autograd.grad((got * g).sum(), x)[0], torch.autograd.grad((want * g).sum(), x64)[0])
+    (dx,), (dx64,) = torch.autograd.grad((got * g).sum(), x), torch.autograd.grad((want * g).sum(), x64)
+    torch.testing.assert_close(dx, dx64)
     # The score sits exactly on the last valid token of each non-empty row; the sum is score - kl_coef * sum(kl).
     assert (got[~mask] == 0).all()
     kl = reference.kl_penalty(logp, ref_logp, kind)
