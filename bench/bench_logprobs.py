@@ -41,7 +41,8 @@ def _token_cases(n, vocab, dtype, device, backends):
             lp.backward(grad)
             return lp.detach()
 
-        params = dict(backend=b, N=n, V=vocab, dtype=str(dtype).replace("torch.", ""))
+        params = dict(impl=f"{b} {str(dtype).replace('torch.', '')}", backend=b, N=n, V=vocab,
+                      dtype=str(dtype).replace("torch.", ""))
         cases.append(Case("token_logprobs/fwd", params, fwd, ref=ref, bytes_moved=nbytes))
         # forward reads the logits once, backward reads them again and writes dlogits
         cases.append(Case("token_logprobs/fwd+bwd", params, fwd_bwd, ref=ref, bytes_moved=3 * nbytes))
@@ -69,13 +70,14 @@ def _linear_cases(n, width, vocab, dtype, device, backends):
         return run(lambda h, w: reference.linear_token_logprobs(h, w, labels))
 
     params = dict(N=n, H=width, V=vocab, dtype=str(dtype).replace("torch.", ""))
-    cases = [Case("linear/fwd+bwd", dict(path="naive", **params), naive, ref=ref, out_of=lambda r: r[0], flops=flops)]
+    cases = [Case("linear/fwd+bwd", dict(impl="naive", path="naive", **params), naive, ref=ref, out_of=lambda r: r[0],
+                  flops=flops)]
     for b in backends:
         def fused(b=b):
             with use_backend(b):
                 return run(lambda h, w: linear_token_logprobs(h, w, labels))
 
-        cases.append(Case("linear/fwd+bwd", dict(path=f"chunked-{b}", **params), fused, ref=ref,
+        cases.append(Case("linear/fwd+bwd", dict(impl=f"chunked-{b}", path=f"chunked-{b}", **params), fused, ref=ref,
                           out_of=lambda r: r[0], flops=flops))
     grads_mib = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
     return cases, grads_mib
@@ -115,7 +117,7 @@ def main() -> None:
         rows.append(row)
     name = "logprobs_gpu" if args.gpu else "logprobs"
     path = write_results(name + ("_small" if args.small else ""), rows, plot_x="case", plot_y="time_ms",
-                         group_by="backend")
+                         group_by="impl", logy=True)
     for r in rows:
         print(r)
     print(f"wrote {path}")
