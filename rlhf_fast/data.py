@@ -177,7 +177,8 @@ def load_texts(path: str | Path, tokenizer, max_len: int) -> list[list[int]]:
 # --- batching ----------------------------------------------------------------------------------------------------
 
 
-def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int, bucket_size: int = 1) -> list[list[int]]:
+def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int,
+                  bucket_size: int = 1) -> list[list[int]]:
     """Index batches for one epoch: a seeded shuffle, then length bucketing inside windows of `bucket_size`
     batches (less padding), the batches of each window shuffled again. Same arguments -> same batches."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
