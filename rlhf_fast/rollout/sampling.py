@@ -1,8 +1,8 @@
 """Token sampling: greedy, temperature, top-k, top-p, each row with its own generator (reproducible per request).
 
-A sampled token is `argmax(p / e)` with `e = -log(u) ~ Exp(1)` drawn from the row's generator (the exponential race, equal in
-law to drawing from `p`): tokens outside the kept set have `p = 0` and can never win, and a row's draw depends only
-on its own generator, never on the batch it is in.
+A sampled token is the inverse CDF of the (filtered) distribution at one uniform drawn from the row's own generator:
+tokens outside the kept set have zero-width CDF steps and can never be drawn, and a row's draw depends only on its
+own generator, never on the batch it is in.
 """
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     if (0 < top_k < v) or top_p < 1.0:
         scaled = scaled.masked_fill(~keep_mask(scaled, top_k, top_p), float("-inf"))
     probs = torch.softmax(scaled, dim=-1)  # (B, V)
-    # e = -log(u), u ~ U[0, 1) from row b's own generator: Exp(1) noise
-    u = torch.stack([torch.rand(v, device=logits.device, generator=g) for g in generators])  # (B, V)
-    noise = (-torch.log(u)).clamp_min(torch.finfo(probs.dtype).tiny)  # never 0/0 for a dropped token
-    return (probs / noise).argmax(dim=-1)
+    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    # one uniform per row from the row's own generator, scaled into [0, total): inverse-CDF sampling
+    u = torch.stack([torch.rand((), dtype=torch.float64, device=logits.device, generator=g) for g in generators])
+    u = (u * cdf[:, -1])[:, None]  # (B, 1)
+    # first index with cdf > u: token i has cdf[i] > u >= cdf[i - 1], so p_i > 0 (dropped tokens never win)
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(v - 1)
