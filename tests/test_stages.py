@@ -186,9 +186,11 @@ def test_ppo_stage_runs_and_resumes_exactly(task, ppo_models, tmp_path):
     train_ppo(cfg, tmp_path / "part", stop_after=1)
     resumed = train_ppo(cfg, tmp_path / "part", plots=False)
     assert full.iterations == resumed.iterations == 2
-    a = ScalarHeadModel.from_pretrained(full.value_dir).state_dict()
-    b = ScalarHeadModel.from_pretrained(resumed.value_dir).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    from transformers import AutoModelForCausalLM
+    for load, da, db in ((ScalarHeadModel.from_pretrained, full.value_dir, resumed.value_dir),
+                         (AutoModelForCausalLM.from_pretrained, full.policy_dir, resumed.policy_dir)):
+        a, b = load(da).state_dict(), load(db).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
     log = rows(tmp_path / "full" / "metrics.jsonl")
     assert [r["step"] for r in log] == [1, 2] and log[-1]["kl_coef"] != 0.1  # the adaptive KL moved
     untimed = [{k: v for k, v in r.items() if not k.startswith("time_")} for r in log]
