@@ -52,3 +52,22 @@ def test_pipeline_config_errors_exit_2(tmp_path, capsys):
 def test_custom_data_needs_all_paths(tmp_path):
     with pytest.raises(ValueError, match="also set rm.train_data, ppo.prompts, eval_prompts"):
         main(["pipeline", "--out", str(tmp_path), "--set", "sft.train_data=x.jsonl"])
+
+
+def test_pipeline_on_given_data_judges_with_the_reward_model(tmp_path):
+    from rlhf_fast.config import PipelineConfig, load_config
+    from rlhf_fast.default_task import build_tokenizer, write_task_data
+    from rlhf_fast.stages.pipeline import run_pipeline
+
+    build_tokenizer(tmp_path / "tok")
+    cfg = load_config(PipelineConfig, None, TOY)
+    d = write_task_data(tmp_path / "data", cfg.task)
+    custom = [f"sft.tokenizer={tmp_path / 'tok'}", f"sft.train_data={d['sft_train']}", f"rm.train_data={d['rm_train']}",
+              f"rm.eval_data={d['rm_eval']}", f"ppo.prompts={d['ppo_prompts']}", f"eval_prompts={d['ppo_eval']}",
+              "ppo.ptx_coef=0", "ppo.iterations=1"]
+    with one_thread():
+        report = run_pipeline(load_config(PipelineConfig, None, TOY + custom), tmp_path / "run")
+    assert report["win_rate_judge"] == "reward_model" and 0 <= report["win_rate"] <= 1
+    assert report["sft_eval_loss"] is None  # no SFT eval data given: null, not a made-up number
+    json.loads((tmp_path / "run" / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert "correct_ppo" not in report

@@ -129,12 +129,17 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path) -> dict:
                            use_labeler=use_labeler, seed=cfg.ppo.seed + 1, device=cfg.ppo.device)
     times = {"setup": setup_s, "sft": sft.elapsed_s, "rm": rm.elapsed_s, "ppo": ppo.elapsed_s,
              "eval": time.perf_counter() - t}
-    report = {"sft_eval_loss": sft.eval_loss, "rm_accuracy": rm.accuracy, **cmp,
+    report = {"sft_eval_loss": _or_null(sft.eval_loss), "rm_accuracy": _or_null(rm.accuracy), **cmp,
               "skipped_steps": {"sft": sft.skipped_steps, "rm": rm.skipped_steps, "ppo": ppo.skipped_steps},
               "stage_time_s": times, "wall_time_s": sum(times.values()), "torch_threads": torch.get_num_threads()}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_curves(out)
     return report
+
+
+def _or_null(x: float) -> float | None:
+    """NaN (nothing to evaluate) becomes null, so report.json stays strict JSON."""
+    return None if x != x else x
 
 
 def plot_curves(out: Path) -> Path:
