@@ -5,7 +5,7 @@ Hugging Face `generate`.
 
 A Llama of the default pipeline's shape (randomly initialised; the default task's 40-word vocabulary), policy,
 frozen reference, frozen reward model and value model; 32 prompts x 4 samples, up to 24 new tokens, 2 PPO epochs
-of minibatch 64. Rows (bench/results/ppo_iteration.{csv,json,png}), one per (loop, phase), phase in generation |
+of minibatch 64. Rows (bench/results/ppo_iteration[_h<hidden>_l<layers>].{csv,json,png}), one per (loop, phase), phase in generation |
 scoring (policy/reference/value/reward passes) | advantages (token rewards + GAE + whitening) | update | total:
 median ms over the measured iterations, generated tokens per iteration and tokens/s over the whole iteration.
   * rlhf_fast: the paged rollout engine, ops on their automatic backend (native C++ on CPU where built).
@@ -93,7 +93,8 @@ def main() -> None:
     for r in rows:
         if r["phase"] == "total":
             r["speedup_vs_baseline"] = round(base / r["time_ms"], 2)
-    path = write_results("ppo_iteration", rows, plot_x="phase", plot_y="time_ms")
+    name = "ppo_iteration" if (args.hidden, args.layers) == (128, 2) else f"ppo_iteration_h{args.hidden}_l{args.layers}"
+    path = write_results(name, rows, plot_x="phase", plot_y="time_ms")
     for r in rows:
         print({k: v for k, v in r.items() if k != "device" and v != ""})
     print(f"wrote {path}")
