@@ -61,6 +61,18 @@ def test_left_and_right_padding(backend, left):
         assert (adv[3, :16] == adv[3, 16]).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs(backend):
+    with use_backend(backend):
+        for shape in ((0, 5), (3, 0)):
+            r = torch.randn(shape, device=DEVICE)
+            adv, ret = gae(r, r, torch.ones(shape, device=DEVICE), whiten=True)
+            assert adv.shape == ret.shape == shape
+        empty = torch.zeros(0, device=DEVICE)
+        adv, _ = gae_packed(empty, empty, empty, torch.zeros(3, dtype=torch.int64, device=DEVICE))
+        assert adv.shape == (0,)
+
+
 def test_hand_computed():
     # r = (0, 0, 1), V = 0, gamma = 0.5, lam = 1: A_2 = 1, A_1 = 0.5, A_0 = 0.25.
     # Hole: mask (1, 0, 1), r = (0, 5, 1), V = (1, 7, 2), gamma = lam = 1: A_2 = 1 - 2 = -1; t = 1 is skipped and

@@ -195,6 +195,19 @@ def test_kernel_partials_and_grads_write_every_element(backend):
         assert not grad.isnan().any() and (grad[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("backend", VALUE_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+def test_empty_inputs_give_zero_loss(backend, shape):
+    x = torch.randn(shape, device=DEVICE)
+    mask = torch.ones(shape, device=DEVICE)
+    with use_backend(backend if backend != "native" else None):
+        loss, st = ppo_policy_loss(x.requires_grad_(True), x, x, mask)
+        loss.backward()
+        assert loss.item() == 0 and st.ratio_min.item() == 1 and x.grad.shape == shape
+    with use_backend(backend):
+        assert value_loss(x, x, x, mask)[0].item() == 0
+
+
 def test_bad_input_is_rejected_with_clear_errors():
     logp, old, adv, mask = _policy_inputs(2, 5, torch.float32)
     with pytest.raises(ValueError, match="old_logp must have the same shape"):

@@ -36,6 +36,11 @@ def test_matches_reference_with_padding_and_holes(kind, left):
     torch.testing.assert_close(got.detach().sum(-1), want_sum)
 
 
+def test_no_tokens():
+    r = token_rewards(torch.ones(3), torch.zeros(3, 0), torch.zeros(3, 0), torch.ones(3, 0), kl_coef=0.1)
+    assert r.shape == (3, 0)
+
+
 def test_bad_input():
     lp = torch.zeros(2, 3)
     m = torch.ones(2, 3)

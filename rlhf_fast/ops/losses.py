@@ -151,10 +151,11 @@ class _PolicyLossTorch(torch.autograd.Function):
         n = row_cnt.sum().clamp(min=1).to(dt)
         some = valid.any()
         one = torch.ones((), dtype=dt, device=lp.device)
+        r_min = torch.where(valid, ratio, torch.inf).min() if ratio.numel() else one
+        r_max = torch.where(valid, ratio, -torch.inf).max() if ratio.numel() else one
         stats = ((clipped & valid).sum().to(dt) / n, (torch.expm1(lr) - lr).sum() / n,
                  torch.where(some, torch.where(valid, ratio, zero).sum() / n, one),
-                 torch.where(some, torch.where(valid, ratio, torch.inf).min(), one),
-                 torch.where(some, torch.where(valid, ratio, -torch.inf).max(), one), (m & ~valid).sum())
+                 torch.where(some, r_min, one), torch.where(some, r_max, one), (m & ~valid).sum())
         ctx.save_for_backward(dtok, w)
         ctx.logp_dtype = logp.dtype
         ctx.mark_non_differentiable(*stats)

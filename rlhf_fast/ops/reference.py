@@ -192,8 +192,8 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high
             clip_frac=masked_mean(clipped.to(logp.dtype), valid),
             approx_kl=masked_mean(torch.expm1(lr) - lr, valid),
             ratio_mean=torch.where(any_valid, masked_mean(ratio, valid), one),
-            ratio_min=torch.where(any_valid, torch.where(valid, ratio, torch.inf).min(), one),
-            ratio_max=torch.where(any_valid, torch.where(valid, ratio, -torch.inf).max(), one),
+            ratio_min=torch.where(any_valid, torch.where(valid, ratio, torch.inf).min(), one) if ratio.numel() else one,
+            ratio_max=torch.where(any_valid, torch.where(valid, ratio, -torch.inf).max(), one) if ratio.numel() else one,
             nonfinite=nonfinite,
         )
     return loss, stats
@@ -230,6 +230,8 @@ def token_rewards(scores, logp, ref_logp, mask, *, kl_coef, kind="k1"):
     m = mask.bool()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     r = torch.where(m, -kl_coef * kl_penalty(logp, ref_logp, kind), zero)
+    if m.shape[-1] == 0:
+        return r
     pos = torch.arange(m.shape[-1], device=m.device)
     last = torch.where(m, pos, -1).max(-1).values  # (batch,) index of the last valid token, -1 if none
     at_last = (pos == last[:, None]) & m

@@ -35,6 +35,8 @@ def token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
     m = mask.bool()
     zero = torch.zeros((), dtype=torch.promote_types(logp.dtype, ref_logp.dtype), device=logp.device)
     r = torch.where(m, -float(kl_coef) * kl_penalty(logp, ref_logp, kind), zero)
+    if m.shape[-1] == 0:  # no tokens: nothing to put the score on
+        return r
     pos = torch.arange(m.shape[-1], device=m.device)
     last = torch.where(m, pos, -1).amax(-1, keepdim=True)  # (batch, 1): last valid index, -1 for an empty row
     return r + torch.where((pos == last) & m, scores[:, None].to(r.dtype), zero)
