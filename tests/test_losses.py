@@ -29,6 +29,7 @@ def _check_policy(logp, old, adv, mask, **kw):
     x = logp.clone().requires_grad_(True)
     loss, st = ppo_policy_loss(x, old, adv, mask, **kw)
     assert isinstance(st, losses.PolicyLossStats) and loss.dim() == 0
+    assert st.clip_frac.dtype == loss.dtype == losses._compute_dtype(logp) and st.nonfinite.dtype == torch.int64
     x64 = logp.double().requires_grad_(True)
     ref_loss, ref_st = reference.ppo_policy_loss(x64, old.double(), adv.double(), mask, **kw)
     t = tol(torch.float32)  # math runs in float32 (float64 for float64 inputs) on every backend
@@ -133,7 +134,7 @@ def test_nonfinite_inputs_are_dropped_and_flagged(backend):
 def _check_value(v, vo, ret, mask, **kw):
     x = v.clone().requires_grad_(True)
     loss, st = value_loss(x, vo, ret, mask, **kw)
-    assert isinstance(st, losses.ValueLossStats)
+    assert isinstance(st, losses.ValueLossStats) and st.clip_frac.dtype == loss.dtype == losses._compute_dtype(v)
     x64 = v.double().requires_grad_(True)
     ref_loss, ref_st = reference.value_loss(x64, vo.double(), ret.double(), mask, **kw)
     t = tol(torch.float64) if v.dtype == torch.float64 else tol(torch.float32)

@@ -224,7 +224,8 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     else:
         loss, *stats = _PolicyLossTorch.apply(logp, old_logp.detach(), advantages.detach(), mask, clips, agg,
                                               num_tokens, num_seqs)
-    return loss.to(_compute_dtype(logp)), PolicyLossStats(*stats)
+    dt = _compute_dtype(logp)
+    return loss.to(dt), PolicyLossStats(*(t.to(dt) if t.is_floating_point() else t for t in stats))
 
 
 class _ValueLossKernel(torch.autograd.Function):
@@ -274,7 +275,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
                                               returns.detach().contiguous(), m,
                                               None if clip is None else float(clip), agg, num_tokens, num_seqs,
                                               _kernels(use))
-        return loss.to(_compute_dtype(values)), ValueLossStats(*stats)
+        dt = _compute_dtype(values)
+        return loss.to(dt), ValueLossStats(*(t.to(dt) if t.is_floating_point() else t for t in stats))
     dt = _compute_dtype(values)
     loss, st = ref.value_loss(values.to(dt), old_values.detach().to(dt), returns.detach().to(dt), mask, clip=clip,
                               agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)
