@@ -204,3 +204,13 @@ def test_sampling_follows_the_distribution():
     counts = torch.bincount(torch.cat([sample(logits, 0.7, 0, 1.0, [g]) for _ in range(4000)]), minlength=4)
     expect = torch.softmax(logits[0] / 0.7, -1) * 4000
     assert ((counts - expect).abs() < 5 * expect.sqrt() + 5).all(), (counts, expect)
+
+
+def test_teacher_forced_bad_input():
+    model = tiny("gpt2")
+    with pytest.raises(ValueError, match="completions\\[1\\] is empty"):
+        teacher_forced_logprobs(model, PROMPTS[:2], [[1], []])
+    with pytest.raises(ValueError, match="same length"):
+        teacher_forced_logprobs(model, PROMPTS[:2], [[1]])
+    with pytest.raises(ValueError, match="temperature"):
+        teacher_forced_logprobs(model, PROMPTS[:1], [[1]], temperature=0.0)

@@ -40,7 +40,7 @@ def teacher_forced_logprobs(model, prompts: list[list[int]], completions: list, 
                          f"{len(prompts) if isinstance(prompts, (list, tuple)) else type(prompts).__name__} "
                          f"and {len(comps)}")
     prompts = check_prompts(prompts, lm.vocab_size, lm.max_context)
-    comps = check_prompts(comps, lm.vocab_size, lm.max_context)
+    comps = check_prompts(comps, lm.vocab_size, lm.max_context, name="completions")
     seqs = [p + c[:-1] for p, c in zip(prompts, comps)]  # the last completion token is only a label
     for i, s in enumerate(seqs):
         if len(s) > lm.max_context:
