@@ -106,7 +106,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     _check_coef("lam", lam)
     b, t = values.shape
     dt = _common_dtype(rewards, values)
-    cu = torch.arange(b + 1, device=values.device, dtype=torch.int64) * t
+    # (batch + 1,) row offsets in one launch (GPU total with whiten=True: this, the scan, the normalisation)
+    cu = torch.arange(0, (b + 1) * t, t, device=values.device, dtype=torch.int64) if t else \
+        torch.zeros(b + 1, device=values.device, dtype=torch.int64)
     with torch.no_grad():
         adv, ret = _scan(rewards.detach().to(dt).contiguous().view(-1), values.detach().to(dt).contiguous().view(-1),
                          mask.reshape(-1), cu, gamma, lam, whiten, t, padded=True)
