@@ -146,15 +146,18 @@ def test_kernels_write_every_output(backend):
     _close(adv, want, torch.float32)
 
 
-@pytest.mark.skipif(not _native.has(NATIVE_NAME), reason="_C lacks GAE")
-def test_native_half_precision_inputs():
-    r, v = _inputs(3, 50, torch.bfloat16)
+@pytest.mark.parametrize("backend", [NATIVE, TRITON])
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_half_precision_inputs(backend, dtype):
+    r, v = _inputs(3, 50, dtype)
     mask = random_mask(3, 50)
-    with use_backend("native"):
-        adv, _ = gae(r, v, mask, gamma=0.99, lam=0.95)
-    assert adv.dtype == torch.bfloat16
-    want, _ = reference.gae(r.double(), v.double(), mask, gamma=0.99, lam=0.95)
-    torch.testing.assert_close(adv.double(), want, atol=5e-2, rtol=1e-2)  # one bf16 rounding of the result
+    with use_backend(backend):
+        adv, ret = gae(r, v, mask, gamma=0.99, lam=0.95)
+    assert adv.dtype == ret.dtype == dtype
+    want, want_ret = reference.gae(r.double(), v.double(), mask, gamma=0.99, lam=0.95)
+    # accumulation in float32 or wider: only the final rounding to 16 bits remains
+    torch.testing.assert_close(adv.double(), want, atol=5e-2, rtol=1e-2)
+    torch.testing.assert_close(ret.double(), want_ret, atol=5e-2, rtol=1e-2)
 
 
 def test_bad_input():
