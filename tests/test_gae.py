@@ -126,6 +126,31 @@ def test_whiten_is_masked_whitening_of_the_advantages(backend):
     assert (adv[~mask] == 0).all()
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+def test_triton_gae_with_whitening_is_two_launches(monkeypatch):
+    from rlhf_fast.kernels import gae as kg
+    from rlhf_fast.kernels import ppo_losses as kp
+    from rlhf_fast.kernels import whiten as kw
+
+    launches = []
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.kernel)
+            return self.kernel[grid]
+
+    for mod in (kg, kw, kp):
+        for name in [n for n in dir(mod) if n.endswith("_kernel")]:
+            monkeypatch.setattr(mod, name, Counting(getattr(mod, name)))
+    r, v = _inputs(3, 41)
+    with use_backend("triton"):
+        gae(r, v, random_mask(3, 41), whiten=True)
+    assert len(launches) == 2, launches
+
+
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_kernels_write_every_output(backend):
     if backend == "native" and not _native.has(NATIVE_NAME) or backend == "triton" and not HAS_TRITON:

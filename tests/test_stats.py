@@ -23,6 +23,20 @@ def test_mean_and_var_against_boolean_indexing(shape):
         torch.testing.assert_close(masked_mean(x, m, dim=-1).reshape(-1), want)
 
 
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_whiten_hand_computed(backend):
+    # Valid values 1, 2, 3 (the 100 is masked out): mean 2, unbiased variance 1 -> -1, 0, 1; scale only: 1, 2, 3.
+    x = torch.tensor([[1.0, 100.0, 2.0, 3.0]], dtype=torch.float64, device=DEVICE)
+    m = torch.tensor([[1, 0, 1, 1]], device=DEVICE)
+    with use_backend(backend):
+        torch.testing.assert_close(masked_whiten(x, m), torch.tensor([[-1.0, 0.0, 0.0, 1.0]], dtype=torch.float64,
+                                                                     device=DEVICE), atol=1e-7, rtol=0)
+        torch.testing.assert_close(masked_whiten(x, m, shift_mean=False),
+                                   torch.tensor([[1.0, 0.0, 2.0, 3.0]], dtype=torch.float64, device=DEVICE),
+                                   atol=1e-7, rtol=0)
+    assert masked_mean(x, m).item() == 2 and masked_var(x, m).item() == 1
+
+
 def test_empty_masks_give_zero_not_nan_and_masked_nans_are_ignored():
     x = torch.randn(4, 5)
     none = torch.zeros(4, 5, dtype=torch.bool)
