@@ -8,8 +8,9 @@ Rows (bench/results/rollout.{csv,json,png}):
     speed-up over HF, peak extra memory. CPU timings use 1 torch thread by default (see --threads).
   * greedy/engine-vs-hf: how many of the 32 greedy completions equal HF's `generate(do_sample=False)` run per prompt.
   * logprobs/engine-vs-teacher-forced: max |engine log-prob - teacher-forced recompute|, default and deterministic.
-  * kv/n=8 shared, kv/n=8 unshared: peak KV bytes for 8 samples per prompt with and without prefix sharing, and the
-    measured waste (allocated minus held token slots) per sequence, which is at most block_size - 1.
+  * kv/<prompts>/n=8 shared|unshared: peak KV bytes for 8 samples per prompt with and without prefix sharing (bench
+    prompts with 128 new tokens; 300-token prompts with 32), and the measured waste (allocated minus held token slots)
+    per sequence, which is at most block_size - 1.
 """
 from __future__ import annotations
 
@@ -81,18 +82,18 @@ def mismatch_rows(model, prompts, new) -> list[dict]:
     return rows
 
 
-def kv_rows(model, prompts, new, block_size) -> list[dict]:
+def kv_rows(model, prompts, new, block_size, label: str) -> list[dict]:
     rows = []
     params8 = SamplingParams(max_new_tokens=new, temperature=1.0, n=8, seed=0)
-    for name, ps, params in [("kv/n=8 shared", prompts, params8),
-                             ("kv/n=8 unshared", [p for p in prompts for _ in range(8)],
+    for name, ps, params in [(f"kv/{label}/n=8 shared", prompts, params8),
+                             (f"kv/{label}/n=8 unshared", [p for p in prompts for _ in range(8)],
                               SamplingParams(max_new_tokens=new, temperature=1.0, n=1, seed=0))]:
         eng = RolloutEngine(model, block_size=block_size)
         eng.generate(ps, params)
         st = eng.stats
         seqs = len(ps) * params.n
         held = sum(len(p) + new - 1 for p in ps) * params.n  # K/V slots in use when every sequence is at its end
-        rows.append({"case": name, "sequences": seqs, "block_size": block_size,
+        rows.append({"case": name, "sequences": seqs, "block_size": block_size, "new_tokens": new,
                      "peak_kv_MiB": round(st.peak_kv_bytes / 2**20, 3), "peak_blocks": st.peak_blocks_used,
                      "token_slots_held_unshared": held,
                      "waste_tokens_per_seq": round((st.peak_blocks_used * block_size - held) / seqs, 2)
@@ -133,7 +134,10 @@ def main():
     rows.append({"case": "greedy/engine-vs-hf", "prompts": n_prompts, "new_tokens": new, "equal": equal,
                  "differ_after_tie": ties, "differ_otherwise": n_prompts - equal - ties, "device": device_name(dev)})
     rows += mismatch_rows(model, prompts, new)
-    rows += kv_rows(model, prompts[: max(4, n_prompts // 4)], new, 16)
+    rows += kv_rows(model, prompts[: max(4, n_prompts // 4)], new, 16, "bench prompts")
+    rng = random.Random(1)
+    long_prompts = [[rng.randrange(1, model.config.vocab_size) for _ in range(300)] for _ in range(4)]
+    rows += kv_rows(model, long_prompts, 32, 16, "300-token prompts")
     path = write_results("rollout", rows, plot_x="case", plot_y="tokens_per_s")
     for r in rows:
         print(r)

@@ -39,10 +39,10 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     v = logits.shape[-1]
     if (0 < top_k < v) or top_p < 1.0:
         scaled = scaled.masked_fill(~keep_mask(scaled, top_k, top_p), float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)  # (B, V)
-    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    weights = (scaled - scaled.max(dim=-1, keepdim=True).values).exp_()  # (B, V) unnormalised probabilities
+    cdf = weights.cumsum_(dim=-1)  # (B, V); cdf[:, -1] is the normaliser
     # one uniform per row from the row's own generator, scaled into [0, total): inverse-CDF sampling
-    u = torch.stack([torch.rand((), dtype=torch.float64, device=logits.device, generator=g) for g in generators])
+    u = torch.stack([torch.rand((), device=logits.device, generator=g) for g in generators])  # (B,)
     u = (u * cdf[:, -1])[:, None]  # (B, 1)
-    # first index with cdf > u: token i has cdf[i] > u >= cdf[i - 1], so p_i > 0 (dropped tokens never win)
+    # first index with cdf > u: token i has cdf[i] > u >= cdf[i - 1], so w_i > 0 (dropped tokens, w = 0, never win)
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(v - 1)
