@@ -35,7 +35,7 @@ class HFGenerator:
                           num_return_sequences=params.n, pad_token_id=self.pad_id,
                           eos_token_id=list(stops) or None, output_logits=True, return_dict_in_generate=True)
                 if not params.greedy:
-                    kw.update(temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p)
+                    kw.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)  # 0: no top-k
                 dev = self.model.device
                 res = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), **kw)
                 new = res.sequences[:, width:]  # (len(chunk) * n, L)
