@@ -16,12 +16,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from rlhf_fast.checkpoint import find_checkpoint, load_state
 from rlhf_fast.config import RMConfig, to_dict
 from rlhf_fast.data import RankedExample, epoch_batches, load_rm, pad_right
 from rlhf_fast.heads import ScalarHeadModel
-from rlhf_fast.stages.common import (MetricsLog, guarded_step, make_optimizer, make_scheduler, progress,
-                                     resolve_device)
+from rlhf_fast.stages.common import progress, resolve_device
+from rlhf_fast.stages.run_state import TrainRun
 
 log = logging.getLogger(__name__)
 
@@ -113,55 +113,36 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
     params = [p for n, p in model.named_parameters() if p.requires_grad and "lm_head" not in n]
-    opt = make_optimizer(params, cfg.optim)
-    sched = make_scheduler(opt, cfg.optim, total)
-    step, skipped = 0, 0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step, skipped = state["step"], state["skipped"]
-        log.info("rm: resuming %s at step %d/%d", out, step, total)
-    metrics = MetricsLog(out, "metrics", resume_step=step if state is not None else None)
-    before = state["elapsed_s"] if state is not None else 0.0
+    run = TrainRun("rm", out, params, cfg.optim, total, state, start)
 
-    def elapsed() -> float:
-        return before + time.perf_counter() - start
+    def save(finished: bool, acc: float) -> None:
+        run.save(model, tokenizer, to_dict(cfg), finished=finished, accuracy=acc)
 
-    def save(path: Path, finished: bool, acc: float) -> None:
-        st = {"step": step, "skipped": skipped, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-              "rng": rng_state(), "finished": finished, "accuracy": acc, "config": to_dict(cfg),
-              "elapsed_s": elapsed()}
-        save_checkpoint(path, {"model": model}, st, tokenizer)
-
-    bar = progress(total=total, desc="rm", initial=step)
-    while step < total:
-        epoch, pos = divmod(step, per_epoch)
+    bar = progress(total=total, desc="rm", initial=run.step)
+    while run.step < total:
+        epoch, pos = divmod(run.step, per_epoch)
         batch_idx = epoch_batches(sizes, cfg.batch_size, seed=cfg.seed, epoch=epoch)
         batch = ranked_batch([train[i] for i in batch_idx[pos]], pad_id)
         loss, margin = bradley_terry_loss(model.score(batch.input_ids, batch.lengths), batch)
-        res = guarded_step(loss, [params], opt, sched, cfg.optim.grad_clip)
-        skipped += not res.applied
-        step += 1
+        res = run.apply(loss)
+        step = run.step
         bar.update(1)
-        metrics.log(step, loss=float(loss.detach()), train_accuracy=float((margin > 0).float().mean()),
-                    grad_norm=res.grad_norm, lr=sched.get_last_lr()[0], skipped=skipped)
-        if not res.applied:
-            log.warning("rm: step %d skipped (non-finite loss or gradient); %d skipped so far", step, skipped)
+        run.metrics.log(step, loss=float(loss.detach()), train_accuracy=float((margin > 0).float().mean()),
+                        grad_norm=res.grad_norm, lr=run.lr(), skipped=run.skipped)
         if cfg.eval_every and evals and step % cfg.eval_every == 0 and step < total:
-            metrics.log(step, eval_accuracy=pairwise_accuracy(model, evals, pad_id, cfg.batch_size))
+            run.metrics.log(step, eval_accuracy=pairwise_accuracy(model, evals, pad_id, cfg.batch_size))
         if stop_after is not None and step >= stop_after and step < total:
-            save(out / "checkpoint", False, float("nan"))
+            save(False, float("nan"))
             bar.close()
-            return RMResult(out / "checkpoint" / "model", float("nan"), step, skipped, elapsed())
+            return RMResult(out / "checkpoint" / "model", float("nan"), step, run.skipped, run.elapsed())
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save(out / "checkpoint", False, float("nan"))
+            save(False, float("nan"))
     bar.close()
     acc = pairwise_accuracy(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
-    metrics.log(step, eval_accuracy=acc)
+    run.metrics.log(run.step, eval_accuracy=acc)
     if plots:
-        metrics.plot(["loss", "train_accuracy", "eval_accuracy", "lr"], out / "rm_curves.png", "Reward model")
+        run.metrics.plot(["loss", "train_accuracy", "eval_accuracy", "lr"], out / "rm_curves.png", "Reward model")
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(str(out / "final"))
-    save(out / "checkpoint", True, acc)
-    return RMResult(out / "final", acc, step, skipped, elapsed())
+    save(True, acc)
+    return RMResult(out / "final", acc, run.step, run.skipped, run.elapsed())

@@ -14,11 +14,11 @@ from typing import NamedTuple
 import torch
 
 from rlhf_fast import ops
-from rlhf_fast.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from rlhf_fast.checkpoint import find_checkpoint, load_state
 from rlhf_fast.config import SFTConfig, to_dict
 from rlhf_fast.data import SFTExample, epoch_batches, load_sft, sft_batch
-from rlhf_fast.stages.common import (MetricsLog, guarded_step, lm_head_params, lm_hidden, make_optimizer,
-                                     make_scheduler, progress, resolve_device)
+from rlhf_fast.stages.common import lm_head_params, lm_hidden, progress, resolve_device
+from rlhf_fast.stages.run_state import TrainRun
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -100,59 +100,39 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg.optim)
-    sched = make_scheduler(opt, cfg.optim, total)
-    step, skipped = 0, 0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        step, skipped = state["step"], state["skipped"]
-        log.info("sft: resuming %s at step %d/%d", out, step, total)
-    metrics = MetricsLog(out, "metrics", resume_step=step if state is not None else None)
-    before = state["elapsed_s"] if state is not None else 0.0
+    run = TrainRun("sft", out, params, cfg.optim, total, state, start)
 
-    def elapsed() -> float:
-        return before + time.perf_counter() - start
+    def save(finished: bool, ev: float) -> None:
+        run.save(model, tokenizer, to_dict(cfg), finished=finished, eval_loss=ev)
 
-    def save(path: Path, finished: bool, ev: float) -> None:
-        st = {"step": step, "skipped": skipped, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-              "rng": rng_state(), "finished": finished, "eval_loss": ev, "config": to_dict(cfg),
-              "elapsed_s": elapsed()}
-        save_checkpoint(path, {"model": model}, st, tokenizer)
-
-    bar = progress(total=total, desc="sft", initial=step)
-    while step < total:
-        epoch, pos = divmod(step, per_epoch)
+    bar = progress(total=total, desc="sft", initial=run.step)
+    while run.step < total:
+        epoch, pos = divmod(run.step, per_epoch)
         batch_idx = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, bucket_size=cfg.bucket_size)
         ids, labels = sft_batch([train[i] for i in batch_idx[pos]], pad_id, IGNORE)
         nll, n = response_nll(model, ids, labels)
         loss = nll / n.clamp(min=1)
-        res = guarded_step(loss, [params], opt, sched, cfg.optim.grad_clip)
-        skipped += not res.applied
-        step += 1
+        res = run.apply(loss)
+        step = run.step
         bar.update(1)
-        metrics.log(step, loss=float(loss.detach()), grad_norm=res.grad_norm, lr=sched.get_last_lr()[0],
-                    skipped=skipped)
-        if not res.applied:
-            log.warning("sft: step %d skipped (non-finite loss or gradient); %d skipped so far", step, skipped)
+        run.metrics.log(step, loss=float(loss.detach()), grad_norm=res.grad_norm, lr=run.lr(), skipped=run.skipped)
         if cfg.eval_every and evals and step % cfg.eval_every == 0 and step < total:
-            metrics.log(step, eval_loss=eval_loss(model, evals, pad_id, cfg.batch_size))
+            run.metrics.log(step, eval_loss=eval_loss(model, evals, pad_id, cfg.batch_size))
         if stop_after is not None and step >= stop_after and step < total:
-            save(out / "checkpoint", False, float("nan"))
+            save(False, float("nan"))
             bar.close()
-            return SFTResult(out / "checkpoint" / "model", float("nan"), step, skipped, elapsed())
+            return SFTResult(out / "checkpoint" / "model", float("nan"), step, run.skipped, run.elapsed())
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save(out / "checkpoint", False, float("nan"))
+            save(False, float("nan"))
     bar.close()
     ev = eval_loss(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
-    metrics.log(step, eval_loss=ev)
+    run.metrics.log(run.step, eval_loss=ev)
     if plots:
-        metrics.plot(["loss", "eval_loss", "lr", "grad_norm"], out / "sft_curves.png", "SFT")
+        run.metrics.plot(["loss", "eval_loss", "lr", "grad_norm"], out / "sft_curves.png", "SFT")
     model.save_pretrained(out / "final")
     tokenizer.save_pretrained(str(out / "final"))
-    save(out / "checkpoint", True, ev)
-    return SFTResult(out / "final", ev, step, skipped, elapsed())
+    save(True, ev)
+    return SFTResult(out / "final", ev, run.step, run.skipped, run.elapsed())
 
 
 def _from_ckpt(ckpt: Path):
