@@ -5,11 +5,16 @@
 // table[t / block_size]. For query head h (kv head h / group), with s_t = scale * <q, k_t>:
 //   out = sum_t softmax(s)_t v_t, accumulated in one pass over t = 0..n-1 (online softmax):
 //   m' = max(m, s_t);  l' = l * exp(m - m') + exp(s_t - m');  acc' = acc * exp(m - m') + exp(s_t - m') v_t
-// (per key on CUDA; per cache block of keys on CPU, with m' the max over the block).
+// (per key on CUDA; per cache block of keys on CPU, with m' the max over the block and exp8 for the weights).
 // Keys are visited in one fixed order that depends only on n (and block_size), so a row never depends on its batch.
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
+#if !defined(__CUDACC__) && defined(__SSE4_1__)
+#include <smmintrin.h>
+#endif
 
 #if defined(__CUDACC__)
 #define RLHF_PA_HD __host__ __device__ __forceinline__
@@ -44,6 +49,105 @@ RLHF_PA_HD void online_step(Acc& m, Acc& l, Acc s, Acc& alpha, Acc& p) {
 // Indices are 64-bit: Python builds extensions with -fwrapv, under which int index arithmetic blocks vectorisation.
 using idx = std::int64_t;
 
+#if !defined(__CUDACC__)  // CPU only from here
+
+// Eight floats as one value (GCC/Clang vector extensions: two SSE or one AVX register, plain code elsewhere).
+typedef float vf8 __attribute__((vector_size(32)));
+typedef std::int32_t vi8 __attribute__((vector_size(32)));
+
+inline vf8 load8(const float* p) {
+  vf8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// The first n < 8 of p, the rest `fill`.
+inline vf8 load8_tail(const float* p, std::int64_t n, float fill) {
+  float buf[8];
+  for (std::int64_t j = 0; j < 8; ++j) buf[j] = j < n ? p[j] : fill;
+  return load8(buf);
+}
+
+inline float sum8(vf8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+// exp(x), eight at a time, branch-free (Cephes expf: Cody-Waite reduction x = n ln2 + r, degree-6 polynomial for
+// e^r, 2^n put into the exponent bits); within ~2 ulp of expf. x <= -87.33 (and -inf) give exactly 0; x is clamped
+// to 88 above (e^88 ~ 1.6e38). SSE4.1 intrinsics (the compiler scalarises vector-extension selects); std::exp
+// lane by lane elsewhere.
+#if defined(__SSE4_1__)
+inline __m128 exp4(__m128 x) {
+  const __m128 lo = _mm_set1_ps(-87.33654f);
+  const __m128 xc = _mm_min_ps(_mm_max_ps(x, lo), _mm_set1_ps(88.0f));
+  const __m128 n = _mm_round_ps(_mm_mul_ps(xc, _mm_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m128 r = _mm_sub_ps(xc, _mm_mul_ps(n, _mm_set1_ps(0.693359375f)));
+  r = _mm_sub_ps(r, _mm_mul_ps(n, _mm_set1_ps(-2.12194440e-4f)));
+  __m128 p = _mm_set1_ps(1.9875691500e-4f);
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.3981999507e-3f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(8.3334519073e-3f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(4.1665795894e-2f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.6666665459e-1f));
+  p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(5.0000001201e-1f));
+  const __m128 y = _mm_add_ps(_mm_add_ps(_mm_mul_ps(p, _mm_mul_ps(r, r)), r), _mm_set1_ps(1.0f));
+  const __m128i e = _mm_slli_epi32(_mm_add_epi32(_mm_cvtps_epi32(n), _mm_set1_epi32(127)), 23);
+  return _mm_andnot_ps(_mm_cmple_ps(x, lo), _mm_mul_ps(y, _mm_castsi128_ps(e)));
+}
+
+inline vf8 exp8(vf8 x) {
+  __m128 h[2];
+  std::memcpy(h, &x, sizeof x);
+  h[0] = exp4(h[0]);
+  h[1] = exp4(h[1]);
+  std::memcpy(&x, h, sizeof x);
+  return x;
+}
+
+inline vf8 max8(vf8 a, vf8 b) {  // a > b ? a : b lane by lane
+  __m128 ha[2], hb[2];
+  std::memcpy(ha, &a, sizeof a);
+  std::memcpy(hb, &b, sizeof b);
+  ha[0] = _mm_max_ps(ha[0], hb[0]);
+  ha[1] = _mm_max_ps(ha[1], hb[1]);
+  std::memcpy(&a, ha, sizeof a);
+  return a;
+}
+#else
+inline vf8 exp8(vf8 x) {
+  for (int j = 0; j < 8; ++j) x[j] = x[j] <= -87.33654f ? 0.0f : std::exp(x[j] < 88.0f ? x[j] : 88.0f);
+  return x;
+}
+
+inline vf8 max8(vf8 a, vf8 b) {
+  for (int j = 0; j < 8; ++j) a[j] = a[j] > b[j] ? a[j] : b[j];
+  return a;
+}
+#endif
+
+// p[0..n) = exp(p[0..n) - mx), returns their sum (lanes j % 8, combined in a fixed order).
+inline float exp_shift_sum(float* p, std::int64_t n, float mx) {
+  vf8 acc = vf8{};
+  std::int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const vf8 w = exp8(load8(p + j) - mx);
+    std::memcpy(p + j, &w, sizeof w);
+    acc += w;
+  }
+  if (j < n) {
+    const vf8 w = exp8(load8_tail(p + j, n - j, -INFINITY) - mx);
+    for (std::int64_t i = 0; i < n - j; ++i) p[j + i] = w[i];
+    acc += w;
+  }
+  return sum8(acc);
+}
+inline double exp_shift_sum(double* p, std::int64_t n, double mx) {
+  double sum = 0.0;
+  for (std::int64_t j = 0; j < n; ++j) {
+    p[j] = std::exp(p[j] - mx);
+    sum += p[j];
+  }
+  return sum;
+}
+
 // <a, b> over n elements with kLanes independent partial sums (element d goes to lane d % kLanes), combined in a
 // fixed order at the end: vectorisable, and the order depends only on n.
 constexpr int kLanes = 8;
@@ -59,77 +163,87 @@ RLHF_PA_HD Acc dot_lanes(const Acc* __restrict__ a, const Acc* __restrict__ b, i
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-// a = a * alpha + sum_j w[j] * v[j, :], j in order (v: (cnt, head_dim)).
-template <typename Acc>
-RLHF_PA_HD void axpy_block(Acc* __restrict__ a, Acc alpha, const Acc* __restrict__ w, const Acc* __restrict__ v,
-                           idx cnt, idx head_dim) {
-  for (idx d = 0; d < head_dim; ++d) a[d] *= alpha;
-  for (idx j = 0; j < cnt; ++j) {
-    const Acc wj = w[j];
-    const Acc* __restrict__ vj = v + j * head_dim;
-    for (idx d = 0; d < head_dim; ++d) a[d] += wj * vj[d];
-  }
-}
-
 // The whole computation for one (row, kv head) on one thread, a cache block of keys at a time (one rescale of the
-// accumulator per block): `group` query heads (contiguous, head_dim each, at q) against keys 0..n-1.
+// accumulator per block): `group` query heads (contiguous, head_dim each, at q) against keys 0..n-1. Each key and
+// value row is read once for the whole group; caches in Acc's own type are read in place, others converted per block.
 // Load(ptr, i) -> Acc reads cache/query elements, Store(ptr, i, Acc) writes out.
 // scratch: attend_scratch_size(group, head_dim, block_size) Acc values.
 RLHF_PA_HD std::int64_t attend_scratch_size(int group, int head_dim, int block_size) {
-  return static_cast<std::int64_t>(2 * group + 2 * block_size) * head_dim + block_size + 2 * group;
+  return static_cast<std::int64_t>(2 * group + 2 * block_size) * head_dim + (block_size + 3) * group;
 }
 
 template <typename Acc, typename T, typename Load, typename Store>
-RLHF_PA_HD void attend_group(const T* q, const T* k_cache, const T* v_cache, const std::int32_t* table, int n,
-                             int block_size, int kv_heads, int head_dim, int kvh, int group, Acc scale, T* out,
-                             Acc* scratch, Load load, Store store) {
-  Acc* acc = scratch;                          // (group, head_dim)
-  Acc* qs = acc + group * head_dim;            // (group, head_dim): the queries, converted once
-  Acc* kt = qs + group * head_dim;             // (block_size, head_dim): this block's keys
-  Acc* vt = kt + block_size * head_dim;        // (block_size, head_dim): and values
-  Acc* s = vt + block_size * head_dim;         // (block_size,): scores, then weights
-  Acc* m = s + block_size;                     // (group,)
-  Acc* l = m + group;                          // (group,)
+inline void attend_group(const T* q, const T* k_cache, const T* v_cache, const std::int32_t* table, int n,
+                         int block_size, int kv_heads, int head_dim, int kvh, int group, Acc scale, T* out,
+                         Acc* scratch, Load load, Store store) {
+  constexpr bool in_place = std::is_same<T, Acc>::value;
+  const idx hd = head_dim, bs = block_size, row = static_cast<idx>(kv_heads) * head_dim;
+  Acc* acc = scratch;              // (group, head_dim)
+  Acc* qs = acc + group * hd;      // (group, head_dim): the queries, converted once
+  Acc* kt = qs + group * hd;       // (block_size, head_dim): this block's keys (converted caches only)
+  Acc* vt = kt + bs * hd;          // (block_size, head_dim): and values
+  Acc* p = vt + bs * hd;           // (group, block_size): scores, then weights
+  Acc* m = p + group * bs;         // (group,)
+  Acc* l = m + group;              // (group,)
+  Acc* alpha = l + group;          // (group,)
   for (idx g = 0; g < group; ++g) {
     m[g] = -INFINITY;
     l[g] = Acc(0);
-    for (idx d = 0; d < head_dim; ++d) {
-      acc[g * head_dim + d] = Acc(0);
-      qs[g * head_dim + d] = load(q, g * head_dim + d);
+    for (idx d = 0; d < hd; ++d) {
+      acc[g * hd + d] = Acc(0);
+      qs[g * hd + d] = load(q, g * hd + d);
     }
   }
   for (int t0 = 0; t0 < n; t0 += block_size) {
     const idx cnt = n - t0 < block_size ? n - t0 : block_size;
     const std::int64_t off = token_offset(table, t0, block_size, kv_heads, head_dim, kvh);
-    for (idx j = 0; j < cnt; ++j) {  // tokens of one block are kv_heads * head_dim apart
-      const idx o = off + j * kv_heads * head_dim;
-      for (idx d = 0; d < head_dim; ++d) {
-        kt[j * head_dim + d] = load(k_cache, o + d);
-        vt[j * head_dim + d] = load(v_cache, o + d);
+    const Acc* kb;
+    const Acc* vb;
+    idx stride;  // elements between consecutive keys of kb / vb
+    if constexpr (in_place) {
+      kb = reinterpret_cast<const Acc*>(k_cache) + off;
+      vb = reinterpret_cast<const Acc*>(v_cache) + off;
+      stride = row;
+    } else {
+      for (idx j = 0; j < cnt; ++j) {
+        for (idx d = 0; d < hd; ++d) {
+          kt[j * hd + d] = load(k_cache, off + j * row + d);
+          vt[j * hd + d] = load(v_cache, off + j * row + d);
+        }
       }
+      kb = kt;
+      vb = vt;
+      stride = hd;
+    }
+    for (idx j = 0; j < cnt; ++j) {  // scores: each key row once for all heads of the group
+      for (idx g = 0; g < group; ++g) p[g * bs + j] = dot_lanes(qs + g * hd, kb + j * stride, hd) * scale;
     }
     for (idx g = 0; g < group; ++g) {
+      Acc* pg = p + g * bs;
       Acc mx = m[g];
-      for (idx j = 0; j < cnt; ++j) {
-        s[j] = dot_lanes(qs + g * head_dim, kt + j * head_dim, head_dim) * scale;
-        mx = s[j] > mx ? s[j] : mx;
-      }
-      const Acc alpha = exp_acc(m[g] - mx);  // m = -inf before the first block: alpha = 0
-      Acc sum = Acc(0);
-      for (idx j = 0; j < cnt; ++j) {
-        s[j] = exp_acc(s[j] - mx);
-        sum += s[j];
-      }
-      l[g] = l[g] * alpha + sum;
+      for (idx j = 0; j < cnt; ++j) mx = pg[j] > mx ? pg[j] : mx;
+      alpha[g] = exp_acc(m[g] - mx);  // m = -inf before the first block: alpha = 0
+      const Acc sum = exp_shift_sum(pg, cnt, mx);
+      l[g] = l[g] * alpha[g] + sum;
       m[g] = mx;
-      axpy_block(acc + g * head_dim, alpha, s, vt, cnt, head_dim);
+      Acc* __restrict__ ag = acc + g * hd;
+      for (idx d = 0; d < hd; ++d) ag[d] *= alpha[g];
+    }
+    for (idx j = 0; j < cnt; ++j) {  // acc_g += p_gj v_j: each value row once for all heads of the group
+      const Acc* __restrict__ vj = vb + j * stride;
+      for (idx g = 0; g < group; ++g) {
+        Acc* __restrict__ ag = acc + g * hd;
+        const Acc w = p[g * bs + j];
+        for (idx d = 0; d < hd; ++d) ag[d] += w * vj[d];
+      }
     }
   }
   for (idx g = 0; g < group; ++g) {
     const Acc inv = Acc(1) / l[g];
-    for (idx d = 0; d < head_dim; ++d) store(out, g * head_dim + d, acc[g * head_dim + d] * inv);
+    for (idx d = 0; d < hd; ++d) store(out, g * hd + d, acc[g * hd + d] * inv);
   }
 }
+#endif  // !__CUDACC__
 
 }  // namespace paged
 }  // namespace rlhf_fast

@@ -2,11 +2,14 @@
 
 A sampled token is the inverse CDF of the (filtered) distribution at one uniform drawn from the row's own generator:
 tokens outside the kept set have zero-width CDF steps and can never be drawn, and a row's draw depends only on its
-own generator, never on the batch it is in.
+own generator, never on the batch it is in. On CPU (float32) the draw runs in csrc/sampling.cpp, one row at a time
+in cache (max, chunked weight sums, scan to the threshold); elsewhere as torch max / exp / cumsum / searchsorted.
 """
 from __future__ import annotations
 
 import torch
+
+from rlhf_fast import _native
 
 
 def keep_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -35,14 +38,26 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     """logits (B, V) float32 -> tokens (B,) int64. temperature 0 = greedy (argmax, first index on ties)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = logits / temperature
+    scaled = logits / temperature if temperature != 1.0 else logits  # x / 1 == x exactly
     v = logits.shape[-1]
     if (0 < top_k < v) or top_p < 1.0:
         scaled = scaled.masked_fill(~keep_mask(scaled, top_k, top_p), float("-inf"))
+    # one uniform per row from the row's own generator: inverse-CDF sampling
+    u = torch.stack([torch.rand((), device=logits.device, generator=g) for g in generators])  # (B,)
+    if scaled.device.type == "cpu" and scaled.dtype == torch.float32 and _native.has("sample_rows_cpu"):
+        return _sample_rows_native(scaled, u)
     weights = (scaled - scaled.max(dim=-1, keepdim=True).values).exp_()  # (B, V) unnormalised probabilities
     cdf = weights.cumsum_(dim=-1)  # (B, V); cdf[:, -1] is the normaliser
-    # one uniform per row from the row's own generator, scaled into [0, total): inverse-CDF sampling
-    u = torch.stack([torch.rand((), device=logits.device, generator=g) for g in generators])  # (B,)
-    u = (u * cdf[:, -1])[:, None]  # (B, 1)
+    u = (u * cdf[:, -1])[:, None]  # (B, 1), scaled into [0, total)
     # first index with cdf > u: token i has cdf[i] > u >= cdf[i - 1], so w_i > 0 (dropped tokens, w = 0, never win)
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(v - 1)
+
+
+def _sample_rows_native(scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """csrc/sampling.cpp: the same inverse CDF, each row's max / weights / scan in one pass over it in cache."""
+    if scaled.stride(-1) != 1:
+        scaled = scaled.contiguous()
+    out = torch.empty(scaled.shape[0], dtype=torch.int64)
+    _native.fn("sample_rows_cpu")(scaled.data_ptr(), scaled.shape[0], scaled.shape[1], scaled.stride(0),
+                                  u.contiguous().data_ptr(), out.data_ptr())
+    return out
