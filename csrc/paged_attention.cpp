@@ -6,11 +6,15 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
 #include "paged_attention_impl.h"
 #include "registry.h"
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #ifdef RLHF_FAST_WITH_CUDA
 #include "cuda/paged_attention.h"
 #endif
@@ -54,9 +58,90 @@ void check_tables(const Shape& s, const std::int32_t* tables, const std::int32_t
 // Below this many multiply-adds one thread beats waking a team on a loaded machine.
 constexpr std::int64_t kParallelMinWork = std::int64_t(1) << 16;
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RLHF_PA_AVX2 1
+// float32 with head_dim % 32 == 0 on a CPU with AVX2 + FMA: `paged::attend_group`'s algorithm (same block-wise online
+// softmax, same scratch layout) with 8-wide FMAs; the value accumulators of a 32-wide slice stay in registers over a
+// block's keys. A row's result still depends only on that row.
+__attribute__((target("avx2,fma"))) void attend_group_avx2(const float* q, const float* k_cache, const float* v_cache,
+                                                          const std::int32_t* table, int n, int block_size,
+                                                          int kv_heads, int head_dim, int kvh, int group, float scale,
+                                                          float* out, float* scratch) {
+  using paged::idx;
+  const idx hd = head_dim, bs = block_size, row = static_cast<idx>(kv_heads) * head_dim;
+  float* acc = scratch;              // (group, head_dim)
+  float* p = acc + 2 * group * hd + 2 * bs * hd;  // (group, block_size): scores, then weights
+  float* m = p + group * bs;         // (group,)
+  float* l = m + group;              // (group,)
+  for (idx g = 0; g < group; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
+    for (idx d = 0; d < hd; ++d) acc[g * hd + d] = 0.0f;
+  }
+  for (int t0 = 0; t0 < n; t0 += block_size) {
+    const idx cnt = n - t0 < block_size ? n - t0 : block_size;
+    const float* kb = k_cache + paged::token_offset(table, t0, block_size, kv_heads, head_dim, kvh);
+    const float* vb = v_cache + paged::token_offset(table, t0, block_size, kv_heads, head_dim, kvh);
+    for (idx j = 0; j < cnt; ++j) {
+      for (idx g = 0; g < group; ++g) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (idx d = 0; d < hd; d += 16) {
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * hd + d), _mm256_loadu_ps(kb + j * row + d), a0);
+          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * hd + d + 8), _mm256_loadu_ps(kb + j * row + d + 8), a1);
+        }
+        const __m256 a = _mm256_add_ps(a0, a1);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        h = _mm_hadd_ps(h, h);
+        h = _mm_hadd_ps(h, h);
+        p[g * bs + j] = _mm_cvtss_f32(h) * scale;
+      }
+    }
+    for (idx g = 0; g < group; ++g) {
+      float* pg = p + g * bs;
+      float mx = m[g];
+      for (idx j = 0; j < cnt; ++j) mx = pg[j] > mx ? pg[j] : mx;
+      const float alpha = paged::exp_acc(m[g] - mx);  // m = -inf before the first block: alpha = 0
+      l[g] = l[g] * alpha + paged::exp_shift_sum(pg, cnt, mx);
+      m[g] = mx;
+      const __m256 al = _mm256_set1_ps(alpha);
+      for (idx d = 0; d < hd; d += 32) {  // acc_g[d:d+32] = alpha acc_g + sum_j p_gj v_j, in registers
+        float* ag = acc + g * hd + d;
+        __m256 r0 = _mm256_mul_ps(_mm256_loadu_ps(ag), al), r1 = _mm256_mul_ps(_mm256_loadu_ps(ag + 8), al);
+        __m256 r2 = _mm256_mul_ps(_mm256_loadu_ps(ag + 16), al), r3 = _mm256_mul_ps(_mm256_loadu_ps(ag + 24), al);
+        for (idx j = 0; j < cnt; ++j) {
+          const __m256 w = _mm256_set1_ps(pg[j]);
+          const float* vj = vb + j * row + d;
+          r0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj), r0);
+          r1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8), r1);
+          r2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 16), r2);
+          r3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 24), r3);
+        }
+        _mm256_storeu_ps(ag, r0);
+        _mm256_storeu_ps(ag + 8, r1);
+        _mm256_storeu_ps(ag + 16, r2);
+        _mm256_storeu_ps(ag + 24, r3);
+      }
+    }
+  }
+  for (idx g = 0; g < group; ++g) {
+    const float inv = 1.0f / l[g];
+    for (idx d = 0; d < hd; ++d) out[g * hd + d] = acc[g * hd + d] * inv;
+  }
+}
+
+bool use_avx2(int dtype, int head_dim) {
+  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return cpu && dtype == kFloat32 && head_dim % 32 == 0;
+}
+#else
+bool use_avx2(int, int) { return false; }
+#endif
+
 template <typename Acc, typename T, typename Load, typename Store>
 void run(const Shape& s, std::uintptr_t out, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
-         const std::int32_t* tables, const std::int32_t* lens, double scale, Load load, Store store) {
+         const std::int32_t* tables, const std::int32_t* lens, double scale, Load load, Store store,
+         bool avx2 = false) {
+  (void)avx2;
   const int group = s.heads / s.kv_heads;
   const std::int64_t jobs = s.rows * s.kv_heads;
   std::int64_t work = 0;
@@ -75,6 +160,16 @@ void run(const Shape& s, std::uintptr_t out, std::uintptr_t q, std::uintptr_t k,
       const std::int64_t r = j / s.kv_heads;
       const int kvh = static_cast<int>(j % s.kv_heads);
       const std::int64_t qoff = (r * s.heads + static_cast<std::int64_t>(kvh) * group) * s.head_dim;
+#ifdef RLHF_PA_AVX2
+      if constexpr (std::is_same<T, float>::value) {
+        if (avx2) {
+          attend_group_avx2(ptr<const float>(q) + qoff, ptr<const float>(k), ptr<const float>(v),
+                            tables + r * s.max_blocks, lens[r], s.block_size, s.kv_heads, s.head_dim, kvh, group,
+                            static_cast<float>(scale), ptr<float>(out) + qoff, scratch.data());
+          continue;
+        }
+      }
+#endif
       paged::attend_group<Acc>(ptr<const T>(q) + qoff, ptr<const T>(k), ptr<const T>(v),
                                tables + r * s.max_blocks, lens[r], s.block_size, s.kv_heads, s.head_dim, kvh, group,
                                static_cast<Acc>(scale), ptr<T>(out) + qoff, scratch.data(), load, store);
@@ -97,7 +192,7 @@ void paged_attention_cpu(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k_
     case kFloat32:
       run<float, float>(s, out, q, k_cache, v_cache, tables, lens, scale,
                         [](const float* p, std::int64_t i) { return p[i]; },
-                        [](float* p, std::int64_t i, float x) { p[i] = x; });
+                        [](float* p, std::int64_t i, float x) { p[i] = x; }, use_avx2(dtype, head_dim));
       return;
     case kFloat64:
       run<double, double>(s, out, q, k_cache, v_cache, tables, lens, scale,

@@ -96,6 +96,19 @@ def test_every_context_length_native():
     torch.testing.assert_close(out.double(), dense_fp64(q, k, v, tables, lens_t, 0.25), **tol(torch.float32))
 
 
+@needs_native
+@pytest.mark.parametrize("d,bs,heads,kv_heads", [(32, 16, 8, 2), (64, 5, 4, 2), (128, 16, 3, 3), (64, 16, 8, 1)])
+def test_native_fp32_wide_heads(d, bs, heads, kv_heads):
+    """head_dim % 32 == 0: the AVX2 path on CPUs that have it; every context length, odd block sizes and groups."""
+    lens = list(range(1, 131, 3)) + [bs, bs + 1, 2 * bs - 1]
+    q, k, v, tables, lens_t = case(heads, kv_heads, torch.float32, lens=lens, d=d, bs=bs, seed=d + bs)
+    out = poisoned_native(q, k, v, tables, lens_t, d ** -0.5)
+    torch.testing.assert_close(out.double(), dense_fp64(q, k, v, tables, lens_t, d ** -0.5), **tol(torch.float32))
+    for i in (0, 7, len(lens) - 1):
+        alone = poisoned_native(q[i:i + 1], k, v, tables[i:i + 1], lens_t[i:i + 1], d ** -0.5)
+        assert torch.equal(alone[0], out[i])
+
+
 @pytest.mark.parametrize("kernel", ["native", "triton", "torch"])
 def test_rows_are_batch_invariant(kernel):
     q, k, v, tables, lens = case(8, 2, torch.float32)
