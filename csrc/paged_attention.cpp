@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -213,6 +214,25 @@ void paged_attention_cpu(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k_
   throw std::invalid_argument("paged_attention_cpu: unsupported dtype code " + std::to_string(dtype));
 }
 
+// k, v: (tokens, row_bytes) contiguous rows in the caches' dtype; k_cache, v_cache: (num_slots, row_bytes); slots:
+// (tokens,) int64, token i's row goes to slot slots[i] (negative: skipped).
+void store_kv_cache_cpu(std::uintptr_t k, std::uintptr_t v, std::uintptr_t k_cache, std::uintptr_t v_cache,
+                        std::uintptr_t slots, std::int64_t tokens, std::int64_t row_bytes, std::int64_t num_slots) {
+  const auto* slot = ptr<const std::int64_t>(slots);
+  for (std::int64_t i = 0; i < tokens; ++i) {
+    if (slot[i] >= num_slots) {
+      throw std::invalid_argument("store_kv_cache: slot_mapping[" + std::to_string(i) + "] = " +
+                                  std::to_string(slot[i]) + " outside the cache's " + std::to_string(num_slots) +
+                                  " slots");
+    }
+  }
+  for (std::int64_t i = 0; i < tokens; ++i) {
+    if (slot[i] < 0) continue;
+    std::memcpy(ptr<char>(k_cache) + slot[i] * row_bytes, ptr<const char>(k) + i * row_bytes, row_bytes);
+    std::memcpy(ptr<char>(v_cache) + slot[i] * row_bytes, ptr<const char>(v) + i * row_bytes, row_bytes);
+  }
+}
+
 #ifdef RLHF_FAST_WITH_CUDA
 void paged_attention_cuda_checked(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k_cache,
                                   std::uintptr_t v_cache, std::uintptr_t block_tables, std::uintptr_t context_lens,
@@ -237,6 +257,10 @@ RLHF_FAST_REGISTER(paged_attention) {
         py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("rows"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
         py::arg("block_size"), py::arg("max_blocks"), py::arg("num_blocks"), py::arg("scale"), py::arg("dtype"));
+  m.def("store_kv_cache_cpu", &rlhf_fast::store_kv_cache_cpu, py::call_guard<py::gil_scoped_release>(),
+        "copy K/V rows into the paged caches at slot_mapping (pointers, tokens, row bytes, cache slots)",
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("tokens"),
+        py::arg("row_bytes"), py::arg("num_slots"));
 #ifdef RLHF_FAST_WITH_CUDA
   m.def("paged_attention_cuda", &rlhf_fast::paged_attention_cuda_checked, py::call_guard<py::gil_scoped_release>(),
         "paged-attention decode on CUDA (one thread block per (row, kv head), warps split the keys)",

@@ -151,6 +151,26 @@ def test_native_rejects_bad_tables():
             ops.paged_attention(q, k, v, bad, lens)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_store_kv_cache_native(dtype):
+    nb, bs, kvh, d = 7, 4, 3, 5
+    k_cache = torch.full((nb, bs, kvh, d), float("nan"), dtype=dtype)
+    v_cache = torch.full((nb, bs, kvh, d), float("nan"), dtype=dtype)
+    k, v = torch.randn(6, kvh, d), torch.randn(6, kvh, 2 * d)[..., ::2]  # float32 into any dtype; v strided
+    slots = torch.tensor([0, 5, 27, -1, 13, 14])
+    with use_backend("native"):
+        ops.store_kv_cache(k, v, k_cache, v_cache, slots)
+        with pytest.raises(ValueError, match="outside the cache"):
+            ops.store_kv_cache(k, v, k_cache, v_cache, torch.tensor([0, 1, 2, 3, 4, nb * bs]))
+    keep = slots >= 0
+    flat_k, flat_v = k_cache.view(-1, kvh, d), v_cache.view(-1, kvh, d)
+    assert torch.equal(flat_k[slots[keep]], k[keep].to(dtype)) and torch.equal(flat_v[slots[keep]], v[keep].to(dtype))
+    untouched = torch.ones(nb * bs, dtype=torch.bool)
+    untouched[slots[keep]] = False
+    assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all()
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_store_kv_cache_and_copy_blocks(backend):
     nb, bs, kvh, d = 7, 4, 3, 5

@@ -4,7 +4,8 @@ Kernels see only tensors: the cache `(num_blocks, block_size, KVH, D)`, int32 bl
 int64 slot mapping. Backends (per call, `rlhf_fast.backend.select`):
   * triton: `rlhf_fast.kernels.paged_attention` / `rlhf_fast.kernels.kv_cache` (CUDA, or CPU under TRITON_INTERPRET=1).
   * native: `rlhf_fast._C.paged_attention_{cpu,cuda}` (csrc/paged_attention.cpp, csrc/cuda/paged_attention.cu), one
-    online-softmax pass per (query, kv head) over the keys in block-table order, wrapped in `torch.library.custom_op`.
+    online-softmax pass per (query, kv head) over the keys in block-table order, wrapped in `torch.library.custom_op`
+    (called directly in eager CPU code); `store_kv_cache_cpu`, row copies.
   * torch: `rlhf_fast.ops.reference`.
 Every backend reduces a query's keys in one fixed order that depends only on that query's context length, so a
 row's output does not depend on the batch it is in (what the deterministic rollout mode relies on).
@@ -19,7 +20,7 @@ from rlhf_fast.backend import register_op, select
 from rlhf_fast.ops import _checks, reference
 
 register_op("paged_attention", triton=True, native_cpu="paged_attention_cpu", native_cuda="paged_attention_cuda")
-register_op("store_kv_cache", triton=True)
+register_op("store_kv_cache", triton=True, native_cpu="store_kv_cache_cpu")
 register_op("copy_blocks", triton=True)
 
 INDEX_DTYPES = (torch.int32,)
@@ -29,10 +30,10 @@ INDEX_DTYPES = (torch.int32,)
 # Layer 1: the native kernels as custom ops.
 # ---------------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("rlhf_fast::paged_attention", mutates_args=())
-def _native_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Checked, contiguous inputs (see `paged_attention`) -> (B, H, D) in q's dtype."""
+def _call_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Checked, contiguous inputs (see `paged_attention`) -> (B, H, D) in q's dtype. Called directly in eager CPU
+    code (no grad, nothing to trace), where the custom-op dispatch costs more than a small decode step's kernel."""
     out = torch.empty_like(q)
     b, h, d = q.shape
     nb, bs, kvh, _ = k_cache.shape
@@ -43,6 +44,13 @@ def _native_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     else:
         _native.fn("paged_attention_cpu")(*args)
     return out
+
+
+@torch.library.custom_op("rlhf_fast::paged_attention", mutates_args=())
+def _native_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """`_call_native` as a custom op (what torch.compile and CUDA code see)."""
+    return _call_native(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 @_native_paged_attention.register_fake
@@ -98,7 +106,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q, block_tables, context_lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
     backend = select("paged_attention", q.device)
     if backend == "native":
-        return _native_paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        if q.is_cuda or torch.compiler.is_compiling():
+            return _native_paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return _call_native(q, k_cache, v_cache, block_tables, context_lens, scale)
     if backend == "triton":
         from rlhf_fast.kernels.paged_attention import paged_attention_fwd
 
@@ -118,10 +128,17 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     if k.shape[1:] != k_cache.shape[2:] or slot_mapping.shape[0] != k.shape[0]:
         raise ValueError(f"k (T, KVH, D) must match the cache's (KVH, D) {tuple(k_cache.shape[2:])} and "
                          f"slot_mapping (T,); got {_checks.desc(k)} and {_checks.desc(slot_mapping)}")
-    if select("store_kv_cache", k.device) == "triton":
+    backend = select("store_kv_cache", k.device)
+    if backend == "triton":
         from rlhf_fast.kernels.kv_cache import store_kv_cache as triton_store
 
         triton_store(k, v, k_cache, v_cache, slot_mapping)
+        return
+    if backend == "native" and k_cache.dtype == v_cache.dtype and not torch.compiler.is_compiling():
+        k, v = k.to(k_cache.dtype).contiguous(), v.to(k_cache.dtype).contiguous()  # plain row copies on CPU
+        _native.fn("store_kv_cache_cpu")(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                         slot_mapping.contiguous().data_ptr(), k.shape[0],
+                                         k.shape[1] * k.shape[2] * k.element_size(), k_cache.shape[0] * k_cache.shape[1])
         return
     reference.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 
