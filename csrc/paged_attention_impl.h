@@ -51,31 +51,37 @@ using idx = std::int64_t;
 
 #if !defined(__CUDACC__)  // CPU only from here
 
+// Always inlined: a 32-byte vector passed by value to an out-of-line function would follow a different calling
+// convention in the AVX2 kernel than in the baseline code (-Wpsabi).
+// The warning is off for every file that includes this one: these never cross a call.
+#define RLHF_PA_VEC inline __attribute__((always_inline))
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 // Eight floats as one value (GCC/Clang vector extensions: two SSE or one AVX register, plain code elsewhere).
 typedef float vf8 __attribute__((vector_size(32)));
 typedef std::int32_t vi8 __attribute__((vector_size(32)));
 
-inline vf8 load8(const float* p) {
+RLHF_PA_VEC vf8 load8(const float* p) {
   vf8 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
 // The first n < 8 of p, the rest `fill`.
-inline vf8 load8_tail(const float* p, std::int64_t n, float fill) {
+RLHF_PA_VEC vf8 load8_tail(const float* p, std::int64_t n, float fill) {
   float buf[8];
   for (std::int64_t j = 0; j < 8; ++j) buf[j] = j < n ? p[j] : fill;
   return load8(buf);
 }
 
-inline float sum8(vf8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+RLHF_PA_VEC float sum8(vf8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
 // exp(x), eight at a time, branch-free (Cephes expf: Cody-Waite reduction x = n ln2 + r, degree-6 polynomial for
 // e^r, 2^n put into the exponent bits); within ~2 ulp of expf. x <= -87.33 (and -inf) give exactly 0; x is clamped
 // to 88 above (e^88 ~ 1.6e38). SSE4.1 intrinsics (the compiler scalarises vector-extension selects); std::exp
 // lane by lane elsewhere.
 #if defined(__SSE4_1__)
-inline __m128 exp4(__m128 x) {
+RLHF_PA_VEC __m128 exp4(__m128 x) {
   const __m128 lo = _mm_set1_ps(-87.33654f);
   const __m128 xc = _mm_min_ps(_mm_max_ps(x, lo), _mm_set1_ps(88.0f));
   const __m128 n = _mm_round_ps(_mm_mul_ps(xc, _mm_set1_ps(1.44269504088896341f)),
@@ -93,7 +99,7 @@ inline __m128 exp4(__m128 x) {
   return _mm_andnot_ps(_mm_cmple_ps(x, lo), _mm_mul_ps(y, _mm_castsi128_ps(e)));
 }
 
-inline vf8 exp8(vf8 x) {
+RLHF_PA_VEC vf8 exp8(vf8 x) {
   __m128 h[2];
   std::memcpy(h, &x, sizeof x);
   h[0] = exp4(h[0]);
@@ -102,7 +108,7 @@ inline vf8 exp8(vf8 x) {
   return x;
 }
 
-inline vf8 max8(vf8 a, vf8 b) {  // a > b ? a : b lane by lane
+RLHF_PA_VEC vf8 max8(vf8 a, vf8 b) {  // a > b ? a : b lane by lane
   __m128 ha[2], hb[2];
   std::memcpy(ha, &a, sizeof a);
   std::memcpy(hb, &b, sizeof b);
@@ -112,19 +118,19 @@ inline vf8 max8(vf8 a, vf8 b) {  // a > b ? a : b lane by lane
   return a;
 }
 #else
-inline vf8 exp8(vf8 x) {
+RLHF_PA_VEC vf8 exp8(vf8 x) {
   for (int j = 0; j < 8; ++j) x[j] = x[j] <= -87.33654f ? 0.0f : std::exp(x[j] < 88.0f ? x[j] : 88.0f);
   return x;
 }
 
-inline vf8 max8(vf8 a, vf8 b) {
+RLHF_PA_VEC vf8 max8(vf8 a, vf8 b) {
   for (int j = 0; j < 8; ++j) a[j] = a[j] > b[j] ? a[j] : b[j];
   return a;
 }
 #endif
 
 // p[0..n) = exp(p[0..n) - mx), returns their sum (lanes j % 8, combined in a fixed order).
-inline float exp_shift_sum(float* p, std::int64_t n, float mx) {
+RLHF_PA_VEC float exp_shift_sum(float* p, std::int64_t n, float mx) {
   vf8 acc = vf8{};
   std::int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
