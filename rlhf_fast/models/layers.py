@@ -59,23 +59,26 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, determinis
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama RMSNorm over the last dim, computed in fp32 like Hugging Face's."""
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
     return weight * xf.to(x.dtype)
 
 
 def rotary_tables(hf_rotary, max_positions: int, dtype: torch.dtype, device: torch.device):
-    """cos, sin (max_positions, head_dim) from the Hugging Face model's own rotary module (any rope type it has)."""
+    """cos, signed sin (max_positions, head_dim) from the Hugging Face model's own rotary module (any rope type it
+    has); the sin table's first half is negated, so that `apply_rotary` needs no negation per call."""
     pos = torch.arange(max_positions, device=device)[None]  # (1, P)
     probe = torch.zeros(1, max_positions, 1, dtype=dtype, device=device)
     cos, sin = hf_rotary(probe, pos)
-    return cos[0].to(dtype), sin[0].to(dtype)
+    cos, sin = cos[0].to(dtype), sin[0].to(dtype)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, heads, D) rotated by cos/sin (T, D) (the rotate-half convention of Llama/Qwen2/Mistral)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, D) rotated by cos / signed sin (T, D) from `rotary_tables` (the rotate-half convention of
+    Llama/Qwen2/Mistral): x cos + (-x2, x1) sin, written as x cos + (x2, x1) (-sin1, sin2), bit for bit the same."""
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1)
+    return x * cos[:, None, :] + swapped * sin_signed[:, None, :]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor | None, meta: AttnMetadata,
