@@ -214,3 +214,42 @@ def test_teacher_forced_bad_input():
         teacher_forced_logprobs(model, PROMPTS[:2], [[1]])
     with pytest.raises(ValueError, match="temperature"):
         teacher_forced_logprobs(model, PROMPTS[:1], [[1]], temperature=0.0)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_new"])
+def test_elementwise_is_batch_invariant(act):
+    """PyTorch's CPU activations compute the tail of their vectorised loop with scalar code (an ulp apart);
+    `elementwise` in deterministic mode gives every element the same path, so a row's result does not depend on
+    how many rows share the call (plain `silu` fails this on x (301, 7) and (5000, 7): rows differ)."""
+    from transformers.activations import ACT2FN
+
+    from rlhf_fast.models.layers import elementwise
+
+    fn = ACT2FN[act]
+    for rows in (301, 5000):  # 5000 x 7 padded is over one call's GRAIN: several calls
+        x = torch.randn(rows, 7)
+        full = elementwise(fn, x, True)
+        alone = torch.cat([elementwise(fn, x[i:i + 1], True) for i in range(0, rows, 13)])
+        assert torch.equal(full[::13], alone)
+        torch.testing.assert_close(full, fn(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_deterministic_bitwise_with_odd_widths(kind):
+    """Widths that are not a multiple of the SIMD width (intermediate 100, vocab 253) put rows in the vector tail of
+    elementwise kernels at some batch sizes and not others; deterministic mode must stay bitwise equal anyway."""
+    torch.manual_seed(1)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=253,
+                                             max_position_embeddings=128)).eval()
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=253, n_positions=128)).eval()
+    prompts = [[(7 * i + j) % 253 for j in range(3 + 2 * i)] for i in range(7)]
+    eng = RolloutEngine(model, block_size=4, deterministic=True)
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=12, temperature=1.0, n=2, seed=5))
+    ps = [prompts[o.prompt_index] for o in outs]
+    batch = eng.teacher_forced_logprobs(ps[::-1], outs[::-1])[::-1]
+    for o, b, p in zip(outs, batch, ps):
+        assert torch.equal(o.logprobs, b)
+        assert torch.equal(o.logprobs, eng.teacher_forced_logprobs([p], [o])[0])

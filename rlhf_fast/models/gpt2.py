@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from rlhf_fast.models.layers import AttnMetadata, attention, conv1d, linear
+from rlhf_fast.models.layers import AttnMetadata, attention, conv1d, elementwise, linear
 
 
 class GPT2LM:
@@ -53,7 +53,7 @@ class GPT2LM:
             o = attention(q, k, v, None if kv_cache is None else kv_cache[i], meta, self.scales[i])  # (T, H, D)
             h = h + conv1d(o.reshape(t, -1), att.c_proj.weight, att.c_proj.bias, det)
             mlp = block.mlp
-            m = self.act(conv1d(self._ln(h, block.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, det))
+            m = elementwise(self.act, conv1d(self._ln(h, block.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, det), det)
             h = h + conv1d(m, mlp.c_proj.weight, mlp.c_proj.bias, det)
         if logit_rows is not None:
             h = h[logit_rows]

@@ -49,6 +49,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, det
     return y + bias if bias is not None else y
 
 
+SIMD_PAD = 64  # columns: a multiple of every CPU vector loop's step (AVX-512 unrolled twice = 32 floats)
+GRAIN = 32768  # elements: at most this many per call, so PyTorch never splits one call across threads
+
+
+def elementwise(fn, x: torch.Tensor, deterministic: bool) -> torch.Tensor:
+    """fn(x) for an elementwise `fn` (an activation) on x (T, W). When deterministic, every element goes through the
+    same code path wherever its row sits: PyTorch's CPU kernels compute the tail of a vectorised loop (and of each
+    thread's share) with scalar code whose exp/tanh can differ by an ulp, and which elements land in a tail depends
+    on the tensor's size, i.e. on the batch. Rows are zero-padded to a multiple of SIMD_PAD columns and processed in
+    calls of at most GRAIN elements, so there is no tail and no thread split."""
+    if not deterministic or x.device.type != "cpu":
+        return fn(x)
+    t, w = x.shape
+    xp = F.pad(x, (0, -w % SIMD_PAD))  # (T, Wp)
+    rows = max(1, GRAIN // xp.shape[1])
+    return torch.cat([fn(c) for c in xp.split(rows)])[:, :w]
+
+
 def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, deterministic: bool) -> torch.Tensor:
     """GPT-2's Conv1D: x (T, in) @ weight (in, out) + bias -> (T, out)."""
     if not deterministic:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers.activations import ACT2FN
 
-from rlhf_fast.models.layers import AttnMetadata, apply_rotary, attention, linear, rms_norm, rotary_tables
+from rlhf_fast.models.layers import AttnMetadata, apply_rotary, attention, linear, rms_norm, rotary_tables, elementwise
 
 
 class LlamaFamilyLM:
@@ -69,7 +69,7 @@ class LlamaFamilyLM:
             h = h + linear(o.reshape(t, -1), att.o_proj.weight, att.o_proj.bias, det)
             x = rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
-            gate = self.act(linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias, det))
+            gate = elementwise(self.act, linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias, det), det)
             up = linear(x, mlp.up_proj.weight, mlp.up_proj.bias, det)
             h = h + linear(gate * up, mlp.down_proj.weight, mlp.down_proj.bias, det)
         if logit_rows is not None:
