@@ -20,7 +20,7 @@ from rlhf_fast.checkpoint import find_checkpoint, load_state
 from rlhf_fast.config import RMConfig, to_dict
 from rlhf_fast.data import RankedExample, epoch_batches, load_rm, pad_right
 from rlhf_fast.heads import ScalarHeadModel
-from rlhf_fast.stages.common import progress, resolve_device
+from rlhf_fast.stages.common import resolve_device
 from rlhf_fast.stages.run_state import TrainRun
 
 log = logging.getLogger(__name__)
@@ -118,26 +118,18 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     def save(finished: bool, acc: float) -> None:
         run.save(model, tokenizer, to_dict(cfg), finished=finished, accuracy=acc)
 
-    bar = progress(total=total, desc="rm", initial=run.step)
-    while run.step < total:
-        epoch, pos = divmod(run.step, per_epoch)
+    def one_step(step: int):
+        epoch, pos = divmod(step, per_epoch)
         batch_idx = epoch_batches(sizes, cfg.batch_size, seed=cfg.seed, epoch=epoch)
         batch = ranked_batch([train[i] for i in batch_idx[pos]], pad_id)
         loss, margin = bradley_terry_loss(model.score(batch.input_ids, batch.lengths), batch)
-        res = run.apply(loss)
-        step = run.step
-        bar.update(1)
-        run.metrics.log(step, loss=float(loss.detach()), train_accuracy=float((margin > 0).float().mean()),
-                        grad_norm=res.grad_norm, lr=run.lr(), skipped=run.skipped)
-        if cfg.eval_every and evals and step % cfg.eval_every == 0 and step < total:
-            run.metrics.log(step, eval_accuracy=pairwise_accuracy(model, evals, pad_id, cfg.batch_size))
-        if stop_after is not None and step >= stop_after and step < total:
-            save(False, float("nan"))
-            bar.close()
-            return RMResult(out / "checkpoint" / "model", float("nan"), step, run.skipped, run.elapsed())
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save(False, float("nan"))
-    bar.close()
+        return loss, {"train_accuracy": float((margin > 0).float().mean())}
+
+    done = run.loop(one_step, (lambda: {"eval_accuracy": pairwise_accuracy(model, evals, pad_id, cfg.batch_size)})
+                    if evals else None, lambda: save(False, float("nan")), eval_every=cfg.eval_every,
+                    save_every=cfg.save_every, stop_after=stop_after)
+    if not done:
+        return RMResult(out / "checkpoint" / "model", float("nan"), run.step, run.skipped, run.elapsed())
     acc = pairwise_accuracy(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
     run.metrics.log(run.step, eval_accuracy=acc)
     if plots:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from rlhf_fast.checkpoint import rng_state, save_checkpoint, set_rng_state
 from rlhf_fast.config import OptimConfig
-from rlhf_fast.stages.common import MetricsLog, StepResult, guarded_step, make_optimizer, make_scheduler
+from rlhf_fast.stages.common import (MetricsLog, StepResult, guarded_step, make_optimizer, make_scheduler,
+                                     progress)
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +59,30 @@ class TrainRun:
               "scheduler": self.sched.state_dict(), "rng": rng_state(), "finished": finished, "config": config,
               "elapsed_s": self.elapsed(), **extra}
         save_checkpoint(self.out / "checkpoint", {"model": model}, st, tokenizer)
+
+    def loop(self, step_fn: Callable[[int], tuple], evaluate: Callable[[], dict] | None, save: Callable[[], None],
+             *, eval_every: int, save_every: int, stop_after: int | None) -> bool:
+        """Run optimiser steps until `total`: `step_fn(step)` returns `(loss, extra_metrics)` for the batch at that
+        step; `evaluate()` gives eval metrics every `eval_every` steps; `save()` writes a resumable checkpoint every
+        `save_every` steps. Returns False if it stopped early at `stop_after` (checkpointed), True when done."""
+        bar = progress(total=self.total, desc=self.name, initial=self.step)
+        try:
+            while self.step < self.total:
+                loss, extra = step_fn(self.step)
+                res = self.apply(loss)
+                step = self.step
+                bar.update(1)
+                self.metrics.log(step, loss=float(loss.detach()), **extra, grad_norm=res.grad_norm, lr=self.lr(),
+                                 skipped=self.skipped)
+                if step >= self.total:
+                    break
+                if eval_every and evaluate is not None and step % eval_every == 0:
+                    self.metrics.log(step, **evaluate())
+                if stop_after is not None and step >= stop_after:
+                    save()
+                    return False
+                if save_every and step % save_every == 0:
+                    save()
+        finally:
+            bar.close()
+        return True

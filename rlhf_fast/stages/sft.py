@@ -17,7 +17,7 @@ from rlhf_fast import ops
 from rlhf_fast.checkpoint import find_checkpoint, load_state
 from rlhf_fast.config import SFTConfig, to_dict
 from rlhf_fast.data import SFTExample, epoch_batches, load_sft, sft_batch
-from rlhf_fast.stages.common import lm_head_params, lm_hidden, progress, resolve_device
+from rlhf_fast.stages.common import lm_head_params, lm_hidden, resolve_device
 from rlhf_fast.stages.run_state import TrainRun
 
 log = logging.getLogger(__name__)
@@ -105,26 +105,18 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     def save(finished: bool, ev: float) -> None:
         run.save(model, tokenizer, to_dict(cfg), finished=finished, eval_loss=ev)
 
-    bar = progress(total=total, desc="sft", initial=run.step)
-    while run.step < total:
-        epoch, pos = divmod(run.step, per_epoch)
+    def one_step(step: int):
+        epoch, pos = divmod(step, per_epoch)
         batch_idx = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, bucket_size=cfg.bucket_size)
         ids, labels = sft_batch([train[i] for i in batch_idx[pos]], pad_id, IGNORE)
         nll, n = response_nll(model, ids, labels)
-        loss = nll / n.clamp(min=1)
-        res = run.apply(loss)
-        step = run.step
-        bar.update(1)
-        run.metrics.log(step, loss=float(loss.detach()), grad_norm=res.grad_norm, lr=run.lr(), skipped=run.skipped)
-        if cfg.eval_every and evals and step % cfg.eval_every == 0 and step < total:
-            run.metrics.log(step, eval_loss=eval_loss(model, evals, pad_id, cfg.batch_size))
-        if stop_after is not None and step >= stop_after and step < total:
-            save(False, float("nan"))
-            bar.close()
-            return SFTResult(out / "checkpoint" / "model", float("nan"), step, run.skipped, run.elapsed())
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save(False, float("nan"))
-    bar.close()
+        return nll / n.clamp(min=1), {}
+
+    done = run.loop(one_step, (lambda: {"eval_loss": eval_loss(model, evals, pad_id, cfg.batch_size)}) if evals
+                    else None, lambda: save(False, float("nan")), eval_every=cfg.eval_every,
+                    save_every=cfg.save_every, stop_after=stop_after)
+    if not done:
+        return SFTResult(out / "checkpoint" / "model", float("nan"), run.step, run.skipped, run.elapsed())
     ev = eval_loss(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
     run.metrics.log(run.step, eval_loss=ev)
     if plots:
