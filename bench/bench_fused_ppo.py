@@ -93,10 +93,8 @@ def main() -> None:
         r["time_vs_naive"] = round(r["time_ms"] / rows[0]["time_ms"], 3)
         if rows[0]["peak_extra_mem_MiB"] > 0:
             r["mem_vs_naive"] = round(r["peak_extra_mem_MiB"] / rows[0]["peak_extra_mem_MiB"], 4)
-        print(r)
-    path = write_results(("fused_ppo_gpu" if args.gpu else "fused_ppo") + ("_small" if args.small else ""), rows,
-                         plot_x="path", plot_y="time_ms", group_by="case")
-    print(f"wrote {path}")
+    write_results(("fused_ppo_gpu" if args.gpu else "fused_ppo") + ("_small" if args.small else ""), rows,
+                  plot_x="path", plot_y="time_ms", group_by="case")
 
 
 if __name__ == "__main__":

@@ -91,16 +91,13 @@ def main():
         for r in rows:
             if peak and "GB_per_s" in r:
                 r["hbm_fraction"] = round(r["GB_per_s"] / peak, 3)
-        path = write_results("bench_gae_gpu", _speedups(rows), plot_x="impl", plot_y="GB_per_s")
+        write_results("bench_gae_gpu", _speedups(rows), plot_x="impl", plot_y="GB_per_s")
     else:
         dev = torch.device("cpu")
         rows = []
         for t in (256, 2048, 8192):
             rows += [run_case(c, dev, repeats=10) for c in _cases(64, t, dev, ["native", "torch"])]
-        path = write_results("bench_gae", _speedups(rows), plot_x="T", plot_y="time_ms", group_by="impl", logy=True)
-    for r in rows:
-        print({k: r[k] for k in r if k != "device"})
-    print(f"device: {rows[0]['device']}\nwrote {path}")
+        write_results("bench_gae", _speedups(rows), plot_x="T", plot_y="time_ms", group_by="impl", logy=True)
 
 
 if __name__ == "__main__":

@@ -116,11 +116,8 @@ def main() -> None:
             row[key.replace("peak_", "").replace("_MiB", "") + "_vs_naive"] = round(ratio, 4)
         rows.append(row)
     name = "logprobs_gpu" if args.gpu else "logprobs"
-    path = write_results(name + ("_small" if args.small else ""), rows, plot_x="case", plot_y="time_ms",
-                         group_by="impl", logy=True)
-    for r in rows:
-        print(r)
-    print(f"wrote {path}")
+    write_results(name + ("_small" if args.small else ""), rows, plot_x="case", plot_y="time_ms",
+                  group_by="impl", logy=True)
 
 
 if __name__ == "__main__":

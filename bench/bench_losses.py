@@ -96,10 +96,7 @@ def main():
         cases = _cases(64, 2048, torch.float32, dev)
         name = "bench_losses"
     rows = [run_case(c, dev, repeats=10) for c in cases]
-    path = write_results(name, rows, plot_x="case", plot_y="time_ms", group_by="impl")
-    for r in rows:
-        print({k: r[k] for k in r if k != "device"})
-    print(f"device: {rows[0]['device']}\nwrote {path}")
+    write_results(name, rows, plot_x="case", plot_y="time_ms", group_by="impl")
 
 
 if __name__ == "__main__":

@@ -76,10 +76,7 @@ def main():
                     row = run_case(c, "cuda", warmup=5, repeats=20)
                     row["hbm_fraction"] = round(row["GB_per_s"] / peak, 3) if peak else None
                     rows.append(row)
-    path = write_results("paged_attention", rows, plot_x="ctx", plot_y="GB_per_s")
-    for r in rows:
-        print(r)
-    print(f"wrote {path}")
+    write_results("paged_attention", rows, plot_x="ctx", plot_y="GB_per_s")
 
 
 if __name__ == "__main__":

@@ -94,10 +94,7 @@ def main() -> None:
         if r["phase"] == "total":
             r["speedup_vs_baseline"] = round(base / r["time_ms"], 2)
     name = "ppo_iteration" if (args.hidden, args.layers) == (128, 2) else f"ppo_iteration_h{args.hidden}_l{args.layers}"
-    path = write_results(name, rows, plot_x="phase", plot_y="time_ms")
-    for r in rows:
-        print({k: v for k, v in r.items() if k != "device" and v != ""})
-    print(f"wrote {path}")
+    write_results(name, rows, plot_x="phase", plot_y="time_ms")
 
 
 if __name__ == "__main__":

@@ -138,10 +138,7 @@ def main():
     rng = random.Random(1)
     long_prompts = [[rng.randrange(1, model.config.vocab_size) for _ in range(300)] for _ in range(4)]
     rows += kv_rows(model, long_prompts, 32, 16, "300-token prompts")
-    path = write_results("rollout", rows, plot_x="case", plot_y="tokens_per_s")
-    for r in rows:
-        print(r)
-    print(f"wrote {path}")
+    write_results("rollout", rows, plot_x="case", plot_y="tokens_per_s")
 
 
 if __name__ == "__main__":

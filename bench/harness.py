@@ -164,7 +164,8 @@ def run_case(case: Case, device: torch.device | str = "cpu", *, warmup: int = 2,
 
 def write_results(name: str, rows: list[dict], *, plot_x: str | None = None, plot_y: str = "time_ms",
                   group_by: str = "case", logy: bool = False) -> Path:
-    """Write `bench/results/<name>.csv`, `.json` and (if `plot_x`) a `.png` of `plot_y` against `plot_x`."""
+    """Write `bench/results/<name>.csv`, `.json` and (if `plot_x`) a `.png` of `plot_y` against `plot_x`, and print
+    the rows."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []
     for r in rows:
@@ -178,6 +179,10 @@ def write_results(name: str, rows: list[dict], *, plot_x: str | None = None, plo
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(meta, indent=2))
     if plot_x is not None:
         plot(name, rows, plot_x, plot_y, group_by=group_by, logy=logy)
+    for r in rows:  # the same rows on stdout, without empty cells and the (shared) device column
+        print({k: v for k, v in r.items() if k != "device" and v not in ("", None)})
+    devices = sorted({str(r.get("device")) for r in rows if r.get("device")})
+    print(f"device: {'; '.join(devices) or 'unknown'}\nwrote {csv_path} (+ .json{', .png' if plot_x else ''})")
     return csv_path
 
 
