@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from rlhf_fast.models.layers import AttnMetadata, attention, conv1d, elementwise, linear
+from rlhf_fast.models.layers import AttnMetadata, BoundLM, attention, conv1d, elementwise, linear
 
 
-class GPT2LM:
+class GPT2LM(BoundLM):
     """Decoder of `GPT2LMHeadModel` over packed tokens (learned positions, LayerNorm, Conv1D projections)."""
 
     def __init__(self, hf_model):
@@ -26,14 +26,6 @@ class GPT2LM:
         base = self.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
         by_layer = getattr(cfg, "scale_attn_by_inverse_layer_idx", False)
         self.scales = [base / (i + 1) if by_layer else base for i in range(self.num_layers)]
-
-    @property
-    def device(self) -> torch.device:
-        return self.hf.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.hf.lm_head.weight.dtype
 
     def _ln(self, x: torch.Tensor, ln) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, self.eps)

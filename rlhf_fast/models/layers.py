@@ -38,6 +38,20 @@ class AttnMetadata:
     deterministic: bool = False
 
 
+class BoundLM:
+    """Base of the compact models: they hold the Hugging Face model (`self.hf`) and read its parameters per call."""
+
+    hf: torch.nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.lm_head.weight.dtype
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deterministic: bool) -> torch.Tensor:
     """x (T, in) @ weight.T (in, out) + bias -> (T, out); batch-invariant in fixed row chunks when deterministic."""
     if not deterministic:

@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 from transformers.activations import ACT2FN
 
-from rlhf_fast.models.layers import AttnMetadata, apply_rotary, attention, linear, rms_norm, rotary_tables, elementwise
+from rlhf_fast.models.layers import (AttnMetadata, BoundLM, apply_rotary, attention, elementwise, linear, rms_norm,
+                                     rotary_tables)
 
 
-class LlamaFamilyLM:
+class LlamaFamilyLM(BoundLM):
     """Decoder of `LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM` over packed tokens."""
 
     def __init__(self, hf_model):
@@ -31,14 +32,6 @@ class LlamaFamilyLM:
         self.max_context = min(cfg.max_position_embeddings, window or cfg.max_position_embeddings)
         self._rotary_key = None
         self._cos = self._sin = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.hf.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.hf.lm_head.weight.dtype
 
     def _rotary(self, positions: torch.Tensor):
         key = (self.device, self.dtype)
