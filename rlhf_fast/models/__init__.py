@@ -10,11 +10,15 @@ _BY_CLASS = {
     "Qwen2ForCausalLM": LlamaFamilyLM,
     "MistralForCausalLM": LlamaFamilyLM,
     "GPT2LMHeadModel": GPT2LM,
+    "LlamaModel": LlamaFamilyLM,  # bare backbones (value and reward models): hidden states, no logits
+    "Qwen2Model": LlamaFamilyLM,
+    "MistralModel": LlamaFamilyLM,
+    "GPT2Model": GPT2LM,
 }
 
 
 def bind_model(hf_model):
-    """The compact model for `hf_model` (a transformers causal LM); it reads `hf_model`'s parameters at every call."""
+    """The compact model for `hf_model` (a transformers causal LM or its bare backbone); it reads `hf_model`'s parameters at every call."""
     for cls in type(hf_model).__mro__:
         if cls.__name__ in _BY_CLASS and cls.__module__.startswith("transformers."):
             return _BY_CLASS[cls.__name__](hf_model)

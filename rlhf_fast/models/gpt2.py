@@ -5,17 +5,18 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from rlhf_fast.models.layers import AttnMetadata, BoundLM, attention, conv1d, elementwise, linear
+from rlhf_fast.models.layers import AttnMetadata, BoundLM, cache_attention, conv1d, elementwise
 
 
 class GPT2LM(BoundLM):
-    """Decoder of `GPT2LMHeadModel` over packed tokens (learned positions, LayerNorm, Conv1D projections)."""
+    """Decoder of `GPT2LMHeadModel` (or a bare `GPT2Model`) over packed tokens (learned positions, LayerNorm, Conv1D projections)."""
 
     def __init__(self, hf_model):
         cfg = hf_model.config
         if getattr(cfg, "add_cross_attention", False):
             raise ValueError("GPT-2 with cross-attention is not supported by the rollout engine")
         self.hf = hf_model
+        self.inner = hf_model.base_model  # GPT2Model; `hf_model` itself for a bare backbone
         self.num_layers = cfg.n_layer
         self.num_heads = self.num_kv_heads = cfg.n_head
         self.head_dim = cfg.n_embd // cfg.n_head
@@ -30,24 +31,30 @@ class GPT2LM(BoundLM):
     def _ln(self, x: torch.Tensor, ln) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, self.eps)
 
-    @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
-                kv_cache: torch.Tensor | None, logit_rows: torch.Tensor | None) -> torch.Tensor:
-        """Same contract as `LlamaFamilyLM.forward`: logits (R, vocab) float32."""
-        det = meta.deterministic
-        tr = self.hf.transformer
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, det: bool) -> torch.Tensor:
+        """Same contract as `LlamaFamilyLM.decode`: hidden (T, hidden) before the final LayerNorm."""
+        tr = self.inner
         t = input_ids.shape[0]
         h = tr.wte.weight[input_ids] + tr.wpe.weight[positions]  # (T, hidden)
         for i, block in enumerate(tr.h):
             att = block.attn
             qkv = conv1d(self._ln(h, block.ln_1), att.c_attn.weight, att.c_attn.bias, det)  # (T, 3 * hidden)
             q, k, v = (z.reshape(t, self.num_heads, self.head_dim) for z in qkv.chunk(3, dim=-1))
-            o = attention(q, k, v, None if kv_cache is None else kv_cache[i], meta, self.scales[i])  # (T, H, D)
+            o = attend(i, q, k, v, self.scales[i])  # (T, H, D)
             h = h + conv1d(o.reshape(t, -1), att.c_proj.weight, att.c_proj.bias, det)
             mlp = block.mlp
             m = elementwise(self.act, conv1d(self._ln(h, block.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, det), det)
             h = h + conv1d(m, mlp.c_proj.weight, mlp.c_proj.bias, det)
+        return h
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self._ln(h, self.inner.ln_f)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                kv_cache: torch.Tensor | None, logit_rows: torch.Tensor | None) -> torch.Tensor:
+        """Same contract as `LlamaFamilyLM.forward`: logits (R, vocab) float32."""
+        h = self.decode(input_ids, positions, cache_attention(meta, kv_cache), meta.deterministic)
         if logit_rows is not None:
             h = h[logit_rows]
-        h = self._ln(h, tr.ln_f)
-        return linear(h, self.hf.lm_head.weight, None, det).float()
+        return self.logits(self.final_norm(h), meta.deterministic)

@@ -41,15 +41,22 @@ class AttnMetadata:
 class BoundLM:
     """Base of the compact models: they hold the Hugging Face model (`self.hf`) and read its parameters per call."""
 
-    hf: torch.nn.Module
+    hf: torch.nn.Module  # the causal LM, or a bare backbone (no lm_head: a value / reward model's)
 
     @property
     def device(self) -> torch.device:
-        return self.hf.lm_head.weight.device
+        return self.hf.get_input_embeddings().weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.hf.lm_head.weight.dtype
+        return self.hf.get_input_embeddings().weight.dtype
+
+    def logits(self, h: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        """Final hidden states (R, hidden) -> float32 logits (R, vocab) through the causal LM's lm_head."""
+        head = self.hf.get_output_embeddings()
+        if head is None:
+            raise TypeError(f"{type(self.hf).__name__} has no lm_head: it is a backbone, it gives hidden states only")
+        return linear(h, head.weight, head.bias, deterministic).float()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deterministic: bool) -> torch.Tensor:
@@ -125,6 +132,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tenso
     if meta.block_tables is not None:
         return ops.paged_attention(q, kv[0], kv[1], meta.block_tables, meta.context_lens, scale=scale)
     return _varlen_causal(q, k, v, meta.cu_seqlens, scale)
+
+
+def cache_attention(meta: AttnMetadata, kv_cache: torch.Tensor | None):
+    """The rollout's `attend(layer, q, k, v, scale)` for a model's `decode`: `attention` on layer i's cache."""
+    return lambda i, q, k, v, scale: attention(q, k, v, None if kv_cache is None else kv_cache[i], meta, scale)
 
 
 def _varlen_causal(q, k, v, cu_seqlens: list[int], scale: float) -> torch.Tensor:

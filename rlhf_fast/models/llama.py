@@ -8,16 +8,18 @@ from __future__ import annotations
 import torch
 from transformers.activations import ACT2FN
 
-from rlhf_fast.models.layers import (AttnMetadata, BoundLM, apply_rotary, attention, elementwise, linear, rms_norm,
-                                     rotary_tables)
+from rlhf_fast.models.layers import (AttnMetadata, BoundLM, apply_rotary, cache_attention, elementwise, linear,
+                                     rms_norm, rotary_tables)
 
 
 class LlamaFamilyLM(BoundLM):
-    """Decoder of `LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM` over packed tokens."""
+    """Decoder of `LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM` (or of their bare backbones
+    `LlamaModel`, ..., which have no lm_head) over packed tokens."""
 
     def __init__(self, hf_model):
         cfg = hf_model.config
         self.hf = hf_model
+        self.inner = hf_model.base_model  # the decoder (LlamaModel, ...); `hf_model` itself for a bare backbone
         self.num_layers = cfg.num_hidden_layers
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -36,18 +38,15 @@ class LlamaFamilyLM(BoundLM):
     def _rotary(self, positions: torch.Tensor):
         key = (self.device, self.dtype)
         if self._rotary_key != key:  # one table per device/dtype, shared by the engine and the scorer
-            self._cos, self._sin = rotary_tables(self.hf.model.rotary_emb, self.max_context, self.dtype, self.device)
+            self._cos, self._sin = rotary_tables(self.inner.rotary_emb, self.max_context, self.dtype, self.device)
             self._rotary_key = key
         return self._cos[positions], self._sin[positions]
 
-    @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
-                kv_cache: torch.Tensor | None, logit_rows: torch.Tensor | None) -> torch.Tensor:
-        """input_ids, positions (T,); kv_cache (num_layers, 2, num_blocks, block_size, KVH, D) or None;
-        logit_rows (R,) indices of the tokens whose next-token logits are wanted (None = all).
-        Returns logits (R, vocab) in float32."""
-        det = meta.deterministic
-        inner = self.hf.model
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, det: bool) -> torch.Tensor:
+        """The decoder stack over packed tokens, without the final norm: input_ids, positions (T,) ->
+        hidden (T, hidden). `attend(layer, q, k, v, scale) -> (T, H, D)` is the attention (rollout: the KV cache;
+        training: `models.packed`). Differentiable; the rollout calls it under no_grad."""
+        inner = self.inner
         t = input_ids.shape[0]
         cos, sin = self._rotary(positions)  # (T, D)
         h = inner.embed_tokens.weight[input_ids]  # (T, hidden)
@@ -58,14 +57,25 @@ class LlamaFamilyLM(BoundLM):
             k = linear(x, att.k_proj.weight, att.k_proj.bias, det).view(t, self.num_kv_heads, self.head_dim)
             v = linear(x, att.v_proj.weight, att.v_proj.bias, det).view(t, self.num_kv_heads, self.head_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            o = attention(q, k, v, None if kv_cache is None else kv_cache[i], meta, self.scale)  # (T, H, D)
+            o = attend(i, q, k, v, self.scale)  # (T, H, D)
             h = h + linear(o.reshape(t, -1), att.o_proj.weight, att.o_proj.bias, det)
             x = rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
             gate = elementwise(self.act, linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias, det), det)
             up = linear(x, mlp.up_proj.weight, mlp.up_proj.bias, det)
             h = h + linear(gate * up, mlp.down_proj.weight, mlp.down_proj.bias, det)
+        return h
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, self.inner.norm.weight, self.eps)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                kv_cache: torch.Tensor | None, logit_rows: torch.Tensor | None) -> torch.Tensor:
+        """input_ids, positions (T,); kv_cache (num_layers, 2, num_blocks, block_size, KVH, D) or None;
+        logit_rows (R,) indices of the tokens whose next-token logits are wanted (None = all).
+        Returns logits (R, vocab) in float32."""
+        h = self.decode(input_ids, positions, cache_attention(meta, kv_cache), meta.deterministic)
         if logit_rows is not None:
             h = h[logit_rows]
-        h = rms_norm(h, inner.norm.weight, self.eps)
-        return linear(h, self.hf.lm_head.weight, self.hf.lm_head.bias, det).float()
+        return self.logits(self.final_norm(h), meta.deterministic)

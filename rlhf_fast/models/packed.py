@@ -1,0 +1,204 @@
+"""Padding-free training forwards on the compact models: packed sequences and shared prompts, with gradients.
+
+A `PackedBatch` is one token stream (no padding) cut into attention segments. A segment covers the stream rows
+[start, end) and attends causally to itself after attending to every row of its prefix [prefix_start, prefix_end):
+  * packed sequences (`share_prompts=False`): each sequence (prompt + response) is one segment with no prefix,
+    the layout of flash-attn's varlen `cu_seqlens`;
+  * shared prompts (`share_prompts=True`): each distinct prompt is one segment, followed in the stream by the
+    responses of its samples, each a segment whose prefix is the prompt. The prompt is computed once; every
+    response token attends to the prompt's keys and values, so autograd sums the `n` samples' gradients into the
+    shared prompt rows.
+Positions restart at 0 per sequence (a response continues at its prompt's length), as in a padded batch.
+
+The forward is the compact model's own `decode` (the layer functions the rollout engine runs), here with autograd:
+its numerics are those of the Hugging Face forward whose parameters it reads (tests: Llama, Qwen2, GPT-2). On CUDA
+in half precision attention is flash-attn's varlen kernel when installed; otherwise PyTorch SDPA per segment. With
+`deterministic=True` the GEMMs run in the rollout's fixed row chunks and attention is per segment, so a sequence's
+result does not depend on what else is packed with it (batch invariance).
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_fast.models import bind_model
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    """N sequences as one stream of T tokens.
+
+    input_ids, positions: (T,) int64.
+    segments: (start, end, prefix_start, prefix_end) per attention segment, in stream order, covering 0..T.
+    samples: (prompt_start, prompt_end, response_start, response_end) stream rows of each sequence, input order.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    segments: tuple[tuple[int, int, int, int], ...]
+    samples: tuple[tuple[int, int, int, int], ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def predict_index(self, width: int) -> torch.Tensor:
+        """(N, width) int64: the stream row whose hidden state predicts response token j of each sequence (the
+        prompt's last row for j = 0); rows past a response's end point at that last row (mask them out)."""
+        idx = torch.empty(len(self.samples), width, dtype=torch.int64)
+        j = torch.arange(width)
+        for i, (_, pe, rs, re_) in enumerate(self.samples):
+            jj = j.clamp(max=max(re_ - rs - 1, 0))
+            idx[i] = torch.where(jj == 0, pe - 1, rs + jj - 1)
+        return idx.to(self.device)
+
+    def last_index(self) -> torch.Tensor:
+        """(N,) int64: the stream row of each sequence's last token (the reward model's score position)."""
+        rows = [re_ - 1 if re_ > rs else pe - 1 for _, pe, rs, re_ in self.samples]
+        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+
+    def attention_work(self) -> int:
+        """Query-key pairs attended (a FLOP proxy of the attention; the matmuls scale with `num_tokens`)."""
+        return sum((e - s) * (pe - ps) + (e - s) * (e - s + 1) // 2 for s, e, ps, pe in self.segments)
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], *, groups: list[int] | None = None,
+         share_prompts: bool = False, device: torch.device | str = "cpu") -> PackedBatch:
+    """Pack sequence i = prompts[i] + responses[i] (each prompt non-empty).
+
+    groups: (N,) sequences with the same group id have the same prompt (e.g. the rollout's `prompt_index`); with
+        `share_prompts` each group's prompt is computed once. None: every sequence is its own group.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} and {len(responses)}")
+    if groups is None:
+        groups = list(range(len(prompts)))
+    elif len(groups) != len(prompts):
+        raise ValueError(f"groups must have one entry per sequence ({len(prompts)}), got {len(groups)}")
+    ids: list[int] = []
+    pos: list[int] = []
+    segments: list[tuple[int, int, int, int]] = []
+    samples: list[tuple[int, int, int, int] | None] = [None] * len(prompts)
+
+    def put(tokens: list[int], first_pos: int, prefix: tuple[int, int]) -> tuple[int, int]:
+        start = len(ids)
+        ids.extend(tokens)
+        pos.extend(range(first_pos, first_pos + len(tokens)))
+        if tokens:
+            segments.append((start, len(ids), *prefix))
+        return start, len(ids)
+
+    by_group: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        if not prompts[i]:
+            raise ValueError(f"prompts[{i}] is empty: every sequence needs at least one prompt token")
+        by_group.setdefault(g, []).append(i)
+    for members in by_group.values():
+        if share_prompts:
+            p = list(prompts[members[0]])
+            if any(list(prompts[i]) != p for i in members):
+                raise ValueError("share_prompts: sequences of one group must have the same prompt")
+            ps, pe = put(p, 0, (0, 0))
+            for i in members:
+                rs, re_ = put(list(responses[i]), len(p), (ps, pe))
+                samples[i] = (ps, pe, rs, re_)
+        else:
+            for i in members:
+                p = list(prompts[i])
+                s, e = put(p + list(responses[i]), 0, (0, 0))
+                samples[i] = (s, s + len(p), s + len(p), e)
+    dev = torch.device(device)
+    return PackedBatch(torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64,
+                       device=dev), tuple(segments), tuple(samples))  # type: ignore[arg-type]
+
+
+_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def bound(model: torch.nn.Module):
+    """The compact model over `model` (a causal LM or its backbone), made once per module (it caches rotary)."""
+    lm = _BOUND.get(model)
+    if lm is None:
+        lm = _BOUND[model] = bind_model(model)
+    return lm
+
+
+def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: bool = False) -> torch.Tensor:
+    """Final (normed) hidden states (T, hidden) of `batch` through `model`, differentiable w.r.t. its parameters."""
+    lm = bound(model)
+    if batch.num_tokens and int(batch.positions.max()) >= lm.max_context:
+        raise ValueError(f"a packed sequence reaches position {int(batch.positions.max())}, over the model's "
+                         f"context {lm.max_context}")
+    attend = _SegmentAttention(batch, deterministic)
+    h = lm.decode(batch.input_ids.to(lm.device), batch.positions.to(lm.device), attend, deterministic)
+    return lm.final_norm(h)
+
+
+class _SegmentAttention:
+    """`attend(layer, q, k, v, scale)` over a batch's segments (one plan reused by every layer)."""
+
+    def __init__(self, batch: PackedBatch, deterministic: bool):
+        self.segments = batch.segments
+        self.deterministic = deterministic
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}
+        self.varlen = None  # (kv_index, cu_q, cu_k, max_q, max_k) for flash-attn, built on first use
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+        if flash is not None and not self.deterministic:
+            return self._flash(flash, q, k, v, scale)
+        gqa = q.shape[1] != k.shape[1]
+        outs = []
+        for s, e, ps, pe in self.segments:
+            qs = q[s:e].transpose(0, 1)[None]  # (1, H, L, D)
+            if pe > ps:
+                ks, vs = (torch.cat((z[ps:pe], z[s:e])).transpose(0, 1)[None] for z in (k, v))  # (1, KVH, P+L, D)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self._mask(e - s, pe - ps, q.device),
+                                                   scale=scale, enable_gqa=gqa)
+            else:
+                ks, vs = (z[s:e].transpose(0, 1)[None] for z in (k, v))
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            outs.append(o[0].transpose(0, 1))  # (L, H, D)
+        return torch.cat(outs)
+
+    def _mask(self, q_len: int, prefix: int, device: torch.device) -> torch.Tensor:
+        """(q_len, prefix + q_len) bool: every prefix key, then causal over the segment's own keys."""
+        key = (q_len, prefix)
+        if key not in self.masks:
+            cols = torch.arange(prefix + q_len, device=device)
+            self.masks[key] = cols[None, :] <= prefix + torch.arange(q_len, device=device)[:, None]
+        return self.masks[key]
+
+    def _flash(self, flash, q, k, v, scale):
+        if self.varlen is None:
+            kv_rows, cu_q, cu_k = [], [0], [0]
+            for s, e, ps, pe in self.segments:
+                kv_rows.extend(range(ps, pe))
+                kv_rows.extend(range(s, e))
+                cu_q.append(cu_q[-1] + e - s)
+                cu_k.append(cu_k[-1] + (pe - ps) + (e - s))
+            dev = q.device
+            lens_q = [b - a for a, b in zip(cu_q[:-1], cu_q[1:])]
+            lens_k = [b - a for a, b in zip(cu_k[:-1], cu_k[1:])]
+            self.varlen = (torch.tensor(kv_rows, dtype=torch.int64, device=dev),
+                           torch.tensor(cu_q, dtype=torch.int32, device=dev),
+                           torch.tensor(cu_k, dtype=torch.int32, device=dev), max(lens_q), max(lens_k))
+        kv_index, cu_q, cu_k, max_q, max_k = self.varlen
+        if any(pe > ps for _, _, ps, pe in self.segments):
+            k, v = k[kv_index], v[kv_index]  # each segment's keys: its prefix, then its own (bottom-right causal)
+        return flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
+
+
+def _flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
