@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from bench.harness import Case, run_case, write_results
-from rlhf_fast.ops import (PPOAgg, PPOClip, kl_penalty, linear_token_logprobs, ppo_loss_from_hidden,
+from rlhf_fast.ops import (KLTerm, PPOAgg, PPOClip, kl_penalty, linear_token_logprobs, ppo_loss_from_hidden,
                            ppo_policy_loss, reference)
 
 KL_COEF, ENT_COEF, CLIP = 0.05, 0.01, PPOClip(0.2, 0.28)
@@ -37,20 +37,20 @@ def _batch(b, t, width, vocab, dtype, device):
 
 def _composed(h, w, labels, old, adv, mask, ref_logp):
     logp, ent = linear_token_logprobs(h, w, torch.where(mask, labels, -100), return_entropy=True)
-    pg, _ = ppo_policy_loss(logp, old, adv, mask, clip_low=CLIP.low, clip_high=CLIP.high)
-    kl = reference._aggregate(kl_penalty(logp, ref_logp, "k3"), mask, "token-mean", None, None)
-    entropy = reference._aggregate(ent, mask, "token-mean", None, None)
+    pg, _ = ppo_policy_loss(logp, old, adv, mask, clip=CLIP)
+    kl = PPOAgg().aggregate(kl_penalty(logp, ref_logp, "k3"), mask)
+    entropy = PPOAgg().aggregate(ent, mask)
     return pg + KL_COEF * kl - ENT_COEF * entropy
 
 
 def _naive(h, w, labels, old, adv, mask, ref_logp):
-    loss, _ = reference.ppo_loss_from_hidden(h, w, labels, old, adv, mask, ref_logp=ref_logp, kl_coef=KL_COEF,
+    loss, _ = reference.ppo_loss_from_hidden(h, w, labels, old, adv, mask, kl=KLTerm(ref_logp, KL_COEF, "k3"),
                                              entropy_coef=ENT_COEF, clip=CLIP, agg=PPOAgg())
     return loss
 
 
 def _fused(h, w, labels, old, adv, mask, ref_logp):
-    loss, _ = ppo_loss_from_hidden(h, w, labels, old, adv, mask, ref_logp=ref_logp, kl_coef=KL_COEF,
+    loss, _ = ppo_loss_from_hidden(h, w, labels, old, adv, mask, kl=KLTerm(ref_logp, KL_COEF, "k3"),
                                    entropy_coef=ENT_COEF, clip=CLIP)
     return loss
 

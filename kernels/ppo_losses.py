@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.ops import losses as L
+from rlhf_fast.kernels import loss_layout as L
 
 # Globals read inside kernels must be tl.constexpr. The partial-sum layouts are defined once, as plain ints, in
-# rlhf_fast.ops.losses (the native CPU kernels write the same layout).
+# the leaf module rlhf_fast.kernels.loss_layout (the native CPU kernels write the same layout).
 LOG_RATIO_CLAMP = tl.constexpr(L.LOG_RATIO_CLAMP)
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 BLOCK_ELEMWISE = 1024
@@ -198,12 +198,13 @@ def _block(T: int) -> int:
     return min(max(triton.next_power_of_2(T), 16), 1024)
 
 
-def _clip_args(clip_lo: float, clip_hi: float, dual: float | None) -> tuple[float, ...]:
-    return (*split_f64(1 - clip_lo), *split_f64(1 + clip_hi), *split_f64(dual or 0.0))
+def _clip_args(clip) -> tuple[float, ...]:
+    return (*split_f64(clip.lower), *split_f64(clip.upper), *split_f64(clip.dual or 0.0))
 
 
-def policy_partials(logp, old_logp, adv, mask, clip_lo: float, clip_hi: float, dual: float | None, part=None):
-    """(rows, chunks, P_K) partial sums of the policy loss; inputs (rows, T) contiguous, mask uint8/int/float."""
+def policy_partials(logp, old_logp, adv, mask, clip, part=None):
+    """(rows, chunks, P_K) partial sums of the policy loss; inputs (rows, T) contiguous, mask uint8/int/float;
+    clip: a `PPOClip` (low, high, dual; read through its lower / upper bounds)."""
     rows, T = logp.shape
     block = _block(T)
     n_chunks = triton.cdiv(T, block)
@@ -212,17 +213,16 @@ def policy_partials(logp, old_logp, adv, mask, clip_lo: float, clip_hi: float, d
         part = torch.empty(rows, n_chunks, L.P_K, dtype=torch.float64 if acc == tl.float64 else torch.float32,
                            device=logp.device)
     _policy_fwd_kernel[(rows, n_chunks)](logp, old_logp, adv, mask, part, T, n_chunks,
-                                         *_clip_args(clip_lo, clip_hi, dual), HAS_DUAL=dual is not None, BLOCK=block,
-                                         ACC=acc)
+                                         *_clip_args(clip), HAS_DUAL=clip.dual is not None, BLOCK=block, ACC=acc)
     return part
 
 
-def policy_backward(logp, old_logp, adv, mask, row_weight, grad, clip_lo, clip_hi, dual) -> None:
+def policy_backward(logp, old_logp, adv, mask, row_weight, grad, clip) -> None:
     """grad = row_weight[:, None] * d l / d logp, (rows, T)."""
     rows, T = logp.shape
     block = _block(T)
     _policy_bwd_kernel[(rows, triton.cdiv(T, block))](logp, old_logp, adv, mask, row_weight, grad, T,
-                                                      *_clip_args(clip_lo, clip_hi, dual), HAS_DUAL=dual is not None,
+                                                      *_clip_args(clip), HAS_DUAL=clip.dual is not None,
                                                       BLOCK=block, ACC=_acc(logp, old_logp, adv))
 
 

@@ -1,9 +1,13 @@
 """The compiled extension `rlhf_fast._C`, if it was built, and the conventions for calling it.
 
 `_C` links no libtorch: its functions take `tensor.data_ptr()` integers, sizes, a dtype code and (for CUDA) a
-stream handle. Ops wrap these calls in `torch.library.custom_op` after checking device, dtype, contiguity and shape.
+stream handle. Every op calls them through `call`, which checks each tensor argument (`arg`: device, dtype,
+contiguity) and expands it into its pointer (and dtype code), so a wrong tensor is an error naming the argument
+instead of a segfault. Ops wrap these calls in `torch.library.custom_op` after checking shapes.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -17,6 +21,7 @@ except ImportError as e:  # built without a compiler, or not built yet
 
 # Must match `enum DType` in csrc/common.h.
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+FLOATS = tuple(DTYPE_CODE)
 
 
 def available() -> bool:
@@ -55,3 +60,53 @@ def stream_handle(t: torch.Tensor) -> int:
     if t.device.type != "cuda":
         return 0
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+class Arg(NamedTuple):
+    """A tensor argument of a `_C` function (see `arg`)."""
+
+    name: str
+    tensor: torch.Tensor
+    dtypes: tuple[torch.dtype, ...]
+    code: bool
+
+
+def arg(name: str, tensor: torch.Tensor, dtypes: torch.dtype | tuple[torch.dtype, ...] = FLOATS, *,
+        code: bool = False) -> Arg:
+    """The tensor argument `name` of a `_C` call: it must be contiguous with a dtype in `dtypes`; it expands into
+    (data_ptr,), or (data_ptr, dtype code) with `code=True` (where the C function takes the dtype after the pointer)."""
+    return Arg(name, tensor, dtypes if isinstance(dtypes, tuple) else (dtypes,), code)
+
+
+def _expand(fn_name: str, a: Arg, device: torch.device | None) -> tuple[int, ...]:
+    t = a.tensor
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn_name}: {a.name} must be a torch.Tensor, got {type(t).__name__}")
+    what = f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    if t.dtype not in a.dtypes:
+        want = ", ".join(str(d).replace("torch.", "") for d in a.dtypes)
+        raise TypeError(f"{fn_name}: {a.name} must have dtype in ({want}); got {what}")
+    if t.device != device:
+        raise ValueError(f"{fn_name}: {a.name} must be on {device} (like the call's first tensor); got {what}")
+    if not t.is_contiguous():
+        raise ValueError(f"{fn_name}: {a.name} must be contiguous; got strides {t.stride()} ({what})")
+    return (t.data_ptr(), DTYPE_CODE[t.dtype]) if a.code else (t.data_ptr(),)
+
+
+def call(fn_name: str, *args):
+    """Call `_C.<fn_name>(*args)`, each `Arg` checked and expanded into its pointer (and dtype code); other
+    arguments (sizes, scalars) pass unchanged. Tensors must share one device, of the type the name ends with
+    (`_cpu` / `_cuda`); a `_cuda` function also gets the current CUDA stream of that device as its last argument."""
+    f = fn(fn_name)
+    tensors = [a.tensor for a in args if isinstance(a, Arg) and isinstance(a.tensor, torch.Tensor)]
+    device = tensors[0].device if tensors else None
+    kind = fn_name.rsplit("_", 1)[-1]
+    if device is not None and kind in ("cpu", "cuda") and device.type != kind:
+        first = next(a for a in args if isinstance(a, Arg))
+        raise ValueError(f"{fn_name}: {first.name} must be a {kind} tensor; got device {device}")
+    flat: list = []
+    for a in args:
+        flat.extend(_expand(fn_name, a, device) if isinstance(a, Arg) else (a,))
+    if kind == "cuda":
+        flat.append(stream_handle(tensors[0]))
+    return f(*flat)

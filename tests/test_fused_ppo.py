@@ -7,7 +7,7 @@ import torch
 
 from rlhf_fast import _native
 from rlhf_fast.backend import triton_available, triton_interpret
-from rlhf_fast.ops import (PPOAgg, PPOClip, kl_penalty, linear_token_logprobs, ppo_loss_from_hidden,
+from rlhf_fast.ops import (KLTerm, PPOAgg, PPOClip, kl_penalty, linear_token_logprobs, ppo_loss_from_hidden,
                            ppo_policy_loss, reference, use_backend)
 
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean")
@@ -39,14 +39,14 @@ def _fused_and_ref(batch, *, clip, agg, kl_kind="k3", kl_coef=0.1, entropy_coef=
                    chunk_size=None):
     hidden, weight, labels, old, adv, mask, ref_logp = batch
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    kw = dict(ref_logp=ref_logp, kl_coef=kl_coef, kl_kind=kl_kind, entropy_coef=entropy_coef, clip=clip,
-              temperature=temperature)
-    loss, stats = ppo_loss_from_hidden(h, w, labels, old, adv, mask, agg=agg, chunk_size=chunk_size, **kw)
+    kw = dict(entropy_coef=entropy_coef, clip=clip, temperature=temperature)
+    loss, stats = ppo_loss_from_hidden(h, w, labels, old, adv, mask, agg=agg, chunk_size=chunk_size,
+                                       kl=KLTerm(ref_logp, kl_coef, kl_kind), **kw)
     grads = torch.autograd.grad(loss * 1.7, (h, w))  # a non-unit upstream gradient
     h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
-    kw["ref_logp"] = ref_logp.double()
     ref_loss, ref_stats = reference.ppo_loss_from_hidden(h64, w64, labels, old.double(), adv.double(), mask,
-                                                         agg=PPOAgg(agg) if isinstance(agg, str) else agg, **kw)
+                                                         agg=PPOAgg.of(agg), kl=KLTerm(ref_logp.double(), kl_coef,
+                                                                                       kl_kind), **kw)
     ref_grads = torch.autograd.grad(ref_loss * 1.7, (h64, w64))
     return (loss, stats, grads), (ref_loss, ref_stats, ref_grads)
 
@@ -85,7 +85,7 @@ def test_lm_head_bias(backend):
     hidden, weight, labels, old, adv, mask, ref_logp = _batch(2, 6, 8, 45, dtype=torch.float64)
     bias = torch.randn(45, dtype=torch.float64)
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    kw = dict(ref_logp=ref_logp, kl_coef=0.3, entropy_coef=0.02, clip=PPOClip(0.2, 0.25, 2.5))
+    kw = dict(kl=KLTerm(ref_logp, 0.3), entropy_coef=0.02, clip=PPOClip(0.2, 0.25, 2.5))
     with use_backend(backend):
         loss, _ = ppo_loss_from_hidden(*leaves[:2], labels, old, adv, mask, bias=leaves[2], chunk_size=4, **kw)
     grads = torch.autograd.grad(loss * 0.5, leaves)
@@ -103,7 +103,7 @@ def test_bf16_error_at_most_twice_pytorch_bf16():
     (loss, _, grads), (rl, _, rg) = _fused_and_ref(batch, clip=PPOClip(), agg="token-mean")
     hidden, weight, labels, old, adv, mask, ref_logp = batch
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    torch_loss, _ = reference.ppo_loss_from_hidden(h, w, labels, old, adv, mask, ref_logp=ref_logp, kl_coef=0.1,
+    torch_loss, _ = reference.ppo_loss_from_hidden(h, w, labels, old, adv, mask, kl=KLTerm(ref_logp, 0.1),
                                                    entropy_coef=0.01, clip=PPOClip(), agg=PPOAgg(), temperature=0.9)
     torch_grads = torch.autograd.grad(torch_loss * 1.7, (h, w))
     err = lambda a, b: float((a.double() - b.double()).abs().max())  # noqa: E731
@@ -118,15 +118,14 @@ def test_equals_separate_public_ops():
     clip = PPOClip(0.2, 0.3, 3.0)
     agg = PPOAgg("token-mean", num_tokens=50)
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    loss, stats = ppo_loss_from_hidden(h, w, labels, old, adv, mask, ref_logp=ref_logp, kl_coef=0.2, kl_kind="k2",
+    loss, stats = ppo_loss_from_hidden(h, w, labels, old, adv, mask, kl=KLTerm(ref_logp, 0.2, "k2"),
                                        entropy_coef=0.03, clip=clip, agg=agg)
     fused_grads = torch.autograd.grad(loss, (h, w))
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     logp, ent = linear_token_logprobs(h2, w2, torch.where(mask, labels, -100), return_entropy=True)
-    pg, pstats = ppo_policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.3, dual_clip=3.0,
-                                 agg="token-mean", num_tokens=50)
-    kl = reference._aggregate(kl_penalty(logp, ref_logp, "k2"), mask, "token-mean", 50, None)
-    entropy = reference._aggregate(ent, mask, "token-mean", 50, None)
+    pg, pstats = ppo_policy_loss(logp, old, adv, mask, clip=clip, agg=agg)
+    kl = agg.aggregate(kl_penalty(logp, ref_logp, "k2"), mask)
+    entropy = agg.aggregate(ent, mask)
     composed = pg + 0.2 * kl - 0.03 * entropy
     composed_grads = torch.autograd.grad(composed, (h2, w2))
     torch.testing.assert_close(loss, composed, atol=1e-5, rtol=1e-5)
@@ -160,8 +159,8 @@ def test_fully_masked_and_nonfinite(backend):
     hidden, weight, labels, old, adv, mask, ref_logp = _batch(2, 5, 8, 19)
     h = hidden.clone().requires_grad_(True)
     with use_backend(backend):
-        loss, stats = ppo_loss_from_hidden(h, weight, labels, old, adv, torch.zeros_like(mask), ref_logp=ref_logp,
-                                           kl_coef=0.1, agg="seq-mean-token-mean")
+        loss, stats = ppo_loss_from_hidden(h, weight, labels, old, adv, torch.zeros_like(mask),
+                                           kl=KLTerm(ref_logp, 0.1), agg="seq-mean-token-mean")
         assert loss.item() == 0 and stats.ratio_mean.item() == 1 and stats.nonfinite.item() == 0
         (g,) = torch.autograd.grad(loss, h)
         assert torch.equal(g, torch.zeros_like(g))
@@ -169,10 +168,10 @@ def test_fully_masked_and_nonfinite(backend):
         bad_adv[mask] = torch.where(torch.arange(int(mask.sum())) % 3 == 0, float("nan"), bad_adv[mask])
         bad_ref = ref_logp.clone()
         bad_ref[~mask] = float("inf")  # masked positions may hold anything
-        loss, stats = ppo_loss_from_hidden(h, weight, labels, old, bad_adv, mask, ref_logp=bad_ref, kl_coef=0.1)
+        loss, stats = ppo_loss_from_hidden(h, weight, labels, old, bad_adv, mask, kl=KLTerm(bad_ref, 0.1))
     keep = mask & torch.isfinite(bad_adv)
     ref_loss, _ = reference.ppo_loss_from_hidden(hidden.double(), weight.double(), labels, old.double(),
-                                                 adv.double(), keep, ref_logp=ref_logp.double(), kl_coef=0.1,
+                                                 adv.double(), keep, kl=KLTerm(ref_logp.double(), 0.1),
                                                  clip=PPOClip(), agg=PPOAgg())
     assert torch.isfinite(loss) and stats.nonfinite.item() == int((mask & ~keep).sum()) > 0
     torch.testing.assert_close(loss.double(), ref_loss, atol=1e-5, rtol=1e-5)
@@ -200,8 +199,12 @@ def test_bad_input():
         ppo_loss_from_hidden(hidden, weight[:, :3], labels, old, adv, mask)
     with pytest.raises(TypeError, match="weight must have hidden's dtype"):
         ppo_loss_from_hidden(hidden, weight.double(), labels, old, adv, mask)
-    with pytest.raises(ValueError, match="kl_kind"):
-        ppo_loss_from_hidden(*args, ref_logp=ref_logp, kl_kind="k4")
+    with pytest.raises(ValueError, match="KLTerm.kind must be one of"):
+        ppo_loss_from_hidden(*args, kl=KLTerm(ref_logp, 0.1, "k4"))
+    with pytest.raises(TypeError, match="kl must be a KLTerm"):
+        ppo_loss_from_hidden(*args, kl=ref_logp)
+    with pytest.raises(ValueError, match=r"kl.ref_logp must have shape \(2, 5\)"):
+        ppo_loss_from_hidden(*args, kl=KLTerm(ref_logp[:, :3], 0.1))
     with pytest.raises(ValueError, match="PPOAgg.mode"):
         ppo_loss_from_hidden(*args, agg="mean")
     with pytest.raises(TypeError, match="clip must be a PPOClip"):

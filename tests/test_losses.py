@@ -8,14 +8,15 @@ from _ppo_common import DEVICE, HAS_TRITON, TRITON, random_mask
 from conftest import tol
 
 from rlhf_fast import _native
-from rlhf_fast.ops import losses, ppo_policy_loss, reference, use_backend, value_loss
+from rlhf_fast.kernels import loss_layout
+from rlhf_fast.ops import PPOAgg, PPOClip, losses, ppo_policy_loss, reference, use_backend, value_loss
 
 NATIVE = pytest.param("native", marks=pytest.mark.skipif(
     DEVICE != "cpu" or not _native.has("ppo_value_partials_cpu"), reason="the native value loss is CPU-only"))
 BACKENDS = ["torch", TRITON]  # policy loss
 VALUE_BACKENDS = ["torch", NATIVE, TRITON]
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean")
-CLIPS = [dict(), dict(clip_low=0.2, clip_high=0.28), dict(clip_low=0.1, dual_clip=3.0)]
+CLIPS = [dict(), dict(clip=PPOClip(0.2, 0.28)), dict(clip=PPOClip(0.1, dual=3.0))]
 
 
 def _policy_inputs(b, t, dtype, empty_rows=(1,)):
@@ -59,8 +60,10 @@ def test_policy_hand_computed(backend):
     # logp - old = 1 -> ratio e. A = +1: max(-e, -1.2) = -1.2 (clipped, no gradient); A = -1: max(e, 1.2) = e,
     # gradient -A r = e; dual clip 2 with A = -1: min(e, 2) = 2 (clipped); clip_high 0.28 with A = +1: -1.28.
     one = torch.ones(1, 1, dtype=torch.float64, device=DEVICE)
-    cases = [(1.0, {}, -1.2, 0.0, 1.0), (-1.0, {}, math.e, math.e, 0.0), (-1.0, dict(dual_clip=2.0), 2.0, 0.0, 1.0),
-             (-1.0, dict(dual_clip=3.0), math.e, math.e, 0.0), (1.0, dict(clip_high=0.28), -1.28, 0.0, 1.0)]
+    cases = [(1.0, {}, -1.2, 0.0, 1.0), (-1.0, {}, math.e, math.e, 0.0),
+             (-1.0, dict(clip=PPOClip(dual=2.0)), 2.0, 0.0, 1.0),
+             (-1.0, dict(clip=PPOClip(dual=3.0)), math.e, math.e, 0.0),
+             (1.0, dict(clip=PPOClip(high=0.28)), -1.28, 0.0, 1.0)]
     with use_backend(backend):
         for a, kw, want, want_grad, want_clip in cases:
             x = one.clone().requires_grad_(True)
@@ -97,16 +100,20 @@ def test_fully_masked_batch_gives_zero_loss_and_grads(backend, agg):
 def test_global_normalisers_make_loss_invariant_to_sharding(backend, agg):
     logp, old, adv, mask = _policy_inputs(6, 23, torch.float64, empty_rows=(2,))
     n_tok, n_seq = int(mask.sum()), int(mask.any(-1).sum())
-    kw = dict(num_tokens=n_tok) if agg == "token-mean" else dict(num_seqs=n_seq)
+    # the global count as an int and as a 1-element tensor (what a data-parallel all-reduce gives)
+    globals_ = (dict(num_tokens=n_tok), dict(num_tokens=torch.tensor(n_tok))) if agg == "token-mean" else \
+        (dict(num_seqs=n_seq), dict(num_seqs=torch.tensor([n_seq])))
     with use_backend(backend):
         x = logp.clone().requires_grad_(True)
         full, _ = ppo_policy_loss(x, old, adv, mask, agg=agg)
         g_full = torch.autograd.grad(full, x)[0]
-        x2 = logp.clone().requires_grad_(True)
-        shards = [ppo_policy_loss(x2[s], old[s], adv[s], mask[s], agg=agg, **kw)[0] for s in (slice(0, 2), slice(2, 6))]
-        g_sharded = torch.autograd.grad(sum(shards), x2)[0]
-    torch.testing.assert_close(sum(shards), full, **tol(torch.float64))
-    torch.testing.assert_close(g_sharded, g_full, **tol(torch.float64))
+        for kw in globals_:
+            x2 = logp.clone().requires_grad_(True)
+            shards = [ppo_policy_loss(x2[s], old[s], adv[s], mask[s], agg=PPOAgg(agg, **kw))[0]
+                      for s in (slice(0, 2), slice(2, 6))]
+            g_sharded = torch.autograd.grad(sum(shards), x2)[0]
+            torch.testing.assert_close(sum(shards), full, **tol(torch.float64))
+            torch.testing.assert_close(g_sharded, g_full, **tol(torch.float64))
 
 
 @pytest.mark.parametrize("backend", VALUE_BACKENDS)
@@ -184,9 +191,9 @@ def test_kernel_partials_and_grads_write_every_element(backend):
     m8 = mask.view(torch.uint8)
     chunks, dt = (2, torch.float32) if backend == "triton" else (1, torch.float64)
     w = torch.ones(3, dtype=dt, device=DEVICE)
-    checks = [(kp.value_partials, kp.value_backward, losses.V_K, (0.2,))]
+    checks = [(kp.value_partials, kp.value_backward, loss_layout.V_K, (0.2,))]
     if backend == "triton":
-        checks.append((kp.policy_partials, kp.policy_backward, losses.P_K, (0.2, 0.2, 3.0)))
+        checks.append((kp.policy_partials, kp.policy_backward, loss_layout.P_K, (PPOClip(0.2, 0.2, 3.0),)))
     for fwd, bwd, k, args in checks:
         part = torch.full((3, chunks, k), float("nan"), dtype=dt, device=DEVICE)
         fwd(logp, old, adv, m8, *args, part=part)
@@ -209,6 +216,20 @@ def test_empty_inputs_give_zero_loss(backend, shape):
         assert value_loss(x, x, x, mask)[0].item() == 0
 
 
+def test_token_weights_hand_computed():
+    """PPOAgg.token_weights, the one definition of the modes: rows with 2, 0 and 1 valid tokens."""
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [0, 1, 0]], dtype=torch.bool)
+    w = lambda *args, **kw: PPOAgg(*args, **kw).token_weights(mask)[mask].tolist()  # noqa: E731
+    assert w("token-sum") == [1, 1, 1]
+    assert w("token-mean") == [1 / 3] * 3 and w("token-mean", num_tokens=6) == [1 / 6] * 3
+    assert w("seq-mean-token-sum") == [1 / 2] * 3 and w("seq-mean-token-sum", num_seqs=3) == [1 / 3] * 3
+    assert w("seq-mean-token-mean") == [1 / 4, 1 / 4, 1 / 2]
+    assert w("seq-mean-token-mean", num_seqs=torch.tensor(4)) == [1 / 8, 1 / 8, 1 / 4]
+    assert PPOAgg(num_tokens=0).token_weights(mask).sum() == 3  # a normaliser of 0 counts as 1
+    tok = torch.tensor([[1.0, 2.0, float("nan")], [float("inf")] * 3, [0.0, 4.0, 0.0]])
+    assert PPOAgg("seq-mean-token-mean").aggregate(tok, mask).item() == pytest.approx((1.5 + 4) / 2)
+
+
 def test_bad_input_is_rejected_with_clear_errors():
     logp, old, adv, mask = _policy_inputs(2, 5, torch.float32)
     with pytest.raises(ValueError, match="old_logp must have the same shape"):
@@ -221,17 +242,43 @@ def test_bad_input_is_rejected_with_clear_errors():
         ppo_policy_loss(logp, old, adv, mask.float() * 2)
     with pytest.raises(TypeError, match="advantages must have dtype"):
         ppo_policy_loss(logp, old, adv.long(), mask)
-    with pytest.raises(ValueError, match="agg must be one of"):
+    with pytest.raises(ValueError, match="PPOAgg.mode must be one of"):
         ppo_policy_loss(logp, old, adv, mask, agg="mean")
+    with pytest.raises(TypeError, match="agg must be a PPOAgg"):
+        ppo_policy_loss(logp, old, adv, mask, agg=None)
     with pytest.raises(ValueError, match="num_seqs is only used"):
-        ppo_policy_loss(logp, old, adv, mask, num_seqs=4)
+        ppo_policy_loss(logp, old, adv, mask, agg=PPOAgg("token-mean", num_seqs=4))
     with pytest.raises(ValueError, match="num_tokens must be a non-negative int"):
-        ppo_policy_loss(logp, old, adv, mask, num_tokens=-1)
-    with pytest.raises(ValueError, match="clip_low"):
-        ppo_policy_loss(logp, old, adv, mask, clip_low=-0.1)
-    with pytest.raises(ValueError, match="dual_clip must be > 1"):
-        ppo_policy_loss(logp, old, adv, mask, dual_clip=0.5)
+        ppo_policy_loss(logp, old, adv, mask, agg=PPOAgg(num_tokens=-1))
+    with pytest.raises(ValueError, match="num_tokens must be a single non-negative integer count"):
+        PPOAgg(num_tokens=torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="PPOClip.low"):
+        ppo_policy_loss(logp, old, adv, mask, clip=PPOClip(low=-0.1))
+    with pytest.raises(ValueError, match="PPOClip.dual must be a finite number > 1"):
+        ppo_policy_loss(logp, old, adv, mask, clip=PPOClip(dual=0.5))
+    with pytest.raises(TypeError, match="clip must be a PPOClip"):
+        ppo_policy_loss(logp, old, adv, mask, clip=0.2)
     with pytest.raises(ValueError, match="clip must be >= 0"):
         value_loss(logp, old, adv, mask, clip=-1.0)
     with pytest.raises(ValueError, match="returns must have the same shape"):
         value_loss(logp, old, adv[:1], mask)
+
+
+@pytest.mark.skipif(not _native.has("ppo_value_partials_cpu"), reason="rlhf_fast._C not built")
+def test_native_call_names_the_bad_tensor():
+    """`_native.call` checks each raw-pointer argument (dtype, device, contiguity) before the C function runs."""
+    from rlhf_fast._native import arg, call
+    from rlhf_fast.ops import _losses_native as kn
+
+    v = torch.randn(3, 8)
+    m8 = torch.ones(3, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"ppo_value_partials_cpu: old_values must be contiguous"):
+        kn.value_partials(v, v.t().contiguous().t(), v, m8, 0.2)
+    with pytest.raises(TypeError, match=r"ppo_value_partials_cpu: partials must have dtype in \(float64\)"):
+        kn.value_partials(v, v, v, m8, 0.2, part=torch.empty(3, 1, loss_layout.V_K))
+    with pytest.raises(TypeError, match=r"gae_cpu: mask must have dtype in \(uint8\)"):
+        call("gae_cpu", arg("rewards", v), arg("mask", m8.bool(), torch.uint8))
+    with pytest.raises(ValueError, match=r"gae_cpu: values must be on cpu"):
+        call("gae_cpu", arg("rewards", v), arg("values", v.to("meta")))
+    with pytest.raises(ValueError, match=r"gae_cpu: rewards must be a cpu tensor; got device meta"):
+        call("gae_cpu", arg("rewards", v.to("meta")))

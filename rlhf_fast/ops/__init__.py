@@ -7,6 +7,9 @@ from rlhf_fast.backend import use_backend  # noqa: F401
 # --- log-probabilities and entropy ---
 from rlhf_fast.ops.logprobs import linear_token_logprobs, token_logprobs  # noqa: F401,E402
 
+# --- the loss specification (clipping, aggregation, KL term) every loss op takes ---
+from rlhf_fast.ops.loss_spec import AGG_MODES, KL_KINDS, KLTerm, PPOAgg, PPOClip  # noqa: F401,E402
+
 # --- KL, PPO policy/value losses, masked statistics, token rewards ---
 from rlhf_fast.ops.kl import kl_penalty  # noqa: F401,E402
 from rlhf_fast.ops.losses import PolicyLossStats, ValueLossStats, ppo_policy_loss, value_loss  # noqa: F401,E402
@@ -17,7 +20,7 @@ from rlhf_fast.ops.stats import masked_mean, masked_var, masked_whiten  # noqa: 
 from rlhf_fast.ops.gae import gae, gae_packed  # noqa: F401,E402
 
 # --- fused PPO step ---
-from rlhf_fast.ops.fused_ppo import FusedPPOStats, PPOAgg, PPOClip, ppo_loss_from_hidden  # noqa: F401,E402
+from rlhf_fast.ops.fused_ppo import FusedPPOStats, ppo_loss_from_hidden  # noqa: F401,E402
 
 # --- paged attention / KV cache ---
 from rlhf_fast.ops.paged_attention import copy_blocks, paged_attention, store_kv_cache  # noqa: F401,E402

@@ -54,8 +54,3 @@ def check_mask(name: str, mask: torch.Tensor) -> None:
         bad = mask[(mask != 0) & (mask != 1)].flatten()[:3].tolist()
         raise ValueError(f"{name} must contain only 0 and 1; found values such as {bad} ({desc(mask)})")
 
-
-def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-        n_bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name} contains {n_bad} NaN/Inf values ({desc(t)})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast import _native
+from rlhf_fast._native import arg
 
 ROW_TILE = 256  # rows per lm_head matmul: fixed so every row sees the same GEMM shape (smaller tiles run slower)
 TARGET_CHUNK_BYTES = 32 << 20  # default chunk: about 32 MiB of logits
@@ -26,21 +27,21 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def native_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent) -> None:
     """csrc/logprobs.cpp forward on contiguous logits (R, V); outputs (R,) in the compute dtype, written in place."""
-    assert logits.is_contiguous() and labels.dtype == torch.int64 and labels.is_contiguous()
     n, v = logits.shape
-    _native.fn("token_logprobs_fwd_cpu")(logits.data_ptr(), _native.dtype_code(logits), labels.data_ptr(), n, v,
-                                          float(inv_temp), int(ignore_index), logp.data_ptr(), lse.data_ptr(),
-                                          ent.data_ptr())
+    cd = _compute_dtype(logits)
+    _native.call("token_logprobs_fwd_cpu", arg("logits", logits, code=True),
+                 arg("labels", labels, torch.int64), n, v, float(inv_temp), int(ignore_index), arg("logp", logp, cd),
+                 arg("lse", lse, cd), arg("ent", ent, cd))
 
 
 def native_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out) -> None:
     """csrc/logprobs.cpp backward: writes dlogits into `out` (R, V), which may be `logits` itself."""
-    assert logits.is_contiguous() and out.is_contiguous() and out.dtype == logits.dtype
-    assert all(t.is_contiguous() and t.dtype == lse.dtype for t in (ent, dlogp, dent))
     n, v = logits.shape
-    _native.fn("token_logprobs_bwd_cpu")(logits.data_ptr(), _native.dtype_code(logits), labels.data_ptr(), n, v,
-                                          float(inv_temp), int(ignore_index), lse.data_ptr(), ent.data_ptr(),
-                                          dlogp.data_ptr(), dent.data_ptr(), out.data_ptr())
+    cd = _compute_dtype(logits)
+    _native.call("token_logprobs_bwd_cpu", arg("logits", logits, code=True),
+                 arg("labels", labels, torch.int64), n, v, float(inv_temp), int(ignore_index), arg("lse", lse, cd),
+                 arg("ent", ent, cd), arg("dlogp", dlogp, cd), arg("dent", dent, cd),
+                 arg("dlogits", out, logits.dtype))
 
 
 def torch_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent) -> None:

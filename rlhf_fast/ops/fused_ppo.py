@@ -1,10 +1,10 @@
 """The fused PPO step: from the policy's last hidden states and lm_head straight to the PPO loss.
 
-    loss = agg(pg) + kl_coef * agg(kl(logp, ref_logp)) - entropy_coef * agg(H)
+    loss = agg(pg) + kl.coef * agg(kl_penalty(logp, kl.ref_logp, kl.kind)) - entropy_coef * agg(H)
 
 with pg the clipped surrogate of `ppo_policy_loss` (Schulman et al. 2017, eq. 7; optional dual clip), kl one of the
 `kl_penalty` estimators and H the policy's entropy, all per token and aggregated by the same `agg`. Since every
-term is a weighted sum over tokens whose weights (`agg`'s normalisers) are known before the first chunk, the
+term is a weighted sum over tokens whose weights (`agg.token_weights`) are known before the first chunk, the
 forward pass goes chunk by chunk through valid tokens only: logits = h @ W.T (2THV flops), log-probs and entropy
 (row kernel), the per-token loss and its derivative w.r.t. logp (by calling `ppo_policy_loss` with token weights
 folded into the advantages, which the surrogate is positively homogeneous in, and `kl_penalty`), dlogits (row
@@ -16,54 +16,19 @@ Tokens whose old_logp, advantage or ref_logp is NaN/Inf are dropped (as `ppo_pol
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import torch
 
 from rlhf_fast.backend import forced_backend, register_op, select, use_backend
 from rlhf_fast.ops import _checks
-from rlhf_fast.ops import reference as ref
 from rlhf_fast.ops._linear_chunked import (accumulate_grads, chunk_rows_for, iter_chunks, native_rows_bwd,
                                            native_rows_fwd, torch_rows_bwd, torch_rows_fwd)
 from rlhf_fast.ops.kl import kl_penalty
+from rlhf_fast.ops.loss_spec import KLTerm, PPOAgg, PPOClip
 from rlhf_fast.ops.losses import ppo_policy_loss
 
 register_op("ppo_loss_from_hidden", triton=True, native_cpu="token_logprobs_fwd_cpu")
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOClip:
-    """Ratio clipping of the PPO surrogate."""
-
-    low: float = 0.2  # ratio clipped below at 1 - low
-    high: float | None = None  # ratio clipped above at 1 + high; None: same as low (DAPO "clip-higher" if larger)
-    dual: float | None = None  # dual clip c > 1 (Ye et al. 2020): loss <= -c * A for A < 0; None: off
-
-    def __post_init__(self):
-        if not 0 <= self.low < 1:
-            raise ValueError(f"PPOClip.low must be in [0, 1), got {self.low!r}")
-        if self.high is not None and not self.high >= 0:
-            raise ValueError(f"PPOClip.high must be >= 0 or None, got {self.high!r}")
-        if self.dual is not None and not self.dual > 1:
-            raise ValueError(f"PPOClip.dual must be > 1 or None, got {self.dual!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOAgg:
-    """How per-token losses are reduced (see `rlhf_fast.ops.losses`), with optional global normalisers."""
-
-    mode: str = "token-mean"  # token-mean | token-sum | seq-mean-token-sum | seq-mean-token-mean
-    num_tokens: int | None = None  # token-mean: global number of valid tokens (data-parallel); None: this batch's
-    num_seqs: int | None = None  # seq-* modes: global number of sequences; None: rows with a valid token
-
-    def __post_init__(self):
-        if self.mode not in ref.AGG_MODES:
-            raise ValueError(f"PPOAgg.mode must be one of {ref.AGG_MODES}, got {self.mode!r}")
-        for name in ("num_tokens", "num_seqs"):
-            val = getattr(self, name)
-            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
-                raise ValueError(f"PPOAgg.{name} must be a non-negative int or None, got {val!r}")
 
 
 class FusedPPOStats(NamedTuple):
@@ -78,22 +43,6 @@ class FusedPPOStats(NamedTuple):
     ratio_min: torch.Tensor
     ratio_max: torch.Tensor
     nonfinite: torch.Tensor  # int64: masked-in tokens dropped for a NaN/Inf old_logp / advantage / ref_logp
-
-
-def token_weights(valid: torch.Tensor, agg: PPOAgg) -> torch.Tensor:
-    """d loss / d l_{b,t} for a (batch, T) valid mask: the aggregation as per-token weights (0 where invalid)."""
-    v = valid.to(torch.float64)
-    row_cnt = v.sum(-1, keepdim=True)  # (batch, 1)
-    if agg.mode == "token-sum":
-        w = v
-    elif agg.mode == "token-mean":
-        w = v / max(agg.num_tokens if agg.num_tokens is not None else float(v.sum()), 1)
-    else:
-        seqs = agg.num_seqs if agg.num_seqs is not None else float((row_cnt > 0).sum())
-        w = v / max(seqs, 1)
-        if agg.mode == "seq-mean-token-mean":
-            w = w / row_cnt.clamp(min=1)
-    return w
 
 
 def _loss_backend(device) -> str | None:
@@ -131,8 +80,7 @@ class _FusedPPO(torch.autograd.Function):
                 lp = logp.detach().requires_grad_(True)
                 # weights folded into the advantages: pg(A * w) = w * pg(A) for w >= 0
                 pg, st = ppo_policy_loss(lp[None], old_logp[None, sl].to(cd), (adv[sl] * w[sl])[None].to(cd),
-                                         ones[:, :rows], clip_low=clip.low, clip_high=clip.high,
-                                         dual_clip=clip.dual, agg="token-sum")
+                                         ones[:, :rows], clip=clip, agg="token-sum")
                 total = pg
                 if ref_logp is not None:
                     kl = (kl_penalty(lp, ref_logp[sl].to(cd), kl_kind) * w[sl]).sum()
@@ -170,8 +118,9 @@ class _FusedPPO(torch.autograd.Function):
         return dhidden, dweight, dbias, None, None, None, None, None, None
 
 
-def _check(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, kl_kind, clip, agg, temperature,
-           chunk_size) -> None:
+def _check(hidden, weight, bias, labels, mask, per_token: dict) -> None:
+    """hidden (batch, T, H), weight (V, H), bias (V,) | None; labels, mask and the float `per_token` tensors
+    (name -> tensor) (batch, T); every tensor on hidden's device."""
     _checks.check_float("hidden", hidden, ndim=3)
     _checks.check_float("weight", weight, ndim=2)
     if weight.dtype != hidden.dtype:
@@ -182,64 +131,64 @@ def _check(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, k
         _checks.check_float("bias", bias, ndim=1)
         if bias.dtype != hidden.dtype or bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must be ({weight.shape[0]},) in {hidden.dtype}; got {_checks.desc(bias)}")
-        _checks.check_same_device(["hidden", "bias"], [hidden, bias])
     _checks.check_tensor("labels", labels, dtypes=(torch.int64, torch.int32))
-    names = ["labels", "old_logp", "advantages", "mask"] + (["ref_logp"] if ref_logp is not None else [])
-    tensors = [labels, old_logp, advantages, mask] + ([ref_logp] if ref_logp is not None else [])
-    for n, t in zip(names[1:], tensors[1:]):
-        if n != "mask":
-            _checks.check_float(n, t)
-    for n, t in zip(names, tensors):
+    _checks.check_mask("mask", mask)
+    for n, t in per_token.items():
+        _checks.check_float(n, t)
+    named = {"labels": labels, "mask": mask, **per_token}
+    for n, t in named.items():
         if t.shape != hidden.shape[:2]:
             raise ValueError(f"{n} must have shape {tuple(hidden.shape[:2])} (hidden's (batch, T)); "
                              f"got {_checks.desc(t)}")
-    _checks.check_mask("mask", mask)
-    _checks.check_same_device(["hidden", "weight"] + names, [hidden, weight] + tensors)
-    if kl_kind not in ref.KL_KINDS:
-        raise ValueError(f"kl_kind must be one of {ref.KL_KINDS}, got {kl_kind!r}")
-    if not isinstance(clip, PPOClip):
-        raise TypeError(f"clip must be a PPOClip, got {type(clip).__name__}")
-    if not isinstance(agg, PPOAgg):
-        raise TypeError(f"agg must be a PPOAgg or one of {ref.AGG_MODES}, got {type(agg).__name__}")
-    if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _checks.check_same_device(["hidden", "weight", "bias", *named], [hidden, weight, bias, *named.values()])
     bad = mask.bool() & ((labels < 0) | (labels >= weight.shape[0]))
     if bool(bad.any()):
         raise ValueError(f"labels must be in [0, {weight.shape[0]}) wherever mask is 1; found values such as "
                          f"{labels[bad][:3].tolist()} ({_checks.desc(labels)})")
 
 
+def _check_options(clip, kl, temperature, chunk_size) -> None:
+    if not isinstance(clip, PPOClip):
+        raise TypeError(f"clip must be a PPOClip, got {type(clip).__name__}")
+    if kl is not None and not isinstance(kl, KLTerm):
+        raise TypeError(f"kl must be a KLTerm or None, got {type(kl).__name__}")
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
 def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logp: torch.Tensor,
                          advantages: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
-                         ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, kl_kind: str = "k3",
-                         entropy_coef: float = 0.0, clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean",
-                         temperature: float = 1.0, chunk_size: int | None = None) -> tuple[torch.Tensor, FusedPPOStats]:
+                         clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean", kl: KLTerm | None = None,
+                         entropy_coef: float = 0.0, temperature: float = 1.0,
+                         chunk_size: int | None = None) -> tuple[torch.Tensor, FusedPPOStats]:
     """PPO loss straight from hidden states, without materialising the (batch, T, V) logits.
 
     Args:
         hidden: (batch, T, H) float32/bfloat16/float16/float64, hidden states at the positions that predict labels.
         weight: (V, H) same dtype, the lm_head.
-        bias: (V,) same dtype, the lm_head's bias, or None.
         labels: (batch, T) int64, the sampled response tokens (any value where mask is 0).
         old_logp: (batch, T) float, log-probs under the rollout policy.
         advantages: (batch, T) float.
         mask: (batch, T) 0/1 response mask.
-        ref_logp: (batch, T) float, reference-policy log-probs for the KL-in-loss term, or None (no KL term).
-        kl_coef, kl_kind: weight and estimator (k1, k2, k3, abs) of the KL term (log ratio clamped to [-20, 20]).
-        entropy_coef: weight of the entropy bonus (subtracted from the loss).
+        bias: (V,) same dtype, the lm_head's bias, or None.
         clip: `PPOClip(low, high, dual)`.
-        agg: an aggregation mode or `PPOAgg(mode, num_tokens, num_seqs)`.
+        agg: an aggregation mode or `PPOAgg(mode, num_tokens, num_seqs)`, applied to every term.
+        kl: `KLTerm(ref_logp (batch, T), coef, kind)` for a KL-in-loss term (log ratio clamped to [-20, 20]), or
+            None (no KL term).
+        entropy_coef: weight of the entropy bonus (subtracted from the loss).
         temperature: the logits are divided by it (use the rollout's sampling temperature).
         chunk_size: tokens per chunk (memory/speed knob).
     Returns:
-        (loss: 0-d float32 (float64 for float64 hidden), differentiable w.r.t. hidden and weight;
+        (loss: 0-d float32 (float64 for float64 hidden), differentiable w.r.t. hidden, weight and bias;
          stats: FusedPPOStats).
     """
-    agg = PPOAgg(agg) if isinstance(agg, str) else agg
-    _check(hidden, weight, bias, labels, old_logp, advantages, mask, ref_logp, kl_kind, clip, agg, temperature,
-           chunk_size)
+    agg = PPOAgg.of(agg)
+    _check_options(clip, kl, temperature, chunk_size)
+    ref_logp = None if kl is None else kl.ref_logp
+    per_token = {"old_logp": old_logp, "advantages": advantages, **({} if kl is None else {"kl.ref_logp": ref_logp})}
+    _check(hidden, weight, bias, labels, mask, per_token)
     backend = select("ppo_loss_from_hidden", hidden.device)
     if backend == "triton" and hidden.dtype == torch.float64:
         backend = "torch"
@@ -254,11 +203,12 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     valid = mask.bool() & finite  # (batch, T)
     nonfinite = (mask.bool() & ~finite).sum()
     cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    w = token_weights(valid, agg).to(cd)
+    w = agg.token_weights(valid).to(cd)
     idx = valid.flatten().nonzero().squeeze(1)  # (M,)
     take = lambda t: None if t is None else t.reshape(-1).index_select(0, idx)  # noqa: E731
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (M, H)
-    cfg = (clip, float(kl_coef), kl_kind, float(entropy_coef), 1.0 / temperature, chunk_size, rows_fwd, rows_bwd)
+    kl_coef, kl_kind = (0.0, "k3") if kl is None else (float(kl.coef), kl.kind)
+    cfg = (clip, kl_coef, kl_kind, float(entropy_coef), 1.0 / temperature, chunk_size, rows_fwd, rows_bwd)
     bias = None if bias is None else bias.contiguous()
     loss, *stats = _FusedPPO.apply(h, weight.contiguous(), bias, take(labels).to(torch.int64).contiguous(),
                                    take(old_logp), take(advantages), take(ref_logp), take(w), cfg)

@@ -19,6 +19,7 @@ import numbers
 import torch
 
 from rlhf_fast import _native, backend
+from rlhf_fast._native import arg
 from rlhf_fast.ops import _checks
 from rlhf_fast.ops import reference as ref
 from rlhf_fast.ops.stats import whiten_torch
@@ -31,13 +32,11 @@ def gae_native(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, 
                advantages: torch.Tensor, returns: torch.Tensor, gamma: float, lam: float) -> None:
     """Native scan into `advantages`, `returns`: rewards, values, outputs (total,) contiguous, one float dtype;
     mask (total,) uint8; cu_seqlens (num_seqs + 1,) int64 on the same device."""
-    cuda = rewards.device.type == "cuda"
-    fn = _native.fn("gae_cuda" if cuda else "gae_cpu")
-    args = [rewards.data_ptr(), values.data_ptr(), mask.data_ptr(), cu_seqlens.data_ptr(), cu_seqlens.numel() - 1,
-            advantages.data_ptr(), returns.data_ptr(), _native.dtype_code(values), float(gamma), float(lam)]
-    if cuda:
-        args.append(_native.stream_handle(values))
-    fn(*args)
+    dt = values.dtype
+    _native.call("gae_cuda" if rewards.is_cuda else "gae_cpu", arg("rewards", rewards, dt), arg("values", values),
+                 arg("mask", mask, torch.uint8), arg("cu_seqlens", cu_seqlens, torch.int64), cu_seqlens.numel() - 1,
+                 arg("advantages", advantages, dt), arg("returns", returns, dt), _native.dtype_code(values),
+                 float(gamma), float(lam))
 
 
 @gae_native.register_fake

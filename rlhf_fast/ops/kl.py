@@ -8,11 +8,10 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast import backend
+from rlhf_fast.kernels.loss_layout import LOG_RATIO_CLAMP  # noqa: F401 (re-exported)
 from rlhf_fast.ops import _checks
 from rlhf_fast.ops import reference as ref
-
-KL_KINDS = ref.KL_KINDS
-LOG_RATIO_CLAMP = ref.LOG_RATIO_CLAMP
+from rlhf_fast.ops.loss_spec import KL_KINDS
 backend.register_op("kl_penalty", triton=True)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast import _native
 from rlhf_fast.backend import register_op, select
 from rlhf_fast.ops import _checks, reference
 from rlhf_fast.ops._linear_chunked import (linear_logprobs_chunked, linear_logprobs_triton, native_rows_bwd,
@@ -230,7 +229,3 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
 
-
-def native_available() -> bool:
-    """True when the CPU row kernel of csrc/logprobs.cpp was built into `rlhf_fast._C`."""
-    return _native.has("token_logprobs_fwd_cpu")

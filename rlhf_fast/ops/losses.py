@@ -9,13 +9,9 @@ Non-finite inputs: a valid token whose logp / old_logp / advantage (or value / o
 is dropped from the loss, the normalisers and the stats, and counted in `stats.nonfinite`. The loss stays finite
 and the caller checks the flag (no host synchronisation is forced). Masked tokens may hold anything.
 
-Aggregation of the per-token loss l (valid tokens only):
-  token-mean           sum(l) / num_tokens      (default: number of valid tokens)
-  token-sum            sum(l)
-  seq-mean-token-sum   sum_b(sum_t l) / num_seqs (default: number of rows with a valid token)
-  seq-mean-token-mean  sum_b(mean_t l) / num_seqs
-A data-parallel caller passes the global num_tokens / num_seqs so the summed loss is invariant to sharding. A
-normaliser of 0 (a fully masked batch) gives loss 0 with zero gradients.
+Clipping and aggregation are given as `PPOClip` / `PPOAgg` (rlhf_fast.ops.loss_spec, whose `PPOAgg.token_weights`
+defines the four aggregation modes and their global normalisers); the kernels write per-row partial sums and the
+loss is sum_b row_weight_b * row_sum_b.
 """
 from __future__ import annotations
 
@@ -24,15 +20,13 @@ from typing import NamedTuple
 import torch
 
 from rlhf_fast import backend
+from rlhf_fast.kernels.loss_layout import (LOG_RATIO_CLAMP, P_CLIPPED, P_COUNT, P_KL, P_LOSS, P_NONFINITE, P_RATIO,
+                                           P_RMAX, P_RMIN, V_CLIPPED, V_COUNT, V_EM2, V_EMEAN, V_LOSS, V_NONFINITE,
+                                           V_RM2, V_RMEAN, V_VSUM)
 from rlhf_fast.ops import _checks
 from rlhf_fast.ops import reference as ref
+from rlhf_fast.ops.loss_spec import PPOAgg, PPOClip
 
-AGG_MODES = ref.AGG_MODES
-LOG_RATIO_CLAMP = ref.LOG_RATIO_CLAMP
-# Layout of the partial sums the loss kernels (Triton and native) write per (row, chunk); *MEAN / *M2 are a chunk's
-# mean and centred sum of squares, merged with Chan's formula (`_combine_variance`).
-P_LOSS, P_COUNT, P_CLIPPED, P_KL, P_RATIO, P_RMIN, P_RMAX, P_NONFINITE, P_K = range(9)
-V_LOSS, V_COUNT, V_CLIPPED, V_VSUM, V_NONFINITE, V_RMEAN, V_RM2, V_EMEAN, V_EM2, V_K = range(10)
 backend.register_op("ppo_policy_loss", triton=True)
 backend.register_op("value_loss", triton=True, native_cpu="ppo_value_partials_cpu")
 
@@ -62,7 +56,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _check_inputs(names, tensors, mask, agg, num_tokens, num_seqs) -> None:
+def _check_inputs(names, tensors, mask) -> None:
     for n, t in zip(names, tensors):
         _checks.check_float(n, t, ndim=2)
     _checks.check_same_shape(names, tensors)
@@ -71,38 +65,12 @@ def _check_inputs(names, tensors, mask, agg, num_tokens, num_seqs) -> None:
         raise ValueError(f"mask must have the same shape as {names[0]} {tuple(tensors[0].shape)}; "
                          f"got {_checks.desc(mask)}")
     _checks.check_same_device((*names, "mask"), (*tensors, mask))
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
-    for name, val, modes in (("num_tokens", num_tokens, ("token-mean",)),
-                             ("num_seqs", num_seqs, ("seq-mean-token-sum", "seq-mean-token-mean"))):
-        if val is None:
-            continue
-        if agg not in modes:
-            raise ValueError(f"{name} is only used by agg in {modes}; got agg={agg!r}")
-        if isinstance(val, torch.Tensor):
-            if val.numel() != 1 or val.is_floating_point() and not bool(val == val.round()):
-                raise ValueError(f"{name} must be a single integer count; got {_checks.desc(val)}")
-        elif isinstance(val, bool) or not isinstance(val, int) or val < 0:
-            raise ValueError(f"{name} must be a non-negative int (or a 1-element tensor); got {val!r}")
 
 
-def _normaliser(count: torch.Tensor, given) -> torch.Tensor:
-    n = count if given is None else torch.as_tensor(given, device=count.device)
-    return n.to(torch.float64).clamp(min=1)
-
-
-def _reduce_rows(row_loss, row_cnt, agg, num_tokens, num_seqs):
+def _reduce_rows(row_loss: torch.Tensor, row_cnt: torch.Tensor, agg: PPOAgg):
     """(loss, row_weight): the aggregated loss from per-row sums (batch,) and d loss / d l_{b,t} per row."""
-    if agg == "token-sum":
-        return row_loss.sum(), torch.ones_like(row_loss)
-    if agg == "token-mean":
-        n = _normaliser(row_cnt.sum(), num_tokens).to(row_loss.dtype)
-        return row_loss.sum() / n, torch.ones_like(row_loss) / n
-    s = _normaliser((row_cnt > 0).sum(), num_seqs).to(row_loss.dtype)
-    if agg == "seq-mean-token-sum":
-        return row_loss.sum() / s, torch.ones_like(row_loss) / s
-    per_row = 1.0 / row_cnt.clamp(min=1).to(row_loss.dtype)
-    return (row_loss * per_row).sum() / s, per_row / s
+    w = agg.row_weights(row_cnt).to(row_loss.dtype)
+    return (row_loss * w).sum(), w
 
 
 def _kernels(use: str):
@@ -128,8 +96,8 @@ class _PolicyLossTorch(torch.autograd.Function):
     instead of autograd replaying a dozen elementwise ops (the reference in `ops.reference` stays the oracle)."""
 
     @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask, clips, agg, num_tokens, num_seqs):
-        lower, upper, dual = 1 - clips[0], 1 + clips[1], clips[2]
+    def forward(ctx, logp, old_logp, adv, mask, clip, agg):
+        lower, upper, dual = clip.lower, clip.upper, clip.dual
         dt = _compute_dtype(logp)
         lp, old, a = logp.to(dt), old_logp.to(dt), adv.to(dt)
         m = mask.bool()
@@ -146,7 +114,7 @@ class _PolicyLossTorch(torch.autograd.Function):
             dual_on = (a < 0) & (pg3 < tok)
             tok, clipped = torch.where(dual_on, pg3, tok), clipped | dual_on
         row_cnt = valid.sum(-1)
-        loss, w = _reduce_rows(tok.sum(-1), row_cnt, agg, num_tokens, num_seqs)
+        loss, w = _reduce_rows(tok.sum(-1), row_cnt, agg)
         dtok = torch.where(~clipped & (raw.abs() <= LOG_RATIO_CLAMP), pg1, zero)  # d l / d logp
         n = row_cnt.sum().clamp(min=1).to(dt)
         some = valid.any()
@@ -164,16 +132,16 @@ class _PolicyLossTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, *_):
         dtok, w = ctx.saved_tensors
-        return (dtok * (w * g_loss)[:, None]).to(ctx.logp_dtype), None, None, None, None, None, None, None
+        return (dtok * (w * g_loss)[:, None]).to(ctx.logp_dtype), None, None, None, None, None
 
 
 class _PolicyLossKernel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask, clips, agg, num_tokens, num_seqs, kp):
-        p = kp.policy_partials(logp, old_logp, adv, mask, *clips)  # (batch, chunks, K) -> per-row sums
+    def forward(ctx, logp, old_logp, adv, mask, clip, agg, kp):
+        p = kp.policy_partials(logp, old_logp, adv, mask, clip)  # (batch, chunks, K) -> per-row sums
         rows = p.sum(1)
         cnt = rows[:, P_COUNT]
-        loss, w = _reduce_rows(rows[:, P_LOSS], cnt, agg, num_tokens, num_seqs)
+        loss, w = _reduce_rows(rows[:, P_LOSS], cnt, agg)
         n = cnt.sum()
         some = n > 0
         one = torch.ones((), dtype=p.dtype, device=p.device)
@@ -182,7 +150,7 @@ class _PolicyLossKernel(torch.autograd.Function):
                  torch.where(some, p[:, :, P_RMIN].min(), one), torch.where(some, p[:, :, P_RMAX].max(), one),
                  rows[:, P_NONFINITE].sum().round().to(torch.int64))
         ctx.save_for_backward(logp, old_logp, adv, mask, w)
-        ctx.clips, ctx.kp = clips, kp
+        ctx.clip, ctx.kp = clip, kp
         ctx.mark_non_differentiable(*stats)
         return (loss, *stats)
 
@@ -190,51 +158,47 @@ class _PolicyLossKernel(torch.autograd.Function):
     def backward(ctx, g_loss, *_):
         logp, old_logp, adv, mask, w = ctx.saved_tensors
         grad = torch.empty_like(logp)
-        ctx.kp.policy_backward(logp, old_logp, adv, mask, (w * g_loss).contiguous(), grad, *ctx.clips)
-        return grad, None, None, None, None, None, None, None, None
+        ctx.kp.policy_backward(logp, old_logp, adv, mask, (w * g_loss).contiguous(), grad, ctx.clip)
+        return grad, None, None, None, None, None, None
+
+
+def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
+    return mask.contiguous() if mask.dtype != torch.bool else mask.contiguous().view(torch.uint8)
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                    clip_low: float = 0.2, clip_high: float | None = None, dual_clip: float | None = None,
-                    agg: str = "token-mean", num_tokens=None, num_seqs=None) -> tuple[torch.Tensor, PolicyLossStats]:
+                    clip: PPOClip = PPOClip(),
+                    agg: PPOAgg | str = "token-mean") -> tuple[torch.Tensor, PolicyLossStats]:
     """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7) with optional dual clip (Ye et al. 2020).
 
     logp, old_logp, advantages, mask: (batch, T); mask 0/1 (bool, int or float).
-    r = exp(clamp(logp - old_logp, -20, 20));  l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), and for
-    A < 0 with `dual_clip` = c > 1:  l = min(l, -c A).  `clip_high` defaults to `clip_low` (asymmetric clipping
-    as in DAPO when larger). num_tokens / num_seqs: global normalisers (int or 1-element tensor), see the module
-    docstring. Returns (loss: 0-d float32, or float64 for float64 logp; stats: PolicyLossStats).
+    r = exp(clamp(logp - old_logp, -20, 20));  l = max(-A r, -A clip(r, 1 - clip.low, 1 + clip.high)), and for
+    A < 0 with `clip.dual` = c > 1:  l = min(l, -c A).  `clip.high` defaults to `clip.low` (asymmetric clipping
+    as in DAPO when larger). agg: a `PPOAgg` (mode and global normalisers) or a mode string.
+    Returns (loss: 0-d float32, or float64 for float64 logp; stats: PolicyLossStats).
     """
-    names = ("logp", "old_logp", "advantages")
-    _check_inputs(names, (logp, old_logp, advantages), mask, agg, num_tokens, num_seqs)
-    clip_high = clip_low if clip_high is None else clip_high
-    if not 0 <= clip_low < 1:
-        raise ValueError(f"clip_low must be in [0, 1), got {clip_low!r}")
-    if not clip_high >= 0:
-        raise ValueError(f"clip_high must be >= 0, got {clip_high!r}")
-    if dual_clip is not None and not dual_clip > 1:
-        raise ValueError(f"dual_clip must be > 1 (a lower bound of dual_clip * A for A < 0), got {dual_clip!r}")
+    _check_inputs(("logp", "old_logp", "advantages"), (logp, old_logp, advantages), mask)
+    if not isinstance(clip, PPOClip):
+        raise TypeError(f"clip must be a PPOClip, got {type(clip).__name__}")
+    agg = PPOAgg.of(agg)
     use = backend.select("ppo_policy_loss", logp.device)
-    clips = (float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip))
     if use != "torch" and logp.numel():
-        m = mask.contiguous() if mask.dtype != torch.bool else mask.contiguous().view(torch.uint8)
         loss, *stats = _PolicyLossKernel.apply(logp.contiguous(), old_logp.detach().contiguous(),
-                                               advantages.detach().contiguous(), m, clips, agg, num_tokens, num_seqs,
+                                               advantages.detach().contiguous(), _kernel_mask(mask), clip, agg,
                                                _kernels(use))
     else:
-        loss, *stats = _PolicyLossTorch.apply(logp, old_logp.detach(), advantages.detach(), mask, clips, agg,
-                                              num_tokens, num_seqs)
+        loss, *stats = _PolicyLossTorch.apply(logp, old_logp.detach(), advantages.detach(), mask, clip, agg)
     dt = _compute_dtype(logp)
     return loss.to(dt), PolicyLossStats(*(t.to(dt) if t.is_floating_point() else t for t in stats))
 
 
 class _ValueLossKernel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, old_values, returns, mask, clip, agg, num_tokens, num_seqs, kp):
+    def forward(ctx, values, old_values, returns, mask, clip, agg, kp):
         p = kp.value_partials(values, old_values, returns, mask, clip)  # (batch, chunks, K)
         rows = p.sum(1)
         cnt = rows[:, V_COUNT]
-        loss, w = _reduce_rows(rows[:, V_LOSS], cnt, agg, num_tokens, num_seqs)
+        loss, w = _reduce_rows(rows[:, V_LOSS], cnt, agg)
         n = cnt.sum()
         var_r = _combine_variance(p, V_COUNT, V_RMEAN, V_RM2)
         var_e = _combine_variance(p, V_COUNT, V_EMEAN, V_EM2)
@@ -253,31 +217,27 @@ class _ValueLossKernel(torch.autograd.Function):
         values, old_values, returns, mask, w = ctx.saved_tensors
         grad = torch.empty_like(values)
         ctx.kp.value_backward(values, old_values, returns, mask, (w * g_loss).contiguous(), grad, ctx.clip)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
-               clip: float | None = 0.2, agg: str = "token-mean", num_tokens=None,
-               num_seqs=None) -> tuple[torch.Tensor, ValueLossStats]:
+               clip: float | None = 0.2, agg: PPOAgg | str = "token-mean") -> tuple[torch.Tensor, ValueLossStats]:
     """Clipped value loss (PPO2): l = 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2).
 
-    values, old_values, returns, mask: (batch, T); `clip=None` gives the plain 0.5 (v - R)^2. agg, num_tokens,
-    num_seqs as in `ppo_policy_loss`. Returns (loss: 0-d float32, or float64 for float64 values; ValueLossStats).
+    values, old_values, returns, mask: (batch, T); `clip=None` gives the plain 0.5 (v - R)^2. agg as in
+    `ppo_policy_loss`. Returns (loss: 0-d float32, or float64 for float64 values; ValueLossStats).
     """
-    names = ("values", "old_values", "returns")
-    _check_inputs(names, (values, old_values, returns), mask, agg, num_tokens, num_seqs)
+    _check_inputs(("values", "old_values", "returns"), (values, old_values, returns), mask)
     if clip is not None and not clip >= 0:
         raise ValueError(f"clip must be >= 0 or None, got {clip!r}")
+    agg = PPOAgg.of(agg)
     use = backend.select("value_loss", values.device)
-    if use != "torch" and values.numel():
-        m = mask.contiguous() if mask.dtype != torch.bool else mask.contiguous().view(torch.uint8)
-        loss, *stats = _ValueLossKernel.apply(values.contiguous(), old_values.detach().contiguous(),
-                                              returns.detach().contiguous(), m,
-                                              None if clip is None else float(clip), agg, num_tokens, num_seqs,
-                                              _kernels(use))
-        dt = _compute_dtype(values)
-        return loss.to(dt), ValueLossStats(*(t.to(dt) if t.is_floating_point() else t for t in stats))
     dt = _compute_dtype(values)
+    if use != "torch" and values.numel():
+        loss, *stats = _ValueLossKernel.apply(values.contiguous(), old_values.detach().contiguous(),
+                                              returns.detach().contiguous(), _kernel_mask(mask),
+                                              None if clip is None else float(clip), agg, _kernels(use))
+        return loss.to(dt), ValueLossStats(*(t.to(dt) if t.is_floating_point() else t for t in stats))
     loss, st = ref.value_loss(values.to(dt), old_values.detach().to(dt), returns.detach().to(dt), mask, clip=clip,
-                              agg=agg, num_tokens=num_tokens, num_seqs=num_seqs)
+                              agg=agg)
     return loss, ValueLossStats(**st)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast import _native
+from rlhf_fast._native import arg
 from rlhf_fast.backend import register_op, select
 from rlhf_fast.ops import _checks, reference
 
@@ -37,12 +38,11 @@ def _call_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     out = torch.empty_like(q)
     b, h, d = q.shape
     nb, bs, kvh, _ = k_cache.shape
-    args = (out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-            context_lens.data_ptr(), b, h, kvh, d, bs, block_tables.shape[1], nb, float(scale), _native.dtype_code(q))
-    if q.is_cuda:
-        _native.fn("paged_attention_cuda")(*args, _native.stream_handle(q))
-    else:
-        _native.fn("paged_attention_cpu")(*args)
+    dt = q.dtype
+    _native.call("paged_attention_cuda" if q.is_cuda else "paged_attention_cpu", arg("out", out, dt),
+                 arg("q", q), arg("k_cache", k_cache, dt), arg("v_cache", v_cache, dt),
+                 arg("block_tables", block_tables, torch.int32), arg("context_lens", context_lens, torch.int32),
+                 b, h, kvh, d, bs, block_tables.shape[1], nb, float(scale), _native.dtype_code(q))
     return out
 
 
@@ -136,9 +136,9 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         return
     if backend == "native" and k_cache.dtype == v_cache.dtype and not torch.compiler.is_compiling():
         k, v = k.to(k_cache.dtype).contiguous(), v.to(k_cache.dtype).contiguous()  # plain row copies on CPU
-        _native.fn("store_kv_cache_cpu")(k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                                         slot_mapping.contiguous().data_ptr(), k.shape[0],
-                                         k.shape[1] * k.shape[2] * k.element_size(), k_cache.shape[0] * k_cache.shape[1])
+        _native.call("store_kv_cache_cpu", arg("k", k), arg("v", v, k.dtype), arg("k_cache", k_cache, k.dtype),
+                     arg("v_cache", v_cache, k.dtype), arg("slot_mapping", slot_mapping.contiguous(), torch.int64),
+                     k.shape[0], k.shape[1] * k.shape[2] * k.element_size(), k_cache.shape[0] * k_cache.shape[1])
         return
     reference.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 

@@ -5,7 +5,10 @@ written for clarity, not speed: it may materialise full tensors that the kernels
 """
 from __future__ import annotations
 
-import torch  # noqa: F401
+import torch
+
+from rlhf_fast.kernels.loss_layout import LOG_RATIO_CLAMP  # noqa: F401 (re-exported)
+from rlhf_fast.ops.loss_spec import AGG_MODES, KL_KINDS, KLTerm, PPOAgg, PPOClip  # noqa: F401 (re-exported)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Log-probabilities and entropy (token_logprobs, linear_token_logprobs)
@@ -51,37 +54,32 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           return_entropy=return_entropy)
 
 
-def ppo_loss_from_hidden(hidden, weight, labels, old_logp, advantages, mask, *, bias=None, ref_logp=None,
-                         kl_coef=0.0, kl_kind="k3", entropy_coef=0.0, clip, agg, temperature=1.0):
-    """The fused PPO step as a composition: logits -> token_logprobs -> ppo_policy_loss + kl_coef * agg(kl_penalty)
-    - entropy_coef * agg(entropy). hidden (batch, T, H), weight (V, H), the rest (batch, T); `clip` has
-    low/high/dual and `agg` mode/num_tokens/num_seqs (rlhf_fast.ops.fused_ppo.PPOClip / PPOAgg).
+def ppo_loss_from_hidden(hidden, weight, labels, old_logp, advantages, mask, *, bias=None,
+                         clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean", kl: KLTerm | None = None,
+                         entropy_coef=0.0, temperature=1.0):
+    """The fused PPO step as a composition: logits -> token_logprobs -> ppo_policy_loss + kl.coef * agg(kl_penalty)
+    - entropy_coef * agg(entropy). hidden (batch, T, H), weight (V, H), the rest (batch, T).
     Returns (loss, dict of stats). Defined with the KL/loss references of the next section."""
+    agg = PPOAgg.of(agg)
+    ref_logp = None if kl is None else kl.ref_logp
     finite = torch.isfinite(old_logp) & torch.isfinite(advantages)
     if ref_logp is not None:
         finite = finite & torch.isfinite(ref_logp)
     valid = mask.bool() & finite
     labels = torch.where(valid, labels, torch.full_like(labels, -100))
     logp, ent = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True)
-    norm = dict(num_tokens=agg.num_tokens, num_seqs=agg.num_seqs)
-    pg, stats = ppo_policy_loss(logp, old_logp, advantages, valid, clip_low=clip.low, clip_high=clip.high,
-                                dual_clip=clip.dual, agg=agg.mode, **norm)
-    kl = torch.zeros_like(pg)
-    if ref_logp is not None:
-        kl = _aggregate(kl_penalty(logp, ref_logp, kl_kind), valid, agg.mode, **norm)
-    entropy = _aggregate(ent, valid, agg.mode, **norm)
-    loss = pg + kl_coef * kl - entropy_coef * entropy
-    return loss, dict(policy_loss=pg, kl=kl, entropy=entropy, **stats)
+    pg, stats = ppo_policy_loss(logp, old_logp, advantages, valid, clip=clip, agg=agg)
+    kl_val = torch.zeros_like(pg)
+    if kl is not None:
+        kl_val = agg.aggregate(kl_penalty(logp, ref_logp, kl.kind), valid)
+    entropy = agg.aggregate(ent, valid)
+    loss = pg + (0.0 if kl is None else kl.coef) * kl_val - entropy_coef * entropy
+    return loss, dict(policy_loss=pg, kl=kl_val, entropy=entropy, **stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # KL estimators, PPO policy and value losses, masked statistics, token rewards
 # ---------------------------------------------------------------------------------------------------------------
-LOG_RATIO_CLAMP = 20.0  # |log ratio| is clamped to this before exp: exp(20) ~ 4.9e8 stays finite in fp16/bf16/fp32
-KL_KINDS = ("k1", "k2", "k3", "abs")
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean")
-
-
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token KL estimate of KL(pi || pi_ref) from sampled log-probs (Schulman, "Approximating KL divergence").
 
@@ -132,26 +130,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     return torch.where(m, out, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _aggregate(tok: torch.Tensor, valid: torch.Tensor, agg: str, num_tokens, num_seqs) -> torch.Tensor:
-    """Reduce a (batch, T) per-token loss over the valid tokens. Default normalisers: the number of valid tokens
-    (token-mean) and the number of sequences with at least one valid token (seq-* modes); a normaliser of 0
-    gives loss 0."""
-    tok = torch.where(valid, tok, torch.zeros((), dtype=tok.dtype, device=tok.device))
-    row_sum, row_cnt = tok.sum(-1), valid.sum(-1)
-    if agg == "token-sum":
-        return tok.sum()
-    if agg == "token-mean":
-        n = valid.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=tok.device)
-        return tok.sum() / n.clamp(min=1).to(tok.dtype)
-    s = (row_cnt > 0).sum() if num_seqs is None else torch.as_tensor(num_seqs, device=tok.device)
-    s = s.clamp(min=1).to(tok.dtype)
-    if agg == "seq-mean-token-sum":
-        return row_sum.sum() / s
-    if agg == "seq-mean-token-mean":
-        return (row_sum / row_cnt.clamp(min=1).to(tok.dtype)).sum() / s
-    raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
-
-
 def _finite_valid(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(valid, nonfinite): valid = mask & every tensor finite; nonfinite = count of masked-in non-finite tokens."""
     m = mask.bool()
@@ -161,30 +139,31 @@ def _finite_valid(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Ten
     return m & finite, (m & ~finite).sum()
 
 
-def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
-                    agg="token-mean", num_tokens=None, num_seqs=None):
+def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip: PPOClip = PPOClip(),
+                    agg: PPOAgg | str = "token-mean"):
     """Clipped surrogate (Schulman et al. 2017, eq. 7), optional dual clip (Ye et al. 2020), all (batch, T).
 
-    r = exp(clamp(logp - old_logp, -20, 20));  l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high));
-    for A < 0 with dual_clip c: l = min(l, -c A).  Tokens with a non-finite input are dropped (counted in stats).
+    r = exp(clamp(logp - old_logp, -20, 20));  l = max(-A r, -A clip(r, clip.lower, clip.upper));
+    for A < 0 with clip.dual c: l = min(l, -c A), reduced by `agg.aggregate`. Tokens with a non-finite input are
+    dropped (counted in stats).
     Returns (loss, dict of stats: clip_frac, approx_kl = mean(r - 1 - log r), ratio_mean/min/max, nonfinite).
     """
-    clip_high = clip_low if clip_high is None else clip_high
+    agg = PPOAgg.of(agg)
     valid, nonfinite = _finite_valid(mask, logp, old_logp, advantages)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     lr = torch.where(valid, logp - old_logp, zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     adv = torch.where(valid, advantages, zero)
     ratio = torch.exp(lr)
     pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    pg2 = -adv * ratio.clamp(clip.lower, clip.upper)
     tok = torch.maximum(pg1, pg2)
     clipped = pg2 > pg1
-    if dual_clip is not None:
-        pg3 = -adv * dual_clip
+    if clip.dual is not None:
+        pg3 = -adv * clip.dual
         dual = (adv < 0) & (pg3 < tok)
         tok = torch.where(adv < 0, torch.minimum(tok, pg3), tok)
         clipped = clipped | dual
-    loss = _aggregate(tok, valid, agg, num_tokens, num_seqs)
+    loss = agg.aggregate(tok, valid)
     with torch.no_grad():
         any_valid = valid.any()
         one = torch.ones((), dtype=logp.dtype, device=logp.device)
@@ -199,7 +178,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean", num_tokens=None, num_seqs=None):
+def value_loss(values, old_values, returns, mask, *, clip=0.2, agg: PPOAgg | str = "token-mean"):
     """Clipped value loss 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2) (PPO2 baselines), (batch, T).
 
     `clip=None` disables clipping. Returns (loss, dict of stats: clip_frac, explained_variance = 1 - Var[R - v] /
@@ -215,7 +194,7 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
         vc = vo + (v - vo).clamp(-clip, clip)
         l2 = (vc - ret) ** 2
         tok, clipped = 0.5 * torch.maximum(l1, l2), (l2 > l1) & ((v - vo).abs() > clip)
-    loss = _aggregate(tok, valid, agg, num_tokens, num_seqs)
+    loss = PPOAgg.of(agg).aggregate(tok, valid)
     with torch.no_grad():
         var_r = masked_var(ret, valid)
         ev = torch.where(var_r > 0, 1 - masked_var(ret - v, valid) / torch.where(var_r > 0, var_r, 1), zero)

@@ -110,27 +110,16 @@ class PPOTrainer:
         return loss, stats
 
     def policy_loss(self, mb: xp.Experience) -> tuple[torch.Tensor, dict]:
-        """`ops.ppo_loss_from_hidden` on the response hidden states (an lm_head with a bias, which the fused step
-        does not take, goes through `linear_token_logprobs` + `ppo_policy_loss` instead)."""
+        """`ops.ppo_loss_from_hidden` on the response hidden states and the lm_head (weight and bias)."""
         c, ro = self.cfg, mb.rollout
         kl_coef = self.kl_ctl.value if c.kl.placement == "loss" else 0.0
         hidden = xp.response_hidden(self.policy, ro)  # (n, R, H)
         weight, bias = lm_head_params(self.policy)
-        if bias is None:
-            loss, st = ops.ppo_loss_from_hidden(
-                hidden, weight, ro.labels.clamp(min=0), mb.old_logp, mb.advantages, ro.mask,
-                ref_logp=mb.ref_logp if kl_coef > 0 else None, kl_coef=kl_coef, kl_kind=c.kl.kind,
-                entropy_coef=c.entropy_coef, clip=ops.PPOClip(low=c.clip), temperature=c.temperature)
-            pg, entropy, clip_frac, approx_kl = st.policy_loss, st.entropy, st.clip_frac, st.approx_kl
-        else:
-            logp, ent = ops.linear_token_logprobs(hidden, weight, ro.labels, bias=bias, temperature=c.temperature,
-                                                  ignore_index=xp.IGNORE, return_entropy=True)
-            pg, pst = ops.ppo_policy_loss(logp, mb.old_logp, mb.advantages, ro.mask, clip_low=c.clip)
-            entropy = ops.masked_mean(ent, ro.mask)
-            loss = pg - c.entropy_coef * entropy
-            if kl_coef > 0:
-                loss = loss + kl_coef * ops.masked_mean(ops.kl_penalty(logp, mb.ref_logp, c.kl.kind), ro.mask)
-            clip_frac, approx_kl = pst.clip_frac, pst.approx_kl
+        loss, st = ops.ppo_loss_from_hidden(
+            hidden, weight, ro.labels.clamp(min=0), mb.old_logp, mb.advantages, ro.mask, bias=bias,
+            clip=ops.PPOClip(low=c.clip), kl=ops.KLTerm(mb.ref_logp, kl_coef, c.kl.kind) if kl_coef > 0 else None,
+            entropy_coef=c.entropy_coef, temperature=c.temperature)
+        pg, entropy, clip_frac, approx_kl = st.policy_loss, st.entropy, st.clip_frac, st.approx_kl
         return loss, {"pg_loss": float(pg.detach()), "entropy": float(entropy.detach()),
                       "clip_frac": float(clip_frac), "approx_kl": float(approx_kl)}
 

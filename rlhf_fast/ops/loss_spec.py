@@ -1,0 +1,156 @@
+"""The loss specification every PPO-family op takes: `PPOClip` (the surrogate's clipping), `PPOAgg` (how per-token
+losses are reduced, with its normalisers) and `KLTerm` (the KL-in-loss term).
+
+`PPOAgg.token_weights` is the one definition of the aggregation modes: the reference, the PyTorch path, the Triton
+and native kernels' drivers and the fused step all reduce with these weights. With l_{b,t} the per-token loss and
+valid tokens only:
+
+  token-mean           sum(l) / num_tokens                  (default: number of valid tokens)
+  token-sum            sum(l)
+  seq-mean-token-sum   sum_b(sum_t l) / num_seqs            (default: number of rows with a valid token)
+  seq-mean-token-mean  sum_b(mean_t l) / num_seqs
+
+so the loss is sum_{b,t} w_{b,t} l_{b,t} with w = d loss / d l, constant within a row. A data-parallel caller passes
+the global num_tokens / num_seqs (an int, or a 1-element tensor to avoid a host sync) so the summed loss is invariant
+to sharding. A normaliser of 0 (a fully masked batch) gives loss 0 with zero gradients. A new mode or normaliser is
+one row of `_MODES`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import torch
+
+KL_KINDS = ("k1", "k2", "k3", "abs")
+
+
+def _count_tokens(row_counts: torch.Tensor) -> torch.Tensor:
+    return row_counts.sum()
+
+
+def _count_seqs(row_counts: torch.Tensor) -> torch.Tensor:
+    return (row_counts > 0).sum()
+
+
+# mode -> (normaliser field of PPOAgg or None, the count it defaults to, each row first averaged over its tokens)
+_MODES = {
+    "token-mean": ("num_tokens", _count_tokens, False),
+    "token-sum": (None, None, False),
+    "seq-mean-token-sum": ("num_seqs", _count_seqs, False),
+    "seq-mean-token-mean": ("num_seqs", _count_seqs, True),
+}
+AGG_MODES = tuple(_MODES)
+_NORMALISERS = ("num_tokens", "num_seqs")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOClip:
+    """Ratio clipping of the PPO surrogate (Schulman et al. 2017, eq. 7; dual clip: Ye et al. 2020)."""
+
+    low: float = 0.2  # ratio clipped below at 1 - low
+    high: float | None = None  # ratio clipped above at 1 + high; None: same as low (DAPO "clip-higher" if larger)
+    dual: float | None = None  # dual clip c > 1: loss <= -c * A for A < 0; None: off
+
+    def __post_init__(self):
+        if not isinstance(self.low, numbers.Real) or not 0 <= self.low < 1:
+            raise ValueError(f"PPOClip.low must be in [0, 1), got {self.low!r}")
+        if self.high is not None and (not isinstance(self.high, numbers.Real) or not 0 <= self.high < math.inf):
+            raise ValueError(f"PPOClip.high must be a finite number >= 0 or None, got {self.high!r}")
+        if self.dual is not None and (not isinstance(self.dual, numbers.Real) or not 1 < self.dual < math.inf):
+            raise ValueError(f"PPOClip.dual must be a finite number > 1 or None, got {self.dual!r}")
+
+    @property
+    def lower(self) -> float:
+        """The ratio's lower clip bound 1 - low."""
+        return 1.0 - float(self.low)
+
+    @property
+    def upper(self) -> float:
+        """The ratio's upper clip bound 1 + high (high defaulting to low)."""
+        return 1.0 + float(self.low if self.high is None else self.high)
+
+
+def _check_count(name: str, val) -> None:
+    if isinstance(val, torch.Tensor):
+        if val.numel() != 1 or val.is_complex() or val.is_floating_point() and not bool(val == val.round()):
+            raise ValueError(f"PPOAgg.{name} must be a single non-negative integer count; got a tensor of shape "
+                             f"{tuple(val.shape)}, dtype {val.dtype}")
+    elif isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 0:
+        raise ValueError(f"PPOAgg.{name} must be a non-negative int (or a 1-element tensor) or None; got {val!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOAgg:
+    """How per-token losses are reduced (see the module docstring), with optional global normalisers."""
+
+    mode: str = "token-mean"  # token-mean | token-sum | seq-mean-token-sum | seq-mean-token-mean
+    num_tokens: int | torch.Tensor | None = None  # token-mean: global number of valid tokens; None: this batch's
+    num_seqs: int | torch.Tensor | None = None  # seq-* modes: global number of sequences; None: rows with a token
+
+    def __post_init__(self):
+        if self.mode not in _MODES:
+            raise ValueError(f"PPOAgg.mode must be one of {AGG_MODES}, got {self.mode!r}")
+        for name in _NORMALISERS:
+            val = getattr(self, name)
+            if val is None:
+                continue
+            if _MODES[self.mode][0] != name:
+                modes = tuple(m for m, spec in _MODES.items() if spec[0] == name)
+                raise ValueError(f"PPOAgg.{name} is only used by the modes {modes}; got mode={self.mode!r}")
+            _check_count(name, val)
+
+    @classmethod
+    def of(cls, agg: PPOAgg | str) -> PPOAgg:
+        """`agg` itself, or `PPOAgg(agg)` for a mode string."""
+        if isinstance(agg, cls):
+            return agg
+        if isinstance(agg, str):
+            return cls(agg)
+        raise TypeError(f"agg must be a PPOAgg or one of {AGG_MODES}, got {type(agg).__name__}")
+
+    def row_weights(self, row_counts: torch.Tensor) -> torch.Tensor:
+        """(batch,) float64 d loss / d l_{b,t} for the valid tokens of each row, from their (batch,) counts."""
+        field, default_count, per_row = _MODES[self.mode]
+        cnt = row_counts.to(torch.float64)
+        w = torch.ones_like(cnt)
+        if per_row:
+            w = w / cnt.clamp(min=1)
+        if field is not None:
+            given = getattr(self, field)
+            n = default_count(cnt) if given is None else \
+                torch.as_tensor(given, device=cnt.device).reshape(()).to(torch.float64)
+            w = w / n.clamp(min=1)
+        return w
+
+    def token_weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """(batch, T) float64 d loss / d l_{b,t} for a (batch, T) 0/1 valid mask: 0 where the mask is 0."""
+        m = mask.bool()
+        return self.row_weights(m.sum(-1))[:, None] * m
+
+    def aggregate(self, tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The 0-d reduction sum(w * tok) of a (batch, T) per-token loss over the mask (tok's dtype; entries outside
+        the mask are never read, so they may hold NaN)."""
+        m = mask.bool()
+        zero = torch.zeros((), dtype=tok.dtype, device=tok.device)
+        return (torch.where(m, tok, zero) * self.token_weights(m).to(tok.dtype)).sum()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KLTerm:
+    """The KL-in-loss term coef * agg(kl_penalty(logp, ref_logp, kind)) (Schulman's k1/k2/k3 or |lr| estimators)."""
+
+    ref_logp: torch.Tensor  # (batch, T) reference-policy log-probs of the sampled tokens
+    coef: float  # weight of the term in the loss
+    kind: str = "k3"  # k1 | k2 | k3 | abs
+
+    def __post_init__(self):
+        if not isinstance(self.ref_logp, torch.Tensor) or not self.ref_logp.is_floating_point():
+            got = f"dtype {self.ref_logp.dtype}" if isinstance(self.ref_logp, torch.Tensor) else \
+                type(self.ref_logp).__name__
+            raise TypeError(f"KLTerm.ref_logp must be a floating-point tensor, got {got}")
+        if isinstance(self.coef, bool) or not isinstance(self.coef, numbers.Real) or not math.isfinite(self.coef):
+            raise ValueError(f"KLTerm.coef must be a finite number, got {self.coef!r}")
+        if self.kind not in KL_KINDS:
+            raise ValueError(f"KLTerm.kind must be one of {KL_KINDS}, got {self.kind!r}")
