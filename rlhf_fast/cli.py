@@ -31,13 +31,23 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
     from rlhf_fast import config
 
+    from rlhf_fast import distributed
+
     cls_name, runner, _ = _STAGES[args.command]
     try:
         cfg = config.load_config(getattr(config, cls_name), args.config, args.set)
+        stop_after = _parse_stop_after(args.command, args.stop_after)
     except (config.ConfigError, OSError) as e:
         print(f"rlhf-fast {args.command}: config error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        distributed.init()  # under torchrun: join the job (a plain command is world size 1)
+    except distributed.DistributedError as e:
+        print(f"rlhf-fast {args.command}: {e}", file=sys.stderr)
+        return 2
+    main_rank = distributed.is_main()  # rank 0 alone prints and logs
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
@@ -45,7 +55,10 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     module, fn = runner.split(":")
     out = args.out or os.path.join("runs", args.command)
-    result = getattr(importlib.import_module(module), fn)(cfg, out)
+    kw = {} if stop_after is None else {"stop_after": stop_after}
+    result = getattr(importlib.import_module(module), fn)(cfg, out, **kw)
+    if not main_rank:
+        return 0
     if isinstance(result, dict):
         print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
     else:
@@ -53,6 +66,24 @@ def _cmd_stage(args: argparse.Namespace) -> int:
                           for k, v in result._asdict().items()}, indent=2))
     print(f"outputs in {out}", file=sys.stderr)
     return 0
+
+
+def _parse_stop_after(command: str, value: str | None):
+    """`--stop-after N` (optimiser steps for sft/rm, iterations for ppo) or, for pipeline, `STAGE:N`."""
+    from rlhf_fast.config import ConfigError
+
+    if value is None:
+        return None
+    stage, _, n = value.rpartition(":")
+    if command == "pipeline":
+        if stage not in ("sft", "rm", "ppo"):
+            raise ConfigError(f"--stop-after: expected STAGE:N with STAGE sft, rm or ppo, got {value!r}")
+    elif stage:
+        raise ConfigError(f"--stop-after: expected a number of {'iterations' if command == 'ppo' else 'steps'}, "
+                          f"got {value!r}")
+    if not n.isdigit() or int(n) < 1:
+        raise ConfigError(f"--stop-after: N must be an integer >= 1, got {value!r}")
+    return (stage, int(n)) if command == "pipeline" else int(n)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="override one config key, dotted for nested keys (e.g. --set optim.lr=3e-4); repeatable")
         sp.add_argument("--out", metavar="DIR", help=f"run directory (default runs/{name}); rerunning resumes")
+        unit = "STAGE:N" if name == "pipeline" else "N"
+        sp.add_argument("--stop-after", metavar=unit, help="stop with a checkpoint after N optimiser steps (sft, rm) "
+                        "or iterations (ppo)" + (" of STAGE" if name == "pipeline" else "") +
+                        "; rerunning the command (at any world size) resumes")
         sp.set_defaults(func=_cmd_stage)
     return p
 

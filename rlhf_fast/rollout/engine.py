@@ -92,8 +92,11 @@ class RolloutEngine:
             self.kv_cache = kv = torch.empty(shape, dtype=lm.dtype, device=lm.device)
         return kv
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Completion]:
-        """Sample `params.n` completions per prompt; returned in (prompt_index, sample) order."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, *,
+                 first_index: int = 0) -> list[Completion]:
+        """Sample `params.n` completions per prompt; returned in (prompt_index, sample) order. `first_index`: the
+        global index of `prompts[0]` when a batch is split over processes; each sequence's sampling generator
+        derives from (seed, global prompt index, sample), so the draws do not depend on the split."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -111,7 +114,7 @@ class RolloutEngine:
         sched = Scheduler(allocator, self.max_batch_tokens, self.max_num_seqs)
         all_seqs: list[Sequence] = []
         for i, p in enumerate(prompts):
-            group = [Sequence(len(all_seqs) + j, i, j, list(p), len(p), self._generator(seed, i, j))
+            group = [Sequence(len(all_seqs) + j, i, j, list(p), len(p), self._generator(seed, first_index + i, j))
                      for j in range(params.n)]
             group[0].followers = group[1:]
             sched.add(group[0])

@@ -1,0 +1,445 @@
+"""Every process group and collective of rlhf_fast: torchrun's processes, FSDP2 sharding, global statistics, DCP.
+
+A stage is written once, for N processes; at world size 1 (a plain `rlhf-fast ...`, or torchrun with one process)
+every helper here is the identity and no process group exists, so the result is bitwise what one process gives.
+
+- `init()` joins the job torchrun describes in the environment (gloo for CPU tensors, NCCL for CUDA).
+- `shard(model)` applies FSDP2 `fully_shard` to each decoder layer and to the root; `unsharded(*models)` gathers
+  every parameter for rollout generation (no collective runs while decoding, so uneven lengths cannot hang);
+  `root_call(model, fn)` runs code that reads a sharded model without calling `model.forward` (final hidden states,
+  then the lm_head weight in a fused op) under the root's FSDP hooks.
+- `all_sum`, `all_max`, `masked_moments`, ... reduce statistics over ranks; `rank_slice` / `micro_slices` cut a
+  global batch into this rank's part and its micro-batches.
+- `save_state` / `load_state` write and read model + optimiser state with `torch.distributed.checkpoint` (one file per
+  rank plus metadata, loadable at any world size); `export_pretrained` writes a full Hugging Face directory on rank 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 900.0  # a collective that waits longer than this fails with DistributedError
+
+
+class DistributedError(RuntimeError):
+    """A process-group problem (a rank that does not answer, a bad launch); the message says what to check."""
+
+
+# --- processes -------------------------------------------------------------------------------------------------
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Join the torchrun job in the environment (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, rendezvous). Idempotent. With
+    `WORLD_SIZE` unset or 1 nothing happens. CUDA runs use NCCL for CUDA tensors (and gloo for CPU ones); each rank
+    takes GPU `LOCAL_RANK`."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return
+    if not dist.is_available():
+        raise DistributedError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    try:
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as e:  # rendezvous failures come out of c10d with little context
+        raise DistributedError(f"rank {os.environ.get('RANK')}: could not join the process group "
+                               f"(MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
+                               f"MASTER_PORT={os.environ.get('MASTER_PORT')}): {e}") from e
+    log.info("rank %d/%d joined (%s)", rank(), world_size(), dist.get_backend())
+
+
+def world_size() -> int:
+    d = _dist()
+    return d.get_world_size() if d else 1
+
+
+def rank() -> int:
+    d = _dist()
+    return d.get_rank() if d else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """True on rank 0, the one rank that prints, logs metrics and writes reports and exports."""
+    return rank() == 0
+
+
+def device(name: str) -> torch.device:
+    """The torch device for config value `name` (auto | cpu | cuda | cuda:N) on this rank: under torchrun,
+    `cuda` and `auto` mean this rank's own GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world_size() > 1:
+        return torch.device("cuda", local_rank())
+    return torch.device(name)
+
+
+def barrier() -> None:
+    d = _dist()
+    if d:
+        _guard("barrier", d.barrier)
+
+
+def _guard(what: str, fn: Callable, *args):
+    """Run collective `fn`; a timeout or a lost peer becomes one DistributedError naming the collective."""
+    try:
+        return fn(*args)
+    except RuntimeError as e:
+        raise DistributedError(f"rank {rank()}/{world_size()}: {what} failed ({e}); another rank probably "
+                               f"raised or is stuck (see its log), or the process-group timeout is too short") from e
+
+
+# --- global statistics -----------------------------------------------------------------------------------------
+
+
+def _reduce(values: torch.Tensor, op: str) -> torch.Tensor:
+    d = _dist()
+    if d is None:
+        return values
+    out = values.detach().to(torch.float64).cpu().clone()  # every rank reduces the same float64 values
+    _guard(f"all_reduce({op})", d.all_reduce, out, getattr(d.ReduceOp, op))
+    return out.to(values.dtype)
+
+
+def all_sum(x):
+    """Sum over ranks of a float, an int, a list of numbers or a tensor (returned as the same kind)."""
+    return _apply(x, "SUM")
+
+
+def all_max(x):
+    return _apply(x, "MAX")
+
+
+def all_min(x):
+    return _apply(x, "MIN")
+
+
+def _apply(x, op: str):
+    if world_size() == 1:
+        return x
+    if isinstance(x, torch.Tensor):
+        return _reduce(x, op).to(x.device)
+    if isinstance(x, (list, tuple)):
+        out = _reduce(torch.tensor([float(v) for v in x], dtype=torch.float64), op).tolist()
+        return [type(v)(o) for v, o in zip(x, out)]
+    return type(x)(_reduce(torch.tensor([float(x)], dtype=torch.float64), op).item())
+
+
+def all_true(flag: bool) -> bool:
+    """True when `flag` holds on every rank (e.g. "my loss is finite"), so all ranks take the same branch."""
+    return bool(all_min(1.0 if flag else 0.0) > 0.5)
+
+
+def all_mean(values: dict[str, float]) -> dict[str, float]:
+    """Per-key mean over ranks of per-rank values (for logged metrics that are already per-rank means)."""
+    if world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    sums = all_sum([float(values[k]) for k in keys])
+    return {k: s / world_size() for k, s in zip(keys, sums)}
+
+
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global (count, mean, unbiased variance) of `x` where `mask` is 1, over the rows of every rank.
+
+    x, mask `(B, R)`; each rank sums its count, sum and sum of squared deviations from the global mean in float64,
+    so the statistics are those of the concatenated global batch whatever the sharding."""
+    m = mask.to(torch.float64)
+    xd = x.to(torch.float64) * m
+    count, total = all_sum(torch.stack([m.sum(), xd.sum()]))
+    mean = total / count.clamp(min=1)
+    sq = all_sum((((x.to(torch.float64) - mean) * m) ** 2).sum().reshape(1))[0]
+    var = sq / (count - 1).clamp(min=1)
+    return count, mean, var
+
+
+def weighted_mean(values: dict[str, float], weight: float) -> dict[str, float]:
+    """Global means of per-rank means `values`, each rank's weighted by `weight` (e.g. its valid tokens): the mean
+    over the concatenated global batch. At world size 1, `values` unchanged."""
+    if world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    sums = all_sum([float(values[k]) * weight for k in keys] + [float(weight)])
+    return {k: s / sums[-1] if sums[-1] else float(values[k]) for k, s in zip(keys, sums)}
+
+
+def all_gather_objects(obj) -> list:
+    """`obj` from every rank, in rank order (picklable Python objects, e.g. token lists)."""
+    d = _dist()
+    if d is None:
+        return [obj]
+    out = [None] * world_size()
+    _guard("all_gather_object", d.all_gather_object, out, obj)
+    return out
+
+
+def all_gather_rows(t: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
+    """The rows of `t` (B_r, ...) of every rank concatenated in rank order, `(sum B_r, ...)`; trailing dimensions
+    are padded with `pad_value` to the largest over ranks. At world size 1, `t` itself."""
+    d = _dist()
+    if d is None:
+        return t
+    shapes = all_gather_objects(tuple(t.shape))
+    full = [max(s[i] for s in shapes) for i in range(t.dim())]
+    padded = torch.full(full, pad_value, dtype=t.dtype, device=t.device)
+    padded[tuple(slice(0, n) for n in t.shape)] = t
+    parts = [torch.empty_like(padded) for _ in shapes]
+    _guard("all_gather", d.all_gather, parts, padded)
+    return torch.cat([p[:s[0]] for p, s in zip(parts, shapes)])
+
+
+# --- global batches --------------------------------------------------------------------------------------------
+
+
+def rank_slice(n: int, *, rank_: int | None = None, world: int | None = None) -> slice:
+    """This rank's contiguous part of a global batch of `n` items (sizes differ by at most one)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    return slice(r * n // w, (r + 1) * n // w)
+
+
+def num_micro(n: int, micro_batch_size: int) -> int:
+    """Micro-batches per rank for a global batch of `n`: the same on every rank (FSDP's collectives run once per
+    forward and backward, so every rank must run as many), enough for the largest rank slice."""
+    largest = -(-n // world_size())
+    return 1 if micro_batch_size <= 0 else max(1, -(-largest // micro_batch_size))
+
+
+def micro_slices(n: int, micro_batch_size: int) -> list[slice]:
+    """This rank's items of a global batch of `n` split into `num_micro(n, ...)` near-equal slices of the global
+    index range; a rank with fewer items than micro-batches gets empty slices (it must still run a forward)."""
+    own = rank_slice(n)
+    k = num_micro(n, micro_batch_size)
+    size = own.stop - own.start
+    return [slice(own.start + i * size // k, own.start + (i + 1) * size // k) for i in range(k)]
+
+
+def check_batch(name: str, global_batch: int) -> None:
+    """Every rank needs at least one item of every global batch."""
+    if global_batch < world_size():
+        raise DistributedError(f"{name}={global_batch} is smaller than the world size {world_size()}: every rank "
+                               f"needs at least one item per batch (batch sizes are global)")
+
+
+# --- sharding --------------------------------------------------------------------------------------------------
+
+
+def _layer_classes(model: nn.Module) -> set[str]:
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return names
+
+
+def shard(model: nn.Module, *, mixed_precision: str = "none", reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2 `fully_shard` on each decoder layer (the Hugging Face `_no_split_modules` classes) and on the root.
+
+    Parameters and gradients are summed, not averaged, over ranks (the losses divide by global counts), so the
+    gradient is the one-process gradient. `mixed_precision="bf16"` (CUDA) all-gathers bf16 parameters and reduces
+    gradients in fp32. The root keeps its parameters gathered between its forward and its backward, so the lm_head
+    weight can be read by a fused op after `root_call`. At world size 1 the model is returned unchanged."""
+    if world_size() == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mixed_precision not in ("none", "bf16"):
+        raise ValueError(f"mixed_precision: must be none or bf16, got {mixed_precision!r}")
+    kw = {}
+    if mixed_precision == "bf16":
+        if not torch.cuda.is_available():
+            raise ValueError("mixed_precision=bf16 needs CUDA")
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    classes = _layer_classes(model)
+    layers = [m for m in model.modules() if type(m).__name__ in classes]
+    if not layers:
+        raise ValueError(f"shard: no decoder layers found in {type(model).__name__} (looked for {sorted(classes)})")
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(model, reshard_after_forward=False, **kw)
+    for m in (*layers, model):
+        m.set_gradient_divide_factor(1.0)
+        if hasattr(m, "set_force_sum_reduction_for_comms"):  # gloo has no PREMUL_SUM
+            m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    if world_size() == 1:
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return bool(_fsdp_modules(model))
+
+
+def root_call(model: nn.Module, fn: Callable, *args, **kwargs):
+    """`fn(*args, **kwargs)` as if it were `model.forward`: the root's parameters (embeddings, final norm, lm_head)
+    are gathered before, and the root's backward hook (which reduce-scatters their gradients) is attached to the
+    returned tensor. For code that calls `model.base_model` and then uses `lm_head.weight` itself."""
+    if not is_sharded(model):
+        return fn(*args, **kwargs)
+    state = model._get_fsdp_state()  # what torch's own register_fsdp_forward_method does around a method
+    args, kwargs = state._pre_forward(model, args, kwargs)
+    return state._post_forward(model, args, fn(*args, **kwargs))
+
+
+@contextlib.contextmanager
+def unsharded(*models: nn.Module) -> Iterator[None]:
+    """Every parameter of `models` gathered (plain tensors on this rank) for the duration, e.g. to generate
+    rollouts with our engine: decoding then runs no collective at all, so ranks whose sequences end at different
+    times cannot hang each other. Resharded on exit."""
+    mods = [m for model in models for m in _fsdp_modules(model)]
+    for m in mods:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+
+
+# --- gradients -------------------------------------------------------------------------------------------------
+
+
+def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm of `params` (sharded or not) to `max_norm`; returns the norm before clipping
+    (NaN/Inf when a gradient is non-finite on any rank). At world size 1 this is `clip_grad_norm_`."""
+    if world_size() == 1:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    sq = torch.stack([l.detach().double().pow(2).sum() for l in local]).sum() if local else torch.zeros((),
+                                                                                                       dtype=torch.float64)
+    replicated = sum(float(l.detach().double().pow(2).sum()) for g, l in zip(grads, local) if g is l)
+    total = (float(all_sum(sq.reshape(1))[0]) - replicated * (world_size() - 1)) ** 0.5  # replicated: counted once
+    if max_norm < float("inf") and total == total:
+        coef = min(1.0, max_norm / (total + 1e-6))
+        if coef < 1.0:
+            for l in local:
+                l.mul_(coef)
+    return total
+
+
+# --- checkpoints (DCP) and export ------------------------------------------------------------------------------
+
+
+class _Bundle(nn.Module):
+    """The models of one checkpoint under their names, so one optimiser over several models has one state dict."""
+
+    def __init__(self, models: dict[str, nn.Module]):
+        super().__init__()
+        self.models = nn.ModuleDict(models)
+
+
+def _state_dicts(models: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    bundle = _Bundle(models)
+    state = {"model": get_model_state_dict(bundle)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(bundle, optimizer)
+    return bundle, state
+
+
+def save_state(path: str | Path, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
+    """Write `models`' parameters (and `optimizer`'s state) into directory `path` with DCP: every rank writes its
+    own shards (`__<rank>_0.distcp`) and rank 0 the `.metadata`. Called by every rank on the same `path`."""
+    import torch.distributed.checkpoint as dcp
+
+    _, state = _state_dicts(models, optimizer)
+    with _single_process_quiet():
+        _guard("checkpoint save", lambda: dcp.save(state, checkpoint_id=str(path), no_dist=world_size() == 1))
+
+
+def load_state(path: str | Path, models: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None) -> None:
+    """Read a `save_state` directory into `models` (and `optimizer`) in place, at any world size: DCP reshards
+    from the saved layout to this run's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    bundle, state = _state_dicts(models, optimizer)
+    with _single_process_quiet():
+        _guard("checkpoint load", lambda: dcp.load(state, checkpoint_id=str(path), no_dist=world_size() == 1))
+    set_model_state_dict(bundle, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(bundle, optimizer, state["optim"])
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it assumes one process when no process group exists: that is world size 1, as intended."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict as plain CPU tensors on rank 0 (empty elsewhere); every rank must call it.
+    Non-persistent buffers such as rotary `inv_freq` are not in it (models rebuild them from their config)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_pretrained(model: nn.Module, path: str | Path, tokenizer=None) -> None:
+    """`model.save_pretrained(path)` as one full, unsharded Hugging Face directory (loadable with
+    `from_pretrained`), written by rank 0; every rank must call it. A sharded model is gathered into a plain copy
+    first: the copy is built from the model's config, so buffers outside the state dict (rotary `inv_freq`) are
+    computed as `from_pretrained` would compute them."""
+    if is_sharded(model):
+        full = full_state_dict(model)
+        if is_main():
+            copy = _plain_copy(model)
+            missing, unexpected = copy.load_state_dict(full, strict=False)
+            if unexpected or [k for k in missing if not _is_buffer(copy, k)]:
+                raise DistributedError(f"export: state dict mismatch (missing {missing}, unexpected {unexpected})")
+            copy.save_pretrained(path)
+        barrier()
+    elif is_main():
+        model.save_pretrained(path)
+    if tokenizer is not None and is_main():
+        tokenizer.save_pretrained(str(path))
+    barrier()
+
+
+def _is_buffer(model: nn.Module, key: str) -> bool:
+    return key in dict(model.named_buffers())
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """An unsharded CPU model of `model`'s architecture (a Hugging Face causal LM, or a module whose `lm` is one
+    and whose class builds from it, like ScalarHeadModel)."""
+    lm = getattr(model, "lm", model)
+    with torch.random.fork_rng():  # the copy's random initialisation is overwritten; the run's RNG is untouched
+        plain_lm = type(lm)(lm.config)
+        return plain_lm if lm is model else type(model)(plain_lm)

@@ -1,0 +1,143 @@
+"""Module-level checks of `rlhf_fast.distributed`, run by `tests/test_distributed.py` at world size 1 (in the test
+process) and under `torchrun --nproc_per_node 2` (`python -m tests._dist_worker OUT`). Each rank writes what it saw
+to `OUT/rank<r>.pt`; the test compares the two worlds.
+
+A tiny Llama is trained on batches of *unequal* lengths with the fused log-prob op reading the lm_head weight outside
+the model's forward (the stages' pattern), the loss divided by the global token count, micro-batched.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from rlhf_fast import distributed as dist
+from rlhf_fast import ops
+
+IGNORE = -100
+VOCAB = 97
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg)
+
+
+def batches(steps: int = 3, size: int = 6) -> list[list[tuple[list[int], int]]]:
+    """`steps` global batches of (token ids, prompt length), lengths 4..24 so ranks see very different counts."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(steps):
+        batch = []
+        for _ in range(size):
+            n = int(torch.randint(4, 25, (1,), generator=g))
+            batch.append((torch.randint(2, VOCAB, (n,), generator=g).tolist(), int(torch.randint(1, n - 1, (1,),
+                                                                                                    generator=g))))
+        out.append(batch)
+    return out
+
+
+def tensors(items):
+    """Right-padded ids `(B, T)` and labels `(B, T-1)` (IGNORE on prompt and padding)."""
+    t = max(len(s) for s, _ in items)
+    ids = torch.zeros(len(items), t, dtype=torch.long)
+    labels = torch.full((len(items), t - 1), IGNORE, dtype=torch.long)
+    for i, (s, p) in enumerate(items):
+        ids[i, :len(s)] = torch.tensor(s)
+        labels[i, p - 1:len(s) - 1] = torch.tensor(s[p:])
+    return ids, labels
+
+
+def nll(model, items) -> torch.Tensor:
+    ids, labels = tensors(items)
+    hidden = dist.root_call(model, lambda x: model.base_model(input_ids=x, use_cache=False).last_hidden_state,
+                            ids)[:, :-1]
+    head = model.get_output_embeddings()
+    return -ops.linear_token_logprobs(hidden, head.weight, labels, ignore_index=IGNORE).sum()
+
+
+def train(model, opt, data, *, micro: int = 2, per_rank_mean: bool = False) -> list[tuple[float, float]]:
+    """One optimiser step per global batch; returns (global loss, grad norm) per step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for batch in data:
+        n_global = sum(len(s) - p for s, p in batch)  # every rank knows the whole global batch
+        mine = batch[dist.rank_slice(len(batch))]
+        total = 0.0
+        for sl in dist.micro_slices(len(batch), micro):
+            items = batch[sl] or batch[:1]
+            loss = nll(model, items)
+            if per_rank_mean:  # the mean of per-rank means: what the test shows to be wrong
+                loss = loss / sum(len(s) - p for s, p in mine) / dist.world_size()
+            else:
+                loss = loss / n_global
+            loss = loss * (1.0 if batch[sl] else 0.0)
+            loss.backward()
+            total += float(loss.detach())
+        norm = dist.clip_grad_norm(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append((dist.all_sum(total), norm))
+    return out
+
+
+def make(state_dir: Path | None = None):
+    model = dist.shard(tiny_llama())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    if state_dir is not None:
+        dist.load_state(state_dir, {"model": model}, opt)
+    return model, opt
+
+
+def generate(model, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    from rlhf_fast.rollout import RolloutEngine, SamplingParams
+
+    mine = dist.rank_slice(len(prompts))
+    with dist.unsharded(model):  # no collective while decoding
+        comps = RolloutEngine(model).generate(prompts[mine], SamplingParams(max_new_tokens=max_new, seed=3),
+                                              first_index=mine.start)
+    return [c.token_ids for c in comps]
+
+
+def run(out: Path, peer: Path | None) -> dict:
+    """Everything one world does; `peer` holds the other world's checkpoint to resume from (1 -> 2 / 2 -> 1)."""
+    torch.set_num_threads(1)
+    res: dict = {}
+    data = batches()
+    model, opt = make()
+    res["steps"] = train(model, opt, data[:2])
+    dist.save_state(out / f"ckpt{dist.world_size()}", {"model": model}, opt)
+    res["steps"] += train(model, opt, data[2:])
+    res["final"] = {k: v.clone() for k, v in dist.full_state_dict(model).items()}
+    dist.export_pretrained(model, out / f"export{dist.world_size()}")
+    res["per_rank_mean"] = train(*make(), data[:2], per_rank_mean=True)
+    if peer is not None:  # resume the other world's checkpoint here and take the last step
+        model, opt = make(peer)
+        res["resumed_steps"] = train(model, opt, data[2:])
+        res["resumed_final"] = {k: v.clone() for k, v in dist.full_state_dict(model).items()}
+    g = torch.Generator().manual_seed(11)
+    x, m = torch.randn(10, 7, generator=g), (torch.rand(10, 7, generator=g) > 0.3).float()
+    part = dist.rank_slice(10)
+    res["moments"] = [float(v) for v in dist.masked_moments(x[part], m[part])]
+    prompts = [torch.randint(2, VOCAB, (int(k),), generator=g).tolist() for k in (3, 9, 5, 12)]
+    res["tokens"] = generate(model, prompts, max_new=4 + 10 * dist.rank())  # uneven lengths across ranks
+    res["after_generate"] = dist.all_sum(1)  # a collective after uneven decoding: nobody hung
+    return res
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    dist.init(timeout_s=120)
+    res = run(out, out / "ckpt1")
+    torch.save(res, out / f"rank{dist.rank()}.pt")
+
+
+if __name__ == "__main__":
+    main()
