@@ -1,53 +1,77 @@
 """JSONL datasets for the three stages, tokenized up front, plus batching and padding helpers.
 
-Formats (one JSON object per line; blank lines are allowed):
-  * SFT:  {"prompt": str, "response": str}  or  {"messages": [{"role", "content"}, ...]} (last one the assistant's,
-          rendered with the tokenizer's chat template).
-  * RM:   {"prompt": str, "completions": [str] * K, "ranks": [int] * K} (K = 2..9, lower rank = better, equal
-          ranks = a tie), or {"prompt": str, "chosen": str, "rejected": str}.
-  * PPO:  {"prompt": str};  PPO-ptx: {"text": str}.
-A malformed line raises `DataError("file:line: what is wrong")`; nothing is skipped silently.
+Formats (one JSON object per line; blank lines are allowed). A prompt is a string or `messages` (a list of
+{"role", "content"} turns ending with a user turn, rendered by the tokenizer's chat template); `rlhf_fast.chat`
+tokenizes it the same way in every stage.
+  * SFT:  {"prompt", "response": str}  or  {"messages": [...]} (the last one the assistant's; `assistant_turns`
+          "all" trains every assistant turn).
+  * RM:   {"prompt", "completions": [str | assistant message] * K, "ranks": [int] * K} (K = 2..9, lower rank =
+          better, equal ranks = a tie), or {"prompt", "chosen", "rejected"}; `prompt` may be `messages`.
+  * PPO:  {"prompt"} or {"messages"};  PPO-ptx: {"text": str}.
+A malformed line raises `DataError("file:line: what is wrong")`; nothing is skipped silently. A line longer than
+`MAX_LINE_BYTES` (1 MiB) or not valid UTF-8 is such an error, found before anything is decoded or tokenized.
+What is cut to fit a token budget is set per stage (`rlhf_fast.truncation`) and counted.
 """
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from rlhf_fast.chat import Codec, DataError, check_messages
+from rlhf_fast.truncation import Counts, Examples, check_policy, fit_prompt, overlong_error, split_budget
+
+__all__ = ["DataError", "Examples", "MAX_K", "MAX_LINE_BYTES", "PromptExample", "RankedExample", "SFTExample",
+           "epoch_batches", "load_prompts", "load_rm", "load_sft", "load_texts", "pad_right", "read_jsonl",
+           "sft_batch"]
+
+log = logging.getLogger(__name__)
 MAX_K = 9
-
-
-class DataError(ValueError):
-    """A malformed data file; the message starts with `file:line:`."""
+MAX_LINE_BYTES = 1 << 20  # a longer JSONL line is an error (tokenizing a 50 MB line would take gigabytes)
 
 
 class SFTExample(NamedTuple):
-    input_ids: list[int]  # prompt + response (+ eos)
-    prompt_len: int  # loss on input_ids[prompt_len:] only
+    input_ids: list[int]  # prompt + response (+ end of turn / eos)
+    prompt_len: int  # loss on input_ids[prompt_len:] only (unless `spans` says otherwise)
+    spans: tuple[tuple[int, int], ...] = ()  # multi-turn: the [start, end) ranges trained; () = [prompt_len, len)
 
 
 class RankedExample(NamedTuple):
     prompt_ids: list[int]
-    completions: list[list[int]]  # K completions (each ends with eos)
+    completions: list[list[int]]  # K completions (each ends with the end of turn / eos, unless cut)
     ranks: list[int]  # lower = better; equal = tie
 
 
 class PromptExample(NamedTuple):
-    text: str
+    text: str  # the prompt string, or the chat template's rendering of the messages
     ids: list[int]
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Yield (`"file:line"`, object) for every non-blank line."""
+def read_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, dict]]:
+    """Yield (`"file:line"`, object) for every non-blank line. A line over `max_line_bytes` or not UTF-8 is an
+    error naming it; an over-long line is never read into memory whole."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        n = 0
+        while raw := f.readline(max_line_bytes + 1):
+            n += 1
             where = f"{path}:{n}"
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                raise DataError(f"{where}: the line is over {max_line_bytes} bytes (the limit, "
+                                f"rlhf_fast.data.MAX_LINE_BYTES); shorten or split it")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte {e.start} of the line is "
+                                f"{raw[e.start:e.start + 1]!r})") from None
+            if n == 1:
+                line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             try:
@@ -71,62 +95,129 @@ def _str_field(obj: dict, key: str, where: str, *, allow_empty: bool = False) ->
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt ids, with the tokenizer's own special tokens (e.g. BOS)."""
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    """Prompt ids, with the tokenizer's own special tokens (e.g. BOS), never a doubled BOS."""
+    return Codec(tokenizer).text_ids(text)
 
 
 def encode_response(tokenizer, text: str) -> list[int]:
     """Response ids followed by EOS (the policy must learn to stop)."""
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no eos_token; responses need one to end")
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    return Codec(tokenizer).response(text, chat=False)
 
 
-def _messages(obj: dict, where: str, tokenizer) -> tuple[list[int], list[int]]:
-    msgs = obj["messages"]
-    if not isinstance(msgs, list) or len(msgs) < 2:
-        raise DataError(f"{where}: 'messages' must be a list of at least 2 messages")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
-    if msgs[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the last message must be the assistant's, got role {msgs[-1]['role']!r}")
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: 'messages' needs a tokenizer with a chat template, and this one has none")
-    prompt = tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    return prompt_ids, encode_response(tokenizer, msgs[-1]["content"])
+class _Prompt(NamedTuple):
+    ids: list[int]
+    text: str
+    msgs: list[dict] | None  # the chat's turns, when the prompt is `messages`
 
 
-def load_sft(path: str | Path, tokenizer, max_len: int) -> list[SFTExample]:
-    """Tokenized SFT examples, truncated to `max_len` tokens (the response's end is cut first)."""
-    out = []
-    for where, obj in read_jsonl(path):
-        if "messages" in obj:
-            p, r = _messages(obj, where, tokenizer)
-        elif "prompt" in obj or "response" in obj:
-            p = encode_prompt(tokenizer, _str_field(obj, "prompt", where))
-            r = encode_response(tokenizer, _str_field(obj, "response", where, allow_empty=True))
-        else:
-            raise DataError(f"{where}: expected {{'prompt', 'response'}} or {{'messages'}}, got keys {sorted(obj)}")
-        if len(p) >= max_len:
-            raise DataError(f"{where}: the prompt is {len(p)} tokens, leaving no room for the response "
-                            f"(max_len={max_len})")
-        out.append(SFTExample((p + r)[:max_len], len(p)))
+def _prompt(codec: Codec, obj: dict, where: str) -> _Prompt:
+    """The line's prompt: `messages`, or `prompt` as a string or as messages (ending with a user turn)."""
+    value = obj["messages"] if "messages" in obj else obj.get("prompt")
+    if isinstance(value, list):
+        msgs = check_messages(value, where, last="user")
+        ids, text = codec.prompt(msgs, where)
+        return _Prompt(ids, text, msgs)
+    ids, text = codec.prompt(_str_field(obj, "prompt", where), where)
+    return _Prompt(ids, text, None)
+
+
+def _fit(codec: Codec, p: _Prompt, budget: int, where: str) -> list[int]:
+    render = (lambda m: codec.prompt(m, where)[0]) if p.msgs is not None else None
+    return fit_prompt(p.ids, budget, p.msgs, render)
+
+
+def _finish(out: Examples, path, what: str) -> Examples:
     if not out:
-        raise DataError(f"{path}: no examples")
+        raise DataError(f"{path}: no {what}" + (f" ({out.counts.summary()})" if out.counts.touched else ""))
+    out.counts.examples = len(out)
+    (log.warning if out.counts.touched else log.info)("%s: %s", path, out.counts.summary())
     return out
 
 
-def load_rm(path: str | Path, tokenizer, max_len: int) -> list[RankedExample]:
-    """Tokenized ranked examples; `chosen`/`rejected` lines become K = 2 rankings."""
-    out = []
+def load_sft(path: str | Path, tokenizer, max_len: int, *, overlong: str = "truncate",
+             assistant_turns: str = "last") -> Examples:
+    """Tokenized SFT examples of at most `max_len` tokens (see `rlhf_fast.truncation` for what is cut)."""
+    check_policy(overlong)
+    codec, out = Codec(tokenizer), Examples()
+    c = out.counts
     for where, obj in read_jsonl(path):
-        prompt = _str_field(obj, "prompt", where)
+        if "messages" in obj and assistant_turns == "all":
+            t = codec.sft_chat(obj["messages"], where, all_turns=True)
+            if len(t.ids) > max_len:
+                if overlong == "error":
+                    raise overlong_error(where, "the conversation", len(t.ids), max_len, "sft.max_len")
+                if overlong == "drop":
+                    c.dropped += 1
+                    continue
+                c.responses_cut += 1  # multi-turn: the end is cut
+            ids = t.ids[:max_len]
+            spans = tuple((a, min(b, max_len)) for a, b in t.spans if a < max_len)
+            out.append(SFTExample(ids, spans[0][0] if spans else len(ids), spans))
+            continue
+        if "messages" in obj:
+            msgs = check_messages(obj["messages"], where, last="assistant")
+            if len(msgs) < 2:
+                raise DataError(f"{where}: 'messages' must be a list of at least 2 messages")
+            p = _Prompt(*codec.prompt(msgs[:-1], where), msgs[:-1])
+            r = codec.assistant(msgs[:-1], p.text, msgs[-1]["content"])[0]
+        elif "prompt" in obj or "response" in obj:
+            p = _prompt(codec, obj, where)
+            r = codec.response(_str_field(obj, "response", where, allow_empty=True), chat=False)
+        else:
+            raise DataError(f"{where}: expected {{'prompt', 'response'}} or {{'messages'}}, got keys {sorted(obj)}")
+        if len(p.ids) + len(r) > max_len:
+            if overlong == "error":
+                raise overlong_error(where, "prompt + response", len(p.ids) + len(r), max_len, "sft.max_len")
+            if overlong == "drop":
+                c.dropped += 1
+                continue
+            ids = _fit(codec, p, split_budget(len(p.ids), len(r), max_len), where)
+            c.prompts_cut += len(ids) < len(p.ids)
+            c.responses_cut += len(ids) + len(r) > max_len
+            p = p._replace(ids=ids)
+        out.append(SFTExample((p.ids + r)[:max_len], len(p.ids)))
+    return _finish(out, path, "examples")
+
+
+def _completion(codec: Codec, v, where: str, i: int, chat: bool, p: _Prompt) -> list[int]:
+    if isinstance(v, dict):
+        m = check_messages([v], f"{where}: completion {i}:", last="assistant")[0]
+        if p.msgs is None:
+            return codec.response(m["content"], chat=True)
+        return codec.assistant(p.msgs, p.text, m["content"])[0]
+    if not isinstance(v, str):
+        raise DataError(f"{where}: completion {i} must be a string or an assistant message, got {type(v).__name__}")
+    if chat:
+        return codec.assistant(p.msgs, p.text, v)[0]
+    return codec.response(v, chat=False)
+
+
+def _merge_identical(cs: list[list[int]], ranks: list[int]) -> tuple[list[list[int]], list[int], int]:
+    """Identical completions kept once, at the better rank; returns them and how many ordered pairs went."""
+    keep: dict[tuple, int] = {}
+    for i, comp in enumerate(cs):
+        j = keep.setdefault(tuple(comp), i)
+        if ranks[i] < ranks[j]:
+            keep[tuple(comp)] = i
+    idx = sorted(keep.values())
+
+    def pairs(rs):
+        return sum(1 for a in rs for b in rs if a < b)
+
+    return [cs[i] for i in idx], [ranks[i] for i in idx], pairs(ranks) - pairs([ranks[i] for i in idx])
+
+
+def load_rm(path: str | Path, tokenizer, max_len: int, *, overlong: str = "truncate") -> Examples:
+    """Tokenized ranked examples; `chosen`/`rejected` lines become K = 2 rankings."""
+    check_policy(overlong)
+    codec, out = Codec(tokenizer), Examples()
+    c = out.counts
+    for where, obj in read_jsonl(path):
+        p = _prompt(codec, obj, where)
         if "completions" in obj or "ranks" in obj:
             comps, ranks = obj.get("completions"), obj.get("ranks")
-            if not isinstance(comps, list) or not all(isinstance(c, str) for c in comps):
-                raise DataError(f"{where}: 'completions' must be a list of strings")
+            if not isinstance(comps, list):
+                raise DataError(f"{where}: 'completions' must be a list of strings or assistant messages")
             if not isinstance(ranks, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
                 raise DataError(f"{where}: 'ranks' must be a list of integers")
             if len(comps) != len(ranks):
@@ -136,42 +227,66 @@ def load_rm(path: str | Path, tokenizer, max_len: int) -> list[RankedExample]:
             if len(set(ranks)) == 1:
                 raise DataError(f"{where}: all ranks are equal, so the line gives no comparison")
         elif "chosen" in obj or "rejected" in obj:
-            comps = [_str_field(obj, "chosen", where, allow_empty=True),
+            comps = [obj["chosen"] if isinstance(obj.get("chosen"), dict) else
+                     _str_field(obj, "chosen", where, allow_empty=True),
+                     obj["rejected"] if isinstance(obj.get("rejected"), dict) else
                      _str_field(obj, "rejected", where, allow_empty=True)]
             ranks = [0, 1]
         else:
             raise DataError(f"{where}: expected 'completions' and 'ranks', or 'chosen' and 'rejected'; "
                             f"got keys {sorted(obj)}")
-        p = encode_prompt(tokenizer, prompt)
-        if len(p) >= max_len:
-            raise DataError(f"{where}: the prompt is {len(p)} tokens (max_len={max_len})")
-        cs = [encode_response(tokenizer, c)[: max_len - len(p)] for c in comps]
-        out.append(RankedExample(p, cs, list(ranks)))
-    if not out:
-        raise DataError(f"{path}: no examples")
-    return out
+        cs = [_completion(codec, v, where, i, p.msgs is not None, p) for i, v in enumerate(comps)]
+        longest = max(len(x) for x in cs)
+        if len(p.ids) + longest > max_len:
+            if overlong == "error":
+                raise overlong_error(where, "prompt + longest completion", len(p.ids) + longest, max_len,
+                                     "rm.max_len")
+            if overlong == "drop":
+                c.dropped += 1
+                continue
+            ids = _fit(codec, p, split_budget(len(p.ids), longest, max_len), where)
+            c.prompts_cut += len(ids) < len(p.ids)
+            c.responses_cut += sum(len(ids) + len(x) > max_len for x in cs)
+            cs = [x[: max_len - len(ids)] for x in cs]
+            p = p._replace(ids=ids)
+            cs, ranks, gone = _merge_identical(cs, list(ranks))
+            c.pairs_dropped += gone
+            if len(set(ranks)) < 2:
+                c.dropped += 1
+                continue
+        out.append(RankedExample(p.ids, cs, list(ranks)))
+    return _finish(out, path, "examples")
 
 
-def load_prompts(path: str | Path, tokenizer, max_len: int) -> list[PromptExample]:
-    """PPO prompts, left-truncated to `max_len` tokens."""
-    out = [PromptExample(t, encode_prompt(tokenizer, t)[-max_len:])
-           for t in (_str_field(obj, "prompt", where) for where, obj in read_jsonl(path))]
-    if not out:
-        raise DataError(f"{path}: no prompts")
-    return out
-
-
-def load_texts(path: str | Path, tokenizer, max_len: int) -> list[list[int]]:
-    """PPO-ptx texts, each truncated to `max_len` tokens."""
-    out = []
+def load_prompts(path: str | Path, tokenizer, max_len: int, *, overlong: str = "truncate") -> Examples:
+    """PPO prompts of at most `max_len` tokens (chats lose their oldest turns, then the middle is cut)."""
+    check_policy(overlong)
+    codec, out = Codec(tokenizer), Examples()
     for where, obj in read_jsonl(path):
-        ids = encode_prompt(tokenizer, _str_field(obj, "text", where))[:max_len]
+        p = _prompt(codec, obj, where)
+        if len(p.ids) > max_len:
+            if overlong == "error":
+                raise overlong_error(where, "the prompt", len(p.ids), max_len,
+                                     "ppo.max_len, or the positions left by max_new_tokens")
+            if overlong == "drop":
+                out.counts.dropped += 1
+                continue
+            out.counts.prompts_cut += 1
+            p = p._replace(ids=_fit(codec, p, max_len, where))
+        out.append(PromptExample(p.text, p.ids))
+    return _finish(out, path, "prompts")
+
+
+def load_texts(path: str | Path, tokenizer, max_len: int) -> Examples:
+    """PPO-ptx texts, each keeping its first `max_len` tokens."""
+    codec, out = Codec(tokenizer), Examples()
+    for where, obj in read_jsonl(path):
+        ids = codec.text_ids(_str_field(obj, "text", where))
         if len(ids) < 2:
             raise DataError(f"{where}: 'text' is a single token, nothing to predict")
-        out.append(ids)
-    if not out:
-        raise DataError(f"{path}: no texts")
-    return out
+        out.counts.responses_cut += len(ids) > max_len
+        out.append(ids[:max_len])
+    return _finish(out, path, "texts")
 
 
 # --- batching ----------------------------------------------------------------------------------------------------
@@ -213,5 +328,11 @@ def sft_batch(examples: list[SFTExample], pad_id: int, ignore_index: int = -100)
     pos = torch.arange(1, ids.shape[1]).unsqueeze(0)  # position of each label token, (1, T-1)
     prompt_len = torch.tensor([e.prompt_len for e in examples]).unsqueeze(1)
     keep = (pos >= prompt_len) & (pos < lengths.unsqueeze(1))
+    for b, e in enumerate(examples):
+        if e.spans:  # multi-turn: only the trained assistant turns
+            row = torch.zeros(ids.shape[1], dtype=torch.bool)
+            for a, z in e.spans:
+                row[a:z] = True
+            keep[b] = row[1:]
     labels[~keep] = ignore_index
     return ids, labels
