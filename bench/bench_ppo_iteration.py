@@ -24,7 +24,7 @@ import torch
 
 from bench.harness import device_name, peak_extra_memory, write_results
 from rlhf_fast import ops
-from rlhf_fast.config import ModelArch, OptimConfig, PPOConfig, TaskConfig
+from rlhf_fast.config import ModelArch, OptimConfig, PPOConfig, SamplingConfig, TaskConfig
 from rlhf_fast.data import load_prompts
 from rlhf_fast.default_task import build_model, build_tokenizer, write_task_data
 from rlhf_fast.heads import ScalarHeadModel
@@ -37,8 +37,8 @@ LOOPS = {"rlhf_fast": ("engine", None), "torch-ops+engine": ("engine", "torch"),
 
 
 def make_trainer(arch: ModelArch, tok, generator: str) -> PPOTrainer:
-    cfg = PPOConfig(prompts_per_iter=32, n_samples=4, max_new_tokens=24, ppo_epochs=2, minibatch_size=64,
-                    generator=generator, optim=OptimConfig(lr=1e-5, schedule="constant"))
+    cfg = PPOConfig(prompts_per_iter=32, sampling=SamplingConfig(n=4, max_new_tokens=24), ppo_epochs=2,
+                    minibatch_size=64, generator=generator, optim=OptimConfig(lr=1e-5, schedule="constant"))
     policy = build_model(arch, tok, seed=0)
     ref = build_model(arch, tok, seed=0).requires_grad_(False)
     rm = ScalarHeadModel(build_model(arch, tok, seed=1)).requires_grad_(False)

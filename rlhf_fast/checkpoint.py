@@ -2,8 +2,11 @@
 
 Layout of a checkpoint directory:
     <name>/                 one sub-directory per model (`save_pretrained`; tokenizer alongside when given)
-    trainer_state.pt        optimiser and scheduler states, RNG states, step, data position, KL controller, ...
-Writes are atomic: everything goes into a temporary sibling directory, which is then renamed into place, so a crash
+    optimizer.pt            the optimiser state
+    trainer_state.pt        scheduler, RNG states, step, data position, KL controller, ...
+Two separate jobs: `write_models` / `read_models` are the one place that knows how model and optimiser state
+become files in a directory (a sharded writer replaces just these two), and `publish` makes a directory appear
+atomically: everything goes into a temporary sibling directory, which is then renamed into place, so a crash
 mid-save leaves either the previous checkpoint or the new one, never a mix.
 """
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.pt"
+OPTIMIZER_FILE = "optimizer.pt"
 
 
 def rng_state() -> dict:
@@ -35,19 +40,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, models: dict, state: dict, tokenizer=None) -> Path:
-    """Atomically write `models` (name -> object with `save_pretrained`) and `state` to directory `path`."""
+# --- model and optimiser state <-> files ---------------------------------------------------------------------
+
+
+def write_models(directory: Path, models: dict, optimizer: torch.optim.Optimizer | None = None,
+                 tokenizer=None) -> None:
+    """`models` (name -> module with `save_pretrained`) as `directory/<name>/`, the tokenizer beside each, and the
+    optimiser state as `directory/optimizer.pt`."""
+    for name, model in models.items():
+        model.save_pretrained(directory / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory / name))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+
+
+def read_models(directory: Path, models: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load what `write_models` wrote into the live `models` (and `optimizer`), in place."""
+    for name, model in models.items():
+        saved = type(model).from_pretrained(str(directory / name), dtype=next(model.parameters()).dtype)
+        model.load_state_dict(saved.state_dict())
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=False))
+
+
+# --- atomic directories --------------------------------------------------------------------------------------
+
+
+def publish(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Atomically make directory `path` hold what `write(tmp_dir)` writes (the previous `path` is replaced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name, model in models.items():
-        model.save_pretrained(tmp / name)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / name))
-    torch.save(state, tmp / STATE_FILE)
+    write(tmp)
     _fsync_dir(tmp)
     if path.exists():
         path.rename(old)
@@ -55,6 +83,16 @@ def save_checkpoint(path: str | Path, models: dict, state: dict, tokenizer=None)
     _fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def save_checkpoint(path: str | Path, models: dict, state: dict, tokenizer=None,
+                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Atomically write `models`, `optimizer` and the trainer `state` to directory `path`."""
+    def write(tmp: Path) -> None:
+        write_models(tmp, models, optimizer, tokenizer)
+        torch.save(state, tmp / STATE_FILE)
+
+    return publish(path, write)
 
 
 def _fsync_dir(path: Path) -> None:

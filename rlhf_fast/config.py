@@ -13,6 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from rlhf_fast.ops.reference import KL_KINDS
+from rlhf_fast.rollout.types import SamplingParams
+
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key."""
@@ -133,10 +136,32 @@ class KLConfig:
 
     def __post_init__(self):
         _check(self.coef >= 0, "coef", "must be >= 0")
-        _check(self.kind in ("k1", "k2", "k3", "abs"), "kind", "must be k1, k2, k3 or abs")
+        _check(self.kind in KL_KINDS, "kind", f"must be one of {', '.join(KL_KINDS)}, got {self.kind!r}")
         _check(self.placement in ("reward", "loss"), "placement", "must be reward or loss")
         _check(self.target >= 0, "target", "must be >= 0")
         _check(self.horizon >= 1, "horizon", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How PPO samples its rollouts: `SamplingParams`' fields (and checks); the seed and stop tokens come from the
+    run (`seed`, the iteration, the tokenizer's EOS)."""
+
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    n: int = 2  # completions per prompt
+
+    def __post_init__(self):
+        try:
+            self.params()
+        except (TypeError, ValueError) as e:
+            key, _, what = str(e).partition(" ")
+            raise ConfigError(f"{key}: {what}") from None
+
+    def params(self, seed: int | None = None, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+        return SamplingParams(**dataclasses.asdict(self), seed=seed, stop_token_ids=stop_token_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,11 +175,7 @@ class PPOConfig:
     ptx_coef: float = 0.0
     iterations: int = 20
     prompts_per_iter: int = 32
-    n_samples: int = 2  # completions per prompt
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0
+    sampling: SamplingConfig = SamplingConfig()
     ppo_epochs: int = 2
     minibatch_size: int = 32  # sequences per optimiser step
     clip: float = 0.2
@@ -175,13 +196,10 @@ class PPOConfig:
     def __post_init__(self):
         _check_device(self.device)
         _check(self.generator in ("engine", "hf"), "generator", "must be engine or hf")
-        for k in ("iterations", "prompts_per_iter", "n_samples", "max_new_tokens", "ppo_epochs", "minibatch_size",
-                  "max_len"):
+        for k in ("iterations", "prompts_per_iter", "ppo_epochs", "minibatch_size", "max_len"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
-        for k in ("ptx_coef", "temperature", "clip", "value_clip", "vf_coef", "entropy_coef", "early_stop_kl",
-                  "top_k", "save_every"):
+        for k in ("ptx_coef", "clip", "value_clip", "vf_coef", "entropy_coef", "early_stop_kl", "save_every"):
             _check(getattr(self, k) >= 0, k, "must be >= 0")
-        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
         _check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
 
@@ -220,7 +238,8 @@ class PipelineConfig:
     sft: SFTConfig = SFTConfig(epochs=3, batch_size=64, eval_every=100, save_every=200,
                                optim=OptimConfig(lr=2e-3, warmup_steps=30))
     rm: RMConfig = RMConfig(epochs=3, eval_every=100, save_every=100)
-    ppo: PPOConfig = PPOConfig(iterations=30, n_samples=4, minibatch_size=64, save_every=10, kl=KLConfig(coef=0.1))
+    ppo: PPOConfig = PPOConfig(iterations=30, sampling=SamplingConfig(n=4), minibatch_size=64, save_every=10,
+                               kl=KLConfig(coef=0.1))
     eval_prompts: str = ""  # held-out {"prompt"} JSONL for the win rate (the default task makes its own)
     eval_temperature: float = 1.0  # sampling temperature for the win-rate comparison
     threads: int = 1  # torch threads (0: torch's default); for models this small one thread is fastest

@@ -25,13 +25,14 @@ import torch
 from rlhf_fast.chat import Codec, DataError, check_messages
 from rlhf_fast.truncation import Counts, Examples, check_policy, fit_prompt, overlong_error, split_budget
 
-__all__ = ["DataError", "Examples", "MAX_K", "MAX_LINE_BYTES", "PromptExample", "RankedExample", "SFTExample",
-           "epoch_batches", "load_prompts", "load_rm", "load_sft", "load_texts", "pad_right", "read_jsonl",
+__all__ = ["DataError", "Examples", "IGNORE_INDEX", "MAX_K", "MAX_LINE_BYTES", "PromptExample", "RankedExample",
+           "SFTExample", "epoch_batches", "load_prompts", "load_rm", "load_sft", "load_texts", "pad_right", "read_jsonl",
            "sft_batch"]
 
 log = logging.getLogger(__name__)
 MAX_K = 9
 MAX_LINE_BYTES = 1 << 20  # a longer JSONL line is an error (tokenizing a 50 MB line would take gigabytes)
+IGNORE_INDEX = -100  # the label of a position without loss (prompt, padding); the ops' default ignore_index
 
 
 class SFTExample(NamedTuple):
@@ -320,7 +321,8 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, lengths
 
 
-def sft_batch(examples: list[SFTExample], pad_id: int, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+def sft_batch(examples: list[SFTExample], pad_id: int,
+              ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_ids (B, T)` and next-token `labels (B, T-1)`: labels[b, t] = input_ids[b, t+1] on response tokens,
     `ignore_index` on prompt tokens and padding."""
     ids, lengths = pad_right([e.input_ids for e in examples], pad_id)

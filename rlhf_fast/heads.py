@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf_fast.models.hidden import final_hidden, untied_output_weight
+
 HEAD_FILE = "scalar_head.safetensors"
 
 
@@ -31,12 +33,13 @@ class ScalarHeadModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`input_ids (B, T)` -> values `(B, T)` fp32."""
-        dev = self.head.weight.device
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(dev)
-        hidden = self.lm.base_model(input_ids=input_ids.to(dev), attention_mask=attention_mask,
-                                    use_cache=False).last_hidden_state  # (B, T, H)
+        hidden = final_hidden(self.lm, input_ids, attention_mask)  # (B, T, H)
         return self.head(hidden).squeeze(-1).float()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Backbone and head, without the causal LM's own (unused) output projection."""
+        unused = untied_output_weight(self.lm)
+        return [p for p in self.parameters() if p.requires_grad and p is not unused]
 
     def score(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded `input_ids (B, T)`, `lengths (B,)` -> the value at each last real token, `(B,)`."""
@@ -51,12 +54,12 @@ class ScalarHeadModel(nn.Module):
                   str(Path(path) / HEAD_FILE))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> ScalarHeadModel:
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> ScalarHeadModel:
         """From a directory saved by `save_pretrained`, or from a plain causal LM (a freshly initialised head)."""
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
-        model = cls(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32))
+        model = cls(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype))
         head_file = Path(path) / HEAD_FILE
         if head_file.is_file():
             state = load_file(str(head_file))

@@ -1,12 +1,6 @@
-"""Shared helpers for the PPO-math tests (KL, losses, stats, GAE, rewards)."""
-import pytest
+"""Shared masks for the PPO-math tests (KL, losses, stats, GAE, rewards); the backends are in `_backends`."""
 import torch
-
-from rlhf_fast.backend import triton_available, triton_interpret
-
-HAS_TRITON = triton_available() and (torch.cuda.is_available() or triton_interpret())
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="needs CUDA or TRITON_INTERPRET=1"))
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from _backends import DEVICE
 
 
 def random_mask(b: int, t: int, *, p: float = 0.7, empty_rows=(), device=DEVICE) -> torch.Tensor:

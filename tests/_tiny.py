@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import torch
 
@@ -33,3 +34,8 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def rows(path) -> list[dict]:
+    """The records of a JSONL file."""
+    return [json.loads(line) for line in open(path)]

@@ -7,6 +7,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from _tiny import one_thread, tiny_task  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,3 +33,11 @@ def tol(dtype: torch.dtype) -> dict:
         torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
         torch.float16: dict(atol=5e-3, rtol=5e-3),
     }[dtype]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """(root, tokenizer, data paths) of the tiny task (`_tiny`), built once per test module."""
+    root = tmp_path_factory.mktemp("task")
+    with one_thread():
+        yield (root, *tiny_task(root))

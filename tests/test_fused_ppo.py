@@ -4,22 +4,13 @@ import math
 
 import pytest
 import torch
+from _backends import DEVICE, NATIVE_LOGPROBS, TRITON
 
-from rlhf_fast import _native
-from rlhf_fast.backend import triton_available, triton_interpret
 from rlhf_fast.ops import (KLTerm, PPOAgg, PPOClip, kl_penalty, linear_token_logprobs, ppo_loss_from_hidden,
                            ppo_policy_loss, reference, use_backend)
 
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean")
-BACKENDS = [
-    "torch",
-    pytest.param("native", marks=pytest.mark.skipif(not _native.has("token_logprobs_fwd_cpu"),
-                                                     reason="rlhf_fast._C not built with logprobs")),
-    pytest.param("triton", marks=pytest.mark.skipif(
-        not (triton_available() and (torch.cuda.is_available() or triton_interpret())),
-        reason="needs Triton on CUDA or TRITON_INTERPRET=1")),
-]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", NATIVE_LOGPROBS, TRITON]
 
 
 def _batch(b, t, width, vocab, dtype=torch.float32, device="cpu"):

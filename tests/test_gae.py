@@ -4,14 +4,15 @@ import importlib
 
 import pytest
 import torch
-from _ppo_common import DEVICE, HAS_TRITON, TRITON, padded_mask, random_mask
+from _backends import DEVICE, HAS_TRITON, TRITON, native
+from _ppo_common import padded_mask, random_mask
 
 from rlhf_fast import _native
 from rlhf_fast.ops import gae, gae_packed, reference, use_backend
 
 gae_mod = importlib.import_module("rlhf_fast.ops.gae")  # the module (rlhf_fast.ops.gae is the function)
 NATIVE_NAME = "gae_cuda" if DEVICE == "cuda" else "gae_cpu"
-NATIVE = pytest.param("native", marks=pytest.mark.skipif(not _native.has(NATIVE_NAME), reason="_C lacks GAE"))
+NATIVE = native(NATIVE_NAME)
 BACKENDS = ["torch", NATIVE, TRITON]
 COEFS = [(g, lam) for g in (0.0, 0.5, 0.99, 1.0) for lam in (0.0, 0.5, 0.99, 1.0)]
 

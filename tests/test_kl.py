@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from _ppo_common import DEVICE, HAS_TRITON, TRITON
+from _backends import DEVICE, HAS_TRITON, TRITON
 from conftest import tol
 
 from rlhf_fast.ops import kl_penalty, reference, use_backend

@@ -8,19 +8,13 @@ from conftest import tol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _backends import DEVICE, LOGPROB_BACKENDS, needs_triton
+
 from rlhf_fast import _native
-from rlhf_fast.backend import registered_ops, triton_available, triton_interpret
 from rlhf_fast.ops import linear_token_logprobs, reference, use_backend
 
-BACKENDS = [
-    "torch",
-    pytest.param("native", marks=pytest.mark.skipif(not _native.has("token_logprobs_fwd_cpu"),
-                                                     reason="rlhf_fast._C not built with logprobs")),
-]
-TRITON = pytest.mark.skipif(not (registered_ops()["linear_token_logprobs"].triton and triton_available()
-                                 and (torch.cuda.is_available() or triton_interpret())),
-                            reason="needs Triton on CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = LOGPROB_BACKENDS
+TRITON = needs_triton("linear_token_logprobs")
 
 
 def _inputs(lead, width, vocab, dtype, *, bias=True, ignore_frac=0.25, device="cpu"):

@@ -3,20 +3,14 @@ import pytest
 import torch
 from conftest import tol
 
+from _backends import DEVICE, HAS_TRITON, LOGPROB_BACKENDS, needs_triton
+
 from rlhf_fast import _native
-from rlhf_fast.backend import registered_ops, triton_available, triton_interpret
 from rlhf_fast.ops import reference, token_logprobs, use_backend
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BACKENDS = [
-    "torch",
-    pytest.param("native", marks=pytest.mark.skipif(not _native.has("token_logprobs_fwd_cpu"),
-                                                     reason="rlhf_fast._C not built with logprobs")),
-]
-TRITON = pytest.mark.skipif(not (registered_ops()["token_logprobs"].triton and triton_available()
-                                 and (torch.cuda.is_available() or triton_interpret())),
-                            reason="needs Triton on CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = LOGPROB_BACKENDS
+TRITON = needs_triton("token_logprobs")
 
 
 def _inputs(shape, vocab, dtype, *, scale=3.0, ignore_frac=0.2, device="cpu"):
@@ -135,7 +129,7 @@ def _row_kernels(kind):
         from rlhf_fast.ops._linear_chunked import native_rows_bwd, native_rows_fwd
 
         return native_rows_fwd, native_rows_bwd
-    if not (triton_available() and (torch.cuda.is_available() or triton_interpret())):
+    if not HAS_TRITON:
         pytest.skip("needs Triton on CUDA or TRITON_INTERPRET=1")
     from rlhf_fast.kernels.logprobs import logprobs_bwd, logprobs_fwd
 

@@ -4,17 +4,16 @@ import math
 
 import pytest
 import torch
-from _ppo_common import DEVICE, HAS_TRITON, TRITON, random_mask
+from _backends import DEVICE, HAS_TRITON, TRITON, native
+from _ppo_common import random_mask
 from conftest import tol
 
 from rlhf_fast import _native
 from rlhf_fast.kernels import loss_layout
 from rlhf_fast.ops import PPOAgg, PPOClip, losses, ppo_policy_loss, reference, use_backend, value_loss
 
-NATIVE = pytest.param("native", marks=pytest.mark.skipif(
-    DEVICE != "cpu" or not _native.has("ppo_value_partials_cpu"), reason="the native value loss is CPU-only"))
 BACKENDS = ["torch", TRITON]  # policy loss
-VALUE_BACKENDS = ["torch", NATIVE, TRITON]
+VALUE_BACKENDS = ["torch", native("ppo_value_partials_cpu", cpu_only=True), TRITON]
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean")
 CLIPS = [dict(), dict(clip=PPOClip(0.2, 0.28)), dict(clip=PPOClip(0.1, dual=3.0))]
 

@@ -11,7 +11,7 @@ from rlhf_fast.cli import main
 TOY = ["threads=1", "task.n_sft=48", "task.n_rm=24", "task.n_ppo=16", "task.n_eval=8", "task.max_items=3",
        "sft.arch.hidden_size=32", "sft.arch.num_layers=1", "sft.arch.num_heads=2", "sft.arch.num_kv_heads=1",
        "sft.arch.intermediate_size=64", "sft.epochs=1", "sft.batch_size=16", "rm.epochs=1", "rm.batch_size=8",
-       "ppo.iterations=2", "ppo.prompts_per_iter=8", "ppo.minibatch_size=8", "ppo.max_new_tokens=6",
+       "ppo.iterations=2", "ppo.prompts_per_iter=8", "ppo.minibatch_size=8", "ppo.sampling.max_new_tokens=6",
        "ppo.ptx_coef=0.1"]
 
 

@@ -1,7 +1,8 @@
 """masked_mean / masked_var / masked_whiten vs float64, empty masks, masked NaNs, gradients, backends, bad input."""
 import pytest
 import torch
-from _ppo_common import DEVICE, HAS_TRITON, TRITON, random_mask
+from _backends import DEVICE, HAS_TRITON, TRITON
+from _ppo_common import random_mask
 from conftest import tol
 
 from rlhf_fast.ops import masked_mean, masked_var, masked_whiten, reference, use_backend

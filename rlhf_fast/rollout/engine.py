@@ -11,33 +11,10 @@ from rlhf_fast.rollout import block_table
 from rlhf_fast.rollout.allocator import BlockAllocator
 from rlhf_fast.rollout.sampling import sample
 from rlhf_fast.rollout.scheduler import Scheduler, Sequence, Step
-from rlhf_fast.rollout.types import Completion, EngineStats, SamplingParams
+from rlhf_fast.rollout.types import Completion, EngineStats, SamplingParams, check_prompts
 
 DEFAULT_CPU_KV_BYTES = 256 * 2**20
 DEFAULT_GPU_KV_FRACTION = 0.5  # of the free device memory at construction
-
-
-def check_prompts(prompts, vocab_size: int, max_context: int, extra: int = 0,
-                  name: str = "prompts") -> list[list[int]]:
-    """Validate `prompts` (a list of non-empty token-id lists); `extra` tokens must still fit in the context."""
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"{name} must be a non-empty list of token-id lists")
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, torch.Tensor):
-            p = p.tolist()
-        if not isinstance(p, (list, tuple)) or not all(isinstance(t, int) for t in p):
-            raise TypeError(f"{name}[{i}] must be a list of ints, got {type(p).__name__}")
-        if not p:
-            raise ValueError(f"{name}[{i}] is empty: each needs at least one token")
-        bad = [t for t in p if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"{name}[{i}] has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
-        if len(p) + extra > max_context:
-            raise ValueError(f"{name}[{i}] has {len(p)} tokens; with {extra} more it exceeds the model's context "
-                             f"of {max_context} tokens")
-        out.append(list(p))
-    return out
 
 
 class RolloutEngine:

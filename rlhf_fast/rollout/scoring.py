@@ -11,8 +11,7 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.models import bind_model
 from rlhf_fast.rollout import block_table
-from rlhf_fast.rollout.engine import check_prompts
-from rlhf_fast.rollout.types import Completion
+from rlhf_fast.rollout.types import Completion, check_prompts
 
 MAX_TOKENS_PER_FORWARD = 8192  # sequences are packed into forwards of at most this many tokens (one if longer)
 

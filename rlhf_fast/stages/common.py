@@ -127,13 +127,3 @@ def progress(iterable=None, *, total: int | None = None, desc: str = "", initial
 
     return tqdm(iterable, total=total, desc=desc, initial=initial, disable=None, dynamic_ncols=True, leave=False)
 
-
-def lm_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """A causal LM's final hidden states `(B, T, H)` for right-padded `input_ids (B, T)` (no logits)."""
-    return model.base_model(input_ids=input_ids.to(model.device), use_cache=False).last_hidden_state
-
-
-def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output projection's weight `(V, H)` and bias (or None)."""
-    head = model.get_output_embeddings()
-    return head.weight, head.bias

@@ -8,9 +8,8 @@ from typing import NamedTuple
 import torch
 
 from rlhf_fast import ops
-from rlhf_fast.stages.common import lm_head_params, lm_hidden
-
-IGNORE = -100
+from rlhf_fast.data import IGNORE_INDEX
+from rlhf_fast.models import final_hidden, output_head
 
 
 class Rollout(NamedTuple):
@@ -19,9 +18,13 @@ class Rollout(NamedTuple):
     input_ids: torch.Tensor  # (N, T) int64
     lengths: torch.Tensor  # (N,) prompt + response tokens
     positions: torch.Tensor  # (N, R) index into T of the hidden state that predicts each response token
-    labels: torch.Tensor  # (N, R) response token ids, IGNORE on padding
-    mask: torch.Tensor  # (N, R) float32 0/1
+    labels: torch.Tensor  # (N, R) response token ids, IGNORE_INDEX on padding
     prompt_index: list[int]  # (N,) which prompt each sequence continues
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(N, R) float32: 1 on response tokens, 0 on padding."""
+        return (self.labels != IGNORE_INDEX).float()
 
     def to(self, device: torch.device) -> "Rollout":
         return self._replace(**{k: v.to(device) for k, v in self._asdict().items() if isinstance(v, torch.Tensor)})
@@ -30,10 +33,10 @@ class Rollout(NamedTuple):
         """Rows `idx`, trimmed to their own longest sequence and response."""
         idx = idx.to(self.lengths.device)
         lengths = self.lengths[idx]
-        r = max(1, int(self.mask[idx].sum(1).max()))
+        r = max(1, int((self.labels[idx] != IGNORE_INDEX).sum(1).max()))
         t = int(lengths.max())
         return Rollout(self.input_ids[idx, :t], lengths, self.positions[idx, :r].clamp(max=t - 1),
-                       self.labels[idx, :r], self.mask[idx, :r], [self.prompt_index[i] for i in idx.tolist()])
+                       self.labels[idx, :r], [self.prompt_index[i] for i in idx.tolist()])
 
 
 def make_rollout(prompts: list[list[int]], completions, pad_id: int, device: torch.device | None = None) -> Rollout:
@@ -43,7 +46,7 @@ def make_rollout(prompts: list[list[int]], completions, pad_id: int, device: tor
     seqs = [prompts[c.prompt_index] + list(c.token_ids) for c in completions]
     t = max(len(s) for s in seqs)
     ids = torch.full((n, t), pad_id, dtype=torch.long)
-    labels = torch.full((n, r), IGNORE, dtype=torch.long)
+    labels = torch.full((n, r), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((n, r), dtype=torch.long)
     for i, (c, s) in enumerate(zip(completions, seqs)):
         p, m = len(prompts[c.prompt_index]), len(c.token_ids)
@@ -51,22 +54,22 @@ def make_rollout(prompts: list[list[int]], completions, pad_id: int, device: tor
         labels[i, :m] = torch.tensor(c.token_ids, dtype=torch.long)
         positions[i] = (p - 1 + torch.arange(r)).clamp(max=t - 1)
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    ro = Rollout(ids, lengths, positions, labels, (labels != IGNORE).float(), [c.prompt_index for c in completions])
+    ro = Rollout(ids, lengths, positions, labels, [c.prompt_index for c in completions])
     return ro.to(device) if device is not None else ro
 
 
 def response_hidden(model, ro: Rollout) -> torch.Tensor:
     """The causal LM's hidden states that predict each response token, `(N, R, H)`."""
-    hidden = lm_hidden(model, ro.input_ids)  # (N, T, H)
+    hidden = final_hidden(model, ro.input_ids)  # (N, T, H)
     return hidden.gather(1, ro.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
 
 
 def policy_logprobs(model, ro: Rollout, temperature: float, *, entropy: bool = False):
     """log pi(y_t | x, y_<t) at `temperature` on response tokens, `(N, R)` fp32 (0 on padding); with
     `entropy=True` also the per-token entropy."""
-    weight, bias = lm_head_params(model)
+    weight, bias = output_head(model)
     return ops.linear_token_logprobs(response_hidden(model, ro), weight, ro.labels, bias=bias,
-                                     temperature=temperature, ignore_index=IGNORE, return_entropy=entropy)
+                                     temperature=temperature, ignore_index=IGNORE_INDEX, return_entropy=entropy)
 
 
 def values_at(value_model, ro: Rollout) -> torch.Tensor:

@@ -125,7 +125,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path) -> dict:
                     out / "ppo", plots=False)
     t = time.perf_counter()
     cmp = compare_policies(sft.model_dir, ppo.policy_dir, rm.model_dir, eval_prompts,
-                           temperature=cfg.eval_temperature, max_new_tokens=cfg.ppo.max_new_tokens,
+                           temperature=cfg.eval_temperature, max_new_tokens=cfg.ppo.sampling.max_new_tokens,
                            use_labeler=use_labeler, seed=cfg.ppo.seed + 1, device=cfg.ppo.device)
     times = {"setup": setup_s, "sft": sft.elapsed_s, "rm": rm.elapsed_s, "ppo": ppo.elapsed_s,
              "eval": time.perf_counter() - t}

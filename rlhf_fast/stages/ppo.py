@@ -1,6 +1,6 @@
 """PPO against a frozen reward model with a KL penalty to the frozen SFT policy (InstructGPT, sec. 3.5).
 
-One iteration: sample `n_samples` completions for each of `prompts_per_iter` prompts with the rollout engine on
+One iteration: sample `sampling.n` completions for each of `prompts_per_iter` prompts with the rollout engine on
 the policy's live weights; score them (policy, reference, value and reward passes); per-token rewards
 `score - beta * KL`, GAE and whitened advantages; then `ppo_epochs` passes of minibatch updates of the clipped
 policy loss - `entropy_coef` * entropy (the fused PPO step, `ops.ppo_loss_from_hidden`) + `vf_coef` * clipped value
@@ -16,15 +16,15 @@ from typing import NamedTuple
 import torch
 
 from rlhf_fast import ops
-from rlhf_fast.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from rlhf_fast.config import PPOConfig, to_dict
-from rlhf_fast.data import SFTExample, epoch_batches, load_prompts, load_texts, sft_batch
+from rlhf_fast.data import IGNORE_INDEX, SFTExample, epoch_batches, load_prompts, load_texts, sft_batch
 from rlhf_fast.heads import ScalarHeadModel
+from rlhf_fast.models import output_head
 from rlhf_fast.rollout import SamplingParams
 from rlhf_fast.stages import experience as xp
-from rlhf_fast.stages.common import (MetricsLog, guarded_step, lm_head_params, make_optimizer, make_scheduler,
-                                     progress, resolve_device)
+from rlhf_fast.stages.common import guarded_step, make_optimizer, make_scheduler, progress, resolve_device
 from rlhf_fast.stages.kl_control import KLController
+from rlhf_fast.stages.run_state import TrainRun
 from rlhf_fast.stages.sft import response_nll
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,7 @@ class PPOTrainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.ptx = list(ptx)
-        self.groups = [[p for p in policy.parameters() if p.requires_grad],
-                       [p for n, p in value.named_parameters() if p.requires_grad and "lm_head" not in n]]
+        self.groups = [[p for p in policy.parameters() if p.requires_grad], value.trainable_parameters()]
         self.opt = make_optimizer(self.groups[0] + self.groups[1], cfg.optim)
         self.sched = make_scheduler(self.opt, cfg.optim, cfg.iterations)
         self.kl_ctl = KLController(cfg.kl)
@@ -74,10 +73,7 @@ class PPOTrainer:
         self.skipped = 0
 
     def sampling(self, iteration: int) -> SamplingParams:
-        c = self.cfg
-        return SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
-                              top_p=c.top_p, n=c.n_samples, seed=c.seed * 100_003 + iteration,
-                              stop_token_ids=(self.eos_id,))
+        return self.cfg.sampling.params(seed=self.cfg.seed * 100_003 + iteration, stop_token_ids=(self.eos_id,))
 
     def collect(self, prompts: list[list[int]], iteration: int) -> tuple[xp.Experience, dict]:
         """Rollouts, frozen passes and advantages; returns the experience and per-phase seconds."""
@@ -86,7 +82,7 @@ class PPOTrainer:
         comps = self.generator.generate(prompts, self.sampling(iteration))
         t1 = time.perf_counter()
         ro = xp.make_rollout(prompts, comps, self.pad_id, self.policy.device)
-        passes = xp.score_rollout(self.policy, self.ref, self.value, self.rm, ro, c.temperature)
+        passes = xp.score_rollout(self.policy, self.ref, self.value, self.rm, ro, c.sampling.temperature)
         t2 = time.perf_counter()
         kl_coef = self.kl_ctl.value if c.kl.placement == "reward" else 0.0
         exp = xp.advantages(ro, *passes, kl_coef=kl_coef, kl_kind=c.kl.kind, gamma=c.gamma, lam=c.lam)
@@ -114,11 +110,11 @@ class PPOTrainer:
         c, ro = self.cfg, mb.rollout
         kl_coef = self.kl_ctl.value if c.kl.placement == "loss" else 0.0
         hidden = xp.response_hidden(self.policy, ro)  # (n, R, H)
-        weight, bias = lm_head_params(self.policy)
+        weight, bias = output_head(self.policy)
         loss, st = ops.ppo_loss_from_hidden(
             hidden, weight, ro.labels.clamp(min=0), mb.old_logp, mb.advantages, ro.mask, bias=bias,
             clip=ops.PPOClip(low=c.clip), kl=ops.KLTerm(mb.ref_logp, kl_coef, c.kl.kind) if kl_coef > 0 else None,
-            entropy_coef=c.entropy_coef, temperature=c.temperature)
+            entropy_coef=c.entropy_coef, temperature=c.sampling.temperature)
         pg, entropy, clip_frac, approx_kl = st.policy_loss, st.entropy, st.clip_frac, st.approx_kl
         return loss, {"pg_loss": float(pg.detach()), "entropy": float(entropy.detach()),
                       "clip_frac": float(clip_frac), "approx_kl": float(approx_kl)}
@@ -183,67 +179,40 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
         raise ValueError("ppo: `policy`, `reward_model` and `prompts` are required")
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise ValueError("ppo.ptx_data: required when ptx_coef > 0")
-    start = time.perf_counter()
-    ckpt = find_checkpoint(out / "checkpoint")
-    state = load_state(ckpt) if ckpt else None
+    run = TrainRun("ppo", out, to_dict(cfg), save_every=cfg.save_every, stop_after=stop_after)
     final = out / "final"
-    if state is not None and state["finished"]:
-        log.warning("ppo: %s already finished (%d iterations); nothing to do. Delete it to train again.", out,
-                    state["iteration"])
-        return PPOResult(final / "policy", final / "value", state["iteration"], state["skipped"], state["elapsed_s"])
+    if run.already_finished():
+        return PPOResult(final / "policy", final / "value", run.step, run.skipped, run.info["elapsed_s"])
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
-    src_policy = ckpt / "policy" if state is not None else cfg.policy
-    src_value = ckpt / "value" if state is not None else cfg.reward_model
     device = resolve_device(cfg.device)
-    policy = AutoModelForCausalLM.from_pretrained(str(src_policy), dtype=torch.float32).to(device)
-    value = ScalarHeadModel.from_pretrained(src_value).to(device)
+    policy = AutoModelForCausalLM.from_pretrained(str(cfg.policy), dtype=torch.float32).to(device)
+    value = ScalarHeadModel.from_pretrained(cfg.reward_model).to(device)
     ref, rm = (m.to(device) for m in load_frozen_pair(cfg.policy, cfg.reward_model))
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_len)
     ptx = load_texts(cfg.ptx_data, tokenizer, cfg.max_len) if cfg.ptx_data and cfg.ptx_coef > 0 else []
     trainer = PPOTrainer(cfg, policy, value, ref, rm, tokenizer, ptx)
-    it = 0
-    if state is not None:
-        trainer.opt.load_state_dict(state["optimizer"])
-        trainer.sched.load_state_dict(state["scheduler"])
-        trainer.kl_ctl.load_state_dict(state["kl_controller"])
-        set_rng_state(state["rng"])
-        it, trainer.skipped = state["iteration"], state["skipped"]
-        log.info("ppo: resuming %s at iteration %d/%d", out, it, cfg.iterations)
-    metrics = MetricsLog(out, "metrics", resume_step=it if state is not None else None)
-    before = state["elapsed_s"] if state is not None else 0.0
-
-    def elapsed() -> float:
-        return before + time.perf_counter() - start
-
-    def save(path: Path, finished: bool) -> None:
-        st = {"iteration": it, "skipped": trainer.skipped, "optimizer": trainer.opt.state_dict(),
-              "scheduler": trainer.sched.state_dict(), "kl_controller": trainer.kl_ctl.state_dict(),
-              "rng": rng_state(), "finished": finished, "config": to_dict(cfg), "elapsed_s": elapsed()}
-        save_checkpoint(path, {"policy": policy, "value": value}, st, tokenizer)
+    run.resume({"policy": policy, "value": value}, trainer.opt, trainer.sched, total=cfg.iterations,
+               tokenizer=tokenizer, extra_state={"kl_controller": trainer.kl_ctl})
+    trainer.skipped = run.skipped
 
     per_epoch = max(1, len(prompts) // cfg.prompts_per_iter)  # full prompt batches only
-    bar = progress(total=cfg.iterations, desc="ppo", initial=it)
-    while it < cfg.iterations:
-        epoch, pos = divmod(it, per_epoch)
-        batch = epoch_batches([0] * len(prompts), cfg.prompts_per_iter, seed=cfg.seed, epoch=epoch)[pos]
-        m = trainer.iteration([prompts[i].ids for i in batch], it)
-        it += 1
-        metrics.log(it, **m)
-        bar.update(1)
-        bar.set_postfix(score=f"{m['score']:.3f}", kl=f"{m['kl']:.3f}")
-        if stop_after is not None and it >= stop_after and it < cfg.iterations:
-            save(out / "checkpoint", False)
-            bar.close()
-            return PPOResult(out / "checkpoint" / "policy", out / "checkpoint" / "value", it, trainer.skipped,
-                             elapsed())
-        if cfg.save_every and it % cfg.save_every == 0 and it < cfg.iterations:
-            save(out / "checkpoint", False)
-    bar.close()
+    bar = progress(total=cfg.iterations, desc="ppo", initial=run.step)
+    try:
+        while run.step < cfg.iterations:
+            epoch, pos = divmod(run.step, per_epoch)
+            batch = epoch_batches([0] * len(prompts), cfg.prompts_per_iter, seed=cfg.seed, epoch=epoch)[pos]
+            m = trainer.iteration([prompts[i].ids for i in batch], run.step)
+            run.step, run.skipped = run.step + 1, trainer.skipped
+            run.metrics.log(run.step, **m)
+            bar.update(1)
+            bar.set_postfix(score=f"{m['score']:.3f}", kl=f"{m['kl']:.3f}")
+            if not run.after_step():
+                return PPOResult(run.ckpt_dir / "policy", run.ckpt_dir / "value", run.step, run.skipped,
+                                 run.elapsed())
+    finally:
+        bar.close()
     if plots:
-        metrics.plot(["score", "kl", "kl_coef", "response_len", "pg_loss", "vf_loss", "entropy", "clip_frac"],
-                     out / "ppo_curves.png", "PPO")
-    policy.save_pretrained(final / "policy")
-    tokenizer.save_pretrained(str(final / "policy"))
-    value.save_pretrained(final / "value")
-    save(out / "checkpoint", True)
-    return PPOResult(final / "policy", final / "value", it, trainer.skipped, elapsed())
+        run.metrics.plot(["score", "kl", "kl_coef", "response_len", "pg_loss", "vf_loss", "entropy", "clip_frac"],
+                         out / "ppo_curves.png", "PPO")
+    run.finish({final / "policy": policy, final / "value": value})
+    return PPOResult(final / "policy", final / "value", run.step, run.skipped, run.elapsed())

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.checkpoint import find_checkpoint, load_state
 from rlhf_fast.config import RMConfig, to_dict
 from rlhf_fast.data import RankedExample, epoch_batches, load_rm, pad_right
 from rlhf_fast.heads import ScalarHeadModel
-from rlhf_fast.stages.common import resolve_device
+from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
 from rlhf_fast.stages.run_state import TrainRun
 
 log = logging.getLogger(__name__)
@@ -93,30 +91,24 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     out = Path(out_dir)
     if not cfg.model or not cfg.train_data:
         raise ValueError("rm: `model` (the SFT model directory) and `train_data` are required")
-    start = time.perf_counter()
-    ckpt = find_checkpoint(out / "checkpoint")
-    state = load_state(ckpt) if ckpt else None
-    if state is not None and state["finished"]:
-        log.warning("rm: %s already finished (%d steps); nothing to do. Delete it to train again.", out,
-                    state["step"])
-        return RMResult(out / "final", state["accuracy"], state["step"], state["skipped"], state["elapsed_s"])
+    run = TrainRun("rm", out, to_dict(cfg), save_every=cfg.save_every, stop_after=stop_after)
+    if run.already_finished():
+        return RMResult(out / "final", run.info["accuracy"], run.step, run.skipped, run.info["elapsed_s"])
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # the head's initialisation
-        model = ScalarHeadModel.from_pretrained(ckpt / "model" if state is not None else cfg.model)
+        model = ScalarHeadModel.from_pretrained(cfg.model)
     model.to(resolve_device(cfg.device)).train()
     train = load_rm(cfg.train_data, tokenizer, cfg.max_len)
     evals = load_rm(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else []
     sizes = [sum(len(c) for c in e.completions) for e in train]
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
-    params = [p for n, p in model.named_parameters() if p.requires_grad and "lm_head" not in n]
-    run = TrainRun("rm", out, params, cfg.optim, total, state, start)
-
-    def save(finished: bool, acc: float) -> None:
-        run.save(model, tokenizer, to_dict(cfg), finished=finished, accuracy=acc)
+    params = model.trainable_parameters()
+    opt = make_optimizer(params, cfg.optim)
+    run.resume({"model": model}, opt, make_scheduler(opt, cfg.optim, total), total=total, tokenizer=tokenizer)
 
     def one_step(step: int):
         epoch, pos = divmod(step, per_epoch)
@@ -125,16 +117,13 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
         loss, margin = bradley_terry_loss(model.score(batch.input_ids, batch.lengths), batch)
         return loss, {"train_accuracy": float((margin > 0).float().mean())}
 
-    done = run.loop(one_step, (lambda: {"eval_accuracy": pairwise_accuracy(model, evals, pad_id, cfg.batch_size)})
-                    if evals else None, lambda: save(False, float("nan")), eval_every=cfg.eval_every,
-                    save_every=cfg.save_every, stop_after=stop_after)
-    if not done:
-        return RMResult(out / "checkpoint" / "model", float("nan"), run.step, run.skipped, run.elapsed())
+    evaluate = ((lambda: {"eval_accuracy": pairwise_accuracy(model, evals, pad_id, cfg.batch_size)}) if evals
+                else None)
+    if not run.loop(one_step, evaluate, params=params, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval_every):
+        return RMResult(run.ckpt_dir / "model", float("nan"), run.step, run.skipped, run.elapsed())
     acc = pairwise_accuracy(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
     run.metrics.log(run.step, eval_accuracy=acc)
     if plots:
         run.metrics.plot(["loss", "train_accuracy", "eval_accuracy", "lr"], out / "rm_curves.png", "Reward model")
-    model.save_pretrained(out / "final")
-    tokenizer.save_pretrained(str(out / "final"))
-    save(True, acc)
+    run.finish({out / "final": model}, accuracy=acc)
     return RMResult(out / "final", acc, run.step, run.skipped, run.elapsed())

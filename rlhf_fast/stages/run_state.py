@@ -1,5 +1,14 @@
-"""The bookkeeping SFT and RM share: optimiser and LR schedule, exact resume, elapsed time, checkpoint writes,
-and the NaN-guarded optimiser step. The stage loops keep only their data and loss."""
+"""One stage's run lifecycle, the same for SFT, RM and PPO: find and load the checkpoint, resume every model,
+the optimiser, the schedule, extra state and the RNG, count elapsed time over resumed processes, checkpoint
+(periodically and at `stop_after`), and finish (export the final models, mark the run finished).
+
+    run = TrainRun("sft", out, to_dict(cfg), save_every=cfg.save_every, stop_after=stop_after)
+    if run.already_finished(): ...        # nothing to do; run.info holds the finished run's state
+    ... build the models, the optimiser and the schedule ...
+    run.resume({"model": model}, opt, sched, total=steps, tokenizer=tok)   # loads the checkpoint into them, if any
+    while run.step < run.total: ...; run.step += 1; if not run.after_step(): return  # stopped, checkpointed
+    run.finish({out / "final": model}, eval_loss=...)
+"""
 from __future__ import annotations
 
 import logging
@@ -9,40 +18,94 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.checkpoint import rng_state, save_checkpoint, set_rng_state
-from rlhf_fast.config import OptimConfig
-from rlhf_fast.stages.common import (MetricsLog, StepResult, guarded_step, make_optimizer, make_scheduler,
-                                     progress)
+from rlhf_fast.checkpoint import (find_checkpoint, load_state, read_models, rng_state, save_checkpoint,
+                                  set_rng_state)
+from rlhf_fast.stages.common import MetricsLog, StepResult, guarded_step, progress
 
 log = logging.getLogger(__name__)
 
 
 class TrainRun:
-    """One stage's training state. `state` is the loaded checkpoint state (None for a fresh run); `start` is the
-    `time.perf_counter()` at which this process began the stage (set before loading, so loading counts)."""
+    """The run directory `out` of stage `name`; `config` is recorded in every checkpoint. Construct it first (the
+    clock starts, so loading counts as training time), then check `already_finished()`, then `resume(...)`."""
 
-    def __init__(self, name: str, out: Path, params: list[torch.nn.Parameter], optim: OptimConfig, total: int,
-                 state: dict | None, start: float):
-        self.name, self.out, self.params, self.optim, self.total = name, out, params, optim, total
-        self.opt = make_optimizer(params, optim)
-        self.sched = make_scheduler(self.opt, optim, total)
-        self.step, self.skipped = 0, 0
-        self._before, self._start = 0.0, start
-        if state is not None:
-            self.opt.load_state_dict(state["optimizer"])
-            self.sched.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-            self.step, self.skipped, self._before = state["step"], state["skipped"], state["elapsed_s"]
-            log.info("%s: resuming %s at step %d/%d", name, out, self.step, total)
-        self.metrics = MetricsLog(out, "metrics", resume_step=self.step if state is not None else None)
+    def __init__(self, name: str, out: str | Path, config: dict, *, save_every: int = 0,
+                 stop_after: int | None = None):
+        self._start = time.perf_counter()
+        self.name, self.out, self.config = name, Path(out), config
+        self.save_every, self.stop_after = save_every, stop_after
+        self.ckpt_dir = self.out / "checkpoint"
+        self._ckpt = find_checkpoint(self.ckpt_dir)
+        self.info: dict = load_state(self._ckpt) if self._ckpt else {}  # the loaded trainer state
+        self.step, self.skipped = self.info.get("step", 0), self.info.get("skipped", 0)
+        self._before = self.info.get("elapsed_s", 0.0)
+        self.models: dict = {}
+        self.opt = self.sched = self.tokenizer = None
+        self.extra: dict = {}
+        self.total = 0
+        self.metrics: MetricsLog | None = None
+
+    def already_finished(self) -> bool:
+        """True (and a warning) when the checkpoint says the run is done."""
+        if self.info.get("finished"):
+            log.warning("%s: %s already finished (step %d); nothing to do. Delete it to train again.", self.name,
+                        self.out, self.step)
+            return True
+        return False
+
+    def resume(self, models: dict, optimizer: torch.optim.Optimizer, scheduler, *, total: int, tokenizer=None,
+               extra_state: dict | None = None) -> None:
+        """Attach what the checkpoint saves - `models` (name -> module), the optimiser and schedule, `extra_state`
+        (name -> object with `state_dict`/`load_state_dict`, e.g. the KL controller) - and, when resuming, load
+        the checkpoint into them and restore the RNG last. `total`: steps of the whole run."""
+        self.models, self.opt, self.sched, self.tokenizer = models, optimizer, scheduler, tokenizer
+        self.extra, self.total = dict(extra_state or {}), total
+        if self._ckpt is not None:
+            read_models(self._ckpt, models, optimizer)
+            scheduler.load_state_dict(self.info["scheduler"])
+            for key, obj in self.extra.items():
+                obj.load_state_dict(self.info[key])
+            set_rng_state(self.info["rng"])
+            log.info("%s: resuming %s at step %d/%d", self.name, self.out, self.step, total)
+        self.metrics = MetricsLog(self.out, "metrics", resume_step=self.step if self._ckpt is not None else None)
 
     def elapsed(self) -> float:
         """Training seconds, summed over every process that worked on this run."""
         return self._before + time.perf_counter() - self._start
 
-    def apply(self, loss: torch.Tensor) -> StepResult:
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def save(self, *, finished: bool = False, **info) -> None:
+        """Atomically write the resume checkpoint to `out/checkpoint`; `info`: plain values kept in its state."""
+        st = {"step": self.step, "skipped": self.skipped, "scheduler": self.sched.state_dict(), "rng": rng_state(),
+              "finished": finished, "config": self.config, "elapsed_s": self.elapsed(),
+              **{k: obj.state_dict() for k, obj in self.extra.items()}, **info}
+        save_checkpoint(self.ckpt_dir, self.models, st, self.tokenizer, self.opt)
+
+    def after_step(self) -> bool:
+        """Call once `step` has advanced: checkpoints at `stop_after` (returns False: stop now) and every
+        `save_every` steps; the last step is left to `finish`."""
+        if self.step >= self.total:
+            return True
+        if self.stop_after is not None and self.step >= self.stop_after:
+            self.save()
+            return False
+        if self.save_every and self.step % self.save_every == 0:
+            self.save()
+        return True
+
+    def finish(self, exports: dict[Path, torch.nn.Module], **info) -> None:
+        """Export each final model to its directory (tokenizer beside it), then mark the run finished."""
+        for path, model in exports.items():
+            model.save_pretrained(path)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(path))
+        self.save(finished=True, **info)
+
+    def apply(self, loss: torch.Tensor, params: list[torch.nn.Parameter], grad_clip: float) -> StepResult:
         """Backward + clipped optimiser step, skipped (counted, logged) on a non-finite loss or gradient."""
-        res = guarded_step(loss, [self.params], self.opt, self.sched, self.optim.grad_clip)
+        res = guarded_step(loss, [params], self.opt, self.sched, grad_clip)
         self.skipped += not res.applied
         self.step += 1
         if not res.applied:
@@ -50,39 +113,24 @@ class TrainRun:
                         self.step, self.skipped)
         return res
 
-    def lr(self) -> float:
-        return self.sched.get_last_lr()[0]
-
-    def save(self, model, tokenizer, config: dict, *, finished: bool, **extra) -> None:
-        """Atomically write the resume checkpoint (model, optimiser, schedule, RNG, position) to out/checkpoint."""
-        st = {"step": self.step, "skipped": self.skipped, "optimizer": self.opt.state_dict(),
-              "scheduler": self.sched.state_dict(), "rng": rng_state(), "finished": finished, "config": config,
-              "elapsed_s": self.elapsed(), **extra}
-        save_checkpoint(self.out / "checkpoint", {"model": model}, st, tokenizer)
-
-    def loop(self, step_fn: Callable[[int], tuple], evaluate: Callable[[], dict] | None, save: Callable[[], None],
-             *, eval_every: int, save_every: int, stop_after: int | None) -> bool:
-        """Run optimiser steps until `total`: `step_fn(step)` returns `(loss, extra_metrics)` for the batch at that
-        step; `evaluate()` gives eval metrics every `eval_every` steps; `save()` writes a resumable checkpoint every
-        `save_every` steps. Returns False if it stopped early at `stop_after` (checkpointed), True when done."""
+    def loop(self, step_fn: Callable[[int], tuple], evaluate: Callable[[], dict] | None, *,
+             params: list[torch.nn.Parameter], grad_clip: float, eval_every: int) -> bool:
+        """SFT's and RM's step loop: optimiser steps until `total`. `step_fn(step)` returns `(loss, extra_metrics)`
+        for the batch at that step; `evaluate()` gives eval metrics every `eval_every` steps. Returns False if it
+        stopped early at `stop_after` (checkpointed), True when done."""
         bar = progress(total=self.total, desc=self.name, initial=self.step)
         try:
             while self.step < self.total:
                 loss, extra = step_fn(self.step)
-                res = self.apply(loss)
+                res = self.apply(loss, params, grad_clip)
                 step = self.step
                 bar.update(1)
                 self.metrics.log(step, loss=float(loss.detach()), **extra, grad_norm=res.grad_norm, lr=self.lr(),
                                  skipped=self.skipped)
-                if step >= self.total:
-                    break
-                if eval_every and evaluate is not None and step % eval_every == 0:
+                if step < self.total and eval_every and evaluate is not None and step % eval_every == 0:
                     self.metrics.log(step, **evaluate())
-                if stop_after is not None and step >= stop_after:
-                    save()
+                if not self.after_step():
                     return False
-                if save_every and step % save_every == 0:
-                    save()
         finally:
             bar.close()
         return True

@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from rlhf_fast import ops
-from rlhf_fast.checkpoint import find_checkpoint, load_state
 from rlhf_fast.config import SFTConfig, to_dict
-from rlhf_fast.data import SFTExample, epoch_batches, load_sft, sft_batch
-from rlhf_fast.stages.common import lm_head_params, lm_hidden, resolve_device
+from rlhf_fast.data import IGNORE_INDEX, SFTExample, epoch_batches, load_sft, sft_batch
+from rlhf_fast.models import final_hidden, output_head
+from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
 from rlhf_fast.stages.run_state import TrainRun
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 class SFTResult(NamedTuple):
@@ -35,13 +33,13 @@ class SFTResult(NamedTuple):
 def response_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood of the labelled tokens and their count.
 
-    input_ids `(B, T)` right-padded; labels `(B, T-1)` with `IGNORE` on prompt and padding.
+    input_ids `(B, T)` right-padded; labels `(B, T-1)` with `IGNORE_INDEX` on prompt and padding.
     """
-    hidden = lm_hidden(model, input_ids)[:, :-1]  # (B, T-1, H): position t predicts token t+1
-    weight, bias = lm_head_params(model)
+    hidden = final_hidden(model, input_ids)[:, :-1]  # (B, T-1, H): position t predicts token t+1
+    weight, bias = output_head(model)
     labels = labels.to(hidden.device)
-    logp = ops.linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE)  # (B, T-1) fp32
-    return -logp.sum(), (labels != IGNORE).sum()
+    logp = ops.linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX)  # (B, T-1) fp32
+    return -logp.sum(), (labels != IGNORE_INDEX).sum()
 
 
 @torch.no_grad()
@@ -51,7 +49,7 @@ def eval_loss(model, examples: list[SFTExample], pad_id: int, batch_size: int) -
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        nll, n = response_nll(model, *sft_batch(examples[i:i + batch_size], pad_id, IGNORE))
+        nll, n = response_nll(model, *sft_batch(examples[i:i + batch_size], pad_id))
         total, count = total + float(nll), count + int(n)
     model.train(was_training)
     return total / max(count, 1)
@@ -81,16 +79,12 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
         raise ValueError("sft: set `model` (a HF model directory) or `tokenizer` (to train `arch` from scratch)")
     if not cfg.train_data:
         raise ValueError("sft.train_data: required")
-    start = time.perf_counter()
-    ckpt = find_checkpoint(out / "checkpoint")
-    state = load_state(ckpt) if ckpt else None
-    if state is not None and state["finished"]:
-        log.warning("sft: %s already finished (%d steps); nothing to do. Delete it to train again.", out,
-                    state["step"])
-        return SFTResult(out / "final", state["eval_loss"], state["step"], state["skipped"], state["elapsed_s"])
+    run = TrainRun("sft", out, to_dict(cfg), save_every=cfg.save_every, stop_after=stop_after)
+    if run.already_finished():
+        return SFTResult(out / "final", run.info["eval_loss"], run.step, run.skipped, run.info["elapsed_s"])
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    model = _load_model(cfg, tokenizer) if state is None else _from_ckpt(ckpt)
+    model = _load_model(cfg, tokenizer)
     model.to(resolve_device(cfg.device)).train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = load_sft(cfg.train_data, tokenizer, cfg.max_len)
@@ -100,34 +94,22 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    run = TrainRun("sft", out, params, cfg.optim, total, state, start)
-
-    def save(finished: bool, ev: float) -> None:
-        run.save(model, tokenizer, to_dict(cfg), finished=finished, eval_loss=ev)
+    opt = make_optimizer(params, cfg.optim)
+    run.resume({"model": model}, opt, make_scheduler(opt, cfg.optim, total), total=total, tokenizer=tokenizer)
 
     def one_step(step: int):
         epoch, pos = divmod(step, per_epoch)
         batch_idx = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, bucket_size=cfg.bucket_size)
-        ids, labels = sft_batch([train[i] for i in batch_idx[pos]], pad_id, IGNORE)
+        ids, labels = sft_batch([train[i] for i in batch_idx[pos]], pad_id)
         nll, n = response_nll(model, ids, labels)
         return nll / n.clamp(min=1), {}
 
-    done = run.loop(one_step, (lambda: {"eval_loss": eval_loss(model, evals, pad_id, cfg.batch_size)}) if evals
-                    else None, lambda: save(False, float("nan")), eval_every=cfg.eval_every,
-                    save_every=cfg.save_every, stop_after=stop_after)
-    if not done:
-        return SFTResult(out / "checkpoint" / "model", float("nan"), run.step, run.skipped, run.elapsed())
+    evaluate = (lambda: {"eval_loss": eval_loss(model, evals, pad_id, cfg.batch_size)}) if evals else None
+    if not run.loop(one_step, evaluate, params=params, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval_every):
+        return SFTResult(run.ckpt_dir / "model", float("nan"), run.step, run.skipped, run.elapsed())
     ev = eval_loss(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
     run.metrics.log(run.step, eval_loss=ev)
     if plots:
         run.metrics.plot(["loss", "eval_loss", "lr", "grad_norm"], out / "sft_curves.png", "SFT")
-    model.save_pretrained(out / "final")
-    tokenizer.save_pretrained(str(out / "final"))
-    save(True, ev)
+    run.finish({out / "final": model}, eval_loss=ev)
     return SFTResult(out / "final", ev, run.step, run.skipped, run.elapsed())
-
-
-def _from_ckpt(ckpt: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(ckpt / "model"), dtype=torch.float32)

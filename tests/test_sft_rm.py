@@ -1,0 +1,79 @@
+"""SFT and the reward model on a tiny random model for a few steps; the ranking pairs; the labeler."""
+import json
+import math
+
+import pytest
+import torch
+from _tiny import TINY_ARCH, rows, tiny_sft_config
+
+from rlhf_fast.config import OptimConfig, RMConfig
+from rlhf_fast.data import RankedExample
+from rlhf_fast.default_task import labeler
+from rlhf_fast.heads import ScalarHeadModel
+from rlhf_fast.stages.rm import bradley_terry_loss, ranked_batch, train_rm
+from rlhf_fast.stages.sft import train_sft
+
+
+def test_sft_loss_decreases_on_a_fixed_batch(task, tmp_path):
+    root, tok, paths = task
+    one_batch = tmp_path / "one.jsonl"
+    one_batch.write_text("".join(json.dumps(r) + "\n" for r in rows(paths["sft_train"])[:8]))
+    cfg = tiny_sft_config(root, paths, train_data=str(one_batch), epochs=12,
+                          optim=OptimConfig(lr=1e-2, schedule="constant"))
+    res = train_sft(cfg, tmp_path / "sft")
+    losses = [r["loss"] for r in rows(tmp_path / "sft" / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 12 and res.steps == 12 and res.skipped_steps == 0
+    assert losses[-1] < 0.5 * losses[0]
+    assert math.isfinite(res.eval_loss)
+    assert (tmp_path / "sft" / "sft_curves.png").is_file() and (res.model_dir / "config.json").is_file()
+
+
+def test_ranked_pairs_skip_ties_and_normalise_per_prompt():
+    ex = [RankedExample([5], [[1], [2], [3]], [0, 1, 1]),  # 2 pairs (the tie gives none)
+          RankedExample([5], [[1], [2]], [1, 0])]  # 1 pair, the second completion preferred
+    b = ranked_batch(ex, pad_id=0)
+    assert b.input_ids.shape == (5, 2)
+    assert sorted(zip(b.better.tolist(), b.worse.tolist())) == [(0, 1), (0, 2), (4, 3)]
+    torch.testing.assert_close(b.weight, torch.tensor([0.25, 0.25, 0.5]))
+    scores = torch.tensor([2.0, 1.0, 0.0, 0.0, 3.0])
+    loss, margin = bradley_terry_loss(scores, b)
+    sp = torch.nn.functional.softplus  # -log sigmoid(m) = softplus(-m)
+    expected = 0.5 * (sp(torch.tensor(-1.0)) + sp(torch.tensor(-2.0))) / 2 * 2 / 2 + 0.5 * sp(torch.tensor(-3.0))
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(margin, torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_rm_learns_a_planted_preference(task, tmp_path):
+    """Chosen completions are concise, rejected ones padded with filler: the RM must learn it."""
+    root, tok, paths = task
+    sft = train_sft(tiny_sft_config(root, paths, epochs=1), tmp_path / "sft", plots=False)
+
+    def write(name, n, seed):
+        g = __import__("random").Random(seed)
+        with open(tmp_path / name, "w") as f:
+            for _ in range(n):
+                p = labeler.random_problem(g, 2, 3)
+                ans = " ".join(labeler.answer(p))
+                f.write(json.dumps({"prompt": labeler.prompt_text(p), "chosen": ans,
+                                    "rejected": "ok , the result is : " + ans}) + "\n")
+        return str(tmp_path / name)
+
+    cfg = RMConfig(model=str(sft.model_dir), train_data=write("tr.jsonl", 96, 1), eval_data=write("ev.jsonl", 32, 2),
+                   batch_size=16, epochs=2, optim=OptimConfig(lr=3e-3))
+    res = train_rm(cfg, tmp_path / "rm", plots=False)
+    assert res.accuracy >= 0.9
+    head = ScalarHeadModel.from_pretrained(res.model_dir)
+    assert head.head.weight.shape == (1, TINY_ARCH.hidden_size)
+
+
+def test_labeler_prefers_correct_then_short():
+    p = labeler.prompt_text(labeler.Problem("reverse", ("c", "a", "b")))
+    assert labeler.judge(p, "b a c") == labeler.Judgement(True, 3)
+    assert labeler.judge(p, "sure , here is the answer : b a c . done").correct
+    assert not labeler.judge(p, "b c a").correct
+    assert labeler.rank(p, ["b a c . done", "b a c", "a b c", "c a b"]) == [1, 0, 2, 2]
+    assert labeler.compare(p, "b a c", "ok , the result is : b a c") == 1.0
+    assert labeler.compare(p, "b c", "b a c . done") == 0.0
+    assert labeler.compare(p, "a", "c") == 0.5
+    with pytest.raises(ValueError, match="not a prompt"):
+        labeler.parse_prompt("user : juggle a b assistant :")
