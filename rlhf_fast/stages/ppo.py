@@ -17,7 +17,7 @@ import torch
 
 from rlhf_fast import ops
 from rlhf_fast.config import PPOConfig, to_dict
-from rlhf_fast.data import IGNORE_INDEX, SFTExample, epoch_batches, load_prompts, load_texts, sft_batch
+from rlhf_fast.data import SFTExample, epoch_batches, load_prompts, load_texts, sft_batch
 from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.models import output_head
 from rlhf_fast.rollout import SamplingParams
