@@ -24,3 +24,7 @@ from rlhf_fast.ops.fused_ppo import FusedPPOStats, ppo_loss_from_hidden  # noqa:
 
 # --- paged attention / KV cache ---
 from rlhf_fast.ops.paged_attention import copy_blocks, paged_attention, store_kv_cache  # noqa: F401,E402
+
+# --- critic-free advantages (GRPO, Dr. GRPO, RLOO, REINFORCE++, ReMax) ---
+from rlhf_fast.ops.advantages import (GroupAdvantages, expand_advantages, group_advantages,  # noqa: F401,E402
+                                      reinforce_pp_advantages, remax_advantages)

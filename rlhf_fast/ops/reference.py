@@ -295,3 +295,56 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy-on-write: kv_cache (layers, 2, num_blocks, ...) gets block src[i] copied over block dst[i], every layer."""
     kv_cache[:, :, dst.long()] = kv_cache[:, :, src.long()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Group advantages (GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline)
+# ---------------------------------------------------------------------------------------------------------------
+
+def weighted_whiten(x: torch.Tensor, w: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mu) / sqrt(var + eps) with weights w >= 0: mu = sum w x / sum w, var = sum w (x - mu)^2 / (sum w - 1)
+    (0 when sum w <= 1). With w = a row's valid-token count this is `masked_whiten` of x broadcast over tokens."""
+    total = w.sum()
+    mu = (w * x).sum() / total.clamp(min=1e-30)
+    var = torch.where(total > 1, (w * (x - mu) ** 2).sum() / (total - 1).clamp(min=1e-30), torch.zeros_like(total))
+    return (x - mu) * torch.rsqrt(var + eps)
+
+
+def group_advantages(scores: torch.Tensor, group_ids: torch.Tensor, mode: str = "grpo", *, scale: str = "group",
+                     eps: float = 1e-6, weights: torch.Tensor | None = None, keep_singletons: bool = False):
+    """`rlhf_fast.ops.group_advantages` as one Python loop over the groups (formulas in rlhf_fast/ops/advantages.py).
+
+    scores (B,) float, group_ids (B,) int, weights (B,) or None (reinforce_pp_baseline's whitening weights).
+    Returns (advantages (B,), group_mean (G,), group_std (G,), group_count (G,)), groups in ascending id order,
+    all in the scores' dtype (count int64).
+    """
+    ids = group_ids.tolist()
+    groups = sorted(set(ids))
+    adv = torch.zeros_like(scores)
+    mean = torch.zeros(len(groups), dtype=scores.dtype)
+    std = torch.zeros(len(groups), dtype=scores.dtype)
+    count = torch.zeros(len(groups), dtype=torch.int64)
+    batch_std = scores.std() if scores.numel() > 1 else torch.zeros((), dtype=scores.dtype)
+    for k, g in enumerate(groups):
+        rows = torch.tensor([i for i, x in enumerate(ids) if x == g])
+        s = scores[rows]
+        n = len(rows)
+        mean[k], count[k] = s.mean(), n
+        std[k] = s.std() if n > 1 else 0.0
+        if n == 1:
+            centred = s if keep_singletons else torch.zeros_like(s)
+            group_std = torch.ones_like(std[k]) if keep_singletons else std[k]
+        else:
+            centred, group_std = s - mean[k], std[k]
+        if mode == "grpo":
+            denom = {"group": group_std + eps, "batch": batch_std + eps, "none": torch.ones_like(std[k])}[scale]
+            adv[rows] = centred / denom
+        elif mode == "rloo":
+            adv[rows] = centred * n / (n - 1) if n > 1 else centred
+        elif mode == "reinforce_pp_baseline":
+            adv[rows] = centred
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+    if mode == "reinforce_pp_baseline" and scores.numel():
+        adv = weighted_whiten(adv, torch.ones_like(adv) if weights is None else weights.to(adv.dtype))
+    return adv, mean, std, count
