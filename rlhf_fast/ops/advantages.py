@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf_fast import _native, backend
+from rlhf_fast._native import arg
 from rlhf_fast.ops import _checks
 from rlhf_fast.ops import reference as ref
 from rlhf_fast.ops.gae import gae
@@ -72,10 +73,11 @@ def _native_call(scores: torch.Tensor, index: torch.Tensor, weights: torch.Tenso
                  std: torch.Tensor, count: torch.Tensor) -> None:
     """scores, adv (B,) one float dtype; index (B,) int64 in [0, G); weights (B,) float64 or None; mean, std (G,)
     float64, count (G,) int64, all contiguous CPU tensors."""
-    _native.fn("group_advantages_cpu")(
-        scores.data_ptr(), _native.dtype_code(scores), index.data_ptr(), 0 if weights is None else weights.data_ptr(),
-        scores.numel(), num_groups, mode, scale, keep_singletons, float(eps), adv.data_ptr(), mean.data_ptr(),
-        std.data_ptr(), count.data_ptr())
+    f64 = torch.float64
+    _native.call("group_advantages_cpu", arg("scores", scores, code=True), arg("index", index, torch.int64),
+                 0 if weights is None else arg("weights", weights, f64), scores.numel(), num_groups, mode, scale,
+                 keep_singletons, float(eps), arg("adv", adv, scores.dtype), arg("mean", mean, f64),
+                 arg("std", std, f64), arg("count", count, torch.int64))
 
 
 @_native_call.register_fake
