@@ -131,18 +131,26 @@ def kl_backward(logp, ref_logp, grad_out, dlr, kind: str) -> None:
 
 
 # --- Policy loss. r = exp(clamp(lr)), pg1 = -A r, pg2 = -A clip(r, 1 - lo, 1 + hi), l = max(pg1, pg2), and for
-#     A < 0 with a dual clip c: l = min(l, -c A). dl/dlogp = -A r where l = pg1 (and |lr| <= 20), else 0
-#     (the clipped branches are constant in logp).
+#     A < 0 with a dual clip c: l = min(l, -c A); with importance weights l *= w_is. dl/dlogp = -A r (* w_is) where
+#     l = pg1 (and |lr| <= 20), else 0 (the clipped branches are constant in logp). lr = logp - old_logp, or with
+#     LR_GIVEN the OLD input is lr itself (the sequence level's per-token broadcast of sg[mean lr]).
 @triton.jit
-def _policy_token(LOGP, OLD, ADV, MASK, offs, inb, lower, upper, dual, HAS_DUAL: tl.constexpr, ACC: tl.constexpr):
+def _policy_token(LOGP, OLD, ADV, ISW, MASK, offs, inb, lower, upper, dual, HAS_DUAL: tl.constexpr,
+                  HAS_IS: tl.constexpr, LR_GIVEN: tl.constexpr, ACC: tl.constexpr):
     """Per-token policy loss terms; lower, upper = 1 - clip_low, 1 + clip_high."""
     lp = tl.load(LOGP + offs, mask=inb, other=0).to(ACC)
     old = tl.load(OLD + offs, mask=inb, other=0).to(ACC)
     adv = tl.load(ADV + offs, mask=inb, other=0).to(ACC)
     m = tl.load(MASK + offs, mask=inb, other=0) != 0
     finite = _finite(lp) & _finite(old) & _finite(adv)
+    if HAS_IS:
+        isw = tl.load(ISW + offs, mask=inb, other=0).to(ACC)
+        finite = finite & _finite(isw)
     valid = m & finite
-    raw = tl.where(valid, lp - old, 0.0)
+    if LR_GIVEN:
+        raw = tl.where(valid, old, 0.0)
+    else:
+        raw = tl.where(valid, lp - old, 0.0)
     lr = tl.minimum(tl.maximum(raw, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
     adv = tl.where(valid, adv, 0.0)
     ratio = tl.exp(lr)
@@ -156,19 +164,24 @@ def _policy_token(LOGP, OLD, ADV, MASK, offs, inb, lower, upper, dual, HAS_DUAL:
         tok = tl.where(dual_on, pg3, tok)
         clipped = clipped | dual_on
     grad = tl.where(valid & ~clipped & (tl.abs(raw) <= LOG_RATIO_CLAMP), -adv * ratio, 0.0)
+    if HAS_IS:
+        isw = tl.where(valid, isw, 0.0)
+        tok = tok * isw
+        grad = grad * isw
     return valid, m & ~finite, lr, ratio, tok, clipped, grad
 
 
 @triton.jit
-def _policy_fwd_kernel(LOGP, OLD, ADV, MASK, PART, T, n_chunks, lo_hi, lo_lo, hi_hi, hi_lo, dual_hi, dual_lo,
-                       HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _policy_fwd_kernel(LOGP, OLD, ADV, ISW, MASK, PART, T, n_chunks, lo_hi, lo_lo, hi_hi, hi_lo, dual_hi, dual_lo,
+                       HAS_DUAL: tl.constexpr, HAS_IS: tl.constexpr, LR_GIVEN: tl.constexpr, BLOCK: tl.constexpr,
+                       ACC: tl.constexpr):
     lower, upper, dual = _join(lo_hi, lo_lo, ACC), _join(hi_hi, hi_lo, ACC), _join(dual_hi, dual_lo, ACC)
     row, c = tl.program_id(0), tl.program_id(1)
     cols = c * BLOCK + tl.arange(0, BLOCK)
     inb = cols < T
     offs = row.to(tl.int64) * T + cols
-    valid, bad, lr, ratio, tok, clipped, _ = _policy_token(LOGP, OLD, ADV, MASK, offs, inb, lower, upper,
-                                                           dual, HAS_DUAL, ACC)
+    valid, bad, lr, ratio, tok, clipped, _ = _policy_token(LOGP, OLD, ADV, ISW, MASK, offs, inb, lower, upper,
+                                                           dual, HAS_DUAL, HAS_IS, LR_GIVEN, ACC)
     out = PART + (row.to(tl.int64) * n_chunks + c) * P_K
     tl.store(out + P_LOSS, tl.sum(tl.where(valid, tok, 0.0), 0))
     tl.store(out + P_COUNT, tl.sum(valid.to(ACC), 0))
@@ -181,15 +194,16 @@ def _policy_fwd_kernel(LOGP, OLD, ADV, MASK, PART, T, n_chunks, lo_hi, lo_lo, hi
 
 
 @triton.jit
-def _policy_bwd_kernel(LOGP, OLD, ADV, MASK, W, GRAD, T, lo_hi, lo_lo, hi_hi, hi_lo, dual_hi, dual_lo,
-                       HAS_DUAL: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _policy_bwd_kernel(LOGP, OLD, ADV, ISW, MASK, W, GRAD, T, lo_hi, lo_lo, hi_hi, hi_lo, dual_hi, dual_lo,
+                       HAS_DUAL: tl.constexpr, HAS_IS: tl.constexpr, LR_GIVEN: tl.constexpr, BLOCK: tl.constexpr,
+                       ACC: tl.constexpr):
     lower, upper, dual = _join(lo_hi, lo_lo, ACC), _join(hi_hi, hi_lo, ACC), _join(dual_hi, dual_lo, ACC)
     row, c = tl.program_id(0), tl.program_id(1)
     cols = c * BLOCK + tl.arange(0, BLOCK)
     inb = cols < T
     offs = row.to(tl.int64) * T + cols
-    _, _, _, _, _, _, grad = _policy_token(LOGP, OLD, ADV, MASK, offs, inb, lower, upper, dual, HAS_DUAL,
-                                         ACC)
+    _, _, _, _, _, _, grad = _policy_token(LOGP, OLD, ADV, ISW, MASK, offs, inb, lower, upper, dual, HAS_DUAL,
+                                         HAS_IS, LR_GIVEN, ACC)
     w = tl.load(W + row).to(ACC)
     tl.store(GRAD + offs, (grad * w).to(GRAD.dtype.element_ty), mask=inb)
 
@@ -202,9 +216,10 @@ def _clip_args(clip) -> tuple[float, ...]:
     return (*split_f64(clip.lower), *split_f64(clip.upper), *split_f64(clip.dual or 0.0))
 
 
-def policy_partials(logp, old_logp, adv, mask, clip, part=None):
+def policy_partials(logp, old_logp, adv, mask, clip, part=None, *, is_weights=None, lr_given: bool = False):
     """(rows, chunks, P_K) partial sums of the policy loss; inputs (rows, T) contiguous, mask uint8/int/float;
-    clip: a `PPOClip` (low, high, dual; read through its lower / upper bounds)."""
+    clip: a `PPOClip` (read through its lower / upper bounds and dual); is_weights: (rows, T) or None;
+    lr_given: `old_logp` holds the log ratio itself."""
     rows, T = logp.shape
     block = _block(T)
     n_chunks = triton.cdiv(T, block)
@@ -212,17 +227,22 @@ def policy_partials(logp, old_logp, adv, mask, clip, part=None):
     if part is None:  # tests pass a NaN-filled buffer to check every partial is written
         part = torch.empty(rows, n_chunks, L.P_K, dtype=torch.float64 if acc == tl.float64 else torch.float32,
                            device=logp.device)
-    _policy_fwd_kernel[(rows, n_chunks)](logp, old_logp, adv, mask, part, T, n_chunks,
-                                         *_clip_args(clip), HAS_DUAL=clip.dual is not None, BLOCK=block, ACC=acc)
+    isw = logp if is_weights is None else is_weights  # never read without HAS_IS
+    _policy_fwd_kernel[(rows, n_chunks)](logp, old_logp, adv, isw, mask, part, T, n_chunks, *_clip_args(clip),
+                                         HAS_DUAL=clip.dual is not None, HAS_IS=is_weights is not None,
+                                         LR_GIVEN=lr_given, BLOCK=block, ACC=acc)
     return part
 
 
-def policy_backward(logp, old_logp, adv, mask, row_weight, grad, clip) -> None:
+def policy_backward(logp, old_logp, adv, mask, row_weight, grad, clip, *, is_weights=None,
+                    lr_given: bool = False) -> None:
     """grad = row_weight[:, None] * d l / d logp, (rows, T)."""
     rows, T = logp.shape
     block = _block(T)
-    _policy_bwd_kernel[(rows, triton.cdiv(T, block))](logp, old_logp, adv, mask, row_weight, grad, T,
+    isw = logp if is_weights is None else is_weights
+    _policy_bwd_kernel[(rows, triton.cdiv(T, block))](logp, old_logp, adv, isw, mask, row_weight, grad, T,
                                                       *_clip_args(clip), HAS_DUAL=clip.dual is not None,
+                                                      HAS_IS=is_weights is not None, LR_GIVEN=lr_given,
                                                       BLOCK=block, ACC=_acc(logp, old_logp, adv))
 
 

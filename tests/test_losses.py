@@ -224,6 +224,7 @@ def test_token_weights_hand_computed():
     assert w("seq-mean-token-sum") == [1 / 2] * 3 and w("seq-mean-token-sum", num_seqs=3) == [1 / 3] * 3
     assert w("seq-mean-token-mean") == [1 / 4, 1 / 4, 1 / 2]
     assert w("seq-mean-token-mean", num_seqs=torch.tensor(4)) == [1 / 8, 1 / 8, 1 / 4]
+    assert w("seq-mean-token-sum-norm") == [1 / 3] * 3 and w("seq-mean-token-sum-norm", norm=12.5) == [0.08] * 3
     assert PPOAgg(num_tokens=0).token_weights(mask).sum() == 3  # a normaliser of 0 counts as 1
     tok = torch.tensor([[1.0, 2.0, float("nan")], [float("inf")] * 3, [0.0, 4.0, 0.0]])
     assert PPOAgg("seq-mean-token-mean").aggregate(tok, mask).item() == pytest.approx((1.5 + 4) / 2)
@@ -247,10 +248,18 @@ def test_bad_input_is_rejected_with_clear_errors():
         ppo_policy_loss(logp, old, adv, mask, agg=None)
     with pytest.raises(ValueError, match="num_seqs is only used"):
         ppo_policy_loss(logp, old, adv, mask, agg=PPOAgg("token-mean", num_seqs=4))
-    with pytest.raises(ValueError, match="num_tokens must be a non-negative int"):
+    with pytest.raises(ValueError, match="num_tokens must be a non-negative finite number"):
         ppo_policy_loss(logp, old, adv, mask, agg=PPOAgg(num_tokens=-1))
-    with pytest.raises(ValueError, match="num_tokens must be a single non-negative integer count"):
+    with pytest.raises(ValueError, match="num_tokens must be a single non-negative number"):
         PPOAgg(num_tokens=torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="norm is only used by the modes"):
+        PPOAgg("token-sum", norm=3.0)
+    with pytest.raises(ValueError, match="PPOClip.level must be one of"):
+        PPOClip(level="seq")
+    with pytest.raises(ValueError, match="is_weights must have the same shape as logp"):
+        ppo_policy_loss(logp, old, adv, mask, is_weights=adv[:, :2])
+    with pytest.raises(ValueError, match=r"advantages must have logp's shape \(2, 5\) or \(2,\)"):
+        ppo_policy_loss(logp, old, adv[:, 0][:1], mask)
     with pytest.raises(ValueError, match="PPOClip.low"):
         ppo_policy_loss(logp, old, adv, mask, clip=PPOClip(low=-0.1))
     with pytest.raises(ValueError, match="PPOClip.dual must be a finite number > 1"):

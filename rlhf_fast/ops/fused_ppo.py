@@ -11,8 +11,13 @@ folded into the advantages, which the surrogate is positively homogeneous in, an
 kernel, in place) and dhidden / dweight (4THV flops). The backward pass only scales them by the upstream gradient:
 6THV flops in all instead of 8THV, and never more than one (chunk, V) logits buffer.
 
-Tokens whose old_logp, advantage or ref_logp is NaN/Inf are dropped (as `ppo_policy_loss` does) and counted in
-`stats.nonfinite`.
+With `clip.level="sequence"` (GSPO) every token of a row needs the row's mean log ratio before its loss is known,
+so a first pass computes the valid tokens' log-probs (2THV flops more, no extra memory beyond (M,) floats).
+Per-token importance weights multiply the policy-gradient term only (not the KL or entropy terms), as verl and TRL
+do; (batch,) advantages are broadcast over each row.
+
+Tokens whose old_logp, advantage, importance weight or ref_logp is NaN/Inf are dropped (as `ppo_policy_loss` does)
+and counted in `stats.nonfinite`.
 """
 from __future__ import annotations
 
@@ -26,9 +31,10 @@ from rlhf_fast.ops._linear_chunked import (accumulate_grads, chunk_rows_for, ite
                                            native_rows_fwd, torch_rows_bwd, torch_rows_fwd)
 from rlhf_fast.ops.kl import kl_penalty
 from rlhf_fast.ops.loss_spec import KLTerm, PPOAgg, PPOClip
-from rlhf_fast.ops.losses import ppo_policy_loss
+from rlhf_fast.ops.losses import policy_loss_tokens, token_advantages
 
 register_op("ppo_loss_from_hidden", triton=True, native_cpu="token_logprobs_fwd_cpu")
+TOKEN_SUM = PPOAgg("token-sum")
 
 
 class FusedPPOStats(NamedTuple):
@@ -42,7 +48,7 @@ class FusedPPOStats(NamedTuple):
     ratio_mean: torch.Tensor
     ratio_min: torch.Tensor
     ratio_max: torch.Tensor
-    nonfinite: torch.Tensor  # int64: masked-in tokens dropped for a NaN/Inf old_logp / advantage / ref_logp
+    nonfinite: torch.Tensor  # int64: masked-in tokens dropped for a NaN/Inf old_logp / advantage / ref_logp / weight
 
 
 def _loss_backend(device) -> str | None:
@@ -57,9 +63,9 @@ def _loss_backend(device) -> str | None:
 
 class _FusedPPO(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old_logp, adv, ref_logp, w, cfg):
+    def forward(ctx, hidden, weight, bias, labels, old_logp, adv, ref_logp, isw, w, cfg):
         # hidden (M, H) valid tokens only; weight (V, H); bias (V,) | None
-        # labels, old_logp, adv, ref_logp | None, w: (M,)
+        # labels, old_logp (the log ratio itself at the sequence level), adv, ref_logp | None, isw | None, w: (M,)
         clip, kl_coef, kl_kind, entropy_coef, inv_temp, chunk_size, rows_fwd, rows_bwd = cfg
         m, vocab, cd = hidden.shape[0], weight.shape[0], w.dtype
         dev = hidden.device
@@ -79,8 +85,9 @@ class _FusedPPO(torch.autograd.Function):
             with torch.enable_grad(), use_backend(_loss_backend(dev)):
                 lp = logp.detach().requires_grad_(True)
                 # weights folded into the advantages: pg(A * w) = w * pg(A) for w >= 0
-                pg, st = ppo_policy_loss(lp[None], old_logp[None, sl].to(cd), (adv[sl] * w[sl])[None].to(cd),
-                                         ones[:, :rows], clip=clip, agg="token-sum")
+                pg, st = policy_loss_tokens(lp[None], old_logp[None, sl].to(cd), (adv[sl] * w[sl])[None].to(cd),
+                                            ones[:, :rows], None if isw is None else isw[None, sl], clip, TOKEN_SUM,
+                                            lr_given=clip.level == "sequence")
                 total = pg
                 if ref_logp is not None:
                     kl = (kl_penalty(lp, ref_logp[sl].to(cd), kl_kind) * w[sl]).sum()
@@ -115,7 +122,20 @@ class _FusedPPO(torch.autograd.Function):
         dhidden = dh.mul_(g_loss.to(dh.dtype)) if dh is not None else None
         dweight = dw.mul_(g_loss.to(dw.dtype)).to(ctx.dtypes[0]) if dw is not None else None
         dbias = db.mul_(g_loss.to(db.dtype)).to(ctx.dtypes[1]) if db is not None else None
-        return dhidden, dweight, dbias, None, None, None, None, None, None
+        return dhidden, dweight, dbias, None, None, None, None, None, None, None
+
+
+def _valid_logp(h, weight, bias, labels, inv_temp, chunk_size, rows_fwd, cd) -> torch.Tensor:
+    """(M,) log-probs of the valid tokens, through the same chunks and row kernel as `_FusedPPO` (no gradient)."""
+    m, vocab = h.shape[0], weight.shape[0]
+    logp = torch.empty(m, dtype=cd, device=h.device)
+    lse, ent = torch.empty_like(logp), torch.empty_like(logp)
+    with torch.no_grad():
+        for start, rows, _, logits in iter_chunks(h, weight, bias, chunk_rows_for(chunk_size, m, vocab),
+                                                  fixed_tiles=False):
+            sl = slice(start, start + rows)
+            rows_fwd(logits, labels[sl], inv_temp, -1, logp[sl], lse[sl], ent[sl])
+    return logp
 
 
 def _check(hidden, weight, bias, labels, mask, per_token: dict) -> None:
@@ -161,8 +181,8 @@ def _check_options(clip, kl, temperature, chunk_size) -> None:
 def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logp: torch.Tensor,
                          advantages: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
                          clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean", kl: KLTerm | None = None,
-                         entropy_coef: float = 0.0, temperature: float = 1.0,
-                         chunk_size: int | None = None) -> tuple[torch.Tensor, FusedPPOStats]:
+                         entropy_coef: float = 0.0, temperature: float = 1.0, chunk_size: int | None = None,
+                         is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, FusedPPOStats]:
     """PPO loss straight from hidden states, without materialising the (batch, T, V) logits.
 
     Args:
@@ -170,16 +190,19 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         weight: (V, H) same dtype, the lm_head.
         labels: (batch, T) int64, the sampled response tokens (any value where mask is 0).
         old_logp: (batch, T) float, log-probs under the rollout policy.
-        advantages: (batch, T) float.
+        advantages: (batch, T) float, or (batch,) for one advantage per sequence (GRPO, RLOO), broadcast.
         mask: (batch, T) 0/1 response mask.
         bias: (V,) same dtype, the lm_head's bias, or None.
-        clip: `PPOClip(low, high, dual)`.
+        clip: `PPOClip(low, high, dual, level)`; level "sequence" is GSPO's sequence ratio.
         agg: an aggregation mode or `PPOAgg(mode, num_tokens, num_seqs)`, applied to every term.
         kl: `KLTerm(ref_logp (batch, T), coef, kind)` for a KL-in-loss term (log ratio clamped to [-20, 20]), or
             None (no KL term).
         entropy_coef: weight of the entropy bonus (subtracted from the loss).
         temperature: the logits are divided by it (use the rollout's sampling temperature).
         chunk_size: tokens per chunk (memory/speed knob).
+        is_weights: (batch, T) per-token importance weights of the policy-gradient term (no gradient), or None.
+    The policy-gradient term is exactly `ppo_policy_loss(logp, old_logp, advantages, mask, clip=clip, agg=agg,
+    is_weights=is_weights)` on this step's logp (see there for the formulas and the peers' equivalents).
     Returns:
         (loss: 0-d float32 (float64 for float64 hidden), differentiable w.r.t. hidden, weight and bias;
          stats: FusedPPOStats).
@@ -187,7 +210,9 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     agg = PPOAgg.of(agg)
     _check_options(clip, kl, temperature, chunk_size)
     ref_logp = None if kl is None else kl.ref_logp
-    per_token = {"old_logp": old_logp, "advantages": advantages, **({} if kl is None else {"kl.ref_logp": ref_logp})}
+    advantages = token_advantages(advantages, mask)
+    per_token = {"old_logp": old_logp, "advantages": advantages, **({} if kl is None else {"kl.ref_logp": ref_logp}),
+                 **({} if is_weights is None else {"is_weights": is_weights})}
     _check(hidden, weight, bias, labels, mask, per_token)
     backend = select("ppo_loss_from_hidden", hidden.device)
     if backend == "triton" and hidden.dtype == torch.float64:
@@ -198,8 +223,9 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         rows_fwd, rows_bwd = (native_rows_fwd, native_rows_bwd) if backend == "native" else (torch_rows_fwd,
                                                                                             torch_rows_bwd)
     finite = torch.isfinite(old_logp) & torch.isfinite(advantages)
-    if ref_logp is not None:
-        finite &= torch.isfinite(ref_logp)
+    for t in (ref_logp, is_weights):
+        if t is not None:
+            finite &= torch.isfinite(t)
     valid = mask.bool() & finite  # (batch, T)
     nonfinite = (mask.bool() & ~finite).sum()
     cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -209,8 +235,16 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (M, H)
     kl_coef, kl_kind = (0.0, "k3") if kl is None else (float(kl.coef), kl.kind)
     cfg = (clip, kl_coef, kl_kind, float(entropy_coef), 1.0 / temperature, chunk_size, rows_fwd, rows_bwd)
+    weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    loss, *stats = _FusedPPO.apply(h, weight.contiguous(), bias, take(labels).to(torch.int64).contiguous(),
-                                   take(old_logp), take(advantages), take(ref_logp), take(w), cfg)
+    y, old = take(labels).to(torch.int64).contiguous(), take(old_logp)
+    if clip.level == "sequence":  # old -> each token's sg[mean over its row of logp - old_logp]
+        row = idx // max(mask.shape[-1], 1)  # (M,) row of each valid token
+        lr = _valid_logp(h.detach(), weight.detach(), bias, y, 1.0 / temperature, chunk_size, rows_fwd, cd) - \
+            old.to(cd)
+        seq = torch.zeros(mask.shape[0], dtype=cd, device=h.device).index_add_(0, row, lr)
+        old = (seq / valid.sum(-1).clamp(min=1).to(cd))[row]  # (M,)
+    isw = None if is_weights is None else take(is_weights.detach()).to(cd)
+    loss, *stats = _FusedPPO.apply(h, weight, bias, y, old, take(advantages), take(ref_logp), isw, take(w), cfg)
     # gradients reach `hidden` through the index_select above
     return loss, FusedPPOStats(*stats, nonfinite)

@@ -5,15 +5,25 @@ losses are reduced, with its normalisers) and `KLTerm` (the KL-in-loss term).
 and native kernels' drivers and the fused step all reduce with these weights. With l_{b,t} the per-token loss and
 valid tokens only:
 
-  token-mean           sum(l) / num_tokens                  (default: number of valid tokens)
-  token-sum            sum(l)
-  seq-mean-token-sum   sum_b(sum_t l) / num_seqs            (default: number of rows with a valid token)
-  seq-mean-token-mean  sum_b(mean_t l) / num_seqs
+  token-mean               sum(l) / num_tokens              (default: number of valid tokens)
+  token-sum                sum(l)
+  seq-mean-token-sum       sum_b(sum_t l) / num_seqs        (default: number of rows with a valid token)
+  seq-mean-token-mean      sum_b(mean_t l) / num_seqs
+  seq-mean-token-sum-norm  sum(l) / norm                    (default: T, the padded length; a constant)
 
 so the loss is sum_{b,t} w_{b,t} l_{b,t} with w = d loss / d l, constant within a row. A data-parallel caller passes
-the global num_tokens / num_seqs (an int, or a 1-element tensor to avoid a host sync) so the summed loss is invariant
-to sharding. A normaliser of 0 (a fully masked batch) gives loss 0 with zero gradients. A new mode or normaliser is
-one row of `_MODES`.
+the global num_tokens / num_seqs (a number, or a 1-element tensor to avoid a host sync) so the summed loss is
+invariant to sharding. A normaliser of 0 (a fully masked batch) gives loss 0 with zero gradients. A new mode or
+normaliser is one row of `_MODES`.
+
+The peers' modes, for callers that port a trainer:
+  * verl `agg_loss(loss_mat, mask, mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)`: the same
+    mode names; token-mean -> num_tokens = batch_num_tokens / dp_size, seq-* -> num_seqs = global_batch_size /
+    dp_size (verl counts only non-empty rows by default, as we do), seq-mean-token-sum-norm -> norm =
+    loss_scale_factor (default T).
+  * TRL GRPOTrainer `loss_type`: grpo -> seq-mean-token-mean with num_seqs = batch size (TRL averages over every row),
+    bnpo -> token-mean, dapo -> token-mean with num_tokens = num_items_in_batch / num_processes, dr_grpo (Liu et al.
+    2025, "Dr. GRPO") -> seq-mean-token-sum-norm with norm = batch size * max_completion_length.
 """
 from __future__ import annotations
 
@@ -26,32 +36,52 @@ import torch
 KL_KINDS = ("k1", "k2", "k3", "abs")
 
 
-def _count_tokens(row_counts: torch.Tensor) -> torch.Tensor:
+def _count_tokens(row_counts: torch.Tensor, length: int) -> torch.Tensor:
     return row_counts.sum()
 
 
-def _count_seqs(row_counts: torch.Tensor) -> torch.Tensor:
+def _count_seqs(row_counts: torch.Tensor, length: int) -> torch.Tensor:
     return (row_counts > 0).sum()
 
 
-# mode -> (normaliser field of PPOAgg or None, the count it defaults to, each row first averaged over its tokens)
+def _padded_length(row_counts: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.tensor(float(length), dtype=torch.float64, device=row_counts.device)
+
+
+# mode -> (normaliser field of PPOAgg or None, what it defaults to from (row counts, T), each row first averaged
+# over its tokens)
 _MODES = {
     "token-mean": ("num_tokens", _count_tokens, False),
     "token-sum": (None, None, False),
     "seq-mean-token-sum": ("num_seqs", _count_seqs, False),
     "seq-mean-token-mean": ("num_seqs", _count_seqs, True),
+    "seq-mean-token-sum-norm": ("norm", _padded_length, False),
 }
 AGG_MODES = tuple(_MODES)
-_NORMALISERS = ("num_tokens", "num_seqs")
+_NORMALISERS = ("num_tokens", "num_seqs", "norm")
+RATIO_LEVELS = ("token", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
 class PPOClip:
-    """Ratio clipping of the PPO surrogate (Schulman et al. 2017, eq. 7; dual clip: Ye et al. 2020)."""
+    """The importance ratio of the PPO surrogate and its clipping (Schulman et al. 2017, eq. 7; dual clip: Ye et
+    al. 2020; clip-higher: DAPO, Yu et al. 2025).
+
+    `level` chooses the ratio r of token t of sequence b, with lr = logp - old_logp over the row's valid tokens:
+      token         r = exp(lr_t)                                      (PPO, GRPO, DAPO)
+      sequence      r = exp(mean_t lr) = (pi(y|x) / pi_old(y|x))^(1/|y|), in GSPO's stop-gradient form
+                    log r_t = sg[mean_t lr] + logp_t - sg[logp_t] (Zheng et al. 2025; verl
+                    `compute_policy_loss_gspo`; TRL GRPO `importance_sampling_level="sequence"`, whose gradient it
+                    equals when the advantages and importance weights are constant over each sequence, as in GRPO)
+    so with `sequence` every token of a row shares the ratio (and its clipping), while the gradient of token t flows
+    through logp_t alone: d l_t / d logp_t = -A_t r where unclipped. The log ratio is clamped to [-20, 20] before exp
+    on every level (gradient 0 outside; verl's GSPO clamps at 10 from above only).
+    """
 
     low: float = 0.2  # ratio clipped below at 1 - low
     high: float | None = None  # ratio clipped above at 1 + high; None: same as low (DAPO "clip-higher" if larger)
     dual: float | None = None  # dual clip c > 1: loss <= -c * A for A < 0; None: off
+    level: str = "token"  # token | sequence (GSPO), see above
 
     def __post_init__(self):
         if not isinstance(self.low, numbers.Real) or not 0 <= self.low < 1:
@@ -60,6 +90,8 @@ class PPOClip:
             raise ValueError(f"PPOClip.high must be a finite number >= 0 or None, got {self.high!r}")
         if self.dual is not None and (not isinstance(self.dual, numbers.Real) or not 1 < self.dual < math.inf):
             raise ValueError(f"PPOClip.dual must be a finite number > 1 or None, got {self.dual!r}")
+        if self.level not in RATIO_LEVELS:
+            raise ValueError(f"PPOClip.level must be one of {RATIO_LEVELS}, got {self.level!r}")
 
     @property
     def lower(self) -> float:
@@ -74,21 +106,23 @@ class PPOClip:
 
 def _check_count(name: str, val) -> None:
     if isinstance(val, torch.Tensor):
-        if val.numel() != 1 or val.is_complex() or val.is_floating_point() and not bool(val == val.round()):
-            raise ValueError(f"PPOAgg.{name} must be a single non-negative integer count; got a tensor of shape "
+        if val.numel() != 1 or val.is_complex() or val.dtype == torch.bool:
+            raise ValueError(f"PPOAgg.{name} must be a single non-negative number; got a tensor of shape "
                              f"{tuple(val.shape)}, dtype {val.dtype}")
-    elif isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 0:
-        raise ValueError(f"PPOAgg.{name} must be a non-negative int (or a 1-element tensor) or None; got {val!r}")
+    elif isinstance(val, bool) or not isinstance(val, numbers.Real) or not 0 <= val < math.inf:
+        raise ValueError(f"PPOAgg.{name} must be a non-negative finite number (or a 1-element tensor) or None; "
+                         f"got {val!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class PPOAgg:
     """How per-token losses are reduced (see the module docstring), with optional global normalisers."""
 
-    mode: str = "token-mean"  # token-mean | token-sum | seq-mean-token-sum | seq-mean-token-mean
-    num_tokens: int | torch.Tensor | None = None  # token-mean: global number of valid tokens; None: this batch's
-    num_seqs: int | torch.Tensor | None = None  # seq-* modes: global number of sequences; None: rows with a token
-
+    mode: str = "token-mean"  # one of AGG_MODES
+    num_tokens: float | torch.Tensor | None = None  # token-mean: global number of valid tokens; None: this batch's
+    num_seqs: float | torch.Tensor | None = None  # seq-mean-token-{sum,mean}: global number of sequences; None: rows
+    #                                              with a valid token
+    norm: float | torch.Tensor | None = None  # seq-mean-token-sum-norm: the constant divisor; None: T
     def __post_init__(self):
         if self.mode not in _MODES:
             raise ValueError(f"PPOAgg.mode must be one of {AGG_MODES}, got {self.mode!r}")
@@ -110,24 +144,25 @@ class PPOAgg:
             return cls(agg)
         raise TypeError(f"agg must be a PPOAgg or one of {AGG_MODES}, got {type(agg).__name__}")
 
-    def row_weights(self, row_counts: torch.Tensor) -> torch.Tensor:
-        """(batch,) float64 d loss / d l_{b,t} for the valid tokens of each row, from their (batch,) counts."""
-        field, default_count, per_row = _MODES[self.mode]
+    def row_weights(self, row_counts: torch.Tensor, length: int) -> torch.Tensor:
+        """(batch,) float64 d loss / d l_{b,t} for the valid tokens of each row, from their (batch,) counts and the
+        padded length T."""
+        field, default, per_row = _MODES[self.mode]
         cnt = row_counts.to(torch.float64)
         w = torch.ones_like(cnt)
         if per_row:
             w = w / cnt.clamp(min=1)
         if field is not None:
             given = getattr(self, field)
-            n = default_count(cnt) if given is None else \
+            n = default(cnt, length) if given is None else \
                 torch.as_tensor(given, device=cnt.device).reshape(()).to(torch.float64)
-            w = w / n.clamp(min=1)
+            w = w / torch.where(n > 0, n, 1)  # a normaliser of 0: nothing is valid, the loss is 0 anyway
         return w
 
     def token_weights(self, mask: torch.Tensor) -> torch.Tensor:
         """(batch, T) float64 d loss / d l_{b,t} for a (batch, T) 0/1 valid mask: 0 where the mask is 0."""
         m = mask.bool()
-        return self.row_weights(m.sum(-1))[:, None] * m
+        return self.row_weights(m.sum(-1), m.shape[-1])[:, None] * m
 
     def aggregate(self, tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The 0-d reduction sum(w * tok) of a (batch, T) per-token loss over the mask (tok's dtype; entries outside

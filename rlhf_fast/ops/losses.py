@@ -67,9 +67,9 @@ def _check_inputs(names, tensors, mask) -> None:
     _checks.check_same_device((*names, "mask"), (*tensors, mask))
 
 
-def _reduce_rows(row_loss: torch.Tensor, row_cnt: torch.Tensor, agg: PPOAgg):
+def _reduce_rows(row_loss: torch.Tensor, row_cnt: torch.Tensor, agg: PPOAgg, length: int):
     """(loss, row_weight): the aggregated loss from per-row sums (batch,) and d loss / d l_{b,t} per row."""
-    w = agg.row_weights(row_cnt).to(row_loss.dtype)
+    w = agg.row_weights(row_cnt, length).to(row_loss.dtype)
     return (row_loss * w).sum(), w
 
 
@@ -96,14 +96,17 @@ class _PolicyLossTorch(torch.autograd.Function):
     instead of autograd replaying a dozen elementwise ops (the reference in `ops.reference` stays the oracle)."""
 
     @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask, clip, agg):
+    def forward(ctx, logp, old_logp, adv, mask, isw, clip, agg, lr_given):
         lower, upper, dual = clip.lower, clip.upper, clip.dual
         dt = _compute_dtype(logp)
         lp, old, a = logp.to(dt), old_logp.to(dt), adv.to(dt)
         m = mask.bool()
         valid = m & torch.isfinite(lp) & torch.isfinite(old) & torch.isfinite(a)
+        if isw is not None:
+            isw = isw.to(dt)
+            valid &= torch.isfinite(isw)
         zero = torch.zeros((), dtype=dt, device=lp.device)
-        raw = torch.where(valid, lp - old, zero)  # (batch, T); 0 on invalid tokens, so their ratio is 1
+        raw = torch.where(valid, old if lr_given else lp - old, zero)  # (batch, T); 0 on invalid tokens: ratio 1
         a = torch.where(valid, a, zero)  # ... and their loss and gradient 0
         lr = raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         ratio = torch.exp(lr)
@@ -113,9 +116,12 @@ class _PolicyLossTorch(torch.autograd.Function):
             pg3 = -a * dual
             dual_on = (a < 0) & (pg3 < tok)
             tok, clipped = torch.where(dual_on, pg3, tok), clipped | dual_on
-        row_cnt = valid.sum(-1)
-        loss, w = _reduce_rows(tok.sum(-1), row_cnt, agg)
         dtok = torch.where(~clipped & (raw.abs() <= LOG_RATIO_CLAMP), pg1, zero)  # d l / d logp
+        if isw is not None:
+            isw = torch.where(valid, isw, zero)
+            tok, dtok = tok * isw, dtok * isw
+        row_cnt = valid.sum(-1)
+        loss, w = _reduce_rows(tok.sum(-1), row_cnt, agg, lp.shape[-1])
         n = row_cnt.sum().clamp(min=1).to(dt)
         some = valid.any()
         one = torch.ones((), dtype=dt, device=lp.device)
@@ -132,16 +138,16 @@ class _PolicyLossTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, *_):
         dtok, w = ctx.saved_tensors
-        return (dtok * (w * g_loss)[:, None]).to(ctx.logp_dtype), None, None, None, None, None
+        return (dtok * (w * g_loss)[:, None]).to(ctx.logp_dtype), None, None, None, None, None, None, None
 
 
 class _PolicyLossKernel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask, clip, agg, kp):
-        p = kp.policy_partials(logp, old_logp, adv, mask, clip)  # (batch, chunks, K) -> per-row sums
-        rows = p.sum(1)
+    def forward(ctx, logp, old_logp, adv, mask, isw, clip, agg, lr_given, kp):
+        p = kp.policy_partials(logp, old_logp, adv, mask, clip, is_weights=isw, lr_given=lr_given)  # (batch, C, K)
+        rows = p.sum(1)  # per-row sums
         cnt = rows[:, P_COUNT]
-        loss, w = _reduce_rows(rows[:, P_LOSS], cnt, agg)
+        loss, w = _reduce_rows(rows[:, P_LOSS], cnt, agg, logp.shape[-1])
         n = cnt.sum()
         some = n > 0
         one = torch.ones((), dtype=p.dtype, device=p.device)
@@ -149,45 +155,100 @@ class _PolicyLossKernel(torch.autograd.Function):
                  torch.where(some, rows[:, P_RATIO].sum() / n.clamp(min=1), one),
                  torch.where(some, p[:, :, P_RMIN].min(), one), torch.where(some, p[:, :, P_RMAX].max(), one),
                  rows[:, P_NONFINITE].sum().round().to(torch.int64))
-        ctx.save_for_backward(logp, old_logp, adv, mask, w)
-        ctx.clip, ctx.kp = clip, kp
+        ctx.save_for_backward(logp, old_logp, adv, mask, isw, w)
+        ctx.clip, ctx.lr_given, ctx.kp = clip, lr_given, kp
         ctx.mark_non_differentiable(*stats)
         return (loss, *stats)
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        logp, old_logp, adv, mask, w = ctx.saved_tensors
+        logp, old_logp, adv, mask, isw, w = ctx.saved_tensors
         grad = torch.empty_like(logp)
-        ctx.kp.policy_backward(logp, old_logp, adv, mask, (w * g_loss).contiguous(), grad, ctx.clip)
-        return grad, None, None, None, None, None, None
+        ctx.kp.policy_backward(logp, old_logp, adv, mask, (w * g_loss).contiguous(), grad, ctx.clip, is_weights=isw,
+                               lr_given=ctx.lr_given)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.contiguous() if mask.dtype != torch.bool else mask.contiguous().view(torch.uint8)
 
 
-def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                    clip: PPOClip = PPOClip(),
-                    agg: PPOAgg | str = "token-mean") -> tuple[torch.Tensor, PolicyLossStats]:
-    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7) with optional dual clip (Ye et al. 2020).
+def token_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(batch,) per-sequence advantages (GRPO, RLOO) broadcast to like's (batch, T); anything else unchanged."""
+    if isinstance(advantages, torch.Tensor) and advantages.dim() == 1 and like.dim() == 2 and \
+            advantages.shape[0] == like.shape[0]:
+        return advantages[:, None].expand(like.shape)
+    return advantages
 
-    logp, old_logp, advantages, mask: (batch, T); mask 0/1 (bool, int or float).
-    r = exp(clamp(logp - old_logp, -20, 20));  l = max(-A r, -A clip(r, 1 - clip.low, 1 + clip.high)), and for
-    A < 0 with `clip.dual` = c > 1:  l = min(l, -c A).  `clip.high` defaults to `clip.low` (asymmetric clipping
-    as in DAPO when larger). agg: a `PPOAgg` (mode and global normalisers) or a mode string.
-    Returns (loss: 0-d float32, or float64 for float64 logp; stats: PolicyLossStats).
+
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(batch, T) GSPO log ratio: each row's mean over its valid tokens of logp - old_logp, on every valid token
+    (NaN elsewhere, so such tokens stay dropped). Computed in float32 (float64 for float64 logp), no gradient."""
+    dt = _compute_dtype(logp)
+    zero = torch.zeros((), dtype=dt, device=logp.device)
+    lr = torch.where(valid, logp.detach().to(dt) - old_logp.detach().to(dt), zero)
+    seq = lr.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)  # (batch, 1)
+    return torch.where(valid, seq, torch.full((), float("nan"), dtype=dt, device=logp.device))
+
+
+def _valid(mask: torch.Tensor, *tensors: torch.Tensor | None) -> torch.Tensor:
+    v = mask.bool()
+    for t in tensors:
+        if t is not None:
+            v = v & torch.isfinite(t)
+    return v
+
+
+def policy_loss_tokens(logp, old_logp, adv, mask, is_weights, clip: PPOClip, agg: PPOAgg, lr_given: bool = False):
+    """`ppo_policy_loss` on checked (batch, T) inputs, with `old_logp` the log ratio itself where `lr_given`
+    (the fused step passes its tokens' sequence log ratio so). Returns (loss, PolicyLossStats) in the compute dtype."""
+    if clip.level == "sequence" and not lr_given:
+        old_logp = sequence_log_ratio(logp, old_logp, _valid(mask, logp, old_logp, adv, is_weights))
+        lr_given = True
+    use = backend.select("ppo_policy_loss", logp.device)
+    isw = None if is_weights is None else is_weights.detach()
+    if use != "torch" and logp.numel():
+        isw = None if isw is None else isw.contiguous()
+        loss, *stats = _PolicyLossKernel.apply(logp.contiguous(), old_logp.detach().contiguous(),
+                                               adv.detach().contiguous(), _kernel_mask(mask), isw, clip, agg,
+                                               lr_given, _kernels(use))
+    else:
+        loss, *stats = _PolicyLossTorch.apply(logp, old_logp.detach(), adv.detach(), mask, isw, clip, agg, lr_given)
+    return loss, PolicyLossStats(*stats)
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                    clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean",
+                    is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, PolicyLossStats]:
+    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7) with optional dual clip (Ye et al. 2020), the
+    importance ratio per token or per sequence (GSPO), and per-token importance weights.
+
+    logp, old_logp, mask: (batch, T); mask 0/1 (bool, int or float). advantages: (batch, T), or (batch,) for one
+    advantage per sequence (GRPO, RLOO), broadcast over the row's tokens. is_weights: (batch, T) or None, per-token
+    importance weights that multiply each token's loss, without gradient (rollout/train mismatch correction: verl
+    `rollout_is_weights`, TRL `importance_sampling_ratio`); a NaN/Inf weight drops the token like any input.
+    With r the ratio of `clip.level` (see `PPOClip`; token: r = exp(clamp(logp - old_logp, -20, 20))):
+        l = w_is * max(-A r, -A clip(r, 1 - clip.low, 1 + clip.high)), and for A < 0 with `clip.dual` = c > 1
+        l = w_is * min(max(...), -c A);
+    `clip.high` defaults to `clip.low` (asymmetric "clip-higher" as in DAPO when larger). The per-token losses are
+    reduced by `agg` (a `PPOAgg` with its global normalisers, or a mode string; see rlhf_fast.ops.loss_spec).
+    verl `compute_policy_loss_vanilla` / `compute_policy_loss_gspo` and TRL GRPOTrainer `_compute_loss` (loss_type
+    grpo / bnpo / dr_grpo / dapo, epsilon_low / epsilon_high, importance_sampling_level) are choices of these
+    arguments. Returns (loss: 0-d float32, or float64 for float64 logp; stats: PolicyLossStats, whose ratio stats
+    are those of the sequence ratio with `clip.level="sequence"`, unweighted by is_weights).
     """
-    _check_inputs(("logp", "old_logp", "advantages"), (logp, old_logp, advantages), mask)
+    if isinstance(advantages, torch.Tensor) and advantages.dim() == 1 and isinstance(logp, torch.Tensor) and \
+            logp.dim() == 2 and advantages.shape[0] != logp.shape[0]:
+        raise ValueError(f"advantages must have logp's shape {tuple(logp.shape)} or ({logp.shape[0]},) (one per "
+                         f"sequence); got {_checks.desc(advantages)}")
+    advantages = token_advantages(advantages, logp)
+    names, tensors = ("logp", "old_logp", "advantages"), (logp, old_logp, advantages)
+    if is_weights is not None:
+        names, tensors = (*names, "is_weights"), (*tensors, is_weights)
+    _check_inputs(names, tensors, mask)
     if not isinstance(clip, PPOClip):
         raise TypeError(f"clip must be a PPOClip, got {type(clip).__name__}")
-    agg = PPOAgg.of(agg)
-    use = backend.select("ppo_policy_loss", logp.device)
-    if use != "torch" and logp.numel():
-        loss, *stats = _PolicyLossKernel.apply(logp.contiguous(), old_logp.detach().contiguous(),
-                                               advantages.detach().contiguous(), _kernel_mask(mask), clip, agg,
-                                               _kernels(use))
-    else:
-        loss, *stats = _PolicyLossTorch.apply(logp, old_logp.detach(), advantages.detach(), mask, clip, agg)
+    loss, stats = policy_loss_tokens(logp, old_logp, advantages, mask, is_weights, clip, PPOAgg.of(agg))
     dt = _compute_dtype(logp)
     return loss.to(dt), PolicyLossStats(*(t.to(dt) if t.is_floating_point() else t for t in stats))
 
@@ -198,7 +259,7 @@ class _ValueLossKernel(torch.autograd.Function):
         p = kp.value_partials(values, old_values, returns, mask, clip)  # (batch, chunks, K)
         rows = p.sum(1)
         cnt = rows[:, V_COUNT]
-        loss, w = _reduce_rows(rows[:, V_LOSS], cnt, agg)
+        loss, w = _reduce_rows(rows[:, V_LOSS], cnt, agg, values.shape[-1])
         n = cnt.sum()
         var_r = _combine_variance(p, V_COUNT, V_RMEAN, V_RM2)
         var_e = _combine_variance(p, V_COUNT, V_EMEAN, V_EM2)

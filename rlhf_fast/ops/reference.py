@@ -56,19 +56,22 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 def ppo_loss_from_hidden(hidden, weight, labels, old_logp, advantages, mask, *, bias=None,
                          clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean", kl: KLTerm | None = None,
-                         entropy_coef=0.0, temperature=1.0):
+                         entropy_coef=0.0, temperature=1.0, is_weights=None):
     """The fused PPO step as a composition: logits -> token_logprobs -> ppo_policy_loss + kl.coef * agg(kl_penalty)
-    - entropy_coef * agg(entropy). hidden (batch, T, H), weight (V, H), the rest (batch, T).
-    Returns (loss, dict of stats). Defined with the KL/loss references of the next section."""
+    - entropy_coef * agg(entropy). hidden (batch, T, H), weight (V, H), advantages (batch, T) or (batch,), the rest
+    (batch, T). Returns (loss, dict of stats). Defined with the KL/loss references of the next section."""
     agg = PPOAgg.of(agg)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand(mask.shape)
     ref_logp = None if kl is None else kl.ref_logp
     finite = torch.isfinite(old_logp) & torch.isfinite(advantages)
-    if ref_logp is not None:
-        finite = finite & torch.isfinite(ref_logp)
+    for t in (ref_logp, is_weights):
+        if t is not None:
+            finite = finite & torch.isfinite(t)
     valid = mask.bool() & finite
     labels = torch.where(valid, labels, torch.full_like(labels, -100))
     logp, ent = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True)
-    pg, stats = ppo_policy_loss(logp, old_logp, advantages, valid, clip=clip, agg=agg)
+    pg, stats = ppo_policy_loss(logp, old_logp, advantages, valid, clip=clip, agg=agg, is_weights=is_weights)
     kl_val = torch.zeros_like(pg)
     if kl is not None:
         kl_val = agg.aggregate(kl_penalty(logp, ref_logp, kl.kind), valid)
@@ -140,18 +143,27 @@ def _finite_valid(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Ten
 
 
 def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip: PPOClip = PPOClip(),
-                    agg: PPOAgg | str = "token-mean"):
-    """Clipped surrogate (Schulman et al. 2017, eq. 7), optional dual clip (Ye et al. 2020), all (batch, T).
+                    agg: PPOAgg | str = "token-mean", is_weights=None):
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), optional dual clip (Ye et al. 2020), all (batch, T);
+    advantages (batch, T) or (batch,) (broadcast over each row), is_weights (batch, T) or None.
 
-    r = exp(clamp(logp - old_logp, -20, 20));  l = max(-A r, -A clip(r, clip.lower, clip.upper));
-    for A < 0 with clip.dual c: l = min(l, -c A), reduced by `agg.aggregate`. Tokens with a non-finite input are
-    dropped (counted in stats).
+    token level: r = exp(clamp(logp - old_logp, -20, 20)); sequence level (GSPO, Zheng et al. 2025, the stop-gradient
+    form): log r_t = sg[mean_valid(logp - old_logp)] + logp_t - sg[logp_t], clamped likewise.
+    l = w_is * max(-A r, -A clip(r, clip.lower, clip.upper)); for A < 0 with clip.dual c: l = w_is * min(.., -c A);
+    reduced by `agg.aggregate`. Tokens with a non-finite input (is_weights included) are dropped (counted in stats).
     Returns (loss, dict of stats: clip_frac, approx_kl = mean(r - 1 - log r), ratio_mean/min/max, nonfinite).
     """
     agg = PPOAgg.of(agg)
-    valid, nonfinite = _finite_valid(mask, logp, old_logp, advantages)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand_as(logp)
+    extra = () if is_weights is None else (is_weights,)
+    valid, nonfinite = _finite_valid(mask, logp, old_logp, advantages, *extra)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    lr = torch.where(valid, logp - old_logp, zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    lr = torch.where(valid, logp - old_logp, zero)
+    if clip.level == "sequence":
+        seq = lr.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)  # (batch, 1)
+        lr = torch.where(valid, logp - logp.detach() + seq.detach(), zero)
+    lr = lr.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     adv = torch.where(valid, advantages, zero)
     ratio = torch.exp(lr)
     pg1 = -adv * ratio
@@ -163,6 +175,8 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip: PPOClip = PPOClip
         dual = (adv < 0) & (pg3 < tok)
         tok = torch.where(adv < 0, torch.minimum(tok, pg3), tok)
         clipped = clipped | dual
+    if is_weights is not None:
+        tok = tok * torch.where(valid, is_weights.detach(), zero)
     loss = agg.aggregate(tok, valid)
     with torch.no_grad():
         any_valid = valid.any()
