@@ -3,15 +3,13 @@ on odd batch sizes with shuffled group ids, groups of one and zero-std groups; t
 per-row loops, TRL's reshaped view) written out; REINFORCE++ and ReMax as compositions; bad input."""
 import pytest
 import torch
-from _ppo_common import DEVICE, TRITON, random_mask
+from _backends import DEVICE, TRITON, native
+from _ppo_common import random_mask
 
-from rlhf_fast import _native
 from rlhf_fast.ops import (expand_advantages, group_advantages, reference, reinforce_pp_advantages,
                            remax_advantages, use_backend)
 
-NATIVE = pytest.param("native", marks=pytest.mark.skipif(DEVICE != "cpu" or not _native.has("group_advantages_cpu"),
-                                                         reason="_C lacks group_advantages_cpu"))
-BACKENDS = ["torch", NATIVE, TRITON]
+BACKENDS = ["torch", native("group_advantages_cpu", cpu_only=True), TRITON]
 CASES = [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"), ("rloo", "group"),
          ("reinforce_pp_baseline", "group")]
 
