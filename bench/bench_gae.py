@@ -4,10 +4,12 @@ CPU (default): batch 64 x T fp32 for T in (256, 2048, 8192) with holes in the ma
 the reference loop (`rlhf_fast.ops.reference.gae`, what those trainers do) vs our torch backend; time, GB/s
 (reads r, V, mask and writes A, R: 17 bytes per fp32 token), peak extra memory, max |error| vs float64.
 Issue target at 64 x 2048: native >= 100x faster than the loop, error <= 1e-5.
-`--gpu` (needs CUDA): 4096 x 2048 = 8.4M tokens fp32: Triton scan, Triton scan + fused whitening (2 launches),
-native CUDA scan, and the loop; GB/s and the fraction of the GPU's HBM bandwidth (issue target >= 65%).
+`--gpu` (needs CUDA): 4096 x 2048 = 8.4M tokens fp32: Triton scan, Triton scan + fused whitening, native CUDA
+scan, and the loop; GB/s (bench/roofline.py `gae`), the fraction of the GPU's HBM bandwidth (issue target >= 65%)
+and the CUDA launches of one call counted by the profiler (target <= 2 with whitening). `--dry-run`: that code path
+on CPU at 8 x 64 (Triton under the interpreter; launches are not counted there).
 
-Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_gae [--gpu] [--threads N]
+Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_gae [--gpu | --dry-run] [--threads N]
 """
 from __future__ import annotations
 
@@ -15,11 +17,9 @@ import argparse
 
 import torch
 
-from bench.harness import Case, device_name, run_case, write_results
+from bench import roofline
+from bench.harness import Case, run_case, write_results
 from rlhf_fast.ops import gae, reference, use_backend
-
-HBM_GB_S = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L40S": 864.0, "A10": 600.0}  # spec sheet peaks
-BYTES_PER_TOKEN_FP32 = 4 + 4 + 1 + 4 + 4  # r, V, mask in; A, R out
 
 
 def _inputs(b, t, device):
@@ -39,7 +39,7 @@ def _cases(b, t, device, backends, *, loop=True, whiten=False):
         return reference.gae(r.double(), v.double(), m, **kw)
 
     params = dict(B=b, T=t, tokens=b * t, dtype="float32")
-    nbytes = BYTES_PER_TOKEN_FP32 * b * t
+    nbytes = roofline.gae(b * t).bytes
     cases = []
     if loop:
         cases.append(Case("gae", dict(impl="python-loop", **params), lambda: reference.gae(r, v, m, **kw), ref=ref,
@@ -60,7 +60,7 @@ def _cases(b, t, device, backends, *, loop=True, whiten=False):
             return reference.masked_whiten(a, m), ret
 
         cases.append(Case("gae+whiten", dict(impl="triton-fused", **params), run_w, ref=ref_w,
-                          bytes_moved=nbytes + 9 * b * t))  # second launch reads A, mask and writes A
+                          bytes_moved=roofline.gae(b * t, whiten=True).bytes))
     return cases
 
 
@@ -73,25 +73,41 @@ def _speedups(rows):
     return rows
 
 
-def main():
+def cuda_launches(fn) -> tuple[int, str]:
+    """(number, names) of the CUDA kernels, memsets and copies one call of `fn` puts on the device (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return len(names), "; ".join(n[:40] for n in names)
+
+
+def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", help="run the CUDA benchmark (8.4M tokens)")
+    ap.add_argument("--dry-run", action="store_true", help="the --gpu code path on CPU at tiny shapes")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads on CPU (default 1: stable timings on a shared machine)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not args.gpu:
         torch.set_num_threads(args.threads)
-    if args.gpu:
-        if not torch.cuda.is_available():
+    if args.gpu or args.dry_run:
+        if args.gpu and not torch.cuda.is_available():
             raise SystemExit("--gpu needs a CUDA device")
-        dev = torch.device("cuda")
-        rows = [run_case(c, dev, repeats=20) for c in _cases(4096, 2048, dev, ["triton", "native"], whiten=True)]
-        gpu = device_name(dev)
-        peak = next((bw for key, bw in HBM_GB_S.items() if key in gpu), None)
-        for r in rows:
-            if peak and "GB_per_s" in r:
-                r["hbm_fraction"] = round(r["GB_per_s"] / peak, 3)
-        write_results("bench_gae_gpu", _speedups(rows), plot_x="impl", plot_y="GB_per_s")
+        dev = torch.device("cuda" if args.gpu else "cpu")
+        b, t = (4096, 2048) if args.gpu else (8, 64)
+        rows = []
+        for c in _cases(b, t, dev, ["triton", "native"], whiten=True):
+            row = run_case(c, dev, repeats=20 if args.gpu else 1, warmup=2 if args.gpu else 0)
+            if args.gpu and row["impl"] != "python-loop":
+                row["launches"], row["launch_names"] = cuda_launches(c.fn)
+            rows.append(row)
+        write_results("bench_gae_gpu" + ("_dryrun" if args.dry_run else ""), _speedups(rows), plot_x="impl",
+                      plot_y="GB_per_s")
     else:
         dev = torch.device("cpu")
         rows = []

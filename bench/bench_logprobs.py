@@ -4,10 +4,12 @@ CPU (default): token_logprobs fwd and fwd+bwd at 4096 x 32768 (native vs torch r
 linear_token_logprobs fwd+bwd at N=4096, H=1024, V=32768 fp32 (chunked native path vs naive logits -> log_softmax ->
 gather): time, peak extra memory (also without the 144 MiB of hidden/weight gradients every path must return),
 max |error| of logp vs float64. Issue targets: memory <= 1/16 of naive, time <= 1.5x naive.
-`--gpu`: token_logprobs at 8192 x 151936 bf16 (GB/s) and the fused linear path at N=8192, H=4096, V=151936 bf16
-(TFLOP/s of 6NHV model flops). `--small` shrinks every size for a quick run.
+`--gpu`: token_logprobs at 8192 x 151936 bf16 (GB/s, fraction of HBM; target >= 85%) and the fused linear path at
+N=16384, H=4096, V=151936 bf16 (TFLOP/s of 6NHV model flops; target fwd+bwd <= 110 ms), errors vs float64 on the
+first 1024 rows. `--small` shrinks every size for a quick run; `--dry-run` runs the `--gpu` code path on CPU at tiny
+shapes (Triton under the interpreter), as `python -m bench.gpu_check --dry-run` does in CI.
 
-Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_logprobs [--small] [--gpu]
+Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_logprobs [--small] [--gpu | --dry-run]
 """
 from __future__ import annotations
 
@@ -15,18 +17,21 @@ import argparse
 
 import torch
 
+from bench import roofline
 from bench.harness import Case, run_case, write_results
 from rlhf_fast.ops import linear_token_logprobs, reference, token_logprobs, use_backend
 
 
-def _token_cases(n, vocab, dtype, device, backends):
+def _token_cases(n, vocab, dtype, device, backends, ref_rows=None):
+    """`ref_rows`: compare only the first rows with float64 (a full float64 copy would not fit at GPU sizes)."""
     logits = torch.randn(n, vocab, device=device).mul_(3).to(dtype)
     labels = torch.randint(0, vocab, (n,), device=device)
     grad = torch.randn(n, device=device)
-    nbytes = logits.numel() * logits.element_size()
+    rows = n if ref_rows is None else min(n, ref_rows)
+    elem = logits.element_size()
 
     def ref():
-        return reference.token_logprobs(logits.double(), labels)
+        return reference.token_logprobs(logits[:rows].double(), labels[:rows])
 
     cases = []
     for b in backends:
@@ -43,22 +48,27 @@ def _token_cases(n, vocab, dtype, device, backends):
 
         params = dict(impl=f"{b} {str(dtype).replace('torch.', '')}", backend=b, N=n, V=vocab,
                       dtype=str(dtype).replace("torch.", ""))
-        cases.append(Case("token_logprobs/fwd", params, fwd, ref=ref, bytes_moved=nbytes))
+        head = lambda r: r[:rows]  # noqa: E731
+        cases.append(Case("token_logprobs/fwd", params, fwd, ref=ref, out_of=head,
+                          bytes_moved=roofline.token_logprobs(n, vocab, elem).bytes))
         # forward reads the logits once, backward reads them again and writes dlogits
-        cases.append(Case("token_logprobs/fwd+bwd", params, fwd_bwd, ref=ref, bytes_moved=3 * nbytes))
+        cases.append(Case("token_logprobs/fwd+bwd", params, fwd_bwd, ref=ref, out_of=head,
+                          bytes_moved=roofline.token_logprobs(n, vocab, elem, backward=True).bytes))
     return cases
 
 
-def _linear_cases(n, width, vocab, dtype, device, backends):
+def _linear_cases(n, width, vocab, dtype, device, backends, ref_rows=None):
     hidden = torch.randn(n, width, device=device).to(dtype)
     weight = (torch.randn(vocab, width, device=device) / width**0.5).to(dtype)
     labels = torch.randint(0, vocab, (n,), device=device)
     grad = torch.randn(n, device=device)
-    flops = 6.0 * n * width * vocab  # model flops of forward + backward (the chunked path recomputes: 8NHV)
+    # model flops of forward + backward (the chunked path recomputes the logits: 8NHV)
+    flops = roofline.linear_logprobs(n, width, vocab, hidden.element_size()).flops
+    rows = n if ref_rows is None else min(n, ref_rows)
 
     def ref():
         with torch.no_grad():
-            return reference.linear_token_logprobs(hidden.double(), weight.double(), labels)
+            return reference.linear_token_logprobs(hidden[:rows].double(), weight.double(), labels[:rows])
 
     def run(fn):
         h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
@@ -70,7 +80,8 @@ def _linear_cases(n, width, vocab, dtype, device, backends):
         return run(lambda h, w: reference.linear_token_logprobs(h, w, labels))
 
     params = dict(N=n, H=width, V=vocab, dtype=str(dtype).replace("torch.", ""))
-    cases = [Case("linear/fwd+bwd", dict(impl="naive", path="naive", **params), naive, ref=ref, out_of=lambda r: r[0],
+    head = lambda r: r[0][:rows]  # noqa: E731
+    cases = [Case("linear/fwd+bwd", dict(impl="naive", path="naive", **params), naive, ref=ref, out_of=head,
                   flops=flops)]
     for b in backends:
         def fused(b=b):
@@ -78,46 +89,57 @@ def _linear_cases(n, width, vocab, dtype, device, backends):
                 return run(lambda h, w: linear_token_logprobs(h, w, labels))
 
         cases.append(Case("linear/fwd+bwd", dict(impl=f"chunked-{b}", path=f"chunked-{b}", **params), fused, ref=ref,
-                          out_of=lambda r: r[0], flops=flops))
+                          out_of=head, flops=flops))
     grads_mib = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
     return cases, grads_mib
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="small sizes for a quick run")
     ap.add_argument("--gpu", action="store_true", help="CUDA sizes (needs a GPU)")
-    args = ap.parse_args()
+    ap.add_argument("--dry-run", action="store_true", help="the --gpu code path on CPU at tiny shapes")
+    args = ap.parse_args(argv)
     rows = []
-    if args.gpu:
-        if not torch.cuda.is_available():
+    if args.gpu or args.dry_run:
+        if args.gpu and not torch.cuda.is_available():
             raise SystemExit("--gpu needs a CUDA device")
-        dev = torch.device("cuda")
-        n, v, nl, h = (1024, 32768, 1024, 1024) if args.small else (8192, 151936, 8192, 4096)
-        token = _token_cases(n, v, torch.bfloat16, dev, ["triton", "torch"])
-        linear, grads_mib = _linear_cases(nl, h, v, torch.bfloat16, dev, ["triton"])
+        dev = torch.device("cuda" if args.gpu else "cpu")
+        if args.dry_run:
+            n, v, nl, h = 16, 300, 16, 32
+        else:
+            n, v, nl, h = (1024, 32768, 1024, 1024) if args.small else (8192, 151936, 16384, 4096)
+        token = _token_cases(n, v, torch.bfloat16, dev, ["triton", "torch"], ref_rows=1024)
+        linear, grads_mib = _linear_cases(nl, h, v, torch.bfloat16, dev, ["triton"], ref_rows=1024)
     else:
         dev = torch.device("cpu")
         n, v, nl, h = (512, 8192, 512, 256) if args.small else (4096, 32768, 4096, 1024)
         token = _token_cases(n, v, torch.float32, dev, ["native", "torch"])
         token += _token_cases(n, v, torch.bfloat16, dev, ["native"])
         linear, grads_mib = _linear_cases(nl, h, v, torch.float32, dev, ["native"])
+    timing = dict(warmup=0, repeats=1) if args.dry_run else dict(warmup=1, repeats=3)  # the interpreter is slow
     for case in token:
-        rows.append(run_case(case, dev, warmup=1, repeats=3))
+        rows.append(run_case(case, dev, **timing))
     naive = None
     for case in linear:
-        row = run_case(case, dev, warmup=1, repeats=3)
+        try:
+            row = run_case(case, dev, **timing)
+        except torch.cuda.OutOfMemoryError:  # the naive path's (N, V) fp32 tensors at GPU sizes on a smaller GPU
+            torch.cuda.empty_cache()
+            rows.append({"case": case.name, **case.params, "error": "CUDA out of memory"})
+            continue
         row["peak_mem_minus_grads_MiB"] = round(row["peak_extra_mem_MiB"] - grads_mib, 2)
-        if naive is None:
+        if naive is None and case.params["path"] == "naive":
             naive = row
-        row["time_vs_naive"] = round(row["time_ms"] / naive["time_ms"], 3)
-        for key in ("peak_extra_mem_MiB", "peak_mem_minus_grads_MiB"):  # RSS is meaningless at --small sizes
-            ratio = row[key] / naive[key] if naive[key] > 0 else float("nan")
-            row[key.replace("peak_", "").replace("_MiB", "") + "_vs_naive"] = round(ratio, 4)
+        if naive is not None:
+            row["time_vs_naive"] = round(row["time_ms"] / naive["time_ms"], 3)
+            for key in ("peak_extra_mem_MiB", "peak_mem_minus_grads_MiB"):  # RSS is meaningless at --small sizes
+                ratio = row[key] / naive[key] if naive[key] > 0 else float("nan")
+                row[key.replace("peak_", "").replace("_MiB", "") + "_vs_naive"] = round(ratio, 4)
         rows.append(row)
-    name = "logprobs_gpu" if args.gpu else "logprobs"
-    write_results(name + ("_small" if args.small else ""), rows, plot_x="case", plot_y="time_ms",
-                  group_by="impl", logy=True)
+    name = "logprobs_gpu" if args.gpu or args.dry_run else "logprobs"
+    write_results(name + ("_small" if args.small else "") + ("_dryrun" if args.dry_run else ""), rows,
+                  plot_x="case", plot_y="time_ms", group_by="impl", logy=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ then the stats (clip fraction, approx KL, ratio mean/min/max) as separate masked
 loss and stats in one pass (Triton on GPU; on CPU the op runs its PyTorch composition, so expect parity there).
 Reported: time, GB/s (inputs read twice, forward and backward, plus the gradient written), peak extra memory and
 max |loss error| vs float64.
-CPU (default): 64 x 2048 fp32. `--gpu`: 256 x 8192 (2M tokens) in fp32 and bf16.
+CPU (default): 64 x 2048 fp32. `--gpu`: 256 x 8192 (2M tokens) in fp32 and bf16, with the fraction of HBM.
+`--dry-run`: the `--gpu` code path on CPU at 4 x 64 with the Triton kernels under the interpreter.
 
-Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_losses [--gpu] [--threads N]
+Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_losses [--gpu | --dry-run] [--threads N]
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import argparse
 
 import torch
 
+from bench import roofline
 from bench.harness import Case, run_case, write_results
-from rlhf_fast.ops import ppo_policy_loss, reference, value_loss
+from rlhf_fast.ops import ppo_policy_loss, reference, use_backend, value_loss
 
 
 def naive_policy(logp, old, adv, mask, clip=0.2):
@@ -43,20 +45,20 @@ def naive_value(v, v_old, ret, mask, clip=0.2):
     return loss, stats
 
 
-def _cases(b, t, dtype, device):
+def _cases(b, t, dtype, device, backend=None):
     g = torch.Generator(device="cpu").manual_seed(0)
     x = (-3 * torch.rand(b, t, generator=g)).to(device, dtype)
     old = (x.float() + 0.3 * torch.randn(b, t, generator=g).to(device)).to(dtype)
     adv = torch.randn(b, t, generator=g).to(device, dtype)
     mask = (torch.rand(b, t, generator=g) < 0.9).to(device)
-    esize = x.element_size()
-    nbytes = b * t * (2 * (3 * esize + 1) + esize)  # fwd + bwd read 3 tensors and the mask; bwd writes the grad
+    nbytes = roofline.policy_loss(b * t, x.element_size()).bytes  # value_loss moves the same bytes
     params = dict(B=b, T=t, dtype=str(dtype).replace("torch.", ""))
 
     def fwd_bwd(fn):
         def run():
             y = x.detach().requires_grad_(True)
-            loss, _ = fn(y, old, adv, mask)
+            with use_backend(backend):
+                loss, _ = fn(y, old, adv, mask)
             loss.backward()
             return loss.detach()
         return run
@@ -79,12 +81,18 @@ def _cases(b, t, dtype, device):
     ]
 
 
-def main():
+def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", help="run on CUDA at 256 x 8192")
+    ap.add_argument("--dry-run", action="store_true", help="the --gpu code path on CPU at 4 x 64 (Triton interpreter)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1: shared box)")
-    args = ap.parse_args()
-    if args.gpu:
+    args = ap.parse_args(argv)
+    timing = dict(repeats=10)
+    if args.dry_run:
+        dev = torch.device("cpu")
+        cases = _cases(4, 64, torch.float32, dev, "triton") + _cases(4, 64, torch.bfloat16, dev, "triton")
+        name, timing = "bench_losses_gpu_dryrun", dict(warmup=0, repeats=1)
+    elif args.gpu:
         if not torch.cuda.is_available():
             raise SystemExit("--gpu needs a CUDA device")
         dev = torch.device("cuda")
@@ -95,7 +103,7 @@ def main():
         dev = torch.device("cpu")
         cases = _cases(64, 2048, torch.float32, dev)
         name = "bench_losses"
-    rows = [run_case(c, dev, repeats=10) for c in cases]
+    rows = [run_case(c, dev, **timing) for c in cases]
     write_results(name, rows, plot_x="case", plot_y="time_ms", group_by="impl")
 
 

@@ -1,6 +1,10 @@
 """Rollout throughput and KV memory: RolloutEngine vs Hugging Face `generate` on a tiny (~11M-parameter) Llama.
 
-    flock /tmp/rlhf_bench.lock python -m bench.bench_rollout [--quick]
+    flock /tmp/rlhf_bench.lock python -m bench.bench_rollout [--quick | --gpu | --dry-run]
+
+`--gpu`: the same rows on CUDA in bf16 with a ~155M-parameter Llama (hidden 1024, 8 layers, GQA 16/4, vocab 32000),
+64 prompts x 128 new tokens, a 4 GiB KV pool per engine (bench/results/rollout_gpu.*). `--dry-run`: that code path
+on CPU with a 2-layer hidden-64 Llama, 4 prompts x 8 new tokens (what `bench.gpu_check --dry-run` runs in CI).
 
 Rows (bench/results/rollout.{csv,json,png}):
   * generate/hf, generate/engine, generate/engine-deterministic: 32 prompts of 8..64 tokens, 128 new tokens,
@@ -24,11 +28,20 @@ from bench.harness import Case, device_name, run_case, write_results
 from rlhf_fast.rollout import RolloutEngine, SamplingParams
 
 
-def tiny_llama(device: torch.device) -> LlamaForCausalLM:
+MODELS = {
+    "cpu": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=16384, max_position_embeddings=512),
+    "gpu": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024),
+    "dry-run": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=512),
+}
+KV_BYTES = {"gpu": 4 << 30}  # per engine on CUDA (the default, half the free memory, would not fit several engines)
+
+
+def tiny_llama(device: torch.device, size: str = "cpu", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=16384, max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).to(device).eval()
+    return LlamaForCausalLM(LlamaConfig(**MODELS[size])).to(device, dtype).eval()
 
 
 def make_prompts(n: int, vocab: int) -> list[list[int]]:
@@ -50,9 +63,9 @@ def hf_generate(model, prompts: list[list[int]], new: int, *, sample: bool) -> l
     return out[:, width:].tolist()
 
 
-def greedy_agreement(model, prompts, new) -> tuple[int, int]:
+def greedy_agreement(model, prompts, new, kv=None) -> tuple[int, int]:
     """(equal completions, completions differing only after an HF top-2 tie within 1e-6)."""
-    outs = RolloutEngine(model).generate(prompts, SamplingParams(max_new_tokens=new, temperature=0))
+    outs = RolloutEngine(model, kv_cache_memory=kv).generate(prompts, SamplingParams(max_new_tokens=new, temperature=0))
     equal = ties = 0
     for o in outs:
         p = prompts[o.prompt_index]
@@ -67,11 +80,11 @@ def greedy_agreement(model, prompts, new) -> tuple[int, int]:
     return equal, ties
 
 
-def mismatch_rows(model, prompts, new) -> list[dict]:
+def mismatch_rows(model, prompts, new, kv=None) -> list[dict]:
     """max |engine log-prob - teacher-forced recompute| over every sampled token, scored in reverse order."""
     rows = []
     for det in (False, True):
-        eng = RolloutEngine(model, deterministic=det)
+        eng = RolloutEngine(model, deterministic=det, kv_cache_memory=kv)
         outs = eng.generate(prompts, SamplingParams(max_new_tokens=new, temperature=1.0, n=2, seed=1))
         ref = eng.teacher_forced_logprobs([prompts[o.prompt_index] for o in outs][::-1], outs[::-1])[::-1]
         diff = max(float((o.logprobs - r.cpu()).abs().max()) for o, r in zip(outs, ref))
@@ -82,13 +95,13 @@ def mismatch_rows(model, prompts, new) -> list[dict]:
     return rows
 
 
-def kv_rows(model, prompts, new, block_size, label: str) -> list[dict]:
+def kv_rows(model, prompts, new, block_size, label: str, kv=None) -> list[dict]:
     rows = []
     params8 = SamplingParams(max_new_tokens=new, temperature=1.0, n=8, seed=0)
     for name, ps, params in [(f"kv/{label}/n=8 shared", prompts, params8),
                              (f"kv/{label}/n=8 unshared", [p for p in prompts for _ in range(8)],
                               SamplingParams(max_new_tokens=new, temperature=1.0, n=1, seed=0))]:
-        eng = RolloutEngine(model, block_size=block_size)
+        eng = RolloutEngine(model, block_size=block_size, kv_cache_memory=kv)
         eng.generate(ps, params)
         st = eng.stats
         seqs = len(ps) * params.n
@@ -102,43 +115,54 @@ def kv_rows(model, prompts, new, block_size, label: str) -> list[dict]:
     return rows
 
 
-def main():
+def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="8 prompts, 32 new tokens (smoke run)")
+    ap.add_argument("--gpu", action="store_true", help="CUDA, bf16, a ~155M-parameter Llama")
+    ap.add_argument("--dry-run", action="store_true", help="the --gpu code path on CPU with a tiny model")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared, oversubscribed machine OpenMP teams spin)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = tiny_llama(dev)
-    n_prompts, new = (8, 32) if args.quick else (32, 128)
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device")
+    size = "gpu" if args.gpu else "dry-run" if args.dry_run else "cpu"
+    dev = torch.device("cuda" if args.gpu or (size == "cpu" and torch.cuda.is_available()) else "cpu")
+    model = tiny_llama(dev, size, torch.bfloat16 if args.gpu else torch.float32)
+    kv = KV_BYTES.get(size)
+    n_prompts, new = {"gpu": (64, 128), "dry-run": (4, 8)}.get(size, (8, 32) if args.quick else (32, 128))
     prompts = make_prompts(n_prompts, model.config.vocab_size)
     n_params = sum(p.numel() for p in model.parameters())
     sampling = SamplingParams(max_new_tokens=new, temperature=1.0, seed=0)
-    engines = {"generate/engine": RolloutEngine(model),
-               "generate/engine-deterministic": RolloutEngine(model, deterministic=True)}
+    engines = {"generate/engine": RolloutEngine(model, kv_cache_memory=kv),
+               "generate/engine-deterministic": RolloutEngine(model, deterministic=True, kv_cache_memory=kv)}
     cases = [Case("generate/hf", {"prompts": n_prompts, "new_tokens": new, "params_M": round(n_params / 1e6, 2)},
                   lambda: hf_generate(model, prompts, new, sample=True))]
     for name, eng in engines.items():
         cases.append(Case(name, {"prompts": n_prompts, "new_tokens": new, "params_M": round(n_params / 1e6, 2)},
                           lambda eng=eng: eng.generate(prompts, sampling)))
+    timing = dict(warmup=1, repeats=3) if size == "cpu" else dict(warmup=1, repeats=2) if args.gpu else \
+        dict(warmup=0, repeats=1)
     rows = []
     for c in cases:
-        row = run_case(c, dev, warmup=1, repeats=3)
+        row = run_case(c, dev, **timing)
         row["tokens_per_s"] = round(n_prompts * new / (row["time_ms"] / 1e3), 1)
         rows.append(row)
     hf_tps = rows[0]["tokens_per_s"]
     for r in rows:
         r["speedup_vs_hf"] = round(r["tokens_per_s"] / hf_tps, 2)
-    equal, ties = greedy_agreement(model, prompts, new)
-    rows.append({"case": "greedy/engine-vs-hf", "prompts": n_prompts, "new_tokens": new, "equal": equal,
-                 "differ_after_tie": ties, "differ_otherwise": n_prompts - equal - ties, "device": device_name(dev)})
-    rows += mismatch_rows(model, prompts, new)
-    rows += kv_rows(model, prompts[: max(4, n_prompts // 4)], new, 16, "bench prompts")
+    greedy = prompts[:8] if args.gpu else prompts  # one HF generate per prompt
+    equal, ties = greedy_agreement(model, greedy, new, kv)
+    rows.append({"case": "greedy/engine-vs-hf", "prompts": len(greedy), "new_tokens": new, "equal": equal,
+                 "differ_after_tie": ties, "differ_otherwise": len(greedy) - equal - ties,
+                 "device": device_name(dev)})
+    rows += mismatch_rows(model, prompts, new, kv)
+    rows += kv_rows(model, prompts[: max(4, n_prompts // 4)], new, 16, "bench prompts", kv)
     rng = random.Random(1)
     long_prompts = [[rng.randrange(1, model.config.vocab_size) for _ in range(300)] for _ in range(4)]
-    rows += kv_rows(model, long_prompts, 32, 16, "300-token prompts")
-    write_results("rollout", rows, plot_x="case", plot_y="tokens_per_s")
+    rows += kv_rows(model, long_prompts, 32 if size != "dry-run" else 4, 16, "300-token prompts", kv)
+    name = {"gpu": "rollout_gpu", "dry-run": "rollout_gpu_dryrun"}.get(size, "rollout")
+    write_results(name, rows, plot_x="case", plot_y="tokens_per_s")
 
 
 if __name__ == "__main__":

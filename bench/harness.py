@@ -1,7 +1,8 @@
 """Shared benchmark harness: median time with warm-up, peak extra memory, max |error| vs float64, roofline units.
 
 Every benchmark builds `Case`s, calls `run_case` on each and `write_results` once; results land in
-`bench/results/<name>.{csv,json,png}` and name the device they ran on.
+`bench/results/<name>.{csv,json,png}` (or under $RLHF_FAST_BENCH_RESULTS) and name the device they ran on. On a
+GPU listed in `bench/roofline.py`, rows with GB/s or TFLOP/s also get their fraction of the device's peak.
 
 Peak memory: on CUDA, the caching allocator's peak above the baseline; on CPU, the process's peak resident set
 above its size right before the call (Linux `/proc/self/clear_refs` resets the high-water mark), so it counts every
@@ -21,7 +22,14 @@ from pathlib import Path
 
 import torch
 
+from bench import roofline
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_ENV = "RLHF_FAST_BENCH_RESULTS"  # overrides RESULTS_DIR (bench/gpu_check.py points it at its --out)
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get(RESULTS_ENV) or RESULTS_DIR)
 
 
 @dataclasses.dataclass
@@ -159,6 +167,11 @@ def run_case(case: Case, device: torch.device | str = "cpu", *, warmup: int = 2,
     if case.flops:
         row["TFLOP_per_s"] = round(case.flops / (ms * 1e-3) / 1e12, 4)
     row["device"] = device_name(device)
+    memcpy = roofline.memcpy_gbs(str(device)) if device.type == "cuda" and case.bytes_moved else None
+    row.update(roofline.fractions(row["device"], row.get("GB_per_s"), row.get("TFLOP_per_s"),
+                                  case.params.get("dtype"), memcpy))
+    if memcpy:
+        row["memcpy_GB_per_s"] = memcpy
     return row
 
 
@@ -166,17 +179,18 @@ def write_results(name: str, rows: list[dict], *, plot_x: str | None = None, plo
                   group_by: str = "case", logy: bool = False) -> Path:
     """Write `bench/results/<name>.csv`, `.json` and (if `plot_x`) a `.png` of `plot_y` against `plot_x`, and print
     the rows."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []
     for r in rows:
         keys.extend(k for k in r if k not in keys)
-    csv_path = RESULTS_DIR / f"{name}.csv"
+    csv_path = out_dir / f"{name}.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
     meta = {"benchmark": name, "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(meta, indent=2))
+    (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2))
     if plot_x is not None:
         plot(name, rows, plot_x, plot_y, group_by=group_by, logy=logy)
     for r in rows:  # the same rows on stdout, without empty cells and the (shared) device column
@@ -217,7 +231,7 @@ def plot(name: str, rows: list[dict], x: str, y: str, *, group_by: str = "case",
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = RESULTS_DIR / f"{name}.png"
+    path = results_dir() / f"{name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

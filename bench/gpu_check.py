@@ -1,0 +1,467 @@
+"""The first-GPU check: build, correctness, headline benchmarks and one summary, in one go, under a time budget.
+
+    python -m bench.gpu_check --out DIR [--budget-s 420]      # on a CUDA machine, from a fresh checkout
+    python -m bench.gpu_check --out DIR --dry-run             # CPU, Triton interpreter, tiny shapes (CI runs this)
+
+Steps, in priority order (a step the budget no longer allows is reported as skipped, never dropped):
+  env          device, capability, versions, spec peaks (bench/roofline.py) and a measured memcpy bandwidth
+  build        `rlhf_fast._C` for this device's own arch (RLHF_FAST_CUDA_ARCHS from the capability); build.log kept;
+               `pip install -e .` first when this checkout is not the installed rlhf_fast
+  correctness  `pytest -m gpu -x`: every Triton and CUDA C++ kernel vs float64, batch invariance, rollout log-probs
+  perf/*       each benchmark's GPU mode at its headline shape, rows with time, GB/s or TFLOP/s, fraction of peak
+Everything lands in DIR: summary.md, summary.csv, summary.json, one log per step and the benchmarks' CSV/JSON/PNG.
+On CUDA each step runs in its own process (a crash or hang costs that step only, killed at the budget); the dry
+run runs them in this process (one interpreter start instead of nine on a 2-core CI machine) and skips only the
+CUDA-only parts: the nvcc build and the PPO-iteration benchmark (no tiny mode; its CLI is checked instead).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import importlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BUDGET_S = 420.0  # 7 minutes: the check must fit an 8-minute GPU window with start-up to spare
+
+
+@dataclasses.dataclass
+class Target:
+    """One row of the summary: what was measured, against what."""
+
+    metric: str
+    value: object = None
+    target: str = ""
+    met: bool | None = None  # None: no target, or not measurable here (e.g. no peak for this device)
+
+
+@dataclasses.dataclass
+class Outcome:
+    status: str  # passed | failed | skipped
+    detail: str = ""
+    targets: list[Target] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    kind: str  # env | build | correctness | perf
+    fn: Callable[["Check"], Outcome]
+    needs_s: float  # rough time it takes on an H100; not started with less left
+    cap_s: float  # hard limit for its subprocess
+
+
+class Check:
+    """Runs the steps; owns the output directory, the clock and how a command is launched."""
+
+    def __init__(self, out: Path, budget_s: float, dry_run: bool):
+        self.out, self.budget_s, self.dry_run = out, budget_s, dry_run
+        self.start = time.monotonic()
+        self.rows: list[dict] = []
+        self.info: dict = {}
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.start)
+
+    def run_module(self, module: str, argv: list[str], log: str, *, cap_s: float, env: dict | None = None) -> int:
+        """`python -m module *argv` with stdout/stderr to DIR/log: a subprocess killed at min(cap, budget left) on
+        CUDA; in the dry run, `module.main(argv)` in this process (same arguments, same log)."""
+        env = {**(env or {}), "RLHF_FAST_BENCH_RESULTS": str(self.out)}
+        path = self.out / log
+        if not self.dry_run:
+            timeout = max(1.0, min(cap_s, self.left()))
+            with open(path, "w") as f:
+                try:
+                    return subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, stdout=f,
+                                          stderr=subprocess.STDOUT, env={**os.environ, **env}, timeout=timeout).returncode
+                except subprocess.TimeoutExpired:
+                    f.write(f"\n[gpu_check] killed after {timeout:.0f} s (step cap {cap_s:.0f} s / budget)\n")
+                    return 124
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            with open(path, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                try:
+                    rc = importlib.import_module(module).main(argv)
+                    return int(rc or 0)
+                except SystemExit as e:
+                    return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                except Exception:  # noqa: BLE001 - a failing step is reported, the check goes on
+                    traceback.print_exc()
+                    return 1
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def run(self, steps: list[Step]) -> int:
+        for i, step in enumerate(steps, 1):
+            left = self.left()
+            t0 = time.monotonic()
+            if left < step.needs_s:
+                outcome = Outcome("skipped", f"budget: {max(left, 0):.0f} s left, the step needs ~{step.needs_s:.0f} s")
+            else:
+                try:
+                    outcome = step.fn(self)
+                except Exception as e:  # noqa: BLE001
+                    outcome = Outcome("failed", f"{type(e).__name__}: {e}")
+                    (self.out / f"{step.name.replace('/', '_')}.error.log").write_text(traceback.format_exc())
+            secs = round(time.monotonic() - t0, 1)
+            targets = outcome.targets or [Target("")]
+            for t in targets:
+                self.rows.append(dict(n=i, step=step.name, kind=step.kind, status=outcome.status, time_s=secs,
+                                      metric=t.metric, value=_fmt(t.value), target=t.target,
+                                      met="" if t.met is None else ("yes" if t.met else "NO"), detail=outcome.detail))
+            print(f"[gpu_check] {step.name}: {outcome.status} in {secs} s {outcome.detail}", flush=True)
+        self.write_summary()
+        return 1 if any(r["status"] == "failed" or r["met"] == "NO" for r in self.rows) else 0
+
+    def write_summary(self) -> None:
+        total = round(time.monotonic() - self.start, 1)
+        cols = ["n", "step", "kind", "status", "time_s", "metric", "value", "target", "met", "detail"]
+        with open(self.out / "summary.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(self.rows)
+        (self.out / "summary.json").write_text(json.dumps(
+            {"info": self.info, "budget_s": self.budget_s, "total_s": total, "dry_run": self.dry_run,
+             "rows": self.rows}, indent=2))
+        lines = [f"# GPU check{' (dry run: CPU, Triton interpreter, tiny shapes)' if self.dry_run else ''}", ""]
+        lines += [f"- {k}: {v}" for k, v in self.info.items()]
+        lines += [f"- total: {total} s of a {self.budget_s:.0f} s budget", "",
+                  "| # | step | status | time (s) | metric | value | target | met | detail |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append("| " + " | ".join(str(r[c]).replace("|", "/") for c in
+                                           ("n", "step", "status", "time_s", "metric", "value", "target", "met",
+                                            "detail")) + " |")
+        (self.out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# env and build
+# ---------------------------------------------------------------------------------------------------------------
+
+def cuda_archs(capability: tuple[int, int]) -> str:
+    """RLHF_FAST_CUDA_ARCHS for a device of this compute capability: its own arch only ("90a" on Hopper, whose
+    arch-specific features need the suffix; "80", "89", ... elsewhere)."""
+    major, minor = capability
+    return f"{major}{minor}a" if (major, minor) == (9, 0) else f"{major}{minor}"
+
+
+def step_env(chk: Check) -> Outcome:
+    import torch
+
+    from bench import roofline
+    from bench.harness import device_name
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    name = device_name(dev)
+    chk.info.update(device=name, torch=torch.__version__, python=platform.python_version())
+    try:
+        import triton
+
+        chk.info["triton"] = triton.__version__
+    except ImportError:
+        chk.info["triton"] = "not installed"
+    if dev == "cuda":
+        cap = torch.cuda.get_device_capability()
+        chk.info.update(capability=f"{cap[0]}.{cap[1]}", cuda=torch.version.cuda)
+    peak = roofline.peak_for(name)
+    chk.info["spec peak"] = (f"{peak.name}: HBM {peak.hbm_gbs:.0f} GB/s, bf16 {peak.bf16_tflops:.0f} / fp32 "
+                             f"{peak.fp32_tflops:.1f} TFLOP/s dense" if peak else "not in bench/roofline.py")
+    memcpy = roofline.memcpy_gbs(dev)
+    chk.info["measured memcpy"] = f"{memcpy:.0f} GB/s" + (f" ({memcpy / peak.hbm_gbs:.0%} of spec HBM)" if peak else "")
+    if dev != "cuda" and not chk.dry_run:
+        return Outcome("failed", "no CUDA device (use --dry-run on CPU)")
+    return Outcome("passed", targets=[Target("memcpy GB/s", memcpy, "", None)])
+
+
+def _installed_here() -> bool:
+    """Whether `import rlhf_fast.kernels` outside this checkout's root resolves to this checkout."""
+    code = "import rlhf_fast, rlhf_fast.kernels; print(rlhf_fast.__file__)"
+    r = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    return r.returncode == 0 and Path(r.stdout.strip()).resolve().is_relative_to(ROOT)
+
+
+def build_commands(archs: str, installed: bool) -> tuple[list[list[str]], dict]:
+    """The commands (and environment) that build `_C` for `archs` into this checkout, installing it if needed."""
+    env = {"RLHF_FAST_CUDA": "1", "RLHF_FAST_CUDA_ARCHS": archs, "RLHF_FAST_REQUIRE_NATIVE": "1"}
+    cmds = [[sys.executable, "setup.py", "build_ext", "--inplace", "-j", str(os.cpu_count() or 1)]]
+    if not installed:  # offline machine: no build isolation, no dependency resolution
+        cmds.append([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."])
+    return cmds, env
+
+
+def step_build(chk: Check) -> Outcome:
+    import torch
+
+    cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+    archs = cuda_archs(cap)
+    installed = _installed_here()
+    cmds, env = build_commands(archs, installed)
+    log = chk.out / "build.log"
+    shown = "\n".join(" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(c) for c in cmds)
+    if chk.dry_run:
+        log.write_text(f"dry run: would run (archs for capability {cap}):\n{shown}\n")
+        return Outcome("skipped", f"dry run: nvcc build not run (archs {archs}, installed {installed}); see build.log",
+                       [Target("RLHF_FAST_CUDA_ARCHS", archs)])
+    with open(log, "w") as f:
+        f.write(shown + "\n\n")
+        f.flush()
+        for cmd in cmds:
+            try:
+                r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                   timeout=max(1.0, min(240.0, chk.left())))
+            except subprocess.TimeoutExpired:
+                return Outcome("failed", f"timed out: {' '.join(cmd[1:4])}; see build.log")
+            if r.returncode != 0:
+                return Outcome("failed", f"exit {r.returncode}: {' '.join(cmd[1:4])}; see build.log")
+    probe = subprocess.run([sys.executable, "-c", "from rlhf_fast import _native; print(_native.built_with_cuda(),"
+                            " _native.has('gae_cuda'), _native.has('paged_attention_cuda'))"],
+                           cwd=ROOT, capture_output=True, text=True)
+    ok = probe.returncode == 0 and probe.stdout.split() == ["True", "True", "True"]
+    return Outcome("passed" if ok else "failed", f"archs {archs}; _C with CUDA kernels: {probe.stdout.strip()}"
+                   f"{probe.stderr[-300:]}", [Target("RLHF_FAST_CUDA_ARCHS", archs)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# correctness
+# ---------------------------------------------------------------------------------------------------------------
+
+def step_correctness(chk: Check) -> Outcome:
+    xml = chk.out / "pytest_gpu.xml"
+    argv = ["-m", "gpu", "-x", "-q", "-p", "no:cacheprovider", "-rfEs", "--durations=15", f"--junitxml={xml}",
+            *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_gpu_*.py"))]
+    env = {"RLHF_FAST_GPU_TESTS_ON_CPU": "1", "TRITON_INTERPRET": "1"} if chk.dry_run else {}
+    rc = chk.run_module("pytest", argv, "pytest_gpu.log", cap_s=240.0, env=env)
+    counts = dict(tests=0, failures=0, errors=0, skipped=0)
+    if xml.exists():
+        suite = ET.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        counts = {k: int(suite.get(k, 0)) for k in counts}
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    targets = [Target("tests passed", passed), Target("tests failed", counts["failures"] + counts["errors"], "0",
+                                                      counts["failures"] + counts["errors"] == 0),
+               Target("tests skipped", counts["skipped"])]
+    ok = rc == 0 and counts["tests"] > 0
+    return Outcome("passed" if ok else "failed", f"pytest exit {rc}; see pytest_gpu.log", targets)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmarks: run one, then read its rows back from DIR/<name>.json
+# ---------------------------------------------------------------------------------------------------------------
+
+def _rows(chk: Check, name: str) -> list[dict]:
+    path = chk.out / f"{name}{'_dryrun' if chk.dry_run else ''}.json"
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def _bench(chk: Check, module: str, argv: list[str], cap_s: float) -> int:
+    mode = ["--dry-run"] if chk.dry_run else ["--gpu"]
+    return chk.run_module(f"bench.{module}", [*mode, *argv], f"{module}.log", cap_s=cap_s)
+
+
+def _pick(rows: list[dict], **match) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _speed(row: dict) -> str:
+    """'12.3 ms, 2950 GB/s' (or TFLOP/s) of a benchmark row."""
+    unit = f"{row['GB_per_s']} GB/s" if "GB_per_s" in row else f"{row.get('TFLOP_per_s')} TFLOP/s"
+    return f"{row.get('time_ms')} ms, {unit}"
+
+
+def _frac_target(row: dict | None, what: str, key: str, at_least: float) -> Target:
+    if row is None:
+        return Target(what, "row missing", f"{key} >= {at_least}", False)
+    val = row.get(key)
+    return Target(f"{what}: {_speed(row)}", "n/a (no peak for this device)" if val is None else val,
+                  f"{key} >= {at_least}", None if val is None else val >= at_least)
+
+
+def _done(rc: int, log: str, targets: list[Target]) -> Outcome:
+    return Outcome("passed" if rc == 0 else "failed", f"exit {rc}; see {log}", targets)
+
+
+def step_logprobs(chk: Check) -> Outcome:
+    rc = _bench(chk, "bench_logprobs", [], 150.0)
+    rows = _rows(chk, "logprobs_gpu")
+    tok = _pick(rows, case="token_logprobs/fwd", backend="triton")
+    tok_bwd = _pick(rows, case="token_logprobs/fwd+bwd", backend="triton")
+    lin = _pick(rows, case="linear/fwd+bwd", path="chunked-triton")
+    shape = f"{tok['N']} x {tok['V']} {tok['dtype']}" if tok else "?"
+    targets = [_frac_target(tok, f"token_logprobs fwd {shape}", "hbm_fraction", 0.85),
+               _frac_target(tok_bwd, "token_logprobs fwd+bwd", "hbm_fraction", 0.85)]
+    if lin:
+        targets.append(Target(f"linear log-prob fwd+bwd {lin['N']} x {lin['V']} x {lin['H']}, ms "
+                              f"({lin.get('TFLOP_per_s')} TFLOP/s, matmul_peak_fraction {lin.get('matmul_peak_fraction')})",
+                              lin["time_ms"], "<= 110 ms", None if chk.dry_run else lin["time_ms"] <= 110.0))
+    else:
+        targets.append(Target("linear log-prob fwd+bwd ms", None, "<= 110 ms", False))
+    return _done(rc, "bench_logprobs.log", targets)
+
+
+def step_fused_ppo(chk: Check) -> Outcome:
+    rc = _bench(chk, "bench_fused_ppo", [], 150.0)
+    rows = _rows(chk, "fused_ppo_gpu")
+    targets = []
+    for path in ("fused", "composed", "naive"):
+        r = _pick(rows, path=path)
+        if r:
+            targets.append(Target(f"PPO step {path} fwd+bwd {r['N']} x {r['V']} x {r['H']}, ms ({r.get('TFLOP_per_s')}"
+                                  f" TFLOP/s, matmul_peak_fraction {r.get('matmul_peak_fraction')}, "
+                                  f"peak extra {r.get('peak_extra_mem_MiB')} MiB)", r.get("time_ms", r.get("error"))))
+    return _done(rc, "bench_fused_ppo.log", targets or [Target("PPO step rows", None, "present", False)])
+
+
+def step_gae(chk: Check) -> Outcome:
+    rc = _bench(chk, "bench_gae", [], 90.0)
+    rows = _rows(chk, "bench_gae_gpu")
+    fused = _pick(rows, case="gae+whiten", impl="triton-fused")
+    targets = [_frac_target(fused, f"GAE + whitening {fused['tokens'] if fused else '?'} tokens", "hbm_fraction",
+                            0.65)]
+    launches = fused.get("launches") if fused else None
+    targets.append(Target("GAE + whitening kernel launches", launches, "<= 2",
+                          None if launches in (None, "") else int(launches) <= 2))
+    for impl in ("triton", "native"):
+        r = _pick(rows, case="gae", impl=impl)
+        if r:
+            targets.append(Target(f"GAE scan {impl}: {_speed(r)} (hbm_fraction)", r.get("hbm_fraction")))
+    return _done(rc, "bench_gae.log", targets)
+
+
+def step_paged(chk: Check) -> Outcome:
+    rc = _bench(chk, "bench_paged_attention", [], 90.0)
+    rows = _rows(chk, "paged_attention_gpu")
+    targets = []
+    for r in rows:
+        if r.get("headline"):
+            targets.append(_frac_target(r, f"paged decode {r['case']} batch {r['batch']} ctx {r['ctx']} GQA "
+                                           f"{r['heads']}/{r['kv_heads']} block {r['block_size']}", "hbm_fraction",
+                                        0.70))
+    return _done(rc, "bench_paged_attention.log", targets or [Target("paged decode headline rows", None, "present",
+                                                                     False)])
+
+
+def step_rollout(chk: Check) -> Outcome:
+    rc = _bench(chk, "bench_rollout", [], 150.0)
+    rows = _rows(chk, "rollout_gpu")
+    targets = []
+    for case in ("generate/hf", "generate/engine", "generate/engine-deterministic"):
+        r = _pick(rows, case=case)
+        if r:
+            targets.append(Target(f"{case} tokens/s (x HF)", f"{r['tokens_per_s']} ({r['speedup_vs_hf']}x)"))
+    for r in rows:
+        if r.get("case") == "logprobs/engine-vs-teacher-forced":
+            det = r["deterministic"]
+            targets.append(Target(f"engine vs teacher-forced, max abs diff ({'deterministic' if det else 'default'})",
+                                  r["max_abs_diff"], "bitwise" if det else "",
+                                  bool(r["bitwise_equal"]) if det else None))
+    return _done(rc, "bench_rollout.log", targets or [Target("rollout rows", None, "present", False)])
+
+
+def step_ppo_iteration(chk: Check) -> Outcome:
+    """bench/bench_ppo_iteration.py (issue 10's) through its CLI; `--gpu` is passed once its parser has it."""
+    help_text = _cli_help("bench.bench_ppo_iteration")
+    has_gpu = "--gpu" in help_text
+    argv = ["--quick"] + (["--gpu"] if has_gpu else [])
+    if chk.dry_run:
+        return Outcome("skipped", "dry run: no tiny mode (37 s on CPU at its smallest); the GPU run calls "
+                                  f"`python -m bench.bench_ppo_iteration {' '.join(argv)}`"
+                                  + ("" if has_gpu else " (no --gpu mode yet: issue 10)"))
+    rc = chk.run_module("bench.bench_ppo_iteration", argv, "bench_ppo_iteration.log", cap_s=150.0)
+    targets = []
+    for path in sorted(chk.out.glob("ppo_iteration*.json")):
+        for r in json.loads(path.read_text())["rows"]:
+            if r.get("phase") == "total":
+                targets.append(Target(f"one PPO iteration, {r['case']}, ms ({r.get('device', '')[:30]})",
+                                      r["time_ms"]))
+    note = "" if has_gpu else " (it has no --gpu mode yet: this is its CPU benchmark)"
+    return Outcome("passed" if rc == 0 else "failed", f"exit {rc}; see bench_ppo_iteration.log{note}",
+                   targets or [Target("PPO iteration rows", None, "present", False)])
+
+
+def _cli_help(module: str) -> str:
+    """`python -m module --help`, in this process (argparse reads sys.argv whether or not main takes argv)."""
+    mod = importlib.import_module(module)
+    buf, argv0 = io.StringIO(), sys.argv
+    sys.argv = [module, "--help"]
+    try:
+        with contextlib.redirect_stdout(buf):
+            mod.main()
+    except SystemExit:
+        pass
+    finally:
+        sys.argv = argv0
+    return buf.getvalue()
+
+
+def step_losses(chk: Check) -> Outcome:
+    rc = _bench(chk, "bench_losses", [], 60.0)
+    targets = [Target(f"{r['case']} {r['impl']} {r['dtype']}: {_speed(r)} (hbm_fraction)", r.get("hbm_fraction"))
+               for r in _rows(chk, "bench_losses_gpu") if r.get("impl") == "rlhf_fast"]
+    return _done(rc, "bench_losses.log", targets)
+
+
+STEPS = [
+    Step("env", "env", step_env, 0, 30),
+    Step("build", "build", step_build, 30, 240),
+    Step("correctness", "correctness", step_correctness, 30, 240),
+    Step("perf/logprobs", "perf", step_logprobs, 20, 150),
+    Step("perf/fused_ppo", "perf", step_fused_ppo, 20, 150),
+    Step("perf/gae", "perf", step_gae, 10, 90),
+    Step("perf/paged_attention", "perf", step_paged, 10, 90),
+    Step("perf/rollout", "perf", step_rollout, 30, 150),
+    Step("perf/ppo_iteration", "perf", step_ppo_iteration, 30, 150),
+    Step("perf/losses", "perf", step_losses, 10, 60),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="global time budget in seconds")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    ap.add_argument("--only", default="", help="comma-separated step names to run (the others are skipped)")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+    args.out.mkdir(parents=True, exist_ok=True)
+    only = {s for s in args.only.split(",") if s}
+    steps = [s if not only or s.name in only or s.name == "env" else
+             Step(s.name, s.kind, lambda _c: Outcome("skipped", "not in --only"), 0, 0) for s in STEPS]
+    chk = Check(args.out.resolve(), args.budget_s, args.dry_run)
+    rc = chk.run(steps)
+    print((chk.out / "summary.md").read_text())
+    print(f"[gpu_check] results in {chk.out}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
