@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         b, t, width, vocab = (4, 256, 1024, 32768) if args.small else (16, 1024, 4096, 151936)
         if args.dry_run:
             b, t, width, vocab = 3, 8, 32, 300
-            timing = dict(warmup=0, repeats=1)
+            timing = dict(warmup=0, repeats=1, measure_memory=False)
         ref_rows = 2
         backend = "triton" if args.dry_run else None  # on CPU the automatic choice would be the native kernels
     else:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         if base and "time_ms" in r:
             r["time_vs_naive"] = round(r["time_ms"] / base["time_ms"], 3)
-            if base["peak_extra_mem_MiB"] > 0:
+            if base.get("peak_extra_mem_MiB", 0) > 0:
                 r["mem_vs_naive"] = round(r["peak_extra_mem_MiB"] / base["peak_extra_mem_MiB"], 4)
     name = ("fused_ppo_gpu" if args.gpu or args.dry_run else "fused_ppo") + ("_small" if args.small else "")
     write_results(name + ("_dryrun" if args.dry_run else ""), rows, plot_x="path", plot_y="time_ms", group_by="case")

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None):
         b, t = (4096, 2048) if args.gpu else (8, 64)
         rows = []
         for c in _cases(b, t, dev, ["triton", "native"], whiten=True):
-            row = run_case(c, dev, repeats=20 if args.gpu else 1, warmup=2 if args.gpu else 0)
+            timing = dict(repeats=20) if args.gpu else dict(warmup=0, repeats=1, measure_memory=False)
+            row = run_case(c, dev, **timing)
             if args.gpu and row["impl"] != "python-loop":
                 row["launches"], row["launch_names"] = cuda_launches(c.fn)
             rows.append(row)

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None):
             if args.dry_run:
                 shape = dict(batch=3, heads=4, kv_heads=2, head_dim=16, ctx=40, block_size=16)
             for c in cases_for(shape, torch.bfloat16, dev, backends, with_ref=(batch, ctx) == (32, 2048)):
-                row = run_case(c, dev, warmup=5, repeats=20) if args.gpu else run_case(c, dev, warmup=0, repeats=1)
+                timing = dict(warmup=5, repeats=20) if args.gpu else dict(warmup=0, repeats=1, measure_memory=False)
+                row = run_case(c, dev, **timing)
                 row["headline"] = (batch, ctx) == (32, 2048)
                 rows.append(row)
         write_results("paged_attention_gpu" + ("_dryrun" if args.dry_run else ""), rows, plot_x="ctx",

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None):
         cases.append(Case(name, {"prompts": n_prompts, "new_tokens": new, "params_M": round(n_params / 1e6, 2)},
                           lambda eng=eng: eng.generate(prompts, sampling)))
     timing = dict(warmup=1, repeats=3) if size == "cpu" else dict(warmup=1, repeats=2) if args.gpu else \
-        dict(warmup=0, repeats=1)
+        dict(warmup=0, repeats=1, measure_memory=False)
     rows = []
     for c in cases:
         row = run_case(c, dev, **timing)

@@ -216,6 +216,18 @@ def build_commands(archs: str, installed: bool) -> tuple[list[list[str]], dict]:
     return cmds, env
 
 
+def _probe_native() -> subprocess.CompletedProcess:
+    """What a fresh process sees of `_C`: built with CUDA, and the two CUDA kernels."""
+    code = ("from rlhf_fast import _native; print(_native.built_with_cuda(), _native.has('gae_cuda'), "
+            "_native.has('paged_attention_cuda'))")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+
+
+def _native_probe_ok(probe: subprocess.CompletedProcess | None = None) -> bool:
+    probe = probe or _probe_native()
+    return probe.returncode == 0 and probe.stdout.split() == ["True", "True", "True"]
+
+
 def step_build(chk: Check) -> Outcome:
     import torch
 
@@ -229,23 +241,25 @@ def step_build(chk: Check) -> Outcome:
         log.write_text(f"dry run: would run (archs for capability {cap}):\n{shown}\n")
         return Outcome("skipped", f"dry run: nvcc build not run (archs {archs}, installed {installed}); see build.log",
                        [Target("RLHF_FAST_CUDA_ARCHS", archs)])
+    failed = []
     with open(log, "w") as f:
         f.write(shown + "\n\n")
-        f.flush()
         for cmd in cmds:
+            f.flush()
+            # the install must happen even when the CUDA build failed: the Triton tests still run then
+            run_env = {**os.environ, **(env if not failed else {"RLHF_FAST_CUDA": "auto"})}
             try:
-                r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                   timeout=max(1.0, min(240.0, chk.left())))
+                rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=run_env,
+                                    timeout=max(1.0, min(240.0, chk.left()))).returncode
             except subprocess.TimeoutExpired:
-                return Outcome("failed", f"timed out: {' '.join(cmd[1:4])}; see build.log")
-            if r.returncode != 0:
-                return Outcome("failed", f"exit {r.returncode}: {' '.join(cmd[1:4])}; see build.log")
-    probe = subprocess.run([sys.executable, "-c", "from rlhf_fast import _native; print(_native.built_with_cuda(),"
-                            " _native.has('gae_cuda'), _native.has('paged_attention_cuda'))"],
-                           cwd=ROOT, capture_output=True, text=True)
-    ok = probe.returncode == 0 and probe.stdout.split() == ["True", "True", "True"]
-    return Outcome("passed" if ok else "failed", f"archs {archs}; _C with CUDA kernels: {probe.stdout.strip()}"
-                   f"{probe.stderr[-300:]}", [Target("RLHF_FAST_CUDA_ARCHS", archs)])
+                rc = "timeout"
+            if rc != 0:
+                failed.append(f"{' '.join(cmd[1:4])}: exit {rc}")
+    probe = _probe_native()
+    ok = not failed and _native_probe_ok(probe)
+    detail = f"archs {archs}; _C built_with_cuda, gae_cuda, paged_attention_cuda: {probe.stdout.strip()}"
+    return Outcome("passed" if ok else "failed", "; ".join([detail, *failed, probe.stderr[-300:]]).strip("; ") +
+                   "; see build.log", [Target("RLHF_FAST_CUDA_ARCHS", archs)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
