@@ -25,8 +25,16 @@ def dry_subset(values):
 
 
 def first_in_dry_run(*values):
-    """pytest params of `values` where the dry run keeps only the first (the others still run on CUDA)."""
-    return [v if i == 0 else pytest.param(v, marks=not_in_dry_run) for i, v in enumerate(values)]
+    """pytest params of `values` (plain values or `pytest.param`s) where the dry run keeps only the first (the others
+    still run on CUDA)."""
+    out = []
+    for i, v in enumerate(values):
+        if i and isinstance(v, type(pytest.param(0))):
+            v = pytest.param(*v.values, marks=(*v.marks, not_in_dry_run), id=v.id)
+        elif i:
+            v = pytest.param(v, marks=not_in_dry_run)
+        out.append(v)
+    return out
 
 
 def native_cuda(name: str):

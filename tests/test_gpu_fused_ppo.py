@@ -6,11 +6,11 @@ import pytest
 import torch
 from _gpu import DEVICE, assert_within_twice_torch, cuda_only, dry_subset, first_in_dry_run
 
-from rlhf_fast.ops import PPOAgg, PPOClip, ppo_loss_from_hidden, reference, use_backend
+from rlhf_fast.ops import KLTerm, PPOAgg, PPOClip, ppo_loss_from_hidden, reference, use_backend
 
 pytestmark = pytest.mark.gpu
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean")
-KL = dict(kl_coef=0.1, kl_kind="k3", entropy_coef=0.01, temperature=0.9)
+KL_COEF, KW = 0.1, dict(entropy_coef=0.01, temperature=0.9)
 
 
 def _batch(b, t, width, vocab, dtype):
@@ -31,13 +31,13 @@ def _step(batch, *, clip, agg, backend=None, fp64=False):
     cast = (lambda x: x.double()) if fp64 else (lambda x: x)
     h, w = cast(hidden).requires_grad_(True), cast(weight).requires_grad_(True)
     if fp64:
-        loss, stats = reference.ppo_loss_from_hidden(h, w, labels, old.double(), adv.double(), mask,
-                                                     ref_logp=ref_logp.double(), clip=clip, agg=PPOAgg(agg), **KL)
+        loss, stats = reference.ppo_loss_from_hidden(h, w, labels, old.double(), adv.double(), mask, clip=clip,
+                                                     agg=PPOAgg(agg), kl=KLTerm(ref_logp.double(), KL_COEF, "k3"), **KW)
         stats = dict(stats)
     else:
         with use_backend(backend):
-            loss, stats = ppo_loss_from_hidden(h, w, labels, old, adv, mask, ref_logp=ref_logp, clip=clip, agg=agg,
-                                               **KL)
+            loss, stats = ppo_loss_from_hidden(h, w, labels, old, adv, mask, clip=clip, agg=agg,
+                                               kl=KLTerm(ref_logp, KL_COEF, "k3"), **KW)
         stats = stats._asdict()
     dh, dw = torch.autograd.grad(loss * 1.7, (h, w))  # a non-unit upstream gradient
     return loss.detach(), stats, dh, dw

@@ -5,7 +5,8 @@ import torch
 from _gpu import DEVICE, cuda_only, dry_subset, first_in_dry_run, native_cuda
 from conftest import tol
 
-from rlhf_fast.ops import gae, gae_packed, kl_penalty, masked_whiten, ppo_policy_loss, reference, use_backend, value_loss
+from rlhf_fast.ops import (PPOClip, gae, gae_packed, kl_penalty, masked_whiten, ppo_policy_loss, reference,
+                           use_backend, value_loss)
 
 pytestmark = pytest.mark.gpu
 AGGS = dry_subset(("seq-mean-token-mean", "token-mean", "token-sum", "seq-mean-token-sum"))
@@ -67,8 +68,8 @@ def _loss_vs_fp64(op, ref_op, inputs, dtype, **kw):
 def test_policy_loss_matches_fp64(shape, dtype):
     inputs = _policy_inputs(*shape, dtype)
     for agg in AGGS:
-        for clip in dry_subset((dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0), dict(), dict(clip_low=0.1))):
-            _loss_vs_fp64(ppo_policy_loss, reference.ppo_policy_loss, inputs, dtype, agg=agg, **clip)
+        for clip in dry_subset((PPOClip(0.2, 0.28, 3.0), PPOClip(), PPOClip(0.1))):
+            _loss_vs_fp64(ppo_policy_loss, reference.ppo_policy_loss, inputs, dtype, agg=agg, clip=clip)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
