@@ -6,21 +6,16 @@ import math
 
 import pytest
 import torch
-from _ppo_common import DEVICE, HAS_TRITON, TRITON, random_mask
+from _backends import DEVICE, HAS_TRITON, NATIVE_LOGPROBS, TRITON
+from _ppo_common import random_mask
 from conftest import tol
 
-from rlhf_fast import _native
 from rlhf_fast.kernels import loss_layout
 from rlhf_fast.ops import (KLTerm, PPOAgg, PPOClip, kl_penalty, linear_token_logprobs, losses, ppo_loss_from_hidden,
                            ppo_policy_loss, reference, use_backend)
 
 BACKENDS = ["torch", TRITON]
-FUSED_BACKENDS = [
-    "torch",
-    pytest.param("native", marks=pytest.mark.skipif(not _native.has("token_logprobs_fwd_cpu"),
-                                                     reason="rlhf_fast._C not built with logprobs")),
-    TRITON,
-]
+FUSED_BACKENDS = ["torch", NATIVE_LOGPROBS, TRITON]
 # (clip, agg): clip-higher + Dr. GRPO's constant normaliser, GSPO (its tiny clip range) per sequence, GSPO with a
 # dual clip and token-mean, DAPO (clip-higher, token-mean)
 SPECS = [(PPOClip(0.2, 0.28), PPOAgg("seq-mean-token-sum-norm", norm=64.0)),
