@@ -1,100 +1,272 @@
-"""One PPO iteration end to end on CPU, split by phase: rlhf_fast vs the same loop on PyTorch reference ops and
-Hugging Face `generate`.
+"""One PPO iteration end to end, split by phase: rlhf_fast's `PPOTrainer` vs a plain TRL-style loop.
 
-    flock /tmp/rlhf_bench.lock python -m bench.bench_ppo_iteration [--quick] [--hidden 256 --layers 4]
+    flock /tmp/rlhf_bench.lock python -m bench.bench_ppo_iteration [--vocab 32000] [--quick] [--gpu]
 
-A Llama of the default pipeline's shape (randomly initialised; the default task's 40-word vocabulary), policy,
-frozen reference, frozen reward model and value model; 32 prompts x 4 samples, up to 24 new tokens, 2 PPO epochs
-of minibatch 64. Rows (bench/results/ppo_iteration[_h<hidden>_l<layers>].{csv,json,png}), one per (loop, phase), phase in generation |
-scoring (policy/reference/value/reward passes) | advantages (token rewards + GAE + whitening) | update | total:
-median ms over the measured iterations, generated tokens per iteration and tokens/s over the whole iteration.
-  * rlhf_fast: the paged rollout engine, ops on their automatic backend (native C++ on CPU where built).
-  * torch-ops+engine: the engine, every op forced to the PyTorch reference (`use_backend("torch")`).
-  * torch-ops+hf-generate: the baseline loop: HF `generate` and the PyTorch reference ops.
+A randomly initialised Llama (vocab `--vocab`, hidden 256, 4 layers, GQA 4/2) as policy, frozen reference, value
+and reward model; 16 prompts (random tokens, lengths around `--prompt-len`) x 4 samples x 64 new tokens (no stop
+token: both sides generate exactly the same number of tokens), 2 PPO epochs of minibatch 32, AdamW, clip 0.2,
+value clip 0.2, vf_coef 0.5, KL 0.05 in the reward, GAE gamma 1 lambda 0.95 with whitened advantages.
+
+  * trl-style: the loop as TRL / OpenRLHF / verl write it, here in the bench: HF `generate`; the policy,
+    reference, value and reward passes as padded HF forwards (left-padded prompts, position ids from the mask); full
+    logits -> log_softmax -> gather; rewards and GAE in a reversed Python loop; the same losses in plain PyTorch
+    and the same AdamW. Value and reward models are HF backbones + a Linear head (no lm_head), as in TRL.
+  * rlhf_fast: `PPOTrainer(cfg, policy, value, ref, reward_model, tokenizer).iteration(prompts, k)`.
+
+Both sides run interleaved iteration by iteration (one warm-up each), so load on the shared machine hits both.
+Rows (bench/results/ppo_iteration_v<vocab>[_gpu].{csv,json,png}): one per (side, phase) with the median seconds,
+the speedup (trl-style / rlhf_fast) and, on the total row, generated tokens and peak extra memory per iteration;
+plus a `prompt_sharing` row: one forward + backward of the policy over n = 8 samples of prompts as long as their
+responses, shared-prompt vs per-sample packing (tokens and time ratio).
+
+`bench_iteration(...)` is the function behind the CLI (helper scripts such as `bench/gpu_check.py` call it).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
-import tempfile
-from pathlib import Path
+import time
+import types
 
 import torch
+import torch.nn.functional as F
 
 from bench.harness import device_name, peak_extra_memory, write_results
-from rlhf_fast import ops
-from rlhf_fast.config import ModelArch, OptimConfig, PPOConfig, SamplingConfig, TaskConfig
-from rlhf_fast.data import load_prompts
-from rlhf_fast.default_task import build_model, build_tokenizer, write_task_data
+from rlhf_fast.config import KLConfig, OptimConfig, PPOConfig, SamplingConfig
 from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.stages.ppo import PPOTrainer
 
-PHASES = {"generation": "time_generate", "scoring": "time_score", "advantages": "time_advantages",
-          "update": "time_update"}
-LOOPS = {"rlhf_fast": ("engine", None), "torch-ops+engine": ("engine", "torch"),
-         "torch-ops+hf-generate": ("hf", "torch")}
+PHASES = ("time_generate", "time_score", "time_advantages", "time_update")
+NAMES = {"time_generate": "generate", "time_score": "score", "time_advantages": "advantages",
+         "time_update": "update"}
 
 
-def make_trainer(arch: ModelArch, tok, generator: str) -> PPOTrainer:
-    cfg = PPOConfig(prompts_per_iter=32, sampling=SamplingConfig(n=4, max_new_tokens=24), ppo_epochs=2,
-                    minibatch_size=64, generator=generator, optim=OptimConfig(lr=1e-5, schedule="constant"))
-    policy = build_model(arch, tok, seed=0)
-    ref = build_model(arch, tok, seed=0).requires_grad_(False)
-    rm = ScalarHeadModel(build_model(arch, tok, seed=1)).requires_grad_(False)
-    value = ScalarHeadModel(build_model(arch, tok, seed=1))
-    return PPOTrainer(cfg, policy, value, ref, rm, tok)
+def llama(vocab: int, hidden: int, layers: int, seed: int, dtype: torch.dtype, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    model.generation_config.eos_token_id = None  # no stop token: every response is max_new_tokens long
+    return model.eval()
 
 
-def measure(loop: str, arch: ModelArch, tok, prompts: list[list[int]], iters: int) -> list[dict]:
-    generator, backend = LOOPS[loop]
-    ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()
-    with ctx:
-        trainer = make_trainer(arch, tok, generator)
-        batches = [prompts[(i * 32) % len(prompts):][:32] for i in range(iters + 2)]
-        trainer.iteration(batches[0], 0)  # warm-up
-        peak = peak_extra_memory(lambda: trainer.iteration(batches[1], 1))
-        runs = [trainer.iteration(batches[i + 2], i + 2) for i in range(iters)]
+class ValueHead(torch.nn.Module):
+    """The baseline's value / reward model: an HF backbone + Linear(hidden, 1) (TRL's `AutoModelForSequence...`)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.score = torch.nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype, device=backbone.device)
+
+    def forward(self, ids, attn, pos):
+        h = self.backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+        return self.score(h).squeeze(-1).float()  # (B, T)
+
+
+class TRLStyleLoop:
+    """A plain PPO iteration, written the way the common trainers ship it (see the module docstring)."""
+
+    def __init__(self, cfg: PPOConfig, policy, ref, value: ValueHead, reward: ValueHead, pad_id: int):
+        self.cfg, self.policy, self.ref, self.value, self.reward, self.pad = cfg, policy, ref, value, reward, pad_id
+        params = [p for p in policy.parameters()] + [p for p in value.parameters()]
+        self.opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                     weight_decay=cfg.optim.weight_decay)
+
+    def logprobs(self, model, ids, attn, pos, ctx):
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+        logits = logits[:, ctx - 1:-1].float() / self.cfg.sampling.temperature  # (B, R, V)
+        return torch.gather(logits.log_softmax(-1), 2, ids[:, ctx:, None]).squeeze(-1)  # (B, R)
+
+    def iteration(self, prompts: list[list[int]], it: int) -> dict:
+        c, dev = self.cfg, self.policy.device
+        t0 = time.perf_counter()
+        ctx = max(map(len, prompts))
+        q = torch.full((len(prompts), ctx), self.pad, dtype=torch.long)
+        qa = torch.zeros_like(q)
+        for i, p in enumerate(prompts):  # left-padded queries
+            q[i, ctx - len(p):], qa[i, ctx - len(p):] = torch.tensor(p), 1
+        torch.manual_seed(c.seed + it)
+        with torch.no_grad():
+            out = self.policy.generate(input_ids=q.to(dev), attention_mask=qa.to(dev), do_sample=True,
+                                       max_new_tokens=c.sampling.max_new_tokens, temperature=c.sampling.temperature, top_k=0, top_p=1.0, num_return_sequences=c.sampling.n,
+                                       pad_token_id=self.pad, eos_token_id=None)
+        ids = out  # (N, ctx + R): every response has max_new_tokens tokens (no stop token)
+        attn = torch.cat((qa.to(dev).repeat_interleave(c.sampling.n, 0), torch.ones_like(ids[:, ctx:])), 1)
+        pos = (attn.cumsum(1) - attn).clamp(min=0)
+        t1 = time.perf_counter()
+        mb = c.minibatch_size
+        with torch.no_grad():
+            old_logp, ref_logp, values, scores = [], [], [], []
+            for s in range(0, ids.shape[0], mb):
+                a, m, p = ids[s:s + mb], attn[s:s + mb], pos[s:s + mb]
+                old_logp.append(self.logprobs(self.policy, a, m, p, ctx))
+                ref_logp.append(self.logprobs(self.ref, a, m, p, ctx))
+                values.append(self.value(a, m, p)[:, ctx - 1:-1])
+                scores.append(self.reward(a, m, p)[:, -1])
+            old_logp, ref_logp, values, scores = (torch.cat(x) for x in (old_logp, ref_logp, values, scores))
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            rewards = -c.kl.coef * (old_logp - ref_logp)
+            rewards[:, -1] += scores
+            last, adv_rev = 0.0, []
+            for t in reversed(range(rewards.shape[1])):  # GAE, the reversed Python loop
+                nxt = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+                delta = rewards[:, t] + c.gamma * nxt - values[:, t]
+                last = delta + c.gamma * c.lam * last
+                adv_rev.append(last)
+            adv = torch.stack(adv_rev[::-1], 1)
+            returns = adv + values
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        t3 = time.perf_counter()
+        self.policy.train()
+        self.value.train()
+        g = torch.Generator().manual_seed(c.seed * 7919 + it)
+        for _ in range(c.ppo_epochs):
+            perm = torch.randperm(ids.shape[0], generator=g)
+            for s in range(0, ids.shape[0], mb):
+                i = perm[s:s + mb].to(dev)
+                a, m, p = ids[i], attn[i], pos[i]
+                logp = self.logprobs(self.policy, a, m, p, ctx)
+                ratio = torch.exp(logp - old_logp[i])
+                pg = torch.max(-adv[i] * ratio, -adv[i] * ratio.clamp(1 - c.clip, 1 + c.clip)).mean()
+                v = self.value(a, m, p)[:, ctx - 1:-1]
+                vc = values[i] + (v - values[i]).clamp(-c.value_clip, c.value_clip)
+                vf = 0.5 * torch.max((v - returns[i]) ** 2, (vc - returns[i]) ** 2).mean()
+                loss = pg + c.vf_coef * vf
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.optim.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.value.parameters(), c.optim.grad_clip)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+        self.policy.eval()
+        self.value.eval()
+        t4 = time.perf_counter()
+        return {"time_generate": t1 - t0, "time_score": t2 - t1, "time_advantages": t3 - t2,
+                "time_update": t4 - t3, "generated_tokens": float(ids[:, ctx:].numel())}
+
+
+def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(max(1, 3 * length // 4), 5 * length // 4 + 1, (num,), generator=g)
+    return [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in lens]
+
+
+def prompt_sharing(policy, vocab: int, length: int, n: int = 8, groups: int = 4) -> dict:
+    """Forward + backward of the policy over `groups` prompts x `n` samples (prompt and response `length` tokens):
+    shared-prompt vs per-sample packing. Returns the token and time ratios."""
+    from rlhf_fast.models.packed import pack, packed_hidden
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(groups)]
+    seq_prompts = [p for p in prompts for _ in range(n)]
+    responses = [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in seq_prompts]
+    gid = [i // n for i in range(len(seq_prompts))]
+    times, tokens = {}, {}
+    for share in (False, True, False, True):  # interleaved; the second of each is kept (the first warms up)
+        b = pack(seq_prompts, responses, groups=gid, share_prompts=share, device=policy.device)
+        t0 = time.perf_counter()
+        packed_hidden(policy, b).float().square().mean().backward()
+        _sync(policy.device)
+        times[share], tokens[share] = time.perf_counter() - t0, b.num_tokens
+        policy.zero_grad(set_to_none=True)
+    return {"tokens_ratio": tokens[True] / tokens[False], "time_ratio": times[True] / times[False],
+            "time_shared_s": times[True], "time_per_sample_s": times[False]}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_iteration(*, vocab: int = 32000, hidden: int = 256, layers: int = 4, num_prompts: int = 16,
+                    n_samples: int = 4, new_tokens: int = 64, prompt_len: int = 64, iters: int = 2,
+                    device: str = "cpu", train_model: str = "ours") -> list[dict]:
+    """Run both sides interleaved; returns the result rows (see the module docstring). bf16 on CUDA."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    cfg = PPOConfig(prompts_per_iter=num_prompts, sampling=SamplingConfig(n=n_samples, max_new_tokens=new_tokens),
+                    ppo_epochs=2, minibatch_size=32, kl=KLConfig(coef=0.05),
+                    optim=OptimConfig(lr=1e-6, schedule="constant"), max_len=512, device=device,
+                    **({"train_model": train_model} if "train_model" in PPOConfig.__dataclass_fields__ else {}))
+    build = lambda seed: llama(vocab, hidden, layers, seed, dtype, device)  # noqa: E731
+    tok = types.SimpleNamespace(pad_token_id=0, eos_token_id=-1)  # no stop token: every response is full length
+    ours = PPOTrainer(cfg, build(0), ScalarHeadModel(build(1)).to(device=device, dtype=dtype),
+                      build(0).requires_grad_(False), ScalarHeadModel(build(1)).to(device=device, dtype=dtype)
+                      .requires_grad_(False), tok)
+    base = TRLStyleLoop(cfg, build(0), build(0).requires_grad_(False),
+                        ValueHead(build(1).model), ValueHead(build(1).model).requires_grad_(False), pad_id=0)
+    batches = [make_prompts(num_prompts, prompt_len, vocab, seed=i) for i in range(iters + 2)]
+    runs: dict[str, list[dict]] = {"rlhf_fast": [], "trl-style": []}
+    peaks: dict[str, int] = {}
+    sides = {"rlhf_fast": ours, "trl-style": base}
+    for name, side in sides.items():
+        side.iteration(batches[0], 0)  # warm-up
+    for name, side in sides.items():
+        peaks[name] = peak_extra_memory(lambda s=side: runs[name].append(s.iteration(batches[1], 1)), device)
+    # the engine's KV pool outlives the call (allocated at warm-up): count the blocks the iteration used
+    peaks["rlhf_fast"] += getattr(getattr(ours.generator, "stats", None), "peak_kv_bytes", 0)
+    for i in range(2, iters + 1):  # interleaved
+        for name, side in sides.items():
+            runs[name].append(side.iteration(batches[i], i))
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in (*PHASES, "generated_tokens")} for n, rs in runs.items()}
+    for m in med.values():
+        m["time_total"] = sum(m[k] for k in PHASES)
+    dev_name = device_name(device)
     rows = []
-    tokens = statistics.median(r["generated_tokens"] for r in runs)
-    total = statistics.median(sum(r[k] for k in PHASES.values()) for r in runs)
-    for phase, key in {**PHASES, "total": None}.items():
-        ms = 1e3 * (total if key is None else statistics.median(r[key] for r in runs))
-        row = {"case": loop, "phase": phase, "time_ms": round(ms, 2), "generated_tokens": tokens,
-               "tokens_per_s": round(tokens / total, 1) if key is None else "",
-               "gen_tokens_per_s": round(tokens / statistics.median(r["time_generate"] for r in runs), 1)
-               if phase == "generation" else "",
-               "peak_extra_mem_MiB": round(peak / 2**20, 1) if key is None else "",
-               "hidden": arch.hidden_size, "layers": arch.num_layers, "iterations": iters,
-               "device": device_name("cpu")}
-        rows.append(row)
+    for name in ("trl-style", "rlhf_fast"):
+        for key in (*PHASES, "time_total"):
+            row = {"case": name, "phase": NAMES.get(key, "total"), "time_s": round(med[name][key], 3),
+                   "speedup": round(med["trl-style"][key] / med[name][key], 2) if med[name][key] > 0 else "",
+                   "vocab": vocab, "hidden": hidden, "layers": layers, "dtype": str(dtype).removeprefix("torch."),
+                   "device": dev_name, "iterations": len(runs[name])}
+            if key == "time_total":
+                row.update(generated_tokens=med[name]["generated_tokens"],
+                           peak_extra_mem_MiB=round(peaks[name] / 2**20, 1),
+                           mem_ratio=round(peaks[name] / max(1, peaks["trl-style"]), 3))
+            rows.append(row)
+    share = prompt_sharing(ours.policy, vocab, new_tokens)
+    rows.append({"case": "prompt_sharing", "phase": "fwd+bwd n=8", "time_s": round(share["time_shared_s"], 3),
+                 "speedup": round(1 / share["time_ratio"], 2), "vocab": vocab, "hidden": hidden, "layers": layers,
+                 "dtype": str(dtype).removeprefix("torch."), "device": dev_name, "iterations": 1,
+                 "tokens_ratio": round(share["tokens_ratio"], 3), "time_ratio": round(share["time_ratio"], 3)})
     return rows
+
+
+def exact_cpu_peaks() -> None:
+    """glibc: serve every allocation over 128 KiB by mmap and trim freed heap, so that the process's resident set
+    follows live memory and the peak-RSS reading of one side is not hidden by pages the other side freed."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 measured iterations instead of 5")
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=2, help="measured iterations per side (after one warm-up)")
+    ap.add_argument("--quick", action="store_true", help="vocab 4096, hidden 128, 2 layers, 1 measured iteration")
+    ap.add_argument("--gpu", action="store_true", help="run on CUDA in bf16 (flash-attn varlen when installed)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads on CPU (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    arch = ModelArch(hidden_size=args.hidden, num_layers=args.layers, num_heads=4, num_kv_heads=2,
-                     intermediate_size=2 * args.hidden)
-    with tempfile.TemporaryDirectory() as d:
-        tok = build_tokenizer(Path(d) / "tok")
-        paths = write_task_data(Path(d) / "data", TaskConfig(n_sft=1, n_rm=1, n_ppo=256, n_eval=1))
-        prompts = [p.ids for p in load_prompts(paths["ppo_prompts"], tok, 64)]
-    rows = []
-    for loop in LOOPS:
-        rows += measure(loop, arch, tok, prompts, 2 if args.quick else 5)
-    base = next(r["time_ms"] for r in rows if r["case"] == "torch-ops+hf-generate" and r["phase"] == "total")
-    for r in rows:
-        if r["phase"] == "total":
-            r["speedup_vs_baseline"] = round(base / r["time_ms"], 2)
-    name = "ppo_iteration" if (args.hidden, args.layers) == (128, 2) else f"ppo_iteration_h{args.hidden}_l{args.layers}"
-    write_results(name, rows, plot_x="phase", plot_y="time_ms")
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu: no CUDA device")
+    if not args.gpu:
+        exact_cpu_peaks()
+    kw = dict(vocab=args.vocab, hidden=args.hidden, layers=args.layers, prompt_len=args.prompt_len, iters=args.iters)
+    if args.quick:
+        kw.update(vocab=4096, hidden=128, layers=2, iters=1)
+    rows = bench_iteration(**kw, device="cuda" if args.gpu else "cpu")
+    name = f"ppo_iteration_v{kw['vocab']}" + ("_gpu" if args.gpu else "") + ("_quick" if args.quick else "")
+    write_results(name, rows, plot_x="phase", plot_y="time_s")
 
 
 if __name__ == "__main__":

@@ -142,30 +142,48 @@ def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: 
 
 
 class _SegmentAttention:
-    """`attend(layer, q, k, v, scale)` over a batch's segments (one plan reused by every layer)."""
+    """`attend(layer, q, k, v, scale)` over a batch's segments (one plan reused by every layer).
+
+    CPU / fp32: the stream is split into its segments (one backward cat, not a zero-filled (T, ...) gradient per
+    slice); consecutive segments of one length with the same prefix run as one batched SDPA call (not in
+    deterministic mode, where every segment is its own call, so its result cannot depend on its neighbours)."""
 
     def __init__(self, batch: PackedBatch, deterministic: bool):
         self.segments = batch.segments
         self.deterministic = deterministic
         self.masks: dict[tuple[int, int], torch.Tensor] = {}
         self.varlen = None  # (kv_index, cu_q, cu_k, max_q, max_k) for flash-attn, built on first use
+        index = {(s, e): j for j, (s, e, _, _) in enumerate(self.segments)}
+        self.lengths = [e - s for s, e, _, _ in self.segments]
+        self.prefix = [index[(ps, pe)] if pe > ps else None for _, _, ps, pe in self.segments]
+        self.calls: list[list[int]] = []  # runs of segments attended in one call
+        for j, length in enumerate(self.lengths):
+            prev = self.calls[-1][-1] if self.calls else None
+            if (not deterministic and prev is not None and self.lengths[prev] == length
+                    and self.prefix[prev] == self.prefix[j]):
+                self.calls[-1].append(j)
+            else:
+                self.calls.append([j])
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
         if flash is not None and not self.deterministic:
             return self._flash(flash, q, k, v, scale)
         gqa = q.shape[1] != k.shape[1]
+        qs, ks, vs = (z.split(self.lengths) for z in (q, k, v))  # per segment (L, heads, D)
         outs = []
-        for s, e, ps, pe in self.segments:
-            qs = q[s:e].transpose(0, 1)[None]  # (1, H, L, D)
-            if pe > ps:
-                ks, vs = (torch.cat((z[ps:pe], z[s:e])).transpose(0, 1)[None] for z in (k, v))  # (1, KVH, P+L, D)
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self._mask(e - s, pe - ps, q.device),
-                                                   scale=scale, enable_gqa=gqa)
+        for run in self.calls:
+            n, length, pre = len(run), self.lengths[run[0]], self.prefix[run[0]]
+            qb = torch.stack([qs[j] for j in run]).transpose(1, 2)  # (n, H, L, D)
+            kb, vb = (torch.stack([z[j] for j in run]).transpose(1, 2) for z in (ks, vs))  # (n, KVH, L, D)
+            if pre is None:
+                o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
             else:
-                ks, vs = (z[s:e].transpose(0, 1)[None] for z in (k, v))
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-            outs.append(o[0].transpose(0, 1))  # (L, H, D)
+                kp, vp = (z[pre].transpose(0, 1)[None].expand(n, -1, -1, -1) for z in (ks, vs))  # (n, KVH, P, D)
+                kb, vb = torch.cat((kp, kb), 2), torch.cat((vp, vb), 2)  # (n, KVH, P + L, D)
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._mask(length, kp.shape[2], q.device),
+                                                   scale=scale, enable_gqa=gqa)
+            outs.append(o.transpose(1, 2).reshape(n * length, *q.shape[1:]))  # (n * L, H, D)
         return torch.cat(outs)
 
     def _mask(self, q_len: int, prefix: int, device: torch.device) -> torch.Tensor:
