@@ -189,6 +189,9 @@ class PPOConfig:
     optim: OptimConfig = OptimConfig(lr=1e-4, schedule="constant")
     max_len: int = 64  # prompt tokens kept (left-truncated)
     generator: str = "engine"  # engine: the paged rollout engine | hf: Hugging Face generate (the baseline)
+    train_model: str = "ours"  # ours: padding-free forwards on rlhf_fast's models | hf: padded HF forwards (reference)
+    share_prompts: bool = True  # ours: each prompt computed once for its samples (scoring and update)
+    old_logp: str = "reuse"  # reuse: the rollout's log-probs | recompute: a policy pass | check: both, log max |diff|
     save_every: int = 0
     seed: int = 0
     device: str = "auto"
@@ -196,6 +199,8 @@ class PPOConfig:
     def __post_init__(self):
         _check_device(self.device)
         _check(self.generator in ("engine", "hf"), "generator", "must be engine or hf")
+        _check(self.train_model in ("ours", "hf"), "train_model", "must be ours or hf")
+        _check(self.old_logp in ("reuse", "recompute", "check"), "old_logp", "must be reuse, recompute or check")
         for k in ("iterations", "prompts_per_iter", "ppo_epochs", "minibatch_size", "max_len"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("ptx_coef", "clip", "value_clip", "vf_coef", "entropy_coef", "early_stop_kl", "save_every"):

@@ -1,7 +1,10 @@
-"""Reward and value models: a causal LM's backbone with a scalar head.
+"""Reward and value models: a causal LM's backbone with a scalar head, and no lm_head (no dead weights).
 
-Saved as the Hugging Face causal LM (loadable by `AutoModelForCausalLM.from_pretrained`, the unused lm_head
-included) plus `scalar_head.safetensors` with the head's weight and bias.
+Saved as the Hugging Face backbone (`LlamaModel`, `Qwen2Model`, `GPT2Model`, ...: the causal LM's config, its
+`architectures` naming the backbone) plus `scalar_head.safetensors` with the head's weight and bias.
+`AutoModel.from_pretrained(dir)` loads exactly the saved backbone; `AutoModelForCausalLM.from_pretrained(dir)` loads
+it too, with an lm_head tied to the embeddings (tied configs) or freshly initialised (reported MISSING): a scalar
+head model never had a trained lm_head of its own.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_fast.models.hidden import final_hidden, untied_output_weight
+from rlhf_fast.models.hidden import final_hidden
 
 HEAD_FILE = "scalar_head.safetensors"
 
@@ -23,9 +26,10 @@ class ScalarHeadModel(nn.Module):
     """
 
     def __init__(self, lm: nn.Module):
+        """lm: a causal LM (only its backbone is kept) or a backbone."""
         super().__init__()
-        self.lm = lm
-        hidden = lm.config.hidden_size
+        self.lm = lm.base_model  # the decoder; a causal LM's lm_head is dropped
+        hidden = self.lm.config.hidden_size
         self.head = nn.Linear(hidden, 1)
         with torch.no_grad():
             self.head.weight.normal_(0.0, 1.0 / (hidden + 1) ** 0.5)
@@ -36,10 +40,15 @@ class ScalarHeadModel(nn.Module):
         hidden = final_hidden(self.lm, input_ids, attention_mask)  # (B, T, H)
         return self.head(hidden).squeeze(-1).float()
 
+    def packed(self, batch, *, deterministic: bool = False) -> torch.Tensor:
+        """One scalar per token of a `models.packed.PackedBatch` (padding-free, shared prompts), `(T,)` fp32."""
+        from rlhf_fast.models.packed import packed_hidden
+
+        return self.head(packed_hidden(self.lm, batch, deterministic=deterministic)).squeeze(-1).float()
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Backbone and head, without the causal LM's own (unused) output projection."""
-        unused = untied_output_weight(self.lm)
-        return [p for p in self.parameters() if p.requires_grad and p is not unused]
+        """Backbone and head."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def score(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded `input_ids (B, T)`, `lengths (B,)` -> the value at each last real token, `(B,)`."""
@@ -55,11 +64,12 @@ class ScalarHeadModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> ScalarHeadModel:
-        """From a directory saved by `save_pretrained`, or from a plain causal LM (a freshly initialised head)."""
+        """From a directory saved by `save_pretrained`, or from a plain causal LM (its backbone, a freshly
+        initialised head; the lm_head is not loaded)."""
         from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModel
 
-        model = cls(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype))
+        model = cls(AutoModel.from_pretrained(str(path), dtype=dtype))
         head_file = Path(path) / HEAD_FILE
         if head_file.is_file():
             state = load_file(str(head_file))

@@ -35,7 +35,7 @@ class GPT2LM(BoundLM):
         """Same contract as `LlamaFamilyLM.decode`: hidden (T, hidden) before the final LayerNorm."""
         tr = self.inner
         t = input_ids.shape[0]
-        h = tr.wte.weight[input_ids] + tr.wpe.weight[positions]  # (T, hidden)
+        h = F.embedding(input_ids, tr.wte.weight, tr.wte.padding_idx) + tr.wpe.weight[positions]  # (T, hidden)
         for i, block in enumerate(tr.h):
             att = block.attn
             qkv = conv1d(self._ln(h, block.ln_1), att.c_attn.weight, att.c_attn.bias, det)  # (T, 3 * hidden)

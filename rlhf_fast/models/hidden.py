@@ -18,8 +18,3 @@ def output_head(hf_model) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = hf_model.get_output_embeddings()
     return head.weight, head.bias
 
-
-def untied_output_weight(hf_model) -> torch.Tensor | None:
-    """The lm_head weight when it is a parameter of its own (None when tied to the input embedding)."""
-    weight = hf_model.get_output_embeddings().weight
-    return None if weight is hf_model.get_input_embeddings().weight else weight

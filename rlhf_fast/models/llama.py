@@ -6,6 +6,7 @@ step on the Hugging Face model is what the next rollout sees. The HF classes are
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from rlhf_fast.models.layers import (AttnMetadata, BoundLM, apply_rotary, cache_attention, elementwise, linear,
@@ -49,7 +50,8 @@ class LlamaFamilyLM(BoundLM):
         inner = self.inner
         t = input_ids.shape[0]
         cos, sin = self._rotary(positions)  # (T, D)
-        h = inner.embed_tokens.weight[input_ids]  # (T, hidden)
+        emb = inner.embed_tokens  # padding_idx as in nn.Embedding: that row gets no gradient
+        h = F.embedding(input_ids, emb.weight, emb.padding_idx)  # (T, hidden)
         for i, layer in enumerate(inner.layers):
             att = layer.self_attn
             x = rms_norm(h, layer.input_layernorm.weight, self.eps)

@@ -22,6 +22,7 @@ from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.models import output_head
 from rlhf_fast.rollout import SamplingParams
 from rlhf_fast.stages import experience as xp
+from rlhf_fast.stages import packed_passes as pp
 from rlhf_fast.stages.common import guarded_step, make_optimizer, make_scheduler, progress, resolve_device
 from rlhf_fast.stages.kl_control import KLController
 from rlhf_fast.stages.run_state import TrainRun
@@ -82,20 +83,21 @@ class PPOTrainer:
         comps = self.generator.generate(prompts, self.sampling(iteration))
         t1 = time.perf_counter()
         ro = xp.make_rollout(prompts, comps, self.pad_id, self.policy.device)
-        passes = xp.score_rollout(self.policy, self.ref, self.value, self.rm, ro, c.sampling.temperature)
+        passes, checks = pp.score_rollout(c, self.policy, self.ref, self.value, self.rm, ro, comps)
         t2 = time.perf_counter()
         kl_coef = self.kl_ctl.value if c.kl.placement == "reward" else 0.0
         exp = xp.advantages(ro, *passes, kl_coef=kl_coef, kl_kind=c.kl.kind, gamma=c.gamma, lam=c.lam)
         t3 = time.perf_counter()
         return exp, {"time_generate": t1 - t0, "time_score": t2 - t1, "time_advantages": t3 - t2,
-                     "generated_tokens": float(ro.mask.sum())}
+                     "generated_tokens": float(ro.mask.sum()), **checks}
 
     def minibatch_loss(self, mb: xp.Experience, ptx_ids: list[list[int]]) -> tuple[torch.Tensor, dict]:
         """Clipped policy loss - entropy bonus (+ KL in loss) through the fused PPO step, + vf_coef * clipped
         value loss (+ ptx_coef * pretraining NLL): one scalar, one backward."""
         c, ro = self.cfg, mb.rollout
-        loss, stats = self.policy_loss(mb)
-        vl, vst = ops.value_loss(xp.values_at(self.value, ro), mb.old_values, mb.returns, ro.mask, clip=c.value_clip)
+        batch = pp.pack_rollout(ro, c.share_prompts) if c.train_model == "ours" else None  # None: padded HF
+        loss, stats = self.policy_loss(mb, batch)
+        vl, vst = ops.value_loss(pp.values_at(self.value, ro, batch), mb.old_values, mb.returns, ro.mask, clip=c.value_clip)
         loss = loss + c.vf_coef * vl
         stats.update(vf_loss=float(vl.detach()), vf_explained_var=float(vst.explained_variance))
         if ptx_ids:
@@ -105,11 +107,12 @@ class PPOTrainer:
             stats["ptx_loss"] = float(ptx_loss.detach())
         return loss, stats
 
-    def policy_loss(self, mb: xp.Experience) -> tuple[torch.Tensor, dict]:
-        """`ops.ppo_loss_from_hidden` on the response hidden states and the lm_head (weight and bias)."""
+    def policy_loss(self, mb: xp.Experience, batch=None) -> tuple[torch.Tensor, dict]:
+        """`ops.ppo_loss_from_hidden` on the response hidden states and the lm_head (weight and bias); `batch`: the
+        minibatch packed (`packed_passes.pack_rollout`), None for the padded HF forward."""
         c, ro = self.cfg, mb.rollout
         kl_coef = self.kl_ctl.value if c.kl.placement == "loss" else 0.0
-        hidden = xp.response_hidden(self.policy, ro)  # (n, R, H)
+        hidden = pp.response_hidden(self.policy, ro, batch)  # (n, R, H)
         weight, bias = output_head(self.policy)
         loss, st = ops.ppo_loss_from_hidden(
             hidden, weight, ro.labels.clamp(min=0), mb.old_logp, mb.advantages, ro.mask, bias=bias,
@@ -129,7 +132,7 @@ class PPOTrainer:
         agg: dict[str, list[float]] = {}
         stop = False
         for _ in range(c.ppo_epochs):
-            perm = torch.randperm(n, generator=g)
+            perm = pp.epoch_order(c, exp.rollout.prompt_index, g)
             for start in range(0, n, c.minibatch_size):
                 mb = exp.select(perm[start:start + c.minibatch_size])
                 ptx_ids = []

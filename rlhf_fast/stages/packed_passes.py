@@ -1,0 +1,102 @@
+"""PPO's passes on padding-free batches (`ppo.train_model: ours`): the rollout packed into one token stream
+(`rlhf_fast.models.packed`), each prompt computed once for its samples (`ppo.share_prompts`), for the frozen passes
+(policy, reference, value, reward) and for the update; and the rollout's own log-probs as `old_logp`.
+
+Every function takes `batch = pack_rollout(ro, ...)`; `batch=None` is the padded Hugging Face path
+(`train_model: hf`, the reference), so the stage calls one function either way. Results are `(N, R)` tensors laid
+out like `Rollout.labels`, so the losses in `rlhf_fast.ops` are the same on both paths.
+
+Reusing the rollout log-probs (`ppo.old_logp: reuse`): the policy has not changed between generation and scoring,
+so the engine's log-probs are the behaviour policy's log-probs. They equal a teacher-forced recompute to <= 1e-6
+(bitwise with a deterministic engine and `teacher_forced_logprobs(..., deterministic=True)`); `old_logp: check`
+recomputes them and reports the max |difference| as `old_logp_max_diff`.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast import ops
+from rlhf_fast.data import IGNORE_INDEX
+from rlhf_fast.models import output_head
+from rlhf_fast.models.packed import PackedBatch, pack, packed_hidden
+from rlhf_fast.stages import experience as xp
+
+
+def pack_rollout(ro: xp.Rollout, share_prompts: bool) -> PackedBatch:
+    """`ro`'s sequences as one stream, no padding; with `share_prompts` one copy of each prompt (`prompt_index`)."""
+    resp_len = (ro.labels != IGNORE_INDEX).sum(1).tolist()
+    ids = ro.input_ids.tolist()
+    lengths = ro.lengths.tolist()
+    prompts = [row[:n - r] for row, n, r in zip(ids, lengths, resp_len)]
+    responses = [row[n - r:n] for row, n, r in zip(ids, lengths, resp_len)]
+    return pack(prompts, responses, groups=list(ro.prompt_index), share_prompts=share_prompts,
+                device=ro.input_ids.device)
+
+
+def response_hidden(model, ro: xp.Rollout, batch: PackedBatch | None) -> torch.Tensor:
+    """The policy's hidden states that predict each response token, `(N, R, H)`."""
+    if batch is None:
+        return xp.response_hidden(model, ro)
+    return packed_hidden(model, batch)[batch.predict_index(ro.labels.shape[1])]
+
+
+def policy_logprobs(model, ro: xp.Rollout, batch: PackedBatch | None, temperature: float) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) at `temperature`, `(N, R)` fp32, 0 on padding."""
+    weight, bias = output_head(model)
+    return ops.linear_token_logprobs(response_hidden(model, ro, batch), weight, ro.labels, bias=bias,
+                                     temperature=temperature, ignore_index=IGNORE_INDEX)
+
+
+def values_at(value_model, ro: xp.Rollout, batch: PackedBatch | None) -> torch.Tensor:
+    """V(x, y_<t) at every response token, `(N, R)`."""
+    if batch is None:
+        return xp.values_at(value_model, ro)
+    return value_model.packed(batch)[batch.predict_index(ro.labels.shape[1])]
+
+
+def scores(reward_model, ro: xp.Rollout, batch: PackedBatch | None) -> torch.Tensor:
+    """The reward model's score at each sequence's last token, `(N,)`."""
+    if batch is None:
+        return reward_model.score(ro.input_ids, ro.lengths)
+    return reward_model.packed(batch)[batch.last_index()]
+
+
+def rollout_logprobs(completions, ro: xp.Rollout) -> torch.Tensor:
+    """The generator's log-probs of the sampled tokens, laid out like `ro.labels`: `(N, R)` fp32, 0 on padding."""
+    out = torch.zeros(ro.labels.shape, dtype=torch.float32)
+    for i, c in enumerate(completions):
+        out[i, :len(c.token_ids)] = c.logprobs.float().cpu()
+    return out.to(ro.labels.device)
+
+
+@torch.no_grad()
+def score_rollout(cfg, policy, ref, value_model, reward_model, ro: xp.Rollout, completions):
+    """The frozen passes for `cfg` (a `PPOConfig`): ((old_logp, ref_logp, old_values, scores), metrics)."""
+    temperature = cfg.sampling.temperature
+    batch = pack_rollout(ro, cfg.share_prompts) if cfg.train_model == "ours" else None
+    metrics = {}
+    if cfg.old_logp == "recompute":
+        old_logp = policy_logprobs(policy, ro, batch, temperature)
+    else:
+        old_logp = rollout_logprobs(completions, ro)
+        if cfg.old_logp == "check":
+            diff = (policy_logprobs(policy, ro, batch, temperature) - old_logp).abs() * ro.mask
+            metrics["old_logp_max_diff"] = float(diff.max())
+    ref_logp = policy_logprobs(ref, ro, batch, temperature)
+    old_values = values_at(value_model, ro, batch) * ro.mask
+    return (old_logp, ref_logp, old_values, scores(reward_model, ro, batch)), metrics
+
+
+def epoch_order(cfg, prompt_index: list[int], generator: torch.Generator) -> torch.Tensor:
+    """The sample order of one PPO epoch. Shared prompts in the update: the prompt groups are shuffled and each
+    group's samples stay together, so a minibatch holds whole groups (whenever `minibatch_size` is a multiple of
+    `n`) and computes each prompt once; otherwise a uniform permutation."""
+    n = len(prompt_index)
+    if not (cfg.train_model == "ours" and cfg.share_prompts):
+        return torch.randperm(n, generator=generator)
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(prompt_index):
+        groups.setdefault(g, []).append(i)
+    members = list(groups.values())
+    return torch.tensor([i for j in torch.randperm(len(members), generator=generator).tolist() for i in members[j]],
+                        dtype=torch.int64)
