@@ -108,3 +108,10 @@ def test_build_step_runs_its_commands_and_probes_the_extension(tmp_path, monkeyp
     assert "building 90a" in (tmp_path / "build.log").read_text()
     assert out.targets[0].value == "90a" and "built_with_cuda" in out.detail
     assert out.status == ("passed" if gpu_check._native_probe_ok() else "failed")
+
+
+def test_ppo_iteration_arguments_follow_its_cli():
+    assert gpu_check.ppo_iteration_argv("  --quick  --hidden N") == ["--quick"]
+    assert gpu_check.ppo_iteration_argv("--quick --gpu --iters N") == ["--gpu", "--iters", "1"]
+    assert gpu_check.ppo_iteration_argv("--gpu") == ["--gpu"]
+    assert "--quick" in gpu_check._cli_help("bench.bench_ppo_iteration")
