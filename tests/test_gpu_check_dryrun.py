@@ -3,6 +3,7 @@ budget guard, the subprocess launcher, the arch choice and the device peak table
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,18 @@ def test_ppo_iteration_arguments_follow_its_cli():
     assert gpu_check.ppo_iteration_argv("--quick --gpu --iters N") == ["--gpu", "--iters", "1"]
     assert gpu_check.ppo_iteration_argv("--gpu") == ["--gpu"]
     assert "--quick" in gpu_check._cli_help("bench.bench_ppo_iteration")
+
+
+def test_every_triton_op_and_cuda_kernel_has_a_gpu_test():
+    """A kernel added later without a GPU test fails here, not on the first GPU."""
+    import rlhf_fast.ops  # noqa: F401 - registers every op
+    from rlhf_fast.backend import registered_ops
+
+    text = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_gpu_*.py"))
+    missing = [name for name, spec in registered_ops().items() if spec.triton and not re.search(rf"\b{name}\b", text)]
+    missing += [spec.native_cuda for spec in registered_ops().values()
+                if spec.native_cuda and f'native_cuda("{spec.native_cuda}")' not in text]
+    assert not missing, f"no GPU test calls {missing} (add one to tests/test_gpu_*.py)"
+    for cu in (ROOT / "csrc" / "cuda").glob("*.cu"):
+        assert any(spec.native_cuda and spec.native_cuda.startswith(cu.stem) for spec in registered_ops().values()), \
+            f"{cu.name} exports no op registered with native_cuda="
