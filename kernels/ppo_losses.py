@@ -63,13 +63,15 @@ def _finite(x):
 
 
 # --- KL: k = f(lr), lr = clamp(logp - ref, -20, 20); dk/dlogp = f'(lr) [|logp - ref| <= 20], dk/dref = -that.
-#     f' : k1 -> 1, k2 -> lr, k3 -> 1 - e^{-lr} = -expm1(-lr), abs -> sign(lr).
+#     f' : k1 -> 1, k2 -> lr, k3 -> 1 - e^{-lr} = -expm1(-lr), abs -> sign(lr). A NaN log ratio gives k = NaN and a
+#     zero gradient (the [|raw| <= 20] factor is false for NaN), an infinite one is clamped: as the torch reference.
 @triton.jit
 def _kl_fwd_kernel(LOGP, REF, OUT, n, KIND: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
-    lr = tl.load(LOGP + offs, mask=inb, other=0).to(ACC) - tl.load(REF + offs, mask=inb, other=0).to(ACC)
-    lr = tl.minimum(tl.maximum(lr, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+    raw = tl.load(LOGP + offs, mask=inb, other=0).to(ACC) - tl.load(REF + offs, mask=inb, other=0).to(ACC)
+    lr = tl.minimum(tl.maximum(raw, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+    lr = tl.where(raw != raw, raw, lr)  # a NaN log ratio stays NaN (tl.maximum would return the bound), as in torch
     if KIND == 0:
         k = lr
     elif KIND == 1:

@@ -4,7 +4,8 @@ Launch 1 (`_row_moments_kernel`, or the GAE scan, which emits the same partials)
 (count, mean, M2) of its valid elements. Launch 2 (`_normalize_kernel`) has every program combine all rows'
 partials with Chan's parallel formula (a few KB, L2 resident) and whiten its own row:
     out = (x - mean) * rsqrt(var + eps) [+ mean if not shift_mean],  var = M2 / (n - 1) (0 when n < 2),
-and 0 on masked positions. Rows are [CU[i], CU[i + 1]) of a flat buffer (padded rows: CU = arange * T).
+and 0 on masked positions. Valid elements that are NaN/Inf are left out of the statistics (and stay non-finite in
+the output). Rows are [CU[i], CU[i + 1]) of a flat buffer (padded rows: CU = arange * T).
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 @triton.jit
 def _block_moments(x, valid):
-    """(count, mean, M2) of x over valid in one block, two passes in registers."""
+    """(count, mean, M2) of x over valid, finite elements in one block, two passes in registers (a non-finite
+    valid x is left out of the statistics, and the normalisation leaves it non-finite)."""
+    valid = valid & (tl.abs(x) < float("inf"))
     n = tl.sum(valid.to(x.dtype), 0)
     mean = tl.sum(tl.where(valid, x, 0.0), 0) / tl.maximum(n, 1.0)
     d = tl.where(valid, x - mean, 0.0)

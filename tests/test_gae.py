@@ -213,3 +213,33 @@ def test_bad_input():
     if _native.has("gae_cpu"):  # the extension checks too
         with pytest.raises(ValueError, match="gamma must be in"):
             _native.fn("gae_cpu")(0, 0, 0, 0, 0, 0, 0, 0, 2.0, 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_reward_stays_in_its_sequence_and_out_of_the_whitening(backend):
+    """A non-finite reward or value at a valid token makes that token's advantage (and, by the recursion, the
+    earlier valid tokens' of the same sequence) non-finite; whitening leaves them so and computes its statistics
+    over the finite advantages only, so every other token is whitened as if they were masked, and the policy loss
+    later drops and counts them."""
+    r, v = _inputs(4, 11, torch.float64)
+    mask = random_mask(4, 11, empty_rows=(3,), p=0.8)
+    mask[2, 6] = True
+    r[2, 6] = float("nan")
+    v[0, 4] = float("inf")
+    mask[0, 4] = True
+    r[1, 2], mask[1, 2] = float("nan"), False  # masked: ignored entirely
+    raw, _ = reference.gae(r, v, mask, gamma=0.9, lam=0.8)
+    bad = mask & ~torch.isfinite(raw)
+    assert bad[2, 6] and bad[0, 4] and not bad[1].any() and not bad[3].any()
+    good = mask & ~bad
+    sel = raw[good]
+    want = torch.where(good, (raw - sel.mean()) / torch.sqrt(sel.var() + 1e-8), torch.zeros_like(raw))
+    with use_backend(backend):
+        adv, ret = gae(r, v, mask, gamma=0.9, lam=0.8, whiten=True)
+        cu = torch.arange(0, 45, 11, device=DEVICE)
+        adv_p, _ = gae_packed(r.reshape(-1), v.reshape(-1), mask.reshape(-1), cu, gamma=0.9, lam=0.8, whiten=True)
+    for a in (adv, adv_p.view(4, 11)):
+        assert torch.equal(~torch.isfinite(a) & mask, bad)
+        torch.testing.assert_close(torch.where(good, a, 0.0), want, atol=1e-10, rtol=1e-10)
+        assert (a[~mask] == 0).all()
+    assert torch.equal(~torch.isfinite(ret) & mask, bad)

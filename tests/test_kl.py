@@ -85,3 +85,25 @@ def test_bad_input():
         kl_penalty(a.long(), a)
     with pytest.raises(TypeError, match="ref_logp must be a torch.Tensor"):
         kl_penalty(a, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_nonfinite_inputs_give_the_same_answer_on_every_backend(backend):
+    """A NaN log ratio (a NaN input, or both inputs the same infinity) gives NaN with zero gradient; an infinite log
+    ratio is clamped to +-20 like any |lr| > 20 (zero gradient). The same on every backend."""
+    nan, inf = float("nan"), float("inf")
+    logp = torch.tensor([nan, 0.3, inf, -inf, inf, 0.2, nan, -1.0], device=DEVICE)
+    ref_logp = torch.tensor([0.1, nan, 0.0, 0.0, inf, -inf, nan, -1.5], device=DEVICE)
+    is_nan = torch.tensor([True, True, False, False, True, False, True, False], device=DEVICE)
+    at_20 = {"k1": 20.0, "k2": 200.0, "k3": math.expm1(-20.0) + 20.0, "abs": 20.0}
+    with use_backend(backend):
+        for kind in KINDS:
+            x, y = logp.clone().requires_grad_(True), ref_logp.clone().requires_grad_(True)
+            k = kl_penalty(x, y, kind)
+            dx, dy = torch.autograd.grad(k.sum(), (x, y))
+            assert torch.equal(k.isnan(), is_nan), kind
+            assert k[2].item() == pytest.approx(at_20[kind], rel=1e-6) and k[5].item() == k[2].item()
+            want = reference.kl_penalty(logp.double(), ref_logp.double(), kind)
+            torch.testing.assert_close(k[~is_nan].double(), want[~is_nan], rtol=1e-6, atol=1e-6)
+            assert torch.isfinite(dx).all() and torch.isfinite(dy).all()
+            assert (dx[:7] == 0).all() and (dy[:7] == 0).all() and dx[7] != 0

@@ -96,3 +96,18 @@ def test_bad_input():
         masked_mean(x, torch.ones(3, 4), dim=2)
     with pytest.raises(TypeError, match="x must have dtype"):
         masked_whiten(x.long(), torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_whiten_keeps_nonfinite_valid_elements_out_of_the_statistics(backend):
+    x = torch.randn(3, 17, device=DEVICE)
+    m = random_mask(3, 17)
+    m[1, 3] = m[2, 5] = True
+    x[1, 3], x[2, 5] = float("nan"), float("-inf")
+    good = m & torch.isfinite(x)
+    sel = x[good].double()
+    want = torch.where(good, (x.double() - sel.mean()) / torch.sqrt(sel.var() + 1e-8), torch.zeros_like(sel[:1]))
+    with use_backend(backend):
+        out = masked_whiten(x, m)
+    assert out[1, 3].isnan() and not torch.isfinite(out[2, 5]) and torch.isfinite(out[good]).all()
+    torch.testing.assert_close(torch.where(good, out, 0.0).double(), want, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,13 @@ position is n (if none, V_n = A_n = 0),
 A masked t (padding, or an observation token inside a multi-turn response) is transparent: it adds no TD error,
 is skipped when bootstrapping (the next *valid* value is used across holes) and carries the advantage over,
 A_t = A_{t+1} (0 after the last valid token). returns = advantages + values at every position.
-No gradient: GAE runs under no_grad semantics (outputs never require grad). NaN/Inf inputs propagate.
+No gradient: GAE runs under no_grad semantics (outputs never require grad).
+
+Non-finite inputs (the same on every backend): a NaN/Inf reward or value at a valid token makes that token's
+advantage non-finite and, through the recursion, every earlier valid token's of the same sequence (masked tokens
+are never read). Nothing crosses sequences. With `whiten=True` the whitening statistics leave the non-finite
+advantages out and those stay non-finite, so the rest of the batch is whitened as if they were masked and the
+policy loss later drops and counts them (`stats.nonfinite`); find them with `~torch.isfinite(advantages) & mask`.
 """
 from __future__ import annotations
 

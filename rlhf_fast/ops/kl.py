@@ -2,6 +2,10 @@
 
 The log ratio lr = logp - ref_logp is clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] = [-20, 20] first, so
 exp(+-lr) can neither overflow nor produce NaN gradients; the gradient is 0 where the clamp is active.
+
+Non-finite inputs, the same on every backend: a NaN log ratio (a NaN input, or both inputs the same infinity)
+gives NaN out with zero gradient; an infinite log ratio (one infinite input) is clamped to +-20 like any |lr| > 20.
+The losses that use a KL drop such tokens and count them (`stats.nonfinite`).
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
     logp, ref_logp: same shape (any), float dtypes. With lr = clamp(logp - ref_logp, -20, 20):
       k1 = lr,  k2 = lr^2 / 2,  k3 = exp(-lr) + lr - 1 (computed as expm1(-lr) + lr),  abs = |lr|.
     Returns a tensor of the same shape (dtype: the promotion of the inputs'); differentiable in both inputs.
+    NaN log ratio -> NaN (zero gradient); infinite log ratio -> clamped to +-20 (zero gradient), on every backend.
     """
     _checks.check_float("logp", logp)
     _checks.check_float("ref_logp", ref_logp)

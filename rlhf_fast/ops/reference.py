@@ -87,7 +87,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
     """Per-token KL estimate of KL(pi || pi_ref) from sampled log-probs (Schulman, "Approximating KL divergence").
 
     With lr = clamp(logp - ref_logp, -20, 20):  k1 = lr,  k2 = lr^2 / 2,  k3 = exp(-lr) + lr - 1 = expm1(-lr) + lr,
-    abs = |lr|.  Shapes: any, equal; returns the same shape.
+    abs = |lr|.  Shapes: any, equal; returns the same shape. A NaN log ratio (a NaN input, or two equal infinities)
+    gives NaN with zero gradient; an infinite one is clamped to +-20 (zero gradient).
     """
     lr = (logp - ref_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if kind == "k1":
@@ -121,12 +122,14 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, *, unbiased: bool = True) ->
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8):
-    """(x - mean) / sqrt(var + eps) over mask == 1 (var unbiased); masked positions are set to 0.
+    """(x - mean) / sqrt(var + eps) over mask == 1 (var unbiased); masked positions are set to 0. A NaN/Inf x at a
+    valid position is left out of mean and var (and stays non-finite in the output).
 
     With `shift_mean=False` the mean is added back (scale only), as TRL does for advantages.
     """
     m = mask.bool()
-    mean, var = masked_mean(x, m), masked_var(x, m)
+    stat = m & torch.isfinite(x)
+    mean, var = masked_mean(x, stat), masked_var(x, stat)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

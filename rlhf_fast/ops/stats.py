@@ -49,7 +49,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     """Whiten `x` with its masked mean and unbiased variance: (x - mean) / sqrt(var + 1e-8).
 
     x, mask: same shape (any; the Triton path views them as (rows, last dim)). `shift_mean=False` adds the mean
-    back (rescale only). Masked positions of the result are 0. Statistics are accumulated in float32 (float64
+    back (rescale only). Masked positions of the result are 0; a NaN/Inf at a valid position is left out of the
+    statistics and stays non-finite in the result (every backend), so one bad element cannot poison the rest. Statistics are accumulated in float32 (float64
     for float64 input); the result has x's dtype.
     """
     _check(x, mask)
