@@ -6,14 +6,16 @@ the reference loop (`rlhf_fast.ops.reference.gae`, what those trainers do) vs ou
 Issue target at 64 x 2048: native >= 100x faster than the loop, error <= 1e-5.
 `--gpu` (needs CUDA): 4096 x 2048 = 8.4M tokens fp32: Triton scan, Triton scan + fused whitening, native CUDA
 scan, and the loop; GB/s (bench/roofline.py `gae`), the fraction of the GPU's HBM bandwidth (issue target >= 65%)
-and the CUDA launches of one call counted by the profiler (target <= 2 with whitening). `--dry-run`: that code path
-on CPU at 8 x 64 (Triton under the interpreter; launches are not counted there).
+the Triton launches of one call (target <= 2 with whitening) and all its CUDA work counted by the profiler (kernels,
+memsets, copies: the row offsets are one more). `--dry-run`: that code path on CPU at 8 x 64 (Triton under the
+interpreter; no profiler count there).
 
 Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_gae [--gpu | --dry-run] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -73,6 +75,32 @@ def _speedups(rows):
     return rows
 
 
+@contextlib.contextmanager
+def counting_triton_launches():
+    """Yields a list that records every Triton kernel launch of the GAE / whitening kernels inside the block."""
+    from rlhf_fast.kernels import gae as kg
+    from rlhf_fast.kernels import whiten as kw
+
+    launches: list[str] = []
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.name)
+            return self.kernel[grid]
+
+    saved = [(mod, n, getattr(mod, n)) for mod in (kg, kw) for n in dir(mod) if n.endswith("_kernel")]
+    for mod, n, k in saved:
+        setattr(mod, n, Counting(n, k))
+    try:
+        yield launches
+    finally:
+        for mod, n, k in saved:
+            setattr(mod, n, k)
+
+
 def cuda_launches(fn) -> tuple[int, str]:
     """(number, names) of the CUDA kernels, memsets and copies one call of `fn` puts on the device (profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -104,8 +132,12 @@ def main(argv: list[str] | None = None):
         for c in _cases(b, t, dev, ["triton", "native"], whiten=True):
             timing = dict(repeats=20) if args.gpu else dict(warmup=0, repeats=1, measure_memory=False)
             row = run_case(c, dev, **timing)
-            if args.gpu and row["impl"] != "python-loop":
-                row["launches"], row["launch_names"] = cuda_launches(c.fn)
+            if row["impl"].startswith("triton"):
+                with counting_triton_launches() as launched:
+                    c.fn()
+                row["triton_launches"] = len(launched)
+            if args.gpu and row["impl"] != "python-loop":  # all device work of one call: kernels, memsets, copies
+                row["cuda_launches"], row["cuda_launch_names"] = cuda_launches(c.fn)
             rows.append(row)
         write_results("bench_gae_gpu" + ("_dryrun" if args.dry_run else ""), _speedups(rows), plot_x="impl",
                       plot_y="GB_per_s")

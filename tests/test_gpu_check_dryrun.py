@@ -32,6 +32,10 @@ def test_dry_run_writes_a_summary_with_every_step_passed_or_skipped(tmp_path):
     assert "| correctness | passed |" in summary and "dry run" in summary
     tests = {row["metric"]: int(row["value"]) for row in rows if row["step"] == "correctness"}
     assert tests["tests passed"] >= 10 and tests["tests failed"] == 0
+    launches = next(row for row in rows if row["metric"].startswith("GAE + whitening Triton launches"))
+    assert (launches["value"], launches["met"]) == ("2", "yes")
+    det = next(row for row in rows if row["metric"].endswith("(deterministic)"))
+    assert (det["value"], det["met"]) == ("0", "yes")  # rollout log-probs bitwise equal to the recompute
     for name in ("logprobs_gpu", "fused_ppo_gpu", "bench_gae_gpu", "paged_attention_gpu", "rollout_gpu",
                  "bench_losses_gpu"):
         bench_rows = json.loads((tmp_path / f"{name}_dryrun.json").read_text())["rows"]
