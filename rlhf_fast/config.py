@@ -31,6 +31,13 @@ def _check_device(device: str) -> None:
     _check(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
+def _check_data_options(cfg) -> None:
+    _check(cfg.overlong in ("truncate", "drop", "error"), "overlong", f"must be truncate, drop or error, got "
+           f"{cfg.overlong!r}")
+    dtypes = ("auto", "float32", "bfloat16", "float16")
+    _check(cfg.model_dtype in dtypes, "model_dtype", f"must be one of {', '.join(dtypes)}, got {cfg.model_dtype!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelArch:
     """A Llama-architecture model built from scratch (used when a stage has no `model` directory)."""
@@ -80,7 +87,11 @@ class SFTConfig:
     arch: ModelArch = ModelArch()
     train_data: str = ""
     eval_data: str = ""  # "" skips evaluation
-    max_len: int = 64  # prompt + response tokens; longer examples are truncated
+    max_len: int = 2048  # prompt + response tokens, capped at the model's positions (see rlhf_fast.truncation)
+    overlong: str = "truncate"  # an example over max_len: truncate (prompt first, keeping its start) | drop | error
+    assistant_turns: str = "last"  # {"messages"}: train the last assistant turn, or all of them
+    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, more compute)
+    model_dtype: str = "auto"  # dtype the final model is saved in; auto = the checkpoint's (float32 from scratch)
     batch_size: int = 32
     epochs: int = 1
     max_steps: int = 0  # > 0 stops after this many optimiser steps
@@ -93,6 +104,8 @@ class SFTConfig:
 
     def __post_init__(self):
         _check_device(self.device)
+        _check_data_options(self)
+        _check(self.assistant_turns in ("last", "all"), "assistant_turns", "must be last or all")
         for k in ("max_len", "batch_size", "epochs", "bucket_size"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("max_steps", "eval_every", "save_every"):
@@ -106,7 +119,10 @@ class RMConfig:
     model: str = ""  # the SFT model directory
     train_data: str = ""
     eval_data: str = ""
-    max_len: int = 64
+    max_len: int = 2048  # prompt + each completion, capped at the model's positions
+    overlong: str = "truncate"  # truncate | drop | error (see rlhf_fast.truncation)
+    gradient_checkpointing: bool = False
+    model_dtype: str = "auto"  # dtype the final model is saved in; auto = the checkpoint's
     batch_size: int = 16  # prompts per minibatch (all their completions go in together)
     epochs: int = 1
     max_steps: int = 0
@@ -118,6 +134,7 @@ class RMConfig:
 
     def __post_init__(self):
         _check_device(self.device)
+        _check_data_options(self)
         for k in ("max_len", "batch_size", "epochs"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("max_steps", "eval_every", "save_every"):
@@ -187,7 +204,11 @@ class PPOConfig:
     early_stop_kl: float = 0.0  # > 0: stop the epoch loop when approx KL exceeds it
     kl: KLConfig = KLConfig()
     optim: OptimConfig = OptimConfig(lr=1e-4, schedule="constant")
-    max_len: int = 64  # prompt tokens kept (left-truncated)
+    max_len: int = 1024  # prompt tokens, capped at the model's positions - sampling.max_new_tokens
+    overlong: str = "truncate"  # a prompt over that: truncate (keeping its start and end) | drop | error
+    ptx_max_len: int = 2048  # ptx text tokens kept (their start), capped at the model's positions
+    gradient_checkpointing: bool = False  # policy and value model
+    model_dtype: str = "auto"  # reference + reward model held, and outputs saved, in it; auto = the checkpoint's
     generator: str = "engine"  # engine: the paged rollout engine | hf: Hugging Face generate (the baseline)
     train_model: str = "ours"  # ours: padding-free forwards on rlhf_fast's models | hf: padded HF forwards (reference)
     share_prompts: bool = True  # ours: each prompt computed once for its samples (scoring and update)
@@ -201,7 +222,8 @@ class PPOConfig:
         _check(self.generator in ("engine", "hf"), "generator", "must be engine or hf")
         _check(self.train_model in ("ours", "hf"), "train_model", "must be ours or hf")
         _check(self.old_logp in ("reuse", "recompute", "check"), "old_logp", "must be reuse, recompute or check")
-        for k in ("iterations", "prompts_per_iter", "ppo_epochs", "minibatch_size", "max_len"):
+        _check_data_options(self)
+        for k in ("iterations", "prompts_per_iter", "ppo_epochs", "minibatch_size", "max_len", "ptx_max_len"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("ptx_coef", "clip", "value_clip", "vf_coef", "entropy_coef", "early_stop_kl", "save_every"):
             _check(getattr(self, k) >= 0, k, "must be >= 0")

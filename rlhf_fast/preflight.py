@@ -24,8 +24,16 @@ def load_rollout_prompts(path: str | Path, tokenizer, model_or_config, *, max_le
     return load_prompts(path, tokenizer, prompt_budget(max_len, model_or_config, max_new_tokens), overlong=overlong)
 
 
-def check_same_tokenizer(policy_tok, rm_tok, policy: str, reward_model: str) -> None:
-    """The reward model scores the policy's token ids as they are, so both must have the same tokenizer."""
+def check_same_tokenizer(policy_tok, policy: str, reward_model: str) -> None:
+    """The reward model scores the policy's token ids as they are, so both must have the same tokenizer (checked
+    when the RM directory has one saved; our stages always save it)."""
+    from transformers import AutoTokenizer
+
+    rm_dir = Path(reward_model)
+    if not any((rm_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        log.warning("ppo: %s has no tokenizer saved, so it cannot be checked against the policy's", reward_model)
+        return
+    rm_tok = AutoTokenizer.from_pretrained(str(rm_dir))
     diffs = []
     if policy_tok.get_vocab() != rm_tok.get_vocab():
         diffs.append(f"vocabularies differ ({len(policy_tok)} vs {len(rm_tok)} tokens)")

@@ -42,7 +42,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family, toks, 
 
     ref_loss, ref_grads = loss_and_grads()
     precision.enable_gradient_checkpointing(model)
-    assert model.is_gradient_checkpointing
+    assert precision.is_checkpointing(model)
     loss, grads = loss_and_grads()
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
     for g, r in zip(grads, ref_grads):

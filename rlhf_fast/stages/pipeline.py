@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from rlhf_fast import preflight
+from rlhf_fast.chat import Codec
 from rlhf_fast.config import PipelineConfig, to_dict
-from rlhf_fast.data import load_prompts
 from rlhf_fast.rollout import SamplingParams
 from rlhf_fast.stages.common import MetricsLog, plot_panels, resolve_device
 from rlhf_fast.stages.experience import make_rollout, policy_logprobs
@@ -49,21 +50,24 @@ def _with_default_task(cfg: PipelineConfig, out: Path) -> tuple[PipelineConfig, 
 
 
 @torch.no_grad()
-def sample(model, prompts: list[list[int]], *, temperature: float, max_new_tokens: int, seed: int, eos_id: int):
+def sample(model, prompts: list[list[int]], *, temperature: float, max_new_tokens: int, seed: int,
+           stop_ids: tuple[int, ...]):
     """One completion per prompt from `model` with the rollout engine, in prompt order."""
     from rlhf_fast.rollout import RolloutEngine
 
     model.eval()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                            stop_token_ids=(eos_id,))
+                            stop_token_ids=stop_ids)
     return sorted(RolloutEngine(model).generate(prompts, params), key=lambda c: c.prompt_index)
 
 
 @torch.no_grad()
 def compare_policies(sft_dir: Path, ppo_dir: Path, rm_dir: Path, prompts_file: str, *, temperature: float,
-                     max_new_tokens: int, use_labeler: bool, seed: int = 0, device: str = "auto") -> dict:
+                     max_new_tokens: int, use_labeler: bool, seed: int = 0, device: str = "auto",
+                     max_len: int = 10**9, overlong: str = "truncate") -> dict:
     """Sample each policy once per held-out prompt; the labeler's (or the RM's) win rate of PPO over SFT
-    (ties count half), mean RM rewards, and the PPO samples' mean KL to SFT (sum over tokens of log-ratio)."""
+    (ties count half), mean RM rewards, and the PPO samples' mean KL to SFT (sum over tokens of log-ratio).
+    The prompts fit as PPO's do (`max_len`, `overlong`: `rlhf_fast.preflight.load_rollout_prompts`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(sft_dir))
@@ -71,9 +75,10 @@ def compare_policies(sft_dir: Path, ppo_dir: Path, rm_dir: Path, prompts_file: s
     dev = resolve_device(device)
     sft, rm = (m.to(dev) for m in load_frozen_pair(sft_dir, rm_dir))
     ppo = AutoModelForCausalLM.from_pretrained(str(ppo_dir), dtype=torch.float32).to(dev).eval()
-    held = load_prompts(prompts_file, tokenizer, max_len=10**9)
+    held = preflight.load_rollout_prompts(prompts_file, tokenizer, sft, max_len=max_len,
+                                          max_new_tokens=max_new_tokens, overlong=overlong)
     ids = [p.ids for p in held]
-    kw = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, eos_id=tokenizer.eos_token_id)
+    kw = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, stop_ids=Codec(tokenizer).stop_ids)
     out = {}
     for name, model in (("sft", sft), ("ppo", ppo)):
         comps = sample(model, ids, **kw)
@@ -116,6 +121,10 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path) -> dict:
         torch.set_num_threads(cfg.threads)
     cfg, eval_prompts, use_labeler = _with_default_task(cfg, out)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    mnt = cfg.ppo.sampling.max_new_tokens
+    preflight.pipeline_prompts(cfg.sft.model, cfg.sft.tokenizer, cfg.sft.arch.max_position_embeddings,
+                               [cfg.ppo.prompts, eval_prompts], max_len=cfg.ppo.max_len, max_new_tokens=mnt,
+                               overlong=cfg.ppo.overlong)  # before SFT: every prompt PPO and the report read
     setup_s = time.perf_counter() - start
     sft = train_sft(cfg.sft, out / "sft", plots=False)
     log.info("sft: eval loss %.4f after %d steps", sft.eval_loss, sft.steps)
@@ -126,7 +135,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     t = time.perf_counter()
     cmp = compare_policies(sft.model_dir, ppo.policy_dir, rm.model_dir, eval_prompts,
                            temperature=cfg.eval_temperature, max_new_tokens=cfg.ppo.sampling.max_new_tokens,
-                           use_labeler=use_labeler, seed=cfg.ppo.seed + 1, device=cfg.ppo.device)
+                           use_labeler=use_labeler, seed=cfg.ppo.seed + 1, device=cfg.ppo.device,
+                           max_len=cfg.ppo.max_len, overlong=cfg.ppo.overlong)
     times = {"setup": setup_s, "sft": sft.elapsed_s, "rm": rm.elapsed_s, "ppo": ppo.elapsed_s,
              "eval": time.perf_counter() - t}
     report = {"sft_eval_loss": _or_null(sft.eval_loss), "rm_accuracy": _or_null(rm.accuracy), **cmp,

@@ -15,9 +15,10 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_fast import ops
+from rlhf_fast import ops, precision, preflight
+from rlhf_fast.chat import Codec
 from rlhf_fast.config import PPOConfig, to_dict
-from rlhf_fast.data import SFTExample, epoch_batches, load_prompts, load_texts, sft_batch
+from rlhf_fast.data import SFTExample, epoch_batches, load_texts, sft_batch
 from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.models import output_head
 from rlhf_fast.rollout import SamplingParams
@@ -27,6 +28,7 @@ from rlhf_fast.stages.common import guarded_step, make_optimizer, make_scheduler
 from rlhf_fast.stages.kl_control import KLController
 from rlhf_fast.stages.run_state import TrainRun
 from rlhf_fast.stages.sft import response_nll
+from rlhf_fast.truncation import context_length, fit_len
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, policy, value, ref, reward_model, tokenizer, ptx: list[list[int]] = ()):
         self.cfg, self.policy, self.value, self.ref, self.rm = cfg, policy, value, ref, reward_model
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_id = tokenizer.eos_token_id
+        self.stop_ids = Codec(tokenizer).stop_ids  # eos and the chat template's end of turn
         self.ptx = list(ptx)
         self.groups = [[p for p in policy.parameters() if p.requires_grad], value.trainable_parameters()]
         self.opt = make_optimizer(self.groups[0] + self.groups[1], cfg.optim)
@@ -74,7 +76,7 @@ class PPOTrainer:
         self.skipped = 0
 
     def sampling(self, iteration: int) -> SamplingParams:
-        return self.cfg.sampling.params(seed=self.cfg.seed * 100_003 + iteration, stop_token_ids=(self.eos_id,))
+        return self.cfg.sampling.params(seed=self.cfg.seed * 100_003 + iteration, stop_token_ids=self.stop_ids)
 
     def collect(self, prompts: list[list[int]], iteration: int) -> tuple[xp.Experience, dict]:
         """Rollouts, frozen passes and advantages; returns the experience and per-phase seconds."""
@@ -187,12 +189,20 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
     if run.already_finished():
         return PPOResult(final / "policy", final / "value", run.step, run.skipped, run.info["elapsed_s"])
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    preflight.check_same_tokenizer(tokenizer, cfg.policy, cfg.reward_model)
+    preflight.warn_unused_ptx(cfg.ptx_data, cfg.ptx_coef)
     device = resolve_device(cfg.device)
+    dtype = precision.resolve_dtype(cfg.model_dtype, cfg.policy)  # frozen models and outputs; trained: fp32
     policy = AutoModelForCausalLM.from_pretrained(str(cfg.policy), dtype=torch.float32).to(device)
     value = ScalarHeadModel.from_pretrained(cfg.reward_model).to(device)
-    ref, rm = (m.to(device) for m in load_frozen_pair(cfg.policy, cfg.reward_model))
-    prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_len)
-    ptx = load_texts(cfg.ptx_data, tokenizer, cfg.max_len) if cfg.ptx_data and cfg.ptx_coef > 0 else []
+    if cfg.gradient_checkpointing:
+        precision.enable_gradient_checkpointing(policy)
+        precision.enable_gradient_checkpointing(value)
+    ref, rm = (m.to(device=device, dtype=dtype) for m in load_frozen_pair(cfg.policy, cfg.reward_model))
+    prompts = preflight.load_rollout_prompts(cfg.prompts, tokenizer, policy, max_len=cfg.max_len,
+                                             max_new_tokens=cfg.sampling.max_new_tokens, overlong=cfg.overlong)
+    ptx = (load_texts(cfg.ptx_data, tokenizer, fit_len(cfg.ptx_max_len, context_length(policy)))
+           if cfg.ptx_data and cfg.ptx_coef > 0 else [])
     trainer = PPOTrainer(cfg, policy, value, ref, rm, tokenizer, ptx)
     run.resume({"policy": policy, "value": value}, trainer.opt, trainer.sched, total=cfg.iterations,
                tokenizer=tokenizer, extra_state={"kl_controller": trainer.kl_ctl})
@@ -217,5 +227,5 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
     if plots:
         run.metrics.plot(["score", "kl", "kl_coef", "response_len", "pg_loss", "vf_loss", "entropy", "clip_frac"],
                          out / "ppo_curves.png", "PPO")
-    run.finish({final / "policy": policy, final / "value": value})
+    run.finish({final / "policy": policy, final / "value": value}, dtype=dtype)
     return PPOResult(final / "policy", final / "value", run.step, run.skipped, run.elapsed())

@@ -15,11 +15,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from rlhf_fast import precision
 from rlhf_fast.config import RMConfig, to_dict
 from rlhf_fast.data import RankedExample, epoch_batches, load_rm, pad_right
 from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
 from rlhf_fast.stages.run_state import TrainRun
+from rlhf_fast.truncation import context_length, fit_len
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +103,11 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
         torch.manual_seed(cfg.seed)  # the head's initialisation
         model = ScalarHeadModel.from_pretrained(cfg.model)
     model.to(resolve_device(cfg.device)).train()
-    train = load_rm(cfg.train_data, tokenizer, cfg.max_len)
-    evals = load_rm(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else []
+    if cfg.gradient_checkpointing:
+        precision.enable_gradient_checkpointing(model)
+    max_len = fit_len(cfg.max_len, context_length(model.lm))
+    train = load_rm(cfg.train_data, tokenizer, max_len, overlong=cfg.overlong)
+    evals = load_rm(cfg.eval_data, tokenizer, max_len, overlong=cfg.overlong) if cfg.eval_data else []
     sizes = [sum(len(c) for c in e.completions) for e in train]
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
@@ -125,5 +130,5 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     run.metrics.log(run.step, eval_accuracy=acc)
     if plots:
         run.metrics.plot(["loss", "train_accuracy", "eval_accuracy", "lr"], out / "rm_curves.png", "Reward model")
-    run.finish({out / "final": model}, accuracy=acc)
+    run.finish({out / "final": model}, dtype=precision.resolve_dtype(cfg.model_dtype, cfg.model), accuracy=acc)
     return RMResult(out / "final", acc, run.step, run.skipped, run.elapsed())

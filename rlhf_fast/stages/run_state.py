@@ -95,10 +95,16 @@ class TrainRun:
             self.save()
         return True
 
-    def finish(self, exports: dict[Path, torch.nn.Module], **info) -> None:
-        """Export each final model to its directory (tokenizer beside it), then mark the run finished."""
+    def finish(self, exports: dict[Path, torch.nn.Module], *, dtype: torch.dtype | None = None, **info) -> None:
+        """Export each final model to its directory (tokenizer beside it; weights in `dtype`, default their own),
+        then mark the run finished."""
+        from rlhf_fast.precision import save_in_dtype
+
         for path, model in exports.items():
-            model.save_pretrained(path)
+            if dtype is None:
+                model.save_pretrained(path)
+            else:
+                save_in_dtype(model, path, dtype)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(path))
         self.save(finished=True, **info)

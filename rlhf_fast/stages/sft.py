@@ -12,12 +12,13 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_fast import ops
+from rlhf_fast import ops, precision
 from rlhf_fast.config import SFTConfig, to_dict
 from rlhf_fast.data import IGNORE_INDEX, SFTExample, epoch_batches, load_sft, sft_batch
 from rlhf_fast.models import final_hidden, output_head
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
 from rlhf_fast.stages.run_state import TrainRun
+from rlhf_fast.truncation import context_length, fit_len
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,13 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     model = _load_model(cfg, tokenizer)
     model.to(resolve_device(cfg.device)).train()
+    if cfg.gradient_checkpointing:
+        precision.enable_gradient_checkpointing(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train = load_sft(cfg.train_data, tokenizer, cfg.max_len)
-    evals = load_sft(cfg.eval_data, tokenizer, cfg.max_len) if cfg.eval_data else []
+    max_len = fit_len(cfg.max_len, context_length(model))
+    kw = dict(overlong=cfg.overlong, assistant_turns=cfg.assistant_turns)
+    train = load_sft(cfg.train_data, tokenizer, max_len, **kw)
+    evals = load_sft(cfg.eval_data, tokenizer, max_len, **kw) if cfg.eval_data else []
     lengths = [len(e.input_ids) for e in train]
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
@@ -111,5 +116,5 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     run.metrics.log(run.step, eval_loss=ev)
     if plots:
         run.metrics.plot(["loss", "eval_loss", "lr", "grad_norm"], out / "sft_curves.png", "SFT")
-    run.finish({out / "final": model}, eval_loss=ev)
+    run.finish({out / "final": model}, dtype=precision.resolve_dtype(cfg.model_dtype, cfg.model), eval_loss=ev)
     return SFTResult(out / "final", ev, run.step, run.skipped, run.elapsed())

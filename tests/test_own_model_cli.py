@@ -1,0 +1,113 @@
+"""Own models and chat data through the `rlhf-fast` CLI (in process): SFT -> RM -> PPO on a ChatML Llama with BOS,
+a bf16 checkpoint that comes back bf16, and the checks PPO makes before it trains."""
+import json
+import logging
+
+import pytest
+import torch
+
+from _chat_models import build_model, build_tokenizer, chat, chat_data, write_jsonl
+from _tiny import one_thread
+from rlhf_fast import cli, precision
+from rlhf_fast.config import ConfigError
+from rlhf_fast.data import DataError
+from rlhf_fast.heads import ScalarHeadModel
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """A Llama (tied embeddings, BOS) and a Qwen2 saved in bf16, with their tokenizers, and chat data."""
+    root = tmp_path_factory.mktemp("own-cli")
+    tok = build_tokenizer(root / "tok-bos", bos=True)
+    ScalarHeadModel(build_model("llama", tok, root / "llama", positions=96)).save_pretrained(root / "llama-rm")
+    tok.save_pretrained(str(root / "llama-rm"))
+    qtok = build_tokenizer(root / "tok", bos=False)
+    precision.save_in_dtype(build_model("qwen2", qtok, root / "qwen2-fp32"), root / "qwen2", torch.bfloat16)
+    qtok.save_pretrained(str(root / "qwen2"))
+    return root, chat_data(root / "data")
+
+
+def run(*args):
+    with one_thread():
+        assert cli.main(list(args)) == 0
+
+
+def test_chat_data_sft_rm_ppo_through_the_cli(own, caplog):
+    root, files = own
+    small = ["--set", "batch_size=4", "--set", "max_steps=2"]
+    run("sft", "--set", f"model={root / 'llama'}", "--set", f"train_data={files['sft']}", *small,
+        "--out", str(root / "sft"))
+    run("rm", "--set", f"model={root / 'sft' / 'final'}", "--set", f"train_data={files['rm']}", *small,
+        "--out", str(root / "rm"))
+    with caplog.at_level(logging.WARNING):
+        run("ppo", "--set", f"policy={root / 'sft' / 'final'}", "--set", f"reward_model={root / 'rm' / 'final'}",
+            "--set", f"prompts={files['ppo']}", "--set", "iterations=1", "--set", "prompts_per_iter=4",
+            "--set", "sampling.n=2", "--set", "sampling.max_new_tokens=8", "--set", "minibatch_size=8",
+            "--set", f"ptx_data={files['ppo']}", "--out", str(root / "ppo"))
+    assert "ptx_coef is 0, so the ptx texts are not used" in caplog.text
+    rows = [json.loads(line) for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["step"] == 1
+    for d in ("sft/final", "rm/final", "ppo/final/policy"):
+        assert precision.checkpoint_dtype(root / d) == torch.float32  # an fp32 checkpoint stays fp32
+
+
+def test_bf16_checkpoint_comes_back_bf16(own):
+    root, files = own
+    run("sft", "--set", f"model={root / 'qwen2'}", "--set", f"train_data={files['sft']}", "--set", "batch_size=4",
+        "--set", "max_steps=1", "--out", str(root / "sft-bf16"))
+    assert precision.checkpoint_dtype(root / "sft-bf16" / "final") == torch.bfloat16
+    from safetensors import safe_open
+
+    with safe_open(str(root / "sft-bf16" / "final" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    run("rm", "--set", f"model={root / 'sft-bf16' / 'final'}", "--set", f"train_data={files['rm']}",
+        "--set", "batch_size=4", "--set", "max_steps=1", "--out", str(root / "rm-bf16"))
+    # PPO holds the reference and the reward model in bf16, trains fp32 masters, saves bf16
+    run("ppo", "--set", f"policy={root / 'sft-bf16' / 'final'}", "--set", f"reward_model={root / 'rm-bf16' / 'final'}",
+        "--set", f"prompts={files['ppo']}", "--set", "iterations=1", "--set", "prompts_per_iter=4",
+        "--set", "sampling.max_new_tokens=6", "--set", "minibatch_size=8", "--out", str(root / "ppo-bf16"))
+    for d in ("rm-bf16/final", "ppo-bf16/final/policy", "ppo-bf16/final/value"):
+        assert precision.checkpoint_dtype(root / d) == torch.bfloat16, d
+    row = json.loads((root / "ppo-bf16" / "metrics.jsonl").read_text().splitlines()[0])
+    assert all(v == v for v in row.values() if isinstance(v, float))  # no NaN from the bf16 frozen passes
+
+
+def test_ppo_refuses_a_reward_model_with_another_tokenizer(own):
+    root, files = own
+    with pytest.raises(ConfigError, match="reward_model: .* has a different tokenizer from the policy"):
+        run("ppo", "--set", f"policy={root / 'llama'}", "--set", f"reward_model={root / 'qwen2'}",
+            "--set", f"prompts={files['ppo']}", "--out", str(root / "ppo-bad"))
+    assert not (root / "ppo-bad" / "metrics.jsonl").exists()
+
+
+def test_ppo_checks_every_prompt_against_the_context_at_load(own):
+    root, files = own
+    rows = [{"messages": chat(i)} for i in range(2)] + [{"messages": chat(2, turns=6)}]
+    path = write_jsonl(root / "data" / "long.jsonl", rows)
+    base = ["ppo", "--set", f"policy={root / 'llama'}", "--set", f"reward_model={root / 'llama-rm'}",
+            "--set", f"prompts={path}", "--set", "sampling.max_new_tokens=30", "--out", str(root / "ppo-long")]
+    with pytest.raises(DataError, match=r"long.jsonl:3: the prompt is \d+ tokens, over the 66 that fit"):
+        run(*base, "--set", "overlong=error")  # 96 positions - 30 new tokens
+    with pytest.raises(ConfigError, match="ppo.max_new_tokens: the model has 96 positions"):
+        run(*base[:-2], "--set", "sampling.max_new_tokens=96", "--out", str(root / "ppo-long"))
+    assert not (root / "ppo-long" / "metrics.jsonl").exists()
+
+
+def test_pipeline_checks_the_eval_prompts_before_sft(own):
+    root, files = own
+    path = write_jsonl(root / "data" / "eval-long.jsonl", [{"messages": chat(0)}, {"messages": chat(1, turns=6)}])
+    with pytest.raises(DataError, match=r"eval-long.jsonl:2: the prompt is \d+ tokens"):
+        run("pipeline", "--set", f"sft.model={root / 'llama'}", "--set", f"sft.train_data={files['sft']}",
+            "--set", f"rm.train_data={files['rm']}", "--set", f"ppo.prompts={files['ppo']}",
+            "--set", f"eval_prompts={path}", "--set", "ppo.overlong=error", "--out", str(root / "pipe"))
+    assert not (root / "pipe" / "sft").exists()  # nothing trained
+
+
+def test_default_ppo_config_fits_prompts_into_the_default_model():
+    from rlhf_fast.config import ModelArch, PPOConfig
+    from rlhf_fast.preflight import prompt_budget
+    from transformers import LlamaConfig
+
+    cfg, positions = PPOConfig(), ModelArch().max_position_embeddings
+    budget = prompt_budget(cfg.max_len, LlamaConfig(max_position_embeddings=positions), cfg.sampling.max_new_tokens)
+    assert 0 < budget and budget + cfg.sampling.max_new_tokens <= positions
