@@ -111,3 +111,9 @@ def test_default_ppo_config_fits_prompts_into_the_default_model():
     cfg, positions = PPOConfig(), ModelArch().max_position_embeddings
     budget = prompt_budget(cfg.max_len, LlamaConfig(max_position_embeddings=positions), cfg.sampling.max_new_tokens)
     assert 0 < budget and budget + cfg.sampling.max_new_tokens <= positions
+
+
+@pytest.mark.parametrize("key, value", [("overlong", "cut"), ("assistant_turns", "first"), ("model_dtype", "fp8")])
+def test_bad_data_options_are_config_errors(key, value, capsys):
+    assert cli.main(["sft", "--set", f"{key}={value}"]) == 2
+    assert f"{key}: must be" in capsys.readouterr().err
