@@ -36,6 +36,8 @@ def _check_data_options(cfg) -> None:
            f"{cfg.overlong!r}")
     dtypes = ("auto", "float32", "bfloat16", "float16")
     _check(cfg.model_dtype in dtypes, "model_dtype", f"must be one of {', '.join(dtypes)}, got {cfg.model_dtype!r}")
+    _check(cfg.mixed_precision in ("auto", "bf16", "no"), "mixed_precision", f"must be auto, bf16 or no, got "
+           f"{cfg.mixed_precision!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,7 @@ class SFTConfig:
     assistant_turns: str = "last"  # {"messages"}: train the last assistant turn, or all of them
     gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, more compute)
     model_dtype: str = "auto"  # dtype the final model is saved in; auto = the checkpoint's (float32 from scratch)
+    mixed_precision: str = "auto"  # bf16 autocast, fp32 master weights: auto (CUDA with bf16) | bf16 | no
     batch_size: int = 32
     epochs: int = 1
     max_steps: int = 0  # > 0 stops after this many optimiser steps
@@ -123,6 +126,7 @@ class RMConfig:
     overlong: str = "truncate"  # truncate | drop | error (see rlhf_fast.truncation)
     gradient_checkpointing: bool = False
     model_dtype: str = "auto"  # dtype the final model is saved in; auto = the checkpoint's
+    mixed_precision: str = "auto"  # bf16 autocast, fp32 master weights: auto (CUDA with bf16) | bf16 | no
     batch_size: int = 16  # prompts per minibatch (all their completions go in together)
     epochs: int = 1
     max_steps: int = 0
@@ -207,8 +211,9 @@ class PPOConfig:
     max_len: int = 1024  # prompt tokens, capped at the model's positions - sampling.max_new_tokens
     overlong: str = "truncate"  # a prompt over that: truncate (keeping its start and end) | drop | error
     ptx_max_len: int = 2048  # ptx text tokens kept (their start), capped at the model's positions
-    gradient_checkpointing: bool = False  # policy and value model
+    gradient_checkpointing: bool = False  # policy and value model; needs train_model=hf
     model_dtype: str = "auto"  # reference + reward model held, and outputs saved, in it; auto = the checkpoint's
+    mixed_precision: str = "no"  # bf16 autocast of scoring + update (auto | bf16 | no); best with old_logp=recompute
     generator: str = "engine"  # engine: the paged rollout engine | hf: Hugging Face generate (the baseline)
     train_model: str = "ours"  # ours: padding-free forwards on rlhf_fast's models | hf: padded HF forwards (reference)
     share_prompts: bool = True  # ours: each prompt computed once for its samples (scoring and update)
@@ -223,6 +228,8 @@ class PPOConfig:
         _check(self.train_model in ("ours", "hf"), "train_model", "must be ours or hf")
         _check(self.old_logp in ("reuse", "recompute", "check"), "old_logp", "must be reuse, recompute or check")
         _check_data_options(self)
+        _check(not (self.gradient_checkpointing and self.train_model == "ours"), "gradient_checkpointing",
+               "needs train_model=hf (the padding-free forwards do not recompute activations)")
         for k in ("iterations", "prompts_per_iter", "ppo_epochs", "minibatch_size", "max_len", "ptx_max_len"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("ptx_coef", "clip", "value_clip", "vf_coef", "entropy_coef", "early_stop_kl", "save_every"):

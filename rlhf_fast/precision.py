@@ -4,10 +4,14 @@ checkpointing.
 * `model_dtype` (auto = the dtype the checkpoint's config.json records, else float32) is the dtype PPO's frozen
   models (reference, reward model) are held in and the dtype every stage's outputs are saved in, so a bf16
   checkpoint comes back bf16. Trained weights stay fp32 (master weights) whatever the checkpoint's dtype.
-* Not yet here: bf16 autocast for the trained models' forward (the fused ops take bf16 inputs already).
+* `mixed_precision`: bf16 autocast of the forward passes that train and of the passes PPO's ratio is measured
+  against (the rollout engine runs as it is): auto = on a CUDA device with bf16, off elsewhere (bf16 autocast on
+  the CPUs we test on is slower than fp32); bf16 = on (CPU too); no = off. Master weights and their gradients stay
+  fp32; the final norm of Llama/Qwen2/GPT-2 returns fp32, so the fused log-prob ops see fp32 hidden states.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -31,6 +35,21 @@ def resolve_dtype(model_dtype: str, model_dir: str | Path | None) -> torch.dtype
     if model_dtype == "auto":
         return checkpoint_dtype(model_dir) if model_dir else torch.float32
     return DTYPES[model_dtype]
+
+
+def autocast_on(mixed_precision: str, device: torch.device) -> bool:
+    if mixed_precision == "bf16":
+        return True
+    if mixed_precision == "no":
+        return False
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast(mixed_precision: str, device: torch.device):
+    """bf16 autocast on `device` when `mixed_precision` asks for it (see the module docstring), else nothing."""
+    if autocast_on(mixed_precision, device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def save_in_dtype(model, path: str | Path, dtype: torch.dtype) -> None:

@@ -71,7 +71,7 @@ def test_readme_has_the_two_commands():
 
 def test_command_1_installs_every_import_of_the_package_and_tests():
     have = installed_by(_readme_commands()[0])
-    local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"rlhf_fast", "kernels", "bench"}
+    local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"rlhf_fast", "kernels", "bench", "tests"}
     dists = importlib.metadata.packages_distributions()
     missing = {}
     files = sorted((ROOT / "rlhf_fast").rglob("*.py")) + sorted((ROOT / "tests").glob("*.py"))

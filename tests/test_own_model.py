@@ -63,3 +63,19 @@ def test_bf16_checkpoint_saves_back_in_bf16(family, toks, root):
     assert next(back.parameters()).dtype == torch.bfloat16
     for k, v in back.state_dict().items():
         torch.testing.assert_close(v, model.state_dict()[k].to(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_autocast_keeps_fp32_masters_and_matches_fp32(family, toks, root):
+    model, tok = _model(family, toks, root)
+    model.eval()  # no dropout: the two passes see the same function
+    files = chat_data(root / "chat")
+    ids, labels = data.sft_batch(data.load_sft(files["sft"], tok, 128)[:4], tok.pad_token_id)
+    nll, n = response_nll(model, ids, labels)
+    with precision.autocast("bf16", torch.device("cpu")):
+        nll16, _ = response_nll(model, ids, labels)
+    (nll16 / n).backward()
+    assert nll16.dtype == torch.float32 and torch.isfinite(nll16)
+    torch.testing.assert_close(nll16, nll.detach(), rtol=3e-2, atol=0)  # bf16 matmuls, fp32 log-softmax
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert not precision.autocast_on("auto", torch.device("cpu")) and not precision.autocast_on("no", None)

@@ -43,7 +43,8 @@ def test_chat_data_sft_rm_ppo_through_the_cli(own, caplog):
         run("ppo", "--set", f"policy={root / 'sft' / 'final'}", "--set", f"reward_model={root / 'rm' / 'final'}",
             "--set", f"prompts={files['ppo']}", "--set", "iterations=1", "--set", "prompts_per_iter=4",
             "--set", "sampling.n=2", "--set", "sampling.max_new_tokens=8", "--set", "minibatch_size=8",
-            "--set", f"ptx_data={files['ppo']}", "--out", str(root / "ppo"))
+            "--set", f"ptx_data={files['ppo']}", "--set", "train_model=hf", "--set", "gradient_checkpointing=true",
+            "--out", str(root / "ppo"))
     assert "ptx_coef is 0, so the ptx texts are not used" in caplog.text
     rows = [json.loads(line) for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["step"] == 1
@@ -54,7 +55,7 @@ def test_chat_data_sft_rm_ppo_through_the_cli(own, caplog):
 def test_bf16_checkpoint_comes_back_bf16(own):
     root, files = own
     run("sft", "--set", f"model={root / 'qwen2'}", "--set", f"train_data={files['sft']}", "--set", "batch_size=4",
-        "--set", "max_steps=1", "--out", str(root / "sft-bf16"))
+        "--set", "max_steps=1", "--set", "mixed_precision=bf16", "--out", str(root / "sft-bf16"))
     assert precision.checkpoint_dtype(root / "sft-bf16" / "final") == torch.bfloat16
     from safetensors import safe_open
 
@@ -62,10 +63,11 @@ def test_bf16_checkpoint_comes_back_bf16(own):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     run("rm", "--set", f"model={root / 'sft-bf16' / 'final'}", "--set", f"train_data={files['rm']}",
         "--set", "batch_size=4", "--set", "max_steps=1", "--out", str(root / "rm-bf16"))
-    # PPO holds the reference and the reward model in bf16, trains fp32 masters, saves bf16
+    # PPO holds the reference and the reward model in bf16, trains fp32 masters under bf16 autocast, saves bf16
     run("ppo", "--set", f"policy={root / 'sft-bf16' / 'final'}", "--set", f"reward_model={root / 'rm-bf16' / 'final'}",
         "--set", f"prompts={files['ppo']}", "--set", "iterations=1", "--set", "prompts_per_iter=4",
-        "--set", "sampling.max_new_tokens=6", "--set", "minibatch_size=8", "--out", str(root / "ppo-bf16"))
+        "--set", "sampling.max_new_tokens=6", "--set", "minibatch_size=8", "--set", "mixed_precision=bf16",
+        "--set", "old_logp=recompute", "--out", str(root / "ppo-bf16"))
     for d in ("rm-bf16/final", "ppo-bf16/final/policy", "ppo-bf16/final/value"):
         assert precision.checkpoint_dtype(root / d) == torch.bfloat16, d
     row = json.loads((root / "ppo-bf16" / "metrics.jsonl").read_text().splitlines()[0])
@@ -113,7 +115,16 @@ def test_default_ppo_config_fits_prompts_into_the_default_model():
     assert 0 < budget and budget + cfg.sampling.max_new_tokens <= positions
 
 
-@pytest.mark.parametrize("key, value", [("overlong", "cut"), ("assistant_turns", "first"), ("model_dtype", "fp8")])
+@pytest.mark.parametrize("key, value", [("overlong", "cut"), ("assistant_turns", "first"), ("model_dtype", "fp8"),
+                                                 ("mixed_precision", "fp16")])
 def test_bad_data_options_are_config_errors(key, value, capsys):
     assert cli.main(["sft", "--set", f"{key}={value}"]) == 2
     assert f"{key}: must be" in capsys.readouterr().err
+
+
+def test_ppo_gradient_checkpointing_needs_the_hf_forward():
+    from rlhf_fast.config import PPOConfig
+
+    with pytest.raises(ConfigError, match="gradient_checkpointing: needs train_model=hf"):
+        PPOConfig(gradient_checkpointing=True)
+    assert PPOConfig(gradient_checkpointing=True, train_model="hf").gradient_checkpointing

@@ -74,6 +74,10 @@ class PPOTrainer:
         self.kl_ctl = KLController(cfg.kl)
         self.generator = make_generator(cfg, policy, self.pad_id)
         self.skipped = 0
+        if precision.autocast_on(cfg.mixed_precision, policy.device) and cfg.old_logp == "reuse":
+            log.warning("ppo: mixed_precision runs the update in bf16 while old_logp=reuse takes the rollout's fp32 "
+                        "log-probs, so the ratio at unchanged weights is 1 only up to bf16 rounding; set "
+                        "old_logp=recompute for an exact start")
 
     def sampling(self, iteration: int) -> SamplingParams:
         return self.cfg.sampling.params(seed=self.cfg.seed * 100_003 + iteration, stop_token_ids=self.stop_ids)
@@ -85,7 +89,8 @@ class PPOTrainer:
         comps = self.generator.generate(prompts, self.sampling(iteration))
         t1 = time.perf_counter()
         ro = xp.make_rollout(prompts, comps, self.pad_id, self.policy.device)
-        passes, checks = pp.score_rollout(c, self.policy, self.ref, self.value, self.rm, ro, comps)
+        with precision.autocast(c.mixed_precision, self.policy.device):  # as the update
+            passes, checks = pp.score_rollout(c, self.policy, self.ref, self.value, self.rm, ro, comps)
         t2 = time.perf_counter()
         kl_coef = self.kl_ctl.value if c.kl.placement == "reward" else 0.0
         exp = xp.advantages(ro, *passes, kl_coef=kl_coef, kl_kind=c.kl.kind, gamma=c.gamma, lam=c.lam)
@@ -141,7 +146,8 @@ class PPOTrainer:
                 if self.ptx and c.ptx_coef > 0:
                     pick = torch.randint(len(self.ptx), (c.minibatch_size,), generator=g).tolist()
                     ptx_ids = [self.ptx[i] for i in pick]
-                loss, stats = self.minibatch_loss(mb, ptx_ids)
+                with precision.autocast(c.mixed_precision, self.policy.device):
+                    loss, stats = self.minibatch_loss(mb, ptx_ids)
                 res = guarded_step(loss, self.groups, self.opt, None, c.optim.grad_clip)  # lr moves per iteration
                 if not res.applied:
                     self.skipped += 1

@@ -119,7 +119,8 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
         epoch, pos = divmod(step, per_epoch)
         batch_idx = epoch_batches(sizes, cfg.batch_size, seed=cfg.seed, epoch=epoch)
         batch = ranked_batch([train[i] for i in batch_idx[pos]], pad_id)
-        loss, margin = bradley_terry_loss(model.score(batch.input_ids, batch.lengths), batch)
+        with precision.autocast(cfg.mixed_precision, model.head.weight.device):
+            loss, margin = bradley_terry_loss(model.score(batch.input_ids, batch.lengths), batch)
         return loss, {"train_accuracy": float((margin > 0).float().mean())}
 
     evaluate = ((lambda: {"eval_accuracy": pairwise_accuracy(model, evals, pad_id, cfg.batch_size)}) if evals

@@ -106,7 +106,8 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
         epoch, pos = divmod(step, per_epoch)
         batch_idx = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, bucket_size=cfg.bucket_size)
         ids, labels = sft_batch([train[i] for i in batch_idx[pos]], pad_id)
-        nll, n = response_nll(model, ids, labels)
+        with precision.autocast(cfg.mixed_precision, model.device):
+            nll, n = response_nll(model, ids, labels)
         return nll / n.clamp(min=1), {}
 
     evaluate = (lambda: {"eval_loss": eval_loss(model, evals, pad_id, cfg.batch_size)}) if evals else None
