@@ -266,6 +266,19 @@ def step_build(chk: Check) -> Outcome:
 # correctness
 # ---------------------------------------------------------------------------------------------------------------
 
+def junit_checks(xml: Path) -> list[Target]:
+    """One row per test function (all its parametrisations) from pytest's junit XML: passed / failed / skipped."""
+    per: dict[str, dict[str, int]] = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        name = f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name', '').split('[', 1)[0]}"
+        kind = "failed" if case.find("failure") is not None or case.find("error") is not None else \
+            "skipped" if case.find("skipped") is not None else "passed"
+        per.setdefault(name, {"passed": 0, "failed": 0, "skipped": 0})[kind] += 1
+    return [Target(f"{name}: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped",
+                   "FAILED" if c["failed"] else "passed" if c["passed"] else "skipped", "", False if c["failed"] else
+                   (True if c["passed"] else None)) for name, c in per.items()]
+
+
 def step_correctness(chk: Check) -> Outcome:
     xml = chk.out / "pytest_gpu.xml"
     argv = ["-m", "gpu", "-x", "-q", "-p", "no:cacheprovider", "-rfEs", "--durations=15", f"--junitxml={xml}",
@@ -273,16 +286,19 @@ def step_correctness(chk: Check) -> Outcome:
     env = {"RLHF_FAST_GPU_TESTS_ON_CPU": "1", "TRITON_INTERPRET": "1"} if chk.dry_run else {}
     rc = chk.run_module("pytest", argv, "pytest_gpu.log", cap_s=240.0, env=env)
     counts = dict(tests=0, failures=0, errors=0, skipped=0)
+    checks = []
     if xml.exists():
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         counts = {k: int(suite.get(k, 0)) for k in counts}
+        checks = junit_checks(xml)
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    targets = [Target("tests passed", passed), Target("tests failed", counts["failures"] + counts["errors"], "0",
-                                                      counts["failures"] + counts["errors"] == 0),
-               Target("tests skipped", counts["skipped"])]
+    bad = counts["failures"] + counts["errors"]
+    targets = [Target("tests passed", passed), Target("tests failed", bad, "0", bad == 0),
+               Target("tests skipped", counts["skipped"]), *checks]
     ok = rc == 0 and counts["tests"] > 0
-    return Outcome("passed" if ok else "failed", f"pytest exit {rc}; see pytest_gpu.log", targets)
+    stop = " (-x: stopped at the first failure, later tests did not run)" if bad else ""
+    return Outcome("passed" if ok else "failed", f"pytest exit {rc}{stop}; see pytest_gpu.log", targets)
 
 
 # ---------------------------------------------------------------------------------------------------------------

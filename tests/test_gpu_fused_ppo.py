@@ -11,6 +11,7 @@ from rlhf_fast.ops import KLTerm, PPOAgg, PPOClip, ppo_loss_from_hidden, referen
 pytestmark = pytest.mark.gpu
 AGGS = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_COEF, KW = 0.1, dict(entropy_coef=0.01, temperature=0.9)
+REAL_WIDTH, REAL_VOCAB = 4096, 151936
 
 
 def _batch(b, t, width, vocab, dtype):
@@ -25,19 +26,19 @@ def _batch(b, t, width, vocab, dtype):
     return hidden, weight, labels, old, adv, mask, ref_logp
 
 
-def _step(batch, *, clip, agg, backend=None, fp64=False):
+def _step(batch, *, clip, agg, backend=None, fp64=False, kl_kind="k3"):
     """(loss, stats, dhidden, dweight) of one fused step; fp64: the float64 reference composition."""
     hidden, weight, labels, old, adv, mask, ref_logp = batch
     cast = (lambda x: x.double()) if fp64 else (lambda x: x)
     h, w = cast(hidden).requires_grad_(True), cast(weight).requires_grad_(True)
     if fp64:
         loss, stats = reference.ppo_loss_from_hidden(h, w, labels, old.double(), adv.double(), mask, clip=clip,
-                                                     agg=PPOAgg(agg), kl=KLTerm(ref_logp.double(), KL_COEF, "k3"), **KW)
+                                                     agg=PPOAgg(agg), kl=KLTerm(ref_logp.double(), KL_COEF, kl_kind), **KW)
         stats = dict(stats)
     else:
         with use_backend(backend):
             loss, stats = ppo_loss_from_hidden(h, w, labels, old, adv, mask, clip=clip, agg=agg,
-                                               kl=KLTerm(ref_logp, KL_COEF, "k3"), **KW)
+                                               kl=KLTerm(ref_logp, KL_COEF, kl_kind), **KW)
         stats = stats._asdict()
     dh, dw = torch.autograd.grad(loss * 1.7, (h, w))  # a non-unit upstream gradient
     return loss.detach(), stats, dh, dw
@@ -63,9 +64,21 @@ def test_fused_ppo_matches_fp64(shape, dtype, agg):
 
 
 @cuda_only
+@pytest.mark.parametrize("kl_kind", ["k1", "k2", "k3", "abs"])
+@pytest.mark.parametrize("clip", [PPOClip(), PPOClip(0.1, 0.3), PPOClip(0.2, None, 2.0)])
+def test_fused_ppo_kl_kinds_and_clips_match_fp64(kl_kind, clip):
+    batch = _batch(3, 23, 16, 301, torch.float32)
+    loss, _, dh, dw = _step(batch, clip=clip, agg="seq-mean-token-mean", backend="triton", kl_kind=kl_kind)
+    ref_loss, _, ref_dh, ref_dw = _step(batch, clip=clip, agg="seq-mean-token-mean", fp64=True, kl_kind=kl_kind)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(dh.double(), ref_dh, atol=8e-5, rtol=8e-5)
+    torch.testing.assert_close(dw.double(), ref_dw, atol=8e-5, rtol=8e-5)
+
+
+@cuda_only
 def test_fused_ppo_real_size_bf16_within_twice_torch():
     """hidden 4096, vocab 151936, 2 x 96 tokens in bf16: loss and gradients within 2x the torch path's error."""
-    batch = _batch(2, 96, 4096, 151936, torch.bfloat16)
+    batch = _batch(2, 96, REAL_WIDTH, REAL_VOCAB, torch.bfloat16)
     clip = PPOClip(0.2, 0.28)
     ref = _step(batch, clip=clip, agg="token-mean", fp64=True)
     kernel = _step(batch, clip=clip, agg="token-mean", backend="triton")

@@ -113,7 +113,7 @@ LINEAR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", first_in_dry_run(torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("dtype", first_in_dry_run(torch.bfloat16, torch.float32, torch.float16))
 @pytest.mark.parametrize("lead,width,vocab", LINEAR_CASES)
 def test_linear_logprobs_matches_fp64(lead, width, vocab, dtype):
     hidden, weight, bias, labels = _linear(lead, width, vocab, dtype)
