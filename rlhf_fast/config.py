@@ -221,10 +221,20 @@ class PPOConfig:
     save_every: int = 0
     seed: int = 0
     device: str = "auto"
+    algorithm: str = "ppo"  # ppo | grpo | dr_grpo | dapo | rloo | reinforce_pp | ... (rlhf_fast.stages.algorithms)
+    clip_high: float = 0.0  # > 0: ratio clipped above at 1 + clip_high (clip-higher); 0: the algorithm's default
+    loss_agg: str = ""  # policy-loss aggregation ("": the algorithm's default; see stages.algorithms.LOSS_AGGS)
+    reward_fn: str = ""  # "module:function" (prompts, completions) -> floats: replaces, or adds to, the RM score
 
     def __post_init__(self):
+        from rlhf_fast.stages import algorithms
+
         _check_device(self.device)
         _check(self.generator in ("engine", "hf"), "generator", "must be engine or hf")
+        _check(self.algorithm in algorithms.ALGORITHMS, "algorithm", f"must be one of {tuple(algorithms.ALGORITHMS)}")
+        _check(self.loss_agg in ("",) + algorithms.LOSS_AGGS, "loss_agg", f"must be one of {algorithms.LOSS_AGGS}")
+        _check(self.clip_high >= 0, "clip_high", "must be >= 0")
+        _check(not self.reward_fn or ":" in self.reward_fn, "reward_fn", "must look like 'module:function'")
         _check(self.train_model in ("ours", "hf"), "train_model", "must be ours or hf")
         _check(self.old_logp in ("reuse", "recompute", "check"), "old_logp", "must be reuse, recompute or check")
         _check_data_options(self)

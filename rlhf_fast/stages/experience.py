@@ -86,6 +86,7 @@ class Experience(NamedTuple):
     advantages: torch.Tensor  # (N, R) whitened
     returns: torch.Tensor  # (N, R)
     kl: torch.Tensor  # (N,) per-sequence sum of log pi - log pi_ref (k1)
+    train: torch.Tensor  # (N,) bool: rows the update trains on (DAPO drops those of zero-std groups)
 
     def select(self, idx: torch.Tensor) -> "Experience":
         ro = self.rollout.select(idx)
@@ -99,8 +100,9 @@ def score_rollout(policy, ref, value_model, reward_model, ro: Rollout, temperatu
     """The frozen passes: (old_logp, ref_logp, old_values, scores)."""
     old_logp = policy_logprobs(policy, ro, temperature)
     ref_logp = policy_logprobs(ref, ro, temperature)
-    old_values = values_at(value_model, ro) * ro.mask
-    scores = reward_model.score(ro.input_ids, ro.lengths)
+    old_values = values_at(value_model, ro) * ro.mask if value_model is not None else torch.zeros_like(old_logp)
+    scores = reward_model.score(ro.input_ids, ro.lengths) if reward_model is not None else \
+        torch.zeros(ro.input_ids.shape[0], device=old_logp.device)
     return old_logp, ref_logp, old_values, scores
 
 
@@ -111,4 +113,5 @@ def advantages(ro: Rollout, old_logp, ref_logp, old_values, scores, *, kl_coef: 
     rewards = ops.token_rewards(scores, old_logp, ref_logp, ro.mask, kl_coef=kl_coef, kind=kl_kind)  # (N, R)
     adv, ret = ops.gae(rewards, old_values, ro.mask, gamma=gamma, lam=lam, whiten=True)
     kl = ((old_logp - ref_logp) * ro.mask).sum(1)
-    return Experience(ro, old_logp, ref_logp, old_values, scores, adv, ret, kl)
+    return Experience(ro, old_logp, ref_logp, old_values, scores, adv, ret, kl,
+                      torch.ones_like(scores, dtype=torch.bool))

@@ -83,8 +83,11 @@ def score_rollout(cfg, policy, ref, value_model, reward_model, ro: xp.Rollout, c
             diff = (policy_logprobs(policy, ro, batch, temperature) - old_logp).abs() * ro.mask
             metrics["old_logp_max_diff"] = float(diff.max())
     ref_logp = policy_logprobs(ref, ro, batch, temperature)
-    old_values = values_at(value_model, ro, batch) * ro.mask
-    return (old_logp, ref_logp, old_values, scores(reward_model, ro, batch)), metrics
+    old_values = values_at(value_model, ro, batch) * ro.mask if value_model is not None else \
+        torch.zeros_like(ref_logp)  # critic-free
+    rm_scores = scores(reward_model, ro, batch) if reward_model is not None else \
+        torch.zeros(ro.labels.shape[0], device=ref_logp.device)  # reward_fn alone
+    return (old_logp, ref_logp, old_values, rm_scores), metrics
 
 
 def epoch_order(cfg, prompt_index: list[int], generator: torch.Generator) -> torch.Tensor:

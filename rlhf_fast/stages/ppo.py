@@ -5,6 +5,10 @@ the policy's live weights; score them (policy, reference, value and reward passe
 `score - beta * KL`, GAE and whitened advantages; then `ppo_epochs` passes of minibatch updates of the clipped
 policy loss - `entropy_coef` * entropy (the fused PPO step, `ops.ppo_loss_from_hidden`) + `vf_coef` * clipped value
 loss (+ `ptx_coef` * pretraining NLL), one backward per minibatch. All loss math is in `rlhf_fast.ops`.
+
+`ppo.algorithm` picks the advantage estimator and loss defaults (`rlhf_fast.stages.algorithms`): the critic-free
+ones (grpo, dr_grpo, dapo, rloo, reinforce_pp, ...) load no value model and use the `sampling.n` completions of a
+prompt as its group. `ppo.reward_fn` scores completions with a function instead of (or on top of) the RM.
 """
 from __future__ import annotations
 
@@ -22,8 +26,10 @@ from rlhf_fast.data import SFTExample, epoch_batches, load_texts, sft_batch
 from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.models import output_head
 from rlhf_fast.rollout import SamplingParams
+from rlhf_fast.stages import algorithms
 from rlhf_fast.stages import experience as xp
 from rlhf_fast.stages import packed_passes as pp
+from rlhf_fast.stages import reward_fn as rfn
 from rlhf_fast.stages.common import guarded_step, make_optimizer, make_scheduler, progress, resolve_device
 from rlhf_fast.stages.kl_control import KLController
 from rlhf_fast.stages.run_state import TrainRun
@@ -35,18 +41,18 @@ log = logging.getLogger(__name__)
 
 class PPOResult(NamedTuple):
     policy_dir: Path
-    value_dir: Path
+    value_dir: Path | None  # None for a critic-free algorithm
     iterations: int
     skipped_steps: int
     elapsed_s: float  # training time, summed over resumed runs
 
 
 def load_frozen_pair(policy_dir: str | Path, rm_dir: str | Path):
-    """The frozen reference (SFT) policy and reward model, in eval mode without gradients."""
+    """The frozen reference (SFT) policy and reward model (None for `rm_dir` ""), in eval mode without gradients."""
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval().requires_grad_(False)
-    rm = ScalarHeadModel.from_pretrained(rm_dir).eval().requires_grad_(False)
+    rm = ScalarHeadModel.from_pretrained(rm_dir).eval().requires_grad_(False) if rm_dir else None
     return ref, rm
 
 
@@ -63,13 +69,21 @@ def make_generator(cfg: PPOConfig, policy, pad_id: int):
 class PPOTrainer:
     """The models, optimiser and state of one PPO run; `iteration(k)` runs one rollout + update round."""
 
-    def __init__(self, cfg: PPOConfig, policy, value, ref, reward_model, tokenizer, ptx: list[list[int]] = ()):
+    def __init__(self, cfg: PPOConfig, policy, value, ref, reward_model, tokenizer, ptx: list[list[int]] = (),
+                 reward_fn: rfn.RewardFn | None = None):
+        """`value` is None for a critic-free `cfg.algorithm`, `reward_model` None when `reward_fn` alone scores."""
         self.cfg, self.policy, self.value, self.ref, self.rm = cfg, policy, value, ref, reward_model
+        self.algo, self.reward_fn, self.tokenizer = algorithms.get(cfg.algorithm), reward_fn, tokenizer
+        if self.algo.critic != (value is not None):
+            need = "needs a" if self.algo.critic else "takes no"
+            raise ValueError(f"ppo.algorithm={cfg.algorithm!r} {need} value model")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = Codec(tokenizer).stop_ids  # eos and the chat template's end of turn
         self.ptx = list(ptx)
-        self.groups = [[p for p in policy.parameters() if p.requires_grad], value.trainable_parameters()]
-        self.opt = make_optimizer(self.groups[0] + self.groups[1], cfg.optim)
+        self.groups = [[p for p in policy.parameters() if p.requires_grad]]
+        if value is not None:
+            self.groups.append(value.trainable_parameters())
+        self.opt = make_optimizer([p for g in self.groups for p in g], cfg.optim)
         self.sched = make_scheduler(self.opt, cfg.optim, cfg.iterations)
         self.kl_ctl = KLController(cfg.kl)
         self.generator = make_generator(cfg, policy, self.pad_id)
@@ -82,18 +96,34 @@ class PPOTrainer:
     def sampling(self, iteration: int) -> SamplingParams:
         return self.cfg.sampling.params(seed=self.cfg.seed * 100_003 + iteration, stop_token_ids=self.stop_ids)
 
-    def collect(self, prompts: list[list[int]], iteration: int) -> tuple[xp.Experience, dict]:
-        """Rollouts, frozen passes and advantages; returns the experience and per-phase seconds."""
+    def collect(self, prompts: list[list[int]], iteration: int,
+                texts: list[str] | None = None) -> tuple[xp.Experience, dict]:
+        """Rollouts, frozen passes and advantages; returns the experience and per-phase seconds. `texts`: the
+        prompts as text for `reward_fn` (default: decoded from the ids)."""
         c, t0 = self.cfg, time.perf_counter()
         self.policy.eval()
         comps = self.generator.generate(prompts, self.sampling(iteration))
         t1 = time.perf_counter()
         ro = xp.make_rollout(prompts, comps, self.pad_id, self.policy.device)
         with precision.autocast(c.mixed_precision, self.policy.device):  # as the update
-            passes, checks = pp.score_rollout(c, self.policy, self.ref, self.value, self.rm, ro, comps)
+            (old_logp, ref_logp, old_values, scores), checks = pp.score_rollout(c, self.policy, self.ref,
+                                                                                self.value, self.rm, ro, comps)
+        if self.reward_fn is not None:
+            texts = texts or [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+            answers = [self.tokenizer.decode(x.token_ids, skip_special_tokens=True) for x in comps]
+            scores = scores + rfn.score(self.reward_fn, c.reward_fn, [texts[x.prompt_index] for x in comps],
+                                        answers).to(scores.device)
         t2 = time.perf_counter()
         kl_coef = self.kl_ctl.value if c.kl.placement == "reward" else 0.0
-        exp = xp.advantages(ro, *passes, kl_coef=kl_coef, kl_kind=c.kl.kind, gamma=c.gamma, lam=c.lam)
+        if self.algo.critic:
+            exp = xp.advantages(ro, old_logp, ref_logp, old_values, scores, kl_coef=kl_coef, kl_kind=c.kl.kind,
+                                gamma=c.gamma, lam=c.lam)
+        else:
+            adv, keep = algorithms.critic_free_advantages(self.algo, scores, old_logp, ref_logp, ro.mask,
+                                                          ro.prompt_index, kl_coef=kl_coef, kl_kind=c.kl.kind,
+                                                          gamma=c.gamma)
+            kl = ((old_logp - ref_logp) * ro.mask).sum(1)
+            exp = xp.Experience(ro, old_logp, ref_logp, old_values, scores, adv, adv, kl, keep)
         t3 = time.perf_counter()
         return exp, {"time_generate": t1 - t0, "time_score": t2 - t1, "time_advantages": t3 - t2,
                      "generated_tokens": float(ro.mask.sum()), **checks}
@@ -104,9 +134,11 @@ class PPOTrainer:
         c, ro = self.cfg, mb.rollout
         batch = pp.pack_rollout(ro, c.share_prompts) if c.train_model == "ours" else None  # None: padded HF
         loss, stats = self.policy_loss(mb, batch)
-        vl, vst = ops.value_loss(pp.values_at(self.value, ro, batch), mb.old_values, mb.returns, ro.mask, clip=c.value_clip)
-        loss = loss + c.vf_coef * vl
-        stats.update(vf_loss=float(vl.detach()), vf_explained_var=float(vst.explained_variance))
+        if self.value is not None:
+            vl, vst = ops.value_loss(pp.values_at(self.value, ro, batch), mb.old_values, mb.returns, ro.mask,
+                                     clip=c.value_clip)
+            loss = loss + c.vf_coef * vl
+            stats.update(vf_loss=float(vl.detach()), vf_explained_var=float(vst.explained_variance))
         if ptx_ids:
             nll, n = response_nll(self.policy, *sft_batch([SFTExample(t, 0) for t in ptx_ids], self.pad_id))
             ptx_loss = nll / n.clamp(min=1)
@@ -123,7 +155,9 @@ class PPOTrainer:
         weight, bias = output_head(self.policy)
         loss, st = ops.ppo_loss_from_hidden(
             hidden, weight, ro.labels.clamp(min=0), mb.old_logp, mb.advantages, ro.mask, bias=bias,
-            clip=ops.PPOClip(low=c.clip), kl=ops.KLTerm(mb.ref_logp, kl_coef, c.kl.kind) if kl_coef > 0 else None,
+            clip=ops.PPOClip(low=c.clip, high=c.clip_high or self.algo.clip_high),
+            agg=algorithms.loss_agg(c.loss_agg or self.algo.loss_agg, ro.mask.shape[0], c.sampling.max_new_tokens),
+            kl=ops.KLTerm(mb.ref_logp, kl_coef, c.kl.kind) if kl_coef > 0 else None,
             entropy_coef=c.entropy_coef, temperature=c.sampling.temperature)
         pg, entropy, clip_frac, approx_kl = st.policy_loss, st.entropy, st.clip_frac, st.approx_kl
         return loss, {"pg_loss": float(pg.detach()), "entropy": float(entropy.detach()),
@@ -133,13 +167,16 @@ class PPOTrainer:
         """`ppo_epochs` x minibatches of guarded optimiser steps (early stop on approx KL when configured)."""
         c = self.cfg
         self.policy.train()
-        self.value.train()
+        if self.value is not None:
+            self.value.train()
         g = torch.Generator().manual_seed(c.seed * 7919 + iteration)
-        n = exp.scores.shape[0]
-        agg: dict[str, list[float]] = {}
+        train = exp.train.cpu()  # (N,) bool: all rows but those of DAPO's zero-std groups
+        n = int(train.sum())
+        agg: dict[str, list[float]] = {"train_rows": [float(n)]}
         stop = False
-        for _ in range(c.ppo_epochs):
+        for _ in range(c.ppo_epochs if n else 0):
             perm = pp.epoch_order(c, exp.rollout.prompt_index, g)
+            perm = perm[train[perm]]
             for start in range(0, n, c.minibatch_size):
                 mb = exp.select(perm[start:start + c.minibatch_size])
                 ptx_ids = []
@@ -164,8 +201,8 @@ class PPOTrainer:
         out["early_stopped"] = float(stop)
         return out
 
-    def iteration(self, prompts: list[list[int]], iteration: int) -> dict:
-        exp, metrics = self.collect(prompts, iteration)
+    def iteration(self, prompts: list[list[int]], iteration: int, texts: list[str] | None = None) -> dict:
+        exp, metrics = self.collect(prompts, iteration, texts)
         t0 = time.perf_counter()
         metrics.update(self.update(exp, iteration))
         metrics["time_update"] = time.perf_counter() - t0
@@ -186,31 +223,40 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out_dir)
-    if not (cfg.policy and cfg.reward_model and cfg.prompts):
-        raise ValueError("ppo: `policy`, `reward_model` and `prompts` are required")
+    algo = algorithms.get(cfg.algorithm)
+    if not (cfg.policy and cfg.prompts and (cfg.reward_model or cfg.reward_fn)):
+        raise ValueError("ppo: `policy`, `prompts` and `reward_model` or `reward_fn` (or both) are required")
+    if algo.critic and not cfg.reward_model:
+        raise ValueError(f"ppo.reward_model: required by algorithm {cfg.algorithm!r} (the value model starts from it)")
+    reward_fn = rfn.load(cfg.reward_fn) if cfg.reward_fn else None
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
         raise ValueError("ppo.ptx_data: required when ptx_coef > 0")
     run = TrainRun("ppo", out, to_dict(cfg), save_every=cfg.save_every, stop_after=stop_after)
     final = out / "final"
+    value_dir = final / "value" if algo.critic else None
     if run.already_finished():
-        return PPOResult(final / "policy", final / "value", run.step, run.skipped, run.info["elapsed_s"])
+        return PPOResult(final / "policy", value_dir, run.step, run.skipped, run.info["elapsed_s"])
     tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
-    preflight.check_same_tokenizer(tokenizer, cfg.policy, cfg.reward_model)
+    if cfg.reward_model:
+        preflight.check_same_tokenizer(tokenizer, cfg.policy, cfg.reward_model)
     preflight.warn_unused_ptx(cfg.ptx_data, cfg.ptx_coef)
     device = resolve_device(cfg.device)
     dtype = precision.resolve_dtype(cfg.model_dtype, cfg.policy)  # frozen models and outputs; trained: fp32
     policy = AutoModelForCausalLM.from_pretrained(str(cfg.policy), dtype=torch.float32).to(device)
-    value = ScalarHeadModel.from_pretrained(cfg.reward_model).to(device)
+    value = ScalarHeadModel.from_pretrained(cfg.reward_model).to(device) if algo.critic else None
     if cfg.gradient_checkpointing:
         precision.enable_gradient_checkpointing(policy)
-        precision.enable_gradient_checkpointing(value)
-    ref, rm = (m.to(device=device, dtype=dtype) for m in load_frozen_pair(cfg.policy, cfg.reward_model))
+        if value is not None:
+            precision.enable_gradient_checkpointing(value)
+    ref, rm = (m.to(device=device, dtype=dtype) if m is not None else None
+               for m in load_frozen_pair(cfg.policy, cfg.reward_model))
     prompts = preflight.load_rollout_prompts(cfg.prompts, tokenizer, policy, max_len=cfg.max_len,
                                              max_new_tokens=cfg.sampling.max_new_tokens, overlong=cfg.overlong)
     ptx = (load_texts(cfg.ptx_data, tokenizer, fit_len(cfg.ptx_max_len, context_length(policy)))
            if cfg.ptx_data and cfg.ptx_coef > 0 else [])
-    trainer = PPOTrainer(cfg, policy, value, ref, rm, tokenizer, ptx)
-    run.resume({"policy": policy, "value": value}, trainer.opt, trainer.sched, total=cfg.iterations,
+    trainer = PPOTrainer(cfg, policy, value, ref, rm, tokenizer, ptx, reward_fn)
+    models = {"policy": policy, **({"value": value} if value is not None else {})}
+    run.resume(models, trainer.opt, trainer.sched, total=cfg.iterations,
                tokenizer=tokenizer, extra_state={"kl_controller": trainer.kl_ctl})
     trainer.skipped = run.skipped
 
@@ -220,18 +266,18 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
         while run.step < cfg.iterations:
             epoch, pos = divmod(run.step, per_epoch)
             batch = epoch_batches([0] * len(prompts), cfg.prompts_per_iter, seed=cfg.seed, epoch=epoch)[pos]
-            m = trainer.iteration([prompts[i].ids for i in batch], run.step)
+            m = trainer.iteration([prompts[i].ids for i in batch], run.step, [prompts[i].text for i in batch])
             run.step, run.skipped = run.step + 1, trainer.skipped
             run.metrics.log(run.step, **m)
             bar.update(1)
             bar.set_postfix(score=f"{m['score']:.3f}", kl=f"{m['kl']:.3f}")
             if not run.after_step():
-                return PPOResult(run.ckpt_dir / "policy", run.ckpt_dir / "value", run.step, run.skipped,
-                                 run.elapsed())
+                return PPOResult(run.ckpt_dir / "policy", run.ckpt_dir / "value" if algo.critic else None,
+                                 run.step, run.skipped, run.elapsed())
     finally:
         bar.close()
     if plots:
         run.metrics.plot(["score", "kl", "kl_coef", "response_len", "pg_loss", "vf_loss", "entropy", "clip_frac"],
                          out / "ppo_curves.png", "PPO")
-    run.finish({final / "policy": policy, final / "value": value}, dtype=dtype)
-    return PPOResult(final / "policy", final / "value", run.step, run.skipped, run.elapsed())
+    run.finish({final / "policy": policy, **({value_dir: value} if value is not None else {})}, dtype=dtype)
+    return PPOResult(final / "policy", value_dir, run.step, run.skipped, run.elapsed())
