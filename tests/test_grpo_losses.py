@@ -67,6 +67,22 @@ def test_long_rows_sequence_level_and_weights(backend):
         _check(logp, old, adv, isw, mask, PPOClip(0.02, 0.03, level="sequence"), PPOAgg("seq-mean-token-mean"))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64))
+def test_sequence_sum_level_matches_fp64(backend, dtype):
+    """The whole sequence's likelihood ratio, its exact gradient reaching every token (per-token advantages and
+    weights too): kernels and torch path == the float64 autograd reference."""
+    with use_backend(backend):
+        for per_seq_adv, agg in ((True, PPOAgg("seq-mean-token-mean")), (False, PPOAgg("token-mean"))):
+            logp, old, adv, isw, mask = _inputs(5, 41, dtype, per_seq_adv=per_seq_adv, scale=0.03)
+            _check(logp, old, adv, isw, mask, PPOClip(0.1, 0.2, 3.0, level="sequence-sum"), agg)
+    x = logp.double().requires_grad_(True)
+    loss, _ = reference.ppo_policy_loss(x, old.double(), adv.double(), mask, agg=agg,
+                                        clip=PPOClip(0.1, 0.2, 3.0, level="sequence-sum"))
+    g = torch.autograd.grad(loss, x)[0]
+    assert (g != 0).sum() > 10  # the check above is not vacuous: most rows are unclipped
+
+
 def _verl_vanilla(logp, old, adv, mask, isw, lo, hi, c):
     """verl core_algos.compute_policy_loss_vanilla + agg_loss("token-mean"), written out (float64)."""
     ratio = torch.exp((logp - old).clamp(-20, 20))
@@ -99,6 +115,13 @@ def _trl(logp, old, adv, mask, lo, hi, *, level, loss_type, max_len=None):
     return (ptl * mask).sum() / (ptl.shape[0] * max_len)
 
 
+def _trl_rloo(logp, old, adv, mask, lo, hi):
+    """TRL RLOOTrainer._compute_loss: the sequence log-likelihood ratio, one loss per sequence, mean (float64)."""
+    coef_1 = torch.exp((logp * mask).sum(1) - (old * mask).sum(1))
+    coef_2 = coef_1.clamp(1 - lo, 1 + hi)
+    return (-torch.minimum(coef_1 * adv, coef_2 * adv)).mean()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_the_peers_formulas(backend):
     b, t = 6, 13
@@ -106,6 +129,7 @@ def test_matches_the_peers_formulas(backend):
     mask[:, 0] = True  # no empty row: TRL's grpo mean runs over every row
     adv_tok = torch.randn(b, t, dtype=torch.float64, device=DEVICE)
     m = mask.double()
+    old_near = logp + 0.02 * torch.randn_like(logp)  # sequence-sum ratios near 1: not every row clipped
     cases = [  # (peer loss of x, our loss of x)
         (lambda x: _verl_vanilla(x, old, adv_tok, m, isw, 0.2, 0.28, 3.0),
          lambda x: ppo_policy_loss(x, old, adv_tok, mask, clip=PPOClip(0.2, 0.28, 3.0), is_weights=isw)[0]),
@@ -118,6 +142,9 @@ def test_matches_the_peers_formulas(backend):
         (lambda x: _trl(x, old, adv_seq, m, 0.05, 0.06, level="sequence", loss_type="grpo"),
          lambda x: ppo_policy_loss(x, old, adv_seq, mask, clip=PPOClip(0.05, 0.06, level="sequence"),
                                    agg="seq-mean-token-mean")[0]),
+        (lambda x: _trl_rloo(x, old_near, adv_seq, m, 0.2, 0.28),
+         lambda x: ppo_policy_loss(x, old_near, adv_seq, mask, clip=PPOClip(0.2, 0.28, level="sequence-sum"),
+                                   agg=PPOAgg("seq-mean-token-mean", num_seqs=b))[0]),
     ]
     with use_backend(backend):
         for i, (peer, ours) in enumerate(cases):
@@ -185,7 +212,9 @@ def _batch(b, t, width, vocab, dtype=torch.float32, device="cpu"):
     labels = torch.randint(0, vocab, (b, t), device=device)
     mask = torch.rand(b, t, device=device) > 0.3
     mask[0] = False  # an empty row
-    old = (torch.randn(b, t, device=device) * 0.3 - math.log(vocab)).to(dtype)
+    # old_logp near the model's own (the sequence-sum ratio of a row stays near 1, so its gradient is not clipped)
+    logp = reference.linear_token_logprobs(hidden.double(), weight.double(), labels)
+    old = (logp + 0.02 * torch.randn(b, t, device=device, dtype=torch.float64)).to(dtype)
     adv = torch.randn(b, device=device).to(dtype)  # one advantage per sequence, as GRPO gives
     ref_logp = (torch.randn(b, t, device=device) * 0.3 - math.log(vocab)).to(dtype)
     isw = (0.5 + torch.rand(b, t, device=device)).to(dtype)
@@ -193,7 +222,8 @@ def _batch(b, t, width, vocab, dtype=torch.float32, device="cpu"):
 
 
 FUSED_SPECS = [(PPOClip(0.2, 0.28, level="sequence"), PPOAgg("seq-mean-token-mean")),
-               (PPOClip(0.2, 0.28, 3.0), PPOAgg("seq-mean-token-sum-norm", norm=40.0))]
+               (PPOClip(0.2, 0.28, 3.0), PPOAgg("seq-mean-token-sum-norm", norm=40.0)),
+               (PPOClip(0.2, 0.28, level="sequence-sum"), PPOAgg("token-mean"))]
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

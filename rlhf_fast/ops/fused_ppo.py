@@ -11,8 +11,9 @@ folded into the advantages, which the surrogate is positively homogeneous in, an
 kernel, in place) and dhidden / dweight (4THV flops). The backward pass only scales them by the upstream gradient:
 6THV flops in all instead of 8THV, and never more than one (chunk, V) logits buffer.
 
-With `clip.level="sequence"` (GSPO) every token of a row needs the row's mean log ratio before its loss is known,
-so a first pass computes the valid tokens' log-probs (2THV flops more, no extra memory beyond (M,) floats).
+With `clip.level="sequence"` (GSPO) or `"sequence-sum"` every token of a row needs the row's mean (sum) log ratio
+before its loss is known, so a first pass computes the valid tokens' log-probs (2THV flops more, no extra memory
+beyond (M,) floats); at the sequence-sum level it also gives each row's summed policy-gradient derivative.
 Per-token importance weights multiply the policy-gradient term only (not the KL or entropy terms), as verl and TRL
 do; (batch,) advantages are broadcast over each row.
 
@@ -63,9 +64,10 @@ def _loss_backend(device) -> str | None:
 
 class _FusedPPO(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, old_logp, adv, ref_logp, isw, w, cfg):
+    def forward(ctx, hidden, weight, bias, labels, old_logp, adv, ref_logp, isw, w, spread, cfg):
         # hidden (M, H) valid tokens only; weight (V, H); bias (V,) | None
-        # labels, old_logp (the log ratio itself at the sequence level), adv, ref_logp | None, isw | None, w: (M,)
+        # labels, old_logp (the log ratio itself at the sequence levels), adv, ref_logp | None, isw | None, w: (M,)
+        # spread: (M,) d pg / d logp of the sequence-sum level (each row's summed derivative), or None
         clip, kl_coef, kl_kind, entropy_coef, inv_temp, chunk_size, rows_fwd, rows_bwd = cfg
         m, vocab, cd = hidden.shape[0], weight.shape[0], w.dtype
         dev = hidden.device
@@ -87,13 +89,15 @@ class _FusedPPO(torch.autograd.Function):
                 # weights folded into the advantages: pg(A * w) = w * pg(A) for w >= 0
                 pg, st = policy_loss_tokens(lp[None], old_logp[None, sl].to(cd), (adv[sl] * w[sl])[None].to(cd),
                                             ones[:, :rows], None if isw is None else isw[None, sl], clip, TOKEN_SUM,
-                                            lr_given=clip.level == "sequence")
-                total = pg
+                                            lr_given=clip.level != "token")
+                terms = [pg] if spread is None else []  # sequence-sum: pg's derivative is precomputed
                 if ref_logp is not None:
                     kl = (kl_penalty(lp, ref_logp[sl].to(cd), kl_kind) * w[sl]).sum()
-                    total = total + kl_coef * kl
+                    terms.append(kl_coef * kl)
                     kl_sum = kl_sum + kl.detach()
-                (dlogp,) = torch.autograd.grad(total, lp)
+                dlogp = torch.autograd.grad(sum(terms), lp)[0] if terms else torch.zeros_like(lp)
+                if spread is not None:
+                    dlogp = dlogp + spread[sl]
             pg_sum = pg_sum + pg.detach()
             ent_sum = ent_sum + (ent * w[sl]).sum()
             clipped, akl = clipped + st.clip_frac * rows, akl + st.approx_kl * rows
@@ -122,7 +126,19 @@ class _FusedPPO(torch.autograd.Function):
         dhidden = dh.mul_(g_loss.to(dh.dtype)) if dh is not None else None
         dweight = dw.mul_(g_loss.to(dw.dtype)).to(ctx.dtypes[0]) if dw is not None else None
         dbias = db.mul_(g_loss.to(db.dtype)).to(ctx.dtypes[1]) if db is not None else None
-        return dhidden, dweight, dbias, None, None, None, None, None, None, None
+        return dhidden, dweight, dbias, None, None, None, None, None, None, None, None
+
+
+def _sequence_sum_grad(logp, seq_lr, adv, isw, w, row, n_rows, clip) -> torch.Tensor:
+    """(M,) d pg / d logp at the sequence-sum level: the row sum of the per-token (stop-gradient) derivatives, on
+    every token of the row (d exp(sum lr) / d logp_t = exp(sum lr) for all t)."""
+    with torch.enable_grad(), use_backend(_loss_backend(logp.device)):
+        lp = logp.detach().requires_grad_(True)
+        ones = torch.ones(1, lp.shape[0], dtype=torch.bool, device=lp.device)
+        pg, _ = policy_loss_tokens(lp[None], seq_lr[None], (adv * w)[None].to(lp.dtype), ones,
+                                   None if isw is None else isw[None], clip, TOKEN_SUM, lr_given=True)
+        (g,) = torch.autograd.grad(pg, lp)
+    return torch.zeros(n_rows, dtype=g.dtype, device=g.device).index_add_(0, row, g)[row]
 
 
 def _valid_logp(h, weight, bias, labels, inv_temp, chunk_size, rows_fwd, cd) -> torch.Tensor:
@@ -237,14 +253,19 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     cfg = (clip, kl_coef, kl_kind, float(entropy_coef), 1.0 / temperature, chunk_size, rows_fwd, rows_bwd)
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    y, old = take(labels).to(torch.int64).contiguous(), take(old_logp)
-    if clip.level == "sequence":  # old -> each token's sg[mean over its row of logp - old_logp]
-        row = idx // max(mask.shape[-1], 1)  # (M,) row of each valid token
-        lr = _valid_logp(h.detach(), weight.detach(), bias, y, 1.0 / temperature, chunk_size, rows_fwd, cd) - \
-            old.to(cd)
-        seq = torch.zeros(mask.shape[0], dtype=cd, device=h.device).index_add_(0, row, lr)
-        old = (seq / valid.sum(-1).clamp(min=1).to(cd))[row]  # (M,)
+    y, old, adv, w = take(labels).to(torch.int64).contiguous(), take(old_logp), take(advantages), take(w)
     isw = None if is_weights is None else take(is_weights.detach()).to(cd)
-    loss, *stats = _FusedPPO.apply(h, weight, bias, y, old, take(advantages), take(ref_logp), isw, take(w), cfg)
+    spread = None
+    if clip.level != "token":  # old -> each token's sg[mean (or sum) over its row of logp - old_logp]
+        row = idx // max(mask.shape[-1], 1)  # (M,) row of each valid token
+        lp = _valid_logp(h.detach(), weight.detach(), None if bias is None else bias.detach(), y, 1.0 / temperature,
+                         chunk_size, rows_fwd, cd)
+        seq = torch.zeros(mask.shape[0], dtype=cd, device=h.device).index_add_(0, row, lp - old.to(cd))
+        if clip.level == "sequence":
+            seq = seq / valid.sum(-1).clamp(min=1).to(cd)
+        old = seq[row]  # (M,)
+        if clip.level == "sequence-sum":
+            spread = _sequence_sum_grad(lp, old, adv, isw, w, row, mask.shape[0], clip)
+    loss, *stats = _FusedPPO.apply(h, weight, bias, y, old, adv, take(ref_logp), isw, w, spread, cfg)
     # gradients reach `hidden` through the index_select above
     return loss, FusedPPOStats(*stats, nonfinite)

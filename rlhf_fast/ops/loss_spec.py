@@ -59,7 +59,7 @@ _MODES = {
 }
 AGG_MODES = tuple(_MODES)
 _NORMALISERS = ("num_tokens", "num_seqs", "norm")
-RATIO_LEVELS = ("token", "sequence")
+RATIO_LEVELS = ("token", "sequence", "sequence-sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +73,19 @@ class PPOClip:
                     log r_t = sg[mean_t lr] + logp_t - sg[logp_t] (Zheng et al. 2025; verl
                     `compute_policy_loss_gspo`; TRL GRPO `importance_sampling_level="sequence"`, whose gradient it
                     equals when the advantages and importance weights are constant over each sequence, as in GRPO)
-    so with `sequence` every token of a row shares the ratio (and its clipping), while the gradient of token t flows
-    through logp_t alone: d l_t / d logp_t = -A_t r where unclipped. The log ratio is clamped to [-20, 20] before exp
-    on every level (gradient 0 outside; verl's GSPO clamps at 10 from above only).
+      sequence-sum  r = exp(sum_t lr) = pi(y|x) / pi_old(y|x), the whole sequence's likelihood ratio, differentiated
+                    exactly: d r / d logp_t = r for every valid t, so each token gets the row's summed derivative
+                    (TRL RLOOTrainer: with (batch,) advantages and PPOAgg("seq-mean-token-mean", num_seqs=batch) the
+                    loss is its mean_b max(-A_b r_b, -A_b clip(r_b)))
+    so on the sequence levels every token of a row shares the ratio (and its clipping); with `sequence` the gradient
+    of token t flows through logp_t alone: d l_t / d logp_t = -A_t r where unclipped. The log ratio is clamped to
+    [-20, 20] before exp on every level (gradient 0 outside; verl's GSPO clamps at 10 from above only).
     """
 
     low: float = 0.2  # ratio clipped below at 1 - low
     high: float | None = None  # ratio clipped above at 1 + high; None: same as low (DAPO "clip-higher" if larger)
     dual: float | None = None  # dual clip c > 1: loss <= -c * A for A < 0; None: off
-    level: str = "token"  # token | sequence (GSPO), see above
+    level: str = "token"  # token | sequence (GSPO) | sequence-sum (TRL RLOO), see above
 
     def __post_init__(self):
         if not isinstance(self.low, numbers.Real) or not 0 <= self.low < 1:

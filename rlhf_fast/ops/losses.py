@@ -96,7 +96,7 @@ class _PolicyLossTorch(torch.autograd.Function):
     instead of autograd replaying a dozen elementwise ops (the reference in `ops.reference` stays the oracle)."""
 
     @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask, isw, clip, agg, lr_given):
+    def forward(ctx, logp, old_logp, adv, mask, isw, clip, agg, lr_given, spread):
         lower, upper, dual = clip.lower, clip.upper, clip.dual
         dt = _compute_dtype(logp)
         lp, old, a = logp.to(dt), old_logp.to(dt), adv.to(dt)
@@ -130,20 +130,29 @@ class _PolicyLossTorch(torch.autograd.Function):
         stats = ((clipped & valid).sum().to(dt) / n, (torch.expm1(lr) - lr).sum() / n,
                  torch.where(some, torch.where(valid, ratio, zero).sum() / n, one),
                  torch.where(some, r_min, one), torch.where(some, r_max, one), (m & ~valid).sum())
-        ctx.save_for_backward(dtok, w)
+        ctx.save_for_backward(dtok, w, valid if spread else None)
         ctx.logp_dtype = logp.dtype
         ctx.mark_non_differentiable(*stats)
         return (loss, *stats)
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        dtok, w = ctx.saved_tensors
-        return (dtok * (w * g_loss)[:, None]).to(ctx.logp_dtype), None, None, None, None, None, None, None
+        dtok, w, valid = ctx.saved_tensors
+        grad = dtok * (w * g_loss)[:, None]
+        if valid is not None:
+            grad = _spread(grad, valid)
+        return grad.to(ctx.logp_dtype), None, None, None, None, None, None, None, None
+
+
+def _spread(grad: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The sequence-sum level's exact gradient: every valid token of a row gets the row's summed (stop-gradient)
+    derivative, since d exp(sum_t lr_t) / d logp_t is the same for all t."""
+    return torch.where(valid, grad.sum(-1, keepdim=True), torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
 class _PolicyLossKernel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, adv, mask, isw, clip, agg, lr_given, kp):
+    def forward(ctx, logp, old_logp, adv, mask, isw, clip, agg, lr_given, spread, kp):
         p = kp.policy_partials(logp, old_logp, adv, mask, clip, is_weights=isw, lr_given=lr_given)  # (batch, C, K)
         rows = p.sum(1)  # per-row sums
         cnt = rows[:, P_COUNT]
@@ -156,17 +165,21 @@ class _PolicyLossKernel(torch.autograd.Function):
                  torch.where(some, p[:, :, P_RMIN].min(), one), torch.where(some, p[:, :, P_RMAX].max(), one),
                  rows[:, P_NONFINITE].sum().round().to(torch.int64))
         ctx.save_for_backward(logp, old_logp, adv, mask, isw, w)
-        ctx.clip, ctx.lr_given, ctx.kp = clip, lr_given, kp
+        ctx.clip, ctx.lr_given, ctx.spread, ctx.kp = clip, lr_given, spread, kp
         ctx.mark_non_differentiable(*stats)
         return (loss, *stats)
 
     @staticmethod
     def backward(ctx, g_loss, *_):
         logp, old_logp, adv, mask, isw, w = ctx.saved_tensors
-        grad = torch.empty_like(logp)
+        # the sequence-sum level sums per-token derivatives: keep them in the compute dtype until then
+        grad = torch.empty(logp.shape, dtype=_compute_dtype(logp), device=logp.device) if ctx.spread else \
+            torch.empty_like(logp)
         ctx.kp.policy_backward(logp, old_logp, adv, mask, (w * g_loss).contiguous(), grad, ctx.clip, is_weights=isw,
                                lr_given=ctx.lr_given)
-        return grad, None, None, None, None, None, None, None, None
+        if ctx.spread:
+            grad = _spread(grad, _valid(mask, logp, old_logp, adv, isw)).to(logp.dtype)
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -181,13 +194,17 @@ def token_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tens
     return advantages
 
 
-def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(batch, T) GSPO log ratio: each row's mean over its valid tokens of logp - old_logp, on every valid token
-    (NaN elsewhere, so such tokens stay dropped). Computed in float32 (float64 for float64 logp), no gradient."""
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, valid: torch.Tensor,
+                       level: str = "sequence") -> torch.Tensor:
+    """(batch, T) sequence log ratio: each row's mean (GSPO) or sum (`sequence-sum`) over its valid tokens of
+    logp - old_logp, on every valid token (NaN elsewhere, so such tokens stay dropped). Computed in float32 (float64
+    for float64 logp), no gradient."""
     dt = _compute_dtype(logp)
     zero = torch.zeros((), dtype=dt, device=logp.device)
     lr = torch.where(valid, logp.detach().to(dt) - old_logp.detach().to(dt), zero)
-    seq = lr.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)  # (batch, 1)
+    seq = lr.sum(-1, keepdim=True)  # (batch, 1)
+    if level == "sequence":
+        seq = seq / valid.sum(-1, keepdim=True).clamp(min=1)
     return torch.where(valid, seq, torch.full((), float("nan"), dtype=dt, device=logp.device))
 
 
@@ -201,19 +218,22 @@ def _valid(mask: torch.Tensor, *tensors: torch.Tensor | None) -> torch.Tensor:
 
 def policy_loss_tokens(logp, old_logp, adv, mask, is_weights, clip: PPOClip, agg: PPOAgg, lr_given: bool = False):
     """`ppo_policy_loss` on checked (batch, T) inputs, with `old_logp` the log ratio itself where `lr_given`
-    (the fused step passes its tokens' sequence log ratio so). Returns (loss, PolicyLossStats) in the compute dtype."""
-    if clip.level == "sequence" and not lr_given:
-        old_logp = sequence_log_ratio(logp, old_logp, _valid(mask, logp, old_logp, adv, is_weights))
-        lr_given = True
+    (the fused step passes its tokens' sequence log ratio so, and spreads the sequence-sum gradient itself).
+    Returns (loss, PolicyLossStats) in the compute dtype."""
+    spread = False
+    if clip.level != "token" and not lr_given:
+        old_logp = sequence_log_ratio(logp, old_logp, _valid(mask, logp, old_logp, adv, is_weights), clip.level)
+        lr_given, spread = True, clip.level == "sequence-sum"
     use = backend.select("ppo_policy_loss", logp.device)
     isw = None if is_weights is None else is_weights.detach()
     if use != "torch" and logp.numel():
         isw = None if isw is None else isw.contiguous()
         loss, *stats = _PolicyLossKernel.apply(logp.contiguous(), old_logp.detach().contiguous(),
                                                adv.detach().contiguous(), _kernel_mask(mask), isw, clip, agg,
-                                               lr_given, _kernels(use))
+                                               lr_given, spread, _kernels(use))
     else:
-        loss, *stats = _PolicyLossTorch.apply(logp, old_logp.detach(), adv.detach(), mask, isw, clip, agg, lr_given)
+        loss, *stats = _PolicyLossTorch.apply(logp, old_logp.detach(), adv.detach(), mask, isw, clip, agg, lr_given,
+                                              spread)
     return loss, PolicyLossStats(*stats)
 
 
@@ -235,7 +255,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     verl `compute_policy_loss_vanilla` / `compute_policy_loss_gspo` and TRL GRPOTrainer `_compute_loss` (loss_type
     grpo / bnpo / dr_grpo / dapo, epsilon_low / epsilon_high, importance_sampling_level) are choices of these
     arguments. Returns (loss: 0-d float32, or float64 for float64 logp; stats: PolicyLossStats, whose ratio stats
-    are those of the sequence ratio with `clip.level="sequence"`, unweighted by is_weights).
+    are those of the sequence ratio on the sequence levels, unweighted by is_weights).
     """
     if isinstance(advantages, torch.Tensor) and advantages.dim() == 1 and isinstance(logp, torch.Tensor) and \
             logp.dim() == 2 and advantages.shape[0] != logp.shape[0]:

@@ -151,7 +151,8 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip: PPOClip = PPOClip
     advantages (batch, T) or (batch,) (broadcast over each row), is_weights (batch, T) or None.
 
     token level: r = exp(clamp(logp - old_logp, -20, 20)); sequence level (GSPO, Zheng et al. 2025, the stop-gradient
-    form): log r_t = sg[mean_valid(logp - old_logp)] + logp_t - sg[logp_t], clamped likewise.
+    form): log r_t = sg[mean_valid(logp - old_logp)] + logp_t - sg[logp_t]; sequence-sum: log r = sum_valid(logp -
+    old_logp) with its full gradient; clamped likewise.
     l = w_is * max(-A r, -A clip(r, clip.lower, clip.upper)); for A < 0 with clip.dual c: l = w_is * min(.., -c A);
     reduced by `agg.aggregate`. Tokens with a non-finite input (is_weights included) are dropped (counted in stats).
     Returns (loss, dict of stats: clip_frac, approx_kl = mean(r - 1 - log r), ratio_mean/min/max, nonfinite).
@@ -166,6 +167,8 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, *, clip: PPOClip = PPOClip
     if clip.level == "sequence":
         seq = lr.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)  # (batch, 1)
         lr = torch.where(valid, logp - logp.detach() + seq.detach(), zero)
+    elif clip.level == "sequence-sum":  # the likelihood ratio of the whole sequence, differentiated through the sum
+        lr = torch.where(valid, lr.sum(-1, keepdim=True).expand_as(lr), zero)
     lr = lr.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     adv = torch.where(valid, advantages, zero)
     ratio = torch.exp(lr)
