@@ -12,7 +12,8 @@
     torch) vs verl's per-row Python loop (`compute_grpo_outcome_advantage`: a dict of lists, torch.mean/std per
     group, a per-row assignment), written out below; max |error| vs the float64 loop.
 
-Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_grpo [--small]
+Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_grpo [--small] [--part loss|advantages]
+(both parts write bench/results/grpo.*; `--part advantages` alone, with more repeats, writes grpo_advantages.*).
 """
 from __future__ import annotations
 
@@ -122,15 +123,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="small sizes for a quick run")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--part", choices=("all", "loss", "advantages"), default="all", help="run one part only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [run_case(c, "cpu", warmup=1, repeats=3) for c in loss_cases(args.small)]
-    rows += [run_case(c, "cpu", warmup=1, repeats=5) for c in advantage_cases(1024 if args.small else 8192)]
+    rows = []
+    if args.part in ("all", "loss"):
+        rows += [run_case(c, "cpu", warmup=1, repeats=3) for c in loss_cases(args.small)]
+    if args.part in ("all", "advantages"):
+        repeats = 5 if args.part == "all" else 21  # the shared machine is noisy: a longer median when alone
+        rows += [run_case(c, "cpu", warmup=2, repeats=repeats)
+                 for c in advantage_cases(1024 if args.small else 8192)]
     base = {r["case"]: r["time_ms"] for r in rows if r["impl"] in ("peer", "verl-loop")}
     for r in rows:
         r["speedup_vs_peer"] = round(base[r["case"]] / r["time_ms"], 2)
-    write_results("grpo_small" if args.small else "grpo", rows, plot_x="impl", plot_y="time_ms", group_by="case",
-                  logy=True)
+    name = "grpo" + ("" if args.part == "all" else f"_{args.part}") + ("_small" if args.small else "")
+    write_results(name, rows, plot_x="impl", plot_y="time_ms", group_by="case", logy=True)
 
 
 if __name__ == "__main__":
