@@ -1,0 +1,195 @@
+"""TRL plug-in: `ops.linear_token_logprobs` behind TRL's fused LM head, and a GRPO trainer on our fused PPO step.
+
+    from rlhf_fast.integrations import trl as rf_trl
+    rf_trl.patch()                      # every trainer's `fused_lm_head=True` forward (GRPO, RLOO, DPO, KTO, SFT)
+    trainer = rf_trl.GRPOTrainer(...)   # trl.GRPOTrainer whose `_compute_loss` is one `ops.ppo_loss_from_hidden`
+
+`patch()` replaces the projection function of `trl.trainer.utils.add_fused_lm_head`'s forward
+(`trl.trainer.utils._ChunkedLogProbFunction`, TRL's chunked `hidden @ W.T` log-prob kernel) with ours where we
+compute everything asked for: `outputs` within ("log_probs", "entropy") and no `final_logit_softcapping`
+(`logit_scale` and the temperature fold into one divisor). Falling back to TRL's own kernel, per call: Gemma-style
+softcapping, a non-positive `logit_scale`, and the metric outputs `log_sum_sq_probs`, `mean_logits`, `is_top1`,
+which TRL asks for on the policy model of DPO (`mean_logits`, `is_top1`, WPO's `log_sum_sq_probs`), KTO
+(`mean_logits`) and SFT (`is_top1`); their reference models and GRPO / RLOO (policy and reference) use ours.
+`unpatch()` restores TRL's.
+
+`GRPOTrainer` computes the loss straight from the policy's last hidden states and `lm_head.weight` (the
+`(B, T, V)` logits never exist, gradients come out of the forward pass). It covers `loss_type` grpo / bnpo /
+dr_grpo / dapo, `epsilon` / `epsilon_high`, `importance_sampling_level` token / sequence, `beta` (k3 KL to the
+reference), vLLM's `importance_sampling_ratio` correction and `tool_mask`, with TRL's normalisers (gradient
+accumulation included). For anything else it calls TRL's own `_compute_loss`: the loss types cispo / sapo / vespo
+/ luspo, `delta`, `off_policy_mask_threshold`, `top_entropy_quantile < 1`, an entropy bonus, `use_bias_correction_kl`,
+MoE aux losses, multimodal inputs and models with logit scaling or softcapping. Its logged `entropy` / `kl` are the
+agg-weighted means (equal to TRL's token means for bnpo / dapo / dr_grpo).
+
+Covered version: trl 1.16.0 (see the README).
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast import ops
+
+_OURS = ("log_probs", "entropy")
+_original = None
+
+
+def _logit_transform(model_config) -> tuple[float | None, float | None]:
+    """(final_logit_softcapping, logit_scale) of a model config, None where the model has none."""
+    cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(cfg, name, None) is not None:
+            scale = getattr(cfg, name)
+    return getattr(cfg, "final_logit_softcapping", None), scale
+
+
+class LinearLogprobFunction:
+    """Stands in for TRL's `ChunkedLogProbFunction`: `apply(hidden (N, H), weight (V, H), bias (V,) | None,
+    targets (N,), temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0, outputs=...)` ->
+    (log_probs (N,) fp32, entropy (N,) fp32 | None, None, None, None), or TRL's own result for what we do not
+    compute (see the module docstring)."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0,
+              outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+        if final_logit_softcapping is not None or not logit_scale > 0 or not set(outputs) <= set(_OURS):
+            return _original.apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
+                                   logit_scale, outputs)
+        dev = hidden.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        with torch.autocast(dev, enabled=False):
+            logp, ent = ops.linear_token_logprobs(hidden.to(cd), weight.to(cd), targets,
+                                                  bias=None if bias is None else bias.to(cd),
+                                                  temperature=float(temperature) / float(logit_scale),
+                                                  return_entropy=True)
+        return logp, (ent.float() if "entropy" in outputs else None), None, None, None
+
+
+def patch() -> None:
+    """Put `ops.linear_token_logprobs` behind TRL's fused LM head (idempotent; `unpatch()` undoes it)."""
+    global _original
+    from trl.trainer import utils as trl_utils
+
+    if trl_utils._ChunkedLogProbFunction is not LinearLogprobFunction:
+        _original = trl_utils._ChunkedLogProbFunction
+        trl_utils._ChunkedLogProbFunction = LinearLogprobFunction
+
+
+def unpatch() -> None:
+    global _original
+    from trl.trainer import utils as trl_utils
+
+    if _original is not None:
+        trl_utils._ChunkedLogProbFunction, _original = _original, None
+
+
+# --- GRPOTrainer on the fused step ---------------------------------------------------------------------------------
+
+_AGG_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+_MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+               "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def fallback_reason(trainer, inputs) -> str | None:
+    """Why `GRPOTrainer._compute_loss` would call TRL's own code for these inputs (None: ours runs)."""
+    args = trainer.args
+    if trainer.loss_type not in _AGG_LOSS_TYPES:
+        return f"loss_type={trainer.loss_type!r}"
+    checks = [(getattr(args, "delta", None) is not None, "delta (two-sided clipping)"),
+              (trainer.off_policy_mask_threshold is not None, "off_policy_mask_threshold"),
+              (trainer.top_entropy_quantile < 1.0, "top_entropy_quantile < 1"),
+              (trainer._entropy_bonus_enabled, "an entropy bonus"),
+              (trainer.beta != 0.0 and getattr(args, "use_bias_correction_kl", False), "use_bias_correction_kl"),
+              (trainer.aux_loss_enabled, "a MoE aux loss"),
+              (any(inputs.get(k) is not None for k in _MULTIMODAL), "multimodal inputs"),
+              (trainer.importance_sampling_level not in ("token", "sequence"), "importance_sampling_level")]
+    for bad, why in checks:
+        if bad:
+            return why
+    softcap, scale = _logit_transform(trainer.accelerator.unwrap_model(trainer.model).config)
+    if softcap is not None or scale not in (None, 1, 1.0):
+        return "logit softcapping / scaling"
+    return None
+
+
+def _agg(trainer, mode: str, mask: torch.Tensor, inputs) -> ops.PPOAgg:
+    """TRL's per-loss_type normaliser (gradient accumulation folded in) as a PPOAgg over the (B, T) mask."""
+    accum = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+    b = mask.shape[0]
+    if trainer.loss_type == "grpo":
+        return ops.PPOAgg("seq-mean-token-mean", num_seqs=b * accum)
+    if trainer.loss_type == "bnpo":
+        return ops.PPOAgg("token-mean", num_tokens=mask.sum().clamp(min=1.0) * accum)
+    if trainer.loss_type == "dr_grpo":
+        return ops.PPOAgg("seq-mean-token-sum-norm", norm=b * trainer.max_completion_length * accum)
+    n = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes  # dapo
+    if mode == "train":
+        n = n * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
+    return ops.PPOAgg("token-mean", num_tokens=n)
+
+
+def fused_grpo_loss(trainer, model, inputs) -> torch.Tensor:
+    """TRL GRPO's `_compute_loss` as one `ops.ppo_loss_from_hidden` call (for the cases `fallback_reason` passes)."""
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    p, c = prompt_ids.shape[1], completion_ids.shape[1]
+    with trainer.accelerator.autocast():
+        out = model(input_ids=torch.cat([prompt_ids, completion_ids], 1),
+                    attention_mask=torch.cat([prompt_mask, completion_mask], 1),
+                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    hidden = out.hidden_states[-1][:, p - 1:p + c - 1]  # (B, C, H): the positions that predict the completion
+    lm_head = trainer.accelerator.unwrap_model(model).get_output_embeddings()
+    weight, bias = lm_head.weight, lm_head.bias
+    if trainer.args.cast_lm_head_to_fp32 or hidden.dtype != weight.dtype:
+        hidden, weight = hidden.float(), weight.float()
+        bias = None if bias is None else bias.float()
+    old = inputs.get("old_per_token_logps")
+    if old is None:  # TRL uses this step's log-probs (ratio 1): one forward of the lm_head without gradient
+        with torch.no_grad():
+            old = ops.linear_token_logprobs(hidden.detach(), weight.detach(), completion_ids, bias=bias,
+                                            temperature=trainer.temperature)
+    mode = "train" if trainer.model.training else "eval"
+    is_w = None
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        is_w = inputs["importance_sampling_ratio"].expand_as(mask).to(torch.float32)
+    kl = None
+    if trainer.beta != 0.0:
+        kl = ops.KLTerm(inputs["ref_per_token_logps"], coef=float(trainer.beta), kind="k3")
+    agg = _agg(trainer, mode, mask, inputs)
+    clip = ops.PPOClip(low=trainer.epsilon_low, high=trainer.epsilon_high, level=trainer.importance_sampling_level)
+    loss, st = ops.ppo_loss_from_hidden(hidden, weight, completion_ids, old, inputs["advantages"], mask, bias=bias,
+                                        clip=clip, agg=agg, kl=kl, temperature=trainer.temperature,
+                                        is_weights=is_w)
+    wsum = agg.token_weights(mask).sum().clamp(min=1e-30).to(st.entropy.dtype)
+    metrics = trainer._metrics[mode]
+    metrics["entropy"].append(trainer.accelerator.gather(st.entropy / wsum).mean().item())
+    if kl is not None:
+        metrics["kl"].append(trainer.accelerator.gather(st.kl / wsum).mean().item())
+    metrics["clip_ratio/region_mean"].append(trainer.accelerator.gather(st.clip_frac).mean().item())
+    return loss
+
+
+def _make_grpo_trainer():
+    import trl
+
+    class GRPOTrainer(trl.GRPOTrainer):
+        """`trl.GRPOTrainer` whose loss is `ops.ppo_loss_from_hidden` (see rlhf_fast.integrations.trl)."""
+
+        def _compute_loss(self, model, inputs):
+            if fallback_reason(self, inputs) is not None:
+                return super()._compute_loss(model, inputs)
+            return fused_grpo_loss(self, model, inputs)
+
+    GRPOTrainer.__module__ = __name__
+    return GRPOTrainer
+
+
+def __getattr__(name):
+    # trl is imported only when the trainer class is first asked for
+    if name == "GRPOTrainer":
+        cls = _make_grpo_trainer()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
