@@ -242,6 +242,41 @@ def check_batch(name: str, global_batch: int) -> None:
                                f"needs at least one item per batch (batch sizes are global)")
 
 
+def normaliser(count):
+    """A global count (tokens, sequences) to pass as a loss op's `num_tokens` / `num_seqs`; None at world size 1,
+    where the op's own count of its batch is the global one (and the arithmetic stays what it always was)."""
+    return None if world_size() == 1 else int(count)
+
+
+def accumulate(batch: Sequence, loss_of: Callable[[Sequence], torch.Tensor], micro_batch_size: int) -> torch.Tensor:
+    """Backward of this rank's part of the global `batch`, in micro-batches (gradient accumulation).
+
+    `loss_of(items)` must divide by the *global* count of `batch` (tokens, pairs, ...), so the gradients summed over
+    micro-batches and ranks are the one-process gradient of the whole batch. Every rank runs `num_micro(...)`
+    forwards and backwards; a rank with too few items runs a stand-in item at weight 0 (FSDP's collectives need
+    every rank). Returns the detached sum of this rank's micro-batch losses, or - with one process and one
+    micro-batch - the loss itself, not yet backpropagated (the guarded step does that, as it always did)."""
+    slices = micro_slices(len(batch), micro_batch_size)
+    if world_size() == 1 and len(slices) == 1:
+        return loss_of(batch)
+    total = None
+    for sl in slices:
+        items = batch[sl]
+        loss = loss_of(items) if len(items) else loss_of(batch[:1]) * 0.0
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
+def rank_parts(items: Sequence, batch_size: int) -> Iterator[tuple[Sequence, bool]]:
+    """For evaluation: this rank's part of each global batch of `items`, as (part, real). Every rank yields as many
+    parts; `real` is False for a stand-in (one item) on a rank that has none, whose result must be dropped."""
+    for i in range(0, len(items), batch_size):
+        batch = items[i:i + batch_size]
+        part = batch[rank_slice(len(batch))]
+        yield (part, True) if len(part) else (batch[:1], False)
+
+
 # --- sharding --------------------------------------------------------------------------------------------------
 
 
