@@ -1,0 +1,71 @@
+"""The stages at world size 1 (the test process) and 2 (`torchrun ... -m tests._dist_stages ROOT`), for
+`tests/test_distributed_stages.py`. World 1 runs first and leaves the models both worlds start RM and PPO from, and a
+stopped SFT run that world 2 resumes (1 -> 2); world 2 leaves one that the test resumes at world size 1 (2 -> 1).
+
+The tiny default task has responses of different lengths, so ranks see unequal token counts in every batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from rlhf_fast import distributed as dist
+from rlhf_fast.config import OptimConfig, ParallelConfig, PPOConfig, RMConfig
+from rlhf_fast.stages.ppo import train_ppo
+from rlhf_fast.stages.rm import train_rm
+from rlhf_fast.stages.sft import train_sft
+from tests._tiny import TINY_TASK, tiny_sft_config
+
+TASK = dataclasses.replace(TINY_TASK, n_sft=40, n_rm=16, n_ppo=16)
+
+
+def configs(root: Path):
+    """(sft, rm, ppo) configs on the task under `root/task` (written by world 1)."""
+    from tests._tiny import TINY_ARCH  # noqa: F401  (the same tiny model as the other stage tests)
+
+    paths = {k: str(root / "task" / "data" / f"{k}.jsonl") for k in ("sft_train", "sft_eval", "rm_train",
+                                                                       "rm_eval", "ppo_prompts")}
+    par = ParallelConfig(micro_batch_size=3)
+    sft = tiny_sft_config(root / "task", paths, batch_size=8, epochs=1, max_steps=4, eval_every=2,
+                          optim=OptimConfig(lr=3e-3, warmup_steps=1), device="cpu", parallel=par)
+    rm = RMConfig(model=str(root / "sft1" / "final"), train_data=paths["rm_train"], eval_data=paths["rm_eval"],
+                  batch_size=6, max_steps=2, device="cpu", parallel=par)
+    ppo = PPOConfig(policy=str(root / "sft1" / "final"), reward_model=str(root / "rm1" / "final"),
+                    prompts=paths["ppo_prompts"], iterations=2, prompts_per_iter=5, n_samples=2, ppo_epochs=2,
+                    minibatch_size=4, device="cpu", parallel=par, kl=dataclasses.replace(PPOConfig().kl, target=2.0),
+                    sampling=dataclasses.replace(PPOConfig().sampling, max_new_tokens=6))
+    return sft, rm, ppo
+
+
+def prepare(root: Path) -> None:
+    from rlhf_fast.default_task import build_tokenizer, write_task_data
+
+    build_tokenizer(root / "task" / "tok")
+    write_task_data(root / "task" / "data", TASK)
+
+
+def run_world(root: Path) -> None:
+    """Everything one world size runs; outputs under `root/<stage><world size>[suffix]`."""
+    torch.set_num_threads(1)
+    w = dist.world_size()
+    sft, rm, ppo = configs(root)
+    train_sft(sft, root / f"sft{w}", plots=False)
+    train_sft(sft, root / f"sft{w}s", stop_after=2, plots=False)  # left stopped, for the other world to resume
+    train_rm(rm, root / f"rm{w}", plots=False)
+    train_ppo(ppo, root / f"ppo{w}", plots=False)
+    if w == 2:
+        train_sft(sft, root / "sft1s", plots=False)  # 1 -> 2
+        train_ppo(ppo, root / "ppo2r", stop_after=1, plots=False)  # stop and resume at N = 2: bitwise
+        train_ppo(ppo, root / "ppo2r", plots=False)
+
+
+def main() -> None:
+    dist.init(timeout_s=300)
+    run_world(Path(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()
