@@ -1,9 +1,10 @@
-"""Checkpoints: models in Hugging Face format plus everything needed for an exact resume.
+"""Checkpoints: model and optimiser state plus everything needed for an exact resume, at any world size.
 
 Layout of a checkpoint directory:
-    <name>/                 one sub-directory per model (`save_pretrained`; tokenizer alongside when given)
-    optimizer.pt            the optimiser state
-    trainer_state.pt        scheduler, RNG states, step, data position, KL controller, ...
+    state/                  models + optimiser through torch.distributed.checkpoint (DCP): one `__<rank>_0.distcp`
+                            file per rank plus `.metadata`; loads at any world size (DCP reshards)
+    tokenizer/              the tokenizer (when given)
+    trainer_state.pt        scheduler, RNG states, step, data position, KL controller, ... (written by rank 0)
 Two separate jobs: `write_models` / `read_models` are the one place that knows how model and optimiser state
 become files in a directory (a sharded writer replaces just these two), and `publish` makes a directory appear
 atomically: everything goes into a temporary sibling directory, which is then renamed into place, so a crash
@@ -20,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlhf_fast import distributed
+
 STATE_FILE = "trainer_state.pt"
-OPTIMIZER_FILE = "optimizer.pt"
+STATE_DIR = "state"
 
 
 def rng_state() -> dict:
@@ -45,43 +48,48 @@ def set_rng_state(state: dict) -> None:
 
 def write_models(directory: Path, models: dict, optimizer: torch.optim.Optimizer | None = None,
                  tokenizer=None) -> None:
-    """`models` (name -> module with `save_pretrained`) as `directory/<name>/`, the tokenizer beside each, and the
-    optimiser state as `directory/optimizer.pt`."""
-    for name, model in models.items():
-        model.save_pretrained(directory / name)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(directory / name))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    """`models` (name -> module, sharded or not) and the optimiser state as DCP files in `directory/state/` (every
+    rank writes its shards), the tokenizer as `directory/tokenizer/` (rank 0). Called by every rank."""
+    distributed.save_state(directory / STATE_DIR, models, optimizer)
+    if tokenizer is not None and distributed.is_main():
+        tokenizer.save_pretrained(str(directory / "tokenizer"))
 
 
 def read_models(directory: Path, models: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Load what `write_models` wrote into the live `models` (and `optimizer`), in place."""
-    for name, model in models.items():
-        saved = type(model).from_pretrained(str(directory / name), dtype=next(model.parameters()).dtype)
-        model.load_state_dict(saved.state_dict())
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=False))
+    """Load what `write_models` wrote into the live `models` (and `optimizer`), in place, at any world size."""
+    if models and not (directory / STATE_DIR / ".metadata").is_file():
+        raise FileNotFoundError(f"{directory}: no {STATE_DIR}/.metadata; a checkpoint written before sharded "
+                                f"checkpoints (Hugging Face model directories) cannot be resumed: delete it")
+    distributed.load_state(directory / STATE_DIR, models, optimizer)
 
 
 # --- atomic directories --------------------------------------------------------------------------------------
 
 
 def publish(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Atomically make directory `path` hold what `write(tmp_dir)` writes (the previous `path` is replaced)."""
+    """Atomically make directory `path` hold what `write(tmp_dir)` writes (the previous `path` is replaced).
+    With several processes every rank calls it: all write into one temporary directory (named by rank 0's pid),
+    and rank 0 renames it into place once every rank is done (barriers before and after)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    pid = distributed.all_gather_objects(os.getpid())[0]
+    tmp = path.parent / f".{path.name}.tmp-{pid}"
+    old = path.parent / f".{path.name}.old-{pid}"
+    main = distributed.is_main()
+    if main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    distributed.barrier()
     write(tmp)
-    _fsync_dir(tmp)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    if main:
+        _fsync_dir(tmp)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return path
 
 
@@ -90,7 +98,8 @@ def save_checkpoint(path: str | Path, models: dict, state: dict, tokenizer=None,
     """Atomically write `models`, `optimizer` and the trainer `state` to directory `path`."""
     def write(tmp: Path) -> None:
         write_models(tmp, models, optimizer, tokenizer)
-        torch.save(state, tmp / STATE_FILE)
+        if distributed.is_main():
+            torch.save(state, tmp / STATE_FILE)
 
     return publish(path, write)
 

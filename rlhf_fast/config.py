@@ -81,6 +81,18 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How a stage runs on N processes (`torchrun ... -m rlhf_fast`); batch sizes stay global. Nothing here changes
+    a one-process run unless set."""
+
+    micro_batch_size: int = 0  # items (SFT/PPO sequences, RM prompts) per forward+backward on a rank; 0: its whole slice
+    shard_frozen: bool = True  # PPO: also shard the frozen reference and reward models
+
+    def __post_init__(self):
+        _check(self.micro_batch_size >= 0, "micro_batch_size", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class SFTConfig:
     """Supervised fine-tuning on {"prompt","response"} or {"messages"} JSONL."""
 
@@ -104,6 +116,7 @@ class SFTConfig:
     save_every: int = 0  # 0: save at the end only
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
+    parallel: ParallelConfig = ParallelConfig()  # torchrun: micro-batches, sharding of frozen models
 
     def __post_init__(self):
         _check_device(self.device)
@@ -135,6 +148,7 @@ class RMConfig:
     save_every: int = 0
     seed: int = 0
     device: str = "auto"
+    parallel: ParallelConfig = ParallelConfig()  # torchrun: micro-batches, sharding of frozen models
 
     def __post_init__(self):
         _check_device(self.device)
@@ -225,6 +239,7 @@ class PPOConfig:
     clip_high: float = 0.0  # > 0: ratio clipped above at 1 + clip_high (clip-higher); 0: the algorithm's default
     loss_agg: str = ""  # policy-loss aggregation ("": the algorithm's default; see stages.algorithms.LOSS_AGGS)
     reward_fn: str = ""  # "module:function" (prompts, completions) -> floats: replaces, or adds to, the RM score
+    parallel: ParallelConfig = ParallelConfig()  # torchrun: micro-batches, sharding of frozen models
 
     def __post_init__(self):
         from rlhf_fast.stages import algorithms

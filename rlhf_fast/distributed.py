@@ -184,6 +184,18 @@ def weighted_mean(values: dict[str, float], weight: float) -> dict[str, float]:
     return {k: s / sums[-1] if sums[-1] else float(values[k]) for k, s in zip(keys, sums)}
 
 
+def reduce_stats(parts: Sequence[tuple[dict, float]], sums: Sequence[str] = ()) -> dict[str, float]:
+    """Global statistics from this rank's per-micro-batch `(stats, weight)` pairs: keys in `sums` are shares of a
+    globally normalised quantity (a loss divided by the global token count) and are summed over micro-batches and
+    ranks; the others are per-micro-batch means, averaged with weights `weight` (e.g. valid tokens). Every rank
+    must pass the same keys."""
+    keys = sorted({k for st, _ in parts for k in st})
+    local = [sum(st.get(k, 0.0) * (1.0 if k in sums else w) for st, w in parts) for k in keys]
+    totals = all_sum(local + [sum(w for _, w in parts)])
+    weight = totals[-1]
+    return {k: t if k in sums else (t / weight if weight else 0.0) for k, t in zip(keys, totals)}
+
+
 def all_gather_objects(obj) -> list:
     """`obj` from every rank, in rank order (picklable Python objects, e.g. token lists)."""
     d = _dist()
@@ -248,21 +260,23 @@ def normaliser(count):
     return None if world_size() == 1 else int(count)
 
 
-def accumulate(batch: Sequence, loss_of: Callable[[Sequence], torch.Tensor], micro_batch_size: int) -> torch.Tensor:
+def accumulate(batch: Sequence, loss_of: Callable[[Sequence, bool], torch.Tensor],
+               micro_batch_size: int) -> torch.Tensor:
     """Backward of this rank's part of the global `batch`, in micro-batches (gradient accumulation).
 
-    `loss_of(items)` must divide by the *global* count of `batch` (tokens, pairs, ...), so the gradients summed over
-    micro-batches and ranks are the one-process gradient of the whole batch. Every rank runs `num_micro(...)`
-    forwards and backwards; a rank with too few items runs a stand-in item at weight 0 (FSDP's collectives need
-    every rank). Returns the detached sum of this rank's micro-batch losses, or - with one process and one
-    micro-batch - the loss itself, not yet backpropagated (the guarded step does that, as it always did)."""
+    `loss_of(items, real)` must divide by the *global* count of `batch` (tokens, pairs, ...), so the gradients
+    summed over micro-batches and ranks are the one-process gradient of the whole batch. Every rank runs
+    `num_micro(...)` forwards and backwards; a rank with too few items runs a stand-in item (`real=False`, whose
+    loss is weighted 0: FSDP's collectives need every rank). Returns the detached sum of this rank's micro-batch
+    losses, or - with one process and one micro-batch - the loss itself, not yet backpropagated (the guarded step
+    does that, as it always did)."""
     slices = micro_slices(len(batch), micro_batch_size)
     if world_size() == 1 and len(slices) == 1:
-        return loss_of(batch)
+        return loss_of(batch, True)
     total = None
     for sl in slices:
         items = batch[sl]
-        loss = loss_of(items) if len(items) else loss_of(batch[:1]) * 0.0
+        loss = loss_of(items, True) if len(items) else loss_of(batch[:1], False) * 0.0
         loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
     return total
@@ -287,23 +301,19 @@ def _layer_classes(model: nn.Module) -> set[str]:
     return names
 
 
-def shard(model: nn.Module, *, mixed_precision: str = "none", reshard_after_forward: bool = True) -> nn.Module:
+def shard(model: nn.Module, *, mixed_precision: bool = False, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2 `fully_shard` on each decoder layer (the Hugging Face `_no_split_modules` classes) and on the root.
 
     Parameters and gradients are summed, not averaged, over ranks (the losses divide by global counts), so the
-    gradient is the one-process gradient. `mixed_precision="bf16"` (CUDA) all-gathers bf16 parameters and reduces
-    gradients in fp32. The root keeps its parameters gathered between its forward and its backward, so the lm_head
+    gradient is the one-process gradient. `mixed_precision` (on CUDA; the stages pass it when their bf16 autocast
+    is on) all-gathers bf16 parameters and reduces gradients in fp32; the sharded master weights stay fp32. The root keeps its parameters gathered between its forward and its backward, so the lm_head
     weight can be read by a fused op after `root_call`. At world size 1 the model is returned unchanged."""
     if world_size() == 1:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if mixed_precision not in ("none", "bf16"):
-        raise ValueError(f"mixed_precision: must be none or bf16, got {mixed_precision!r}")
     kw = {}
-    if mixed_precision == "bf16":
-        if not torch.cuda.is_available():
-            raise ValueError("mixed_precision=bf16 needs CUDA")
+    if mixed_precision and next(model.parameters()).device.type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     classes = _layer_classes(model)
     layers = [m for m in model.modules() if type(m).__name__ in classes]
@@ -327,6 +337,12 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def _is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def is_sharded(model: nn.Module) -> bool:
     return bool(_fsdp_modules(model))
 
@@ -335,7 +351,7 @@ def root_call(model: nn.Module, fn: Callable, *args, **kwargs):
     """`fn(*args, **kwargs)` as if it were `model.forward`: the root's parameters (embeddings, final norm, lm_head)
     are gathered before, and the root's backward hook (which reduce-scatters their gradients) is attached to the
     returned tensor. For code that calls `model.base_model` and then uses `lm_head.weight` itself."""
-    if not is_sharded(model):
+    if world_size() == 1 or not _is_fsdp(model):
         return fn(*args, **kwargs)
     state = model._get_fsdp_state()  # what torch's own register_fsdp_forward_method does around a method
     args, kwargs = state._pre_forward(model, args, kwargs)
@@ -347,7 +363,7 @@ def unsharded(*models: nn.Module) -> Iterator[None]:
     """Every parameter of `models` gathered (plain tensors on this rank) for the duration, e.g. to generate
     rollouts with our engine: decoding then runs no collective at all, so ranks whose sequences end at different
     times cannot hang each other. Resharded on exit."""
-    mods = [m for model in models for m in _fsdp_modules(model)]
+    mods = [m for model in models if model is not None for m in _fsdp_modules(model)]
     for m in mods:
         m.unshard()
     try:
@@ -407,6 +423,8 @@ def save_state(path: str | Path, models: dict[str, nn.Module], optimizer: torch.
     own shards (`__<rank>_0.distcp`) and rank 0 the `.metadata`. Called by every rank on the same `path`."""
     import torch.distributed.checkpoint as dcp
 
+    if not models:
+        return
     _, state = _state_dicts(models, optimizer)
     with _single_process_quiet():
         _guard("checkpoint save", lambda: dcp.save(state, checkpoint_id=str(path), no_dist=world_size() == 1))
@@ -418,6 +436,8 @@ def load_state(path: str | Path, models: dict[str, nn.Module], optimizer: torch.
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    if not models:
+        return
     bundle, state = _state_dicts(models, optimizer)
     with _single_process_quiet():
         _guard("checkpoint load", lambda: dcp.load(state, checkpoint_id=str(path), no_dist=world_size() == 1))
@@ -446,11 +466,13 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_pretrained(model: nn.Module, path: str | Path, tokenizer=None) -> None:
-    """`model.save_pretrained(path)` as one full, unsharded Hugging Face directory (loadable with
-    `from_pretrained`), written by rank 0; every rank must call it. A sharded model is gathered into a plain copy
-    first: the copy is built from the model's config, so buffers outside the state dict (rotary `inv_freq`) are
-    computed as `from_pretrained` would compute them."""
+def export_pretrained(model: nn.Module, path: str | Path, tokenizer=None,
+                      save: Callable[[nn.Module, Path], None] | None = None) -> None:
+    """`model.save_pretrained(path)` (or `save(model, path)`) as one full, unsharded Hugging Face directory
+    (loadable with `from_pretrained`), written by rank 0; every rank must call it. A sharded model is gathered into
+    a plain copy first: the copy is built from the model's config, so buffers outside the state dict (rotary
+    `inv_freq`) are computed as `from_pretrained` would compute them."""
+    save = save or (lambda m, p: m.save_pretrained(p))
     if is_sharded(model):
         full = full_state_dict(model)
         if is_main():
@@ -458,10 +480,10 @@ def export_pretrained(model: nn.Module, path: str | Path, tokenizer=None) -> Non
             missing, unexpected = copy.load_state_dict(full, strict=False)
             if unexpected or [k for k in missing if not _is_buffer(copy, k)]:
                 raise DistributedError(f"export: state dict mismatch (missing {missing}, unexpected {unexpected})")
-            copy.save_pretrained(path)
+            save(copy, path)
         barrier()
     elif is_main():
-        model.save_pretrained(path)
+        save(model, path)
     if tokenizer is not None and is_main():
         tokenizer.save_pretrained(str(path))
     barrier()

@@ -24,8 +24,6 @@ TASK = dataclasses.replace(TINY_TASK, n_sft=40, n_rm=16, n_ppo=16)
 
 def configs(root: Path):
     """(sft, rm, ppo) configs on the task under `root/task` (written by world 1)."""
-    from tests._tiny import TINY_ARCH  # noqa: F401  (the same tiny model as the other stage tests)
-
     paths = {k: str(root / "task" / "data" / f"{k}.jsonl") for k in ("sft_train", "sft_eval", "rm_train",
                                                                        "rm_eval", "ppo_prompts")}
     par = ParallelConfig(micro_batch_size=3)
@@ -34,9 +32,9 @@ def configs(root: Path):
     rm = RMConfig(model=str(root / "sft1" / "final"), train_data=paths["rm_train"], eval_data=paths["rm_eval"],
                   batch_size=6, max_steps=2, device="cpu", parallel=par)
     ppo = PPOConfig(policy=str(root / "sft1" / "final"), reward_model=str(root / "rm1" / "final"),
-                    prompts=paths["ppo_prompts"], iterations=2, prompts_per_iter=5, n_samples=2, ppo_epochs=2,
-                    minibatch_size=4, device="cpu", parallel=par, kl=dataclasses.replace(PPOConfig().kl, target=2.0),
-                    sampling=dataclasses.replace(PPOConfig().sampling, max_new_tokens=6))
+                    prompts=paths["ppo_prompts"], iterations=2, prompts_per_iter=5, ppo_epochs=2, minibatch_size=4,
+                    device="cpu", parallel=par, kl=dataclasses.replace(PPOConfig().kl, target=2.0),
+                    sampling=dataclasses.replace(PPOConfig().sampling, max_new_tokens=6, n=2))
     return sft, rm, ppo
 
 

@@ -1,5 +1,6 @@
 """Module-level checks of `rlhf_fast.distributed`, run by `tests/test_distributed.py` at world size 1 (in the test
-process) and under `torchrun --nproc_per_node 2` (`python -m tests._dist_worker OUT`). Each rank writes what it saw
+process) and under `torchrun --nproc_per_node 2` (`python -m tests._dist_worker OUT`, which then runs the stages of
+`tests/_dist_stages.py` too: one launch for everything). Each rank writes what it saw
 to `OUT/rank<r>.pt`; the test compares the two worlds.
 
 A tiny Llama is trained on batches of *unequal* lengths with the fused log-prob op reading the lm_head weight outside
@@ -71,7 +72,7 @@ def train(model, opt, data, *, micro: int = 2, per_rank_mean: bool = False) -> l
         n_global = sum(len(s) - p for s, p in batch)  # every rank knows the whole global batch
         mine = batch[dist.rank_slice(len(batch))]
         total = 0.0
-        for sl in dist.micro_slices(len(batch), micro):
+        for sl in dist.micro_slices(len(batch), micro):  # (what dist.accumulate does, with the per-rank variant)
             items = batch[sl] or batch[:1]
             loss = nll(model, items)
             if per_rank_mean:  # the mean of per-rank means: what the test shows to be wrong
@@ -133,10 +134,14 @@ def run(out: Path, peer: Path | None) -> dict:
 
 
 def main() -> None:
+    """Under torchrun: the module checks, then the stages (`tests/_dist_stages.py`), in one launch."""
+    from tests import _dist_stages
+
     out = Path(sys.argv[1])
-    dist.init(timeout_s=120)
+    dist.init(timeout_s=300)
     res = run(out, out / "ckpt1")
     torch.save(res, out / f"rank{dist.rank()}.pt")
+    _dist_stages.run_world(out / "stages")
 
 
 if __name__ == "__main__":

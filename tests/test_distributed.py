@@ -1,8 +1,13 @@
-"""`rlhf_fast.distributed` at world size 2 (real `torchrun --standalone --nproc_per_node 2`, CPU gloo, one thread per
-rank) against world size 1 (this process): FSDP2 training on unequal lengths, DCP checkpoints resumed 2 -> 1 and
-1 -> 2, global statistics, the Hugging Face export, generation with uneven lengths. One torchrun launch for all."""
+"""Scale-out at world size 2 (real `torchrun --standalone --nproc_per_node 2`, CPU gloo, one thread per rank) against
+world size 1 (this process), in one torchrun launch for everything:
+
+- `rlhf_fast.distributed`: FSDP2 training on unequal lengths, a per-rank-mean loss failing the same check, DCP
+  checkpoints resumed 2 -> 1 and 1 -> 2, global statistics, the Hugging Face export, uneven generation lengths;
+- the stages: SFT, RM and PPO at N = 2 against N = 1 (per-step losses and gradient norms, final weights), PPO stop
+  and resume at N = 2 (bitwise), SFT resumed 2 -> 1 and 1 -> 2; the CLI at world size 1 equals the plain call."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +17,7 @@ import pytest
 import torch
 
 from rlhf_fast import distributed as dist
+from tests import _dist_stages as stages
 from tests import _dist_worker as worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,13 +48,22 @@ def max_rel(sd_a: dict, sd_b: dict) -> float:
 def worlds(tmp_path_factory):
     """(world-size-1 results, [rank 0, rank 1] results, output dir)."""
     out = tmp_path_factory.mktemp("dist")
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    one = worker.run(out, None)  # writes ckpt1 for the 1 -> 2 resume
-    torchrun("tests._dist_worker", str(out))
-    two = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    model, opt = worker.make(out / "ckpt2")  # 2 -> 1
-    one["resumed_steps"] = worker.train(model, opt, worker.batches()[2:])
-    one["resumed_final"] = model.state_dict()
+    try:
+        one = worker.run(out, None)  # writes ckpt1 for the 1 -> 2 resume
+        stages.prepare(out / "stages")
+        stages.run_world(out / "stages")  # writes sft1s for the 1 -> 2 resume, and RM/PPO's start models
+        torchrun("tests._dist_worker", str(out))
+        two = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+        model, opt = worker.make(out / "ckpt2")  # 2 -> 1
+        one["resumed_steps"] = worker.train(model, opt, worker.batches()[2:])
+        one["resumed_final"] = model.state_dict()
+        from rlhf_fast.stages.sft import train_sft
+
+        train_sft(stages.configs(out / "stages")[0], out / "stages" / "sft2s", plots=False)  # 2 -> 1
+    finally:
+        torch.set_num_threads(n)
     return one, two, out
 
 
@@ -123,3 +138,96 @@ def test_uneven_generation_completes(worlds):
     got = two[0]["tokens"] + two[1]["tokens"]
     assert [len(t) for t in two[0]["tokens"]] == [4, 4] and all(len(t) == 14 for t in two[1]["tokens"])
     assert [t[:4] for t in got] == one["tokens"]  # seeds from the global prompt index: the split does not matter
+
+
+# --- the stages ------------------------------------------------------------------------------------------------
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    sd = load_file(str(model_dir / "model.safetensors"))
+    if (model_dir / "scalar_head.safetensors").is_file():
+        sd.update({f"head.{k}": v for k, v in load_file(str(model_dir / "scalar_head.safetensors")).items()})
+    return sd
+
+
+def same_run(a: Path, b: Path, finals: tuple[str, ...], *, keys: tuple[str, ...], rel: float = REL) -> None:
+    """Run directories `a`, `b` logged the same per-step `keys` (within `rel`) and ended with the same weights."""
+    ra, rb = rows(a / "metrics.jsonl"), rows(b / "metrics.jsonl")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        for k in keys:
+            if k in x:
+                assert close(x[k], y[k], rel), (a.name, b.name, x["step"], k, x[k], y[k])
+    for f in finals:
+        wa, wb = weights(a / "final" / f), weights(b / "final" / f)
+        if a.name.startswith("rm"):  # the BT loss sees score differences only: the head's bias has gradient 0 up
+            wa, wb = ({k: v for k, v in w.items() if k != "head.bias"} for w in (wa, wb))  # to rounding noise,
+        assert max_rel(wa, wb) < rel, (a.name, f, max_rel(wa, wb))  # which Adam turns into +-lr steps
+
+
+def test_sft_two_ranks_match_one(worlds):
+    root = worlds[2] / "stages"
+    same_run(root / "sft1", root / "sft2", ("",), keys=("loss", "grad_norm", "eval_loss"))
+
+
+def test_rm_two_ranks_match_one(worlds):
+    root = worlds[2] / "stages"
+    same_run(root / "rm1", root / "rm2", ("",), keys=("loss", "grad_norm", "train_accuracy", "eval_accuracy"))
+
+
+def test_ppo_two_ranks_match_one(worlds):
+    root = worlds[2] / "stages"
+    keys = ("score", "kl", "kl_coef", "pg_loss", "vf_loss", "entropy", "clip_frac", "approx_kl", "grad_norm")
+    same_run(root / "ppo1", root / "ppo2", ("policy", "value"), keys=keys)
+    for x, y in zip(rows(root / "ppo1" / "metrics.jsonl"), rows(root / "ppo2" / "metrics.jsonl")):
+        # the same rollout tokens: identical lengths (and, above, the same reward-model scores)
+        assert x["generated_tokens"] == y["generated_tokens"] and x["response_len"] == y["response_len"]
+
+
+def test_stop_and_resume(worlds):
+    root = worlds[2] / "stages"
+    a, b = rows(root / "ppo2" / "metrics.jsonl"), rows(root / "ppo2r" / "metrics.jsonl")
+    assert [{k: v for k, v in r.items() if not k.startswith("time")} for r in a] == \
+        [{k: v for k, v in r.items() if not k.startswith("time")} for r in b]  # N = 2, stopped and resumed: bitwise
+    for f in ("policy", "value"):
+        wa, wb = weights(root / "ppo2" / "final" / f), weights(root / "ppo2r" / "final" / f)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    same_run(root / "sft1", root / "sft1s", ("",), keys=("loss", "grad_norm"))  # 1 -> 2
+    same_run(root / "sft2", root / "sft2s", ("",), keys=("loss", "grad_norm"))  # 2 -> 1
+
+
+def test_cli_at_world_size_one_is_the_plain_call(worlds, tmp_path, monkeypatch):
+    import yaml
+
+    from rlhf_fast import cli
+    from rlhf_fast.config import to_dict
+
+    root = worlds[2] / "stages"
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(yaml.safe_dump(to_dict(stages.configs(root)[0])))
+    for k, v in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}.items():  # what torchrun --nproc_per_node 1 sets
+        monkeypatch.setenv(k, v)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["sft", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    finally:
+        torch.set_num_threads(n)
+    wa, wb = weights(tmp_path / "run" / "final"), weights(root / "sft1" / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_stop_after_flag():
+    from rlhf_fast.cli import _parse_stop_after
+    from rlhf_fast.config import ConfigError
+
+    assert _parse_stop_after("sft", "5") == 5 and _parse_stop_after("pipeline", "rm:7") == ("rm", 7)
+    for cmd, bad in (("sft", "rm:3"), ("pipeline", "3"), ("pipeline", "eval:2"), ("ppo", "0")):
+        with pytest.raises(ConfigError, match="--stop-after"):
+            _parse_stop_after(cmd, bad)

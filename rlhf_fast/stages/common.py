@@ -10,14 +10,13 @@ from typing import NamedTuple
 
 import torch
 
+from rlhf_fast import distributed
 from rlhf_fast.config import OptimConfig
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """`auto` -> cuda when available, else cpu; under torchrun, `cuda` is this rank's GPU."""
+    return distributed.device(name)
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
@@ -51,12 +50,16 @@ def guarded_step(loss: torch.Tensor, groups: list[list[torch.nn.Parameter]], opt
     """Backward, clip, step, with a NaN/Inf guard: a non-finite loss or gradient norm skips the optimiser step
     (the gradients are dropped, the weights and optimiser state untouched). Each parameter group (e.g. policy and
     value model) is clipped to `grad_clip` on its own. The scheduler (if any) advances either way, so the schedule
-    follows the data. Returns the first group's gradient norm."""
+    follows the data. Returns the first group's gradient norm.
+
+    A `loss` without a graph was already backpropagated (`distributed.accumulate`). With several processes the
+    guard and the norms are global, so every rank takes the same branch."""
     applied, norms = False, [float("nan")]
-    if torch.isfinite(loss).item():
-        loss.backward()
+    if distributed.all_true(bool(torch.isfinite(loss).item())):
+        if loss.requires_grad:
+            loss.backward()
         limit = grad_clip if grad_clip > 0 else float("inf")
-        norms = [float(torch.nn.utils.clip_grad_norm_(g, limit)) for g in groups]
+        norms = [distributed.clip_grad_norm(g, limit) for g in groups]
         if all(math.isfinite(n) for n in norms):
             opt.step()
             applied = True
@@ -69,10 +72,14 @@ def guarded_step(loss: torch.Tensor, groups: list[list[torch.nn.Parameter]], opt
 
 
 class MetricsLog:
-    """Append-only JSONL metrics (`<dir>/<name>.jsonl`); on resume, rows after the resumed step are dropped."""
+    """Append-only JSONL metrics (`<dir>/<name>.jsonl`); on resume, rows after the resumed step are dropped.
+    Only rank 0 writes (the values it is given are global)."""
 
     def __init__(self, out_dir: str | Path, name: str, *, resume_step: int | None = None):
         self.path = Path(out_dir) / f"{name}.jsonl"
+        self.writes = distributed.is_main()
+        if not self.writes:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.rows() if resume_step is not None else []
         with self.path.open("w") as f:
@@ -81,6 +88,8 @@ class MetricsLog:
                     f.write(json.dumps(r) + "\n")
 
     def log(self, step: int, **metrics: float) -> None:
+        if not self.writes:
+            return
         row = {"step": step, **{k: (float(v) if not isinstance(v, str) else v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -91,7 +100,9 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def plot(self, keys: list[str], png: str | Path, title: str) -> Path:
-        """One panel per key that was logged, against step."""
+        """One panel per key that was logged, against step (rank 0)."""
+        if not self.writes:
+            return Path(png)
         rows = self.rows()
         return plot_panels([(k, rows, k) for k in keys], png, title)
 
@@ -122,8 +133,9 @@ def plot_panels(panels: list[tuple[str, list[dict], str]], png: str | Path, titl
 
 
 def progress(iterable=None, *, total: int | None = None, desc: str = "", initial: int = 0):
-    """A tqdm bar on stderr (hidden when stderr is not a terminal)."""
+    """A tqdm bar on stderr (hidden when stderr is not a terminal, and on every rank but 0)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=None, dynamic_ncols=True, leave=False)
+    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=None if distributed.is_main() else True,
+                dynamic_ncols=True, leave=False)
 

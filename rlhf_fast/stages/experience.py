@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_fast import ops
+from rlhf_fast import distributed, ops
 from rlhf_fast.data import IGNORE_INDEX
 from rlhf_fast.models import final_hidden, output_head
 
@@ -67,8 +67,9 @@ def response_hidden(model, ro: Rollout) -> torch.Tensor:
 def policy_logprobs(model, ro: Rollout, temperature: float, *, entropy: bool = False):
     """log pi(y_t | x, y_<t) at `temperature` on response tokens, `(N, R)` fp32 (0 on padding); with
     `entropy=True` also the per-token entropy."""
+    hidden = response_hidden(model, ro)  # first: on a sharded model it gathers the lm_head too
     weight, bias = output_head(model)
-    return ops.linear_token_logprobs(response_hidden(model, ro), weight, ro.labels, bias=bias,
+    return ops.linear_token_logprobs(hidden, weight, ro.labels, bias=bias,
                                      temperature=temperature, ignore_index=IGNORE_INDEX, return_entropy=entropy)
 
 
@@ -104,6 +105,20 @@ def score_rollout(policy, ref, value_model, reward_model, ro: Rollout, temperatu
     scores = reward_model.score(ro.input_ids, ro.lengths) if reward_model is not None else \
         torch.zeros(ro.input_ids.shape[0], device=old_logp.device)
     return old_logp, ref_logp, old_values, scores
+
+
+def gather_scored(prompts: list[list[int]], completions, ro: Rollout, passes, pad_id: int) -> tuple[Rollout, tuple]:
+    """Every rank's completions (of global `prompts`), and frozen passes (`score_rollout`'s four tensors on this
+    rank's rollout `ro`), put together in rank order: the global batch, the same on every rank and in the order one
+    process would have produced it. `(ro, passes)` unchanged at world size 1."""
+    if distributed.world_size() == 1:
+        return ro, passes
+    comps = [c for part in distributed.all_gather_objects(list(completions)) for c in part]
+    ro = make_rollout(prompts, comps, pad_id, ro.input_ids.device)
+    r = ro.labels.shape[1]
+    *per_token, scores = passes  # old_values is None without a critic
+    per_token = [None if x is None else distributed.all_gather_rows(x)[:, :r] for x in per_token]
+    return ro, (*per_token, distributed.all_gather_rows(scores))
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast import preflight
+from rlhf_fast import distributed, preflight
 from rlhf_fast.chat import Codec
 from rlhf_fast.config import PipelineConfig, to_dict
 from rlhf_fast.rollout import SamplingParams
@@ -39,8 +39,11 @@ def _with_default_task(cfg: PipelineConfig, out: Path) -> tuple[PipelineConfig, 
         return cfg, cfg.eval_prompts, False
     from rlhf_fast.default_task import build_tokenizer, write_task_data
 
-    build_tokenizer(out / "tokenizer")
-    paths = write_task_data(out / "data", cfg.task)
+    paths = None
+    if distributed.is_main():  # one writer; the other ranks read what it wrote
+        build_tokenizer(out / "tokenizer")
+        paths = write_task_data(out / "data", cfg.task)
+    paths = distributed.all_gather_objects(paths)[0]
     sft = dataclasses.replace(cfg.sft, tokenizer=str(out / "tokenizer"), train_data=paths["sft_train"],
                               eval_data=paths["sft_eval"])
     rm = dataclasses.replace(cfg.rm, train_data=paths["rm_train"], eval_data=paths["rm_eval"])
@@ -111,27 +114,50 @@ def compare_policies(sft_dir: Path, ppo_dir: Path, rm_dir: Path, prompts_file: s
     return report
 
 
-def run_pipeline(cfg: PipelineConfig, out_dir: str | Path) -> dict:
+def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, stop_after: tuple[str, int] | None = None) -> dict:
     """All three stages into `out_dir/{sft,rm,ppo}`, then `out_dir/report.json`. Rerunning resumes; the report's
-    times are each stage's training time summed over resumed runs, plus this run's setup and evaluation."""
+    times are each stage's training time summed over resumed runs, plus this run's setup and evaluation.
+    `stop_after=(stage, n)`: stop (checkpointed) after n steps of that stage; returns {"stopped": ...} then."""
     start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg, eval_prompts, use_labeler = _with_default_task(cfg, out)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if distributed.is_main():
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     mnt = cfg.ppo.sampling.max_new_tokens
     preflight.pipeline_prompts(cfg.sft.model, cfg.sft.tokenizer, cfg.sft.arch.max_position_embeddings,
                                [cfg.ppo.prompts, eval_prompts], max_len=cfg.ppo.max_len, max_new_tokens=mnt,
                                overlong=cfg.ppo.overlong)  # before SFT: every prompt PPO and the report read
     setup_s = time.perf_counter() - start
-    sft = train_sft(cfg.sft, out / "sft", plots=False)
+
+    def stop(stage: str) -> dict:
+        return {"stop_after": stop_after[1]} if stop_after and stop_after[0] == stage else {}
+
+    def stopped(stage: str, result) -> dict | None:
+        if result[0] != out / stage / "checkpoint":
+            return None
+        log.info("pipeline: stopped after %d %s steps; rerun the same command to resume", result.steps, stage)
+        return {"stopped": stage, "steps": result.steps, "checkpoint": str(result[0])}
+
+    sft = train_sft(cfg.sft, out / "sft", plots=False, **stop("sft"))
+    if (halt := stopped("sft", sft)) is not None:
+        return halt
     log.info("sft: eval loss %.4f after %d steps", sft.eval_loss, sft.steps)
-    rm = train_rm(dataclasses.replace(cfg.rm, model=str(sft.model_dir)), out / "rm", plots=False)
+    rm = train_rm(dataclasses.replace(cfg.rm, model=str(sft.model_dir)), out / "rm", plots=False, **stop("rm"))
+    if (halt := stopped("rm", rm)) is not None:
+        return halt
     log.info("rm: held-out pairwise accuracy %.3f", rm.accuracy)
     ppo = train_ppo(dataclasses.replace(cfg.ppo, policy=str(sft.model_dir), reward_model=str(rm.model_dir)),
-                    out / "ppo", plots=False)
+                    out / "ppo", plots=False, **stop("ppo"))
+    if (halt := stopped("ppo", ppo)) is not None:
+        return halt
+    scale = {"world_size": distributed.world_size(),
+             "peak_rss_mib": distributed.all_gather_objects(_peak_rss_mib())}
+    if not distributed.is_main():  # rank 0 alone evaluates and reports
+        return {}
     t = time.perf_counter()
     cmp = compare_policies(sft.model_dir, ppo.policy_dir, rm.model_dir, eval_prompts,
                            temperature=cfg.eval_temperature, max_new_tokens=cfg.ppo.sampling.max_new_tokens,
@@ -141,10 +167,17 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path) -> dict:
              "eval": time.perf_counter() - t}
     report = {"sft_eval_loss": _or_null(sft.eval_loss), "rm_accuracy": _or_null(rm.accuracy), **cmp,
               "skipped_steps": {"sft": sft.skipped_steps, "rm": rm.skipped_steps, "ppo": ppo.skipped_steps},
-              "stage_time_s": times, "wall_time_s": sum(times.values()), "torch_threads": torch.get_num_threads()}
+              "stage_time_s": times, "wall_time_s": sum(times.values()), "torch_threads": torch.get_num_threads(),
+              "distributed": scale}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_curves(out)
     return report
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _or_null(x: float) -> float | None:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_fast import ops, precision, preflight
+from rlhf_fast import distributed, ops, precision, preflight
 from rlhf_fast.chat import Codec
 from rlhf_fast.config import PPOConfig, to_dict
 from rlhf_fast.data import SFTExample, epoch_batches, load_texts, sft_batch
@@ -92,6 +92,8 @@ class PPOTrainer:
             log.warning("ppo: mixed_precision runs the update in bf16 while old_logp=reuse takes the rollout's fp32 "
                         "log-probs, so the ratio at unchanged weights is 1 only up to bf16 rounding; set "
                         "old_logp=recompute for an exact start")
+        # the packed update reads the parameters itself; sharded, the update goes through the HF forward (FSDP hooks)
+        self.packed_update = cfg.train_model == "ours" and not distributed.is_sharded(policy)
 
     def sampling(self, iteration: int) -> SamplingParams:
         return self.cfg.sampling.params(seed=self.cfg.seed * 100_003 + iteration, stop_token_ids=self.stop_ids)
@@ -102,17 +104,25 @@ class PPOTrainer:
         prompts as text for `reward_fn` (default: decoded from the ids)."""
         c, t0 = self.cfg, time.perf_counter()
         self.policy.eval()
-        comps = self.generator.generate(prompts, self.sampling(iteration))
+        mine = distributed.rank_slice(len(prompts))  # this rank's prompts; seeds follow the global index
+        with distributed.unsharded(self.policy):  # no collective while decoding
+            comps = self.generator.generate(prompts[mine], self.sampling(iteration),
+                                            **({"first_index": mine.start} if mine.start else {}))
+        comps = [cp._replace(prompt_index=cp.prompt_index + mine.start) for cp in comps]
         t1 = time.perf_counter()
         ro = xp.make_rollout(prompts, comps, self.pad_id, self.policy.device)
-        with precision.autocast(c.mixed_precision, self.policy.device):  # as the update
-            (old_logp, ref_logp, old_values, scores), checks = pp.score_rollout(c, self.policy, self.ref,
-                                                                                self.value, self.rm, ro, comps)
+        with distributed.unsharded(self.policy, self.ref, self.value, self.rm):  # no-op in one process
+            with precision.autocast(c.mixed_precision, self.policy.device):  # as the update
+                (old_logp, ref_logp, old_values, scores), checks = pp.score_rollout(c, self.policy, self.ref,
+                                                                                    self.value, self.rm, ro, comps)
         if self.reward_fn is not None:
             texts = texts or [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
             answers = [self.tokenizer.decode(x.token_ids, skip_special_tokens=True) for x in comps]
             scores = scores + rfn.score(self.reward_fn, c.reward_fn, [texts[x.prompt_index] for x in comps],
                                         answers).to(scores.device)
+        ro, (old_logp, ref_logp, old_values, scores) = xp.gather_scored(  # the global batch on every rank
+            prompts, comps, ro, (old_logp, ref_logp, old_values, scores), self.pad_id)
+        checks = {k: distributed.all_max(v) for k, v in checks.items()}
         t2 = time.perf_counter()
         kl_coef = self.kl_ctl.value if c.kl.placement == "reward" else 0.0
         if self.algo.critic:
@@ -128,25 +138,28 @@ class PPOTrainer:
         return exp, {"time_generate": t1 - t0, "time_score": t2 - t1, "time_advantages": t3 - t2,
                      "generated_tokens": float(ro.mask.sum()), **checks}
 
-    def minibatch_loss(self, mb: xp.Experience, ptx_ids: list[list[int]]) -> tuple[torch.Tensor, dict]:
+    def minibatch_loss(self, mb: xp.Experience, ptx_ids: list[list[int]], *, glob: GlobalCounts | None = None,
+                       ptx_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Clipped policy loss - entropy bonus (+ KL in loss) through the fused PPO step, + vf_coef * clipped
-        value loss (+ ptx_coef * pretraining NLL): one scalar, one backward."""
+        value loss (+ ptx_coef * pretraining NLL): one scalar, one backward. `glob` / `ptx_tokens`: the global
+        minibatch's counts when `mb` / `ptx_ids` are one rank's part of it (None: their own)."""
         c, ro = self.cfg, mb.rollout
-        batch = pp.pack_rollout(ro, c.share_prompts) if c.train_model == "ours" else None  # None: padded HF
-        loss, stats = self.policy_loss(mb, batch)
+        batch = pp.pack_rollout(ro, c.share_prompts) if self.packed_update else None  # None: padded HF
+        loss, stats = self.policy_loss(mb, batch, glob=glob)
         if self.value is not None:
             vl, vst = ops.value_loss(pp.values_at(self.value, ro, batch), mb.old_values, mb.returns, ro.mask,
-                                     clip=c.value_clip)
+                                     clip=c.value_clip, agg=_token_mean(None if glob is None else glob.tokens))
             loss = loss + c.vf_coef * vl
             stats.update(vf_loss=float(vl.detach()), vf_explained_var=float(vst.explained_variance))
         if ptx_ids:
             nll, n = response_nll(self.policy, *sft_batch([SFTExample(t, 0) for t in ptx_ids], self.pad_id))
-            ptx_loss = nll / n.clamp(min=1)
+            ptx_loss = nll / (n.clamp(min=1) if ptx_tokens is None else ptx_tokens)
             loss = loss + c.ptx_coef * ptx_loss
             stats["ptx_loss"] = float(ptx_loss.detach())
         return loss, stats
 
-    def policy_loss(self, mb: xp.Experience, batch=None) -> tuple[torch.Tensor, dict]:
+    def policy_loss(self, mb: xp.Experience, batch=None, *,
+                    glob: GlobalCounts | None = None) -> tuple[torch.Tensor, dict]:
         """`ops.ppo_loss_from_hidden` on the response hidden states and the lm_head (weight and bias); `batch`: the
         minibatch packed (`packed_passes.pack_rollout`), None for the padded HF forward."""
         c, ro = self.cfg, mb.rollout
@@ -156,12 +169,36 @@ class PPOTrainer:
         loss, st = ops.ppo_loss_from_hidden(
             hidden, weight, ro.labels.clamp(min=0), mb.old_logp, mb.advantages, ro.mask, bias=bias,
             clip=ops.PPOClip(low=c.clip, high=c.clip_high or self.algo.clip_high),
-            agg=algorithms.loss_agg(c.loss_agg or self.algo.loss_agg, ro.mask.shape[0], c.sampling.max_new_tokens),
+            agg=_policy_agg(c.loss_agg or self.algo.loss_agg, ro.mask.shape[0], c.sampling.max_new_tokens, glob),
             kl=ops.KLTerm(mb.ref_logp, kl_coef, c.kl.kind) if kl_coef > 0 else None,
             entropy_coef=c.entropy_coef, temperature=c.sampling.temperature)
         pg, entropy, clip_frac, approx_kl = st.policy_loss, st.entropy, st.clip_frac, st.approx_kl
         return loss, {"pg_loss": float(pg.detach()), "entropy": float(entropy.detach()),
                       "clip_frac": float(clip_frac), "approx_kl": float(approx_kl)}
+
+    def minibatch_step(self, exp: xp.Experience, idx: torch.Tensor, ptx_ids: list[list[int]]):
+        """This rank's part of global minibatch `idx` (and of `ptx_ids`) through `minibatch_loss`, micro-batched
+        and backpropagated (`distributed.accumulate`); the losses use the global minibatch's token counts, and the
+        returned stats are global. One process, one micro-batch: the loss, not yet backpropagated, and its stats."""
+        if distributed.world_size() == 1 and distributed.num_micro(len(idx), self.cfg.parallel.micro_batch_size) == 1:
+            return self.minibatch_loss(exp.select(idx), ptx_ids)
+        m = exp.rollout.mask[idx.to(exp.rollout.mask.device)]  # (B, R) the global minibatch's
+        glob = GlobalCounts(int(m.sum()), int((m.sum(1) > 0).sum()), len(idx))
+        ptx_part, ptx_tokens = ptx_ids[distributed.rank_slice(len(ptx_ids))], None
+        if ptx_ids:
+            ptx_tokens = sum(len(t) - 1 for t in ptx_ids)  # sft_batch labels every token after the first
+            ptx_tokens = torch.tensor(max(ptx_tokens, 1))
+        parts: list[tuple[dict, float]] = []
+
+        def loss_of(items, real):
+            mb = exp.select(idx[list(items)])
+            ptx = ptx_part if not parts and real else []  # this rank's ptx texts ride on its first micro-batch
+            loss, stats = self.minibatch_loss(mb, ptx, glob=glob, ptx_tokens=ptx_tokens)
+            parts.append((stats, float(mb.rollout.mask.sum())) if real else ({k: 0.0 for k in stats}, 0.0))
+            return loss
+
+        loss = distributed.accumulate(range(len(idx)), loss_of, self.cfg.parallel.micro_batch_size)
+        return loss, distributed.reduce_stats(parts, sums=("pg_loss", "entropy", "vf_loss", "ptx_loss"))
 
     def update(self, exp: xp.Experience, iteration: int) -> dict:
         """`ppo_epochs` x minibatches of guarded optimiser steps (early stop on approx KL when configured)."""
@@ -178,13 +215,13 @@ class PPOTrainer:
             perm = pp.epoch_order(c, exp.rollout.prompt_index, g)
             perm = perm[train[perm]]
             for start in range(0, n, c.minibatch_size):
-                mb = exp.select(perm[start:start + c.minibatch_size])
+                idx = perm[start:start + c.minibatch_size]  # the global minibatch: the same on every rank
                 ptx_ids = []
                 if self.ptx and c.ptx_coef > 0:
                     pick = torch.randint(len(self.ptx), (c.minibatch_size,), generator=g).tolist()
                     ptx_ids = [self.ptx[i] for i in pick]
                 with precision.autocast(c.mixed_precision, self.policy.device):
-                    loss, stats = self.minibatch_loss(mb, ptx_ids)
+                    loss, stats = self.minibatch_step(exp, idx, ptx_ids)
                 res = guarded_step(loss, self.groups, self.opt, None, c.optim.grad_clip)  # lr moves per iteration
                 if not res.applied:
                     self.skipped += 1
@@ -212,6 +249,47 @@ class PPOTrainer:
                        response_len=float(exp.rollout.mask.sum(1).mean()), lr=self.sched.get_last_lr()[0],
                        skipped=float(self.skipped))
         return metrics
+
+
+class GlobalCounts(NamedTuple):
+    """The normalisers of a global minibatch that each rank computes a part of."""
+
+    tokens: int  # valid response tokens
+    seqs: int  # rows with at least one valid token
+    rows: int
+
+
+def _policy_agg(mode: str, rows: int, max_new_tokens: int, glob: GlobalCounts | None) -> ops.PPOAgg:
+    """The algorithm's policy-loss aggregation (`algorithms.loss_agg`), over the global minibatch when `glob` is
+    given: token-mean divides by its tokens, seq-* modes by its sequences, Dr. GRPO's constant by its rows."""
+    if glob is None:
+        return algorithms.loss_agg(mode, rows, max_new_tokens)
+    agg = algorithms.loss_agg(mode, glob.rows, max_new_tokens)
+    if agg.mode == "token-mean" and agg.num_tokens is None:
+        return ops.PPOAgg("token-mean", num_tokens=glob.tokens)
+    if agg.mode.startswith("seq"):
+        return ops.PPOAgg(agg.mode, num_seqs=glob.seqs)
+    return agg
+
+
+def _token_mean(num_tokens: int | None):
+    """Token-mean aggregation, over `num_tokens` (a global minibatch's count) when given."""
+    return "token-mean" if num_tokens is None else ops.PPOAgg("token-mean", num_tokens=num_tokens)
+
+
+def _check_world(cfg: PPOConfig) -> None:
+    """On N processes every rank needs sequences in every minibatch, and generation must run collective-free."""
+    w = distributed.world_size()
+    if w == 1:
+        return
+    if cfg.generator != "engine":
+        raise ValueError(f"ppo.generator={cfg.generator!r} runs in one process only; use the engine with torchrun")
+    n = cfg.prompts_per_iter * cfg.sampling.n
+    last = n % cfg.minibatch_size
+    if cfg.prompts_per_iter < w or cfg.minibatch_size < w or 0 < last < w:
+        raise ValueError(f"ppo: with {w} processes, prompts_per_iter ({cfg.prompts_per_iter}), minibatch_size "
+                         f"({cfg.minibatch_size}) and the last minibatch ({last or cfg.minibatch_size} of {n} "
+                         f"sequences) must each be >= {w}")
 
 
 def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = None,
@@ -250,6 +328,11 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
             precision.enable_gradient_checkpointing(value)
     ref, rm = (m.to(device=device, dtype=dtype) if m is not None else None
                for m in load_frozen_pair(cfg.policy, cfg.reward_model))
+    _check_world(cfg)
+    mp = precision.autocast_on(cfg.mixed_precision, device)
+    policy, value = (distributed.shard(m, mixed_precision=mp) if m is not None else None for m in (policy, value))
+    if cfg.parallel.shard_frozen:
+        ref, rm = (distributed.shard(m, mixed_precision=mp) if m is not None else None for m in (ref, rm))
     prompts = preflight.load_rollout_prompts(cfg.prompts, tokenizer, policy, max_len=cfg.max_len,
                                              max_new_tokens=cfg.sampling.max_new_tokens, overlong=cfg.overlong)
     ptx = (load_texts(cfg.ptx_data, tokenizer, fit_len(cfg.ptx_max_len, context_length(policy)))
@@ -272,8 +355,8 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
             bar.update(1)
             bar.set_postfix(score=f"{m['score']:.3f}", kl=f"{m['kl']:.3f}")
             if not run.after_step():
-                return PPOResult(run.ckpt_dir / "policy", run.ckpt_dir / "value" if algo.critic else None,
-                                 run.step, run.skipped, run.elapsed())
+                return PPOResult(run.ckpt_dir, run.ckpt_dir if algo.critic else None, run.step, run.skipped,
+                                 run.elapsed())
     finally:
         bar.close()
     if plots:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast import precision
+from rlhf_fast import distributed, precision
 from rlhf_fast.config import RMConfig, to_dict
 from rlhf_fast.data import RankedExample, epoch_batches, load_rm, pad_right
 from rlhf_fast.heads import ScalarHeadModel
@@ -42,10 +42,13 @@ class RankedBatch(NamedTuple):
     weight: torch.Tensor  # (P,) 1 / (#pairs of its prompt * #prompts): the pair weights sum to 1
 
 
-def ranked_batch(examples: list[RankedExample], pad_id: int) -> RankedBatch:
-    """Flatten the completions of `examples` and list all their ordered pairs (ties excluded)."""
+def ranked_batch(examples: list[RankedExample], pad_id: int, prompts_with_pairs: int | None = None) -> RankedBatch:
+    """Flatten the completions of `examples` and list all their ordered pairs (ties excluded). The pair weights
+    divide by `prompts_with_pairs` (default: those of `examples`; pass the global batch's when `examples` is one
+    rank's part of it)."""
     seqs, better, worse, weight = [], [], [], []
-    prompts_with_pairs = sum(1 for e in examples if len(set(e.ranks)) > 1)
+    if prompts_with_pairs is None:
+        prompts_with_pairs = sum(1 for e in examples if len(set(e.ranks)) > 1)
     for e in examples:
         base = len(seqs)
         seqs.extend(e.prompt_ids + c for c in e.completions)
@@ -73,11 +76,13 @@ def pairwise_accuracy(model: ScalarHeadModel, examples: list[RankedExample], pad
     was_training = model.training
     model.eval()
     right, total = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        b = ranked_batch(examples[i:i + batch_size], pad_id)
+    for part, real in distributed.rank_parts(examples, batch_size):  # each rank scores its part of every batch
+        b = ranked_batch(part, pad_id)
         margin = bradley_terry_loss(model.score(b.input_ids, b.lengths), b)[1]
-        right += float((margin > 0).sum()) + 0.5 * float((margin == 0).sum())
-        total += margin.numel()
+        if real:
+            right += float((margin > 0).sum()) + 0.5 * float((margin == 0).sum())
+            total += margin.numel()
+    right, total = distributed.all_sum([right, total])
     model.train(was_training)
     return right / max(total, 1)
 
@@ -105,6 +110,8 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     model.to(resolve_device(cfg.device)).train()
     if cfg.gradient_checkpointing:
         precision.enable_gradient_checkpointing(model)
+    dev = model.head.weight.device
+    model = distributed.shard(model, mixed_precision=precision.autocast_on(cfg.mixed_precision, dev))
     max_len = fit_len(cfg.max_len, context_length(model.lm))
     train = load_rm(cfg.train_data, tokenizer, max_len, overlong=cfg.overlong)
     evals = load_rm(cfg.eval_data, tokenizer, max_len, overlong=cfg.overlong) if cfg.eval_data else []
@@ -118,15 +125,26 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     def one_step(step: int):
         epoch, pos = divmod(step, per_epoch)
         batch_idx = epoch_batches(sizes, cfg.batch_size, seed=cfg.seed, epoch=epoch)
-        batch = ranked_batch([train[i] for i in batch_idx[pos]], pad_id)
-        with precision.autocast(cfg.mixed_precision, model.head.weight.device):
-            loss, margin = bradley_terry_loss(model.score(batch.input_ids, batch.lengths), batch)
-        return loss, {"train_accuracy": float((margin > 0).float().mean())}
+        examples = [train[i] for i in batch_idx[pos]]
+        with_pairs = sum(1 for e in examples if len(set(e.ranks)) > 1)  # of the global batch
+        right = []
+
+        def loss_of(items, real):  # a rank's prompts keep all their pairs
+            batch = ranked_batch(items, pad_id, with_pairs)
+            with precision.autocast(cfg.mixed_precision, model.head.weight.device):
+                loss, margin = bradley_terry_loss(model.score(batch.input_ids, batch.lengths), batch)
+            if real:
+                right.append(((margin > 0).sum().item(), margin.numel()))
+            return loss
+
+        loss = distributed.accumulate(examples, loss_of, cfg.parallel.micro_batch_size)
+        hits, pairs = distributed.all_sum([sum(r for r, _ in right), sum(n for _, n in right)])
+        return loss, {"train_accuracy": float(torch.tensor(float(hits)) / max(pairs, 1))}
 
     evaluate = ((lambda: {"eval_accuracy": pairwise_accuracy(model, evals, pad_id, cfg.batch_size)}) if evals
                 else None)
     if not run.loop(one_step, evaluate, params=params, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval_every):
-        return RMResult(run.ckpt_dir / "model", float("nan"), run.step, run.skipped, run.elapsed())
+        return RMResult(run.ckpt_dir, float("nan"), run.step, run.skipped, run.elapsed())
     acc = pairwise_accuracy(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
     run.metrics.log(run.step, eval_accuracy=acc)
     if plots:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_fast import distributed
 from rlhf_fast.checkpoint import (find_checkpoint, load_state, read_models, rng_state, save_checkpoint,
                                   set_rng_state)
 from rlhf_fast.stages.common import MetricsLog, StepResult, guarded_step, progress
@@ -101,12 +102,8 @@ class TrainRun:
         from rlhf_fast.precision import save_in_dtype
 
         for path, model in exports.items():
-            if dtype is None:
-                model.save_pretrained(path)
-            else:
-                save_in_dtype(model, path, dtype)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(str(path))
+            save = None if dtype is None else (lambda m, p: save_in_dtype(m, p, dtype))
+            distributed.export_pretrained(model, path, self.tokenizer, save=save)  # full HF directories, rank 0
         self.save(finished=True, **info)
 
     def apply(self, loss: torch.Tensor, params: list[torch.nn.Parameter], grad_clip: float) -> StepResult:
@@ -131,8 +128,8 @@ class TrainRun:
                 res = self.apply(loss, params, grad_clip)
                 step = self.step
                 bar.update(1)
-                self.metrics.log(step, loss=float(loss.detach()), **extra, grad_norm=res.grad_norm, lr=self.lr(),
-                                 skipped=self.skipped)
+                self.metrics.log(step, loss=distributed.all_sum(float(loss.detach())), **extra,
+                                 grad_norm=res.grad_norm, lr=self.lr(), skipped=self.skipped)
                 if step < self.total and eval_every and evaluate is not None and step % eval_every == 0:
                     self.metrics.log(step, **evaluate())
                 if not self.after_step():

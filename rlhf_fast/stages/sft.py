@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_fast import ops, precision
+from rlhf_fast import distributed, ops, precision
 from rlhf_fast.config import SFTConfig, to_dict
 from rlhf_fast.data import IGNORE_INDEX, SFTExample, epoch_batches, load_sft, sft_batch
 from rlhf_fast.models import final_hidden, output_head
@@ -45,13 +45,15 @@ def response_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[
 
 @torch.no_grad()
 def eval_loss(model, examples: list[SFTExample], pad_id: int, batch_size: int) -> float:
-    """Token-weighted mean response NLL over `examples`."""
+    """Token-weighted mean response NLL over `examples` (each rank scores its part of every batch)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        nll, n = response_nll(model, *sft_batch(examples[i:i + batch_size], pad_id))
-        total, count = total + float(nll), count + int(n)
+    for part, real in distributed.rank_parts(examples, batch_size):
+        nll, n = response_nll(model, *sft_batch(part, pad_id))
+        if real:
+            total, count = total + float(nll), count + int(n)
+    total, count = distributed.all_sum([total, count])
     model.train(was_training)
     return total / max(count, 1)
 
@@ -89,6 +91,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     model.to(resolve_device(cfg.device)).train()
     if cfg.gradient_checkpointing:
         precision.enable_gradient_checkpointing(model)
+    model = distributed.shard(model, mixed_precision=precision.autocast_on(cfg.mixed_precision, model.device))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_len = fit_len(cfg.max_len, context_length(model))
     kw = dict(overlong=cfg.overlong, assistant_turns=cfg.assistant_turns)
@@ -105,14 +108,19 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     def one_step(step: int):
         epoch, pos = divmod(step, per_epoch)
         batch_idx = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, bucket_size=cfg.bucket_size)
-        ids, labels = sft_batch([train[i] for i in batch_idx[pos]], pad_id)
-        with precision.autocast(cfg.mixed_precision, model.device):
-            nll, n = response_nll(model, ids, labels)
-        return nll / n.clamp(min=1), {}
+        batch = [train[i] for i in batch_idx[pos]]
+        n = (sft_batch(batch, pad_id)[1] != IGNORE_INDEX).sum().clamp(min=1)  # the global batch's tokens
+
+        def loss_of(items, real):  # this rank's share of the global mean
+            with precision.autocast(cfg.mixed_precision, model.device):
+                nll = response_nll(model, *sft_batch(items, pad_id))[0]
+            return nll / n
+
+        return distributed.accumulate(batch, loss_of, cfg.parallel.micro_batch_size), {}
 
     evaluate = (lambda: {"eval_loss": eval_loss(model, evals, pad_id, cfg.batch_size)}) if evals else None
     if not run.loop(one_step, evaluate, params=params, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval_every):
-        return SFTResult(run.ckpt_dir / "model", float("nan"), run.step, run.skipped, run.elapsed())
+        return SFTResult(run.ckpt_dir, float("nan"), run.step, run.skipped, run.elapsed())
     ev = eval_loss(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
     run.metrics.log(run.step, eval_loss=ev)
     if plots:
