@@ -2,8 +2,8 @@
 
 For each world size N it runs `torchrun --standalone --nproc_per_node N -m rlhf_fast pipeline` on the same config and
 reports each stage's training time (from `report.json`), the peak resident memory of every rank, the parameter +
-optimiser bytes each rank holds (FSDP2 shards them, so ~1/N), and the largest weight difference of the final SFT and
-PPO models against N = 1. Target: training time at N = 2 at most 0.6x of N = 1.
+optimiser MiB each PPO rank holds (policy, value and AdamW state; FSDP2 shards them, so ~1/N), and the largest weight
+difference of the final SFT and PPO models against N = 1. Target: training time at N = 2 at most 0.6x of N = 1.
 
     python -m bench.bench_scaling            # CPU, gloo, N = 1 and 2 (a reduced default task, a few minutes)
     python -m bench.bench_scaling --full     # the full default pipeline
@@ -69,6 +69,8 @@ def main() -> None:
             if n == 1:
                 base = {"train": train_s, **times}
             dist = report.get("distributed", {})
+            dist["state_mib"] = torch.load(out / "ppo" / "checkpoint" / "trainer_state.pt",
+                                           weights_only=False).get("state_mib_per_rank", [])
             row = {"case": f"N={n}", "world_size": n, "wall_s": round(wall, 1), "train_s": round(train_s, 1),
                    "sft_s": round(times["sft"], 1), "rm_s": round(times["rm"], 1), "ppo_s": round(times["ppo"], 1),
                    "train_vs_n1": round(train_s / base["train"], 3),

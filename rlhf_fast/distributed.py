@@ -384,17 +384,31 @@ def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    sq = torch.stack([l.detach().double().pow(2).sum() for l in local]).sum() if local else torch.zeros((),
-                                                                                                       dtype=torch.float64)
-    replicated = sum(float(l.detach().double().pow(2).sum()) for g, l in zip(grads, local) if g is l)
-    total = (float(all_sum(sq.reshape(1))[0]) - replicated * (world_size() - 1)) ** 0.5  # replicated: counted once
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # a shard, or a replicated tensor
+    sharded = sum((x.detach().double().pow(2).sum() for g, x in zip(grads, local) if g is not x),
+                  torch.zeros((), dtype=torch.float64))
+    replicated = sum(float(x.detach().double().pow(2).sum()) for g, x in zip(grads, local) if g is x)
+    total = (float(all_sum(sharded.reshape(1))[0]) + replicated) ** 0.5
     if max_norm < float("inf") and total == total:
         coef = min(1.0, max_norm / (total + 1e-6))
         if coef < 1.0:
-            for l in local:
-                l.mul_(coef)
+            for x in local:
+                x.mul_(coef)
     return total
+
+
+def local_state_mib(models: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None) -> float:
+    """MiB of parameters and optimiser state this rank holds (its shards when sharded)."""
+    from torch.distributed.tensor import DTensor
+
+    def nbytes(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    total = sum(nbytes(p) for m in models.values() for p in m.parameters())
+    if optimizer is not None:
+        total += sum(nbytes(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+    return total / 2**20
 
 
 # --- checkpoints (DCP) and export ------------------------------------------------------------------------------

@@ -104,7 +104,8 @@ class TrainRun:
         for path, model in exports.items():
             save = None if dtype is None else (lambda m, p: save_in_dtype(m, p, dtype))
             distributed.export_pretrained(model, path, self.tokenizer, save=save)  # full HF directories, rank 0
-        self.save(finished=True, **info)
+        mib = distributed.all_gather_objects(distributed.local_state_mib(self.models, self.opt))
+        self.save(finished=True, state_mib_per_rank=mib, **info)
 
     def apply(self, loss: torch.Tensor, params: list[torch.nn.Parameter], grad_clip: float) -> StepResult:
         """Backward + clipped optimiser step, skipped (counted, logged) on a non-finite loss or gradient."""
