@@ -82,13 +82,13 @@ def _expand(fn_name: str, a: Arg, device: torch.device | None) -> tuple[int, ...
     t = a.tensor
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn_name}: {a.name} must be a torch.Tensor, got {type(t).__name__}")
-    what = f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-    if t.dtype not in a.dtypes:
-        want = ", ".join(str(d).replace("torch.", "") for d in a.dtypes)
-        raise TypeError(f"{fn_name}: {a.name} must have dtype in ({want}); got {what}")
-    if t.device != device:
-        raise ValueError(f"{fn_name}: {a.name} must be on {device} (like the call's first tensor); got {what}")
-    if not t.is_contiguous():
+    if t.dtype not in a.dtypes or t.device != device or not t.is_contiguous():
+        what = f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+        if t.dtype not in a.dtypes:
+            want = ", ".join(str(d).replace("torch.", "") for d in a.dtypes)
+            raise TypeError(f"{fn_name}: {a.name} must have dtype in ({want}); got {what}")
+        if t.device != device:
+            raise ValueError(f"{fn_name}: {a.name} must be on {device} (like the call's first tensor); got {what}")
         raise ValueError(f"{fn_name}: {a.name} must be contiguous; got strides {t.stride()} ({what})")
     return (t.data_ptr(), DTYPE_CODE[t.dtype]) if a.code else (t.data_ptr(),)
 
