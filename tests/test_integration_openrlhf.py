@@ -23,6 +23,8 @@ def _batch(b=6, t=12, seed=0, row_constant_adv=False):
     adv = torch.randn(b, 1, generator=g).expand(b, t).clone() if row_constant_adv else torch.randn(b, t, generator=g)
     mask = (torch.rand(b, t, generator=g) < 0.75).float()
     mask[:, 0] = 1  # OpenRLHF divides by each row's token count without a guard in its per-sample mode
+    if not row_constant_adv:
+        logp[0, :3], adv[0, :3], mask[0, :3] = old[0, :3] + 1.5, -1.0, 1.0  # A < 0, ratio above the dual clip
     return logp, old, adv, mask
 
 

@@ -37,6 +37,7 @@ def _batch(b=6, t=11, seed=0):
     adv = torch.randn(b, t, generator=g)
     mask = (torch.rand(b, t, generator=g) < 0.75).float()
     mask[1] = 0  # an empty row
+    logp[0, :3], adv[0, :3], mask[0, :3] = old[0, :3] + 1.5, -1.0, 1.0  # A < 0 with a ratio above clip_ratio_c
     w = torch.rand(b, t, generator=g) * 2
     return logp, old, adv, mask, w
 
