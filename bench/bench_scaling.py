@@ -79,7 +79,7 @@ def main() -> None:
                    "peak_rss_mib_per_rank": "/".join(str(round(m)) for m in dist.get("peak_rss_mib", [])),
                    "state_mib_per_rank": "/".join(f"{m:.2f}" for m in dist.get("state_mib", [])),
                    "win_rate": report["win_rate"], "rm_accuracy": report["rm_accuracy"],
-                   "device": device_name(device) + f", {n} process(es)"}
+                   "device": device_name(device).split(", torch threads")[0] + f"), {n} process(es) x 1 thread"}
             if n > 1:
                 one = Path(tmp) / "n1"
                 row["max_weight_diff_sft"] = max_weight_diff(out / "sft" / "final", one / "sft" / "final")

@@ -29,9 +29,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from rlhf_fast import config
-
-    from rlhf_fast import distributed
+    from rlhf_fast import config, distributed
 
     cls_name, runner, _ = _STAGES[args.command]
     try:
@@ -56,7 +54,11 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     module, fn = runner.split(":")
     out = args.out or os.path.join("runs", args.command)
     kw = {} if stop_after is None else {"stop_after": stop_after}
-    result = getattr(importlib.import_module(module), fn)(cfg, out, **kw)
+    try:
+        result = getattr(importlib.import_module(module), fn)(cfg, out, **kw)
+    except distributed.DistributedError as e:  # a lost peer or a collective past the timeout: one line
+        print(f"rlhf-fast {args.command}: {e}", file=sys.stderr)
+        return 2
     if not main_rank:
         return 0
     if isinstance(result, dict):

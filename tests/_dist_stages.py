@@ -54,6 +54,8 @@ def run_world(root: Path) -> None:
     train_sft(sft, root / f"sft{w}s", stop_after=2, plots=False)  # left stopped, for the other world to resume
     train_rm(rm, root / f"rm{w}", plots=False)
     train_ppo(ppo, root / f"ppo{w}", plots=False)
+    grpo = dataclasses.replace(ppo, algorithm="grpo", loss_agg="seq-mean-token-mean")  # critic-free, a seq-* mode
+    train_ppo(grpo, root / f"grpo{w}", plots=False)
     if w == 2:
         train_sft(sft, root / "sft1s", plots=False)  # 1 -> 2
         train_ppo(ppo, root / "ppo2r", stop_after=1, plots=False)  # stop and resume at N = 2: bitwise

@@ -190,6 +190,12 @@ def test_ppo_two_ranks_match_one(worlds):
         assert x["generated_tokens"] == y["generated_tokens"] and x["response_len"] == y["response_len"]
 
 
+def test_grpo_seq_mean_two_ranks_match_one(worlds):
+    root = worlds[2] / "stages"
+    keys = ("score", "kl", "pg_loss", "entropy", "clip_frac", "approx_kl", "grad_norm", "generated_tokens")
+    same_run(root / "grpo1", root / "grpo2", ("policy",), keys=keys)
+
+
 def test_stop_and_resume(worlds):
     root = worlds[2] / "stages"
     a, b = rows(root / "ppo2" / "metrics.jsonl"), rows(root / "ppo2r" / "metrics.jsonl")
