@@ -208,25 +208,35 @@ def test_stop_and_resume(worlds):
     same_run(root / "sft2", root / "sft2s", ("",), keys=("loss", "grad_norm"))  # 2 -> 1
 
 
-def test_cli_at_world_size_one_is_the_plain_call(worlds, tmp_path, monkeypatch):
+def test_torchrun_one_process_is_bitwise_the_plain_call(worlds, tmp_path):
     import yaml
 
-    from rlhf_fast import cli
     from rlhf_fast.config import to_dict
 
     root = worlds[2] / "stages"
     cfg = tmp_path / "sft.yaml"
     cfg.write_text(yaml.safe_dump(to_dict(stages.configs(root)[0])))
-    for k, v in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}.items():  # what torchrun --nproc_per_node 1 sets
-        monkeypatch.setenv(k, v)
+    torchrun("rlhf_fast", "sft", "--config", str(cfg), "--out", str(tmp_path / "run"), nproc=1)
+    wa, wb = weights(tmp_path / "run" / "final"), weights(root / "sft1" / "final")  # sft1: train_sft in-process
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert rows(tmp_path / "run" / "metrics.jsonl") == rows(root / "sft1" / "metrics.jsonl")
+
+
+def test_pipeline_stop_after_stage(tmp_path, capsys):
+    from rlhf_fast.cli import main
+    from tests.test_pipeline import TOY
+
+    argv = ["pipeline", "--out", str(tmp_path / "p"), "--stop-after", "rm:1"] + [a for kv in TOY for a in ("--set", kv)]
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert cli.main(["sft", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
+        assert main(argv) == 0
     finally:
         torch.set_num_threads(n)
-    wa, wb = weights(tmp_path / "run" / "final"), weights(root / "sft1" / "final")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads(capsys.readouterr().out) == {"stopped": "rm", "steps": 1,
+                                                   "checkpoint": str(tmp_path / "p" / "rm" / "checkpoint")}
+    assert (tmp_path / "p" / "sft" / "final").is_dir() and not (tmp_path / "p" / "rm" / "final").exists()
+    assert not (tmp_path / "p" / "report.json").exists()
 
 
 def test_stop_after_flag():
