@@ -1,5 +1,6 @@
-"""Own models and chat data through the `rlhf-fast` CLI (in process): SFT -> RM -> PPO on a ChatML Llama with BOS,
-a bf16 checkpoint that comes back bf16, and the checks PPO makes before it trains."""
+"""Own models and chat data through the `rlhf-fast` CLI (in process): SFT -> RM -> PPO on a ChatML Llama with BOS
+and on a GPT-2 with dropout 0.1 and tied weights, a bf16 Qwen2 checkpoint that comes back bf16, and the checks PPO
+makes before it trains."""
 import json
 import logging
 
@@ -16,12 +17,13 @@ from rlhf_fast.heads import ScalarHeadModel
 
 @pytest.fixture(scope="module")
 def own(tmp_path_factory):
-    """A Llama (tied embeddings, BOS) and a Qwen2 saved in bf16, with their tokenizers, and chat data."""
+    """A Llama (tied embeddings, BOS), a GPT-2 and a Qwen2 saved in bf16, with their tokenizers, and chat data."""
     root = tmp_path_factory.mktemp("own-cli")
     tok = build_tokenizer(root / "tok-bos", bos=True)
     ScalarHeadModel(build_model("llama", tok, root / "llama", positions=96)).save_pretrained(root / "llama-rm")
     tok.save_pretrained(str(root / "llama-rm"))
     qtok = build_tokenizer(root / "tok", bos=False)
+    build_model("gpt2", qtok, root / "gpt2", positions=96)
     precision.save_in_dtype(build_model("qwen2", qtok, root / "qwen2-fp32"), root / "qwen2", torch.bfloat16)
     qtok.save_pretrained(str(root / "qwen2"))
     return root, chat_data(root / "data")
@@ -32,24 +34,28 @@ def run(*args):
         assert cli.main(list(args)) == 0
 
 
-def test_chat_data_sft_rm_ppo_through_the_cli(own, caplog):
+@pytest.mark.parametrize("family, ppo_args", [
+    ("llama", ["--set", "train_model=hf", "--set", "gradient_checkpointing=true"]),  # padded HF forwards
+    ("gpt2", []),  # the padding-free forwards
+])
+def test_chat_data_sft_rm_ppo_through_the_cli(own, caplog, family, ppo_args):
     root, files = own
+    out = root / f"run-{family}"
     small = ["--set", "batch_size=4", "--set", "max_steps=2"]
-    run("sft", "--set", f"model={root / 'llama'}", "--set", f"train_data={files['sft']}", *small,
-        "--out", str(root / "sft"))
-    run("rm", "--set", f"model={root / 'sft' / 'final'}", "--set", f"train_data={files['rm']}", *small,
-        "--out", str(root / "rm"))
+    run("sft", "--set", f"model={root / family}", "--set", f"train_data={files['sft']}", *small,
+        "--out", str(out / "sft"))
+    run("rm", "--set", f"model={out / 'sft' / 'final'}", "--set", f"train_data={files['rm']}", *small,
+        "--out", str(out / "rm"))
     with caplog.at_level(logging.WARNING):
-        run("ppo", "--set", f"policy={root / 'sft' / 'final'}", "--set", f"reward_model={root / 'rm' / 'final'}",
+        run("ppo", "--set", f"policy={out / 'sft' / 'final'}", "--set", f"reward_model={out / 'rm' / 'final'}",
             "--set", f"prompts={files['ppo']}", "--set", "iterations=1", "--set", "prompts_per_iter=4",
             "--set", "sampling.n=2", "--set", "sampling.max_new_tokens=8", "--set", "minibatch_size=8",
-            "--set", f"ptx_data={files['ppo']}", "--set", "train_model=hf", "--set", "gradient_checkpointing=true",
-            "--out", str(root / "ppo"))
+            "--set", f"ptx_data={files['ppo']}", *ppo_args, "--out", str(out / "ppo"))
     assert "ptx_coef is 0, so the ptx texts are not used" in caplog.text
-    rows = [json.loads(line) for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["step"] == 1
     for d in ("sft/final", "rm/final", "ppo/final/policy"):
-        assert precision.checkpoint_dtype(root / d) == torch.float32  # an fp32 checkpoint stays fp32
+        assert precision.checkpoint_dtype(out / d) == torch.float32  # an fp32 checkpoint stays fp32
 
 
 def test_bf16_checkpoint_comes_back_bf16(own):
