@@ -93,6 +93,22 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters through peft (`rlhf_fast.models.lora`): only they train; r = 0 trains the whole model."""
+
+    r: int = 0  # rank; 0 disables LoRA
+    alpha: float = 16.0  # the update is (alpha / r) * B A
+    dropout: float = 0.0
+    target_modules: str = "all-linear"  # comma-separated module names (q_proj,v_proj), or every linear but the output
+
+    def __post_init__(self):
+        _check(self.r >= 0, "r", "must be >= 0")
+        _check(self.alpha > 0, "alpha", "must be > 0")
+        _check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        _check(bool(self.target_modules.strip()), "target_modules", "must name modules, or be all-linear")
+
+
+@dataclasses.dataclass(frozen=True)
 class SFTConfig:
     """Supervised fine-tuning on {"prompt","response"} or {"messages"} JSONL."""
 
@@ -104,6 +120,7 @@ class SFTConfig:
     max_len: int = 2048  # prompt + response tokens, capped at the model's positions (see rlhf_fast.truncation)
     overlong: str = "truncate"  # an example over max_len: truncate (prompt first, keeping its start) | drop | error
     assistant_turns: str = "last"  # {"messages"}: train the last assistant turn, or all of them
+    lora: LoRAConfig = LoRAConfig()  # r > 0: train LoRA adapters only (needs `model`)
     gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, more compute)
     model_dtype: str = "auto"  # dtype the final model is saved in; auto = the checkpoint's (float32 from scratch)
     mixed_precision: str = "auto"  # bf16 autocast, fp32 master weights: auto (CUDA with bf16) | bf16 | no
@@ -122,6 +139,7 @@ class SFTConfig:
         _check_device(self.device)
         _check_data_options(self)
         _check(self.assistant_turns in ("last", "all"), "assistant_turns", "must be last or all")
+        _check(self.lora.r == 0 or bool(self.model), "lora.r", "LoRA needs `model` (adapters on a pretrained base)")
         for k in ("max_len", "batch_size", "epochs", "bucket_size"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("max_steps", "eval_every", "save_every"):

@@ -55,7 +55,10 @@ def autocast(mixed_precision: str, device: torch.device):
 def save_in_dtype(model, path: str | Path, dtype: torch.dtype) -> None:
     """`model.save_pretrained(path)` with its floating-point weights cast to `dtype` on the way out (the live
     weights are untouched; tied weights stay one tensor) and config.json recording `dtype`. A `ScalarHeadModel`
-    saves its causal LM so and its scalar head as it is."""
+    saves its causal LM so and its scalar head as it is; a LoRA model exports itself (merged, + `adapter/`)."""
+    if hasattr(model, "export"):
+        model.export(path, dtype)
+        return
     if hasattr(model, "lm") and hasattr(model, "head"):
         model.save_pretrained(path)  # the head file, and the LM in its live dtype, rewritten below
         model = model.lm

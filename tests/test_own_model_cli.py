@@ -134,3 +134,40 @@ def test_ppo_gradient_checkpointing_needs_the_hf_forward():
     with pytest.raises(ConfigError, match="gradient_checkpointing: needs train_model=hf"):
         PPOConfig(gradient_checkpointing=True)
     assert PPOConfig(gradient_checkpointing=True, train_model="hf").gradient_checkpointing
+
+
+def test_lora_sft_trains_only_adapters_resumes_and_saves_them_in_peft_format(own):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_fast.config import SFTConfig, load_config
+    from rlhf_fast.stages.sft import train_sft
+
+    root, files = own
+    sets = [f"model={root / 'llama'}", f"train_data={files['sft']}", "batch_size=4", "max_steps=3", "lora.r=4",
+            "optim.lr=1e-2"]
+    run("sft", *[a for kv in sets for a in ("--set", kv)], "--out", str(root / "lora"))
+    with one_thread():  # the same run, interrupted after one step and resumed from its adapter checkpoint
+        cfg = load_config(SFTConfig, None, sets)
+        train_sft(cfg, root / "lora-resumed", stop_after=1, plots=False)
+        train_sft(cfg, root / "lora-resumed", plots=False)
+    final = root / "lora" / "final"
+    a = load_file(str(final / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(root / "lora-resumed" / "final" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    base = AutoModelForCausalLM.from_pretrained(str(root / "llama")).eval()
+    src = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = AutoModelForCausalLM.from_pretrained(str(final)).eval()
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, src[k])}
+    assert changed and all("proj" in k for k in changed)  # adapters moved the linears; embeddings, norms untouched
+    adapted = PeftModel.from_pretrained(base, str(final / "adapter")).eval()  # base + adapter, peft's own loader
+    ids = torch.tensor([[1, 3, 40, 41, 42, 4, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_needs_a_pretrained_base(capsys):
+    assert cli.main(["sft", "--set", "lora.r=4"]) == 2
+    assert "lora.r: LoRA needs `model`" in capsys.readouterr().err

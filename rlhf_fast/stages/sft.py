@@ -13,9 +13,10 @@ from typing import NamedTuple
 import torch
 
 from rlhf_fast import distributed, ops, precision
-from rlhf_fast.config import SFTConfig, to_dict
+from rlhf_fast.config import ConfigError, SFTConfig, to_dict
 from rlhf_fast.data import IGNORE_INDEX, SFTExample, epoch_batches, load_sft, sft_batch
 from rlhf_fast.models import final_hidden, output_head
+from rlhf_fast.models.lora import LoRALM
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
 from rlhf_fast.stages.run_state import TrainRun
 from rlhf_fast.truncation import context_length, fit_len
@@ -88,12 +89,18 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     model = _load_model(cfg, tokenizer)
+    if cfg.lora.r:  # only the adapters train; the final export is the merged model (+ adapter/ in peft's format)
+        if distributed.world_size() > 1:
+            raise ConfigError("lora.r: LoRA runs in one process for now (the sharded path does not wrap adapters)")
+        model = LoRALM.wrap(model, cfg.lora, cfg.model, seed=cfg.seed)
     model.to(resolve_device(cfg.device)).train()
     if cfg.gradient_checkpointing:
         precision.enable_gradient_checkpointing(model)
-    model = distributed.shard(model, mixed_precision=precision.autocast_on(cfg.mixed_precision, model.device))
+    device = resolve_device(cfg.device)
+    model = distributed.shard(model, mixed_precision=precision.autocast_on(cfg.mixed_precision, device))
+    lm = getattr(model, "lm", model)  # the HF causal LM that runs (inside LoRALM with adapters)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    max_len = fit_len(cfg.max_len, context_length(model))
+    max_len = fit_len(cfg.max_len, context_length(lm))
     kw = dict(overlong=cfg.overlong, assistant_turns=cfg.assistant_turns)
     train = load_sft(cfg.train_data, tokenizer, max_len, **kw)
     evals = load_sft(cfg.eval_data, tokenizer, max_len, **kw) if cfg.eval_data else []
@@ -112,16 +119,16 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
         n = (sft_batch(batch, pad_id)[1] != IGNORE_INDEX).sum().clamp(min=1)  # the global batch's tokens
 
         def loss_of(items, real):  # this rank's share of the global mean
-            with precision.autocast(cfg.mixed_precision, model.device):
-                nll = response_nll(model, *sft_batch(items, pad_id))[0]
+            with precision.autocast(cfg.mixed_precision, lm.device):
+                nll = response_nll(lm, *sft_batch(items, pad_id))[0]
             return nll / n
 
         return distributed.accumulate(batch, loss_of, cfg.parallel.micro_batch_size), {}
 
-    evaluate = (lambda: {"eval_loss": eval_loss(model, evals, pad_id, cfg.batch_size)}) if evals else None
+    evaluate = (lambda: {"eval_loss": eval_loss(lm, evals, pad_id, cfg.batch_size)}) if evals else None
     if not run.loop(one_step, evaluate, params=params, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval_every):
         return SFTResult(run.ckpt_dir, float("nan"), run.step, run.skipped, run.elapsed())
-    ev = eval_loss(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
+    ev = eval_loss(lm, evals, pad_id, cfg.batch_size) if evals else float("nan")
     run.metrics.log(run.step, eval_loss=ev)
     if plots:
         run.metrics.plot(["loss", "eval_loss", "lr", "grad_norm"], out / "sft_curves.png", "SFT")
