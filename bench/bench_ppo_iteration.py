@@ -13,10 +13,12 @@ value clip 0.2, vf_coef 0.5, KL 0.05 in the reward, GAE gamma 1 lambda 0.95 with
     and the same AdamW. Value and reward models are HF backbones + a Linear head (no lm_head), as in TRL.
   * rlhf_fast: `PPOTrainer(cfg, policy, value, ref, reward_model, tokenizer).iteration(prompts, k)`.
 
-Both sides run interleaved iteration by iteration (one warm-up each), so load on the shared machine hits both.
-Rows (bench/results/ppo_iteration_v<vocab>[_gpu].{csv,json,png}): one per (side, phase) with the median seconds,
-the speedup (trl-style / rlhf_fast) and, on the total row, generated tokens and peak extra memory per iteration;
-plus a `prompt_sharing` row: one forward + backward of the policy over n = 8 samples of prompts as long as their
+Both sides run interleaved iteration by iteration (after a small warm-up each), so the machine's load hits both.
+Rows (bench/results/ppo_iteration_v<vocab>[_gpu][_t<threads>].{csv,json,png}): one per (side, phase) with the
+median seconds, the speedup (trl-style / rlhf_fast) and, on the total row, generated tokens and peak extra memory
+per iteration (rlhf_fast's includes the KV blocks its engine used); an `old_logp_reuse` row: the max |difference|
+between the reused rollout log-probs and a recompute by the training forward (`ppo.old_logp: check`, one collect);
+and a `prompt_sharing` row: one forward + backward of the policy over n = 8 samples of prompts as long as their
 responses, shared-prompt vs per-sample packing (tokens and time ratio).
 
 `bench_iteration(...)` is the function behind the CLI (helper scripts such as `bench/gpu_check.py` call it).
@@ -24,12 +26,12 @@ responses, shared-prompt vs per-sample packing (tokens and time ratio).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 import types
 
 import torch
-import torch.nn.functional as F
 
 from bench.harness import device_name, peak_extra_memory, write_results
 from rlhf_fast.config import KLConfig, OptimConfig, PPOConfig, SamplingConfig
@@ -69,8 +71,10 @@ class ValueHead(torch.nn.Module):
 class TRLStyleLoop:
     """A plain PPO iteration, written the way the common trainers ship it (see the module docstring)."""
 
-    def __init__(self, cfg: PPOConfig, policy, ref, value: ValueHead, reward: ValueHead, pad_id: int):
+    def __init__(self, cfg: PPOConfig, policy, ref, value: ValueHead, reward: ValueHead, pad_id: int,
+                 micro_batch: int | None = None):
         self.cfg, self.policy, self.ref, self.value, self.reward, self.pad = cfg, policy, ref, value, reward, pad_id
+        self.micro = micro_batch or cfg.minibatch_size  # forward chunk / gradient-accumulation step (memory)
         params = [p for p in policy.parameters()] + [p for p in value.parameters()]
         self.opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                      weight_decay=cfg.optim.weight_decay)
@@ -91,17 +95,18 @@ class TRLStyleLoop:
         torch.manual_seed(c.seed + it)
         with torch.no_grad():
             out = self.policy.generate(input_ids=q.to(dev), attention_mask=qa.to(dev), do_sample=True,
-                                       max_new_tokens=c.sampling.max_new_tokens, temperature=c.sampling.temperature, top_k=0, top_p=1.0, num_return_sequences=c.sampling.n,
+                                       max_new_tokens=c.sampling.max_new_tokens, temperature=c.sampling.temperature,
+                                       top_k=0, top_p=1.0, num_return_sequences=c.sampling.n,
                                        pad_token_id=self.pad, eos_token_id=None)
         ids = out  # (N, ctx + R): every response has max_new_tokens tokens (no stop token)
         attn = torch.cat((qa.to(dev).repeat_interleave(c.sampling.n, 0), torch.ones_like(ids[:, ctx:])), 1)
         pos = (attn.cumsum(1) - attn).clamp(min=0)
         t1 = time.perf_counter()
-        mb = c.minibatch_size
+        mb, micro = c.minibatch_size, self.micro
         with torch.no_grad():
             old_logp, ref_logp, values, scores = [], [], [], []
-            for s in range(0, ids.shape[0], mb):
-                a, m, p = ids[s:s + mb], attn[s:s + mb], pos[s:s + mb]
+            for s in range(0, ids.shape[0], micro):
+                a, m, p = ids[s:s + micro], attn[s:s + micro], pos[s:s + micro]
                 old_logp.append(self.logprobs(self.policy, a, m, p, ctx))
                 ref_logp.append(self.logprobs(self.ref, a, m, p, ctx))
                 values.append(self.value(a, m, p)[:, ctx - 1:-1])
@@ -127,16 +132,16 @@ class TRLStyleLoop:
         for _ in range(c.ppo_epochs):
             perm = torch.randperm(ids.shape[0], generator=g)
             for s in range(0, ids.shape[0], mb):
-                i = perm[s:s + mb].to(dev)
-                a, m, p = ids[i], attn[i], pos[i]
-                logp = self.logprobs(self.policy, a, m, p, ctx)
-                ratio = torch.exp(logp - old_logp[i])
-                pg = torch.max(-adv[i] * ratio, -adv[i] * ratio.clamp(1 - c.clip, 1 + c.clip)).mean()
-                v = self.value(a, m, p)[:, ctx - 1:-1]
-                vc = values[i] + (v - values[i]).clamp(-c.value_clip, c.value_clip)
-                vf = 0.5 * torch.max((v - returns[i]) ** 2, (vc - returns[i]) ** 2).mean()
-                loss = pg + c.vf_coef * vf
-                loss.backward()
+                sel = perm[s:s + mb].to(dev)
+                for i in sel.split(micro):  # gradient accumulation over micro-batches (one when micro >= mb)
+                    a, m, p = ids[i], attn[i], pos[i]
+                    logp = self.logprobs(self.policy, a, m, p, ctx)
+                    ratio = torch.exp(logp - old_logp[i])
+                    pg = torch.max(-adv[i] * ratio, -adv[i] * ratio.clamp(1 - c.clip, 1 + c.clip)).mean()
+                    v = self.value(a, m, p)[:, ctx - 1:-1]
+                    vc = values[i] + (v - values[i]).clamp(-c.value_clip, c.value_clip)
+                    vf = 0.5 * torch.max((v - returns[i]) ** 2, (vc - returns[i]) ** 2).mean()
+                    ((pg + c.vf_coef * vf) * (len(i) / len(sel))).backward()
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.optim.grad_clip)
                 torch.nn.utils.clip_grad_norm_(self.value.parameters(), c.optim.grad_clip)
                 self.opt.step()
@@ -182,8 +187,8 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_iteration(*, vocab: int = 32000, hidden: int = 256, layers: int = 4, num_prompts: int = 16,
-                    n_samples: int = 4, new_tokens: int = 64, prompt_len: int = 64, iters: int = 2,
-                    device: str = "cpu", train_model: str = "ours") -> list[dict]:
+                    n_samples: int = 4, new_tokens: int = 64, prompt_len: int = 64, iters: int = 1,
+                    device: str = "cpu", train_model: str = "ours", micro_batch: int | None = None) -> list[dict]:
     """Run both sides interleaved; returns the result rows (see the module docstring). bf16 on CUDA."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     cfg = PPOConfig(prompts_per_iter=num_prompts, sampling=SamplingConfig(n=n_samples, max_new_tokens=new_tokens),
@@ -196,13 +201,14 @@ def bench_iteration(*, vocab: int = 32000, hidden: int = 256, layers: int = 4, n
                       build(0).requires_grad_(False), ScalarHeadModel(build(1)).to(device=device, dtype=dtype)
                       .requires_grad_(False), tok)
     base = TRLStyleLoop(cfg, build(0), build(0).requires_grad_(False),
-                        ValueHead(build(1).model), ValueHead(build(1).model).requires_grad_(False), pad_id=0)
+                        ValueHead(build(1).model), ValueHead(build(1).model).requires_grad_(False), pad_id=0,
+                        micro_batch=micro_batch)
     batches = [make_prompts(num_prompts, prompt_len, vocab, seed=i) for i in range(iters + 2)]
     runs: dict[str, list[dict]] = {"rlhf_fast": [], "trl-style": []}
     peaks: dict[str, int] = {}
     sides = {"rlhf_fast": ours, "trl-style": base}
     for name, side in sides.items():
-        side.iteration(batches[0], 0)  # warm-up
+        side.iteration(batches[0][:2], 0)  # warm-up (2 prompts)
     for name, side in sides.items():
         peaks[name] = peak_extra_memory(lambda s=side: runs[name].append(s.iteration(batches[1], 1)), device)
     # the engine's KV pool outlives the call (allocated at warm-up): count the blocks the iteration used
@@ -220,12 +226,18 @@ def bench_iteration(*, vocab: int = 32000, hidden: int = 256, layers: int = 4, n
             row = {"case": name, "phase": NAMES.get(key, "total"), "time_s": round(med[name][key], 3),
                    "speedup": round(med["trl-style"][key] / med[name][key], 2) if med[name][key] > 0 else "",
                    "vocab": vocab, "hidden": hidden, "layers": layers, "dtype": str(dtype).removeprefix("torch."),
-                   "device": dev_name, "iterations": len(runs[name])}
+                   "device": dev_name, "iterations": len(runs[name]),
+                   "trl_micro_batch": base.micro if name == "trl-style" else ""}
             if key == "time_total":
                 row.update(generated_tokens=med[name]["generated_tokens"],
                            peak_extra_mem_MiB=round(peaks[name] / 2**20, 1),
                            mem_ratio=round(peaks[name] / max(1, peaks["trl-style"]), 3))
             rows.append(row)
+    check = PPOTrainer(dataclasses.replace(cfg, old_logp="check"), ours.policy, ours.value, ours.ref, ours.rm, tok)
+    _, m = check.collect(batches[0], iters + 2)  # the reused log-probs vs a recompute by the training forward
+    rows.append({"case": "old_logp_reuse", "phase": "max |rollout - recomputed|", "time_s": "",
+                 "max_abs_diff": m["old_logp_max_diff"], "vocab": vocab, "hidden": hidden, "layers": layers,
+                 "dtype": str(dtype).removeprefix("torch."), "device": dev_name, "iterations": 1})
     share = prompt_sharing(ours.policy, vocab, new_tokens)
     rows.append({"case": "prompt_sharing", "phase": "fwd+bwd n=8", "time_s": round(share["time_shared_s"], 3),
                  "speedup": round(1 / share["time_ratio"], 2), "vocab": vocab, "hidden": hidden, "layers": layers,
@@ -250,10 +262,12 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=2, help="measured iterations per side (after one warm-up)")
+    ap.add_argument("--iters", type=int, default=1, help="measured iterations per side (after a small warm-up)")
+    ap.add_argument("--micro", type=int, default=0, help="trl-style micro-batch (gradient accumulation; 0: none)")
     ap.add_argument("--quick", action="store_true", help="vocab 4096, hidden 128, 2 layers, 1 measured iteration")
     ap.add_argument("--gpu", action="store_true", help="run on CUDA in bf16 (flash-attn varlen when installed)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads on CPU (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: torch's default); 1 is robust "
+                    "on a shared machine, where OpenMP barriers of many threads wait on descheduled ones")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -261,11 +275,13 @@ def main() -> None:
         raise SystemExit("--gpu: no CUDA device")
     if not args.gpu:
         exact_cpu_peaks()
-    kw = dict(vocab=args.vocab, hidden=args.hidden, layers=args.layers, prompt_len=args.prompt_len, iters=args.iters)
+    kw = dict(vocab=args.vocab, hidden=args.hidden, layers=args.layers, prompt_len=args.prompt_len, iters=args.iters,
+              micro_batch=args.micro or None)
     if args.quick:
         kw.update(vocab=4096, hidden=128, layers=2, iters=1)
     rows = bench_iteration(**kw, device="cuda" if args.gpu else "cpu")
-    name = f"ppo_iteration_v{kw['vocab']}" + ("_gpu" if args.gpu else "") + ("_quick" if args.quick else "")
+    name = (f"ppo_iteration_v{kw['vocab']}" + ("_gpu" if args.gpu else "") + ("_quick" if args.quick else "")
+            + (f"_t{torch.get_num_threads()}" if not args.gpu and torch.get_num_threads() != 1 else ""))
     write_results(name, rows, plot_x="phase", plot_y="time_s")
 
 

@@ -101,7 +101,8 @@ def test_scalar_head_model_has_no_lm_head_and_stays_loadable(setup, tmp_path):
 
     tok, (policy, value, ref, rm), _ = setup
     assert value.lm.get_output_embeddings() is None
-    assert sum(p.numel() for p in value.parameters()) == sum(p.numel() for p in value.lm.parameters()) + ARCH.hidden_size + 1
+    n_backbone = sum(p.numel() for p in value.lm.parameters())
+    assert sum(p.numel() for p in value.parameters()) == n_backbone + ARCH.hidden_size + 1
     value.save_pretrained(tmp_path / "v")
     back = ScalarHeadModel.from_pretrained(tmp_path / "v")
     ids = torch.tensor([[5, 6, 7, 8]])

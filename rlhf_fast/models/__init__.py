@@ -19,7 +19,8 @@ _BY_CLASS = {
 
 
 def bind_model(hf_model):
-    """The compact model for `hf_model` (a transformers causal LM or its bare backbone); it reads `hf_model`'s parameters at every call."""
+    """The compact model for `hf_model` (a transformers causal LM or its bare backbone); it reads `hf_model`'s
+    parameters at every call."""
     for cls in type(hf_model).__mro__:
         if cls.__name__ in _BY_CLASS and cls.__module__.startswith("transformers."):
             return _BY_CLASS[cls.__name__](hf_model)

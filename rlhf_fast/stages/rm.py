@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class RMResult(NamedTuple):
-    model_dir: Path  # ScalarHeadModel directory (HF causal LM + scalar_head.safetensors)
+    model_dir: Path  # ScalarHeadModel directory (HF backbone, no lm_head, + scalar_head.safetensors)
     accuracy: float  # held-out pairwise accuracy (nan without eval data)
     steps: int
     skipped_steps: int
