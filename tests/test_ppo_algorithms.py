@@ -113,3 +113,17 @@ def test_algorithm_config_errors_name_the_key():
     assert load_config(PPOConfig, overrides=["algorithm=dr_grpo"]).algorithm == "dr_grpo"
     agg = algorithms.loss_agg(algorithms.CONSTANT_AGG, rows=8, max_new_tokens=24)
     assert agg.num_tokens == 8 * 24 and agg.mode == "token-mean"
+
+
+def test_dapo_drops_zero_std_groups_and_grpo_keeps_them():
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.25])  # prompt 0: every sample scores 1 (std 0)
+    logp = torch.zeros(6, 3)
+    mask = torch.ones(6, 3)
+    kw = dict(kl_coef=0.0, kl_kind="k1", gamma=1.0)
+    adv, keep = algorithms.critic_free_advantages(algorithms.get("dapo"), scores, logp, logp, mask,
+                                                  [0, 0, 0, 1, 1, 1], **kw)
+    assert keep.tolist() == [False, False, False, True, True, True]
+    assert (adv[:3] == 0).all() and (adv[3:, 0] != 0).all()
+    _, keep = algorithms.critic_free_advantages(algorithms.get("grpo"), scores, logp, logp, mask,
+                                                [0, 0, 0, 1, 1, 1], **kw)
+    assert keep.all()
