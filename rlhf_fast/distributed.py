@@ -45,12 +45,13 @@ def _dist():
 
 def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Join the torchrun job in the environment (`WORLD_SIZE`, `RANK`, `LOCAL_RANK`, rendezvous). Idempotent. With
-    `WORLD_SIZE` unset or 1 nothing happens. CUDA runs use NCCL for CUDA tensors (and gloo for CPU ones); each rank
+    `WORLD_SIZE` unset or 1 nothing happens. `RLHF_FAST_DIST_TIMEOUT_S` overrides `timeout_s`. CUDA runs use NCCL for CUDA tensors (and gloo for CPU ones); each rank
     takes GPU `LOCAL_RANK`."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return
+    timeout_s = float(os.environ.get("RLHF_FAST_DIST_TIMEOUT_S", timeout_s))
     if not dist.is_available():
         raise DistributedError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     cuda = torch.cuda.is_available()

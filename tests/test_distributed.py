@@ -183,7 +183,8 @@ def test_rm_two_ranks_match_one(worlds):
 
 def test_ppo_two_ranks_match_one(worlds):
     root = worlds[2] / "stages"
-    keys = ("score", "kl", "kl_coef", "pg_loss", "vf_loss", "entropy", "clip_frac", "approx_kl", "grad_norm")
+    keys = ("score", "kl", "kl_coef", "pg_loss", "vf_loss", "vf_explained_var", "entropy", "clip_frac", "approx_kl",
+            "grad_norm")
     same_run(root / "ppo1", root / "ppo2", ("policy", "value"), keys=keys)
     for x, y in zip(rows(root / "ppo1" / "metrics.jsonl"), rows(root / "ppo2" / "metrics.jsonl")):
         # the same rollout tokens: identical lengths (and, above, the same reward-model scores)

@@ -147,10 +147,13 @@ class PPOTrainer:
         batch = pp.pack_rollout(ro, c.share_prompts) if self.packed_update else None  # None: padded HF
         loss, stats = self.policy_loss(mb, batch, glob=glob)
         if self.value is not None:
-            vl, vst = ops.value_loss(pp.values_at(self.value, ro, batch), mb.old_values, mb.returns, ro.mask,
+            vpred = pp.values_at(self.value, ro, batch)
+            vl, vst = ops.value_loss(vpred, mb.old_values, mb.returns, ro.mask,
                                      clip=c.value_clip, agg=_token_mean(None if glob is None else glob.tokens))
             loss = loss + c.vf_coef * vl
             stats.update(vf_loss=float(vl.detach()), vf_explained_var=float(vst.explained_variance))
+            if glob is not None:  # a part of a minibatch: the sums the global explained variance needs
+                stats.update(_explained_var_sums(vpred.detach(), mb.returns, ro.mask))
         if ptx_ids:
             nll, n = response_nll(self.policy, *sft_batch([SFTExample(t, 0) for t in ptx_ids], self.pad_id))
             ptx_loss = nll / (n.clamp(min=1) if ptx_tokens is None else ptx_tokens)
@@ -198,7 +201,12 @@ class PPOTrainer:
             return loss
 
         loss = distributed.accumulate(range(len(idx)), loss_of, self.cfg.parallel.micro_batch_size)
-        return loss, distributed.reduce_stats(parts, sums=("pg_loss", "entropy", "vf_loss", "ptx_loss"))
+        stats = distributed.reduce_stats(parts, sums=("pg_loss", "entropy", "vf_loss", "ptx_loss", *EV_SUMS))
+        if "ev_n" in stats:
+            n, r, r2, d, d2 = (stats.pop(k) for k in EV_SUMS)
+            var_r, var_d = r2 - r * r / max(n, 1), d2 - d * d / max(n, 1)
+            stats["vf_explained_var"] = 1 - var_d / var_r if var_r > 0 else 0.0
+        return loss, stats
 
     def update(self, exp: xp.Experience, iteration: int) -> dict:
         """`ppo_epochs` x minibatches of guarded optimiser steps (early stop on approx KL when configured)."""
@@ -249,6 +257,18 @@ class PPOTrainer:
                        response_len=float(exp.rollout.mask.sum(1).mean()), lr=self.sched.get_last_lr()[0],
                        skipped=float(self.skipped))
         return metrics
+
+
+EV_SUMS = ("ev_n", "ev_r", "ev_r2", "ev_d", "ev_d2")
+
+
+def _explained_var_sums(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Count, sum and sum of squares of the returns R and the residuals R - v over valid tokens, float64: summed
+    over ranks they give the global 1 - Var[R - v] / Var[R]."""
+    m = mask.double()
+    r, d = returns.double() * m, (returns.double() - values.double()) * m
+    return dict(zip(EV_SUMS, (float(m.sum()), float(r.sum()), float((r * r).sum()), float(d.sum()),
+                              float((d * d).sum()))))
 
 
 class GlobalCounts(NamedTuple):
