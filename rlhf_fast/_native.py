@@ -7,6 +7,7 @@ instead of a segfault. Ops wrap these calls in `torch.library.custom_op` after c
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -18,6 +19,9 @@ try:
 except ImportError as e:  # built without a compiler, or not built yet
     _C = None
     IMPORT_ERROR = str(e)
+    warnings.warn(f"rlhf_fast._C (the native CPU/CUDA kernels) is not available ({e}); ops fall back to their "
+                  f"Triton or PyTorch backends. Rebuild with `pip install -e .` to get them", RuntimeWarning,
+                  stacklevel=2)
 
 # Must match `enum DType` in csrc/common.h.
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -24,48 +25,67 @@ _STAGES = {
 }
 
 
+def _error_line(e: BaseException) -> str | None:
+    """The one line the CLI prints for a fault of the user's input or machine; None: a bug (a traceback)."""
+    from rlhf_fast.checkpoint import CheckpointError
+    from rlhf_fast.config import ConfigError
+    from rlhf_fast.data import DataError
+    from rlhf_fast.distributed import DistributedError
+    from rlhf_fast.models.loading import ModelLoadError
+    from rlhf_fast.stages.common import DivergedError
+    from rlhf_fast.stages.run_state import RunDirError
+
+    kinds = [(ConfigError, "config error"), (DataError, "data error"), (CheckpointError, "checkpoint error"),
+             (ModelLoadError, "model error"), (RunDirError, "run directory error"), (DivergedError, "diverged"),
+             (DistributedError, "distributed error")]
+    for cls, kind in kinds:
+        if isinstance(e, cls):
+            return f"{kind}: {e}"
+    if isinstance(e, OSError):
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror or e}{where}".lower() if e.errno == errno.ENOSPC else f"{e.strerror or e}{where}"
+    return None
+
+
 def _cmd_stage(args: argparse.Namespace) -> int:
     import importlib
     import logging
     import os
 
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local directories only: no hub retries
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rlhf_fast import config, distributed
+    from rlhf_fast.stages.common import jsonable
 
     cls_name, runner, _ = _STAGES[args.command]
     try:
         cfg = config.load_config(getattr(config, cls_name), args.config, args.set)
         stop_after = _parse_stop_after(args.command, args.stop_after)
-    except (config.ConfigError, OSError) as e:
-        print(f"rlhf-fast {args.command}: config error: {e}", file=sys.stderr)
-        return 2
-    try:
         distributed.init()  # under torchrun: join the job (a plain command is world size 1)
-    except distributed.DistributedError as e:
-        print(f"rlhf-fast {args.command}: {e}", file=sys.stderr)
-        return 2
-    main_rank = distributed.is_main()  # rank 0 alone prints and logs
-    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
+        main_rank = distributed.is_main()  # rank 0 alone prints and logs
+        logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    module, fn = runner.split(":")
-    out = args.out or os.path.join("runs", args.command)
-    kw = {} if stop_after is None else {"stop_after": stop_after}
-    try:
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        module, fn = runner.split(":")
+        out = args.out or os.path.join("runs", args.command)
+        kw = {} if stop_after is None else {"stop_after": stop_after}
         result = getattr(importlib.import_module(module), fn)(cfg, out, **kw)
-    except distributed.DistributedError as e:  # a lost peer or a collective past the timeout: one line
-        print(f"rlhf-fast {args.command}: {e}", file=sys.stderr)
+    except Exception as e:
+        line = _error_line(e)
+        if line is None or args.debug:
+            raise
+        print(f"rlhf-fast {args.command}: {line}", file=sys.stderr)
         return 2
     if not main_rank:
         return 0
     if isinstance(result, dict):
-        print(json.dumps({k: v for k, v in result.items() if k != "examples"}, indent=2))
+        print(json.dumps(jsonable({k: v for k, v in result.items() if k != "examples"}), indent=2))
     else:
-        print(json.dumps({k: str(v) if not isinstance(v, (int, float)) else v
-                          for k, v in result._asdict().items()}, indent=2))
+        print(json.dumps(jsonable({k: str(v) if not isinstance(v, (int, float)) else v
+                                   for k, v in result._asdict().items()}), indent=2))
     print(f"outputs in {out}", file=sys.stderr)
     return 0
 
@@ -100,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="override one config key, dotted for nested keys (e.g. --set optim.lr=3e-4); repeatable")
         sp.add_argument("--out", metavar="DIR", help=f"run directory (default runs/{name}); rerunning resumes")
+        sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         unit = "STAGE:N" if name == "pipeline" else "N"
         sp.add_argument("--stop-after", metavar=unit, help="stop with a checkpoint after N optimiser steps (sft, rm) "
                         "or iterations (ppo)" + (" of STAGE" if name == "pipeline" else "") +

@@ -7,6 +7,7 @@ name the full key, as do the range checks in each `__post_init__`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -54,7 +55,11 @@ class ModelArch:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _check(getattr(self, f.name) > 0, f.name, "must be > 0")
-        _check(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
+        _check(self.hidden_size % self.num_heads == 0, "hidden_size",
+               f"must be divisible by num_heads ({self.hidden_size} % {self.num_heads} != 0)")
+        _check((self.hidden_size // self.num_heads) % 2 == 0, "hidden_size",
+               f"hidden_size / num_heads (the head dim, {self.hidden_size // self.num_heads}) must be even for the "
+               f"rotary embedding")
         _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", "must divide num_heads")
 
 
@@ -71,7 +76,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables clipping
 
     def __post_init__(self):
-        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be a finite number > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
         _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
@@ -131,6 +136,7 @@ class SFTConfig:
     optim: OptimConfig = OptimConfig()
     eval_every: int = 0  # 0: evaluate at the end only
     save_every: int = 0  # 0: save at the end only
+    keep_checkpoints: int = 2  # resume checkpoints kept (the newest intact one is resumed from)
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     parallel: ParallelConfig = ParallelConfig()  # torchrun: micro-batches, sharding of frozen models
@@ -140,7 +146,7 @@ class SFTConfig:
         _check_data_options(self)
         _check(self.assistant_turns in ("last", "all"), "assistant_turns", "must be last or all")
         _check(self.lora.r == 0 or bool(self.model), "lora.r", "LoRA needs `model` (adapters on a pretrained base)")
-        for k in ("max_len", "batch_size", "epochs", "bucket_size"):
+        for k in ("max_len", "batch_size", "epochs", "bucket_size", "keep_checkpoints"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("max_steps", "eval_every", "save_every"):
             _check(getattr(self, k) >= 0, k, "must be >= 0")
@@ -164,6 +170,8 @@ class RMConfig:
     optim: OptimConfig = OptimConfig(lr=3e-4)
     eval_every: int = 0
     save_every: int = 0
+    keep_checkpoints: int = 2
+    dropout: bool = False  # keep the model's dropout while training
     seed: int = 0
     device: str = "auto"
     parallel: ParallelConfig = ParallelConfig()  # torchrun: micro-batches, sharding of frozen models
@@ -171,7 +179,7 @@ class RMConfig:
     def __post_init__(self):
         _check_device(self.device)
         _check_data_options(self)
-        for k in ("max_len", "batch_size", "epochs"):
+        for k in ("max_len", "batch_size", "epochs", "keep_checkpoints"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("max_steps", "eval_every", "save_every"):
             _check(getattr(self, k) >= 0, k, "must be >= 0")
@@ -207,6 +215,8 @@ class SamplingConfig:
     n: int = 2  # completions per prompt
 
     def __post_init__(self):
+        _check(self.temperature > 0, "temperature", f"must be > 0 (PPO needs sampled log-probs), got "
+               f"{self.temperature}")
         try:
             self.params()
         except (TypeError, ValueError) as e:
@@ -250,7 +260,9 @@ class PPOConfig:
     train_model: str = "ours"  # ours: padding-free forwards on rlhf_fast's models | hf: padded HF forwards (reference)
     share_prompts: bool = True  # ours: each prompt computed once for its samples (scoring and update)
     old_logp: str = "reuse"  # reuse: the rollout's log-probs | recompute: a policy pass | check: both, log max |diff|
+    dropout: bool = False  # keep the models' dropout (off by default, so the on-policy ratio is exactly 1)
     save_every: int = 0
+    keep_checkpoints: int = 2
     seed: int = 0
     device: str = "auto"
     algorithm: str = "ppo"  # ppo | grpo | dr_grpo | dapo | rloo | reinforce_pp | ... (rlhf_fast.stages.algorithms)
@@ -273,7 +285,8 @@ class PPOConfig:
         _check_data_options(self)
         _check(not (self.gradient_checkpointing and self.train_model == "ours"), "gradient_checkpointing",
                "needs train_model=hf (the padding-free forwards do not recompute activations)")
-        for k in ("iterations", "prompts_per_iter", "ppo_epochs", "minibatch_size", "max_len", "ptx_max_len"):
+        for k in ("iterations", "prompts_per_iter", "ppo_epochs", "minibatch_size", "max_len", "ptx_max_len",
+                  "keep_checkpoints"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("ptx_coef", "clip", "value_clip", "vf_coef", "entropy_coef", "early_stop_kl", "save_every"):
             _check(getattr(self, k) >= 0, k, "must be >= 0")
@@ -355,14 +368,17 @@ def _coerce(tp, value, key: str):
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

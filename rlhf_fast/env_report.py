@@ -16,6 +16,12 @@ def _version(mod: str) -> str:
         return "not installed"
 
 
+def _cuda_kernels(cuda: bool) -> str:
+    if not _native.built_with_cuda():
+        return "not compiled"
+    return "compiled" if cuda else "compiled, no device"
+
+
 def report() -> dict:
     import rlhf_fast.ops  # noqa: F401  (registers every op's backends)
 
@@ -29,7 +35,7 @@ def report() -> dict:
         "cuda_device": torch.cuda.get_device_name(0) if cuda else "none",
         "native_extension": "built" if _native.available() else f"not built ({_native.IMPORT_ERROR})",
         "native_cpu_kernels": _native.available(),
-        "native_cuda_kernels": _native.built_with_cuda(),
+        "native_cuda_kernels": _cuda_kernels(cuda),
         "native_openmp": _native.built_with_openmp(),
         "triton_interpret": backend.triton_interpret(),
         "forced_backend": backend.forced_backend() or "auto",

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rlhf_fast.models.hidden import final_hidden
+from rlhf_fast.models.loading import ModelLoadError, load_backbone
 
 HEAD_FILE = "scalar_head.safetensors"
 
@@ -63,17 +64,24 @@ class ScalarHeadModel(nn.Module):
                   str(Path(path) / HEAD_FILE))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> ScalarHeadModel:
-        """From a directory saved by `save_pretrained`, or from a plain causal LM (its backbone, a freshly
-        initialised head; the lm_head is not loaded)."""
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, *,
+                        new_head: bool = False) -> ScalarHeadModel:
+        """From a directory saved by `save_pretrained`. A plain causal LM directory (no `scalar_head.safetensors`)
+        is an error unless `new_head=True` asks for its backbone with a freshly initialised head (a reward model's
+        start; the lm_head is not loaded)."""
         from safetensors.torch import load_file
-        from transformers import AutoModel
 
-        model = cls(AutoModel.from_pretrained(str(path), dtype=dtype))
         head_file = Path(path) / HEAD_FILE
+        model = cls(load_backbone(path, "reward/value model", dtype))
         if head_file.is_file():
-            state = load_file(str(head_file))
-            with torch.no_grad():
-                model.head.weight.copy_(state["weight"])
-                model.head.bias.copy_(state["bias"])
+            try:
+                state = load_file(str(head_file))
+                with torch.no_grad():
+                    model.head.weight.copy_(state["weight"])
+                    model.head.bias.copy_(state["bias"])
+            except Exception as e:
+                raise ModelLoadError(f"{head_file}: cannot load the scalar head ({e})") from e
+        elif not new_head:
+            raise ModelLoadError(f"{path}: no {HEAD_FILE}, so this is not a reward or value model (a plain causal "
+                                 f"LM, e.g. an SFT model?); train one with `rlhf-fast rm`")
         return model

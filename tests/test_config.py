@@ -39,7 +39,13 @@ def test_round_trip_through_yaml(tmp_path):
     ("sft.lr=1", "sft.lr: unknown key"),
     ("nope=1", "nope: unknown key"),
     ("ppo.kl.coeff=1", "ppo.kl.coeff: unknown key"),
-    ("sft.optim.lr=-1", "sft.optim.lr: must be > 0"),
+    ("sft.optim.lr=-1", "sft.optim.lr: must be a finite number > 0"),
+    ("sft.optim.lr=.inf", "sft.optim.lr: expected a finite number"),
+    ("rm.optim.lr=.nan", "rm.optim.lr: expected a finite number"),
+    ("ppo.sampling.temperature=0", "ppo.sampling.temperature: must be > 0"),
+    ("ppo.sampling.top_p=1.5", "ppo.sampling.top_p: must be in (0, 1]"),
+    ("ppo.keep_checkpoints=0", "ppo.keep_checkpoints: must be >= 1"),
+    ("sft.arch.hidden_size=36", "the head dim, 9) must be even"),
     ("ppo.kl.kind=k9", "ppo.kl.kind: must be"),
     ("rm.epochs=abc", "rm.epochs: expected an integer"),
     ("rm.epochs=1.5", "rm.epochs: expected an integer"),
@@ -54,6 +60,11 @@ def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(PipelineConfig, None, [override])
     assert message in str(e.value)
+
+
+def test_non_finite_numbers_are_rejected_when_built_directly():
+    with pytest.raises(ConfigError, match="lr: must be a finite number"):
+        OptimConfig(lr=float("inf"))
 
 
 def test_stage_configs_load_alone(tmp_path):

@@ -30,8 +30,8 @@ def own(tmp_path_factory):
 
 
 def run(*args):
-    with one_thread():
-        assert cli.main(list(args)) == 0
+    with one_thread():  # --debug: an error propagates as itself (without it the CLI prints one line, exit 2)
+        assert cli.main([*args, "--debug"]) == 0
 
 
 @pytest.mark.parametrize("family, ppo_args", [

@@ -49,9 +49,9 @@ def test_pipeline_config_errors_exit_2(tmp_path, capsys):
         main(["pipeline", "--bogus"])
 
 
-def test_custom_data_needs_all_paths(tmp_path):
-    with pytest.raises(ValueError, match="also set rm.train_data, ppo.prompts, eval_prompts"):
-        main(["pipeline", "--out", str(tmp_path), "--set", "sft.train_data=x.jsonl"])
+def test_custom_data_needs_all_paths(tmp_path, capsys):
+    assert main(["pipeline", "--out", str(tmp_path), "--set", "sft.train_data=x.jsonl"]) == 2
+    assert "also set rm.train_data, ppo.prompts, eval_prompts" in capsys.readouterr().err
 
 
 def test_pipeline_on_given_data_judges_with_the_reward_model(tmp_path):

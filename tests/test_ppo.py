@@ -1,5 +1,7 @@
 """PPO on a tiny random model: one update improves its objective, rollout tensors line up with the engine, the
 stage resumes exactly, early stop on approx KL."""
+import os
+
 import pytest
 import torch
 from _tiny import TINY_ARCH, rows
@@ -84,6 +86,10 @@ def test_ppo_stage_runs_and_resumes_exactly(task, ppo_models, tmp_path):
                          (AutoModelForCausalLM.from_pretrained, full.policy_dir, resumed.policy_dir)):
         a, b = load(da).state_dict(), load(db).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (full.value_dir / "tokenizer_config.json").is_file()  # the value model has its tokenizer too
+    mode = 0o666 & ~_umask()
+    assert all((d / f).stat().st_mode & 0o777 == mode for d in (full.policy_dir, full.value_dir)
+               for f in ("model.safetensors", "config.json"))  # model files like every other file
     log = rows(tmp_path / "full" / "metrics.jsonl")
     assert [r["step"] for r in log] == [1, 2] and log[-1]["kl_coef"] != 0.1  # the adaptive KL moved
     untimed = [{k: v for k, v in r.items() if not k.startswith("time_")} for r in log]
@@ -107,3 +113,9 @@ def test_ppo_early_stop_on_approx_kl(task, ppo_models):
     assert stats["early_stopped"] == 1.0
     steps = {int(s["step"]) for s in trainer.opt.state.values()}
     assert steps == {2}  # instead of 3 epochs x 4 minibatches
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m

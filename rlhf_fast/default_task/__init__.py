@@ -53,6 +53,9 @@ def _write(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+TASK_FILES = ("sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_prompts", "ppo_eval", "ptx")  # <name>.jsonl
+
+
 def write_task_data(out_dir: str | Path, cfg: TaskConfig) -> dict[str, str]:
     """Write the task's JSONL files; returns their paths by name. Held-out prompts never appear in training."""
     out = Path(out_dir)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from rlhf_fast.models.gpt2 import GPT2LM
-from rlhf_fast.models.hidden import final_hidden, output_head
+from rlhf_fast.models.hidden import disable_dropout, final_hidden, output_head
 from rlhf_fast.models.layers import AttnMetadata
 from rlhf_fast.models.llama import LlamaFamilyLM
 
@@ -28,4 +28,4 @@ def bind_model(hf_model):
                     f"{', '.join(sorted(_BY_CLASS))}")
 
 
-__all__ = ["AttnMetadata", "GPT2LM", "LlamaFamilyLM", "bind_model", "final_hidden", "output_head"]
+__all__ = ["AttnMetadata", "GPT2LM", "LlamaFamilyLM", "bind_model", "disable_dropout", "final_hidden", "output_head"]

@@ -1,7 +1,9 @@
-"""A Hugging Face causal LM's training-side views: final hidden states (no logits) and its output projection."""
+"""A Hugging Face causal LM's training-side views: final hidden states (no logits), its output projection, and
+dropout switched off."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from rlhf_fast import distributed
 
@@ -24,3 +26,14 @@ def output_head(hf_model) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = hf_model.get_output_embeddings()
     return head.weight, head.bias
 
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout of `model` set to 0 (`nn.Dropout` modules and the attention-probability dropout that
+    attention modules keep as a float), so train-mode forwards equal eval-mode ones. Returns `model`."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+    return model

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from collections.abc import Iterable
@@ -12,6 +13,8 @@ import torch
 
 from rlhf_fast import distributed
 from rlhf_fast.config import OptimConfig
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,6 +43,10 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: in
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total_steps))
 
 
+class DivergedError(RuntimeError):
+    """The weights turned non-finite after an optimiser step (a finite loss and gradient notwithstanding)."""
+
+
 class StepResult(NamedTuple):
     applied: bool  # False: the loss or a gradient was NaN/Inf and the weights were left alone
     grad_norm: float
@@ -50,7 +57,8 @@ def guarded_step(loss: torch.Tensor, groups: list[list[torch.nn.Parameter]], opt
     """Backward, clip, step, with a NaN/Inf guard: a non-finite loss or gradient norm skips the optimiser step
     (the gradients are dropped, the weights and optimiser state untouched). Each parameter group (e.g. policy and
     value model) is clipped to `grad_clip` on its own. The scheduler (if any) advances either way, so the schedule
-    follows the data. Returns the first group's gradient norm.
+    follows the data. Weights that turn non-finite after the step raise DivergedError (the run stops; its last
+    checkpoint is intact). Returns the first group's gradient norm.
 
     A `loss` without a graph was already backpropagated (`distributed.accumulate`). With several processes the
     guard and the norms are global, so every rank takes the same branch."""
@@ -63,12 +71,39 @@ def guarded_step(loss: torch.Tensor, groups: list[list[torch.nn.Parameter]], opt
         if all(math.isfinite(n) for n in norms):
             opt.step()
             applied = True
+            _check_weights(groups)
     opt.zero_grad(set_to_none=True)
     if scheduler is not None:
         with warnings.catch_warnings():  # a skipped first step makes torch warn that the scheduler ran first
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             scheduler.step()
     return StepResult(applied, norms[0])
+
+
+def jsonable(x):
+    """`x` with every non-finite float replaced by None, so `json.dumps` writes strict JSON (null, never NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x
+
+
+def _local(p: torch.nn.Parameter) -> torch.Tensor:
+    t = p.detach()
+    return t.to_local() if hasattr(t, "to_local") else t  # a sharded (DTensor) parameter: this rank's shard
+
+
+def _check_weights(groups: list[list[torch.nn.Parameter]]) -> None:
+    """DivergedError if any weight is NaN/Inf (decided globally, so every rank stops together)."""
+    sums = [_local(p).sum() for g in groups for p in g]
+    finite = not sums or bool(torch.isfinite(torch.stack(sums).sum()).item())
+    if not distributed.all_true(finite):
+        bad = sum(int(not torch.isfinite(_local(p)).all()) for g in groups for p in g)
+        raise DivergedError(f"{bad} weight tensors became NaN/Inf after an optimiser step with a finite loss and "
+                            f"gradient (learning rate too high?); stopped, the last checkpoint is intact")
 
 
 class MetricsLog:
@@ -92,12 +127,22 @@ class MetricsLog:
             return
         row = {"step": step, **{k: (float(v) if not isinstance(v, str) else v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(jsonable(row)) + "\n")
 
     def rows(self) -> list[dict]:
+        """The logged rows; a torn last line (a kill mid-write) is dropped with a warning."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if i < len(lines) - 1:
+                    raise
+                log.warning("%s: dropping a torn last line (%d bytes)", self.path, len(line))
+        return rows
 
     def plot(self, keys: list[str], png: str | Path, title: str) -> Path:
         """One panel per key that was logged, against step (rank 0)."""

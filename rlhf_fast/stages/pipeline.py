@@ -17,33 +17,37 @@ import torch
 
 from rlhf_fast import distributed, preflight
 from rlhf_fast.chat import Codec
-from rlhf_fast.config import PipelineConfig, to_dict
+from rlhf_fast.config import ConfigError, PipelineConfig, to_dict
+from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.rollout import SamplingParams
-from rlhf_fast.stages.common import MetricsLog, plot_panels, resolve_device
+from rlhf_fast.stages.common import MetricsLog, jsonable, plot_panels, resolve_device
 from rlhf_fast.stages.experience import make_rollout, policy_logprobs
 from rlhf_fast.stages.ppo import load_frozen_pair, train_ppo
 from rlhf_fast.stages.rm import train_rm
+from rlhf_fast.stages.run_state import EXTEND_KEYS, check_config, exclusive
 from rlhf_fast.stages.sft import train_sft
 
 log = logging.getLogger(__name__)
 
 
-def _with_default_task(cfg: PipelineConfig, out: Path) -> tuple[PipelineConfig, str, bool]:
-    """Fill in the default task's tokenizer and data when `sft.train_data` is empty.
-    Returns (config, held-out prompts file, whether the labeler judges)."""
+def _with_default_task(cfg: PipelineConfig, out: Path, *, write: bool) -> tuple[PipelineConfig, str, bool]:
+    """Fill in the default task's tokenizer and data when `sft.train_data` is empty (written only if `write`:
+    a rerun finds them in place, written from the same `task` config). Returns (config, held-out prompts file, whether the labeler judges)."""
     if cfg.sft.train_data:
         missing = [k for k, v in (("rm.train_data", cfg.rm.train_data), ("ppo.prompts", cfg.ppo.prompts),
                                   ("eval_prompts", cfg.eval_prompts)) if not v]
         if missing:
-            raise ValueError(f"with sft.train_data given, also set {', '.join(missing)}")
+            raise ConfigError(f"with sft.train_data given, also set {', '.join(missing)}")
         return cfg, cfg.eval_prompts, False
-    from rlhf_fast.default_task import build_tokenizer, write_task_data
+    from rlhf_fast.default_task import TASK_FILES, build_tokenizer, write_task_data
 
-    paths = None
-    if distributed.is_main():  # one writer; the other ranks read what it wrote
-        build_tokenizer(out / "tokenizer")
-        paths = write_task_data(out / "data", cfg.task)
-    paths = distributed.all_gather_objects(paths)[0]
+    paths = {name: str(out / "data" / f"{name}.jsonl") for name in TASK_FILES}
+    if write or not all(Path(p).is_file() for p in paths.values()) or not (out / "tokenizer").is_dir():
+        paths = None
+        if distributed.is_main():  # one writer; the other ranks read what it wrote
+            build_tokenizer(out / "tokenizer")
+            paths = write_task_data(out / "data", cfg.task)
+        paths = distributed.all_gather_objects(paths)[0]
     sft = dataclasses.replace(cfg.sft, tokenizer=str(out / "tokenizer"), train_data=paths["sft_train"],
                               eval_data=paths["sft_eval"])
     rm = dataclasses.replace(cfg.rm, train_data=paths["rm_train"], eval_data=paths["rm_eval"])
@@ -71,13 +75,11 @@ def compare_policies(sft_dir: Path, ppo_dir: Path, rm_dir: Path, prompts_file: s
     """Sample each policy once per held-out prompt; the labeler's (or the RM's) win rate of PPO over SFT
     (ties count half), mean RM rewards, and the PPO samples' mean KL to SFT (sum over tokens of log-ratio).
     The prompts fit as PPO's do (`max_len`, `overlong`: `rlhf_fast.preflight.load_rollout_prompts`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(sft_dir))
+    tokenizer = load_tokenizer(sft_dir, "sft model")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dev = resolve_device(device)
     sft, rm = (m.to(dev) for m in load_frozen_pair(sft_dir, rm_dir))
-    ppo = AutoModelForCausalLM.from_pretrained(str(ppo_dir), dtype=torch.float32).to(dev).eval()
+    ppo = load_causal_lm(ppo_dir, "ppo policy").to(dev).eval()
     held = preflight.load_rollout_prompts(prompts_file, tokenizer, sft, max_len=max_len,
                                           max_new_tokens=max_new_tokens, overlong=overlong)
     ids = [p.ids for p in held]
@@ -114,19 +116,20 @@ def compare_policies(sft_dir: Path, ppo_dir: Path, rm_dir: Path, prompts_file: s
     return report
 
 
+@exclusive
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, stop_after: tuple[str, int] | None = None) -> dict:
     """All three stages into `out_dir/{sft,rm,ppo}`, then `out_dir/report.json`. Rerunning resumes; the report's
-    times are each stage's training time summed over resumed runs, plus this run's setup and evaluation.
-    `stop_after=(stage, n)`: stop (checkpointed) after n steps of that stage; returns {"stopped": ...} then."""
+    times are each stage's training time summed over resumed runs, plus this run's setup and evaluation. The run
+    records its config in `out_dir/config.json` (a rerun may change only `ALLOWED_CHANGES`); a finished run is not
+    rewritten. `stop_after=(stage, n)`: stop (checkpointed) after n steps of that stage; returns {"stopped": ...}
+    then."""
     start = time.perf_counter()
     out = Path(out_dir)
-    if distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+    started = any(out.glob("*/checkpoint*"))  # a stage has trained: the recorded config holds
+    changes = check_config(out, to_dict(cfg), name="pipeline", started=started)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cfg, eval_prompts, use_labeler = _with_default_task(cfg, out)
-    if distributed.is_main():
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    cfg, eval_prompts, use_labeler = _with_default_task(cfg, out, write=not started)
     mnt = cfg.ppo.sampling.max_new_tokens
     preflight.pipeline_prompts(cfg.sft.model, cfg.sft.tokenizer, cfg.sft.arch.max_position_embeddings,
                                [cfg.ppo.prompts, eval_prompts], max_len=cfg.ppo.max_len, max_new_tokens=mnt,
@@ -154,6 +157,9 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, stop_after: tuple[
                     out / "ppo", plots=False, **stop("ppo"))
     if (halt := stopped("ppo", ppo)) is not None:
         return halt
+    if (out / "report.json").is_file() and not any(k.rsplit(".", 1)[-1] in EXTEND_KEYS for k in changes):
+        log.warning("pipeline: %s is complete; its report.json is kept as it is", out)
+        return json.loads((out / "report.json").read_text())
     scale = {"world_size": distributed.world_size(),
              "peak_rss_mib": distributed.all_gather_objects(_peak_rss_mib())}
     if not distributed.is_main():  # rank 0 alone evaluates and reports
@@ -169,7 +175,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, stop_after: tuple[
               "skipped_steps": {"sft": sft.skipped_steps, "rm": rm.skipped_steps, "ppo": ppo.skipped_steps},
               "stage_time_s": times, "wall_time_s": sum(times.values()), "torch_threads": torch.get_num_threads(),
               "distributed": scale}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.json").write_text(json.dumps(jsonable(report), indent=2))
     plot_curves(out)
     return report
 

@@ -21,10 +21,11 @@ import torch
 
 from rlhf_fast import distributed, ops, precision, preflight
 from rlhf_fast.chat import Codec
-from rlhf_fast.config import PPOConfig, to_dict
+from rlhf_fast.config import ConfigError, PPOConfig, to_dict
 from rlhf_fast.data import SFTExample, epoch_batches, load_texts, sft_batch
 from rlhf_fast.heads import ScalarHeadModel
-from rlhf_fast.models import output_head
+from rlhf_fast.models import disable_dropout, output_head
+from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.rollout import SamplingParams
 from rlhf_fast.stages import algorithms
 from rlhf_fast.stages import experience as xp
@@ -32,7 +33,7 @@ from rlhf_fast.stages import packed_passes as pp
 from rlhf_fast.stages import reward_fn as rfn
 from rlhf_fast.stages.common import guarded_step, make_optimizer, make_scheduler, progress, resolve_device
 from rlhf_fast.stages.kl_control import KLController
-from rlhf_fast.stages.run_state import TrainRun
+from rlhf_fast.stages.run_state import TrainRun, exclusive
 from rlhf_fast.stages.sft import response_nll
 from rlhf_fast.truncation import context_length, fit_len
 
@@ -49,9 +50,7 @@ class PPOResult(NamedTuple):
 
 def load_frozen_pair(policy_dir: str | Path, rm_dir: str | Path):
     """The frozen reference (SFT) policy and reward model (None for `rm_dir` ""), in eval mode without gradients."""
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32).eval().requires_grad_(False)
+    ref = load_causal_lm(policy_dir, "ppo.policy").eval().requires_grad_(False)
     rm = ScalarHeadModel.from_pretrained(rm_dir).eval().requires_grad_(False) if rm_dir else None
     return ref, rm
 
@@ -80,6 +79,10 @@ class PPOTrainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_ids = Codec(tokenizer).stop_ids  # eos and the chat template's end of turn
         self.ptx = list(ptx)
+        if not cfg.dropout:  # train-mode forwards equal the eval-mode rollout scoring: ratio 1 on-policy
+            for m in (policy, value, ref, reward_model):
+                if m is not None:
+                    disable_dropout(m)
         self.groups = [[p for p in policy.parameters() if p.requires_grad]]
         if value is not None:
             self.groups.append(value.trainable_parameters())
@@ -312,35 +315,35 @@ def _check_world(cfg: PPOConfig) -> None:
                          f"sequences) must each be >= {w}")
 
 
+@exclusive
 def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = None,
               plots: bool = True) -> PPOResult:
     """Run (or resume) PPO into `out_dir`; final models in `out_dir/final/{policy,value}`.
 
     `stop_after`: stop (checkpointed, resumable) after this many iterations; `plots`: write the curves PNG.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = Path(out_dir)
     algo = algorithms.get(cfg.algorithm)
     if not (cfg.policy and cfg.prompts and (cfg.reward_model or cfg.reward_fn)):
-        raise ValueError("ppo: `policy`, `prompts` and `reward_model` or `reward_fn` (or both) are required")
+        raise ConfigError("ppo: `policy`, `prompts` and `reward_model` or `reward_fn` (or both) are required")
     if algo.critic and not cfg.reward_model:
-        raise ValueError(f"ppo.reward_model: required by algorithm {cfg.algorithm!r} (the value model starts from it)")
+        raise ConfigError(f"ppo.reward_model: required by algorithm {cfg.algorithm!r} (the value model starts from it)")
     reward_fn = rfn.load(cfg.reward_fn) if cfg.reward_fn else None
     if cfg.ptx_coef > 0 and not cfg.ptx_data:
-        raise ValueError("ppo.ptx_data: required when ptx_coef > 0")
-    run = TrainRun("ppo", out, to_dict(cfg), save_every=cfg.save_every, stop_after=stop_after)
+        raise ConfigError("ppo.ptx_data: required when ptx_coef > 0")
+    run = TrainRun("ppo", out, to_dict(cfg), save_every=cfg.save_every, stop_after=stop_after,
+                   keep_checkpoints=cfg.keep_checkpoints)
     final = out / "final"
     value_dir = final / "value" if algo.critic else None
     if run.already_finished():
         return PPOResult(final / "policy", value_dir, run.step, run.skipped, run.info["elapsed_s"])
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+    tokenizer = load_tokenizer(cfg.policy, "ppo.policy")
     if cfg.reward_model:
         preflight.check_same_tokenizer(tokenizer, cfg.policy, cfg.reward_model)
     preflight.warn_unused_ptx(cfg.ptx_data, cfg.ptx_coef)
     device = resolve_device(cfg.device)
     dtype = precision.resolve_dtype(cfg.model_dtype, cfg.policy)  # frozen models and outputs; trained: fp32
-    policy = AutoModelForCausalLM.from_pretrained(str(cfg.policy), dtype=torch.float32).to(device)
+    policy = load_causal_lm(cfg.policy, "ppo.policy").to(device)
     value = ScalarHeadModel.from_pretrained(cfg.reward_model).to(device) if algo.critic else None
     if cfg.gradient_checkpointing:
         precision.enable_gradient_checkpointing(policy)

@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_fast import distributed, precision
-from rlhf_fast.config import RMConfig, to_dict
+from rlhf_fast.config import ConfigError, RMConfig, to_dict
 from rlhf_fast.data import RankedExample, epoch_batches, load_rm, pad_right
 from rlhf_fast.heads import ScalarHeadModel
+from rlhf_fast.models import disable_dropout
+from rlhf_fast.models.loading import load_tokenizer
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
-from rlhf_fast.stages.run_state import TrainRun
+from rlhf_fast.stages.run_state import TrainRun, exclusive
 from rlhf_fast.truncation import context_length, fit_len
 
 log = logging.getLogger(__name__)
@@ -87,26 +89,28 @@ def pairwise_accuracy(model: ScalarHeadModel, examples: list[RankedExample], pad
     return right / max(total, 1)
 
 
+@exclusive
 def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = None,
               plots: bool = True) -> RMResult:
     """Train (or resume) the reward model into `out_dir`; the final model goes to `out_dir/final`.
 
     `stop_after`: stop (checkpointed, resumable) after this many steps; `plots`: write the curves PNG.
     """
-    from transformers import AutoTokenizer
-
     out = Path(out_dir)
     if not cfg.model or not cfg.train_data:
-        raise ValueError("rm: `model` (the SFT model directory) and `train_data` are required")
-    run = TrainRun("rm", out, to_dict(cfg), save_every=cfg.save_every, stop_after=stop_after)
+        raise ConfigError("rm: `model` (the SFT model directory) and `train_data` are required")
+    run = TrainRun("rm", out, to_dict(cfg), save_every=cfg.save_every, stop_after=stop_after,
+                   keep_checkpoints=cfg.keep_checkpoints)
     if run.already_finished():
         return RMResult(out / "final", run.info["accuracy"], run.step, run.skipped, run.info["elapsed_s"])
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, "rm.model")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # the head's initialisation
-        model = ScalarHeadModel.from_pretrained(cfg.model)
+        model = ScalarHeadModel.from_pretrained(cfg.model, new_head=True)
+    if not cfg.dropout:
+        disable_dropout(model)
     model.to(resolve_device(cfg.device)).train()
     if cfg.gradient_checkpointing:
         precision.enable_gradient_checkpointing(model)

@@ -11,32 +11,137 @@ the optimiser, the schedule, extra state and the RNG, count elapsed time over re
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from rlhf_fast import distributed
-from rlhf_fast.checkpoint import (find_checkpoint, load_state, read_models, rng_state, save_checkpoint,
-                                  set_rng_state)
+from rlhf_fast.checkpoint import (clean_stale, find_checkpoint, load_state, read_models, rng_state,
+                                  save_checkpoint, set_rng_state, share_modes)
+from rlhf_fast.config import ConfigError
 from rlhf_fast.stages.common import MetricsLog, StepResult, guarded_step, progress
 
 log = logging.getLogger(__name__)
 
+CONFIG_FILE = "config.json"  # the config a run directory was started with
+LOCK_FILE = ".lock"
+EXTEND_KEYS = ("iterations", "epochs", "max_steps")  # raising one continues a finished run
+ALLOWED_CHANGES = EXTEND_KEYS + ("save_every", "eval_every", "keep_checkpoints", "device", "threads")
+_held_locks: dict[str, list[int]] = {}  # run directory -> [locked file descriptor (-1: not the main rank), depth]
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used as asked (another process is running in it)."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(out: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on run directory `out` (re-entrant within a process); another process is refused
+    with the holder's pid. Only the main rank of a distributed job locks."""
+    import fcntl
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = str(out.resolve())
+    if key in _held_locks or not distributed.is_main():
+        _held_locks.setdefault(key, [-1, 0])[1] += 1
+    else:
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirError(f"{out}: another run is using this directory (pid {holder}); wait for it to end or "
+                              f"choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held_locks[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        held = _held_locks[key]
+        held[1] -= 1
+        if held[1] == 0:
+            del _held_locks[key]
+            if held[0] >= 0:
+                os.close(held[0])  # closing the file releases the lock
+
+
+def exclusive(fn: Callable) -> Callable:
+    """Run `fn(cfg, out_dir, ...)` holding the lock on `out_dir` (see `run_dir_lock`)."""
+    @functools.wraps(fn)
+    def locked(cfg, out_dir, *args, **kwargs):
+        with run_dir_lock(out_dir):
+            return fn(cfg, out_dir, *args, **kwargs)
+
+    return locked
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """Dotted key -> (old value, new value) for every key whose value differs."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_config(out: Path, config: dict, *, name: str, started: bool) -> dict:
+    """Record `config` as `out/config.json` while the run has not `started` (no checkpoint yet: a failed first
+    attempt may be rerun with a fixed config); once it has, compare with the record and raise a ConfigError naming
+    every changed key that is not in `ALLOWED_CHANGES`. Returns the allowed changes."""
+    rec = out / CONFIG_FILE
+    if not started or not rec.is_file():
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = rec.with_name(f".{CONFIG_FILE}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(config, indent=2))
+            tmp.rename(rec)
+        return {}
+    try:
+        recorded = json.loads(rec.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{rec}: unreadable ({e}); it records the config this run was started with") from None
+    changes = config_changes(recorded, config)
+    bad = [k for k in changes if k.rsplit(".", 1)[-1] not in ALLOWED_CHANGES]
+    if bad:
+        what = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in bad)
+        raise ConfigError(f"{name}: {out} was started with another config ({what}). Only "
+                          f"{', '.join(ALLOWED_CHANGES)} may change on a rerun; use a new --out for the rest")
+    return changes
+
 
 class TrainRun:
     """The run directory `out` of stage `name`; `config` is recorded in every checkpoint. Construct it first (the
-    clock starts, so loading counts as training time), then check `already_finished()`, then `resume(...)`."""
+    clock starts, so loading counts as training time), then check `already_finished()`, then `resume(...)`. The
+    stage function holds the directory's lock meanwhile (`@exclusive`)."""
 
     def __init__(self, name: str, out: str | Path, config: dict, *, save_every: int = 0,
-                 stop_after: int | None = None):
+                 stop_after: int | None = None, keep_checkpoints: int = 2):
         self._start = time.perf_counter()
         self.name, self.out, self.config = name, Path(out), config
-        self.save_every, self.stop_after = save_every, stop_after
+        self.save_every, self.stop_after, self.keep = save_every, stop_after, keep_checkpoints
         self.ckpt_dir = self.out / "checkpoint"
+        log.info("%s: starting in %s", name, self.out)  # a plain line for logs that are not a terminal
+        if distributed.is_main():
+            clean_stale(self.ckpt_dir)
         self._ckpt = find_checkpoint(self.ckpt_dir)
+        check_config(self.out, config, name=name, started=self._ckpt is not None)
         self.info: dict = load_state(self._ckpt) if self._ckpt else {}  # the loaded trainer state
         self.step, self.skipped = self.info.get("step", 0), self.info.get("skipped", 0)
         self._before = self.info.get("elapsed_s", 0.0)
@@ -47,12 +152,18 @@ class TrainRun:
         self.metrics: MetricsLog | None = None
 
     def already_finished(self) -> bool:
-        """True (and a warning) when the checkpoint says the run is done."""
-        if self.info.get("finished"):
-            log.warning("%s: %s already finished (step %d); nothing to do. Delete it to train again.", self.name,
-                        self.out, self.step)
-            return True
-        return False
+        """True (and a warning) when the checkpoint says the run is done, unless this config raises one of
+        `EXTEND_KEYS`: then the run continues from its last step."""
+        if not self.info.get("finished"):
+            return False
+        extend = [k for k in config_changes(self.info["config"], self.config) if k.rsplit(".", 1)[-1] in EXTEND_KEYS]
+        if extend:
+            log.info("%s: %s finished at step %d; continuing (%s changed)", self.name, self.out, self.step,
+                     ", ".join(extend))
+            return False
+        log.warning("%s: %s already finished (step %d); nothing to do. Delete it to train again.", self.name,
+                    self.out, self.step)
+        return True
 
     def resume(self, models: dict, optimizer: torch.optim.Optimizer, scheduler, *, total: int, tokenizer=None,
                extra_state: dict | None = None) -> None:
@@ -82,7 +193,7 @@ class TrainRun:
         st = {"step": self.step, "skipped": self.skipped, "scheduler": self.sched.state_dict(), "rng": rng_state(),
               "finished": finished, "config": self.config, "elapsed_s": self.elapsed(),
               **{k: obj.state_dict() for k, obj in self.extra.items()}, **info}
-        save_checkpoint(self.ckpt_dir, self.models, st, self.tokenizer, self.opt)
+        save_checkpoint(self.ckpt_dir, self.models, st, self.tokenizer, self.opt, keep=self.keep)
 
     def after_step(self) -> bool:
         """Call once `step` has advanced: checkpoints at `stop_after` (returns False: stop now) and every
@@ -104,6 +215,8 @@ class TrainRun:
         for path, model in exports.items():
             save = None if dtype is None else (lambda m, p: save_in_dtype(m, p, dtype))
             distributed.export_pretrained(model, path, self.tokenizer, save=save)  # full HF directories, rank 0
+            if distributed.is_main():
+                share_modes(Path(path))
         mib = distributed.all_gather_objects(distributed.local_state_mib(self.models, self.opt))
         self.save(finished=True, state_mib_per_rank=mib, **info)
 

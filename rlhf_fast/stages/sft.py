@@ -16,9 +16,10 @@ from rlhf_fast import distributed, ops, precision
 from rlhf_fast.config import ConfigError, SFTConfig, to_dict
 from rlhf_fast.data import IGNORE_INDEX, SFTExample, epoch_batches, load_sft, sft_batch
 from rlhf_fast.models import final_hidden, output_head
+from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.models.lora import LoRALM
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
-from rlhf_fast.stages.run_state import TrainRun
+from rlhf_fast.stages.run_state import TrainRun, exclusive
 from rlhf_fast.truncation import context_length, fit_len
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,14 @@ def eval_loss(model, examples: list[SFTExample], pad_id: int, batch_size: int) -
 
 
 def _load_model(cfg: SFTConfig, tokenizer):
-    from transformers import AutoModelForCausalLM
-
     from rlhf_fast.default_task import build_model
 
     if cfg.model:
-        return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        return load_causal_lm(cfg.model, "sft.model")
     return build_model(cfg.arch, tokenizer, seed=cfg.seed)
 
 
+@exclusive
 def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = None,
               plots: bool = True) -> SFTResult:
     """Train (or resume) SFT into `out_dir`; the final model goes to `out_dir/final`.
@@ -76,18 +76,17 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     `stop_after`: stop (checkpointed, resumable) once this many optimiser steps are done; `plots`: write the
     stage's curves PNG.
     """
-    from transformers import AutoTokenizer
-
     out = Path(out_dir)
     if not (cfg.tokenizer or cfg.model):
-        raise ValueError("sft: set `model` (a HF model directory) or `tokenizer` (to train `arch` from scratch)")
+        raise ConfigError("sft: set `model` (a HF model directory) or `tokenizer` (to train `arch` from scratch)")
     if not cfg.train_data:
-        raise ValueError("sft.train_data: required")
-    run = TrainRun("sft", out, to_dict(cfg), save_every=cfg.save_every, stop_after=stop_after)
+        raise ConfigError("sft.train_data: required")
+    run = TrainRun("sft", out, to_dict(cfg), save_every=cfg.save_every, stop_after=stop_after,
+                   keep_checkpoints=cfg.keep_checkpoints)
     if run.already_finished():
         return SFTResult(out / "final", run.info["eval_loss"], run.step, run.skipped, run.info["elapsed_s"])
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, "sft.tokenizer" if cfg.tokenizer else "sft.model")
     model = _load_model(cfg, tokenizer)
     if cfg.lora.r:  # only the adapters train; the final export is the merged model (+ adapter/ in peft's format)
         if distributed.world_size() > 1:

@@ -1,0 +1,61 @@
+"""Loading Hugging Face models and tokenizers from local directories, with errors that say what is wrong.
+
+rlhf_fast never downloads: a name that is not a local directory is an error at once (no hub retries).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message names the path and the reason."""
+
+
+def local_dir(path: str | Path, what: str) -> str:
+    """`path` as a string if it is a local model directory; else a ModelLoadError saying why not."""
+    p = Path(path)
+    if p.is_dir():
+        return str(p)
+    if p.exists():
+        raise ModelLoadError(f"{what}: {path} is a file, not a model directory")
+    raise ModelLoadError(f"{what}: {path}: no such directory (models load from local directories only; Hugging "
+                         f"Face hub downloads are off, so download it first and pass the directory)")
+
+
+def _offline(fn, path: str, what: str, **kw):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return fn(path, local_files_only=True, **kw)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{what}: cannot load {path}: {first}") from e
+
+
+def load_causal_lm(path: str | Path, what: str = "model", dtype: torch.dtype = torch.float32):
+    """A transformers causal LM from local directory `path`."""
+    from transformers import AutoModelForCausalLM
+
+    path = local_dir(path, what)
+    if not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"{what}: {path} has no config.json: not a Hugging Face model directory")
+    return _offline(AutoModelForCausalLM.from_pretrained, path, what, dtype=dtype)
+
+
+def load_backbone(path: str | Path, what: str = "model", dtype: torch.dtype = torch.float32):
+    """A transformers backbone (`AutoModel`: no lm_head) from local directory `path`."""
+    from transformers import AutoModel
+
+    path = local_dir(path, what)
+    if not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"{what}: {path} has no config.json: not a Hugging Face model directory")
+    return _offline(AutoModel.from_pretrained, path, what, dtype=dtype)
+
+
+def load_tokenizer(path: str | Path, what: str = "tokenizer"):
+    """A transformers tokenizer from local directory `path`."""
+    from transformers import AutoTokenizer
+
+    return _offline(AutoTokenizer.from_pretrained, local_dir(path, what), what)
