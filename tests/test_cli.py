@@ -43,12 +43,11 @@ def test_damaged_checkpoint_is_one_line_and_debug_shows_the_traceback(task, tmp_
     cfg = tiny_sft_config(root, paths, epochs=1, eval_data="", save_every=1)
     train_sft(cfg, tmp_path / "run", stop_after=2)
     for d in ("checkpoint", "checkpoint.1"):
-        f = tmp_path / "run" / d / "model" / "config.json"
-        f.unlink()
+        (tmp_path / "run" / d / "state" / ".metadata").unlink()
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     rc, _, err, _ = rlhf_fast("sft", "--config", tmp_path / "cfg.yaml", "--out", tmp_path / "run")
     assert rc == 2 and len(errors(err)) == 1 and "Traceback" not in err
-    assert "checkpoint error: no intact checkpoint" in err and "model/config.json: missing" in err
+    assert "checkpoint error: no intact checkpoint" in err and "state/.metadata: missing" in err
     rc, _, err, _ = rlhf_fast("sft", "--config", tmp_path / "cfg.yaml", "--out", tmp_path / "run", "--debug")
     assert rc != 0 and "Traceback" in err and "CheckpointError" in err
 

@@ -33,8 +33,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(task, tmp_path
     ck = tmp_path / "run" / "checkpoint"
     assert load_state(ck)["step"] == 3 and load_state(ck.with_name("checkpoint.1"))["step"] == 2
     assert not ck.with_name("checkpoint.2").exists()  # keep_checkpoints=2
-    weights = ck / "model" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # a truncated model file
+    weights = next((ck / "state").glob("*.distcp"))
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated model/optimiser shard
     with caplog.at_level(logging.WARNING):
         res = train_sft(cfg, tmp_path / "run")
     assert str(weights) in caplog.text and "damaged" in caplog.text and res.steps == 8
