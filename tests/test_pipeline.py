@@ -36,10 +36,15 @@ def test_pipeline_end_to_end_then_resume(tmp_path, capsys, caplog):
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(str(out / "ppo" / "final" / "policy"))
 
+    kept = {p: p.read_bytes() for p in [out / "config.json", out / "report.json", *(out / "data").iterdir()]}
     with one_thread(), caplog.at_level(logging.WARNING):  # rerunning a finished run says so, for every stage
         assert main(argv) == 0
     assert caplog.text.count("already finished") == 3
     assert torch.get_num_threads() >= 1
+    capsys.readouterr()
+    assert main(argv + ["--set", "task.seed=999"]) == 2  # another config: refused, naming the key
+    assert "task.seed: 1234 -> 999" in capsys.readouterr().err
+    assert all(p.read_bytes() == b for p, b in kept.items())  # nothing of the finished run rewritten
 
 
 def test_pipeline_config_errors_exit_2(tmp_path, capsys):
