@@ -21,7 +21,11 @@ from pathlib import Path
 PEERS = {
     "verl": ("verl==0.9.1", "ray==2.60.0", "tensordict==0.10.0", "omegaconf==2.4.0",
              "antlr4-python3-runtime==4.9.3", "msgpack==1.2.4", "protobuf==7.36.2", "pyvers==0.2.3",
-             "codetiming==1.4.0"),
+             "codetiming==1.4.0",
+             # verl imports requests, ray jsonschema, tensordict cloudpickle and orjson: a fresh venv of ours has none
+             "requests==2.34.2", "urllib3==2.7.0", "certifi==2026.5.20", "charset-normalizer==3.4.7",
+             "jsonschema==4.26.0", "jsonschema-specifications==2025.9.1", "referencing==0.37.0", "rpds-py==0.30.0",
+             "attrs==26.1.0", "cloudpickle==2.1.0", "orjson==3.8.3"),
     "trl": ("trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0", "pandas==3.1.1", "pyarrow==26.0.1",
             "dill==0.4.1", "multiprocess==0.70.19", "xxhash==4.1.0"),
     # deepspeed (imported by openrlhf.models.utils) builds as pure Python with DS_BUILD_OPS=0
@@ -53,6 +57,18 @@ def install(name: str) -> Path:
         sys.path.append(str(target))
         importlib.invalidate_caches()
     return target
+
+
+def forget(name: str) -> None:
+    """Take `name`'s folder off `sys.path` and drop every module loaded from it, so that the next test module
+    does not see this peer's extra packages (OpenRLHF's deepspeed makes accelerate and TRL take their DeepSpeed
+    paths, which a fresh accelerate import without deepspeed did not set up)."""
+    target = str(_cache_dir(name))
+    while target in sys.path:
+        sys.path.remove(target)
+    for mod in [m for m, v in sys.modules.items() if str(getattr(v, "__file__", "") or "").startswith(target)]:
+        del sys.modules[mod]
+    importlib.invalidate_caches()
 
 
 def load_openrlhf_loss():

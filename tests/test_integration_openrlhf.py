@@ -13,7 +13,8 @@ def mods():
     peer = _peers.load_openrlhf_loss()
     from rlhf_fast.integrations import openrlhf as plugin
 
-    return peer, plugin
+    yield peer, plugin
+    _peers.forget("openrlhf")
 
 
 def _batch(b=6, t=12, seed=0, row_constant_adv=False):
