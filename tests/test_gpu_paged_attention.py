@@ -4,6 +4,7 @@ outputs poisoned with NaN first, and row results independent of the batch (torch
 import pytest
 import torch
 from _gpu import DEVICE, cuda_only, dry_subset, first_in_dry_run, native_cuda
+from test_paged_attention import case
 
 from rlhf_fast import _native, ops
 from rlhf_fast.ops import reference, use_backend
@@ -14,15 +15,8 @@ ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 def _case(lens, heads, kv_heads, d, bs, dtype):
-    g = torch.Generator().manual_seed(0)
-    max_blocks = -(-max(lens) // bs)
-    nb = len(lens) * max_blocks + 3
-    q = torch.randn(len(lens), heads, d, generator=g).to(dtype)
-    k = torch.randn(nb, bs, kv_heads, d, generator=g).to(dtype)
-    v = torch.randn(nb, bs, kv_heads, d, generator=g).to(dtype)
-    tables = torch.stack([torch.randperm(nb, generator=g)[:max_blocks] for _ in lens]).to(torch.int32)
-    lens_t = torch.tensor(lens, dtype=torch.int32)
-    return [t.to(DEVICE) for t in (q, k, v, tables, lens_t)]
+    """The CPU tests' random queries and paged caches (`test_paged_attention.case`), moved to the device."""
+    return [t.to(DEVICE) for t in case(heads, kv_heads, dtype, lens=lens, d=d, bs=bs)]
 
 
 def _kernel(kernel, q, k, v, tables, lens, scale):
