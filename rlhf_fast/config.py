@@ -161,6 +161,7 @@ class RMConfig:
     eval_data: str = ""
     max_len: int = 2048  # prompt + each completion, capped at the model's positions
     overlong: str = "truncate"  # truncate | drop | error (see rlhf_fast.truncation)
+    lora: LoRAConfig = LoRAConfig()  # r > 0: train LoRA adapters in the backbone and the scalar head only
     gradient_checkpointing: bool = False
     model_dtype: str = "auto"  # dtype the final model is saved in; auto = the checkpoint's
     mixed_precision: str = "auto"  # bf16 autocast, fp32 master weights: auto (CUDA with bf16) | bf16 | no
@@ -253,7 +254,8 @@ class PPOConfig:
     max_len: int = 1024  # prompt tokens, capped at the model's positions - sampling.max_new_tokens
     overlong: str = "truncate"  # a prompt over that: truncate (keeping its start and end) | drop | error
     ptx_max_len: int = 2048  # ptx text tokens kept (their start), capped at the model's positions
-    gradient_checkpointing: bool = False  # policy and value model; needs train_model=hf
+    lora: LoRAConfig = LoRAConfig()  # r > 0: policy (and value model) train adapters; reference = base, adapters off
+    gradient_checkpointing: bool = False  # policy and value model, both train_model paths
     model_dtype: str = "auto"  # reference + reward model held, and outputs saved, in it; auto = the checkpoint's
     mixed_precision: str = "no"  # bf16 autocast of scoring + update (auto | bf16 | no); best with old_logp=recompute
     generator: str = "engine"  # engine: the paged rollout engine | hf: Hugging Face generate (the baseline)
@@ -283,8 +285,6 @@ class PPOConfig:
         _check(self.train_model in ("ours", "hf"), "train_model", "must be ours or hf")
         _check(self.old_logp in ("reuse", "recompute", "check"), "old_logp", "must be reuse, recompute or check")
         _check_data_options(self)
-        _check(not (self.gradient_checkpointing and self.train_model == "ours"), "gradient_checkpointing",
-               "needs train_model=hf (the padding-free forwards do not recompute activations)")
         for k in ("iterations", "prompts_per_iter", "ppo_epochs", "minibatch_size", "max_len", "ptx_max_len",
                   "keep_checkpoints"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")

@@ -48,7 +48,7 @@ class ScalarHeadModel(nn.Module):
         return self.head(packed_hidden(self.lm, batch, deterministic=deterministic)).squeeze(-1).float()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Backbone and head."""
+        """Backbone and head (with LoRA: the adapters and the head)."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def score(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -57,9 +57,19 @@ class ScalarHeadModel(nn.Module):
         return values.gather(1, (lengths.to(values.device) - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
 
     def save_pretrained(self, path: str | Path) -> None:
+        """The backbone and `scalar_head.safetensors`; with LoRA adapters (`models.lora.add_to_scalar_head`) the
+        backbone merged, plus the adapters in `adapter/`."""
+        if getattr(self, "peft", None) is not None:
+            from rlhf_fast.models.lora import export
+
+            export(self, path, self.head.weight.dtype)
+            return
+        self.lm.save_pretrained(str(path))
+        self.save_head(path)
+
+    def save_head(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        self.lm.save_pretrained(str(path))
         save_file({"weight": self.head.weight.detach().contiguous(), "bias": self.head.bias.detach().contiguous()},
                   str(Path(path) / HEAD_FILE))
 

@@ -56,8 +56,10 @@ def save_in_dtype(model, path: str | Path, dtype: torch.dtype) -> None:
     """`model.save_pretrained(path)` with its floating-point weights cast to `dtype` on the way out (the live
     weights are untouched; tied weights stay one tensor) and config.json recording `dtype`. A `ScalarHeadModel`
     saves its causal LM so and its scalar head as it is; a LoRA model exports itself (merged, + `adapter/`)."""
-    if hasattr(model, "export"):
-        model.export(path, dtype)
+    if getattr(model, "peft", None) is not None:
+        from rlhf_fast.models.lora import export
+
+        export(model, path, dtype)
         return
     if hasattr(model, "lm") and hasattr(model, "head"):
         model.save_pretrained(path)  # the head file, and the LM in its live dtype, rewritten below
@@ -92,4 +94,6 @@ def enable_gradient_checkpointing(model) -> None:
 
 def is_checkpointing(model) -> bool:
     lm = getattr(model, "lm", model)
-    return bool(getattr(lm, "is_activation_checkpointing", None) or getattr(lm, "is_gradient_checkpointing"))
+    if hasattr(lm, "is_activation_checkpointing"):  # transformers >= 5.x (the old name warns)
+        return bool(lm.is_activation_checkpointing)
+    return bool(getattr(lm, "is_gradient_checkpointing", False))

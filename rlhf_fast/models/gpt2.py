@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from rlhf_fast.models.layers import AttnMetadata, BoundLM, cache_attention, conv1d, elementwise
+from rlhf_fast.models.layers import AttnMetadata, BoundLM, cache_attention, elementwise, project
 
 
 class GPT2LM(BoundLM):
@@ -31,21 +31,21 @@ class GPT2LM(BoundLM):
     def _ln(self, x: torch.Tensor, ln) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), ln.weight, ln.bias, self.eps)
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, det: bool) -> torch.Tensor:
-        """Same contract as `LlamaFamilyLM.decode`: hidden (T, hidden) before the final LayerNorm."""
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor):
         tr = self.inner
-        t = input_ids.shape[0]
-        h = F.embedding(input_ids, tr.wte.weight, tr.wte.padding_idx) + tr.wpe.weight[positions]  # (T, hidden)
-        for i, block in enumerate(tr.h):
-            att = block.attn
-            qkv = conv1d(self._ln(h, block.ln_1), att.c_attn.weight, att.c_attn.bias, det)  # (T, 3 * hidden)
-            q, k, v = (z.reshape(t, self.num_heads, self.head_dim) for z in qkv.chunk(3, dim=-1))
-            o = attend(i, q, k, v, self.scales[i])  # (T, H, D)
-            h = h + conv1d(o.reshape(t, -1), att.c_proj.weight, att.c_proj.bias, det)
-            mlp = block.mlp
-            m = elementwise(self.act, conv1d(self._ln(h, block.ln_2), mlp.c_fc.weight, mlp.c_fc.bias, det), det)
-            h = h + conv1d(m, mlp.c_proj.weight, mlp.c_proj.bias, det)
-        return h
+        return F.embedding(input_ids, tr.wte.weight, tr.wte.padding_idx) + tr.wpe.weight[positions], None  # (T, hidden)
+
+    def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool) -> torch.Tensor:
+        t = h.shape[0]
+        block = self.inner.h[i]
+        att = block.attn
+        qkv = project(self._ln(h, block.ln_1), att.c_attn, det)  # (T, 3 * hidden)
+        q, k, v = (z.reshape(t, self.num_heads, self.head_dim) for z in qkv.chunk(3, dim=-1))
+        o = attend(i, q, k, v, self.scales[i])  # (T, H, D)
+        h = h + project(o.reshape(t, -1), att.c_proj, det)
+        mlp = block.mlp
+        m = elementwise(self.act, project(self._ln(h, block.ln_2), mlp.c_fc, det), det)
+        return h + project(m, mlp.c_proj, det)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self._ln(h, self.inner.ln_f)

@@ -14,6 +14,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from rlhf_fast import ops
 
@@ -51,6 +52,32 @@ class BoundLM:
     def dtype(self) -> torch.dtype:
         return self.hf.get_input_embeddings().weight.dtype
 
+    num_layers: int
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """(T,) ids and positions -> the embeddings (T, hidden) and what every layer reads besides (rotary)."""
+        raise NotImplementedError
+
+    def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool) -> torch.Tensor:
+        """Decoder layer i on h (T, hidden) -> (T, hidden)."""
+        raise NotImplementedError
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, det: bool, *,
+               recompute: bool = False) -> torch.Tensor:
+        """The decoder stack over packed tokens, without the final norm: input_ids, positions (T,) ->
+        hidden (T, hidden). `attend(layer, q, k, v, scale) -> (T, H, D)` is the attention (rollout: the KV cache;
+        training: `models.packed`). Differentiable; the rollout calls it under no_grad. `recompute`: each layer
+        under `torch.utils.checkpoint` (non-reentrant, RNG state kept), so its activations are recomputed in the
+        backward instead of stored (gradient checkpointing; only while autograd records)."""
+        h, ctx = self.embed(input_ids, positions)
+        recompute = recompute and torch.is_grad_enabled()
+        for i in range(self.num_layers):
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(self.layer, i, h, ctx, attend, det, use_reentrant=False)
+            else:
+                h = self.layer(i, h, ctx, attend, det)
+        return h
+
     def logits(self, h: torch.Tensor, deterministic: bool) -> torch.Tensor:
         """Final hidden states (R, hidden) -> float32 logits (R, vocab) through the causal LM's lm_head."""
         head = self.hf.get_output_embeddings()
@@ -68,6 +95,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, det
     xc = F.pad(x, (0, 0, 0, pad)).view(-1, ROW_CHUNK, x.shape[1])  # (chunks, ROW_CHUNK, in)
     y = torch.matmul(xc, weight.t()).view(-1, weight.shape[0])[:t]  # (T, out)
     return y + bias if bias is not None else y
+
+
+def project(x: torch.Tensor, module: torch.nn.Module, deterministic: bool) -> torch.Tensor:
+    """`module`'s projection of x (T, in) -> (T, out): an `nn.Linear` or GPT-2's `Conv1D`, read at call time, plus
+    its active LoRA adapters when peft has injected them (`rlhf_fast.models.lora`), as peft's own forward computes
+    them: W x + b + scale * B A dropout(x). Disabled or merged adapters add nothing (merged ones are in W)."""
+    base = getattr(module, "base_layer", module)  # peft keeps the wrapped layer as `base_layer`
+    if isinstance(base, torch.nn.Linear):
+        y = linear(x, base.weight, base.bias, deterministic)
+    else:
+        y = conv1d(x, base.weight, base.bias, deterministic)
+    lora_a = getattr(module, "lora_A", None)
+    if lora_a is None or module.disable_adapters or module.merged:
+        return y
+    for name in module.active_adapters:
+        if name not in lora_a:
+            continue
+        a, b = lora_a[name], module.lora_B[name]
+        z = linear(module.lora_dropout[name](x.to(a.weight.dtype)), a.weight, None, deterministic)  # (T, r)
+        y = y + linear(z, b.weight, b.bias, deterministic) * module.scaling[name]
+    return y
 
 
 SIMD_PAD = 64  # columns: a multiple of every CPU vector loop's step (AVX-512 unrolled twice = 32 floats)

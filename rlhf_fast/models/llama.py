@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from rlhf_fast.models.layers import (AttnMetadata, BoundLM, apply_rotary, cache_attention, elementwise, linear,
+from rlhf_fast.models.layers import (AttnMetadata, BoundLM, apply_rotary, cache_attention, elementwise, project,
                                      rms_norm, rotary_tables)
 
 
@@ -43,30 +43,26 @@ class LlamaFamilyLM(BoundLM):
             self._rotary_key = key
         return self._cos[positions], self._sin[positions]
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, det: bool) -> torch.Tensor:
-        """The decoder stack over packed tokens, without the final norm: input_ids, positions (T,) ->
-        hidden (T, hidden). `attend(layer, q, k, v, scale) -> (T, H, D)` is the attention (rollout: the KV cache;
-        training: `models.packed`). Differentiable; the rollout calls it under no_grad."""
-        inner = self.inner
-        t = input_ids.shape[0]
-        cos, sin = self._rotary(positions)  # (T, D)
-        emb = inner.embed_tokens  # padding_idx as in nn.Embedding: that row gets no gradient
-        h = F.embedding(input_ids, emb.weight, emb.padding_idx)  # (T, hidden)
-        for i, layer in enumerate(inner.layers):
-            att = layer.self_attn
-            x = rms_norm(h, layer.input_layernorm.weight, self.eps)
-            q = linear(x, att.q_proj.weight, att.q_proj.bias, det).view(t, self.num_heads, self.head_dim)
-            k = linear(x, att.k_proj.weight, att.k_proj.bias, det).view(t, self.num_kv_heads, self.head_dim)
-            v = linear(x, att.v_proj.weight, att.v_proj.bias, det).view(t, self.num_kv_heads, self.head_dim)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            o = attend(i, q, k, v, self.scale)  # (T, H, D)
-            h = h + linear(o.reshape(t, -1), att.o_proj.weight, att.o_proj.bias, det)
-            x = rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
-            mlp = layer.mlp
-            gate = elementwise(self.act, linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias, det), det)
-            up = linear(x, mlp.up_proj.weight, mlp.up_proj.bias, det)
-            h = h + linear(gate * up, mlp.down_proj.weight, mlp.down_proj.bias, det)
-        return h
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        emb = self.inner.embed_tokens  # padding_idx as in nn.Embedding: that row gets no gradient
+        return F.embedding(input_ids, emb.weight, emb.padding_idx), self._rotary(positions)  # (T, hidden), (T, D) x 2
+
+    def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool) -> torch.Tensor:
+        cos, sin = ctx
+        t = h.shape[0]
+        layer = self.inner.layers[i]
+        att = layer.self_attn
+        x = rms_norm(h, layer.input_layernorm.weight, self.eps)
+        q = project(x, att.q_proj, det).view(t, self.num_heads, self.head_dim)
+        k = project(x, att.k_proj, det).view(t, self.num_kv_heads, self.head_dim)
+        v = project(x, att.v_proj, det).view(t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = attend(i, q, k, v, self.scale)  # (T, H, D)
+        h = h + project(o.reshape(t, -1), att.o_proj, det)
+        x = rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
+        mlp = layer.mlp
+        gate = elementwise(self.act, project(x, mlp.gate_proj, det), det)
+        return h + project(gate * project(x, mlp.up_proj, det), mlp.down_proj, det)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return rms_norm(h, self.inner.norm.weight, self.eps)

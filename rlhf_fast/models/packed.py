@@ -131,13 +131,18 @@ def bound(model: torch.nn.Module):
 
 
 def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: bool = False) -> torch.Tensor:
-    """Final (normed) hidden states (T, hidden) of `batch` through `model`, differentiable w.r.t. its parameters."""
+    """Final (normed) hidden states (T, hidden) of `batch` through `model`, differentiable w.r.t. its parameters.
+    With gradient checkpointing switched on in `model` (`precision.enable_gradient_checkpointing`, HF's own flag)
+    each layer's activations are recomputed in the backward (`BoundLM.decode(recompute=True)`)."""
+    from rlhf_fast.precision import is_checkpointing
+
     lm = bound(model)
     if batch.num_tokens and int(batch.positions.max()) >= lm.max_context:
         raise ValueError(f"a packed sequence reaches position {int(batch.positions.max())}, over the model's "
                          f"context {lm.max_context}")
     attend = _SegmentAttention(batch, deterministic)
-    h = lm.decode(batch.input_ids.to(lm.device), batch.positions.to(lm.device), attend, deterministic)
+    h = lm.decode(batch.input_ids.to(lm.device), batch.positions.to(lm.device), attend, deterministic,
+                 recompute=is_checkpointing(model))
     return lm.final_norm(h)
 
 

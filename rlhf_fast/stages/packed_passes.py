@@ -17,7 +17,7 @@ import torch
 
 from rlhf_fast import ops
 from rlhf_fast.data import IGNORE_INDEX
-from rlhf_fast.models import output_head
+from rlhf_fast.models import lora, output_head
 from rlhf_fast.models.packed import PackedBatch, pack, packed_hidden
 from rlhf_fast.stages import experience as xp
 
@@ -82,7 +82,8 @@ def score_rollout(cfg, policy, ref, value_model, reward_model, ro: xp.Rollout, c
         if cfg.old_logp == "check":
             diff = (policy_logprobs(policy, ro, batch, temperature) - old_logp).abs() * ro.mask
             metrics["old_logp_max_diff"] = float(diff.max())
-    ref_logp = policy_logprobs(ref, ro, batch, temperature)
+    with lora.adapters_disabled(ref):  # LoRA: `ref` is the policy, run as its base (a no-op for a separate model)
+        ref_logp = policy_logprobs(ref, ro, batch, temperature)
     old_values = values_at(value_model, ro, batch) * ro.mask if value_model is not None else \
         torch.zeros_like(ref_logp)  # critic-free
     rm_scores = scores(reward_model, ro, batch) if reward_model is not None else \

@@ -24,8 +24,9 @@ from rlhf_fast.chat import Codec
 from rlhf_fast.config import ConfigError, PPOConfig, to_dict
 from rlhf_fast.data import SFTExample, epoch_batches, load_texts, sft_batch
 from rlhf_fast.heads import ScalarHeadModel
-from rlhf_fast.models import disable_dropout, output_head
+from rlhf_fast.models import disable_dropout, lora, output_head
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
+from rlhf_fast.models.lora import LoRALM
 from rlhf_fast.rollout import SamplingParams
 from rlhf_fast.stages import algorithms
 from rlhf_fast.stages import experience as xp
@@ -49,8 +50,8 @@ class PPOResult(NamedTuple):
 
 
 def load_frozen_pair(policy_dir: str | Path, rm_dir: str | Path):
-    """The frozen reference (SFT) policy and reward model (None for `rm_dir` ""), in eval mode without gradients."""
-    ref = load_causal_lm(policy_dir, "ppo.policy").eval().requires_grad_(False)
+    """The frozen reference (SFT) policy and reward model (None for a dir ""), in eval mode without gradients."""
+    ref = load_causal_lm(policy_dir, "ppo.policy").eval().requires_grad_(False) if policy_dir else None
     rm = ScalarHeadModel.from_pretrained(rm_dir).eval().requires_grad_(False) if rm_dir else None
     return ref, rm
 
@@ -345,12 +346,20 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
     dtype = precision.resolve_dtype(cfg.model_dtype, cfg.policy)  # frozen models and outputs; trained: fp32
     policy = load_causal_lm(cfg.policy, "ppo.policy").to(device)
     value = ScalarHeadModel.from_pretrained(cfg.reward_model).to(device) if algo.critic else None
+    exported = policy  # what final/policy is exported from
+    if cfg.lora.r:  # only adapters (+ the value head) train; the reference is the policy's base, adapters off
+        lora.refuse_sharded()
+        exported = LoRALM.wrap(policy, cfg.lora, cfg.policy, seed=cfg.seed)
+        policy = exported.lm
+        if value is not None:
+            lora.add_to_scalar_head(value, cfg.lora, cfg.reward_model, seed=cfg.seed + 1)
     if cfg.gradient_checkpointing:
         precision.enable_gradient_checkpointing(policy)
         if value is not None:
             precision.enable_gradient_checkpointing(value)
     ref, rm = (m.to(device=device, dtype=dtype) if m is not None else None
-               for m in load_frozen_pair(cfg.policy, cfg.reward_model))
+               for m in load_frozen_pair("" if cfg.lora.r else cfg.policy, cfg.reward_model))
+    ref = policy if cfg.lora.r else ref  # no second copy: `packed_passes.score_rollout` switches the adapters off
     _check_world(cfg)
     mp = precision.autocast_on(cfg.mixed_precision, device)
     policy, value = (distributed.shard(m, mixed_precision=mp) if m is not None else None for m in (policy, value))
@@ -385,5 +394,5 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
     if plots:
         run.metrics.plot(["score", "kl", "kl_coef", "response_len", "pg_loss", "vf_loss", "entropy", "clip_frac"],
                          out / "ppo_curves.png", "PPO")
-    run.finish({final / "policy": policy, **({value_dir: value} if value is not None else {})}, dtype=dtype)
+    run.finish({final / "policy": exported, **({value_dir: value} if value is not None else {})}, dtype=dtype)
     return PPOResult(final / "policy", value_dir, run.step, run.skipped, run.elapsed())

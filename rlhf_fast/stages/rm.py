@@ -19,7 +19,7 @@ from rlhf_fast import distributed, precision
 from rlhf_fast.config import ConfigError, RMConfig, to_dict
 from rlhf_fast.data import RankedExample, epoch_batches, load_rm, pad_right
 from rlhf_fast.heads import ScalarHeadModel
-from rlhf_fast.models import disable_dropout
+from rlhf_fast.models import disable_dropout, lora
 from rlhf_fast.models.loading import load_tokenizer
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
 from rlhf_fast.stages.run_state import TrainRun, exclusive
@@ -109,6 +109,9 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # the head's initialisation
         model = ScalarHeadModel.from_pretrained(cfg.model, new_head=True)
+    if cfg.lora.r:  # adapters in the backbone and the head train; the export is merged (+ adapter/ in peft's format)
+        lora.refuse_sharded()
+        lora.add_to_scalar_head(model, cfg.lora, cfg.model, seed=cfg.seed)
     if not cfg.dropout:
         disable_dropout(model)
     model.to(resolve_device(cfg.device)).train()
