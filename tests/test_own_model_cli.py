@@ -128,14 +128,6 @@ def test_bad_data_options_are_config_errors(key, value, capsys):
     assert f"{key}: must be" in capsys.readouterr().err
 
 
-def test_ppo_gradient_checkpointing_needs_the_hf_forward():
-    from rlhf_fast.config import PPOConfig
-
-    with pytest.raises(ConfigError, match="gradient_checkpointing: needs train_model=hf"):
-        PPOConfig(gradient_checkpointing=True)
-    assert PPOConfig(gradient_checkpointing=True, train_model="hf").gradient_checkpointing
-
-
 def test_lora_sft_trains_only_adapters_resumes_and_saves_them_in_peft_format(own):
     from peft import PeftModel
     from safetensors.torch import load_file

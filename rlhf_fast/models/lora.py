@@ -70,7 +70,7 @@ def check_supported(lm: nn.Module) -> None:
         if not _is_lora(m):
             continue
         base = m.get_base_layer()
-        if base is head or not isinstance(base, (nn.Linear, Conv1D)) or getattr(m, "lora_variant", None):
+        if head in (m, base) or not isinstance(base, (nn.Linear, Conv1D)) or getattr(m, "lora_variant", None):
             raise ConfigError(f"lora.target_modules: {name} ({type(base).__name__}) is not a decoder projection; "
                               f"LoRA goes on the attention and MLP linears only (the default all-linear)")
 
