@@ -18,6 +18,7 @@ from rlhf_fast.models.packed import pack, packed_hidden
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 10, 11], [1, 12, 13, 14]]
 RESPONSES = [[20, 21, 22], [23, 24], [25, 26, 27, 28]]
+PROJECTIONS = {"llama": ("proj.weight",), "gpt2": ("c_attn.weight", "c_proj.weight", "c_fc.weight")}
 
 
 @pytest.fixture(scope="module")
@@ -202,29 +203,37 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("train_model", ["ours", "hf"])
-def test_lora_ppo_trains_adapters_from_a_zero_kl_start_and_its_adapter_reloads(own, train_model):
+@pytest.mark.parametrize("family, train_model", [("llama", "ours"), ("llama", "hf"), ("gpt2", "ours")])
+def test_lora_ppo_trains_adapters_from_a_zero_kl_start_and_its_adapter_reloads(own, family, train_model):
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from rlhf_fast.stages.ppo import train_ppo
 
     root, _, files = own
-    out = root / f"ppo-lora-{train_model}"
+    out = root / f"ppo-lora-{family}-{train_model}"
+    cfg = _ppo_cfg(root, files, train_model=train_model, policy=str(root / family))
     with one_thread():
-        train_ppo(_ppo_cfg(root, files, train_model=train_model), out, plots=False)
+        train_ppo(cfg, out, plots=False)
+        if family == "llama" and train_model == "ours":  # stopped after one iteration and resumed: the same run
+            train_ppo(cfg, root / "ppo-lora-resumed", stop_after=1, plots=False)
+            train_ppo(cfg, root / "ppo-lora-resumed", plots=False)
+            for f in ("policy/adapter/adapter_model.safetensors", "value/adapter/adapter_model.safetensors"):
+                a, b = (load_file(str(d / "final" / f)) for d in (out, root / "ppo-lora-resumed"))
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     first, second = _rows(out / "metrics.jsonl")
     # step 0: the adapters are zero (B = 0), so policy == its adapter-disabled base == reference, exactly
     assert first["kl"] == 0.0 and first["approx_kl"] == 0.0 and first["clip_frac"] == 0.0
     assert second["kl"] != 0.0  # the first update moved the adapters
     policy = out / "final" / "policy"
     cfg = json.loads((policy / "adapter" / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == str(root / "llama") and cfg["r"] == 4
-    base = AutoModelForCausalLM.from_pretrained(str(root / "llama")).eval()
+    assert cfg["base_model_name_or_path"] == str(root / family) and cfg["r"] == 4
+    base = AutoModelForCausalLM.from_pretrained(str(root / family)).eval()
     src = {k: v.clone() for k, v in base.state_dict().items()}
     merged = AutoModelForCausalLM.from_pretrained(str(policy)).eval()
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, src[k])}
-    assert changed and all("proj" in k for k in changed)
+    assert changed and all(k.endswith(PROJECTIONS[family]) for k in changed)  # embeddings, norms untouched
     reloaded = PeftModel.from_pretrained(base, str(policy / "adapter")).eval()
     ids = torch.tensor([[1, 3, 40, 41, 42, 4, 3]])
     with torch.no_grad():
