@@ -10,7 +10,8 @@ import torch
 from _chat_models import build_model, build_tokenizer, chat_data
 from _tiny import one_thread
 from rlhf_fast import precision
-from rlhf_fast.config import ConfigError, LoRAConfig, PPOConfig, RMConfig, SamplingConfig, load_config
+from rlhf_fast.config import (ConfigError, LoRAConfig, OptimConfig, PPOConfig, RMConfig, SamplingConfig,
+                              load_config)
 from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.models import disable_dropout, lora, output_head
 from rlhf_fast.models.lora import LoRALM, adapters_disabled
@@ -18,7 +19,14 @@ from rlhf_fast.models.packed import pack, packed_hidden
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 10, 11], [1, 12, 13, 14]]
 RESPONSES = [[20, 21, 22], [23, 24], [25, 26, 27, 28]]
+FAST = OptimConfig(lr=1e-2)  # a few steps move the adapters visibly
 PROJECTIONS = {"llama": ("proj.weight",), "gpt2": ("c_attn.weight", "c_proj.weight", "c_fc.weight")}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():  # tiny models: one thread is fastest, and leaves the other core alone
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +158,7 @@ def test_rm_and_ppo_configs_take_lora_keys():
 
 def _rm_cfg(root, files, **kw) -> RMConfig:
     return RMConfig(model=str(root / "llama"), train_data=files["rm"], batch_size=4, max_steps=3,
-                    lora=LoRAConfig(r=4), optim=dict_optim(), **kw)
-
-
-def dict_optim():
-    from rlhf_fast.config import OptimConfig
-
-    return OptimConfig(lr=1e-2)
+                    lora=LoRAConfig(r=4), optim=FAST, **kw)
 
 
 def test_lora_rm_trains_adapters_and_head_resumes_exactly_and_exports(own):
@@ -167,10 +169,9 @@ def test_lora_rm_trains_adapters_and_head_resumes_exactly_and_exports(own):
     from rlhf_fast.stages.rm import train_rm
 
     root, _, files = own
-    with one_thread():
-        train_rm(_rm_cfg(root, files), root / "rm-lora", plots=False)
-        train_rm(_rm_cfg(root, files), root / "rm-lora-resumed", stop_after=1, plots=False)
-        train_rm(_rm_cfg(root, files), root / "rm-lora-resumed", plots=False)
+    train_rm(_rm_cfg(root, files), root / "rm-lora", plots=False)
+    train_rm(_rm_cfg(root, files), root / "rm-lora-resumed", stop_after=1, plots=False)
+    train_rm(_rm_cfg(root, files), root / "rm-lora-resumed", plots=False)
     final = root / "rm-lora" / "final"
     for f in ("adapter/adapter_model.safetensors", "scalar_head.safetensors"):
         a, b = load_file(str(final / f)), load_file(str(root / "rm-lora-resumed" / "final" / f))
@@ -195,7 +196,7 @@ def test_lora_rm_trains_adapters_and_head_resumes_exactly_and_exports(own):
 def _ppo_cfg(root, files, **kw) -> PPOConfig:
     base = dict(policy=str(root / "llama"), reward_model=str(root / "rm"), prompts=files["ppo"], iterations=2,
                 prompts_per_iter=4, sampling=SamplingConfig(n=2, max_new_tokens=6), ppo_epochs=1, minibatch_size=8,
-                optim=dict_optim(), lora=LoRAConfig(r=4), old_logp="recompute")
+                optim=FAST, lora=LoRAConfig(r=4), old_logp="recompute")
     return PPOConfig(**{**base, **kw})
 
 
@@ -214,14 +215,13 @@ def test_lora_ppo_trains_adapters_from_a_zero_kl_start_and_its_adapter_reloads(o
     root, _, files = own
     out = root / f"ppo-lora-{family}-{train_model}"
     cfg = _ppo_cfg(root, files, train_model=train_model, policy=str(root / family))
-    with one_thread():
-        train_ppo(cfg, out, plots=False)
-        if family == "llama" and train_model == "ours":  # stopped after one iteration and resumed: the same run
-            train_ppo(cfg, root / "ppo-lora-resumed", stop_after=1, plots=False)
-            train_ppo(cfg, root / "ppo-lora-resumed", plots=False)
-            for f in ("policy/adapter/adapter_model.safetensors", "value/adapter/adapter_model.safetensors"):
-                a, b = (load_file(str(d / "final" / f)) for d in (out, root / "ppo-lora-resumed"))
-                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    train_ppo(cfg, out, plots=False)
+    if family == "llama" and train_model == "ours":  # stopped after one iteration and resumed: the same run
+        train_ppo(cfg, root / "ppo-lora-resumed", stop_after=1, plots=False)
+        train_ppo(cfg, root / "ppo-lora-resumed", plots=False)
+        for f in ("policy/adapter/adapter_model.safetensors", "value/adapter/adapter_model.safetensors"):
+            a, b = (load_file(str(d / "final" / f)) for d in (out, root / "ppo-lora-resumed"))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
     first, second = _rows(out / "metrics.jsonl")
     # step 0: the adapters are zero (B = 0), so policy == its adapter-disabled base == reference, exactly
     assert first["kl"] == 0.0 and first["approx_kl"] == 0.0 and first["clip_frac"] == 0.0
@@ -261,9 +261,8 @@ def test_lora_ppo_trainer_holds_no_reference_copy_and_leaves_the_base_bitwise(ow
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
     prompts = [tok.apply_chat_template([{"role": "user", "content": "please sort the letters a b c"}],
                                        add_generation_prompt=True, tokenize=True, return_dict=False)] * 4
-    with one_thread():
-        m0 = trainer.iteration(prompts, 0)
-        m1 = trainer.iteration(prompts, 1)
+    m0 = trainer.iteration(prompts, 0)
+    m1 = trainer.iteration(prompts, 1)
     assert m0["kl"] == 0.0 and m0["approx_kl"] == 0.0 and m1["kl"] != 0.0
     named = dict(policy.named_parameters()) | dict(value.named_parameters())
     assert all(torch.equal(named[n], v) for n, v in frozen.items())  # the base never moves, bit for bit
@@ -280,9 +279,8 @@ def test_ppo_gradient_checkpointing_with_the_packed_forward_gives_the_same_run(o
     outs = []
     for on in (False, True):
         out = root / f"ppo-ckpt-{on}"
-        with one_thread():
-            train_ppo(_ppo_cfg(root, files, iterations=1, lora=LoRAConfig(), gradient_checkpointing=on), out,
-                      plots=False)
+        train_ppo(_ppo_cfg(root, files, iterations=1, lora=LoRAConfig(), gradient_checkpointing=on), out,
+                  plots=False)
         outs.append((_rows(out / "metrics.jsonl")[0], load_file(str(out / "final" / "policy" / "model.safetensors"))))
     (m_off, w_off), (m_on, w_on) = outs
     for k in ("pg_loss", "vf_loss", "entropy", "grad_norm"):
