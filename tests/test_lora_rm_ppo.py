@@ -122,9 +122,13 @@ def test_packed_gradient_checkpointing_gives_equal_loss_and_gradients(own, famil
         assert precision.is_checkpointing(lm) == on
         lm.zero_grad(set_to_none=True)
         torch.manual_seed(7)
-        loss = (packed_hidden(lm, pack(PROMPTS, RESPONSES, share_prompts=False)) @ weight.t()).logsumexp(-1).mean()
+        saved = []  # elements autograd keeps for the backward outside checkpointed regions
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            h = packed_hidden(lm, pack(PROMPTS, RESPONSES, share_prompts=False))
+        loss = (h @ weight.t()).logsumexp(-1).mean()
         loss.backward()
-        runs.append((loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}))
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}, sum(saved)))
+    assert runs[1][2] < runs[0][2] / 3  # the layers' activations are recomputed, not stored
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=0)
     for n, g in runs[0][1].items():
         torch.testing.assert_close(runs[1][1][n], g, rtol=1e-6, atol=1e-7)
@@ -270,7 +274,8 @@ def test_lora_ppo_trainer_holds_no_reference_copy_and_leaves_the_base_bitwise(ow
     assert trainer.ref is trainer.policy  # the reference is the policy's base (adapters off), no second copy
 
 
-def test_ppo_gradient_checkpointing_with_the_packed_forward_gives_the_same_run(own):
+@pytest.mark.parametrize("r", [0, 4])
+def test_ppo_gradient_checkpointing_with_the_packed_forward_gives_the_same_run(own, r):
     from safetensors.torch import load_file
 
     from rlhf_fast.stages.ppo import train_ppo
@@ -278,8 +283,8 @@ def test_ppo_gradient_checkpointing_with_the_packed_forward_gives_the_same_run(o
     root, _, files = own
     outs = []
     for on in (False, True):
-        out = root / f"ppo-ckpt-{on}"
-        train_ppo(_ppo_cfg(root, files, iterations=1, lora=LoRAConfig(), gradient_checkpointing=on), out,
+        out = root / f"ppo-ckpt-{r}-{on}"
+        train_ppo(_ppo_cfg(root, files, iterations=1, lora=LoRAConfig(r=r), gradient_checkpointing=on), out,
                   plots=False)
         outs.append((_rows(out / "metrics.jsonl")[0], load_file(str(out / "final" / "policy" / "model.safetensors"))))
     (m_off, w_off), (m_on, w_on) = outs

@@ -109,13 +109,14 @@ def project(x: torch.Tensor, module: torch.nn.Module, deterministic: bool) -> to
     lora_a = getattr(module, "lora_A", None)
     if lora_a is None or module.disable_adapters or module.merged:
         return y
+    out = y
     for name in module.active_adapters:
         if name not in lora_a:
             continue
         a, b = lora_a[name], module.lora_B[name]
         z = linear(module.lora_dropout[name](x.to(a.weight.dtype)), a.weight, None, deterministic)  # (T, r)
-        y = y + linear(z, b.weight, b.bias, deterministic) * module.scaling[name]
-    return y
+        out = out + linear(z, b.weight, b.bias, deterministic) * module.scaling[name]
+    return out.to(y.dtype)  # the base layer's dtype, as peft returns it (fp32 adapters on a bf16 base)
 
 
 SIMD_PAD = 64  # columns: a multiple of every CPU vector loop's step (AVX-512 unrolled twice = 32 floats)
