@@ -95,6 +95,19 @@ def test_packed_forward_and_engine_read_base_plus_adapter(own, family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_deterministic_engine_with_adapters_is_batch_invariant(own, family):
+    from rlhf_fast.rollout import RolloutEngine, SamplingParams, teacher_forced_logprobs
+
+    root, _, _ = own
+    lm = adapted(root / family).lm.eval()
+    outs = RolloutEngine(lm, block_size=4, deterministic=True).generate(PROMPTS, SamplingParams(
+        max_new_tokens=6, n=2, seed=5))
+    prompts = [PROMPTS[o.prompt_index] for o in outs]
+    rev = teacher_forced_logprobs(lm, prompts[::-1], outs[::-1], deterministic=True, block_size=4)[::-1]
+    assert all(torch.equal(o.logprobs, r) for o, r in zip(outs, rev))  # bitwise, whatever the batch around it
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_packed_gradients_reach_the_adapters_as_peft_forward_does(own, family):
     root, _, _ = own
     lm = disable_dropout(adapted(root / family).lm.train())  # GPT-2's dropout 0.1 is in HF's forward only
