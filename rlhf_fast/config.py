@@ -173,6 +173,7 @@ class RMConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     dropout: bool = False  # keep the model's dropout while training
+    train_model: str = "ours"  # ours: padding-free forward, each prompt once for its K completions | hf: padded HF
     seed: int = 0
     device: str = "auto"
     parallel: ParallelConfig = ParallelConfig()  # torchrun: micro-batches, sharding of frozen models
@@ -180,6 +181,7 @@ class RMConfig:
     def __post_init__(self):
         _check_device(self.device)
         _check_data_options(self)
+        _check(self.train_model in ("ours", "hf"), "train_model", "must be ours or hf")
         for k in ("max_len", "batch_size", "epochs", "keep_checkpoints"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("max_steps", "eval_every", "save_every"):

@@ -24,14 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 REL = 1e-5
 
 
-def torchrun(module: str, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node nproc -m module args` with one thread per rank."""
+def torchrun(module: str, *args: str, nproc: int = 2, timeout: int = 600,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node nproc -m module args` with one thread per rank; `check`: it must
+    succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module,
            *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    assert p.returncode == 0 or not check, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     return p
 
 
@@ -207,6 +209,22 @@ def test_stop_and_resume(worlds):
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
     same_run(root / "sft1", root / "sft1s", ("",), keys=("loss", "grad_norm"))  # 1 -> 2
     same_run(root / "sft2", root / "sft2s", ("",), keys=("loss", "grad_norm"))  # 2 -> 1
+
+
+def test_rank_failure_keeps_the_last_checkpoint(worlds):
+    from rlhf_fast.checkpoint import damage, find_checkpoint, load_state
+
+    root = worlds[2] / "stages"
+    p = torchrun("tests._dist_fault", str(root), "fail", check=False, timeout=300)
+    assert p.returncode != 0 and "injected fault on rank 1 after step 3" in p.stdout + p.stderr  # the job is down
+    run = root / "sft2f"
+    assert not (run / "final").exists()
+    ckpt = find_checkpoint(run / "checkpoint")
+    assert ckpt is not None and damage(ckpt) is None and load_state(ckpt)["step"] == 2  # step 2's, intact
+    torchrun("tests._dist_fault", str(root), "resume")  # the same command again resumes from it
+    wa, wb = weights(run / "final"), weights(root / "sft2" / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bitwise the uninterrupted N = 2 run
+    assert rows(run / "metrics.jsonl") == rows(root / "sft2" / "metrics.jsonl")
 
 
 def test_torchrun_one_process_is_bitwise_the_plain_call(worlds, tmp_path):

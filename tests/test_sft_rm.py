@@ -10,7 +10,7 @@ from rlhf_fast.config import OptimConfig, RMConfig
 from rlhf_fast.data import RankedExample
 from rlhf_fast.default_task import labeler
 from rlhf_fast.heads import ScalarHeadModel
-from rlhf_fast.stages.rm import bradley_terry_loss, ranked_batch, train_rm
+from rlhf_fast.stages.rm import bradley_terry_loss, ranked_batch, score, train_rm
 from rlhf_fast.stages.sft import train_sft
 
 
@@ -43,7 +43,46 @@ def test_ranked_pairs_skip_ties_and_normalise_per_prompt():
     torch.testing.assert_close(margin, torch.tensor([1.0, 2.0, 3.0]))
 
 
-def test_rm_learns_a_planted_preference(task, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_rm_shared_prompt_forward_is_the_padded_forward(family):
+    """`rm.train_model: ours` (each prompt once, packed) against the padded HF forward: same scores, same BT loss,
+    same gradients of every parameter, on prompts and completions of different lengths."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "llama":
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    else:
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = ScalarHeadModel(lm).train()
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(1, 97, (n,), generator=g).tolist()
+
+    ex = [RankedExample(ids(p), [ids(c) for c in cs], rk)
+          for p, cs, rk in ((5, (3, 1, 6, 2), [0, 1, 2, 2]), (2, (4, 4), [1, 0]), (7, (1, 5, 2), [2, 0, 1]))]
+    results = []
+    for shared in (False, True):
+        b = ranked_batch(ex, pad_id=0, shared=shared)
+        assert (b.packed is not None) == shared
+        model.zero_grad()
+        s = score(model, b)
+        loss = bradley_terry_loss(s, b)[0]
+        loss.backward()
+        results.append((s.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (s0, l0, g0), (s1, l1, g1) = results
+    assert b.packed.num_tokens == 5 + 2 + 7 + 12 + 8 + 8  # every prompt once, no padding
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("train_model", ["ours", "hf"])
+def test_rm_learns_a_planted_preference(task, tmp_path, train_model):
     """Chosen completions are concise, rejected ones padded with filler: the RM must learn it."""
     root, tok, paths = task
     sft = train_sft(tiny_sft_config(root, paths, epochs=1), tmp_path / "sft", plots=False)
@@ -59,7 +98,7 @@ def test_rm_learns_a_planted_preference(task, tmp_path):
         return str(tmp_path / name)
 
     cfg = RMConfig(model=str(sft.model_dir), train_data=write("tr.jsonl", 96, 1), eval_data=write("ev.jsonl", 32, 2),
-                   batch_size=16, epochs=2, optim=OptimConfig(lr=3e-3))
+                   batch_size=16, epochs=2, optim=OptimConfig(lr=3e-3), train_model=train_model)
     res = train_rm(cfg, tmp_path / "rm", plots=False)
     assert res.accuracy >= 0.9
     head = ScalarHeadModel.from_pretrained(res.model_dir)

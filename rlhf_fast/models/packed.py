@@ -149,9 +149,14 @@ def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: 
 class _SegmentAttention:
     """`attend(layer, q, k, v, scale)` over a batch's segments (one plan reused by every layer).
 
-    CPU / fp32: the stream is split into its segments (one backward cat, not a zero-filled (T, ...) gradient per
-    slice); consecutive segments of one length with the same prefix run as one batched SDPA call (not in
-    deterministic mode, where every segment is its own call, so its result cannot depend on its neighbours)."""
+    CPU / fp32: consecutive segments are grouped into blocks of about BLOCK_ROWS stream rows, and each block is
+    one SDPA call whose boolean mask lets a row see its segment's prefix and, causally, its own segment: a few calls
+    per layer instead of one per segment (short segments, e.g. the K completions of an RM prompt or the n samples
+    of a PPO prompt, made the per-call overhead dominate), at the price of attending the masked-out pairs of a
+    block. In deterministic mode every segment is its own call, so its result cannot depend on its neighbours
+    (batch invariance)."""
+
+    BLOCK_ROWS = 256
 
     def __init__(self, batch: PackedBatch, deterministic: bool):
         self.segments = batch.segments
@@ -161,34 +166,60 @@ class _SegmentAttention:
         index = {(s, e): j for j, (s, e, _, _) in enumerate(self.segments)}
         self.lengths = [e - s for s, e, _, _ in self.segments]
         self.prefix = [index[(ps, pe)] if pe > ps else None for _, _, ps, pe in self.segments]
-        self.calls: list[list[int]] = []  # runs of segments attended in one call
-        for j, length in enumerate(self.lengths):
-            prev = self.calls[-1][-1] if self.calls else None
-            if (not deterministic and prev is not None and self.lengths[prev] == length
-                    and self.prefix[prev] == self.prefix[j]):
-                self.calls[-1].append(j)
-            else:
-                self.calls.append([j])
+        self.blocks: list[tuple[int, int, int]] = []  # (first row, end row, first key row) of each masked call
+        if not deterministic and self.segments:
+            first, keys = self.segments[0][0], self.segments[0][0]
+            for j, (s, e, ps, pe) in enumerate(self.segments):
+                keys = min(keys, ps) if pe > ps else keys
+                if e - first >= self.BLOCK_ROWS or j == len(self.segments) - 1:
+                    self.blocks.append((first, e, keys))
+                    first = keys = e
+        self.block_masks: dict[int, torch.Tensor] = {}
+
+    def _block_mask(self, b: int, device: torch.device) -> torch.Tensor:
+        """(rows, keys) bool of block `b`: a row sees its segment's prefix and its own segment up to itself."""
+        if b not in self.block_masks:
+            first, end, keys = self.blocks[b]
+            seg = torch.empty(end - first, dtype=torch.int64)  # the segment of every row of the block
+            bounds = []
+            for j, (s, e, ps, pe) in enumerate(self.segments):
+                if s >= first and e <= end:
+                    seg[s - first:e - first] = len(bounds)
+                    bounds.append((s, ps, pe))
+            b_start, b_ps, b_pe = (torch.tensor(x, dtype=torch.int64)[seg] for x in zip(*bounds))
+            rows = torch.arange(first, end)[:, None]
+            cols = torch.arange(keys, end)[None, :]
+            mask = ((cols >= b_start[:, None]) & (cols <= rows)) | ((cols >= b_ps[:, None]) & (cols < b_pe[:, None]))
+            self.block_masks[b] = mask.to(device)
+        return self.block_masks[b]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
         if flash is not None and not self.deterministic:
             return self._flash(flash, q, k, v, scale)
         gqa = q.shape[1] != k.shape[1]
+        if self.blocks:
+            qt, kt, vt = (z.transpose(0, 1) for z in (q, k, v))  # (heads, T, D)
+            outs = []
+            for b, (first, end, keys) in enumerate(self.blocks):
+                o = F.scaled_dot_product_attention(qt[None, :, first:end], kt[None, :, keys:end], vt[None, :, keys:end],
+                                                   attn_mask=self._block_mask(b, q.device), scale=scale,
+                                                   enable_gqa=gqa)
+                outs.append(o[0].transpose(0, 1))  # (rows, H, D)
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
         qs, ks, vs = (z.split(self.lengths) for z in (q, k, v))  # per segment (L, heads, D)
         outs = []
-        for run in self.calls:
-            n, length, pre = len(run), self.lengths[run[0]], self.prefix[run[0]]
-            qb = torch.stack([qs[j] for j in run]).transpose(1, 2)  # (n, H, L, D)
-            kb, vb = (torch.stack([z[j] for j in run]).transpose(1, 2) for z in (ks, vs))  # (n, KVH, L, D)
+        for j, length in enumerate(self.lengths):  # deterministic: one call per segment
+            qb, kb, vb = (z[j].transpose(0, 1)[None] for z in (qs, ks, vs))  # (1, heads, L, D)
+            pre = self.prefix[j]
             if pre is None:
                 o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
             else:
-                kp, vp = (z[pre].transpose(0, 1)[None].expand(n, -1, -1, -1) for z in (ks, vs))  # (n, KVH, P, D)
-                kb, vb = torch.cat((kp, kb), 2), torch.cat((vp, vb), 2)  # (n, KVH, P + L, D)
+                kp, vp = (z[pre].transpose(0, 1)[None] for z in (ks, vs))  # (1, KVH, P, D)
+                kb, vb = torch.cat((kp, kb), 2), torch.cat((vp, vb), 2)  # (1, KVH, P + L, D)
                 o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._mask(length, kp.shape[2], q.device),
                                                    scale=scale, enable_gqa=gqa)
-            outs.append(o.transpose(1, 2).reshape(n * length, *q.shape[1:]))  # (n * L, H, D)
+            outs.append(o[0].transpose(0, 1))  # (L, H, D)
         return torch.cat(outs)
 
     def _mask(self, q_len: int, prefix: int, device: torch.device) -> torch.Tensor:

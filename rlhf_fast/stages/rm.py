@@ -2,11 +2,18 @@
 
 For a prompt x with K ranked completions, every pair (y_w, y_l) with rank(y_w) < rank(y_l) contributes
     loss(x) = -1/#pairs(x) * sum_{(w, l)} log sigmoid(r(x, y_w) - r(x, y_l))     (InstructGPT, eq. 1)
-(ties give no pair). Each completion is scored by one forward pass; all pairs of a prompt sit in one minibatch,
-and the minibatch loss is the mean of loss(x) over its prompts.
+(ties give no pair). All pairs of a prompt sit in one minibatch, and the minibatch loss is the mean of loss(x) over
+its prompts.
+
+`rm.train_model: ours` (the default) scores a minibatch in one padding-free forward on the compact models
+(`rlhf_fast.models.packed`) in which each prompt is computed once and its K completions attend to its keys and
+values, so autograd sums their gradients into the shared prompt. On the default task that is ~3x fewer tokens than
+the padded batch (prompt ~8 tokens, K ~5 completions of ~8, padded to ~30). `hf` is the padded Hugging Face forward
+(the reference; also what a sharded model runs, and any architecture the compact models do not cover).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -21,6 +28,7 @@ from rlhf_fast.data import RankedExample, epoch_batches, load_rm, pad_right
 from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.models import disable_dropout, lora
 from rlhf_fast.models.loading import load_tokenizer
+from rlhf_fast.models.packed import PackedBatch, pack
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
 from rlhf_fast.stages.run_state import TrainRun, exclusive
 from rlhf_fast.truncation import context_length, fit_len
@@ -42,12 +50,14 @@ class RankedBatch(NamedTuple):
     better: torch.Tensor  # (P,) index into N of each pair's preferred completion
     worse: torch.Tensor  # (P,)
     weight: torch.Tensor  # (P,) 1 / (#pairs of its prompt * #prompts): the pair weights sum to 1
+    packed: PackedBatch | None = None  # the same N sequences padding-free, each prompt once (`shared=True`)
 
 
-def ranked_batch(examples: list[RankedExample], pad_id: int, prompts_with_pairs: int | None = None) -> RankedBatch:
+def ranked_batch(examples: list[RankedExample], pad_id: int, prompts_with_pairs: int | None = None, *,
+                 shared: bool = False) -> RankedBatch:
     """Flatten the completions of `examples` and list all their ordered pairs (ties excluded). The pair weights
     divide by `prompts_with_pairs` (default: those of `examples`; pass the global batch's when `examples` is one
-    rank's part of it)."""
+    rank's part of it). `shared`: also pack them for `score`'s padding-free path."""
     seqs, better, worse, weight = [], [], [], []
     if prompts_with_pairs is None:
         prompts_with_pairs = sum(1 for e in examples if len(set(e.ranks)) > 1)
@@ -60,8 +70,22 @@ def ranked_batch(examples: list[RankedExample], pad_id: int, prompts_with_pairs:
             worse.append(base + j)
             weight.append(1.0 / (len(pairs) * prompts_with_pairs))
     ids, lengths = pad_right(seqs, pad_id)
+    packed = None
+    if shared:
+        which = [i for i, e in enumerate(examples) for _ in e.completions]
+        packed = pack([examples[i].prompt_ids for i in which], [c for e in examples for c in e.completions],
+                      groups=which, share_prompts=True)
     return RankedBatch(ids, lengths, torch.tensor(better, dtype=torch.long), torch.tensor(worse, dtype=torch.long),
-                       torch.tensor(weight, dtype=torch.float32))
+                       torch.tensor(weight, dtype=torch.float32), packed)
+
+
+def score(model: ScalarHeadModel, batch: RankedBatch) -> torch.Tensor:
+    """The reward of every sequence of `batch`, `(N,)`: padding-free when `batch.packed` is set, else the padded
+    Hugging Face forward."""
+    if batch.packed is None:
+        return model.score(batch.input_ids, batch.lengths)
+    p = batch.packed
+    return model.packed(dataclasses.replace(p, input_ids=p.input_ids.to(model.head.weight.device)))[p.last_index()]
 
 
 def bradley_terry_loss(scores: torch.Tensor, batch: RankedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,14 +97,14 @@ def bradley_terry_loss(scores: torch.Tensor, batch: RankedBatch) -> tuple[torch.
 
 @torch.no_grad()
 def pairwise_accuracy(model: ScalarHeadModel, examples: list[RankedExample], pad_id: int,
-                      batch_size: int) -> float:
+                      batch_size: int, *, shared: bool = False) -> float:
     """Fraction of ranked pairs the model orders like the labels (equal scores count half)."""
     was_training = model.training
     model.eval()
     right, total = 0.0, 0
     for part, real in distributed.rank_parts(examples, batch_size):  # each rank scores its part of every batch
-        b = ranked_batch(part, pad_id)
-        margin = bradley_terry_loss(model.score(b.input_ids, b.lengths), b)[1]
+        b = ranked_batch(part, pad_id, shared=shared)
+        margin = bradley_terry_loss(score(model, b), b)[1]
         if real:
             right += float((margin > 0).sum()) + 0.5 * float((margin == 0).sum())
             total += margin.numel()
@@ -125,6 +149,7 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     sizes = [sum(len(c) for c in e.completions) for e in train]
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
+    shared = cfg.train_model == "ours" and not distributed.is_sharded(model)  # sharded: HF forward under FSDP
     params = model.trainable_parameters()
     opt = make_optimizer(params, cfg.optim)
     run.resume({"model": model}, opt, make_scheduler(opt, cfg.optim, total), total=total, tokenizer=tokenizer)
@@ -137,9 +162,9 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
         right = []
 
         def loss_of(items, real):  # a rank's prompts keep all their pairs
-            batch = ranked_batch(items, pad_id, with_pairs)
+            batch = ranked_batch(items, pad_id, with_pairs, shared=shared)
             with precision.autocast(cfg.mixed_precision, model.head.weight.device):
-                loss, margin = bradley_terry_loss(model.score(batch.input_ids, batch.lengths), batch)
+                loss, margin = bradley_terry_loss(score(model, batch), batch)
             if real:
                 right.append(((margin > 0).sum().item(), margin.numel()))
             return loss
@@ -148,11 +173,11 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
         hits, pairs = distributed.all_sum([sum(r for r, _ in right), sum(n for _, n in right)])
         return loss, {"train_accuracy": float(torch.tensor(float(hits)) / max(pairs, 1))}
 
-    evaluate = ((lambda: {"eval_accuracy": pairwise_accuracy(model, evals, pad_id, cfg.batch_size)}) if evals
-                else None)
+    evaluate = ((lambda: {"eval_accuracy": pairwise_accuracy(model, evals, pad_id, cfg.batch_size, shared=shared)})
+                if evals else None)
     if not run.loop(one_step, evaluate, params=params, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval_every):
         return RMResult(run.ckpt_dir, float("nan"), run.step, run.skipped, run.elapsed())
-    acc = pairwise_accuracy(model, evals, pad_id, cfg.batch_size) if evals else float("nan")
+    acc = pairwise_accuracy(model, evals, pad_id, cfg.batch_size, shared=shared) if evals else float("nan")
     run.metrics.log(run.step, eval_accuracy=acc)
     if plots:
         run.metrics.plot(["loss", "train_accuracy", "eval_accuracy", "lr"], out / "rm_curves.png", "Reward model")
