@@ -18,6 +18,11 @@ _BY_CLASS = {
 }
 
 
+def supports(hf_model) -> bool:
+    """Whether `bind_model` covers `hf_model`'s architecture."""
+    return any(c.__name__ in _BY_CLASS and c.__module__.startswith("transformers.") for c in type(hf_model).__mro__)
+
+
 def bind_model(hf_model):
     """The compact model for `hf_model` (a transformers causal LM or its bare backbone); it reads `hf_model`'s
     parameters at every call."""
@@ -28,4 +33,5 @@ def bind_model(hf_model):
                     f"{', '.join(sorted(_BY_CLASS))}")
 
 
-__all__ = ["AttnMetadata", "GPT2LM", "LlamaFamilyLM", "bind_model", "disable_dropout", "final_hidden", "output_head"]
+__all__ = ["AttnMetadata", "GPT2LM", "LlamaFamilyLM", "bind_model", "disable_dropout", "final_hidden", "output_head",
+           "supports"]

@@ -26,7 +26,7 @@ from rlhf_fast import distributed, precision
 from rlhf_fast.config import ConfigError, RMConfig, to_dict
 from rlhf_fast.data import RankedExample, epoch_batches, load_rm, pad_right
 from rlhf_fast.heads import ScalarHeadModel
-from rlhf_fast.models import disable_dropout, lora
+from rlhf_fast.models import disable_dropout, supports, lora
 from rlhf_fast.models.loading import load_tokenizer
 from rlhf_fast.models.packed import PackedBatch, pack
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
@@ -150,6 +150,10 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
     shared = cfg.train_model == "ours" and not distributed.is_sharded(model)  # sharded: HF forward under FSDP
+    if shared and not supports(model.lm):
+        log.info("rm: %s is not one of the compact models; training on the padded HF forward (train_model: hf)",
+                 type(model.lm).__name__)
+        shared = False
     params = model.trainable_parameters()
     opt = make_optimizer(params, cfg.optim)
     run.resume({"model": model}, opt, make_scheduler(opt, cfg.optim, total), total=total, tokenizer=tokenizer)
