@@ -367,11 +367,24 @@ def unsharded(*models: nn.Module) -> Iterator[None]:
     mods = [m for model in models if model is not None for m in _fsdp_modules(model)]
     for m in mods:
         m.unshard()
+        _gathered[id(m)] = _gathered.get(id(m), 0) + 1
     try:
         yield
     finally:
         for m in mods:
             m.reshard()
+            _gathered[id(m)] -= 1
+            if not _gathered[id(m)]:
+                del _gathered[id(m)]
+
+
+_gathered: dict[int, int] = {}  # id of each FSDP module inside `unsharded()` -> nesting depth
+
+
+def needs_hooks(model: nn.Module) -> bool:
+    """Whether code that reads `model`'s parameters itself (the compact models' padding-free forward) must run its
+    layers and root under their FSDP hooks (`root_call`): `model` is sharded and not inside `unsharded()`."""
+    return any(id(m) not in _gathered for m in _fsdp_modules(model))
 
 
 # --- gradients -------------------------------------------------------------------------------------------------

@@ -43,9 +43,13 @@ class ScalarHeadModel(nn.Module):
 
     def packed(self, batch, *, deterministic: bool = False) -> torch.Tensor:
         """One scalar per token of a `models.packed.PackedBatch` (padding-free, shared prompts), `(T,)` fp32."""
+        from rlhf_fast.distributed import needs_hooks, root_call
         from rlhf_fast.models.packed import packed_hidden
 
-        return self.head(packed_hidden(self.lm, batch, deterministic=deterministic)).squeeze(-1).float()
+        def run():
+            return self.head(packed_hidden(self.lm, batch, deterministic=deterministic)).squeeze(-1).float()
+
+        return root_call(self, run) if needs_hooks(self) else run()  # sharded: the root's params (head, embedding)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Backbone and head (with LoRA: the adapters and the head)."""

@@ -35,6 +35,9 @@ class GPT2LM(BoundLM):
         tr = self.inner
         return F.embedding(input_ids, tr.wte.weight, tr.wte.padding_idx) + tr.wpe.weight[positions], None  # (T, hidden)
 
+    def layer_module(self, i: int) -> torch.nn.Module:
+        return self.inner.h[i]
+
     def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool) -> torch.Tensor:
         t = h.shape[0]
         block = self.inner.h[i]

@@ -62,18 +62,31 @@ class BoundLM:
         """Decoder layer i on h (T, hidden) -> (T, hidden)."""
         raise NotImplementedError
 
+    def layer_module(self, i: int) -> torch.nn.Module:
+        """The Hugging Face module of decoder layer i (what FSDP shards)."""
+        raise NotImplementedError
+
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, det: bool, *,
-               recompute: bool = False) -> torch.Tensor:
+               recompute: bool = False, fsdp_hooks: bool = False) -> torch.Tensor:
         """The decoder stack over packed tokens, without the final norm: input_ids, positions (T,) ->
         hidden (T, hidden). `attend(layer, q, k, v, scale) -> (T, H, D)` is the attention (rollout: the KV cache;
         training: `models.packed`). Differentiable; the rollout calls it under no_grad. `recompute`: each layer
         under `torch.utils.checkpoint` (non-reentrant, RNG state kept), so its activations are recomputed in the
-        backward instead of stored (gradient checkpointing; only while autograd records)."""
+        backward instead of stored (gradient checkpointing; only while autograd records). `fsdp_hooks`: each layer
+        runs under its FSDP2 hooks (`distributed.root_call`) as its own forward would, so a sharded layer is
+        gathered for it and its gradients are reduce-scattered in the backward (not with `recompute`)."""
+        from rlhf_fast.distributed import root_call
+
         h, ctx = self.embed(input_ids, positions)
         recompute = recompute and torch.is_grad_enabled()
+        if recompute and fsdp_hooks:
+            raise ValueError("decode: recompute (gradient checkpointing) under FSDP hooks is not supported; "
+                             "use the Hugging Face forward for sharded models with gradient checkpointing")
         for i in range(self.num_layers):
             if recompute:
                 h = torch.utils.checkpoint.checkpoint(self.layer, i, h, ctx, attend, det, use_reentrant=False)
+            elif fsdp_hooks:
+                h = root_call(self.layer_module(i), self.layer, i, h, ctx, attend, det)
             else:
                 h = self.layer(i, h, ctx, attend, det)
         return h

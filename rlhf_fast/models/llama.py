@@ -47,6 +47,9 @@ class LlamaFamilyLM(BoundLM):
         emb = self.inner.embed_tokens  # padding_idx as in nn.Embedding: that row gets no gradient
         return F.embedding(input_ids, emb.weight, emb.padding_idx), self._rotary(positions)  # (T, hidden), (T, D) x 2
 
+    def layer_module(self, i: int) -> torch.nn.Module:
+        return self.inner.layers[i]
+
     def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool) -> torch.Tensor:
         cos, sin = ctx
         t = h.shape[0]

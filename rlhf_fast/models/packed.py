@@ -133,7 +133,12 @@ def bound(model: torch.nn.Module):
 def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: bool = False) -> torch.Tensor:
     """Final (normed) hidden states (T, hidden) of `batch` through `model`, differentiable w.r.t. its parameters.
     With gradient checkpointing switched on in `model` (`precision.enable_gradient_checkpointing`, HF's own flag)
-    each layer's activations are recomputed in the backward (`BoundLM.decode(recompute=True)`)."""
+    each layer's activations are recomputed in the backward (`BoundLM.decode(recompute=True)`).
+
+    A model sharded with FSDP2 (`distributed.shard`, torchrun) runs each layer, and `model` itself when it is the
+    FSDP root, under their FSDP hooks, so parameters are gathered per layer and gradients reduce-scattered as in
+    its own forward (a scalar-head model wraps this call in its root's hooks: `ScalarHeadModel.packed`)."""
+    from rlhf_fast import distributed
     from rlhf_fast.precision import is_checkpointing
 
     lm = bound(model)
@@ -141,22 +146,27 @@ def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: 
         raise ValueError(f"a packed sequence reaches position {int(batch.positions.max())}, over the model's "
                          f"context {lm.max_context}")
     attend = _SegmentAttention(batch, deterministic)
-    h = lm.decode(batch.input_ids.to(lm.device), batch.positions.to(lm.device), attend, deterministic,
-                 recompute=is_checkpointing(model))
-    return lm.final_norm(h)
+    hooks = distributed.needs_hooks(model)
+
+    def run():
+        h = lm.decode(batch.input_ids.to(lm.device), batch.positions.to(lm.device), attend, deterministic,
+                      recompute=is_checkpointing(model), fsdp_hooks=hooks)
+        return lm.final_norm(h)
+
+    return distributed.root_call(model, run) if hooks else run()
 
 
 class _SegmentAttention:
     """`attend(layer, q, k, v, scale)` over a batch's segments (one plan reused by every layer).
 
-    CPU / fp32: consecutive segments are grouped into blocks of about BLOCK_ROWS stream rows, and each block is
-    one SDPA call whose boolean mask lets a row see its segment's prefix and, causally, its own segment: a few calls
-    per layer instead of one per segment (short segments, e.g. the K completions of an RM prompt or the n samples
-    of a PPO prompt, made the per-call overhead dominate), at the price of attending the masked-out pairs of a
-    block. In deterministic mode every segment is its own call, so its result cannot depend on its neighbours
-    (batch invariance)."""
-
-    BLOCK_ROWS = 256
+    CPU / fp32, by attention unit: a prompt with the responses that share it (`share_prompts`), or a sequence of
+    its own. A shared prompt's unit is one SDPA call whose boolean mask lets each response row see the prompt and,
+    causally, its own response: one call per prompt instead of one per sample (short segments, e.g. the K
+    completions of an RM prompt or the n samples of a PPO prompt, made the per-call overhead dominate), at the
+    price of attending the masked-out pairs between a prompt's responses. Consecutive lone sequences of one length
+    run as one batched causal call. A unit's result depends only on the unit, so a prompt group scored whole and
+    later trained whole (PPO's minibatches of whole groups) gets bitwise the same attention. In deterministic mode
+    every segment is its own call, so its result cannot depend on its neighbours (batch invariance)."""
 
     def __init__(self, batch: PackedBatch, deterministic: bool):
         self.segments = batch.segments
@@ -166,60 +176,75 @@ class _SegmentAttention:
         index = {(s, e): j for j, (s, e, _, _) in enumerate(self.segments)}
         self.lengths = [e - s for s, e, _, _ in self.segments]
         self.prefix = [index[(ps, pe)] if pe > ps else None for _, _, ps, pe in self.segments]
-        self.blocks: list[tuple[int, int, int]] = []  # (first row, end row, first key row) of each masked call
-        if not deterministic and self.segments:
-            first, keys = self.segments[0][0], self.segments[0][0]
-            for j, (s, e, ps, pe) in enumerate(self.segments):
-                keys = min(keys, ps) if pe > ps else keys
-                if e - first >= self.BLOCK_ROWS or j == len(self.segments) - 1:
-                    self.blocks.append((first, e, keys))
-                    first = keys = e
-        self.block_masks: dict[int, torch.Tensor] = {}
+        # units in stream order: (first segment, end segment); a segment with a prefix joins its prefix's unit
+        self.units: list[list[int]] = []
+        for j, pre in enumerate(self.prefix):
+            if pre is not None and self.units and self.units[-1][0] <= pre < self.units[-1][1]:
+                self.units[-1][1] = j + 1
+            else:
+                self.units.append([j, j + 1])
+        # calls: ("run", [segments]) lone equal-length sequences batched, or ("unit", (first, end)) one masked call
+        self.calls: list[tuple[str, object]] = []
+        for first, end in self.units:
+            lone = end - first == 1 and self.prefix[first] is None
+            prev = self.calls[-1] if self.calls else None
+            if deterministic:
+                self.calls.extend(("run", [j]) for j in range(first, end))
+            elif lone and prev is not None and prev[0] == "run" and self.lengths[prev[1][-1]] == self.lengths[first]:
+                prev[1].append(first)
+            elif lone:
+                self.calls.append(("run", [first]))
+            else:
+                self.calls.append(("unit", (first, end)))
+        self.unit_masks: dict[int, torch.Tensor] = {}
 
-    def _block_mask(self, b: int, device: torch.device) -> torch.Tensor:
-        """(rows, keys) bool of block `b`: a row sees its segment's prefix and its own segment up to itself."""
-        if b not in self.block_masks:
-            first, end, keys = self.blocks[b]
-            seg = torch.empty(end - first, dtype=torch.int64)  # the segment of every row of the block
-            bounds = []
-            for j, (s, e, ps, pe) in enumerate(self.segments):
-                if s >= first and e <= end:
-                    seg[s - first:e - first] = len(bounds)
-                    bounds.append((s, ps, pe))
-            b_start, b_ps, b_pe = (torch.tensor(x, dtype=torch.int64)[seg] for x in zip(*bounds))
-            rows = torch.arange(first, end)[:, None]
-            cols = torch.arange(keys, end)[None, :]
-            mask = ((cols >= b_start[:, None]) & (cols <= rows)) | ((cols >= b_ps[:, None]) & (cols < b_pe[:, None]))
-            self.block_masks[b] = mask.to(device)
-        return self.block_masks[b]
+    def _unit_mask(self, first: int, end: int, device: torch.device) -> torch.Tensor:
+        """(rows, rows) bool over the unit's stream rows: a row sees its segment's prefix and its own segment up to
+        itself."""
+        if first not in self.unit_masks:
+            row0, row1 = self.segments[first][0], self.segments[end - 1][1]
+            seg = torch.empty(row1 - row0, dtype=torch.int64)  # the segment (0-based in the unit) of every row
+            for j in range(first, end):
+                s, e = self.segments[j][:2]
+                seg[s - row0:e - row0] = j - first
+            starts, ps, pe = (torch.tensor(x, dtype=torch.int64)[seg] - row0
+                              for x in zip(*[(s, p0, p1) for s, _, p0, p1 in self.segments[first:end]]))
+            pe = torch.where(pe < 0, 0, pe)  # segments without a prefix: (0, 0) - row0 -> an empty range
+            ps = torch.where(pe == 0, 0, ps)
+            rows = torch.arange(row1 - row0)[:, None]
+            cols = torch.arange(row1 - row0)[None, :]
+            mask = ((cols >= starts[:, None]) & (cols <= rows)) | ((cols >= ps[:, None]) & (cols < pe[:, None]))
+            self.unit_masks[first] = mask.to(device)
+        return self.unit_masks[first]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
         if flash is not None and not self.deterministic:
             return self._flash(flash, q, k, v, scale)
         gqa = q.shape[1] != k.shape[1]
-        if self.blocks:
-            qt, kt, vt = (z.transpose(0, 1) for z in (q, k, v))  # (heads, T, D)
-            outs = []
-            for b, (first, end, keys) in enumerate(self.blocks):
-                o = F.scaled_dot_product_attention(qt[None, :, first:end], kt[None, :, keys:end], vt[None, :, keys:end],
-                                                   attn_mask=self._block_mask(b, q.device), scale=scale,
-                                                   enable_gqa=gqa)
-                outs.append(o[0].transpose(0, 1))  # (rows, H, D)
-            return torch.cat(outs) if len(outs) > 1 else outs[0]
         qs, ks, vs = (z.split(self.lengths) for z in (q, k, v))  # per segment (L, heads, D)
         outs = []
-        for j, length in enumerate(self.lengths):  # deterministic: one call per segment
-            qb, kb, vb = (z[j].transpose(0, 1)[None] for z in (qs, ks, vs))  # (1, heads, L, D)
-            pre = self.prefix[j]
+        for kind, what in self.calls:
+            if kind == "unit":
+                first, end = what
+                row0, row1 = self.segments[first][0], self.segments[end - 1][1]
+                qb, kb, vb = (z[row0:row1].transpose(0, 1)[None] for z in (q, k, v))  # (1, heads, rows, D)
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._unit_mask(first, end, q.device),
+                                                   scale=scale, enable_gqa=gqa)
+                outs.append(o[0].transpose(0, 1))  # (rows, H, D)
+                continue
+            run = what
+            n, length, pre = len(run), self.lengths[run[0]], self.prefix[run[0]]
+            qb = torch.stack([qs[j] for j in run]).transpose(1, 2)  # (n, H, L, D)
+            kb, vb = (torch.stack([z[j] for j in run]).transpose(1, 2) for z in (ks, vs))  # (n, KVH, L, D)
             if pre is None:
                 o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
-            else:
-                kp, vp = (z[pre].transpose(0, 1)[None] for z in (ks, vs))  # (1, KVH, P, D)
-                kb, vb = torch.cat((kp, kb), 2), torch.cat((vp, vb), 2)  # (1, KVH, P + L, D)
+            else:  # deterministic: a response on its own with its prompt's keys first
+                kp, vp = (z[pre].transpose(0, 1)[None].expand(n, -1, -1, -1) for z in (ks, vs))  # (n, KVH, P, D)
+                kb, vb = torch.cat((kp, kb), 2), torch.cat((vp, vb), 2)  # (n, KVH, P + L, D)
                 o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._mask(length, kp.shape[2], q.device),
                                                    scale=scale, enable_gqa=gqa)
-            outs.append(o[0].transpose(0, 1))  # (L, H, D)
+            outs.append(o.transpose(1, 2).reshape(n * length, *q.shape[1:]))  # (n * L, H, D)
         return torch.cat(outs)
 
     def _mask(self, q_len: int, prefix: int, device: torch.device) -> torch.Tensor:

@@ -96,8 +96,10 @@ class PPOTrainer:
             log.warning("ppo: mixed_precision runs the update in bf16 while old_logp=reuse takes the rollout's fp32 "
                         "log-probs, so the ratio at unchanged weights is 1 only up to bf16 rounding; set "
                         "old_logp=recompute for an exact start")
-        # the packed update reads the parameters itself; sharded, the update goes through the HF forward (FSDP hooks)
-        self.packed_update = cfg.train_model == "ours" and not distributed.is_sharded(policy)
+        # the packed update reads the parameters itself, sharded under each layer's FSDP hooks; sharded with gradient
+        # checkpointing it goes through the HF forward
+        self.packed_update = cfg.train_model == "ours" and not (distributed.is_sharded(policy)
+                                                                 and cfg.gradient_checkpointing)
 
     def sampling(self, iteration: int) -> SamplingParams:
         return self.cfg.sampling.params(seed=self.cfg.seed * 100_003 + iteration, stop_token_ids=self.stop_ids)

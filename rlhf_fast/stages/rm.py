@@ -9,7 +9,8 @@ its prompts.
 (`rlhf_fast.models.packed`) in which each prompt is computed once and its K completions attend to its keys and
 values, so autograd sums their gradients into the shared prompt. On the default task that is ~3x fewer tokens than
 the padded batch (prompt ~8 tokens, K ~5 completions of ~8, padded to ~30). `hf` is the padded Hugging Face forward
-(the reference; also what a sharded model runs, and any architecture the compact models do not cover).
+(the reference; also what runs for a sharded model with gradient checkpointing and for any architecture the compact
+models do not cover).
 """
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     sizes = [sum(len(c) for c in e.completions) for e in train]
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
-    shared = cfg.train_model == "ours" and not distributed.is_sharded(model)  # sharded: HF forward under FSDP
+    shared = cfg.train_model == "ours" and not (distributed.is_sharded(model) and cfg.gradient_checkpointing)
     if shared and not supports(model.lm):
         log.info("rm: %s is not one of the compact models; training on the padded HF forward (train_model: hf)",
                  type(model.lm).__name__)
