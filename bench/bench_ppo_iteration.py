@@ -196,7 +196,7 @@ def bench_iteration(*, vocab: int = 32000, hidden: int = 256, layers: int = 4, n
                     optim=OptimConfig(lr=1e-6, schedule="constant"), max_len=512, device=device,
                     **({"train_model": train_model} if "train_model" in PPOConfig.__dataclass_fields__ else {}))
     build = lambda seed: llama(vocab, hidden, layers, seed, dtype, device)  # noqa: E731
-    tok = types.SimpleNamespace(pad_token_id=0, eos_token_id=-1)  # no stop token: every response is full length
+    tok = types.SimpleNamespace(pad_token_id=0, eos_token_id=-1, bos_token_id=None)  # no stop: full-length responses
     ours = PPOTrainer(cfg, build(0), ScalarHeadModel(build(1)).to(device=device, dtype=dtype),
                       build(0).requires_grad_(False), ScalarHeadModel(build(1)).to(device=device, dtype=dtype)
                       .requires_grad_(False), tok)

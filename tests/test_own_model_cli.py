@@ -1,6 +1,7 @@
 """Own models and chat data through the `rlhf-fast` CLI (in process): SFT -> RM -> PPO on a ChatML Llama with BOS
 and on a GPT-2 with dropout 0.1 and tied weights, a bf16 Qwen2 checkpoint that comes back bf16, and the checks PPO
 makes before it trains."""
+import dataclasses
 import json
 import logging
 
@@ -56,6 +57,15 @@ def test_chat_data_sft_rm_ppo_through_the_cli(own, caplog, family, ppo_args):
     assert len(rows) == 1 and rows[0]["step"] == 1
     for d in ("sft/final", "rm/final", "ppo/final/policy"):
         assert precision.checkpoint_dtype(out / d) == torch.float32  # an fp32 checkpoint stays fp32
+    cut = out / "sft-cut"  # a budget that cuts: the run dir says how many were cut
+    run("sft", "--set", f"model={root / family}", "--set", f"train_data={files['sft']}", "--set", "max_len=12",
+        *small, "--out", str(cut))
+    counts = json.loads((cut / "truncation.json").read_text())[files["sft"]]
+    from rlhf_fast.data import load_sft
+    from rlhf_fast.models.loading import load_tokenizer
+
+    assert counts == dataclasses.asdict(load_sft(files["sft"], load_tokenizer(root / family, "x"), 12).counts)
+    assert counts["prompts_cut"] + counts["responses_cut"] > 0
 
 
 def test_bf16_checkpoint_comes_back_bf16(own):

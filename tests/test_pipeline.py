@@ -1,6 +1,7 @@
 """`rlhf-fast pipeline` end to end at a toy size through the CLI, and its resume behaviour."""
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,12 @@ def test_pipeline_end_to_end_then_resume(tmp_path, capsys, caplog):
     assert json.loads(capsys.readouterr().out)["win_rate"] == report["win_rate"]
     for stage in ("sft", "rm", "ppo"):
         assert (out / stage / "metrics.jsonl").is_file()
+    trunc = {st: {Path(f).name: c for f, c in d.items()} for st, d in report["truncation"].items()}  # what was cut
+    n_lines = lambda f: len((out / "data" / f).read_text().splitlines())  # noqa: E731
+    assert trunc["sft"]["sft_train.jsonl"]["examples"] == n_lines("sft_train.jsonl")  # nothing cut on the task
+    assert trunc["rm"]["rm_train.jsonl"]["examples"] == n_lines("rm_train.jsonl")
+    assert trunc["ppo"]["ppo_prompts.jsonl"] == {"examples": n_lines("ppo_prompts.jsonl"), "prompts_cut": 0,
+                                                 "responses_cut": 0, "dropped": 0, "pairs_dropped": 0}
     assert (out / "curves.png").stat().st_size > 0
     assert json.loads((out / "config.json").read_text())["ppo"]["ptx_coef"] == 0.1
     ppo_log = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]

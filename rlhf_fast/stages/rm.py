@@ -32,7 +32,7 @@ from rlhf_fast.models.loading import load_tokenizer
 from rlhf_fast.models.packed import PackedBatch, pack
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
 from rlhf_fast.stages.run_state import TrainRun, exclusive
-from rlhf_fast.truncation import context_length, fit_len
+from rlhf_fast.truncation import context_length, fit_len, write_counts
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     max_len = fit_len(cfg.max_len, context_length(model.lm))
     train = load_rm(cfg.train_data, tokenizer, max_len, overlong=cfg.overlong)
     evals = load_rm(cfg.eval_data, tokenizer, max_len, overlong=cfg.overlong) if cfg.eval_data else []
+    write_counts(out, {cfg.train_data: train, cfg.eval_data: evals})
     sizes = [sum(len(c) for c in e.completions) for e in train]
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
