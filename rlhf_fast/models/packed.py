@@ -12,8 +12,8 @@ Positions restart at 0 per sequence (a response continues at its prompt's length
 
 The forward is the compact model's own `decode` (the layer functions the rollout engine runs), here with autograd:
 its numerics are those of the Hugging Face forward whose parameters it reads (tests: Llama, Qwen2, GPT-2). On CUDA
-in half precision attention is flash-attn's varlen kernel when installed; otherwise PyTorch SDPA per segment. With
-`deterministic=True` the GEMMs run in the rollout's fixed row chunks and attention is per segment, so a sequence's
+in half precision attention is flash-attn's varlen kernel when installed; otherwise PyTorch SDPA per prompt group.
+With `deterministic=True` the GEMMs run in the rollout's fixed row chunks and attention is per segment, so a sequence's
 result does not depend on what else is packed with it (batch invariance).
 """
 from __future__ import annotations
