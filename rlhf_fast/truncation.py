@@ -49,38 +49,6 @@ class Counts:
         return bool(self.prompts_cut or self.responses_cut or self.dropped or self.pairs_dropped)
 
 
-COUNTS_FILE = "truncation.json"
-
-
-def write_counts(out_dir, loaded: dict) -> None:
-    """`out_dir/truncation.json`: {data file: what its loader kept, cut and dropped} for the `Examples` in `loaded`
-    (the stage's data, by file; other values are skipped), so a run says how many examples truncation touched
-    (the pipeline copies them into `report.json`). Rank 0 writes it."""
-    import json
-    import os
-    from pathlib import Path
-
-    from rlhf_fast import distributed
-
-    if not distributed.is_main():
-        return
-    d = {str(f): dataclasses.asdict(x.counts) for f, x in loaded.items() if f and isinstance(x, Examples)}
-    path = Path(out_dir) / COUNTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(d, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def read_counts(out_dir) -> dict:
-    """What `write_counts` wrote in `out_dir` ({} if nothing)."""
-    import json
-    from pathlib import Path
-
-    path = Path(out_dir) / COUNTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 class Examples(list):
     """A loader's examples, with the `Counts` of what truncation did to the file."""
 

@@ -10,6 +10,7 @@ goes through the paged kernel one query at a time, keys in block-table order.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from rlhf_fast import ops
+from rlhf_fast.distributed import root_call
 
 ROW_CHUNK = 16  # rows per GEMM call in deterministic mode
 
@@ -39,8 +41,9 @@ class AttnMetadata:
     deterministic: bool = False
 
 
-class BoundLM:
-    """Base of the compact models: they hold the Hugging Face model (`self.hf`) and read its parameters per call."""
+class BoundLM(abc.ABC):
+    """Base of the compact models: they hold the Hugging Face model (`self.hf`) and read its parameters per call.
+    A model family supplies `embed`, `layer`, `layer_module` and `final_norm`; `decode` and `logits` are shared."""
 
     hf: torch.nn.Module  # the causal LM, or a bare backbone (no lm_head: a value / reward model's)
 
@@ -54,17 +57,21 @@ class BoundLM:
 
     num_layers: int
 
+    @abc.abstractmethod
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, object]:
         """(T,) ids and positions -> the embeddings (T, hidden) and what every layer reads besides (rotary)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool) -> torch.Tensor:
         """Decoder layer i on h (T, hidden) -> (T, hidden)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def layer_module(self, i: int) -> torch.nn.Module:
         """The Hugging Face module of decoder layer i (what FSDP shards)."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm of the stack on decode's output (T, hidden)."""
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, det: bool, *,
                recompute: bool = False, fsdp_hooks: bool = False) -> torch.Tensor:

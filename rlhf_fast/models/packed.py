@@ -203,17 +203,15 @@ class _SegmentAttention:
         itself."""
         if first not in self.unit_masks:
             row0, row1 = self.segments[first][0], self.segments[end - 1][1]
-            seg = torch.empty(row1 - row0, dtype=torch.int64)  # the segment (0-based in the unit) of every row
-            for j in range(first, end):
-                s, e = self.segments[j][:2]
-                seg[s - row0:e - row0] = j - first
-            starts, ps, pe = (torch.tensor(x, dtype=torch.int64)[seg] - row0
-                              for x in zip(*[(s, p0, p1) for s, _, p0, p1 in self.segments[first:end]]))
-            pe = torch.where(pe < 0, 0, pe)  # segments without a prefix: (0, 0) - row0 -> an empty range
-            ps = torch.where(pe == 0, 0, ps)
+            start, pre_start, pre_end = (torch.empty(row1 - row0, dtype=torch.int64) for _ in range(3))  # per row
+            for s, e, ps, pe in self.segments[first:end]:
+                start[s - row0:e - row0] = s - row0
+                pre_start[s - row0:e - row0] = ps - row0 if pe > ps else 0  # no prefix: the empty range [0, 0)
+                pre_end[s - row0:e - row0] = pe - row0 if pe > ps else 0
             rows = torch.arange(row1 - row0)[:, None]
-            cols = torch.arange(row1 - row0)[None, :]
-            mask = ((cols >= starts[:, None]) & (cols <= rows)) | ((cols >= ps[:, None]) & (cols < pe[:, None]))
+            cols = rows.T
+            own = (cols >= start[:, None]) & (cols <= rows)
+            mask = own | ((cols >= pre_start[:, None]) & (cols < pre_end[:, None]))
             self.unit_masks[first] = mask.to(device)
         return self.unit_masks[first]
 
@@ -222,7 +220,7 @@ class _SegmentAttention:
         if flash is not None and not self.deterministic:
             return self._flash(flash, q, k, v, scale)
         gqa = q.shape[1] != k.shape[1]
-        qs, ks, vs = (z.split(self.lengths) for z in (q, k, v))  # per segment (L, heads, D)
+        split = None  # per segment (L, heads, D), for the batched runs
         outs = []
         for kind, what in self.calls:
             if kind == "unit":
@@ -234,6 +232,9 @@ class _SegmentAttention:
                 outs.append(o[0].transpose(0, 1))  # (rows, H, D)
                 continue
             run = what
+            if split is None:
+                split = tuple(z.split(self.lengths) for z in (q, k, v))
+            qs, ks, vs = split
             n, length, pre = len(run), self.lengths[run[0]], self.prefix[run[0]]
             qb = torch.stack([qs[j] for j in run]).transpose(1, 2)  # (n, H, L, D)
             kb, vb = (torch.stack([z[j] for j in run]).transpose(1, 2) for z in (ks, vs))  # (n, KVH, L, D)

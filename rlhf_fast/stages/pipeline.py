@@ -24,9 +24,8 @@ from rlhf_fast.stages.common import MetricsLog, jsonable, plot_panels, resolve_d
 from rlhf_fast.stages.experience import make_rollout, policy_logprobs
 from rlhf_fast.stages.ppo import load_frozen_pair, train_ppo
 from rlhf_fast.stages.rm import train_rm
-from rlhf_fast.stages.run_state import EXTEND_KEYS, check_config, exclusive
+from rlhf_fast.stages.run_state import EXTEND_KEYS, check_config, exclusive, read_truncation
 from rlhf_fast.stages.sft import train_sft
-from rlhf_fast.truncation import read_counts
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +173,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, stop_after: tuple[
              "eval": time.perf_counter() - t}
     report = {"sft_eval_loss": _or_null(sft.eval_loss), "rm_accuracy": _or_null(rm.accuracy), **cmp,
               "skipped_steps": {"sft": sft.skipped_steps, "rm": rm.skipped_steps, "ppo": ppo.skipped_steps},
-              "truncation": {stage: read_counts(out / stage) for stage in ("sft", "rm", "ppo")},
+              "truncation": {stage: read_truncation(out / stage) for stage in ("sft", "rm", "ppo")},
               "stage_time_s": times, "wall_time_s": sum(times.values()), "torch_threads": torch.get_num_threads(),
               "distributed": scale}
     (out / "report.json").write_text(json.dumps(jsonable(report), indent=2))

@@ -34,9 +34,9 @@ from rlhf_fast.stages import packed_passes as pp
 from rlhf_fast.stages import reward_fn as rfn
 from rlhf_fast.stages.common import guarded_step, make_optimizer, make_scheduler, progress, resolve_device
 from rlhf_fast.stages.kl_control import KLController
-from rlhf_fast.stages.run_state import TrainRun, exclusive
+from rlhf_fast.stages.run_state import TrainRun, exclusive, record_truncation
 from rlhf_fast.stages.sft import response_nll
-from rlhf_fast.truncation import context_length, fit_len, write_counts
+from rlhf_fast.truncation import context_length, fit_len
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
                                              max_new_tokens=cfg.sampling.max_new_tokens, overlong=cfg.overlong)
     ptx = (load_texts(cfg.ptx_data, tokenizer, fit_len(cfg.ptx_max_len, context_length(policy)))
            if cfg.ptx_data and cfg.ptx_coef > 0 else [])
-    write_counts(out, {cfg.prompts: prompts, cfg.ptx_data: ptx})
+    record_truncation(out, {cfg.prompts: prompts, cfg.ptx_data: ptx})
     trainer = PPOTrainer(cfg, policy, value, ref, rm, tokenizer, ptx, reward_fn)
     models = {"policy": policy, **({"value": value} if value is not None else {})}
     run.resume(models, trainer.opt, trainer.sched, total=cfg.iterations,

@@ -31,8 +31,8 @@ from rlhf_fast.models import disable_dropout, supports, lora
 from rlhf_fast.models.loading import load_tokenizer
 from rlhf_fast.models.packed import PackedBatch, pack
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
-from rlhf_fast.stages.run_state import TrainRun, exclusive
-from rlhf_fast.truncation import context_length, fit_len, write_counts
+from rlhf_fast.stages.run_state import TrainRun, exclusive, record_truncation
+from rlhf_fast.truncation import context_length, fit_len
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ class RMResult(NamedTuple):
 
 
 class RankedBatch(NamedTuple):
-    input_ids: torch.Tensor  # (N, T) every completion of every prompt, right-padded
-    lengths: torch.Tensor  # (N,)
+    input_ids: torch.Tensor | None  # (N, T) every completion of every prompt, right-padded (None when `packed`)
+    lengths: torch.Tensor | None  # (N,)
     better: torch.Tensor  # (P,) index into N of each pair's preferred completion
     worse: torch.Tensor  # (P,)
     weight: torch.Tensor  # (P,) 1 / (#pairs of its prompt * #prompts): the pair weights sum to 1
@@ -58,7 +58,7 @@ def ranked_batch(examples: list[RankedExample], pad_id: int, prompts_with_pairs:
                  shared: bool = False) -> RankedBatch:
     """Flatten the completions of `examples` and list all their ordered pairs (ties excluded). The pair weights
     divide by `prompts_with_pairs` (default: those of `examples`; pass the global batch's when `examples` is one
-    rank's part of it). `shared`: also pack them for `score`'s padding-free path."""
+    rank's part of it). `shared`: packed for `score`'s padding-free path instead of padded."""
     seqs, better, worse, weight = [], [], [], []
     if prompts_with_pairs is None:
         prompts_with_pairs = sum(1 for e in examples if len(set(e.ranks)) > 1)
@@ -70,12 +70,13 @@ def ranked_batch(examples: list[RankedExample], pad_id: int, prompts_with_pairs:
             better.append(base + i)
             worse.append(base + j)
             weight.append(1.0 / (len(pairs) * prompts_with_pairs))
-    ids, lengths = pad_right(seqs, pad_id)
-    packed = None
+    ids = lengths = packed = None
     if shared:
         which = [i for i, e in enumerate(examples) for _ in e.completions]
         packed = pack([examples[i].prompt_ids for i in which], [c for e in examples for c in e.completions],
                       groups=which, share_prompts=True)
+    else:
+        ids, lengths = pad_right(seqs, pad_id)
     return RankedBatch(ids, lengths, torch.tensor(better, dtype=torch.long), torch.tensor(worse, dtype=torch.long),
                        torch.tensor(weight, dtype=torch.float32), packed)
 
@@ -147,7 +148,7 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     max_len = fit_len(cfg.max_len, context_length(model.lm))
     train = load_rm(cfg.train_data, tokenizer, max_len, overlong=cfg.overlong)
     evals = load_rm(cfg.eval_data, tokenizer, max_len, overlong=cfg.overlong) if cfg.eval_data else []
-    write_counts(out, {cfg.train_data: train, cfg.eval_data: evals})
+    record_truncation(out, {cfg.train_data: train, cfg.eval_data: evals})
     sizes = [sum(len(c) for c in e.completions) for e in train]
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)

@@ -12,6 +12,7 @@ the optimiser, the schedule, extra state and the RNG, count elapsed time over re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -27,6 +28,7 @@ from rlhf_fast.checkpoint import (clean_stale, find_checkpoint, load_state, read
                                   save_checkpoint, set_rng_state, share_modes)
 from rlhf_fast.config import ConfigError
 from rlhf_fast.stages.common import MetricsLog, StepResult, guarded_step, progress
+from rlhf_fast.truncation import Examples
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +103,40 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def write_json(path: Path, obj) -> None:
+    """`obj` as `path` (JSON), written by rank 0 through a temporary file and a rename."""
+    if not distributed.is_main():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.rename(path)
+
+
+TRUNCATION_FILE = "truncation.json"
+
+
+def record_truncation(out: Path, loaded: dict) -> None:
+    """`out/truncation.json`: {data file: what its loader kept, cut and dropped} for the `truncation.Examples` in
+    `loaded` (a stage's data by file; empty paths and plain lists are skipped), so a run says how many examples
+    truncation touched; the pipeline copies them into `report.json`."""
+    write_json(out / TRUNCATION_FILE, {str(f): dataclasses.asdict(x.counts) for f, x in loaded.items()
+                                       if f and isinstance(x, Examples)})
+
+
+def read_truncation(out: Path) -> dict:
+    """What `record_truncation` wrote in `out` ({} if nothing)."""
+    path = out / TRUNCATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def check_config(out: Path, config: dict, *, name: str, started: bool) -> dict:
     """Record `config` as `out/config.json` while the run has not `started` (no checkpoint yet: a failed first
     attempt may be rerun with a fixed config); once it has, compare with the record and raise a ConfigError naming
     every changed key that is not in `ALLOWED_CHANGES`. Returns the allowed changes."""
     rec = out / CONFIG_FILE
     if not started or not rec.is_file():
-        if distributed.is_main():
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = rec.with_name(f".{CONFIG_FILE}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(config, indent=2))
-            tmp.rename(rec)
+        write_json(rec, config)
         return {}
     try:
         recorded = json.loads(rec.read_text())

@@ -19,8 +19,8 @@ from rlhf_fast.models import final_hidden, output_head
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.models.lora import LoRALM
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
-from rlhf_fast.stages.run_state import TrainRun, exclusive
-from rlhf_fast.truncation import context_length, fit_len, write_counts
+from rlhf_fast.stages.run_state import TrainRun, exclusive, record_truncation
+from rlhf_fast.truncation import context_length, fit_len
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     kw = dict(overlong=cfg.overlong, assistant_turns=cfg.assistant_turns)
     train = load_sft(cfg.train_data, tokenizer, max_len, **kw)
     evals = load_sft(cfg.eval_data, tokenizer, max_len, **kw) if cfg.eval_data else []
-    write_counts(out, {cfg.train_data: train, cfg.eval_data: evals})
+    record_truncation(out, {cfg.train_data: train, cfg.eval_data: evals})
     lengths = [len(e.input_ids) for e in train]
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
