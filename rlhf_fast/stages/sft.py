@@ -15,7 +15,7 @@ import torch
 from rlhf_fast import distributed, ops, precision
 from rlhf_fast.config import ConfigError, SFTConfig, to_dict
 from rlhf_fast.data import IGNORE_INDEX, SFTExample, epoch_batches, load_sft, sft_batch
-from rlhf_fast.models import final_hidden, output_head
+from rlhf_fast.models import final_hidden, lora, output_head
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.models.lora import LoRALM
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
@@ -89,8 +89,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, "sft.tokenizer" if cfg.tokenizer else "sft.model")
     model = _load_model(cfg, tokenizer)
     if cfg.lora.r:  # only the adapters train; the final export is the merged model (+ adapter/ in peft's format)
-        if distributed.world_size() > 1:
-            raise ConfigError("lora.r: LoRA runs in one process for now (the sharded path does not wrap adapters)")
+        lora.refuse_sharded()
         model = LoRALM.wrap(model, cfg.lora, cfg.model, seed=cfg.seed)
     model.to(resolve_device(cfg.device)).train()
     if cfg.gradient_checkpointing:
