@@ -109,21 +109,29 @@ def test_deterministic_mode_is_batch_invariant(share):
         torch.testing.assert_close(pred, packed_hidden(model, full)[full.predict_index(7)], atol=1e-5, rtol=1e-5)
 
 
-def test_a_whole_prompt_group_is_one_attention_call():
-    """Outside deterministic mode a shared prompt and its responses are one masked attention call (not one per
-    sample), whose result depends on that group only: reordering the groups of a batch (what PPO's update does to
-    the scored rollout) gives bitwise the same hidden states, and a group packed alone agrees to fp32 rounding (the
-    GEMMs over the stream may round differently at another row count; deterministic mode fixes that too)."""
+def test_a_whole_prompt_group_is_one_attention_unit(monkeypatch):
+    """Outside deterministic mode a shared prompt and its responses are one attention unit of two SDPA calls (the
+    prompt, then its responses as one padded batch; not one call per sample), whose result depends on that group
+    only: reordering the groups of a batch (what PPO's update does to the scored rollout) gives bitwise the same
+    hidden states, and a group packed alone agrees to fp32 rounding (the GEMMs over the stream may round
+    differently at another row count; deterministic mode fixes that too)."""
+    from rlhf_fast.models import packed
     from rlhf_fast.models.packed import _SegmentAttention
 
     model = tiny("llama")
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[2]]
     responses = [[11, 12, 13], [14, 15], [16], [20, 21, 22, 23, 24, 25, 26], [27], [30]]
     groups = [0, 0, 0, 1, 1, 2]
+    sdpa, calls = packed.F.scaled_dot_product_attention, []
+    monkeypatch.setattr(packed.F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(q.shape[0])
+                        or sdpa(q, *a, **kw))
     with torch.no_grad():
         full = pack(prompts, responses, groups=groups, share_prompts=True)
         assert [kind for kind, _ in _SegmentAttention(full, False).calls] == ["unit"] * 3
         pred = packed_hidden(model, full)[full.predict_index(7)]
+        # per layer: each prompt (batch 1), then its 3, 2 and 1 responses as one batch
+        assert calls == [1, 3, 1, 2, 1, 1] * model.config.num_hidden_layers
+        monkeypatch.setattr(packed.F, "scaled_dot_product_attention", sdpa)
         order = [3, 4, 5, 0, 1, 2]  # groups 1, 2, 0
         moved = pack([prompts[i] for i in order], [responses[i] for i in order], groups=[groups[i] for i in order],
                      share_prompts=True)

@@ -160,13 +160,16 @@ class _SegmentAttention:
     """`attend(layer, q, k, v, scale)` over a batch's segments (one plan reused by every layer).
 
     CPU / fp32, by attention unit: a prompt with the responses that share it (`share_prompts`), or a sequence of
-    its own. A shared prompt's unit is one SDPA call whose boolean mask lets each response row see the prompt and,
-    causally, its own response: one call per prompt instead of one per sample (short segments, e.g. the K
-    completions of an RM prompt or the n samples of a PPO prompt, made the per-call overhead dominate), at the
-    price of attending the masked-out pairs between a prompt's responses. Consecutive lone sequences of one length
-    run as one batched causal call. A unit's result depends only on the unit, so a prompt group scored whole and
-    later trained whole (PPO's minibatches of whole groups) gets bitwise the same attention. In deterministic mode
-    every segment is its own call, so its result cannot depend on its neighbours (batch invariance)."""
+    its own. A shared prompt's unit is two SDPA calls, whatever its number of samples: the prompt, causal; then its
+    responses as one batch, each response's queries against the prompt's keys followed by its own keys (causal),
+    the responses padded to the unit's longest (padded keys masked out, padded queries dropped). Per-sample calls
+    (short segments: the K completions of an RM prompt, the n samples of a PPO prompt) made the call overhead
+    dominate; one masked call over the whole unit attended every pair between a prompt's responses, n times the
+    work. The prompt's keys and values are gathered once per response, so autograd sums the responses' gradients
+    into them. Consecutive lone sequences of one length run as one batched causal call. A unit's result depends
+    only on the unit, so a prompt group scored whole and later trained whole (PPO's minibatches of whole groups)
+    gets bitwise the same attention. In deterministic mode every segment is its own call, so its result cannot
+    depend on its neighbours (batch invariance)."""
 
     def __init__(self, batch: PackedBatch, deterministic: bool):
         self.segments = batch.segments
@@ -179,11 +182,14 @@ class _SegmentAttention:
         # units in stream order: (first segment, end segment); a segment with a prefix joins its prefix's unit
         self.units: list[list[int]] = []
         for j, pre in enumerate(self.prefix):
-            if pre is not None and self.units and self.units[-1][0] <= pre < self.units[-1][1]:
+            if pre is not None and self.units and self.units[-1][0] == pre:
                 self.units[-1][1] = j + 1
+            elif pre is not None:
+                raise ValueError(f"packed batch: segment {j}'s prefix is not the segment that starts its unit "
+                                 "(`pack` puts each response right after its prompt and the other responses of it)")
             else:
                 self.units.append([j, j + 1])
-        # calls: ("run", [segments]) lone equal-length sequences batched, or ("unit", (first, end)) one masked call
+        # calls: ("run", [segments]) lone equal-length sequences batched, or ("unit", (first, end)): prompt + responses
         self.calls: list[tuple[str, object]] = []
         for first, end in self.units:
             lone = end - first == 1 and self.prefix[first] is None
@@ -196,24 +202,28 @@ class _SegmentAttention:
                 self.calls.append(("run", [first]))
             else:
                 self.calls.append(("unit", (first, end)))
-        self.unit_masks: dict[int, torch.Tensor] = {}
+        self.unit_plans: dict[int, tuple] = {}
 
-    def _unit_mask(self, first: int, end: int, device: torch.device) -> torch.Tensor:
-        """(rows, rows) bool over the unit's stream rows: a row sees its segment's prefix and its own segment up to
-        itself."""
-        if first not in self.unit_masks:
-            row0, row1 = self.segments[first][0], self.segments[end - 1][1]
-            start, pre_start, pre_end = (torch.empty(row1 - row0, dtype=torch.int64) for _ in range(3))  # per row
-            for s, e, ps, pe in self.segments[first:end]:
-                start[s - row0:e - row0] = s - row0
-                pre_start[s - row0:e - row0] = ps - row0 if pe > ps else 0  # no prefix: the empty range [0, 0)
-                pre_end[s - row0:e - row0] = pe - row0 if pe > ps else 0
-            rows = torch.arange(row1 - row0)[:, None]
-            cols = rows.T
-            own = (cols >= start[:, None]) & (cols <= rows)
-            mask = own | ((cols >= pre_start[:, None]) & (cols < pre_end[:, None]))
-            self.unit_masks[first] = mask.to(device)
-        return self.unit_masks[first]
+    def _unit_plan(self, first: int, end: int, device: torch.device) -> tuple:
+        """The response batch of unit [first, end) (its prompt is segment `first`): (query rows (n * Lmax,) or
+        None when no response is padded, key rows (n * (P + Lmax),), mask (n, 1, Lmax, P + Lmax), kept output rows
+        (n * Lmax,) or None, n, Lmax, P), as stream-row indices on `device`."""
+        if first not in self.unit_plans:
+            ps, pe = self.segments[first][:2]
+            resp = self.segments[first + 1:end]
+            lens = torch.tensor([e - s for s, e, _, _ in resp])  # (n,)
+            n, lmax, p = len(resp), int(lens.max()), pe - ps
+            t = torch.arange(lmax)
+            starts = torch.tensor([s for s, _, _, _ in resp])
+            q_rows = torch.where(t < lens[:, None], starts[:, None] + t, starts[:, None])  # (n, Lmax); pads: its first row
+            k_rows = torch.cat((torch.arange(ps, pe).expand(n, p), q_rows), 1)  # (n, P + Lmax)
+            own = (t[None, :] <= t[:, None])[None] & (t < lens[:, None])[:, None, :]  # (n, Lmax, Lmax)
+            mask = torch.cat((torch.ones(n, lmax, p, dtype=torch.bool), own), 2)[:, None]
+            ragged = bool((lens < lmax).any())
+            kept = (t < lens[:, None]).flatten().nonzero().squeeze(1) if ragged else None
+            self.unit_plans[first] = (q_rows.flatten().to(device) if ragged else None, k_rows.flatten().to(device),
+                                      mask.to(device), None if kept is None else kept.to(device), n, lmax, p)
+        return self.unit_plans[first]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
@@ -225,11 +235,18 @@ class _SegmentAttention:
         for kind, what in self.calls:
             if kind == "unit":
                 first, end = what
-                row0, row1 = self.segments[first][0], self.segments[end - 1][1]
-                qb, kb, vb = (z[row0:row1].transpose(0, 1)[None] for z in (q, k, v))  # (1, heads, rows, D)
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._unit_mask(first, end, q.device),
-                                                   scale=scale, enable_gqa=gqa)
-                outs.append(o[0].transpose(0, 1))  # (rows, H, D)
+                ps, pe = self.segments[first][:2]
+                qp, kp, vp = (z[ps:pe].transpose(0, 1)[None] for z in (q, k, v))  # (1, heads, P, D)
+                o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
+                outs.append(o[0].transpose(0, 1))  # (P, H, D)
+                q_rows, k_rows, mask, kept, n, lmax, p = self._unit_plan(first, end, q.device)
+                qb = q[pe:self.segments[end - 1][1]] if q_rows is None else q.index_select(0, q_rows)
+                qb = qb.view(n, lmax, *q.shape[1:]).transpose(1, 2)  # (n, H, Lmax, D)
+                kb, vb = (z.index_select(0, k_rows).view(n, p + lmax, *z.shape[1:]).transpose(1, 2)
+                          for z in (k, v))  # (n, KVH, P + Lmax, D)
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+                o = o.transpose(1, 2).reshape(n * lmax, *q.shape[1:])  # (n * Lmax, H, D)
+                outs.append(o if kept is None else o.index_select(0, kept))
                 continue
             run = what
             if split is None:
