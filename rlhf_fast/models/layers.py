@@ -11,6 +11,7 @@ goes through the paged kernel one query at a time, keys in block-table order.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from rlhf_fast import ops
+from rlhf_fast.ops import _onednn as onednn
 from rlhf_fast.distributed import root_call
 
 ROW_CHUNK = 16  # rows per GEMM call in deterministic mode
@@ -103,7 +105,24 @@ class BoundLM(abc.ABC):
         head = self.hf.get_output_embeddings()
         if head is None:
             raise TypeError(f"{type(self.hf).__name__} has no lm_head: it is a backbone, it gives hidden states only")
+        if self._packed_head is not None and not deterministic:
+            return onednn.linear(h.float(), self._packed_head, head.bias)
         return linear(h, head.weight, head.bias, deterministic).float()
+
+    _packed_head: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def packed_head(self, rows_hint: int):
+        """Within the block, `logits` (outside deterministic mode) multiplies by the lm_head weight reordered once
+        for oneDNN (`ops._onednn`) for about `rows_hint` rows: a rollout's decode steps (a few dozen rows against the
+        whole vocabulary) run about 2x faster than MKL's GEMM on the plain weight. CPU fp32 only; elsewhere, or
+        with a sharded or missing head, nothing changes. The weight must not change inside the block."""
+        head = self.hf.get_output_embeddings()
+        self._packed_head = None if head is None else onednn.pack(head.weight, rows_hint)
+        try:
+            yield
+        finally:
+            self._packed_head = None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deterministic: bool) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """RolloutEngine: continuous-batching generation with a paged KV cache, on the policy's own parameters."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -100,11 +101,12 @@ class RolloutEngine:
         stats = EngineStats(num_blocks=self.num_blocks, bytes_per_block=self.bytes_per_block,
                             prompt_tokens=sum(len(p) for p in prompts))
         t0 = time.perf_counter()
-        while sched.has_work():
-            step = sched.schedule()
-            self._run(step, kv, params, sched)
-            stats.steps += 1
-            stats.prefill_steps += step.kind == "prefill"
+        with contextlib.nullcontext() if self.deterministic else lm.packed_head(min(len(all_seqs), self.max_num_seqs)):
+            while sched.has_work():
+                step = sched.schedule()
+                self._run(step, kv, params, sched)
+                stats.steps += 1
+                stats.prefill_steps += step.kind == "prefill"
         if lm.device.type == "cuda":
             torch.cuda.synchronize(lm.device)
         stats.seconds = time.perf_counter() - t0

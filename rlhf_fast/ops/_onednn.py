@@ -1,0 +1,39 @@
+"""oneDNN's fp32 linear on a weight reordered once into its blocked layout (CPU).
+
+On this project's AVX2 CPU, `x @ W.T` against a whole vocabulary with a few hundred rows or fewer runs 1.5-2x faster
+through oneDNN on a reordered weight than through MKL's GEMM on the plain one (vocab 32000, hidden 256: 64 rows
+14 ms vs 30 ms, 256 rows 37 ms vs 62 ms); the reorder costs about one pass over the weight, so it pays once the
+weight is used for a few hundred rows. Used by the rollout's decode steps and the chunked lm_head ops (ROW_TILE-row
+tiles). `torch.ops.mkldnn._linear_pointwise` and `_reorder_linear_weight` are PyTorch's own (what its CPU compiler
+emits for linear layers); without them every caller keeps its GEMM.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def available() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def pack(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
+    """`weight` (out, in) reordered for about `rows_hint` rows per call; None where oneDNN does not apply (not a
+    plain fp32 CPU tensor, e.g. CUDA, bf16 or a sharded DTensor)."""
+    w = weight.detach()
+    if w.device.type != "cpu" or w.dtype != torch.float32 or type(w) is not torch.Tensor or not available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), max(1, int(rows_hint)))
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (R, in) fp32 @ the packed weight's transpose (+ bias) -> (R, out)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")

@@ -1,0 +1,52 @@
+"""oneDNN's linear on a reordered weight (`rlhf_fast.ops._onednn`): where it applies, that it equals the plain GEMM
+to fp32 rounding, that the chunked lm_head tiles stay batch-invariant through it, and that the rollout's decode
+steps use it inside `packed_head` only."""
+import pytest
+import torch
+
+from rlhf_fast.models import bind_model
+from rlhf_fast.ops import _linear_chunked as lc
+from rlhf_fast.ops import _onednn as onednn
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear")
+
+
+def test_pack_applies_to_fp32_cpu_weights_only():
+    w = torch.randn(300, 24)
+    assert onednn.pack(w, 64) is not None
+    assert onednn.pack(w.double(), 64) is None and onednn.pack(w.bfloat16(), 64) is None
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 257])
+def test_linear_equals_the_gemm(rows):
+    w, b, x = torch.randn(1001, 40), torch.randn(1001), torch.randn(rows, 40)
+    torch.testing.assert_close(onednn.linear(x, onednn.pack(w, rows), b), x @ w.T + b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fixed_tiles", [True, False])
+def test_chunks_through_onednn_match_and_stay_batch_invariant(fixed_tiles):
+    h, w = torch.randn(700, 32), torch.randn(503, 32)
+    got = torch.cat([lg.clone() for _, _, _, lg in lc.iter_chunks(h, w, None, 512, fixed_tiles=fixed_tiles)])
+    torch.testing.assert_close(got, h @ w.T, atol=1e-4, rtol=1e-5)
+    if fixed_tiles:  # a row's logits do not depend on the rows it is tiled with
+        alone = next(lc.iter_chunks(h[600:601], w, None, 256))[3]
+        assert torch.equal(alone[0], got[600])
+
+
+def test_decode_logits_use_the_packed_head_inside_the_block_only(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=900, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    lm, h = bind_model(model), torch.randn(5, 32)
+    calls = []
+    real = onednn.linear
+    monkeypatch.setattr(onednn, "linear", lambda *a: calls.append(1) or real(*a))
+    plain = lm.logits(h, False)
+    with lm.packed_head(5):
+        packed = lm.logits(h, False)
+        exact = lm.logits(h, True)  # deterministic mode keeps its fixed-chunk GEMM
+    assert len(calls) == 1 and lm._packed_head is None
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(exact, plain, atol=1e-5, rtol=1e-5)
