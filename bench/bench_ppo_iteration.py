@@ -14,6 +14,10 @@ value clip 0.2, vf_coef 0.5, KL 0.05 in the reward, GAE gamma 1 lambda 0.95 with
   * rlhf_fast: `PPOTrainer(cfg, policy, value, ref, reward_model, tokenizer).iteration(prompts, k)`.
 
 Both sides run interleaved iteration by iteration (after a small warm-up each), so the machine's load hits both.
+Time and memory are measured apart: the timed iterations run with the allocator's default settings, and on CPU each
+side's peak memory comes from one more iteration in a fresh process whose allocator frees at once (mmap for every
+allocation over 128 KiB), which makes the resident set follow live memory but slows the process down (measured:
+rlhf_fast's iteration 45% slower, the loop's 22%), so no timing is taken there.
 Rows (bench/results/ppo_iteration_v<vocab>[_gpu][_t<threads>].{csv,json,png}): one per (side, phase) with the
 median seconds, the speedup (trl-style / rlhf_fast) and, on the total row, generated tokens and peak extra memory
 per iteration (rlhf_fast's includes the KV blocks its engine used); an `old_logp_reuse` row: the max |difference|
@@ -186,46 +190,106 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _config(num_prompts: int, n_samples: int, new_tokens: int, device: str, train_model: str) -> PPOConfig:
+    return PPOConfig(prompts_per_iter=num_prompts, sampling=SamplingConfig(n=n_samples, max_new_tokens=new_tokens),
+                     ppo_epochs=2, minibatch_size=32, kl=KLConfig(coef=0.05),
+                     optim=OptimConfig(lr=1e-6, schedule="constant"), max_len=512, device=device,
+                     **({"train_model": train_model} if "train_model" in PPOConfig.__dataclass_fields__ else {}))
+
+
+TOKENIZER = types.SimpleNamespace(pad_token_id=0, eos_token_id=-1, bos_token_id=None)  # no stop: full-length replies
+
+
+def make_side(name: str, cfg: PPOConfig, vocab: int, hidden: int, layers: int, micro_batch: int | None):
+    """One side of the comparison, its models built from the same seeds on both sides (bf16 on CUDA)."""
+    device = cfg.device
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    build = lambda seed: llama(vocab, hidden, layers, seed, dtype, device)  # noqa: E731
+    if name == "rlhf_fast":
+        return PPOTrainer(cfg, build(0), ScalarHeadModel(build(1)).to(device=device, dtype=dtype),
+                          build(0).requires_grad_(False), ScalarHeadModel(build(1)).to(device=device, dtype=dtype)
+                          .requires_grad_(False), TOKENIZER)
+    return TRLStyleLoop(cfg, build(0), build(0).requires_grad_(False), ValueHead(build(1).model),
+                        ValueHead(build(1).model).requires_grad_(False), pad_id=0, micro_batch=micro_batch)
+
+
+def side_peak(name: str, cfg: PPOConfig, batches, model_kw: dict) -> int:
+    """Peak extra memory of one iteration of side `name` (after its warm-up); rlhf_fast's includes the KV blocks
+    its engine used (the pool outlives the call)."""
+    side = make_side(name, cfg, **model_kw)
+    side.iteration(batches[0][:2], 0)
+    peak = peak_extra_memory(lambda: side.iteration(batches[1], 1), cfg.device)
+    return peak + getattr(getattr(getattr(side, "generator", None), "stats", None), "peak_kv_bytes", 0)
+
+
+def _child_peak(conn, name, cfg, batches, model_kw, threads) -> None:
+    torch.set_num_threads(threads)
+    exact_cpu_peaks()
+    conn.send(side_peak(name, cfg, batches, model_kw))
+    conn.close()
+
+
+def cpu_peak_in_child(name: str, cfg: PPOConfig, batches, model_kw: dict) -> int:
+    """`side_peak` in a fresh spawned process whose allocator returns freed memory at once (`exact_cpu_peaks`), so
+    the resident-set peak follows live memory; the timed iterations keep glibc's default (much faster) settings."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_peak, args=(send, name, cfg, batches, model_kw, torch.get_num_threads()))
+    proc.start()
+    send.close()
+    try:
+        peak = recv.recv()
+    except EOFError:
+        peak = None
+    proc.join()
+    if peak is None or proc.exitcode != 0:
+        raise RuntimeError(f"the peak-memory process of {name} failed (exit {proc.exitcode})")
+    return peak
+
+
 def bench_iteration(*, vocab: int = 32000, hidden: int = 256, layers: int = 4, num_prompts: int = 16,
                     n_samples: int = 4, new_tokens: int = 64, prompt_len: int = 64, iters: int = 1,
                     device: str = "cpu", train_model: str = "ours", micro_batch: int | None = None) -> list[dict]:
-    """Run both sides interleaved; returns the result rows (see the module docstring). bf16 on CUDA."""
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    cfg = PPOConfig(prompts_per_iter=num_prompts, sampling=SamplingConfig(n=n_samples, max_new_tokens=new_tokens),
-                    ppo_epochs=2, minibatch_size=32, kl=KLConfig(coef=0.05),
-                    optim=OptimConfig(lr=1e-6, schedule="constant"), max_len=512, device=device,
-                    **({"train_model": train_model} if "train_model" in PPOConfig.__dataclass_fields__ else {}))
-    build = lambda seed: llama(vocab, hidden, layers, seed, dtype, device)  # noqa: E731
-    tok = types.SimpleNamespace(pad_token_id=0, eos_token_id=-1, bos_token_id=None)  # no stop: full-length responses
-    ours = PPOTrainer(cfg, build(0), ScalarHeadModel(build(1)).to(device=device, dtype=dtype),
-                      build(0).requires_grad_(False), ScalarHeadModel(build(1)).to(device=device, dtype=dtype)
-                      .requires_grad_(False), tok)
-    base = TRLStyleLoop(cfg, build(0), build(0).requires_grad_(False),
-                        ValueHead(build(1).model), ValueHead(build(1).model).requires_grad_(False), pad_id=0,
-                        micro_batch=micro_batch)
+    """Run both sides interleaved; returns the result rows (see the module docstring). bf16 on CUDA.
+
+    Timing and memory are measured apart: the timed iterations run here with the allocator's default settings;
+    on CPU each side's peak comes from one more iteration in a fresh process (`cpu_peak_in_child`), on CUDA from
+    the allocator's peak statistics of the first measured iteration."""
+    cfg = _config(num_prompts, n_samples, new_tokens, device, train_model)
+    model_kw = dict(vocab=vocab, hidden=hidden, layers=layers, micro_batch=micro_batch)
     batches = [make_prompts(num_prompts, prompt_len, vocab, seed=i) for i in range(iters + 2)]
-    runs: dict[str, list[dict]] = {"rlhf_fast": [], "trl-style": []}
+    names = ("rlhf_fast", "trl-style")
     peaks: dict[str, int] = {}
-    sides = {"rlhf_fast": ours, "trl-style": base}
+    if device == "cpu":
+        for name in names:
+            peaks[name] = cpu_peak_in_child(name, cfg, batches, model_kw)
+    sides = {name: make_side(name, cfg, **model_kw) for name in names}
+    ours, base = sides["rlhf_fast"], sides["trl-style"]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     for name, side in sides.items():
         side.iteration(batches[0][:2], 0)  # warm-up (2 prompts)
-    for name, side in sides.items():
-        peaks[name] = peak_extra_memory(lambda s=side: runs[name].append(s.iteration(batches[1], 1)), device)
-    # the engine's KV pool outlives the call (allocated at warm-up): count the blocks the iteration used
-    peaks["rlhf_fast"] += getattr(getattr(ours.generator, "stats", None), "peak_kv_bytes", 0)
-    for i in range(2, iters + 1):  # interleaved
+    for i in range(1, iters + 1):  # interleaved
         for name, side in sides.items():
-            runs[name].append(side.iteration(batches[i], i))
+            if name in peaks:
+                runs[name].append(side.iteration(batches[i], i))
+                continue
+            box: list[dict] = []
+            peaks[name] = peak_extra_memory(lambda s=side, b=box: b.append(s.iteration(batches[i], i)), device)
+            peaks[name] += getattr(getattr(getattr(side, "generator", None), "stats", None), "peak_kv_bytes", 0)
+            runs[name].append(box[0])
     med = {n: {k: statistics.median(r[k] for r in rs) for k in (*PHASES, "generated_tokens")} for n, rs in runs.items()}
     for m in med.values():
         m["time_total"] = sum(m[k] for k in PHASES)
     dev_name = device_name(device)
+    dtype = str(next(ours.policy.parameters()).dtype).removeprefix("torch.")
     rows = []
     for name in ("trl-style", "rlhf_fast"):
         for key in (*PHASES, "time_total"):
             row = {"case": name, "phase": NAMES.get(key, "total"), "time_s": round(med[name][key], 3),
                    "speedup": round(med["trl-style"][key] / med[name][key], 2) if med[name][key] > 0 else "",
-                   "vocab": vocab, "hidden": hidden, "layers": layers, "dtype": str(dtype).removeprefix("torch."),
+                   "vocab": vocab, "hidden": hidden, "layers": layers, "dtype": dtype,
                    "device": dev_name, "iterations": len(runs[name]),
                    "trl_micro_batch": base.micro if name == "trl-style" else ""}
             if key == "time_total":
@@ -233,15 +297,16 @@ def bench_iteration(*, vocab: int = 32000, hidden: int = 256, layers: int = 4, n
                            peak_extra_mem_MiB=round(peaks[name] / 2**20, 1),
                            mem_ratio=round(peaks[name] / max(1, peaks["trl-style"]), 3))
             rows.append(row)
-    check = PPOTrainer(dataclasses.replace(cfg, old_logp="check"), ours.policy, ours.value, ours.ref, ours.rm, tok)
+    check = PPOTrainer(dataclasses.replace(cfg, old_logp="check"), ours.policy, ours.value, ours.ref, ours.rm,
+                       TOKENIZER)
     _, m = check.collect(batches[0], iters + 2)  # the reused log-probs vs a recompute by the training forward
     rows.append({"case": "old_logp_reuse", "phase": "max |rollout - recomputed|", "time_s": "",
                  "max_abs_diff": m["old_logp_max_diff"], "vocab": vocab, "hidden": hidden, "layers": layers,
-                 "dtype": str(dtype).removeprefix("torch."), "device": dev_name, "iterations": 1})
+                 "dtype": dtype, "device": dev_name, "iterations": 1})
     share = prompt_sharing(ours.policy, vocab, new_tokens)
     rows.append({"case": "prompt_sharing", "phase": "fwd+bwd n=8", "time_s": round(share["time_shared_s"], 3),
                  "speedup": round(1 / share["time_ratio"], 2), "vocab": vocab, "hidden": hidden, "layers": layers,
-                 "dtype": str(dtype).removeprefix("torch."), "device": dev_name, "iterations": 1,
+                 "dtype": dtype, "device": dev_name, "iterations": 1,
                  "tokens_ratio": round(share["tokens_ratio"], 3), "time_ratio": round(share["time_ratio"], 3)})
     return rows
 
@@ -273,8 +338,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("--gpu: no CUDA device")
-    if not args.gpu:
-        exact_cpu_peaks()
     kw = dict(vocab=args.vocab, hidden=args.hidden, layers=args.layers, prompt_len=args.prompt_len, iters=args.iters,
               micro_batch=args.micro or None)
     if args.quick:
