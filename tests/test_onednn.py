@@ -23,14 +23,16 @@ def test_linear_equals_the_gemm(rows):
     torch.testing.assert_close(onednn.linear(x, onednn.pack(w, rows), b), x @ w.T + b, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fixed_tiles", [True, False])
-def test_chunks_through_onednn_match_and_stay_batch_invariant(fixed_tiles):
+def test_fixed_tiles_go_through_onednn_match_and_stay_batch_invariant(monkeypatch):
     h, w = torch.randn(700, 32), torch.randn(503, 32)
-    got = torch.cat([lg.clone() for _, _, _, lg in lc.iter_chunks(h, w, None, 512, fixed_tiles=fixed_tiles)])
+    calls = []
+    real = onednn.linear
+    monkeypatch.setattr(onednn, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    got = torch.cat([lg.clone() for _, _, _, lg in lc.iter_chunks(h, w, None, 512)])
+    assert calls == [lc.ROW_TILE] * 3  # 700 rows: three zero-padded tiles
     torch.testing.assert_close(got, h @ w.T, atol=1e-4, rtol=1e-5)
-    if fixed_tiles:  # a row's logits do not depend on the rows it is tiled with
-        alone = next(lc.iter_chunks(h[600:601], w, None, 256))[3]
-        assert torch.equal(alone[0], got[600])
+    alone = next(lc.iter_chunks(h[600:601], w, None, 256))[3]  # a row's logits do not depend on its tile mates
+    assert torch.equal(alone[0], got[600])
 
 
 def test_decode_logits_use_the_packed_head_inside_the_block_only(monkeypatch):
