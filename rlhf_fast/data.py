@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf_fast.chat import Codec, DataError, check_messages
-from rlhf_fast.truncation import Counts, Examples, check_policy, fit_prompt, overlong_error, split_budget
+from rlhf_fast.truncation import Examples, check_policy, fit_prompt, overlong_error, split_budget
 
 __all__ = ["DataError", "Examples", "IGNORE_INDEX", "MAX_K", "MAX_LINE_BYTES", "PromptExample", "RankedExample",
            "SFTExample", "epoch_batches", "load_prompts", "load_rm", "load_sft", "load_texts", "pad_right", "read_jsonl",

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from rlhf_fast import ops
-from rlhf_fast.ops import _onednn as onednn
 from rlhf_fast.distributed import root_call
+from rlhf_fast.ops import _onednn as onednn
 
 ROW_CHUNK = 16  # rows per GEMM call in deterministic mode
 
@@ -84,8 +84,6 @@ class BoundLM(abc.ABC):
         backward instead of stored (gradient checkpointing; only while autograd records). `fsdp_hooks`: each layer
         runs under its FSDP2 hooks (`distributed.root_call`) as its own forward would, so a sharded layer is
         gathered for it and its gradients are reduce-scattered in the backward (not with `recompute`)."""
-        from rlhf_fast.distributed import root_call
-
         h, ctx = self.embed(input_ids, positions)
         recompute = recompute and torch.is_grad_enabled()
         if recompute and fsdp_hooks:

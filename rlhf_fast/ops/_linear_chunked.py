@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast import _native
-from rlhf_fast.ops import _onednn as onednn
 from rlhf_fast._native import arg
+from rlhf_fast.ops import _onednn as onednn
 
 ROW_TILE = 256  # rows per lm_head matmul: fixed so every row sees the same GEMM shape (smaller tiles run slower)
 TARGET_CHUNK_BYTES = 32 << 20  # default chunk: about 32 MiB of logits
