@@ -11,10 +11,18 @@ from rlhf_fast.ops import _onednn as onednn
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linear")
 
 
-def test_pack_applies_to_fp32_cpu_weights_only():
+@pytest.fixture(autouse=True)
+def small_weights_pay(monkeypatch):
+    """The tests' small weights take the oneDNN path (in use it starts at MIN_ELEMENTS)."""
+    monkeypatch.setattr(onednn, "MIN_ELEMENTS", 1)
+
+
+def test_pack_applies_to_large_fp32_cpu_weights_only(monkeypatch):
     w = torch.randn(300, 24)
     assert onednn.pack(w, 64) is not None
     assert onednn.pack(w.double(), 64) is None and onednn.pack(w.bfloat16(), 64) is None
+    monkeypatch.setattr(onednn, "MIN_ELEMENTS", 300 * 24 + 1)
+    assert onednn.pack(w, 64) is None
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 257])

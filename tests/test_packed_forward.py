@@ -68,8 +68,12 @@ def response_terms(model, batch, width):
     return h[batch.predict_index(width)], h[batch.last_index()]
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["unit-call", "prompt+batch"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_shared_prompt_equals_per_sample(kind):
+def test_shared_prompt_equals_per_sample(kind, batched, monkeypatch):
+    from rlhf_fast.models import packed
+
+    monkeypatch.setattr(packed, "BATCH_MIN_WORK", -(1 << 62) if batched else 1 << 62)  # both forms of a prompt group
     model = tiny(kind)
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[2]]
     responses = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21], [22, 23, 24], [30, 31]]
@@ -109,16 +113,18 @@ def test_deterministic_mode_is_batch_invariant(share):
         torch.testing.assert_close(pred, packed_hidden(model, full)[full.predict_index(7)], atol=1e-5, rtol=1e-5)
 
 
-def test_a_whole_prompt_group_is_one_attention_unit(monkeypatch):
-    """Outside deterministic mode a shared prompt and its responses are one attention unit of two SDPA calls (the
-    prompt, then its responses as one padded batch; not one call per sample), whose result depends on that group
-    only: reordering the groups of a batch (what PPO's update does to the scored rollout) gives bitwise the same
-    hidden states, and a group packed alone agrees to fp32 rounding (the GEMMs over the stream may round
-    differently at another row count; deterministic mode fixes that too)."""
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_whole_prompt_group_is_one_attention_unit(monkeypatch, batched):
+    """Outside deterministic mode a shared prompt and its responses are one attention unit (not one call per
+    sample): one masked SDPA call, or for a large enough unit two (the prompt, then its responses as one padded
+    batch). Its result depends on that group only: reordering the groups of a batch (what PPO's update does to the
+    scored rollout) gives bitwise the same hidden states, and a group packed alone agrees to fp32 rounding (the
+    GEMMs over the stream may round differently at another row count; deterministic mode fixes that too)."""
     from rlhf_fast.models import packed
     from rlhf_fast.models.packed import _SegmentAttention
 
     model = tiny("llama")
+    monkeypatch.setattr(packed, "BATCH_MIN_WORK", -(1 << 62) if batched else 1 << 62)
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[2]]
     responses = [[11, 12, 13], [14, 15], [16], [20, 21, 22, 23, 24, 25, 26], [27], [30]]
     groups = [0, 0, 0, 1, 1, 2]
@@ -129,8 +135,8 @@ def test_a_whole_prompt_group_is_one_attention_unit(monkeypatch):
         full = pack(prompts, responses, groups=groups, share_prompts=True)
         assert [kind for kind, _ in _SegmentAttention(full, False).calls] == ["unit"] * 3
         pred = packed_hidden(model, full)[full.predict_index(7)]
-        # per layer: each prompt (batch 1), then its 3, 2 and 1 responses as one batch
-        assert calls == [1, 3, 1, 2, 1, 1] * model.config.num_hidden_layers
+        # per layer: one call per group, or each prompt (batch 1) then its 3, 2 and 1 responses as one batch
+        assert calls == ([1, 3, 1, 2, 1, 1] if batched else [1, 1, 1]) * model.config.num_hidden_layers
         monkeypatch.setattr(packed.F, "scaled_dot_product_attention", sdpa)
         order = [3, 4, 5, 0, 1, 2]  # groups 1, 2, 0
         moved = pack([prompts[i] for i in order], [responses[i] for i in order], groups=[groups[i] for i in order],
