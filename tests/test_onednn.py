@@ -60,3 +60,28 @@ def test_decode_logits_use_the_packed_head_inside_the_block_only(monkeypatch):
     assert len(calls) == 1 and lm._packed_head is None
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(exact, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_logprobs_through_onednn_match_float64(monkeypatch):
+    """The op the oneDNN tiles serve, `linear_token_logprobs` (fp32, CPU), against its float64 reference: log-probs,
+    entropy and the gradients of hidden, weight and bias, with ignored labels and an odd row count."""
+    from rlhf_fast.ops import linear_token_logprobs, reference
+
+    calls = []
+    real = onednn.linear
+    monkeypatch.setattr(onednn, "linear", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(7)
+    hidden, weight = torch.randn(301, 24, generator=g), torch.randn(517, 24, generator=g) / 3
+    bias, labels = torch.randn(517, generator=g) * 0.5, torch.randint(0, 517, (301,), generator=g)
+    labels[::5] = -100
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    refs = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
+    logp, ent = linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True)
+    rlogp, rent = reference.linear_token_logprobs(refs[0], refs[1], labels, bias=refs[2], return_entropy=True)
+    assert calls, "the chunked path did not go through oneDNN"
+    torch.testing.assert_close(logp.double(), rlogp.detach(), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), rent.detach(), atol=2e-5, rtol=1e-5)
+    (logp.sum() + ent.sum()).backward()
+    (rlogp.sum() + rent.sum()).backward()
+    for a, b in zip(leaves, refs):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-4, rtol=1e-4)
