@@ -171,3 +171,49 @@ def test_bad_input():
         pack([[1]], [[3]], groups=[0, 1])
     with pytest.raises(ValueError, match="over the model's context"):
         packed_hidden(tiny("gpt2"), pack([[1] * 60], [[2] * 10]))
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_read_rows_only_equals_full_forward(kind, deterministic):
+    """`packed_hidden(rows=...)` (the last layer's output projection and MLP on the read rows alone) equals the
+    full forward's rows (bitwise in deterministic mode: every op on a row is row-wise), and so do its gradients
+    (within rounding: a weight gradient sums over fewer rows); with repeated rows through `read_rows`, as the PPO
+    passes read them."""
+    from rlhf_fast.models.packed import read_rows
+
+    model = tiny(kind)
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[2]]
+    responses = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21], [22, 23, 24], [30, 31]]
+    batch = pack(prompts, responses, groups=[0, 0, 0, 1, 1, 2], share_prompts=True)
+    index = batch.predict_index(5)  # (6, 5): rows past a response's end repeat its last row
+    w = torch.randn(*index.shape, 32, generator=torch.Generator().manual_seed(3))
+    full = packed_hidden(model, batch, deterministic=deterministic)
+    g_full = grads(model, (full[index] * w).sum())
+    rows, pos = read_rows(index)
+    assert rows.numel() < batch.num_tokens and torch.equal(rows[pos], index)
+    part = packed_hidden(model, batch, deterministic=deterministic, rows=rows)
+    assert part.shape == (rows.numel(), 32)
+    g_part = grads(model, (part[pos] * w).sum())
+    if deterministic:
+        assert torch.equal(part, full[rows].detach())
+    else:
+        torch.testing.assert_close(part, full[rows].detach(), atol=1e-6, rtol=1e-5)
+    assert_grads_close(g_part, g_full)
+    last = packed_hidden(model, batch, deterministic=deterministic, rows=batch.last_index())
+    torch.testing.assert_close(last, full[batch.last_index()].detach(), atol=0 if deterministic else 1e-6,
+                               rtol=0 if deterministic else 1e-5)
+
+
+def test_scalar_head_reads_rows_only():
+    """`ScalarHeadModel.packed(index=...)` equals the full per-token values at `index` (any shape, repeats)."""
+    from rlhf_fast.heads import ScalarHeadModel
+
+    model = ScalarHeadModel(tiny("llama")).eval()
+    batch = pack([PROMPTS[0]] * 2 + [PROMPTS[1]], [[11, 12], [13, 14, 15], [20]], groups=[0, 0, 1],
+                 share_prompts=True)
+    index = batch.predict_index(3)
+    full = model.packed(batch)
+    torch.testing.assert_close(model.packed(batch, index=index), full[index], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model.packed(batch, index=batch.last_index()), full[batch.last_index()],
+                               atol=1e-6, rtol=1e-5)

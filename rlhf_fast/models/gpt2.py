@@ -38,14 +38,17 @@ class GPT2LM(BoundLM):
     def layer_module(self, i: int) -> torch.nn.Module:
         return self.inner.h[i]
 
-    def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool) -> torch.Tensor:
+    def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
         t = h.shape[0]
         block = self.inner.h[i]
         att = block.attn
         qkv = project(self._ln(h, block.ln_1), att.c_attn, det)  # (T, 3 * hidden)
         q, k, v = (z.reshape(t, self.num_heads, self.head_dim) for z in qkv.chunk(3, dim=-1))
         o = attend(i, q, k, v, self.scales[i])  # (T, H, D)
-        h = h + project(o.reshape(t, -1), att.c_proj, det)
+        if rows is not None:  # only these rows are read: the rest of the layer runs on them alone
+            o, h = o.index_select(0, rows), h.index_select(0, rows)
+        h = h + project(o.reshape(o.shape[0], -1), att.c_proj, det)
         mlp = block.mlp
         m = elementwise(self.act, project(self._ln(h, block.ln_2), mlp.c_fc, det), det)
         return h + project(m, mlp.c_proj, det)
@@ -57,7 +60,6 @@ class GPT2LM(BoundLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                 kv_cache: torch.Tensor | None, logit_rows: torch.Tensor | None) -> torch.Tensor:
         """Same contract as `LlamaFamilyLM.forward`: logits (R, vocab) float32."""
-        h = self.decode(input_ids, positions, cache_attention(meta, kv_cache), meta.deterministic)
-        if logit_rows is not None:
-            h = h[logit_rows]
+        h = self.decode(input_ids, positions, cache_attention(meta, kv_cache), meta.deterministic,
+                        out_rows=logit_rows)  # prefill: the last layer's MLP on the rows that sample only
         return self.logits(self.final_norm(h), meta.deterministic)

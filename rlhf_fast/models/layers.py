@@ -64,8 +64,11 @@ class BoundLM(abc.ABC):
         """(T,) ids and positions -> the embeddings (T, hidden) and what every layer reads besides (rotary)."""
 
     @abc.abstractmethod
-    def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool) -> torch.Tensor:
-        """Decoder layer i on h (T, hidden) -> (T, hidden)."""
+    def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder layer i on h (T, hidden) -> (T, hidden). `rows` (R,): only these rows' outputs are wanted, so
+        everything after the attention (output projection, residual, MLP) runs on them alone -> (R, hidden); every
+        row still gives its keys and values."""
 
     @abc.abstractmethod
     def layer_module(self, i: int) -> torch.nn.Module:
@@ -76,26 +79,33 @@ class BoundLM(abc.ABC):
         """The final norm of the stack on decode's output (T, hidden)."""
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, det: bool, *,
-               recompute: bool = False, fsdp_hooks: bool = False) -> torch.Tensor:
+               recompute: bool = False, fsdp_hooks: bool = False,
+               out_rows: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder stack over packed tokens, without the final norm: input_ids, positions (T,) ->
         hidden (T, hidden). `attend(layer, q, k, v, scale) -> (T, H, D)` is the attention (rollout: the KV cache;
         training: `models.packed`). Differentiable; the rollout calls it under no_grad. `recompute`: each layer
         under `torch.utils.checkpoint` (non-reentrant, RNG state kept), so its activations are recomputed in the
         backward instead of stored (gradient checkpointing; only while autograd records). `fsdp_hooks`: each layer
         runs under its FSDP2 hooks (`distributed.root_call`) as its own forward would, so a sharded layer is
-        gathered for it and its gradients are reduce-scattered in the backward (not with `recompute`)."""
+        gathered for it and its gradients are reduce-scattered in the backward (not with `recompute`).
+        `out_rows` (R,) int64: only these rows of the output are read (a value model's response rows, a reward
+        model's last rows), so the last layer computes the rest of its rows' keys and values only; returns
+        (R, hidden), equal to the full output's rows (bitwise in deterministic mode: every op there is row-wise)."""
         h, ctx = self.embed(input_ids, positions)
         recompute = recompute and torch.is_grad_enabled()
         if recompute and fsdp_hooks:
             raise ValueError("decode: recompute (gradient checkpointing) under FSDP hooks is not supported; "
                              "use the Hugging Face forward for sharded models with gradient checkpointing")
         for i in range(self.num_layers):
+            rows = out_rows if i == self.num_layers - 1 else None
             if recompute:
-                h = torch.utils.checkpoint.checkpoint(self.layer, i, h, ctx, attend, det, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(self.layer, i, h, ctx, attend, det, rows, use_reentrant=False)
             elif fsdp_hooks:
-                h = root_call(self.layer_module(i), self.layer, i, h, ctx, attend, det)
+                h = root_call(self.layer_module(i), self.layer, i, h, ctx, attend, det, rows)
             else:
-                h = self.layer(i, h, ctx, attend, det)
+                h = self.layer(i, h, ctx, attend, det, rows)
+        if out_rows is not None and not self.num_layers:
+            h = h.index_select(0, out_rows)
         return h
 
     def logits(self, h: torch.Tensor, deterministic: bool) -> torch.Tensor:

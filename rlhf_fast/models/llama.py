@@ -50,7 +50,8 @@ class LlamaFamilyLM(BoundLM):
     def layer_module(self, i: int) -> torch.nn.Module:
         return self.inner.layers[i]
 
-    def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool) -> torch.Tensor:
+    def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
         cos, sin = ctx
         t = h.shape[0]
         layer = self.inner.layers[i]
@@ -61,7 +62,9 @@ class LlamaFamilyLM(BoundLM):
         v = project(x, att.v_proj, det).view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = attend(i, q, k, v, self.scale)  # (T, H, D)
-        h = h + project(o.reshape(t, -1), att.o_proj, det)
+        if rows is not None:  # only these rows are read: the rest of the layer runs on them alone
+            o, h = o.index_select(0, rows), h.index_select(0, rows)
+        h = h + project(o.reshape(o.shape[0], -1), att.o_proj, det)
         x = rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
         mlp = layer.mlp
         gate = elementwise(self.act, project(x, mlp.gate_proj, det), det)
@@ -76,7 +79,6 @@ class LlamaFamilyLM(BoundLM):
         """input_ids, positions (T,); kv_cache (num_layers, 2, num_blocks, block_size, KVH, D) or None;
         logit_rows (R,) indices of the tokens whose next-token logits are wanted (None = all).
         Returns logits (R, vocab) in float32."""
-        h = self.decode(input_ids, positions, cache_attention(meta, kv_cache), meta.deterministic)
-        if logit_rows is not None:
-            h = h[logit_rows]
+        h = self.decode(input_ids, positions, cache_attention(meta, kv_cache), meta.deterministic,
+                        out_rows=logit_rows)  # prefill: the last layer's MLP on the rows that sample only
         return self.logits(self.final_norm(h), meta.deterministic)

@@ -131,8 +131,12 @@ def bound(model: torch.nn.Module):
     return lm
 
 
-def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: bool = False) -> torch.Tensor:
+def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: bool = False,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """Final (normed) hidden states (T, hidden) of `batch` through `model`, differentiable w.r.t. its parameters.
+    `rows` (R,) int64 stream rows: only those are returned, (R, hidden), and the last layer runs its output
+    projection and MLP on them alone (`BoundLM.decode(out_rows=...)`): a shared prompt's rows are read by no one
+    but its last, a reward model reads one row per sequence.
     With gradient checkpointing switched on in `model` (`precision.enable_gradient_checkpointing`, HF's own flag)
     each layer's activations are recomputed in the backward (`BoundLM.decode(recompute=True)`).
 
@@ -151,10 +155,18 @@ def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: 
 
     def run():
         h = lm.decode(batch.input_ids.to(lm.device), batch.positions.to(lm.device), attend, deterministic,
-                      recompute=is_checkpointing(model), fsdp_hooks=hooks)
+                      recompute=is_checkpointing(model), fsdp_hooks=hooks,
+                      out_rows=None if rows is None else rows.to(lm.device))
         return lm.final_norm(h)
 
     return distributed.root_call(model, run) if hooks else run()
+
+
+def read_rows(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stream rows `index` (any shape, repeats allowed) -> (the distinct rows (R,), `index` as positions in them):
+    `packed_hidden(..., rows=r)[pos]` is `packed_hidden(...)[index]`."""
+    rows, pos = torch.unique(index.reshape(-1), return_inverse=True)
+    return rows, pos.view(index.shape)
 
 
 class _SegmentAttention:

@@ -87,7 +87,8 @@ def score(model: ScalarHeadModel, batch: RankedBatch) -> torch.Tensor:
     if batch.packed is None:
         return model.score(batch.input_ids, batch.lengths)
     p = batch.packed
-    return model.packed(dataclasses.replace(p, input_ids=p.input_ids.to(model.head.weight.device)))[p.last_index()]
+    return model.packed(dataclasses.replace(p, input_ids=p.input_ids.to(model.head.weight.device)),
+                        index=p.last_index())
 
 
 def bradley_terry_loss(scores: torch.Tensor, batch: RankedBatch) -> tuple[torch.Tensor, torch.Tensor]:
