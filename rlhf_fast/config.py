@@ -330,14 +330,18 @@ class PipelineConfig:
     sft: SFTConfig = SFTConfig(epochs=3, batch_size=64, eval_every=100, save_every=200,
                                optim=OptimConfig(lr=2e-3, warmup_steps=30))
     rm: RMConfig = RMConfig(epochs=3, eval_every=100, save_every=100)
+    # KL 0.2, not 0.1: on this task 0.1 let PPO trade correct answers for brevity (win rate 64-71% over seeds);
+    # 0.2 keeps them (71-76% over 3 seeds x 2 SFT/RM runs, correct answers up from ~85% to 91-95%)
     ppo: PPOConfig = PPOConfig(iterations=30, sampling=SamplingConfig(n=4), minibatch_size=64, save_every=10,
-                               kl=KLConfig(coef=0.1))
+                               kl=KLConfig(coef=0.2))
     eval_prompts: str = ""  # held-out {"prompt"} JSONL for the win rate (the default task makes its own)
     eval_temperature: float = 1.0  # sampling temperature for the win-rate comparison
+    eval_samples: int = 4  # completions per held-out prompt and policy (each PPO sample judged against one SFT's)
     threads: int = 1  # torch threads (0: torch's default); for models this small one thread is fastest
 
     def __post_init__(self):
         _check(self.eval_temperature >= 0, "eval_temperature", "must be >= 0")
+        _check(self.eval_samples >= 1, "eval_samples", "must be >= 1")
         _check(self.threads >= 0, "threads", "must be >= 0")
 
 

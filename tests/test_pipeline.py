@@ -27,6 +27,8 @@ def test_pipeline_end_to_end_then_resume(tmp_path, capsys, caplog):
         assert isinstance(report[key], float), key
     assert 0 <= report["win_rate"] <= 1 and 0 <= report["rm_accuracy"] <= 1
     assert report["win_rate_judge"] == "labeler" and report["eval_prompts"] == 8
+    assert report["eval_samples"] == 4  # the default: 8 prompts x 4 comparisons, a tie counting half
+    assert abs(report["win_rate"] * 64 - round(report["win_rate"] * 64)) < 1e-9
     assert json.loads(capsys.readouterr().out)["win_rate"] == report["win_rate"]
     for stage in ("sft", "rm", "ppo"):
         assert (out / stage / "metrics.jsonl").is_file()
