@@ -216,13 +216,18 @@ def make_side(name: str, cfg: PPOConfig, vocab: int, hidden: int, layers: int, m
                         ValueHead(build(1).model).requires_grad_(False), pad_id=0, micro_batch=micro_batch)
 
 
+def kv_bytes(side) -> int:
+    """The KV blocks rlhf_fast's engine used at most (its pool outlives the call); 0 for the loop."""
+    return getattr(getattr(getattr(side, "generator", None), "stats", None), "peak_kv_bytes", 0)
+
+
 def side_peak(name: str, cfg: PPOConfig, batches, model_kw: dict) -> int:
     """Peak extra memory of one iteration of side `name` (after its warm-up); rlhf_fast's includes the KV blocks
     its engine used (the pool outlives the call)."""
     side = make_side(name, cfg, **model_kw)
     side.iteration(batches[0][:2], 0)
     peak = peak_extra_memory(lambda: side.iteration(batches[1], 1), cfg.device)
-    return peak + getattr(getattr(getattr(side, "generator", None), "stats", None), "peak_kv_bytes", 0)
+    return peak + kv_bytes(side)
 
 
 def _child_peak(conn, name, cfg, batches, model_kw, threads) -> None:
@@ -280,7 +285,7 @@ def bench_iteration(*, vocab: int = 32000, hidden: int = 256, layers: int = 4, n
                 continue
             box: list[dict] = []
             peaks[name] = peak_extra_memory(lambda s=side, b=box: b.append(s.iteration(batches[i], i)), device)
-            peaks[name] += getattr(getattr(getattr(side, "generator", None), "stats", None), "peak_kv_bytes", 0)
+            peaks[name] += kv_bytes(side)
             runs[name].append(box[0])
     med = {n: {k: statistics.median(r[k] for r in rs) for k in (*PHASES, "generated_tokens")} for n, rs in runs.items()}
     for m in med.values():

@@ -28,7 +28,7 @@ def _paged_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, 
     q = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=gmask[:, None] & dmask[None, :],
                 other=0.0).to(ACC)  # (G, D)
     m = tl.full((GROUP_P2,), float("-inf"), ACC)
-    l = tl.zeros((GROUP_P2,), ACC)
+    denom = tl.zeros((GROUP_P2,), ACC)  # running softmax denominator
     acc = tl.zeros((GROUP_P2, D_P2), ACC)
     for b in range(0, tl.cdiv(n, BLOCK_SIZE)):
         block = tl.load(tables_ptr + row * max_blocks + b).to(tl.int64)
@@ -42,10 +42,10 @@ def _paged_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, 
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])  # (G, BS)
-        l = l * alpha + tl.sum(p, axis=1)
+        denom = denom * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (G, D)
         m = m_new
-    out = acc / l[:, None]
+    out = acc / denom[:, None]
     tl.store(out_ptr + heads[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=gmask[:, None] & dmask[None, :])
 

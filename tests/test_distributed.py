@@ -103,8 +103,8 @@ def test_resume_across_world_sizes(worlds):
     one, two, _ = worlds
     # 2 -> 1 (here) and 1 -> 2 (in the torchrun job): the last step matches the uninterrupted run
     for res, ref in ((one, two[0]), (two[0], one)):
-        (l, g), = res["resumed_steps"]
-        assert close(l, ref["steps"][2][0]) and close(g, ref["steps"][2][1])
+        (loss, gnorm), = res["resumed_steps"]
+        assert close(loss, ref["steps"][2][0]) and close(gnorm, ref["steps"][2][1])
         assert max_rel(res["resumed_final"], ref["final"]) < REL
 
 
