@@ -41,17 +41,18 @@ class ScalarHeadModel(nn.Module):
         hidden = final_hidden(self.lm, input_ids, attention_mask)  # (B, T, H)
         return self.head(hidden).squeeze(-1).float()
 
-    def packed(self, batch, *, deterministic: bool = False, index: torch.Tensor | None = None) -> torch.Tensor:
+    def packed(self, batch, *, deterministic: bool = False,
+               reads: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One scalar per token of a `models.packed.PackedBatch` (padding-free, shared prompts), `(T,)` fp32;
-        with `index` (stream rows, any shape) only those, shaped like `index`, and the last layer's output
-        projection and MLP run on those rows alone (`packed_hidden(rows=...)`)."""
+        with `reads` = (rows, pos) from `batch.predict_reads` / `batch.last_reads`, the values at those rows,
+        shaped like `pos`, with the last layer's output projection and MLP run on them alone."""
         from rlhf_fast.distributed import needs_hooks, root_call
-        from rlhf_fast.models.packed import packed_hidden, read_rows
+        from rlhf_fast.models.packed import packed_hidden
 
         def run():
-            if index is None:
+            if reads is None:
                 return self.head(packed_hidden(self.lm, batch, deterministic=deterministic)).squeeze(-1).float()
-            rows, pos = read_rows(index)
+            rows, pos = reads
             h = packed_hidden(self.lm, batch, deterministic=deterministic, rows=rows)
             return self.head(h).squeeze(-1).float()[pos.to(h.device)]
 

@@ -178,10 +178,8 @@ def test_bad_input():
 def test_read_rows_only_equals_full_forward(kind, deterministic):
     """`packed_hidden(rows=...)` (the last layer's output projection and MLP on the read rows alone) equals the
     full forward's rows (bitwise in deterministic mode: every op on a row is row-wise), and so do its gradients
-    (within rounding: a weight gradient sums over fewer rows); with repeated rows through `read_rows`, as the PPO
-    passes read them."""
-    from rlhf_fast.models.packed import read_rows
-
+    (within rounding: a weight gradient sums over fewer rows); with repeated rows through `predict_reads`, as the
+    PPO passes read them."""
     model = tiny(kind)
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[2]]
     responses = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21], [22, 23, 24], [30, 31]]
@@ -190,7 +188,7 @@ def test_read_rows_only_equals_full_forward(kind, deterministic):
     w = torch.randn(*index.shape, 32, generator=torch.Generator().manual_seed(3))
     full = packed_hidden(model, batch, deterministic=deterministic)
     g_full = grads(model, (full[index] * w).sum())
-    rows, pos = read_rows(index)
+    rows, pos = batch.predict_reads(5)
     assert rows.numel() < batch.num_tokens and torch.equal(rows[pos], index)
     part = packed_hidden(model, batch, deterministic=deterministic, rows=rows)
     assert part.shape == (rows.numel(), 32)
@@ -206,7 +204,7 @@ def test_read_rows_only_equals_full_forward(kind, deterministic):
 
 
 def test_scalar_head_reads_rows_only():
-    """`ScalarHeadModel.packed(index=...)` equals the full per-token values at `index` (any shape, repeats)."""
+    """`ScalarHeadModel.packed(reads=...)` equals the full per-token values at the read rows (repeats included)."""
     from rlhf_fast.heads import ScalarHeadModel
 
     model = ScalarHeadModel(tiny("llama")).eval()
@@ -214,6 +212,6 @@ def test_scalar_head_reads_rows_only():
                  share_prompts=True)
     index = batch.predict_index(3)
     full = model.packed(batch)
-    torch.testing.assert_close(model.packed(batch, index=index), full[index], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(model.packed(batch, index=batch.last_index()), full[batch.last_index()],
+    torch.testing.assert_close(model.packed(batch, reads=batch.predict_reads(3)), full[index], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model.packed(batch, reads=batch.last_reads()), full[batch.last_index()],
                                atol=1e-6, rtol=1e-5)

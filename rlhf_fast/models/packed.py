@@ -52,17 +52,36 @@ class PackedBatch:
     def predict_index(self, width: int) -> torch.Tensor:
         """(N, width) int64: the stream row whose hidden state predicts response token j of each sequence (the
         prompt's last row for j = 0); rows past a response's end point at that last row (mask them out)."""
+        return self._predict_index_host(width).to(self.device)
+
+    def last_index(self) -> torch.Tensor:
+        """(N,) int64: the stream row of each sequence's last token (the reward model's score position)."""
+        return self._last_index_host().to(self.device)
+
+    def predict_reads(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`predict_index(width)` as (its distinct rows (R,), positions (N, width) in them), for
+        `packed_hidden(..., rows=rows)[pos]`: the same values, with the last layer's output projection and MLP run
+        on the read rows alone. Built on the host from the batch's layout (no device sync)."""
+        return self._reads(self._predict_index_host(width))
+
+    def last_reads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`last_index()` as (distinct rows (R,), positions (N,)), like `predict_reads`."""
+        return self._reads(self._last_index_host())
+
+    def _predict_index_host(self, width: int) -> torch.Tensor:
         idx = torch.empty(len(self.samples), width, dtype=torch.int64)
         j = torch.arange(width)
         for i, (_, pe, rs, re_) in enumerate(self.samples):
             jj = j.clamp(max=max(re_ - rs - 1, 0))
             idx[i] = torch.where(jj == 0, pe - 1, rs + jj - 1)
-        return idx.to(self.device)
+        return idx
 
-    def last_index(self) -> torch.Tensor:
-        """(N,) int64: the stream row of each sequence's last token (the reward model's score position)."""
-        rows = [re_ - 1 if re_ > rs else pe - 1 for _, pe, rs, re_ in self.samples]
-        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+    def _last_index_host(self) -> torch.Tensor:
+        return torch.tensor([re_ - 1 if re_ > rs else pe - 1 for _, pe, rs, re_ in self.samples], dtype=torch.int64)
+
+    def _reads(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, pos = torch.unique(index.reshape(-1), return_inverse=True)  # on the host
+        return rows.to(self.device), pos.view(index.shape).to(self.device)
 
     def attention_work(self) -> int:
         """Query-key pairs attended (a FLOP proxy of the attention; the matmuls scale with `num_tokens`)."""
@@ -160,13 +179,6 @@ def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: 
         return lm.final_norm(h)
 
     return distributed.root_call(model, run) if hooks else run()
-
-
-def read_rows(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stream rows `index` (any shape, repeats allowed) -> (the distinct rows (R,), `index` as positions in them):
-    `packed_hidden(..., rows=r)[pos]` is `packed_hidden(...)[index]`."""
-    rows, pos = torch.unique(index.reshape(-1), return_inverse=True)
-    return rows, pos.view(index.shape)
 
 
 class _SegmentAttention:

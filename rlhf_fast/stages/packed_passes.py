@@ -18,7 +18,7 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.data import IGNORE_INDEX
 from rlhf_fast.models import lora, output_head
-from rlhf_fast.models.packed import PackedBatch, pack, packed_hidden, read_rows
+from rlhf_fast.models.packed import PackedBatch, pack, packed_hidden
 from rlhf_fast.stages import experience as xp
 
 
@@ -37,7 +37,7 @@ def response_hidden(model, ro: xp.Rollout, batch: PackedBatch | None) -> torch.T
     """The policy's hidden states that predict each response token, `(N, R, H)`."""
     if batch is None:
         return xp.response_hidden(model, ro)
-    rows, pos = read_rows(batch.predict_index(ro.labels.shape[1]))
+    rows, pos = batch.predict_reads(ro.labels.shape[1])
     h = packed_hidden(model, batch, rows=rows)  # the prompts' other rows are read by no one
     return h[pos.to(h.device)]
 
@@ -53,14 +53,14 @@ def values_at(value_model, ro: xp.Rollout, batch: PackedBatch | None) -> torch.T
     """V(x, y_<t) at every response token, `(N, R)`."""
     if batch is None:
         return xp.values_at(value_model, ro)
-    return value_model.packed(batch, index=batch.predict_index(ro.labels.shape[1]))
+    return value_model.packed(batch, reads=batch.predict_reads(ro.labels.shape[1]))
 
 
 def scores(reward_model, ro: xp.Rollout, batch: PackedBatch | None) -> torch.Tensor:
     """The reward model's score at each sequence's last token, `(N,)`."""
     if batch is None:
         return reward_model.score(ro.input_ids, ro.lengths)
-    return reward_model.packed(batch, index=batch.last_index())
+    return reward_model.packed(batch, reads=batch.last_reads())
 
 
 def rollout_logprobs(completions, ro: xp.Rollout) -> torch.Tensor:

@@ -88,7 +88,7 @@ def score(model: ScalarHeadModel, batch: RankedBatch) -> torch.Tensor:
         return model.score(batch.input_ids, batch.lengths)
     p = batch.packed
     return model.packed(dataclasses.replace(p, input_ids=p.input_ids.to(model.head.weight.device)),
-                        index=p.last_index())
+                        reads=p.last_reads())
 
 
 def bradley_terry_loss(scores: torch.Tensor, batch: RankedBatch) -> tuple[torch.Tensor, torch.Tensor]:
