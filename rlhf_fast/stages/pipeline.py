@@ -58,13 +58,14 @@ def _with_default_task(cfg: PipelineConfig, out: Path, *, write: bool) -> tuple[
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], *, temperature: float, max_new_tokens: int, seed: int,
-           stop_ids: tuple[int, ...]):
-    """One completion per prompt from `model` with the rollout engine, in prompt order."""
+           stop_ids: tuple[int, ...], n: int = 1):
+    """`n` completions per prompt from `model` with the rollout engine (the n share the prompt's prefill), in
+    prompt order."""
     from rlhf_fast.rollout import RolloutEngine
 
     model.eval()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                            stop_token_ids=stop_ids)
+                            stop_token_ids=stop_ids, n=n)
     return sorted(RolloutEngine(model).generate(prompts, params), key=lambda c: c.prompt_index)
 
 
@@ -84,9 +85,10 @@ def compare_policies(sft_dir: Path, ppo_dir: Path, rm_dir: Path, prompts_file: s
     ppo = load_causal_lm(ppo_dir, "ppo policy").to(dev).eval()
     held = preflight.load_rollout_prompts(prompts_file, tokenizer, sft, max_len=max_len,
                                           max_new_tokens=max_new_tokens, overlong=overlong)
-    held = [p for p in held for _ in range(samples)]  # each prompt `samples` times, its own random stream each
     ids = [p.ids for p in held]
-    kw = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, stop_ids=Codec(tokenizer).stop_ids)
+    held = [p for p in held for _ in range(samples)]  # each prompt once per completion, as `sample` returns them
+    kw = dict(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, stop_ids=Codec(tokenizer).stop_ids,
+              n=samples)
     out = {}
     for name, model in (("sft", sft), ("ppo", ppo)):
         comps = sample(model, ids, **kw)
