@@ -138,13 +138,14 @@ def _cpp_sources():
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
 
 
-# `kernels/` (Triton only) installs as rlhf_fast.kernels; there is never a top-level `kernels` package
-# (a PyPI package of that name exists).
+# `triton-kernels/` (Triton only) installs as rlhf_fast.kernels. The folder's name is not a Python identifier on
+# purpose: a top-level `kernels/` package in the repo root shadowed Hugging Face's `kernels` distribution (which
+# transformers 5 imports) for every interpreter started there (pytest, `python -m`, torchrun).
 _PACKAGES = sorted(find_packages(include=["rlhf_fast", "rlhf_fast.*"]) + ["rlhf_fast.kernels"])
 
 setup(
     packages=_PACKAGES,
-    package_dir={"rlhf_fast": "rlhf_fast", "rlhf_fast.kernels": "kernels"},
+    package_dir={"rlhf_fast": "rlhf_fast", "rlhf_fast.kernels": "triton-kernels"},
     ext_modules=[Extension("rlhf_fast._C", sources=_cpp_sources(), language="c++")],
     cmdclass={"build_ext": BuildExt},
 )

@@ -11,19 +11,64 @@ import rlhf_fast
 from rlhf_fast import _native, backend
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(rlhf_fast.__file__)))
+
+
 def test_kernels_is_a_subpackage_and_no_top_level_kernels_is_used():
     spec = importlib.util.find_spec("rlhf_fast.kernels")
-    assert spec is not None and spec.origin.endswith(os.path.join("kernels", "__init__.py"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(rlhf_fast.__file__)))
+    assert spec is not None and spec.origin.endswith(os.path.join("triton-kernels", "__init__.py"))
     offenders = []
-    for d in ("rlhf_fast", "kernels", "tests", "bench"):
-        for dirpath, _, files in os.walk(os.path.join(root, d)):
+    for d in ("rlhf_fast", "triton-kernels", "tests", "bench"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, d)):
             for f in files:
                 if f.endswith(".py"):
                     text = open(os.path.join(dirpath, f)).read()
                     if "\nimport kernels" in text or "\nfrom kernels" in text:
                         offenders.append(os.path.join(dirpath, f))
     assert not offenders, f"top-level `kernels` imports: {offenders}"
+
+
+def _top_level_import_names(root: str) -> dict[str, str]:
+    """{import name: entry} for what `import NAME` finds in `root` when root is on sys.path (pytest, `python -m`,
+    torchrun started there): regular packages, modules, and folders that would become namespace packages."""
+    names = {}
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        if entry.startswith("."):
+            continue
+        if os.path.isdir(path):
+            if entry.isidentifier():
+                names[entry] = entry + "/"
+        else:
+            base, ext = os.path.splitext(entry)
+            if ext in (".py", ".so", ".pyd") and base.split(".")[0].isidentifier():
+                names[base.split(".")[0]] = entry
+    return names
+
+
+def test_no_top_level_entry_of_the_repo_shadows_an_installed_distribution():
+    """Any folder or module in the repo root is importable by that name from the root (the current directory or the
+    script's directory is sys.path[0]); one named like an installed distribution's package hides it. That happened:
+    `kernels/` hid Hugging Face's `kernels`, which transformers 5 imports, and every test run failed."""
+    import importlib.metadata as md
+
+    installed = md.packages_distributions()  # {top-level import name: [distributions]}
+    ours = _top_level_import_names(ROOT)
+    clashes = {name: (entry, installed[name]) for name, entry in ours.items()
+               if name in installed and name != "rlhf_fast"}
+    assert not clashes, f"repo-root entries shadow installed distributions: {clashes}"
+
+
+def test_transformers_imports_from_the_repo_root():
+    """`import transformers.activations` (which imports the `kernels` distribution on transformers 5) and the Triton
+    kernels, with the repo root first on sys.path, as `python -m` / pytest / torchrun started there have it."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import transformers.activations, rlhf_fast.models, "
+            "rlhf_fast.kernels; import importlib.util as u; s = u.find_spec('kernels'); "
+            "print(s.origin if s else None)")
+    out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    origin = out.stdout.strip().splitlines()[-1]
+    assert origin == "None" or not origin.startswith(ROOT + os.sep), f"`kernels` resolves inside the repo: {origin}"
 
 
 def test_native_extension_built():

@@ -1,6 +1,6 @@
 """Constants shared by the loss kernels (Triton here, native C++ in csrc/value_loss.cpp) and their Python drivers.
 
-A leaf module: plain ints and floats, no imports, so `kernels/ppo_losses.py`, `rlhf_fast/ops/_losses_native.py`,
+A leaf module: plain ints and floats, no imports, so `triton-kernels/ppo_losses.py`, `rlhf_fast/ops/_losses_native.py`,
 `rlhf_fast/ops/losses.py` and `rlhf_fast/ops/reference.py` all read it without importing each other.
 """
 

@@ -87,7 +87,7 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, part_ptr, M, V, H, stride_h, st
     tl.store(out + 3 * plane, zy, mask=row_mask)
 
 
-# Backward, per logits element (z = logits / T, p = softmax(z), E_p[z] = lse - H; derivation in kernels/logprobs.py):
+# Backward, per logits element (z = logits / T, p = softmax(z), E_p[z] = lse - H; derivation in triton-kernels/logprobs.py):
 #   dlogits_j = (g (1[j = y] - p_j) - gH p_j (z_j - E_p[z])) / T
 # then dhidden = dlogits @ W, dweight = dlogits^T @ hidden, dbias = sum_rows dlogits (done by the caller).
 @triton.jit
