@@ -35,13 +35,18 @@ def _offline(fn, path: str, what: str, **kw):
 
 
 def load_causal_lm(path: str | Path, what: str = "model", dtype: torch.dtype = torch.float32):
-    """A transformers causal LM from local directory `path`."""
+    """A transformers causal LM from local directory `path`; ModelLoadError if its logits are not
+    `lm_head(final hidden state)` (soft-capping, logit scaling: `hidden.probe_head`)."""
     from transformers import AutoModelForCausalLM
 
     path = local_dir(path, what)
     if not (Path(path) / "config.json").is_file():
         raise ModelLoadError(f"{what}: {path} has no config.json: not a Hugging Face model directory")
-    return _offline(AutoModelForCausalLM.from_pretrained, path, what, dtype=dtype)
+    model = _offline(AutoModelForCausalLM.from_pretrained, path, what, dtype=dtype)
+    from rlhf_fast.models.hidden import probe_head
+
+    probe_head(model, what)  # its logits must be lm_head(final hidden): else one line, never wrong log-probs
+    return model
 
 
 def load_backbone(path: str | Path, what: str = "model", dtype: torch.dtype = torch.float32):
