@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -32,13 +33,27 @@ def _check_device(device: str) -> None:
     _check(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
+# the spellings `model_dtype` and `mixed_precision` accept, and the name each one is recorded as
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
+AUTOCAST_NAMES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "no": "no", "fp32": "no", "float32": "no"}
+
+
 def _check_data_options(cfg) -> None:
+    """`overlong`, and the dtype keys, which accept the same spellings (bf16 or bfloat16, fp32 or float32, ...) and
+    are recorded under one name each (`model_dtype`: float32 | bfloat16 | float16; `mixed_precision`: bf16 | no)."""
     _check(cfg.overlong in ("truncate", "drop", "error"), "overlong", f"must be truncate, drop or error, got "
            f"{cfg.overlong!r}")
-    dtypes = ("auto", "float32", "bfloat16", "float16")
-    _check(cfg.model_dtype in dtypes, "model_dtype", f"must be one of {', '.join(dtypes)}, got {cfg.model_dtype!r}")
-    _check(cfg.mixed_precision in ("auto", "bf16", "no"), "mixed_precision", f"must be auto, bf16 or no, got "
-           f"{cfg.mixed_precision!r}")
+    dtype = "auto" if cfg.model_dtype == "auto" else DTYPE_NAMES.get(cfg.model_dtype)
+    _check(dtype is not None, "model_dtype", f"must be auto, fp32/float32, bf16/bfloat16 or fp16/float16, got "
+           f"{cfg.model_dtype!r}")
+    autocast = AUTOCAST_NAMES.get(cfg.mixed_precision)
+    fp16 = " (fp16 autocast is not supported: it needs loss scaling; use bf16)" if cfg.mixed_precision in (
+        "fp16", "float16") else ""
+    _check(autocast is not None, "mixed_precision", f"must be auto, bf16/bfloat16 or no (fp32/float32), got "
+           f"{cfg.mixed_precision!r}{fp16}")
+    object.__setattr__(cfg, "model_dtype", dtype)  # one recorded name per dtype, so a rerun compares equal
+    object.__setattr__(cfg, "mixed_precision", autocast)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +146,7 @@ class SFTConfig:
     mixed_precision: str = "auto"  # bf16 autocast, fp32 master weights: auto (CUDA with bf16) | bf16 | no
     batch_size: int = 32
     epochs: int = 1
-    max_steps: int = 0  # > 0 stops after this many optimiser steps
+    max_steps: int = 0  # > 0: exactly this many optimiser steps, the data repeating as needed (`epochs` unused)
     bucket_size: int = 16  # length bucketing: sort each window of bucket_size batches by length (1 disables)
     optim: OptimConfig = OptimConfig()
     eval_every: int = 0  # 0: evaluate at the end only
@@ -167,7 +182,7 @@ class RMConfig:
     mixed_precision: str = "auto"  # bf16 autocast, fp32 master weights: auto (CUDA with bf16) | bf16 | no
     batch_size: int = 16  # prompts per minibatch (all their completions go in together)
     epochs: int = 1
-    max_steps: int = 0
+    max_steps: int = 0  # > 0: exactly this many optimiser steps, the data repeating as needed (`epochs` unused)
     optim: OptimConfig = OptimConfig(lr=3e-4)
     eval_every: int = 0
     save_every: int = 0
@@ -348,6 +363,22 @@ class PipelineConfig:
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false are booleans, so `mixed_precision: no` stays the string
+    "no" (YAML 1.1 reads yes/no/on/off as booleans); a boolean key still takes yes/no/on/off (`_BOOL_WORDS`)."""
+
+
+_Loader.yaml_implicit_resolvers = {c: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:bool"]
+                                   for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _coerce(tp, value, key: str):
     """`value` (from YAML) as type `tp`, or a ConfigError naming `key`."""
     origin = typing.get_origin(tp)
@@ -368,6 +399,8 @@ def _coerce(tp, value, key: str):
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -426,7 +459,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         key = key.strip()
         if not key:
             raise ConfigError(f"{pair}: empty key")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -449,7 +482,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     data: dict = {}
     if path:
         text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        loaded = _yaml(text) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded

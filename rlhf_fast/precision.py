@@ -8,6 +8,8 @@ checkpointing.
   against (the rollout engine runs as it is): auto = on a CUDA device with bf16, off elsewhere (bf16 autocast on
   the CPUs we test on is slower than fp32); bf16 = on (CPU too); no = off. Master weights and their gradients stay
   fp32; the final norm of Llama/Qwen2/GPT-2 returns fp32, so the fused log-prob ops see fp32 hidden states.
+* Both keys take the same spellings, fp32/float32, bf16/bfloat16 and fp16/float16 (`model_dtype` only: autocast is
+  bf16 only), and the config records one name for each (`rlhf_fast.config.DTYPE_NAMES`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the spellings config accepts
 
 
 def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
@@ -38,9 +41,9 @@ def resolve_dtype(model_dtype: str, model_dir: str | Path | None) -> torch.dtype
 
 
 def autocast_on(mixed_precision: str, device: torch.device) -> bool:
-    if mixed_precision == "bf16":
+    if mixed_precision in ("bf16", "bfloat16"):
         return True
-    if mixed_precision == "no":
+    if mixed_precision in ("no", "fp32", "float32"):
         return False
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
