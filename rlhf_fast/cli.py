@@ -33,11 +33,12 @@ def _error_line(e: BaseException) -> str | None:
     from rlhf_fast.distributed import DistributedError
     from rlhf_fast.models.loading import ModelLoadError
     from rlhf_fast.stages.common import DivergedError
+    from rlhf_fast.stages.reward_fn import RewardFnError
     from rlhf_fast.stages.run_state import RunDirError
 
     kinds = [(ConfigError, "config error"), (DataError, "data error"), (CheckpointError, "checkpoint error"),
              (ModelLoadError, "model error"), (RunDirError, "run directory error"), (DivergedError, "diverged"),
-             (DistributedError, "distributed error")]
+             (DistributedError, "distributed error"), (RewardFnError, "reward_fn error")]
     for cls, kind in kinds:
         if isinstance(e, cls):
             return f"{kind}: {e}"
@@ -73,6 +74,13 @@ def _cmd_stage(args: argparse.Namespace) -> int:
         out = args.out or os.path.join("runs", args.command)
         kw = {} if stop_after is None else {"stop_after": stop_after}
         result = getattr(importlib.import_module(module), fn)(cfg, out, **kw)
+    except KeyboardInterrupt:  # Ctrl-C: where a rerun resumes, exit code 130 (128 + SIGINT) as a shell reports it
+        if args.debug:
+            raise
+        from rlhf_fast.stages.run_state import interrupted_line
+
+        print(f"\nrlhf-fast {args.command}: {interrupted_line()}", file=sys.stderr)
+        return 130
     except Exception as e:
         line = _error_line(e)
         if line is None or args.debug:

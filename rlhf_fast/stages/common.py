@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -187,10 +188,71 @@ def plot_panels(panels: list[tuple[str, list[dict], str]], png: str | Path, titl
     return Path(png)
 
 
+def train_steps(name: str, per_epoch: int, epochs: int, max_steps: int) -> int:
+    """Optimiser steps of an SFT/RM run: `max_steps` when > 0 (the data repeats, each epoch reshuffled, for as many
+    epochs as that takes; `epochs` is then unused), else `epochs` x `per_epoch`. Logged with what drives it."""
+    if max_steps <= 0:
+        log.info("%s: %d steps (%d epochs of %d steps)", name, epochs * per_epoch, epochs, per_epoch)
+        return epochs * per_epoch
+    log.info("%s: %d steps (max_steps; %.3g epochs of %d steps)", name, max_steps, max_steps / per_epoch, per_epoch)
+    return max_steps
+
+
+PROGRESS_EVERY_S = 10.0  # without a terminal: a progress line at most this often (and at the first and last step)
+
+
+class Progress:
+    """A stage loop's progress on rank 0: a tqdm bar when stderr is a terminal; otherwise (logs going to a file) a
+    log line at the first step, then at most every `PROGRESS_EVERY_S` seconds and at the last step, with the step,
+    the metrics given (loss, reward, ...) and the throughput:
+    `ppo: step 7/30 (23%) score 0.412 kl 0.0312 | 0.52 step/s, 410 tok/s, ETA 44s`."""
+
+    def __init__(self, name: str, total: int, initial: int = 0):
+        from tqdm.auto import tqdm
+
+        self.name, self.total, self.start_step = name, total, initial
+        self.bar = tqdm(total=total, desc=name, initial=initial, disable=None if distributed.is_main() else True,
+                        dynamic_ncols=True, leave=False)
+        self.lines = distributed.is_main() and self.bar.disable  # no bar on rank 0: log lines instead
+        self.t0 = self.last = time.perf_counter()
+        self.tokens = 0
+
+    def update(self, step: int, *, tokens: int = 0, **metrics: float) -> None:
+        """Step `step` is done; `tokens` processed in it (for tok/s) and the metrics to show."""
+        self.bar.update(1)
+        if metrics:
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
+        self.tokens += tokens
+        now = time.perf_counter()
+        first = step == self.start_step + 1
+        if not self.lines or not (first or step >= self.total or now - self.last >= PROGRESS_EVERY_S):
+            return
+        self.last = now
+        log.info("%s", self.line(step, now - self.t0, metrics))
+
+    def line(self, step: int, seconds: float, metrics: dict) -> str:
+        done = step - self.start_step
+        rate = done / seconds if seconds > 0 else float("inf")
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        speed = f"{rate:.3g} step/s" if rate >= 1 else f"{1 / rate:.3g} s/step" if rate > 0 else ""
+        if self.tokens:
+            speed += f", {self.tokens / seconds:.4g} tok/s"
+        eta = (self.total - step) / rate if rate > 0 else 0
+        return (f"{self.name}: step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) {shown} | {speed}, "
+                f"ETA {_duration(eta)}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def progress(iterable=None, *, total: int | None = None, desc: str = "", initial: int = 0):
     """A tqdm bar on stderr (hidden when stderr is not a terminal, and on every rank but 0)."""
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, initial=initial, disable=None if distributed.is_main() else True,
                 dynamic_ncols=True, leave=False)
-

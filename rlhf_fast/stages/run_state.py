@@ -27,7 +27,7 @@ from rlhf_fast import distributed
 from rlhf_fast.checkpoint import (clean_stale, find_checkpoint, load_state, read_models, rng_state,
                                   save_checkpoint, set_rng_state, share_modes)
 from rlhf_fast.config import ConfigError
-from rlhf_fast.stages.common import MetricsLog, StepResult, guarded_step, progress
+from rlhf_fast.stages.common import MetricsLog, Progress, StepResult, guarded_step
 from rlhf_fast.truncation import Examples
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,23 @@ def check_config(out: Path, config: dict, *, name: str, started: bool) -> dict:
     return changes
 
 
+_current: TrainRun | None = None  # the stage run this process started last (for `interrupted_line`)
+
+
+def interrupted_line() -> str:
+    """What the CLI says on Ctrl-C: where a rerun of the same command resumes (the newest checkpoint's step)."""
+    run = _current
+    if run is None:
+        return "interrupted before training started; rerun the same command to start"
+    if run.finished:
+        return f"interrupted after {run.name} finished; rerun the same command to go on from there"
+    if run.saved_step is None:
+        return (f"interrupted in {run.name} at step {run.step}, before its first checkpoint; rerun the same command "
+                f"to start {run.name} again from step 0")
+    return (f"interrupted in {run.name} at step {run.step}; rerun the same command to resume from step "
+            f"{run.saved_step} (its last checkpoint, {run.ckpt_dir})")
+
+
 class TrainRun:
     """The run directory `out` of stage `name`; `config` is recorded in every checkpoint. Construct it first (the
     clock starts, so loading counts as training time), then check `already_finished()`, then `resume(...)`. The
@@ -169,6 +186,10 @@ class TrainRun:
         check_config(self.out, config, name=name, started=self._ckpt is not None)
         self.info: dict = load_state(self._ckpt) if self._ckpt else {}  # the loaded trainer state
         self.step, self.skipped = self.info.get("step", 0), self.info.get("skipped", 0)
+        self.saved_step = self.step if self._ckpt is not None else None  # where a rerun resumes (None: the start)
+        self.finished = False
+        global _current
+        _current = self
         self._before = self.info.get("elapsed_s", 0.0)
         self.models: dict = {}
         self.opt = self.sched = self.tokenizer = None
@@ -188,6 +209,7 @@ class TrainRun:
             return False
         log.warning("%s: %s already finished (step %d); nothing to do. Delete it to train again.", self.name,
                     self.out, self.step)
+        self.finished = True
         return True
 
     def resume(self, models: dict, optimizer: torch.optim.Optimizer, scheduler, *, total: int, tokenizer=None,
@@ -219,6 +241,7 @@ class TrainRun:
               "finished": finished, "config": self.config, "elapsed_s": self.elapsed(),
               **{k: obj.state_dict() for k, obj in self.extra.items()}, **info}
         save_checkpoint(self.ckpt_dir, self.models, st, self.tokenizer, self.opt, keep=self.keep)
+        self.saved_step, self.finished = self.step, finished
 
     def after_step(self) -> bool:
         """Call once `step` has advanced: checkpoints at `stop_after` (returns False: stop now) and every
@@ -260,15 +283,15 @@ class TrainRun:
         """SFT's and RM's step loop: optimiser steps until `total`. `step_fn(step)` returns `(loss, extra_metrics)`
         for the batch at that step; `evaluate()` gives eval metrics every `eval_every` steps. Returns False if it
         stopped early at `stop_after` (checkpointed), True when done."""
-        bar = progress(total=self.total, desc=self.name, initial=self.step)
+        bar = Progress(self.name, self.total, self.step)
         try:
             while self.step < self.total:
                 loss, extra = step_fn(self.step)
                 res = self.apply(loss, params, grad_clip)
                 step = self.step
-                bar.update(1)
-                self.metrics.log(step, loss=distributed.all_sum(float(loss.detach())), **extra,
-                                 grad_norm=res.grad_norm, lr=self.lr(), skipped=self.skipped)
+                loss = distributed.all_sum(float(loss.detach()))
+                bar.update(step, loss=loss, **extra, lr=self.lr())
+                self.metrics.log(step, loss=loss, **extra, grad_norm=res.grad_norm, lr=self.lr(), skipped=self.skipped)
                 if step < self.total and eval_every and evaluate is not None and step % eval_every == 0:
                     self.metrics.log(step, **evaluate())
                 if not self.after_step():

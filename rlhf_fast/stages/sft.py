@@ -18,7 +18,7 @@ from rlhf_fast.data import IGNORE_INDEX, SFTExample, epoch_batches, load_sft, sf
 from rlhf_fast.models import final_hidden, lora, output_head
 from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
 from rlhf_fast.models.lora import LoRALM
-from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
+from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device, train_steps
 from rlhf_fast.stages.run_state import TrainRun, exclusive, record_truncation
 from rlhf_fast.truncation import context_length, fit_len
 
@@ -105,7 +105,7 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     record_truncation(out, {cfg.train_data: train, cfg.eval_data: evals})
     lengths = [len(e.input_ids) for e in train]
     per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
+    total = train_steps("sft", per_epoch, cfg.epochs, cfg.max_steps)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg.optim)
