@@ -30,7 +30,7 @@ from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.models import disable_dropout, supports, lora
 from rlhf_fast.models.loading import load_tokenizer
 from rlhf_fast.models.packed import PackedBatch, pack
-from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device
+from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device, train_steps
 from rlhf_fast.stages.run_state import TrainRun, exclusive, record_truncation
 from rlhf_fast.truncation import context_length, fit_len
 
@@ -152,7 +152,7 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     record_truncation(out, {cfg.train_data: train, cfg.eval_data: evals})
     sizes = [sum(len(c) for c in e.completions) for e in train]
     per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = per_epoch * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, per_epoch * cfg.epochs)
+    total = train_steps("rm", per_epoch, cfg.epochs, cfg.max_steps)
     shared = cfg.train_model == "ours" and not (distributed.is_sharded(model) and cfg.gradient_checkpointing)
     if shared and not supports(model.lm):
         log.info("rm: %s is not one of the compact models; training on the padded HF forward (train_model: hf)",
