@@ -49,7 +49,8 @@ class RankedExample(NamedTuple):
 
 class PromptExample(NamedTuple):
     text: str  # the prompt string, or the chat template's rendering of the messages
-    ids: list[int]
+    ids: list[int]  # cut to the budget (`rlhf_fast.truncation`)
+    raw: str | list[dict] | None = None  # the prompt as the line wrote it, uncut: the string or the messages list
 
 
 def read_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, dict]]:
@@ -216,7 +217,11 @@ def load_rm(path: str | Path, tokenizer, max_len: int, *, overlong: str = "trunc
     for where, obj in read_jsonl(path):
         p = _prompt(codec, obj, where)
         if "completions" in obj or "ranks" in obj:
-            comps, ranks = obj.get("completions"), obj.get("ranks")
+            for key in ("completions", "ranks"):
+                if key not in obj:
+                    raise DataError(f"{where}: missing key {key!r} (has {sorted(obj)}; a ranked line needs "
+                                    f"'completions' and 'ranks', a pair 'chosen' and 'rejected')")
+            comps, ranks = obj["completions"], obj["ranks"]
             if not isinstance(comps, list):
                 raise DataError(f"{where}: 'completions' must be a list of strings or assistant messages")
             if not isinstance(ranks, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
@@ -265,7 +270,9 @@ def load_prompts(path: str | Path, tokenizer, max_len: int, *, overlong: str = "
     codec, out = Codec(tokenizer), Examples()
     for where, obj in read_jsonl(path):
         p = _prompt(codec, obj, where)
-        if len(p.ids) > max_len:
+        n = len(p.ids)
+        out.full_lengths.append(n)
+        if n > max_len:
             if overlong == "error":
                 raise overlong_error(where, "the prompt", len(p.ids), max_len,
                                      "ppo.max_len, or the positions left by max_new_tokens")
@@ -274,7 +281,7 @@ def load_prompts(path: str | Path, tokenizer, max_len: int, *, overlong: str = "
                 continue
             out.counts.prompts_cut += 1
             p = p._replace(ids=_fit(codec, p, max_len, where))
-        out.append(PromptExample(p.text, p.ids))
+        out.append(PromptExample(p.text, p.ids, p.msgs if p.msgs is not None else p.text))
     return _finish(out, path, "prompts")
 
 

@@ -50,11 +50,36 @@ class Counts:
 
 
 class Examples(list):
-    """A loader's examples, with the `Counts` of what truncation did to the file."""
+    """A loader's examples, with the `Counts` of what truncation did to the file (and, from `load_prompts`, every
+    prompt's length before any cut or drop, `full_lengths`)."""
 
     def __init__(self, items=(), counts: Counts | None = None):
         super().__init__(items)
         self.counts = counts or Counts()
+        self.full_lengths: list[int] = []
+
+
+WARN_CUT_FRACTION = 0.05  # PPO prompts: warn when more than this fraction of a file's prompts is cut
+
+
+def warn_prompts_cut(prompts: Examples, path, *, budget: int, max_len: int, positions: int | None,
+                     max_new_tokens: int, log) -> bool:
+    """A warning with the numbers when more than `WARN_CUT_FRACTION` of `prompts` (from `load_prompts` with
+    `budget` = min(`max_len`, `positions` - `max_new_tokens`)) were cut; returns whether it warned."""
+    n, cut = len(prompts) + prompts.counts.dropped, prompts.counts.prompts_cut + prompts.counts.dropped
+    if not n or cut <= WARN_CUT_FRACTION * n:
+        return False
+    lengths = sorted(prompts.full_lengths) or [0]
+    if positions is not None and positions - max_new_tokens < max_len:
+        why = (f"the model's {positions} positions less sampling.max_new_tokens={max_new_tokens} leave {budget}; "
+               f"lower max_new_tokens to keep more of each prompt")
+    else:
+        why = f"ppo.max_len={max_len}; raise it to keep more of each prompt"
+    what = "cut" if not prompts.counts.dropped else "cut or dropped"
+    log.warning("ppo: %d of %d prompts in %s (%.0f%%) were %s to fit %d tokens (prompts are %d tokens at the "
+                "median, %d at most): %s", cut, n, path, 100 * cut / n, what, budget, lengths[len(lengths) // 2],
+                lengths[-1], why)
+    return True
 
 
 def middle_cut(ids: list[int], budget: int) -> list[int]:

@@ -4,6 +4,7 @@ rlhf_fast never downloads: a name that is not a local directory is an error at o
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -64,3 +65,32 @@ def load_tokenizer(path: str | Path, what: str = "tokenizer"):
     from transformers import AutoTokenizer
 
     return _offline(AutoTokenizer.from_pretrained, local_dir(path, what), what)
+
+
+def check_compact_support(path: str | Path, what: str, *, backbone: bool = False, needed_by: str = "this stage",
+                          hint: str = "") -> None:
+    """A ModelLoadError, from `path/config.json` alone (before any weight loads), when the model there is of an
+    architecture the compact models (`rlhf_fast.models.bind_model`: the rollout engine and the padding-free
+    passes) do not cover; `needed_by` names what needs them, `hint` (", ...") what to do instead. `backbone`: the
+    directory holds a bare backbone (a reward or value model). A directory whose class cannot be told from its
+    config passes (loading it says what is wrong)."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    from rlhf_fast.models import _BY_CLASS
+
+    cfg = Path(local_dir(path, what)) / "config.json"
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return
+    names = modeling_auto.MODEL_MAPPING_NAMES if backbone else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    name = names.get(model_type)
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if cls is None:
+        return
+    if any(c.__name__ in _BY_CLASS and c.__module__.startswith("transformers.") for c in cls.__mro__):
+        return
+    families = sorted({k for k in _BY_CLASS if k.endswith(("ForCausalLM", "LMHeadModel"))})
+    raise ModelLoadError(f"{what}: {path} is a {name} (model_type {model_type!r}); {needed_by} supports "
+                         f"{', '.join(families)} (and their backbones){hint}")

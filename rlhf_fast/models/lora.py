@@ -45,10 +45,25 @@ def inject(module: nn.Module, cfg, base_dir: str | Path, *, seed: int = 0):
                     target_modules=_targets(cfg.target_modules))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        pm = get_peft_model(module, lc)
+        try:
+            pm = get_peft_model(module, lc)
+        except ValueError as e:  # peft: "Target modules {...} not found in the base model ..."
+            raise ConfigError(f"lora.target_modules: {cfg.target_modules!r} matches no layer peft can adapt "
+                              f"({str(e).strip().splitlines()[0][:300]}); this model's linear layers are named "
+                              f"{', '.join(linear_names(module))}, or use all-linear") from e
     pm.peft_config[pm.active_adapter].base_model_name_or_path = str(base_dir)  # where from_pretrained finds it
     check_supported(pm.get_base_model())
     return pm
+
+
+def linear_names(module: nn.Module) -> list[str]:
+    """The distinct last names of `module`'s linear layers (`nn.Linear`, GPT-2's `Conv1D`) but the output head:
+    what `lora.target_modules` may name."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    return sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules()
+                   if isinstance(m, (nn.Linear, Conv1D)) and m is not head and n})
 
 
 def _is_lora(m: nn.Module) -> bool:

@@ -18,7 +18,7 @@ import torch
 from rlhf_fast import distributed, preflight
 from rlhf_fast.chat import Codec
 from rlhf_fast.config import ConfigError, PipelineConfig, to_dict
-from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
+from rlhf_fast.models.loading import check_compact_support, load_causal_lm, load_tokenizer
 from rlhf_fast.rollout import SamplingParams
 from rlhf_fast.stages.common import MetricsLog, jsonable, plot_panels, resolve_device
 from rlhf_fast.stages.experience import make_rollout, policy_logprobs
@@ -136,6 +136,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, stop_after: tuple[
         torch.set_num_threads(cfg.threads)
     cfg, eval_prompts, use_labeler = _with_default_task(cfg, out, write=not started)
     mnt = cfg.ppo.sampling.max_new_tokens
+    if cfg.sft.model:  # before SFT: the evaluation (and PPO's default generator) samples with the rollout engine
+        check_compact_support(cfg.sft.model, "sft.model", needed_by="the pipeline's rollout engine")
     preflight.pipeline_prompts(cfg.sft.model, cfg.sft.tokenizer, cfg.sft.arch.max_position_embeddings,
                                [cfg.ppo.prompts, eval_prompts], max_len=cfg.ppo.max_len, max_new_tokens=mnt,
                                overlong=cfg.ppo.overlong)  # before SFT: every prompt PPO and the report read

@@ -25,18 +25,18 @@ from rlhf_fast.config import ConfigError, PPOConfig, to_dict
 from rlhf_fast.data import SFTExample, epoch_batches, load_texts, sft_batch
 from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.models import disable_dropout, lora, output_head
-from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
+from rlhf_fast.models.loading import check_compact_support, load_causal_lm, load_tokenizer
 from rlhf_fast.models.lora import LoRALM
 from rlhf_fast.rollout import SamplingParams
 from rlhf_fast.stages import algorithms
 from rlhf_fast.stages import experience as xp
 from rlhf_fast.stages import packed_passes as pp
 from rlhf_fast.stages import reward_fn as rfn
-from rlhf_fast.stages.common import guarded_step, make_optimizer, make_scheduler, progress, resolve_device
+from rlhf_fast.stages.common import Progress, guarded_step, make_optimizer, make_scheduler, resolve_device
 from rlhf_fast.stages.kl_control import KLController
 from rlhf_fast.stages.run_state import TrainRun, exclusive, record_truncation
 from rlhf_fast.stages.sft import response_nll
-from rlhf_fast.truncation import context_length, fit_len
+from rlhf_fast.truncation import context_length, fit_len, warn_prompts_cut
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,10 @@ class PPOTrainer:
         return self.cfg.sampling.params(seed=self.cfg.seed * 100_003 + iteration, stop_token_ids=self.stop_ids)
 
     def collect(self, prompts: list[list[int]], iteration: int,
-                texts: list[str] | None = None) -> tuple[xp.Experience, dict]:
+                texts: list | None = None) -> tuple[xp.Experience, dict]:
         """Rollouts, frozen passes and advantages; returns the experience and per-phase seconds. `texts`: the
-        prompts as text for `reward_fn` (default: decoded from the ids)."""
+        prompts as written (string or messages, `PromptExample.raw`) for `reward_fn` (default: decoded from the
+        ids)."""
         c, t0 = self.cfg, time.perf_counter()
         self.policy.eval()
         mine = distributed.rank_slice(len(prompts))  # this rank's prompts; seeds follow the global index
@@ -252,7 +253,7 @@ class PPOTrainer:
         out["early_stopped"] = float(stop)
         return out
 
-    def iteration(self, prompts: list[list[int]], iteration: int, texts: list[str] | None = None) -> dict:
+    def iteration(self, prompts: list[list[int]], iteration: int, texts: list | None = None) -> dict:
         exp, metrics = self.collect(prompts, iteration, texts)
         t0 = time.perf_counter()
         metrics.update(self.update(exp, iteration))
@@ -318,6 +319,18 @@ def _check_world(cfg: PPOConfig) -> None:
                          f"sequences) must each be >= {w}")
 
 
+def check_architectures(cfg: PPOConfig) -> None:
+    """Before any model loads: the rollout engine (`generator: engine`) and the padding-free passes (`train_model:
+    ours`) run on the compact models, so the policy (and the reward/value model) must be one of their families."""
+    hint = "; set generator=hf and train_model=hf to run it on Hugging Face's own generate and forwards"
+    if cfg.generator == "engine" or cfg.train_model == "ours":
+        why = "the rollout engine (generator=engine)" if cfg.generator == "engine" else "train_model=ours"
+        check_compact_support(cfg.policy, "ppo.policy", needed_by=why, hint=hint)
+    if cfg.reward_model and cfg.train_model == "ours":
+        check_compact_support(cfg.reward_model, "ppo.reward_model", backbone=True, needed_by="train_model=ours",
+                              hint=hint)
+
+
 @exclusive
 def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = None,
               plots: bool = True) -> PPOResult:
@@ -340,6 +353,7 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
     value_dir = final / "value" if algo.critic else None
     if run.already_finished():
         return PPOResult(final / "policy", value_dir, run.step, run.skipped, run.info["elapsed_s"])
+    check_architectures(cfg)
     tokenizer = load_tokenizer(cfg.policy, "ppo.policy")
     if cfg.reward_model:
         preflight.check_same_tokenizer(tokenizer, cfg.policy, cfg.reward_model)
@@ -369,6 +383,9 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
         ref, rm = (distributed.shard(m, mixed_precision=mp) if m is not None else None for m in (ref, rm))
     prompts = preflight.load_rollout_prompts(cfg.prompts, tokenizer, policy, max_len=cfg.max_len,
                                              max_new_tokens=cfg.sampling.max_new_tokens, overlong=cfg.overlong)
+    budget = preflight.prompt_budget(cfg.max_len, policy, cfg.sampling.max_new_tokens)
+    warn_prompts_cut(prompts, cfg.prompts, budget=budget, max_len=cfg.max_len, positions=context_length(policy),
+                     max_new_tokens=cfg.sampling.max_new_tokens, log=log)  # most prompts cut: say why, with numbers
     ptx = (load_texts(cfg.ptx_data, tokenizer, fit_len(cfg.ptx_max_len, context_length(policy)))
            if cfg.ptx_data and cfg.ptx_coef > 0 else [])
     record_truncation(out, {cfg.prompts: prompts, cfg.ptx_data: ptx})
@@ -379,16 +396,16 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
     trainer.skipped = run.skipped
 
     per_epoch = max(1, len(prompts) // cfg.prompts_per_iter)  # full prompt batches only
-    bar = progress(total=cfg.iterations, desc="ppo", initial=run.step)
+    bar = Progress("ppo", cfg.iterations, run.step)
     try:
         while run.step < cfg.iterations:
             epoch, pos = divmod(run.step, per_epoch)
             batch = epoch_batches([0] * len(prompts), cfg.prompts_per_iter, seed=cfg.seed, epoch=epoch)[pos]
-            m = trainer.iteration([prompts[i].ids for i in batch], run.step, [prompts[i].text for i in batch])
+            m = trainer.iteration([prompts[i].ids for i in batch], run.step, [prompts[i].raw for i in batch])
             run.step, run.skipped = run.step + 1, trainer.skipped
             run.metrics.log(run.step, **m)
-            bar.update(1)
-            bar.set_postfix(score=f"{m['score']:.3f}", kl=f"{m['kl']:.3f}")
+            shown = {"reward": m["score"], **{k: m[k] for k in ("kl", "pg_loss", "vf_loss") if k in m}}
+            bar.update(run.step, tokens=round(m["response_len"] * len(batch) * cfg.sampling.n), **shown)
             if not run.after_step():
                 return PPOResult(run.ckpt_dir, run.ckpt_dir if algo.critic else None, run.step, run.skipped,
                                  run.elapsed())
