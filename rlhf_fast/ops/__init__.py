@@ -6,9 +6,14 @@ from rlhf_fast.backend import use_backend  # noqa: F401
 
 # --- log-probabilities and entropy ---
 from rlhf_fast.ops.logprobs import linear_token_logprobs, token_logprobs  # noqa: F401,E402
+from rlhf_fast.ops.support import support_threshold  # noqa: F401,E402 (top-k / top-p support)
 
 # --- the loss specification (clipping, aggregation, KL term) every loss op takes ---
-from rlhf_fast.ops.loss_spec import AGG_MODES, KL_KINDS, KLTerm, PPOAgg, PPOClip  # noqa: F401,E402
+from rlhf_fast.ops.loss_spec import (AGG_MODES, KL_KINDS, ROLLOUT_CORRECTION_MODES, KLTerm, PPOAgg,  # noqa: F401,E402
+                                     PPOClip, RolloutCorrection)
+
+# --- rollout correction: importance weights / rejection for rollout-vs-trainer log-prob mismatch ---
+from rlhf_fast.ops.rollout_correction import RolloutCorrectionStats, rollout_correction  # noqa: F401,E402
 
 # --- KL, PPO policy/value losses, masked statistics, token rewards ---
 from rlhf_fast.ops.kl import kl_penalty  # noqa: F401,E402

@@ -1,5 +1,6 @@
 """The loss specification every PPO-family op takes: `PPOClip` (the surrogate's clipping), `PPOAgg` (how per-token
-losses are reduced, with its normalisers) and `KLTerm` (the KL-in-loss term).
+losses are reduced, with its normalisers), `KLTerm` (the KL-in-loss term) and `RolloutCorrection` (importance
+weights and rejection for rollout log-probs that differ from the trainer's).
 
 `PPOAgg.token_weights` is the one definition of the aggregation modes: the reference, the PyTorch path, the Triton
 and native kernels' drivers and the fused step all reduce with these weights. With l_{b,t} the per-token loss and
@@ -34,6 +35,7 @@ import numbers
 import torch
 
 KL_KINDS = ("k1", "k2", "k3", "abs")
+ROLLOUT_CORRECTION_MODES = ("none", "tis", "mis", "icepop", "geo_mask")
 
 
 def _count_tokens(row_counts: torch.Tensor, length: int) -> torch.Tensor:
@@ -193,3 +195,86 @@ class KLTerm:
             raise ValueError(f"KLTerm.coef must be a finite number, got {self.coef!r}")
         if self.kind not in KL_KINDS:
             raise ValueError(f"KLTerm.kind must be one of {KL_KINDS}, got {self.kind!r}")
+
+
+def _check_bound(name: str, val, *, allow_none: bool) -> None:
+    if val is None and allow_none:
+        return
+    if isinstance(val, bool) or not isinstance(val, numbers.Real) or not 0 < val < math.inf:
+        tail = " or None" if allow_none else ""
+        raise ValueError(f"RolloutCorrection.{name} must be a finite number > 0{tail}, got {val!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutCorrection:
+    """How the loss corrects for rollout log-probs that differ from the trainer's (bf16 or mixed precision, a
+    recomputed old_logp, non-deterministic kernels, asynchronous rollouts): `ops.rollout_correction` turns it into
+    per-token importance weights and a keep mask, which `ppo_policy_loss` / `ppo_loss_from_hidden` apply when given
+    `rollout_logp=`.
+
+    With w_t = exp(old_logp_t - rollout_logp_t) = pi_train_old / pi_rollout per valid token (old_logp: the trainer's
+    log-prob of the behaviour policy; rollout_logp: the engine's), W = exp(sum_t log w_t) per sequence (level
+    "sequence") and G = exp(mean_t log w_t) (the geometric mean), each log ratio clamped to [-20, 20] before exp, and
+    r the ratio of the chosen level (w_t or W, on every token of the row):
+
+      none      no weight, nothing dropped; the stats (rollout-vs-trainer KL, max |dlogp|, ...) are still logged
+      tis       truncated IS: weight min(r, cap) (max(., lo) too when lo is set)
+      mis       masked IS as rejection: tokens (level token) or whole sequences (level sequence) with r outside
+                [lo, hi] are dropped from the loss and its normalisers, like a NaN token; the kept ones get no weight
+      icepop    weight r where r is in [lo, hi], else 0; zero-weight tokens stay in the normalisers (IcePop, Ling
+                team, Ring-1T 2025: M(r; alpha, beta) = r inside, 0 outside, at the token level; TRL calls it MIS)
+      geo_mask  rows whose G is outside [lo, hi] are dropped (sequence level by definition)
+
+    A bound of None is no bound on that side; [lo, hi] must contain 1 and cap be >= 1, so that rollout_logp ==
+    old_logp changes nothing. Peer equivalents (verl 0.9 `compute_rollout_correction_and_rejection_mask`, whose
+    log_ratio is ours; TRL GRPOTrainer `vllm_importance_sampling_mode` with clip_min / clip_max):
+      tis token / sequence       verl rollout_is="token" / "sequence", rollout_is_threshold=cap;
+                                 TRL token_truncate / sequence_truncate, clip_max=cap, clip_min=lo
+      icepop token / sequence    verl rollout_is="token" / "sequence", rollout_is_threshold=f"{lo}_{hi}";
+                                 TRL token_mask / sequence_mask, clip_min=lo, clip_max=hi
+      mis token / sequence       verl rollout_rs="token_k1" / "seq_sum_k1" with rollout_rs_threshold=f"{1/hi}_{1/lo}"
+                                 (verl's k1 is log(pi_rollout / pi_train): the same bounds when lo = 1/hi);
+                                 verl <= 0.6 rollout_is_mode="mask" at that level (its mask; it weighted by r too)
+      geo_mask                   verl rollout_rs="seq_mean_k1", same thresholds as mis; verl <= 0.6
+                                 rollout_is_level="geometric" with rollout_is_mode="mask"
+    """
+
+    mode: str = "none"  # none | tis | mis | icepop | geo_mask, see above
+    level: str | None = None  # token | sequence (tis, mis, icepop); None: token, and sequence for geo_mask
+    cap: float = 2.0  # tis: weights truncated above at cap (verl's default rollout_is_threshold 2.0; TRL's 3.0)
+    lo: float | None = None  # mis, icepop, geo_mask: lower bound of the kept ratios; tis: optional floor
+    hi: float | None = None  # mis, icepop, geo_mask: upper bound of the kept ratios
+
+    def __post_init__(self):
+        if self.mode not in ROLLOUT_CORRECTION_MODES:
+            raise ValueError(f"RolloutCorrection.mode must be one of {ROLLOUT_CORRECTION_MODES}, got {self.mode!r}")
+        level = self.level
+        if level is None:
+            level = "sequence" if self.mode == "geo_mask" else "token"
+            object.__setattr__(self, "level", level)
+        allowed = ("sequence",) if self.mode == "geo_mask" else ("token", "sequence")
+        if level not in allowed:
+            raise ValueError(f"RolloutCorrection.level must be one of {allowed} for mode {self.mode!r}, got "
+                             f"{level!r}")
+        _check_bound("cap", self.cap, allow_none=False)
+        _check_bound("lo", self.lo, allow_none=True)
+        _check_bound("hi", self.hi, allow_none=True)
+        if self.cap < 1:
+            raise ValueError(f"RolloutCorrection.cap must be >= 1 (an on-policy token keeps weight 1), got "
+                             f"{self.cap!r}")
+        if self.lo is not None and self.lo > 1:
+            raise ValueError(f"RolloutCorrection.lo must be <= 1 (an on-policy token is kept), got {self.lo!r}")
+        if self.hi is not None and self.hi < 1:
+            raise ValueError(f"RolloutCorrection.hi must be >= 1 (an on-policy token is kept), got {self.hi!r}")
+        if self.mode == "tis" and self.hi is not None:
+            raise ValueError(f"RolloutCorrection.hi is not used by mode 'tis' (it truncates at cap); got "
+                             f"hi={self.hi!r}")
+        if self.mode in ("mis", "icepop", "geo_mask") and self.lo is None and self.hi is None:
+            raise ValueError(f"RolloutCorrection.lo / RolloutCorrection.hi: mode {self.mode!r} needs at least one "
+                             f"bound, got lo=None, hi=None")
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(lower, upper): the kept ratio range of mis / icepop / geo_mask, tis's (floor, cap); 0 / inf if unset."""
+        upper = self.cap if self.mode == "tis" else (math.inf if self.hi is None else float(self.hi))
+        return (0.0 if self.lo is None else float(self.lo)), upper

@@ -25,7 +25,8 @@ from rlhf_fast.kernels.loss_layout import (LOG_RATIO_CLAMP, P_CLIPPED, P_COUNT, 
                                            V_RM2, V_RMEAN, V_VSUM)
 from rlhf_fast.ops import _checks
 from rlhf_fast.ops import reference as ref
-from rlhf_fast.ops.loss_spec import PPOAgg, PPOClip
+from rlhf_fast.ops.loss_spec import PPOAgg, PPOClip, RolloutCorrection
+from rlhf_fast.ops.rollout_correction import RolloutCorrectionStats, apply_rollout_correction
 
 backend.register_op("ppo_policy_loss", triton=True)
 backend.register_op("value_loss", triton=True, native_cpu="ppo_value_partials_cpu")
@@ -39,7 +40,8 @@ class PolicyLossStats(NamedTuple):
     ratio_mean: torch.Tensor  # ratio stats are 1 when nothing is valid
     ratio_min: torch.Tensor
     ratio_max: torch.Tensor
-    nonfinite: torch.Tensor  # int64 count of valid tokens dropped for a NaN/Inf input
+    nonfinite: torch.Tensor  # int64 count of valid tokens dropped for a NaN/Inf input (rollout_logp's included)
+    rollout_correction: RolloutCorrectionStats | None = None  # given rollout_logp: the rollout-vs-trainer stats
 
 
 class ValueLossStats(NamedTuple):
@@ -239,7 +241,8 @@ def policy_loss_tokens(logp, old_logp, adv, mask, is_weights, clip: PPOClip, agg
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                     clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean",
-                    is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, PolicyLossStats]:
+                    is_weights: torch.Tensor | None = None, rollout_logp: torch.Tensor | None = None,
+                    rollout_correction: RolloutCorrection | None = None) -> tuple[torch.Tensor, PolicyLossStats]:
     """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7) with optional dual clip (Ye et al. 2020), the
     importance ratio per token or per sequence (GSPO), and per-token importance weights.
 
@@ -247,6 +250,11 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     advantage per sequence (GRPO, RLOO), broadcast over the row's tokens. is_weights: (batch, T) or None, per-token
     importance weights that multiply each token's loss, without gradient (rollout/train mismatch correction: verl
     `rollout_is_weights`, TRL `importance_sampling_ratio`); a NaN/Inf weight drops the token like any input.
+    rollout_logp: (batch, T) the rollout engine's log-probs of the sampled tokens, or None; with it,
+    `ops.rollout_correction(old_logp, rollout_logp, mask, rollout_correction)` (default `RolloutCorrection()`,
+    mode "none": statistics only) gives importance weights, multiplied into is_weights, and a keep mask that replaces
+    mask (see `RolloutCorrection` for the modes: tis, mis, icepop, geo_mask); its stats come back in
+    `stats.rollout_correction`. old_logp is then the trainer's log-prob of the behaviour policy.
     With r the ratio of `clip.level` (see `PPOClip`; token: r = exp(clamp(logp - old_logp, -20, 20))):
         l = w_is * max(-A r, -A clip(r, 1 - clip.low, 1 + clip.high)), and for A < 0 with `clip.dual` = c > 1
         l = w_is * min(max(...), -c A);
@@ -268,9 +276,15 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     _check_inputs(names, tensors, mask)
     if not isinstance(clip, PPOClip):
         raise TypeError(f"clip must be a PPOClip, got {type(clip).__name__}")
-    loss, stats = policy_loss_tokens(logp, old_logp, advantages, mask, is_weights, clip, PPOAgg.of(agg))
+    agg = PPOAgg.of(agg)
+    mask, is_weights, corr, dropped = apply_rollout_correction(old_logp, rollout_logp, mask, rollout_correction,
+                                                               is_weights)
+    loss, stats = policy_loss_tokens(logp, old_logp, advantages, mask, is_weights, clip, agg)
     dt = _compute_dtype(logp)
-    return loss.to(dt), PolicyLossStats(*(t.to(dt) if t.is_floating_point() else t for t in stats))
+    stats = PolicyLossStats(*(t.to(dt) if t is not None and t.is_floating_point() else t for t in stats))
+    if corr is not None:
+        stats = stats._replace(nonfinite=stats.nonfinite + dropped, rollout_correction=corr)
+    return loss.to(dt), stats
 
 
 class _ValueLossKernel(torch.autograd.Function):
