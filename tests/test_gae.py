@@ -172,6 +172,33 @@ def test_kernels_write_every_output(backend):
     _close(adv, want, torch.float32)
 
 
+@pytest.mark.skipif(DEVICE != "cpu" or not _native.has("gae_cpu"), reason="native CPU kernel unavailable")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16))
+def test_native_cpu_pairs_are_bitwise_one_by_one(dtype):
+    """gae_cpu sweeps two sequences at a time (interleaved over their common length, then the longer one's rest);
+    every token must get exactly the bits of a sweep of its sequence alone, non-finite inputs included (NaN, +-Inf
+    at valid and masked tokens, gamma * lam = 0 where 0 * Inf = NaN), for unequal lengths and an odd count."""
+    lengths = [5, 9, 0, 3, 17, 17, 1, 40, 2]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    n = int(cu[-1])
+    r, v = torch.randn(n, dtype=torch.float64).to(dtype), torch.randn(n, dtype=torch.float64).to(dtype)
+    m8 = (torch.rand(n) < 0.8).to(torch.uint8)
+    for i, x in zip((3, 20, 30, 41, 52, 70, 88), (float("nan"), float("inf"), -float("inf"), float("nan"),
+                                                   float("inf"), -float("inf"), float("nan"))):
+        (r if i % 2 else v)[i] = x
+    m8[[20, 30]] = 1
+    m8[52] = 0
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[dtype]
+    for g, lam in ((0.99, 0.95), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)):
+        adv, ret = torch.full_like(r, float("nan")), torch.full_like(r, float("nan"))
+        gae_mod._call_native(r, v, m8, cu, adv, ret, g, lam)
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            a1, r1 = torch.full_like(r[s:e], float("nan")), torch.full_like(r[s:e], float("nan"))
+            gae_mod._call_native(r[s:e], v[s:e], m8[s:e], torch.tensor([0, e - s]), a1, r1, g, lam)
+            for got, want in ((adv[s:e], a1), (ret[s:e], r1)):
+                assert torch.equal(got.view(bits), want.view(bits)), (g, lam, s, e)
+
+
 @pytest.mark.parametrize("backend", [NATIVE, TRITON])
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 def test_half_precision_inputs(backend, dtype):
