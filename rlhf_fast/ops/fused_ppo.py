@@ -31,8 +31,9 @@ from rlhf_fast.ops import _checks
 from rlhf_fast.ops._linear_chunked import (accumulate_grads, chunk_rows_for, iter_chunks, native_rows_bwd,
                                            native_rows_fwd, torch_rows_bwd, torch_rows_fwd)
 from rlhf_fast.ops.kl import kl_penalty
-from rlhf_fast.ops.loss_spec import KLTerm, PPOAgg, PPOClip
+from rlhf_fast.ops.loss_spec import KLTerm, PPOAgg, PPOClip, RolloutCorrection
 from rlhf_fast.ops.losses import policy_loss_tokens, token_advantages
+from rlhf_fast.ops.rollout_correction import RolloutCorrectionStats, apply_rollout_correction
 
 register_op("ppo_loss_from_hidden", triton=True, native_cpu="token_logprobs_fwd_cpu")
 TOKEN_SUM = PPOAgg("token-sum")
@@ -50,6 +51,8 @@ class FusedPPOStats(NamedTuple):
     ratio_min: torch.Tensor
     ratio_max: torch.Tensor
     nonfinite: torch.Tensor  # int64: masked-in tokens dropped for a NaN/Inf old_logp / advantage / ref_logp / weight
+    #                          (/ rollout_logp)
+    rollout_correction: RolloutCorrectionStats | None = None  # given rollout_logp: the rollout-vs-trainer stats
 
 
 def _loss_backend(device) -> str | None:
@@ -198,7 +201,8 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          advantages: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
                          clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean", kl: KLTerm | None = None,
                          entropy_coef: float = 0.0, temperature: float = 1.0, chunk_size: int | None = None,
-                         is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, FusedPPOStats]:
+                         is_weights: torch.Tensor | None = None, rollout_logp: torch.Tensor | None = None,
+                         rollout_correction: RolloutCorrection | None = None) -> tuple[torch.Tensor, FusedPPOStats]:
     """PPO loss straight from hidden states, without materialising the (batch, T, V) logits.
 
     Args:
@@ -217,6 +221,10 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         temperature: the logits are divided by it (use the rollout's sampling temperature).
         chunk_size: tokens per chunk (memory/speed knob).
         is_weights: (batch, T) per-token importance weights of the policy-gradient term (no gradient), or None.
+        rollout_logp: (batch, T) the rollout engine's log-probs, or None; with it, old_logp is the trainer's and
+            `rollout_correction` (a `RolloutCorrection`; None: mode "none", statistics only) weights and masks the
+            tokens as in `ppo_policy_loss` (the weights multiply is_weights, the policy-gradient term only; dropped
+            tokens leave every term), its stats in `stats.rollout_correction`.
     The policy-gradient term is exactly `ppo_policy_loss(logp, old_logp, advantages, mask, clip=clip, agg=agg,
     is_weights=is_weights)` on this step's logp (see there for the formulas and the peers' equivalents).
     Returns:
@@ -230,6 +238,8 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     per_token = {"old_logp": old_logp, "advantages": advantages, **({} if kl is None else {"kl.ref_logp": ref_logp}),
                  **({} if is_weights is None else {"is_weights": is_weights})}
     _check(hidden, weight, bias, labels, mask, per_token)
+    mask, is_weights, corr, dropped = apply_rollout_correction(old_logp, rollout_logp, mask, rollout_correction,
+                                                               is_weights)
     backend = select("ppo_loss_from_hidden", hidden.device)
     if backend == "triton" and hidden.dtype == torch.float64:
         backend = "torch"
@@ -268,4 +278,4 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             spread = _sequence_sum_grad(lp, old, adv, isw, w, row, mask.shape[0], clip)
     loss, *stats = _FusedPPO.apply(h, weight, bias, y, old, adv, take(ref_logp), isw, w, spread, cfg)
     # gradients reach `hidden` through the index_select above
-    return loss, FusedPPOStats(*stats, nonfinite)
+    return loss, FusedPPOStats(*stats, nonfinite + dropped, corr)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast.kernels.loss_layout import LOG_RATIO_CLAMP  # noqa: F401 (re-exported)
-from rlhf_fast.ops.loss_spec import AGG_MODES, KL_KINDS, KLTerm, PPOAgg, PPOClip  # noqa: F401 (re-exported)
+from rlhf_fast.ops.loss_spec import (AGG_MODES, KL_KINDS, KLTerm, PPOAgg, PPOClip,  # noqa: F401 (re-exported)
+                                     RolloutCorrection)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Log-probabilities and entropy (token_logprobs, linear_token_logprobs)
@@ -235,6 +236,46 @@ def token_rewards(scores, logp, ref_logp, mask, *, kl_coef, kind="k1"):
     last = torch.where(m, pos, -1).max(-1).values  # (batch,) index of the last valid token, -1 if none
     at_last = (pos == last[:, None]) & m
     return r + torch.where(at_last, scores[:, None].to(r.dtype), zero)
+
+
+def rollout_correction(trainer_logp, rollout_logp, mask, correction: RolloutCorrection = RolloutCorrection()):
+    """`ops.rollout_correction` one row at a time, in the inputs' dtype (modes: `RolloutCorrection`), (batch, T).
+
+    Returns (is_weights or None, keep mask (bool), dict of stats: k3_kl, max_abs_dlogp, outside_10pct, outside_1pct,
+    masked_frac, masked_seq_frac, weight_mean, nonfinite), all over the valid tokens with finite log-probs."""
+    mode, lo, hi = correction.mode, *correction.bounds
+    m = mask.bool()
+    valid = m & torch.isfinite(trainer_logp) & torch.isfinite(rollout_logp)
+    weights = torch.zeros_like(trainer_logp)
+    keep = m.clone() if mode == "none" else valid.clone()
+    out = torch.zeros_like(valid)  # tokens taken out of the gradient
+    for b in range(m.shape[0]):
+        v = valid[b]
+        lr = trainer_logp[b][v] - rollout_logp[b][v]  # (n_b,) log w of the row's tokens
+        if correction.level == "sequence":  # W = exp(sum lr), geo_mask: G = exp(mean lr), on every token
+            lr = (lr.mean() if mode == "geo_mask" else lr.sum()).expand_as(lr)
+        r = torch.exp(lr.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        inside = (r >= lo) & (r <= hi)
+        if mode == "tis":
+            weights[b, v] = r.clamp(lo, hi)
+        elif mode == "icepop":
+            weights[b, v] = torch.where(inside, r, torch.zeros_like(r))
+        if mode in ("mis", "icepop", "geo_mask"):
+            out[b, v] = ~inside
+        if mode in ("mis", "geo_mask"):
+            keep[b, v] = inside
+    lr = (trainer_logp - rollout_logp)[valid]  # (n,)
+    lrc = lr.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    w = torch.exp(lrc)
+    zero, one = (torch.full((), v, dtype=lr.dtype, device=lr.device) for v in (0.0, 1.0))
+    mean = lambda x: x.to(lr.dtype).mean() if x.numel() else zero  # noqa: E731
+    has_weights = mode in ("tis", "icepop")
+    stats = dict(k3_kl=mean(torch.expm1(lrc) - lrc), max_abs_dlogp=lr.abs().max() if lr.numel() else zero,
+                 outside_10pct=mean((w < 0.9) | (w > 1.1)), outside_1pct=mean((w < 0.99) | (w > 1.01)),
+                 masked_frac=mean(out[valid]), masked_seq_frac=mean(out.any(-1)[valid.any(-1)]),
+                 weight_mean=mean(weights[keep & valid]) if has_weights and (keep & valid).any() else one,
+                 nonfinite=(m & ~valid).sum())
+    return (weights if has_weights else None), keep, stats
 
 
 # ---------------------------------------------------------------------------------------------------------------
