@@ -5,6 +5,7 @@ missing RM fields."""
 import json
 import logging
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -160,6 +161,9 @@ def test_ctrl_c_says_where_a_rerun_resumes(own, capsys, monkeypatch, caplog):
     assert [r["step"] for r in rows(root / "sft-int" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
     run_state._current = None
     assert "before training started" in run_state.interrupted_line()
+    monkeypatch.setattr(run_state, "_current", SimpleNamespace(name="ppo", step=3, saved_step=None, finished=False))
+    assert "ppo at step 3, before its first checkpoint; rerun the same command to start ppo again from step 0" in \
+        run_state.interrupted_line()
 
 
 def test_max_steps_drives_the_length_and_resumes(task, tmp_path, caplog, monkeypatch):

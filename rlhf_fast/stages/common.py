@@ -248,11 +248,3 @@ class Progress:
 def _duration(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def progress(iterable=None, *, total: int | None = None, desc: str = "", initial: int = 0):
-    """A tqdm bar on stderr (hidden when stderr is not a terminal, and on every rank but 0)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=None if distributed.is_main() else True,
-                dynamic_ncols=True, leave=False)

@@ -163,7 +163,7 @@ def interrupted_line() -> str:
         return f"interrupted after {run.name} finished; rerun the same command to go on from there"
     if run.saved_step is None:
         return (f"interrupted in {run.name} at step {run.step}, before its first checkpoint; rerun the same command "
-                f"to start {run.name} again from step 0")
+                f"to start {run.name} again from step 0 (save_every=N checkpoints every N steps)")
     return (f"interrupted in {run.name} at step {run.step}; rerun the same command to resume from step "
             f"{run.saved_step} (its last checkpoint, {run.ckpt_dir})")
 
