@@ -4,6 +4,7 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
+from rlhf_fast import ops
 from rlhf_fast.rollout import RolloutEngine, SamplingParams, teacher_forced_logprobs
 
 VOCAB = 128
@@ -61,9 +62,10 @@ def test_zero_mismatch_with_teacher_forced(kind, deterministic):
     outs = eng.generate(PROMPTS, params)
     prompts = [PROMPTS[o.prompt_index] for o in outs]
     # score in a different composition and order than generation: reversed, and one at a time
-    rev = teacher_forced_logprobs(model, prompts[::-1], outs[::-1], temperature=0.7, deterministic=deterministic,
-                                  block_size=4)[::-1]
-    single = [eng.teacher_forced_logprobs([p], [o], temperature=0.7)[0] for p, o in zip(prompts[:3], outs[:3])]
+    rev = teacher_forced_logprobs(model, prompts[::-1], outs[::-1], temperature=0.7, top_k=50,
+                                  deterministic=deterministic, block_size=4)[::-1]
+    single = [eng.teacher_forced_logprobs([p], [o], temperature=0.7, top_k=50)[0]
+              for p, o in zip(prompts[:3], outs[:3])]
     for o, r in zip(outs, rev):
         assert r.dtype == torch.float32 and r.shape == o.logprobs.shape
         if deterministic:
@@ -75,6 +77,41 @@ def test_zero_mismatch_with_teacher_forced(kind, deterministic):
             assert torch.equal(o.logprobs, s)
         else:
             torch.testing.assert_close(o.logprobs, s, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_logprobs_of_the_distribution_sampled_from(deterministic):
+    """top_k 20, top_p 0.8: Completion.logprobs are the cut, renormalised distribution's; the trainer side (teacher
+    forced, support recomputed from its logits, or the engine's thresholds replayed) gives the same values, bitwise
+    in deterministic mode (the PPO ratio at unchanged weights is exactly 1); logprobs="full" keeps the old values."""
+    model = tiny("llama")
+    with torch.no_grad():  # a peaked policy, so that top-k / top-p cut real mass
+        model.lm_head.weight.mul_(6.0)
+    kw = dict(max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.8, n=2, seed=5)
+    eng = RolloutEngine(model, block_size=4, deterministic=deterministic)
+    outs = eng.generate(PROMPTS, SamplingParams(**kw))
+    full = eng.generate(PROMPTS, SamplingParams(**kw, logprobs="full"))
+    prompts = [PROMPTS[o.prompt_index] for o in outs]
+    assert [o.token_ids for o in outs] == [f.token_ids for f in full]  # same draws, only the returned values differ
+    recompute = eng.teacher_forced_logprobs(prompts, outs, temperature=0.9, top_k=20, top_p=0.8)
+    whole = eng.teacher_forced_logprobs(prompts, outs, temperature=0.9)
+    cut_any = False
+    for o, f, r, w in zip(outs, full, recompute, whole):
+        assert o.support_threshold.shape == o.logprobs.shape and bool(torch.isfinite(o.support_threshold).all())
+        if deterministic:
+            assert torch.equal(o.logprobs, r) and torch.equal(f.logprobs, w)
+        else:
+            torch.testing.assert_close(o.logprobs, r, atol=1e-5, rtol=0)
+            torch.testing.assert_close(f.logprobs, w, atol=1e-5, rtol=0)
+        assert bool((o.logprobs >= f.logprobs - 1e-6).all())  # renormalised over fewer tokens: never lower
+        cut_any |= bool((o.logprobs > f.logprobs + 1e-3).any())
+        # replay: the recorded thresholds on the teacher-forced logits give the same log-probs
+        toks = PROMPTS[o.prompt_index] + o.token_ids
+        logits = logits_of(model, toks)[len(PROMPTS[o.prompt_index]) - 1:-1]
+        replay = ops.token_logprobs(logits, torch.tensor(o.token_ids), temperature=0.9, top_k=20, top_p=0.8,
+                                    support="replay", support_threshold=o.support_threshold)
+        torch.testing.assert_close(replay, o.logprobs, atol=1e-5, rtol=0)
+    assert cut_any
 
 
 def test_logprobs_are_log_softmax_at_sampled_token():
@@ -188,8 +225,9 @@ def test_top_k_top_p_never_leave_the_kept_set(top_k, top_p):
     assert [set(torch.nonzero(m).flatten().tolist()) for m in mask] == keep
     gens = [torch.Generator().manual_seed(i) for i in range(6)]
     seen = [set() for _ in range(6)]
+    thr = ops.support_threshold(logits, top_k=top_k, top_p=top_p) if (top_k or top_p < 1) else None
     for _ in range(300):
-        for b, t in enumerate(sample(logits, 1.0, top_k, top_p, gens).tolist()):
+        for b, t in enumerate(sample(logits, 1.0, gens, thr).tolist()):
             assert t in keep[b]
             seen[b].add(t)
     if top_k == 0 and top_p == 1.0:  # plain sampling reaches beyond the most likely tokens
@@ -201,7 +239,7 @@ def test_sampling_follows_the_distribution():
 
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
     g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.cat([sample(logits, 0.7, 0, 1.0, [g]) for _ in range(4000)]), minlength=4)
+    counts = torch.bincount(torch.cat([sample(logits, 0.7, [g]) for _ in range(4000)]), minlength=4)
     expect = torch.softmax(logits[0] / 0.7, -1) * 4000
     assert ((counts - expect).abs() < 5 * expect.sqrt() + 5).all(), (counts, expect)
 

@@ -117,7 +117,7 @@ class RolloutEngine:
         if allocator.num_used:
             raise RuntimeError(f"KV block leak: {allocator.num_used} blocks still referenced after generation")
         return [Completion(s.prompt_index, s.generated, torch.tensor(s.logprobs, dtype=torch.float32),
-                           s.finish_reason) for s in all_seqs]
+                           s.finish_reason, torch.tensor(s.thresholds, dtype=torch.float32)) for s in all_seqs]
 
     def _generator(self, seed: int, prompt_index: int, sample_index: int) -> torch.Generator:
         g = torch.Generator(device=self.lm.device)
@@ -140,21 +140,44 @@ class RolloutEngine:
         if rows != list(range(logits.shape[0])):
             logits = logits[torch.tensor(rows, device=dev)]
         seqs = [s for s, _ in step.samplers]
-        tokens = sample(logits, params.temperature, params.top_k, params.top_p, [s.generator for s in seqs])
-        logp = ops.token_logprobs(logits, tokens, temperature=params.logprob_temperature)
+        temp = params.logprob_temperature
+        thr = None
+        if params.truncated(logits.shape[-1]):  # (R,): the support each row samples from
+            thr = ops.support_threshold(logits, temperature=temp, top_k=params.top_k, top_p=params.top_p)
+        tokens = sample(logits, params.temperature, [s.generator for s in seqs], thr)
+        if thr is not None and params.logprobs == "sampled":
+            logp = ops.token_logprobs(logits, tokens, temperature=temp, top_k=params.top_k, top_p=params.top_p,
+                                      support="replay", support_threshold=thr)
+        else:
+            logp = ops.token_logprobs(logits, tokens, temperature=temp)
         stop = set(params.stop_token_ids)
-        for s, tok, lp in zip(seqs, tokens.tolist(), logp.tolist()):
+        thr_list = [float("-inf")] * len(seqs) if thr is None else _replay_threshold(logits, temp, thr).tolist()
+        for s, tok, lp, t in zip(seqs, tokens.tolist(), logp.tolist(), thr_list):
             s.num_cached = len(s.tokens)
             s.tokens.append(tok)
             s.logprobs.append(lp)
+            s.thresholds.append(t)
             if tok in stop:
                 sched.finish(s, "stop")
             elif len(s.tokens) - s.num_prompt >= params.max_new_tokens:
                 sched.finish(s, "length")
 
-    def teacher_forced_logprobs(self, prompts, completions, *, temperature: float = 1.0) -> list[torch.Tensor]:
+    def teacher_forced_logprobs(self, prompts, completions, *, temperature: float = 1.0, top_k: int = 0,
+                                top_p: float = 1.0) -> list[torch.Tensor]:
         """`rlhf_fast.rollout.teacher_forced_logprobs` with this engine's block size and mode."""
         from rlhf_fast.rollout.scoring import teacher_forced_logprobs
 
-        return teacher_forced_logprobs(self.lm.hf, prompts, completions, temperature=temperature,
-                                       deterministic=self.deterministic, block_size=self.block_size)
+        return teacher_forced_logprobs(self.lm.hf, prompts, completions, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, deterministic=self.deterministic, block_size=self.block_size)
+
+
+def _replay_threshold(logits: torch.Tensor, temperature: float, thr: torch.Tensor) -> torch.Tensor:
+    """The threshold a trainer replays, (R,): halfway between the support's smallest scaled logit (`thr`, a value of
+    the row) and the largest one below it. It selects the same tokens on these logits, and the same ones on a
+    trainer's logits that differ by rounding (the exact `thr` would drop the boundary token whenever the trainer's
+    copy of it comes out an ulp lower)."""
+    z = logits.float() * (1.0 / temperature)  # (R, V), as the ops compute z
+    below = torch.where(z < thr[:, None], z, float("-inf")).amax(-1)  # (R,)
+    mid = (thr + below) * 0.5
+    return torch.where(torch.isfinite(below) & (mid > below), mid, thr)
+

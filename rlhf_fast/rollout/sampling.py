@@ -1,5 +1,10 @@
 """Token sampling: greedy, temperature, top-k, top-p, each row with its own generator (reproducible per request).
 
+Top-k / top-p cut the distribution at one threshold per row (`ops.support_threshold`: the k-th largest scaled logit
+with its ties, then the smallest nucleus reaching top_p with the token that crosses it); the engine returns the
+sampled token's log-prob under that cut distribution and records the threshold, so the trainer can compute the
+same distribution's log-probs (recomputed or replayed).
+
 A sampled token is the inverse CDF of the (filtered) distribution at one uniform drawn from the row's own generator:
 tokens outside the kept set have zero-width CDF steps and can never be drawn, and a row's draw depends only on its
 own generator, never on the batch it is in. On CPU (float32) the draw runs in csrc/sampling.cpp, one row at a time
@@ -13,7 +18,8 @@ from rlhf_fast import _native
 
 
 def keep_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """(B, V) bool: the tokens top-k and top-p keep for logits (B, V) (already divided by the temperature).
+    """(B, V) bool: the tokens top-k and top-p keep for logits (B, V) (already divided by the temperature), by sorting;
+    an independent check of `ops.support_threshold` (which the sampler uses) where no two logits tie.
 
     top-k keeps the k largest; top-p then keeps the smallest prefix of the sorted distribution whose probability
     reaches top_p (the most likely token is always kept).
@@ -33,15 +39,19 @@ def keep_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-           generators: list[torch.Generator]) -> torch.Tensor:
-    """logits (B, V) float32 -> tokens (B,) int64. temperature 0 = greedy (argmax, first index on ties)."""
+def sample(logits: torch.Tensor, temperature: float, generators: list[torch.Generator],
+           threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) float32 -> tokens (B,) int64. temperature 0 = greedy (argmax, first index on ties).
+
+    threshold (B,): the support per row (`ops.support_threshold` of these logits at this temperature, top-k and
+    top-p): tokens with logits * (1 / temperature) < threshold are never drawn. The scaled logits are computed as the
+    log-prob ops compute z, so the support sampled from is exactly the one `ops.token_logprobs` renormalises over.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = logits / temperature if temperature != 1.0 else logits  # x / 1 == x exactly
-    v = logits.shape[-1]
-    if (0 < top_k < v) or top_p < 1.0:
-        scaled = scaled.masked_fill(~keep_mask(scaled, top_k, top_p), float("-inf"))
+    scaled = logits.float() * (1.0 / temperature) if temperature != 1.0 else logits.float()  # x * 1 == x exactly
+    if threshold is not None:
+        scaled = scaled.masked_fill(scaled < threshold.to(scaled.dtype)[:, None], float("-inf"))
     # one uniform per row from the row's own generator: inverse-CDF sampling
     u = torch.stack([torch.rand((), device=logits.device, generator=g) for g in generators])  # (B,)
     if scaled.device.type == "cpu" and scaled.dtype == torch.float32 and _native.has("sample_rows_cpu"):

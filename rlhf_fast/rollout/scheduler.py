@@ -30,6 +30,7 @@ class Sequence:
     block_table: list[int] = dataclasses.field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    thresholds: list[float] = dataclasses.field(default_factory=list)  # support threshold per generated token
     finish_reason: str | None = None
 
     @property

@@ -17,7 +17,8 @@ MAX_TOKENS_PER_FORWARD = 8192  # sequences are packed into forwards of at most t
 
 
 def teacher_forced_logprobs(model, prompts: list[list[int]], completions: list, *, temperature: float = 1.0,
-                            deterministic: bool = False, block_size: int = 16) -> list[torch.Tensor]:
+                            top_k: int = 0, top_p: float = 1.0, deterministic: bool = False,
+                            block_size: int = 16) -> list[torch.Tensor]:
     """Per-token log-probs of `completions[i]` after `prompts[i]`.
 
     Args:
@@ -25,6 +26,8 @@ def teacher_forced_logprobs(model, prompts: list[list[int]], completions: list, 
         prompts: list of token-id lists.
         completions: list (same length) of token-id lists or `Completion`s, each non-empty.
         temperature: log-softmax(logits / temperature) (use 1 for greedy rollouts).
+        top_k, top_p: the log-probs of the distribution the rollout sampled from, cut by top-k / top-p and
+            renormalised, its support recomputed from these logits (`ops.token_logprobs`); 0 / 1.0: the full one.
         deterministic: the engine's batch-invariant forward (bitwise equal to a deterministic engine's log-probs
             when `block_size` is the engine's).
     Returns:
@@ -48,7 +51,7 @@ def teacher_forced_logprobs(model, prompts: list[list[int]], completions: list, 
     out: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
     for batch in _packs([len(s) for s in seqs]):
         logps = _score_pack(lm, [seqs[i] for i in batch], [len(prompts[i]) for i in batch],
-                            [comps[i] for i in batch], temperature, deterministic, block_size)
+                            [comps[i] for i in batch], (temperature, top_k, top_p), deterministic, block_size)
         for i, lp in zip(batch, logps):
             out[i] = lp
     return out
@@ -65,7 +68,7 @@ def _packs(lengths: list[int]) -> list[list[int]]:
     return packs + [cur] if cur else packs
 
 
-def _score_pack(lm, seqs, prompt_lens, comps, temperature, deterministic, block_size) -> list[torch.Tensor]:
+def _score_pack(lm, seqs, prompt_lens, comps, sampling, deterministic, block_size) -> list[torch.Tensor]:
     dev = lm.device
     kv, tables = None, None
     if deterministic:  # a private cache, filled by this forward, read by the paged kernel
@@ -84,5 +87,7 @@ def _score_pack(lm, seqs, prompt_lens, comps, temperature, deterministic, block_
         start += len(s)
     logit_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
     logits = lm.forward(inputs.input_ids, inputs.positions, inputs.meta, kv, logit_rows)  # (sum len(c), V)
-    logp = ops.token_logprobs(logits, torch.tensor(labels, dtype=torch.int64, device=dev), temperature=temperature)
+    temperature, top_k, top_p = sampling
+    logp = ops.token_logprobs(logits, torch.tensor(labels, dtype=torch.int64, device=dev), temperature=temperature,
+                              top_k=top_k, top_p=top_p)
     return list(logp.float().split([len(c) for c in comps]))

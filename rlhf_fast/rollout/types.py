@@ -19,6 +19,7 @@ class SamplingParams:
     n: int = 1  # completions per prompt (they share the prompt's KV blocks)
     seed: int | None = None  # per-request seed; None draws one from torch's global generator
     stop_token_ids: tuple[int, ...] = ()  # generation stops after emitting one of these (e.g. EOS)
+    logprobs: str = "sampled"  # "sampled": under the distribution sampled from (top-k/top-p applied); "full"
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -33,11 +34,17 @@ class SamplingParams:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.logprobs not in ("sampled", "full"):
+            raise ValueError(f"logprobs must be 'sampled' or 'full', got {self.logprobs!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def truncated(self, vocab: int) -> bool:
+        """Whether top-k / top-p cut the distribution sampled from (never under greedy decoding)."""
+        return not self.greedy and (0 < self.top_k < vocab or self.top_p < 1.0)
 
     @property
     def logprob_temperature(self) -> float:
@@ -49,14 +56,20 @@ class Completion(NamedTuple):
     """One sampled continuation of `prompts[prompt_index]`.
 
     token_ids: the generated tokens (prompt excluded), length L.
-    logprobs: (L,) float32, log-softmax(logits / temperature) at each sampled token (temperature 1 when greedy).
+    logprobs: (L,) float32, the log-prob of each sampled token under the distribution it was sampled from:
+        softmax(logits / temperature) cut by top-k / top-p and renormalised (`ops.token_logprobs(..., top_k, top_p)`;
+        temperature 1 when greedy). With `SamplingParams(logprobs="full")`: log-softmax over the whole vocabulary.
     finish_reason: "stop" (a stop token was emitted, and is included) or "length" (max_new_tokens reached).
+    support_threshold: (L,) float32, the threshold of the support each token was sampled from, in units of
+        logits / temperature (`ops.support_threshold`; -inf where top-k / top-p cut nothing): the trainer replays it
+        with `ops.token_logprobs(..., support="replay", support_threshold=...)`.
     """
 
     prompt_index: int
     token_ids: list[int]
     logprobs: torch.Tensor
     finish_reason: str
+    support_threshold: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
