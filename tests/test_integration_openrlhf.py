@@ -8,13 +8,11 @@ import torch
 import _peers
 
 
-@pytest.fixture(scope="module")
-def mods():
-    peer = _peers.load_openrlhf_loss()
-    from rlhf_fast.integrations import openrlhf as plugin
-
-    yield peer, plugin
-    _peers.forget("openrlhf")
+@pytest.fixture(scope="module", params=_peers.versions("openrlhf"))
+def mods(request):
+    peer = _peers.load_openrlhf_loss(request.param)
+    with _peers.plugin("openrlhf", request.param, forget_after=True) as plugin:
+        yield peer, plugin
 
 
 def _batch(b=6, t=12, seed=0, row_constant_adv=False):
@@ -67,6 +65,39 @@ def test_policy_loss_matches_openrlhf(mods, loss_type):
                 assert out[3] is None and ref[3] is None and out[4] is None and ref[4] is None
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("loss_type", ["ppo", "gspo"])
+def test_nonfinite_at_masked_positions(mods, loss_type, bad):
+    """NaN / Inf where action_mask is 0, in log_probs, old_log_probs or advantages: our loss, gradient, clip_ratio
+    and ppo_kl equal OpenRLHF's on the same batch with finite values there (its own multiply by the mask, so they
+    give NaN)."""
+    peer, plugin = mods
+    logp, old, adv, mask = _batch(seed=4, row_constant_adv=loss_type == "gspo")
+    mask[2, 5:] = 0
+    off = mask == 0
+    for token_level in (True, False):
+        for dual in (None, 3.0):
+            kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=dual, token_level_loss=token_level,
+                      policy_loss_type=loss_type)
+            theirs, ours = peer.PolicyLoss(**kw), plugin.PolicyLoss(**kw)
+            for i, name in enumerate(("log_probs", "old_log_probs", "advantages")):
+                dirty = [logp, old, adv]
+                dirty[i] = dirty[i].masked_fill(off, bad)
+                outs = []
+                for fn, x in ((theirs, [logp, old, adv]), (ours, dirty)):
+                    x = [t.clone() for t in x]
+                    x[0].requires_grad_(True)
+                    out = fn(x[0], x[1], x[2], action_mask=mask)
+                    out[0].backward()
+                    outs.append((out, x[0].grad))
+                (ref, ref_grad), (out, grad) = outs
+                where = f"{kw} {name}={bad}"
+                torch.testing.assert_close(grad, ref_grad, rtol=2e-5, atol=1e-7, msg=where)
+                for a, b in zip(out[:3], ref[:3]):
+                    assert torch.isfinite(a).all(), where
+                    torch.testing.assert_close(a.detach(), b.detach(), rtol=2e-6, atol=1e-7, msg=where)
+
+
 def test_value_loss_matches_openrlhf(mods):
     peer, plugin = mods
     g = torch.Generator().manual_seed(1)
@@ -111,3 +142,25 @@ def test_patch_and_unpatch(mods):
         plugin.unpatch()
     assert (peer.PolicyLoss, peer.ValueLoss) == original
     assert issubclass(plugin.PolicyLoss, original[0])
+
+
+def test_tested_release_is_declared(mods):
+    _peers.assert_declared(mods[1], "openrlhf")
+
+
+def test_other_releases_are_refused(mods, monkeypatch):
+    """On an OpenRLHF release outside SUPPORTED_VERSIONS (the version the check reads is patched, OpenRLHF's code is
+    not), asking for our PolicyLoss / ValueLoss or patch() raises, naming both; the override lets them run."""
+    _, plugin = mods
+
+    def fresh_classes():
+        for name in ("PolicyLoss", "ValueLoss"):
+            monkeypatch.delitem(plugin.__dict__, name, raising=False)
+        return plugin.PolicyLoss
+
+    def patch_and_undo():
+        fresh_classes()
+        plugin.patch()
+        plugin.unpatch()
+
+    _peers.assert_refuses(monkeypatch, plugin, "openrlhf", fresh_classes, patch_and_undo)

@@ -18,16 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 AGG = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-@pytest.fixture(scope="module")
-def verl_mods():
-    _peers.install("verl")
-    from verl.trainer.ppo import core_algos
-    from verl.workers.config.actor import ActorConfig
+@pytest.fixture(scope="module", params=_peers.versions("verl"))
+def verl_mods(request):
+    with _peers.plugin("verl", request.param) as plugin:
+        from verl.trainer.ppo import core_algos
+        from verl.workers.config.actor import ActorConfig
 
-    from rlhf_fast.integrations import verl as plugin
-
-    plugin.register()
-    return core_algos, ActorConfig, plugin
+        plugin.register()
+        yield core_algos, ActorConfig, plugin
 
 
 def _batch(b=6, t=11, seed=0):
@@ -71,6 +69,36 @@ def test_policy_loss_matches_verl(verl_mods, peer_fn, ours):
                 assert m.keys() == ref_m.keys()
                 for k in m:
                     assert m[k] == pytest.approx(ref_m[k], abs=1e-6), (where, k)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_at_masked_positions(verl_mods, bad):
+    """NaN / Inf where the response mask is 0, in old_log_prob, log_prob, advantages or rollout_is_weights: our
+    loss, gradient and metrics equal verl's on the same batch with finite values there, in every mode (for vanilla
+    also verl's own on the dirty batch: its `masked_sum` selects; its GSPO ratio multiplies, NaN * 0 = NaN)."""
+    core_algos, ActorConfig, _ = verl_mods
+    logp, old, adv, mask, w = _batch(seed=3)
+    off = mask == 0
+    for peer_fn, ours in (("compute_policy_loss_vanilla", "rlhf_fast"), ("compute_policy_loss_gspo", "rlhf_fast_gspo")):
+        theirs, mine = getattr(core_algos, peer_fn), core_algos.get_policy_loss_fn(ours)
+        for mode in AGG:
+            cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
+                              clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=2.5, loss_agg_mode=mode)
+            ref_loss, ref_grad, ref_m = _run(theirs, logp, old, adv, mask, mode, cfg, w)
+            for i, name in enumerate(("log_prob", "old_log_prob", "advantages", "rollout_is_weights")):
+                dirty = [logp, old, adv, w]
+                dirty[i] = dirty[i].masked_fill(off, bad)
+                loss, grad, m = _run(mine, *dirty[:3], mask, mode, cfg, dirty[3])
+                where = f"{ours} {mode} {name}={bad}"
+                assert all(np.isfinite(v) for v in m.values()), (where, m)
+                torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=1e-7, msg=where)
+                torch.testing.assert_close(grad, ref_grad, rtol=2e-5, atol=1e-7, msg=where)
+                for k in ref_m:
+                    assert m[k] == pytest.approx(ref_m[k], abs=1e-6), (where, k)
+                if peer_fn == "compute_policy_loss_vanilla":
+                    _, _, peer_m = _run(theirs, *dirty[:3], mask, mode, cfg, dirty[3])
+                    for k in ("actor/ppo_kl", "actor/pg_clipfrac", "actor/pg_clipfrac_lower"):
+                        assert m[k] == pytest.approx(peer_m[k], abs=1e-6), (where, k)
 
 
 def test_advantage_estimators_match_verl(verl_mods):
@@ -181,4 +209,30 @@ def test_entry_point_is_loaded_by_import_verl(verl_mods, tmp_path):
     core_algos, _, plugin = verl_mods
     core_algos.POLICY_LOSS_REGISTRY.pop("rlhf_fast")
     import_external_libs(["rlhf_fast.integrations.verl_plugin"])
+    assert core_algos.get_policy_loss_fn("rlhf_fast") is plugin.policy_loss
+
+
+def test_tested_release_is_declared(verl_mods):
+    _peers.assert_declared(verl_mods[2], "verl")
+
+
+def test_other_releases_are_refused(verl_mods, monkeypatch):
+    """On a verl release outside SUPPORTED_VERSIONS (the version the check reads is patched, verl's code is not):
+    register() and patch_fused_linear() raise, naming both; the entry point warns and marks our names, so choosing
+    one raises the same error; RLHF_FAST_ALLOW_UNSUPPORTED_PEERS=1 lets them run."""
+    core_algos, _, plugin = verl_mods
+
+    def patch_and_undo():
+        plugin.patch_fused_linear()
+        plugin.unpatch_fused_linear()
+
+    _peers.assert_refuses(monkeypatch, plugin, "verl", plugin.register, patch_and_undo)
+    monkeypatch.delenv(plugin._versions.ALLOW_ENV)
+    with pytest.warns(RuntimeWarning, match="plug-in failed"), \
+            pytest.raises(plugin._versions.UnsupportedPeerVersion, match="0.0.1"):
+        plugin.load_plugin()
+    with pytest.raises(RuntimeError, match="failed to load.*installed verl is 0.0.1"):
+        core_algos.get_policy_loss_fn("rlhf_fast")()
+    monkeypatch.undo()
+    plugin.register()
     assert core_algos.get_policy_loss_fn("rlhf_fast") is plugin.policy_loss

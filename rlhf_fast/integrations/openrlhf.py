@@ -16,7 +16,10 @@ sequence, as GRPO's is), with `is_correction_level="off"`. The rollout-mismatch 
 `patch()` puts both classes in place of OpenRLHF's (`openrlhf.models`, `openrlhf.models.loss` and the Ray actor /
 critic modules if already imported), e.g. in every Ray worker with
 `ray.init(runtime_env={"worker_process_setup_hook": "rlhf_fast.integrations.openrlhf.patch"})`.
-Nothing of OpenRLHF is imported or changed before `PolicyLoss` / `ValueLoss` / `patch()` is used.
+Nothing of OpenRLHF is imported or changed before `PolicyLoss` / `ValueLoss` / `patch()` is used. Supported
+OpenRLHF releases: `SUPPORTED_VERSIONS` (exactly those the tests run against); on any other, the first of these
+raises `rlhf_fast.integrations._versions.UnsupportedPeerVersion` naming both, unless
+`RLHF_FAST_ALLOW_UNSUPPORTED_PEERS=1`.
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ import sys
 import torch
 
 from rlhf_fast import ops
+from rlhf_fast.integrations import _versions
 
+SUPPORTED_VERSIONS = ("0.11.2",)  # the OpenRLHF releases this plug-in is tested against; any other raises
 _USERS = ("openrlhf.models", "openrlhf.models.loss", "openrlhf.trainer.ray.ppo_actor",
           "openrlhf.trainer.ray.ppo_critic")
 _originals: dict[str, tuple] = {}
@@ -44,20 +49,29 @@ def _agg(token_level: bool, dp_size, batch_num_tokens, global_batch_size) -> tup
 
 @torch.no_grad()
 def _policy_stats(log_probs, old_log_probs, advantages, mask, clip: ops.PPOClip):
-    """OpenRLHF's clip_ratio (fraction of tokens where the clipped surrogate is the smaller) and ppo_kl."""
-    m = mask.to(torch.float32)
-    lr = (log_probs - old_log_probs).float()
+    """OpenRLHF's clip_ratio (fraction of tokens where the clipped surrogate is the smaller) and ppo_kl, (batch, T)
+    inputs. Masked-out positions are selected away (`torch.where`), never multiplied by 0, so a NaN/Inf there does
+    not reach a statistic (OpenRLHF's own `masked_mean` multiplies: NaN * 0 = NaN)."""
+    m = mask.bool()
+    zero = torch.zeros((), device=m.device)
+    lr = torch.where(m, (log_probs - old_log_probs).float(), zero)  # (batch, T)
     if clip.level == "sequence":
-        ratio = ((lr * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).exp() * m
+        ratio = (lr.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).exp().expand_as(lr)
     else:
         ratio = lr.clamp(-20.0, 20.0).exp()
-    adv = advantages.float()
+    adv = torch.where(m, advantages.float(), zero)
     surr1, surr2 = ratio * adv, ratio.clamp(clip.lower, clip.upper) * adv
     n = m.sum()
-    return ((surr2 < surr1).float() * m).sum() / n, (-lr * m).sum() / n
+    return ((surr2 < surr1) & m).sum() / n, -lr.sum() / n
+
+
+def check_version() -> str:
+    """The installed OpenRLHF version; `_versions.UnsupportedPeerVersion` unless it is in SUPPORTED_VERSIONS."""
+    return _versions.check("openrlhf", SUPPORTED_VERSIONS)
 
 
 def _loss_module():
+    check_version()
     from openrlhf.models import loss
 
     return loss

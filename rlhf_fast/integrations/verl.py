@@ -12,6 +12,10 @@ with `VERL_USE_EXTERNAL_MODULES=rlhf_fast.integrations.verl_plugin`. With `RLHF_
 entry point also calls `patch_fused_linear()`: verl's hidden-state log-prob path (`use_fused_kernels=True`, torch
 backend, `verl.utils.experimental.torch_functional.FusedLinearForPPO`) then runs `ops.linear_token_logprobs`.
 
+Supported verl releases: `SUPPORTED_VERSIONS` (exactly those the tests run against); on any other, `register()`
+raises `rlhf_fast.integrations._versions.UnsupportedPeerVersion` naming both (`load_plugin` then marks our names
+as failed, so choosing one raises it), unless `RLHF_FAST_ALLOW_UNSUPPORTED_PEERS=1`.
+
 Mapping (verl 0.9.1 `core_algos`):
   * `compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
     rollout_is_weights)` -> `ops.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask,
@@ -39,11 +43,20 @@ import numpy as np
 import torch
 
 from rlhf_fast import ops
+from rlhf_fast.integrations import _versions
 
+SUPPORTED_VERSIONS = ("0.9.1",)  # the verl releases this plug-in is tested against; any other raises (see _versions)
 LOSS_MODES = ("rlhf_fast", "rlhf_fast_gspo")
 ADV_ESTIMATORS = ("rlhf_fast_grpo", "rlhf_fast_rloo", "rlhf_fast_reinforce_pp_baseline")
 _log = logging.getLogger("rlhf_fast.integrations.verl")
 _original_fused_linear = None
+
+
+def check_version() -> str:
+    """The installed verl version; `_versions.UnsupportedPeerVersion` unless it is in SUPPORTED_VERSIONS."""
+    import verl  # noqa: F401  (its __version__)
+
+    return _versions.check("verl", SUPPORTED_VERSIONS)
 
 
 def _core_algos():
@@ -91,21 +104,25 @@ def _clip_ranges(config) -> tuple[float, float]:
 
 @torch.no_grad()
 def _metrics(old_log_prob, log_prob, advantages, mask, clip: ops.PPOClip) -> dict[str, float]:
-    """verl's pg metrics, by verl's definitions (masked means over the response tokens)."""
-    m = mask.to(torch.float32)
+    """verl's pg metrics, by verl's definitions (masked means over the response tokens). Masked-out positions are
+    selected away (`torch.where`), never multiplied by 0: a NaN/Inf there must not reach a metric (NaN * 0 = NaN),
+    as verl's `masked_sum` ensures for its own. (batch, T) inputs."""
+    m = mask.bool()
+    zero = torch.zeros((), device=m.device)
     n = m.sum().clamp(min=1)
-    lr = (log_prob.detach() - old_log_prob).float()
+    lr = torch.where(m, (log_prob.detach() - old_log_prob).float(), zero)  # (batch, T)
     if clip.level == "sequence":
-        lr = ((lr * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(lr)
+        lr = (lr.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(lr)
     ratio = lr.clamp(max=10.0 if clip.level == "sequence" else 20.0, min=None if clip.level == "sequence"
                      else -20.0).exp()
-    adv = advantages.float()
+    adv = torch.where(m, advantages.float(), zero)
     l1, l2 = -adv * ratio, -adv * ratio.clamp(clip.lower, clip.upper)
-    clip_lower = torch.zeros((), device=m.device)
+    clip_lower = zero
     if clip.dual is not None:
-        clip_lower = ((torch.maximum(l1, l2) > -adv * clip.dual) & (adv < 0)).float().mul(m).sum() / n
-    return {"actor/pg_clipfrac": ((l2 > l1).float() * m).sum().div(n).item(),
-            "actor/ppo_kl": (-(log_prob.detach() - old_log_prob).float().clamp(-20, 20) * m).sum().div(n).item(),
+        clip_lower = ((torch.maximum(l1, l2) > -adv * clip.dual) & (adv < 0) & m).sum() / n
+    kl = torch.where(m, -(log_prob.detach() - old_log_prob).float().clamp(-20, 20), zero)
+    return {"actor/pg_clipfrac": ((l2 > l1) & m).sum().div(n).item(),
+            "actor/ppo_kl": kl.sum().div(n).item(),
             "actor/pg_clipfrac_lower": clip_lower.item()}
 
 
@@ -185,7 +202,9 @@ def _put(registry: dict, name: str, fn, register) -> None:
 
 
 def register() -> None:
-    """Register our policy losses and advantage estimators in verl's registries (idempotent)."""
+    """Register our policy losses and advantage estimators in verl's registries (idempotent). Raises
+    `UnsupportedPeerVersion` on a verl release outside SUPPORTED_VERSIONS."""
+    check_version()
     ca = _core_algos()
     for name, fn in LOSSES.items():
         _put(ca.POLICY_LOSS_REGISTRY, name, fn, ca.register_policy_loss)
@@ -252,6 +271,7 @@ def patch_fused_linear() -> None:
     """Route verl's `use_fused_kernels` torch path (`FusedLinearForPPO`, imported by verl's model forwards at call
     time) to `ops.linear_token_logprobs`. Undo with `unpatch_fused_linear()`."""
     global _original_fused_linear
+    check_version()
     from verl.utils.experimental import torch_functional as tf
 
     if tf.FusedLinearForPPO is not FusedLinearForPPO:
