@@ -12,33 +12,32 @@ import _peers
 V, H = 40, 32
 
 
-@pytest.fixture(scope="module")
-def trl_env(tmp_path_factory):
-    _peers.install("trl")
-    import datasets
-    import trl
-    from datasets.table import InMemoryTable
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.fixture(scope="module", params=_peers.versions("trl"))
+def trl_env(request, tmp_path_factory):
+    with _peers.plugin("trl", request.param) as plugin:
+        import datasets
+        import trl
+        from datasets.table import InMemoryTable
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf_fast.default_task import build_tokenizer
-    from rlhf_fast.integrations import trl as plugin
+        from rlhf_fast.default_task import build_tokenizer
 
-    root = tmp_path_factory.mktemp("trl")
-    tok = build_tokenizer(root / "tok")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                         pad_token_id=tok.pad_token_id))
-    # an explicit fingerprint: datasets' table hashing fails on this pyarrow (unrelated to what is tested)
-    ds = datasets.Dataset(InMemoryTable.from_pydict({"prompt": ["user : reverse a b assistant :"] * 4}),
-                          fingerprint="rlhf_fast-test")
-    args = trl.GRPOConfig(output_dir=str(root / "out"), per_device_train_batch_size=4, num_generations=2,
-                          max_completion_length=9, use_cpu=True, report_to="none", temperature=0.8, bf16=False,
-                          use_bias_correction_kl=False)  # True (the default) with beta != 0: TRL's own code
-    trainer = plugin.GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-                                 args=args, train_dataset=ds, processing_class=tok)
-    trainer.current_gradient_accumulation_steps = 2  # set by the training loop
-    return trl, plugin, trainer
+        root = tmp_path_factory.mktemp("trl")
+        tok = build_tokenizer(root / "tok")
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                             pad_token_id=tok.pad_token_id))
+        # an explicit fingerprint: datasets' table hashing fails on this pyarrow (unrelated to what is tested)
+        ds = datasets.Dataset(InMemoryTable.from_pydict({"prompt": ["user : reverse a b assistant :"] * 4}),
+                              fingerprint="rlhf_fast-test")
+        args = trl.GRPOConfig(output_dir=str(root / "out"), per_device_train_batch_size=4, num_generations=2,
+                              max_completion_length=9, use_cpu=True, report_to="none", temperature=0.8, bf16=False,
+                              use_bias_correction_kl=False)  # True (the default) with beta != 0: TRL's own code
+        trainer = plugin.GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                                     args=args, train_dataset=ds, processing_class=tok)
+        trainer.current_gradient_accumulation_steps = 2  # set by the training loop
+        yield trl, plugin, trainer
 
 
 def _inputs(vocab, seed=0, b=4, p=5, c=7):
@@ -60,6 +59,31 @@ def _loss_and_grads(fn, trainer, inputs):
     loss = fn(trainer.model, inputs)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+
+def _step(fn, trainer, inputs):
+    """(loss, grads, {metric: the value this call logged})."""
+    trainer._metrics["train"].clear()
+    loss, grads = _loss_and_grads(fn, trainer, inputs)
+    return loss, grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+def _trl_step(trl, trainer, inputs):
+    return _step(lambda m, x: trl.GRPOTrainer._compute_loss(trainer, m, x), trainer, inputs)
+
+
+def _assert_same(ours, theirs, where):
+    """Same loss, gradients and (under TRL's keys) logged metrics; ours may add only `entropy/seq_mean` and
+    `kl/seq_mean`, and only for loss_type grpo."""
+    (loss, grads, m), (ref_loss, ref_grads, ref_m) = ours, theirs
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7, msg=where)
+    assert len(grads) == len(ref_grads)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=where)
+    assert set(ref_m) <= set(m), (where, set(ref_m) - set(m))
+    assert set(m) - set(ref_m) <= {"entropy/seq_mean", "kl/seq_mean"}, where
+    for k in ref_m:
+        assert m[k] == pytest.approx(ref_m[k], rel=1e-5, abs=1e-6), (where, k, m[k], ref_m[k])
 
 
 def _with_logps(trainer, inputs):
@@ -87,26 +111,73 @@ def test_grpo_trainer_loss_matches_trl(trl_env):
                 setattr(trainer, k, v)
             inputs = {**base, "importance_sampling_ratio": base["is_ratio"]}
             assert plugin.fallback_reason(trainer, inputs) is None, case
-            ref_loss, ref_grads = _loss_and_grads(lambda m, x: trl.GRPOTrainer._compute_loss(trainer, m, x),
-                                                  trainer, inputs)
-            loss, grads = _loss_and_grads(trainer._compute_loss, trainer, inputs)
-            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7, msg=str(case))
-            assert len(grads) == len(ref_grads)
-            for a, b in zip(grads, ref_grads):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=str(case))
+            theirs = _trl_step(trl, trainer, inputs)
+            ours = _step(trainer._compute_loss, trainer, inputs)
+            _assert_same(ours, theirs, str(case))
+            assert {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/low_min", "clip_ratio/high_max",
+                    "clip_ratio/region_mean", "entropy"} <= set(ours[2]), case
+            assert ("kl" in ours[2]) == (case["beta"] != 0.0)
+            assert ("entropy/seq_mean" in ours[2]) == (case["loss_type"] == "grpo")
+        # the clip fractions are not all zero: the cases above compare something
+        assert theirs[2]["clip_ratio/low_mean"] > 0 and theirs[2]["clip_ratio/high_mean"] > 0
         # no old log-probs (num_iterations == 1): TRL's ratio is exactly 1
         inputs = {k: v for k, v in base.items() if k != "old_per_token_logps"}
         for k, v in saved.items():
             setattr(trainer, k, v)
-        ref_loss, ref_grads = _loss_and_grads(lambda m, x: trl.GRPOTrainer._compute_loss(trainer, m, x), trainer,
-                                              inputs)
-        loss, grads = _loss_and_grads(trainer._compute_loss, trainer, inputs)
-        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
-        for a, b in zip(grads, ref_grads):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        _assert_same(_step(trainer._compute_loss, trainer, inputs), _trl_step(trl, trainer, inputs), "no old")
     finally:
         for k, v in saved.items():
             setattr(trainer, k, v)
+
+
+def test_grpo_seq_means_and_tool_mask(trl_env, monkeypatch):
+    """`entropy/seq_mean` and `kl/seq_mean` (loss_type grpo) are the means over non-empty sequences of their token
+    means, from TRL's own per-token entropies; a `tool_mask` masks every metric as it masks TRL's."""
+    trl, plugin, trainer = trl_env
+    monkeypatch.setattr(trainer, "loss_type", "grpo")
+    monkeypatch.setattr(trainer, "beta", 0.05)
+    inputs = _with_logps(trainer, _inputs(trainer.model.config.vocab_size, seed=4))
+    tool = torch.ones_like(inputs["completion_mask"])
+    tool[0, 2:5] = 0
+    tool[3, :] = 0  # a row the tool mask empties
+    inputs = {**inputs, "tool_mask": tool}
+    ours = _step(trainer._compute_loss, trainer, inputs)
+    _assert_same(ours, _trl_step(trl, trainer, inputs), "tool_mask")
+    mask = (inputs["completion_mask"] * tool).bool()
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        logp, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, ids.shape[1] - 5,
+                                                                  compute_entropy=True)
+    d = inputs["ref_per_token_logps"] - logp
+    rows = mask.any(-1)
+    for key, x in (("entropy/seq_mean", ent), ("kl/seq_mean", torch.exp(d) - d - 1)):
+        per_row = (x * mask).sum(-1)[rows] / mask.sum(-1)[rows]
+        assert ours[2][key] == pytest.approx(per_row.mean().item(), rel=1e-5), key
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_at_masked_positions(trl_env, monkeypatch, bad):
+    """NaN / Inf where the mask is 0, in the old log-probs, the reference log-probs or the (B, T) advantages: our
+    loss, gradients and every metric equal TRL's on the same inputs with finite values there (TRL's own give NaN)."""
+    trl, plugin, trainer = trl_env
+    monkeypatch.setattr(trainer, "beta", 0.05)
+    clean = _with_logps(trainer, _inputs(trainer.model.config.vocab_size, seed=5))
+    off = clean["completion_mask"] == 0
+    # (B, T) advantages at the token level; TRL's (B,) at the sequence level (a subclass's (B, T) falls back to
+    # TRL there: its gradient differentiates the sequence mean, which GSPO's stop-gradient form equals only then)
+    noise = 0.5 * torch.randn(off.shape, generator=torch.Generator().manual_seed(6))
+    advantages = {"token": clean["advantages"][:, None] + noise, "sequence": clean["advantages"]}
+    for lt, lvl in (("grpo", "token"), ("grpo", "sequence"), ("dapo", "token")):
+        clean = {**clean, "advantages": advantages[lvl]}
+        monkeypatch.setattr(trainer, "loss_type", lt)
+        monkeypatch.setattr(trainer, "importance_sampling_level", lvl)
+        theirs = _trl_step(trl, trainer, clean)
+        for key in ("old_per_token_logps", "ref_per_token_logps", "advantages")[:3 if lvl == "token" else 2]:
+            dirty = {**clean, key: clean[key].masked_fill(off, bad)}
+            ours = _step(trainer._compute_loss, trainer, dirty)
+            assert all(v == v for v in ours[2].values()), (lt, lvl, key, ours[2])
+            _assert_same(ours, theirs, f"{lt} {lvl} {key}={bad}")
 
 
 def test_grpo_trainer_falls_back_to_trl(trl_env, monkeypatch):
@@ -120,6 +191,13 @@ def test_grpo_trainer_falls_back_to_trl(trl_env, monkeypatch):
     loss, _ = _loss_and_grads(trainer._compute_loss, trainer, inputs)
     assert not called
     torch.testing.assert_close(loss, ref_loss)
+    # per-token advantages at the sequence level: TRL's gradient (of the sequence mean) is not GSPO's
+    monkeypatch.setattr(trainer, "loss_type", "grpo")
+    monkeypatch.setattr(trainer, "importance_sampling_level", "sequence")
+    inputs = {**inputs, "advantages": torch.randn(inputs["completion_mask"].shape)}
+    assert plugin.fallback_reason(trainer, inputs) == "per-token advantages with importance_sampling_level='sequence'"
+    _assert_same(_step(trainer._compute_loss, trainer, inputs), _trl_step(trl, trainer, inputs), "fallback")
+    assert not called
 
 
 def test_patch_routes_trl_fused_lm_head(trl_env, monkeypatch):
@@ -165,3 +243,54 @@ def test_patch_routes_trl_fused_lm_head(trl_env, monkeypatch):
     assert len(grads) == len(ref_grads)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_training_logs_trl_metrics(trl_env, tmp_path):
+    """Two optimizer steps of `trainer.train()` (generation, rewards, old/reference log-probs, loss, optimizer, the
+    logger), once with TRL's GRPOTrainer and once with ours, from the same weights and seed: every value TRL logs,
+    ours logs under the same key and within rounding; ours adds only `entropy/seq_mean` and `kl/seq_mean`."""
+    trl, plugin, trainer = trl_env
+    init = tmp_path / "init"  # TRL loads its reference model (beta != 0) from the policy's path
+    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(init)
+    histories = []
+    for cls in (trl.GRPOTrainer, plugin.GRPOTrainer):
+        args = trl.GRPOConfig(output_dir=str(tmp_path / cls.__module__), per_device_train_batch_size=4,
+                              num_generations=2, max_completion_length=9, use_cpu=True, report_to="none",
+                              temperature=0.8, bf16=False, beta=0.05, use_bias_correction_kl=False, epsilon_high=0.28,
+                              num_iterations=2, max_steps=2, logging_steps=1, seed=3, optim="sgd", learning_rate=2.0,
+                              save_strategy="no", loss_type="grpo")
+        run = cls(model=str(init), args=args, train_dataset=trainer.train_dataset,
+                  processing_class=trainer.processing_class,
+                  reward_funcs=lambda completions, **kw: [float(len(c) % 3) for c in completions])
+        run.train()
+        histories.append([h for h in run.state.log_history if "loss" in h])
+    theirs, ours = histories
+    assert len(theirs) == len(ours) == 2
+    clipped = 0.0
+    for t, o in zip(theirs, ours):
+        assert set(o) - set(t) == {"entropy/seq_mean", "kl/seq_mean"}, set(o) ^ set(t)
+        for k, v in t.items():
+            if isinstance(v, float) and k not in ("step_time",):
+                assert o[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (k, o[k], v)
+        clipped += t["clip_ratio/region_mean"]
+    assert clipped > 0, "no token was clipped: the clip metrics compared nothing"
+
+
+def test_tested_release_is_declared(trl_env):
+    _peers.assert_declared(trl_env[1], "trl")
+
+
+def test_other_releases_are_refused(trl_env, monkeypatch):
+    """On a TRL release outside SUPPORTED_VERSIONS (the version the check reads is patched, TRL's code is not),
+    patch() and our GRPOTrainer raise, naming both; the override lets them run."""
+    _, plugin, _ = trl_env
+
+    def patch_and_undo():
+        plugin.patch()
+        plugin.unpatch()
+
+    def trainer_class():
+        monkeypatch.delitem(plugin.__dict__, "GRPOTrainer", raising=False)
+        return plugin.GRPOTrainer
+
+    _peers.assert_refuses(monkeypatch, plugin, "trl", patch_and_undo, trainer_class)

@@ -19,17 +19,29 @@ dr_grpo / dapo, `epsilon` / `epsilon_high`, `importance_sampling_level` token / 
 reference), vLLM's `importance_sampling_ratio` correction and `tool_mask`, with TRL's normalisers (gradient
 accumulation included). For anything else it calls TRL's own `_compute_loss`: the loss types cispo / sapo / vespo
 / luspo, `delta`, `off_policy_mask_threshold`, `top_entropy_quantile < 1`, an entropy bonus, `use_bias_correction_kl`,
-MoE aux losses, multimodal inputs and models with logit scaling or softcapping. Its logged `entropy` / `kl` are the
-agg-weighted means (equal to TRL's token means for bnpo / dapo / dr_grpo).
+MoE aux losses, multimodal inputs, models with logit scaling or softcapping, and (B, T) advantages (a subclass's)
+with `importance_sampling_level="sequence"`. It logs TRL's metrics under TRL's
+keys and definitions (`trl_metrics`): `entropy` and `kl` as token means over the completion mask, `clip_ratio/
+low_mean`, `high_mean`, `region_mean` (token means, or row means at the sequence level), `clip_ratio/low_min` and
+`high_max` (the extreme per-sequence clip fractions over all processes). For loss_type grpo, whose loss weights each
+sequence equally, it also logs `entropy/seq_mean` and `kl/seq_mean`: the mean over sequences of each one's token
+mean, the weighting the loss gives them. Masked-out positions are selected away (`torch.where`): a NaN/Inf there
+never reaches a metric. The metrics need this step's per-token log-probs and entropy, which the fused loss never
+materialises: one extra lm_head forward without gradient computes them (it also gives the old log-probs when TRL
+has none).
 
-Covered version: trl 1.16.0 (see the README).
+Supported TRL releases: `SUPPORTED_VERSIONS` (exactly those the tests run against); on any other, `patch()` and
+`GRPOTrainer` raise `rlhf_fast.integrations._versions.UnsupportedPeerVersion` naming both, unless
+`RLHF_FAST_ALLOW_UNSUPPORTED_PEERS=1`.
 """
 from __future__ import annotations
 
 import torch
 
 from rlhf_fast import ops
+from rlhf_fast.integrations import _versions
 
+SUPPORTED_VERSIONS = ("1.16.0",)  # the TRL releases this plug-in is tested against; any other raises (see _versions)
 _OURS = ("log_probs", "entropy")
 _original = None
 
@@ -66,9 +78,17 @@ class LinearLogprobFunction:
         return logp, (ent.float() if "entropy" in outputs else None), None, None, None
 
 
+def check_version() -> str:
+    """The installed TRL version; `_versions.UnsupportedPeerVersion` unless it is in SUPPORTED_VERSIONS."""
+    import trl  # noqa: F401  (its __version__)
+
+    return _versions.check("trl", SUPPORTED_VERSIONS)
+
+
 def patch() -> None:
     """Put `ops.linear_token_logprobs` behind TRL's fused LM head (idempotent; `unpatch()` undoes it)."""
     global _original
+    check_version()
     from trl.trainer import utils as trl_utils
 
     if trl_utils._ChunkedLogProbFunction is not LinearLogprobFunction:
@@ -103,7 +123,11 @@ def fallback_reason(trainer, inputs) -> str | None:
               (trainer.beta != 0.0 and getattr(args, "use_bias_correction_kl", False), "use_bias_correction_kl"),
               (trainer.aux_loss_enabled, "a MoE aux loss"),
               (any(inputs.get(k) is not None for k in _MULTIMODAL), "multimodal inputs"),
-              (trainer.importance_sampling_level not in ("token", "sequence"), "importance_sampling_level")]
+              (trainer.importance_sampling_level not in ("token", "sequence"), "importance_sampling_level"),
+              # TRL differentiates the sequence mean: GSPO's stop-gradient form has its gradient only for an
+              # advantage constant over each sequence (TRL's own (B,); a subclass may give (B, T))
+              (trainer.importance_sampling_level == "sequence" and inputs["advantages"].dim() == 2,
+               "per-token advantages with importance_sampling_level='sequence'")]
     for bad, why in checks:
         if bad:
             return why
@@ -145,11 +169,13 @@ def fused_grpo_loss(trainer, model, inputs) -> torch.Tensor:
     if trainer.args.cast_lm_head_to_fp32 or hidden.dtype != weight.dtype:
         hidden, weight = hidden.float(), weight.float()
         bias = None if bias is None else bias.float()
+    with torch.no_grad():  # this step's log-probs and entropy without gradient: the metrics (and old log-probs)
+        logp, entropy = ops.linear_token_logprobs(hidden.detach(), weight.detach(), completion_ids,
+                                                  bias=None if bias is None else bias.detach(),
+                                                  temperature=trainer.temperature, return_entropy=True)
     old = inputs.get("old_per_token_logps")
-    if old is None:  # TRL uses this step's log-probs (ratio 1): one forward of the lm_head without gradient
-        with torch.no_grad():
-            old = ops.linear_token_logprobs(hidden.detach(), weight.detach(), completion_ids, bias=bias,
-                                            temperature=trainer.temperature)
+    if old is None:  # TRL uses this step's log-probs (ratio 1)
+        old = logp
     mode = "train" if trainer.model.training else "eval"
     is_w = None
     if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
@@ -159,19 +185,84 @@ def fused_grpo_loss(trainer, model, inputs) -> torch.Tensor:
         kl = ops.KLTerm(inputs["ref_per_token_logps"], coef=float(trainer.beta), kind="k3")
     agg = _agg(trainer, mode, mask, inputs)
     clip = ops.PPOClip(low=trainer.epsilon_low, high=trainer.epsilon_high, level=trainer.importance_sampling_level)
-    loss, st = ops.ppo_loss_from_hidden(hidden, weight, completion_ids, old, inputs["advantages"], mask, bias=bias,
-                                        clip=clip, agg=agg, kl=kl, temperature=trainer.temperature,
-                                        is_weights=is_w)
-    wsum = agg.token_weights(mask).sum().clamp(min=1e-30).to(st.entropy.dtype)
-    metrics = trainer._metrics[mode]
-    metrics["entropy"].append(trainer.accelerator.gather(st.entropy / wsum).mean().item())
-    if kl is not None:
-        metrics["kl"].append(trainer.accelerator.gather(st.kl / wsum).mean().item())
-    metrics["clip_ratio/region_mean"].append(trainer.accelerator.gather(st.clip_frac).mean().item())
+    loss, _ = ops.ppo_loss_from_hidden(hidden, weight, completion_ids, old, inputs["advantages"], mask, bias=bias,
+                                       clip=clip, agg=agg, kl=kl, temperature=trainer.temperature,
+                                       is_weights=is_w)
+    ref = None if kl is None else inputs["ref_per_token_logps"]
+    for key, value in trl_metrics(trainer, mask, logp, entropy.float(), old, inputs["advantages"], ref).items():
+        trainer._metrics[mode][key].append(value)
     return loss
 
 
+def _nan_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
+    """TRL's `nanmin` / `nanmax` of a 1-D tensor: NaNs ignored, NaN if all are NaN."""
+    x = x[~torch.isnan(x)]
+    if x.numel() == 0:
+        return torch.tensor(float("nan"))
+    return x.max() if largest else x.min()
+
+
+@torch.no_grad()
+def trl_metrics(trainer, mask, logp, entropy, old, advantages, ref=None) -> dict[str, float]:
+    """TRL 1.16 GRPO's logged metrics by its definitions (`GRPOTrainer._compute_loss`), gathered as TRL gathers them,
+    plus `entropy/seq_mean` and `kl/seq_mean` for loss_type grpo.
+
+    mask, logp (this step's), entropy, old (old log-probs): (B, T); advantages (B,) or (B, T); ref: (B, T)
+    reference log-probs, or None without a KL term. `kl` is TRL's k3 exp(ref - logp) - (ref - logp) - 1 (unclamped).
+    Token means are global: sum and count are summed over processes before dividing. Masked-out positions are
+    selected away with `torch.where`, so a NaN/Inf there gives no NaN.
+    """
+    acc = trainer.accelerator
+    m = mask.bool()
+    zero = torch.zeros((), dtype=torch.float32, device=m.device)
+    adv = (advantages if advantages.dim() == 2 else advantages.unsqueeze(1)).float()  # (B, 1) or (B, T)
+
+    def global_masked_mean(x):  # a (B, 1) x: over the rows; a (B, T) x: over the mask
+        if x.shape[1] == 1:
+            local = torch.stack([x.float().sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+        else:
+            local = torch.stack([torch.where(m, x.float(), zero).sum(), m.sum().float()])
+        totals = acc.reduce(local, reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    def masked_seq_mean(x):  # (B,): each row's mean over its mask (NaN for an empty row, as TRL's)
+        if x.shape[1] == 1:
+            return x.squeeze(1).float()
+        return torch.where(m, x.float(), zero).sum(-1) / m.sum(-1)
+
+    def seq_mean(x):  # the mean over non-empty rows of each row's token mean, over all processes
+        rows = m.any(-1)
+        row_means = torch.where(rows, masked_seq_mean(x), zero)
+        totals = acc.reduce(torch.stack([row_means.sum(), rows.sum().float()]), reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    out = {}
+    per_token_kl = None
+    if ref is not None:
+        d = torch.where(m, ref - logp, zero)
+        per_token_kl = torch.expm1(d) - d
+        out["kl"] = global_masked_mean(per_token_kl)
+    out["entropy"] = global_masked_mean(entropy)
+    log_ratio = torch.where(m, logp - old, zero)  # (B, T)
+    if trainer.importance_sampling_level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    coef = log_ratio.exp()
+    low = (coef < 1 - trainer.epsilon_low) & (adv < 0)
+    high = (coef > 1 + trainer.epsilon_high) & (adv > 0)
+    out["clip_ratio/low_mean"] = global_masked_mean(low)
+    out["clip_ratio/high_mean"] = global_masked_mean(high)
+    out["clip_ratio/region_mean"] = global_masked_mean(low | high)
+    out["clip_ratio/low_min"] = _nan_extreme(acc.gather(masked_seq_mean(low)), largest=False).item()
+    out["clip_ratio/high_max"] = _nan_extreme(acc.gather(masked_seq_mean(high)), largest=True).item()
+    if trainer.loss_type == "grpo":  # the loss weights sequences equally: these are its entropy and KL
+        out["entropy/seq_mean"] = seq_mean(entropy)
+        if per_token_kl is not None:
+            out["kl/seq_mean"] = seq_mean(per_token_kl)
+    return out
+
+
 def _make_grpo_trainer():
+    check_version()
     import trl
 
     class GRPOTrainer(trl.GRPOTrainer):
