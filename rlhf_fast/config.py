@@ -231,10 +231,15 @@ class SamplingConfig:
     top_k: int = 0  # 0 disables
     top_p: float = 1.0
     n: int = 2  # completions per prompt
+    # the trainer's support under top-k / top-p: "replay" the engine's recorded threshold per token, or "recompute"
+    # it from the policy's logits at each pass (the log-probs are always those of the cut, renormalised distribution)
+    support: str = "replay"
 
     def __post_init__(self):
         _check(self.temperature > 0, "temperature", f"must be > 0 (PPO needs sampled log-probs), got "
                f"{self.temperature}")
+        _check(self.support in ("replay", "recompute"), "support", f"must be replay or recompute, got "
+               f"{self.support!r}")
         try:
             self.params()
         except (TypeError, ValueError) as e:
@@ -242,7 +247,8 @@ class SamplingConfig:
             raise ConfigError(f"{key}: {what}") from None
 
     def params(self, seed: int | None = None, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
-        return SamplingParams(**dataclasses.asdict(self), seed=seed, stop_token_ids=stop_token_ids)
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "support"}
+        return SamplingParams(**fields, seed=seed, stop_token_ids=stop_token_ids)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from rlhf_fast import ops
 from rlhf_fast.models import bind_model
 from rlhf_fast.rollout import block_table
 from rlhf_fast.rollout.allocator import BlockAllocator
-from rlhf_fast.rollout.sampling import sample
+from rlhf_fast.rollout.sampling import replay_threshold, sample
 from rlhf_fast.rollout.scheduler import Scheduler, Sequence, Step
 from rlhf_fast.rollout.types import Completion, EngineStats, SamplingParams, check_prompts
 
@@ -151,7 +151,7 @@ class RolloutEngine:
         else:
             logp = ops.token_logprobs(logits, tokens, temperature=temp)
         stop = set(params.stop_token_ids)
-        thr_list = [float("-inf")] * len(seqs) if thr is None else _replay_threshold(logits, temp, thr).tolist()
+        thr_list = [float("-inf")] * len(seqs) if thr is None else replay_threshold(logits, temp, thr).tolist()
         for s, tok, lp, t in zip(seqs, tokens.tolist(), logp.tolist(), thr_list):
             s.num_cached = len(s.tokens)
             s.tokens.append(tok)
@@ -169,15 +169,4 @@ class RolloutEngine:
 
         return teacher_forced_logprobs(self.lm.hf, prompts, completions, temperature=temperature, top_k=top_k,
                                        top_p=top_p, deterministic=self.deterministic, block_size=self.block_size)
-
-
-def _replay_threshold(logits: torch.Tensor, temperature: float, thr: torch.Tensor) -> torch.Tensor:
-    """The threshold a trainer replays, (R,): halfway between the support's smallest scaled logit (`thr`, a value of
-    the row) and the largest one below it. It selects the same tokens on these logits, and the same ones on a
-    trainer's logits that differ by rounding (the exact `thr` would drop the boundary token whenever the trainer's
-    copy of it comes out an ulp lower)."""
-    z = logits.float() * (1.0 / temperature)  # (R, V), as the ops compute z
-    below = torch.where(z < thr[:, None], z, float("-inf")).amax(-1)  # (R,)
-    mid = (thr + below) * 0.5
-    return torch.where(torch.isfinite(below) & (mid > below), mid, thr)
 

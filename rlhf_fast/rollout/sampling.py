@@ -71,3 +71,15 @@ def _sample_rows_native(scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     _native.fn("sample_rows_cpu")(scaled.data_ptr(), scaled.shape[0], scaled.shape[1], scaled.stride(0),
                                   u.contiguous().data_ptr(), out.data_ptr())
     return out
+
+
+def replay_threshold(logits: torch.Tensor, temperature: float, thr: torch.Tensor) -> torch.Tensor:
+    """The threshold a trainer replays, (...,): halfway between the support's smallest scaled logit (`thr`, a value of
+    the row) and the largest one below it. It selects the same tokens on these logits, and the same ones on a
+    trainer's logits that differ by rounding (the exact `thr` would drop the boundary token whenever the trainer's
+    copy of it comes out an ulp lower)."""
+    z = logits.float() * (1.0 / temperature)  # (..., V), as the ops compute z
+    below = torch.where(z < thr[..., None], z, float("-inf")).amax(-1)  # (...,)
+    mid = (thr + below) * 0.5
+    return torch.where(torch.isfinite(below) & (mid > below), mid, thr)
+

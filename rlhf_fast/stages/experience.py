@@ -20,6 +20,7 @@ class Rollout(NamedTuple):
     positions: torch.Tensor  # (N, R) index into T of the hidden state that predicts each response token
     labels: torch.Tensor  # (N, R) response token ids, IGNORE_INDEX on padding
     prompt_index: list[int]  # (N,) which prompt each sequence continues
+    support: torch.Tensor | None = None  # (N, R) fp32: the engine's support threshold per token (top-k/top-p)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -36,7 +37,8 @@ class Rollout(NamedTuple):
         r = max(1, int((self.labels[idx] != IGNORE_INDEX).sum(1).max()))
         t = int(lengths.max())
         return Rollout(self.input_ids[idx, :t], lengths, self.positions[idx, :r].clamp(max=t - 1),
-                       self.labels[idx, :r], [self.prompt_index[i] for i in idx.tolist()])
+                       self.labels[idx, :r], [self.prompt_index[i] for i in idx.tolist()],
+                       None if self.support is None else self.support[idx, :r])
 
 
 def make_rollout(prompts: list[list[int]], completions, pad_id: int, device: torch.device | None = None) -> Rollout:
@@ -54,7 +56,12 @@ def make_rollout(prompts: list[list[int]], completions, pad_id: int, device: tor
         labels[i, :m] = torch.tensor(c.token_ids, dtype=torch.long)
         positions[i] = (p - 1 + torch.arange(r)).clamp(max=t - 1)
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    ro = Rollout(ids, lengths, positions, labels, [c.prompt_index for c in completions])
+    support = None
+    if all(getattr(c, "support_threshold", None) is not None for c in completions):
+        support = torch.full((n, r), float("-inf"), dtype=torch.float32)
+        for i, c in enumerate(completions):
+            support[i, :len(c.token_ids)] = c.support_threshold.float().cpu()
+    ro = Rollout(ids, lengths, positions, labels, [c.prompt_index for c in completions], support)
     return ro.to(device) if device is not None else ro
 
 
@@ -64,13 +71,26 @@ def response_hidden(model, ro: Rollout) -> torch.Tensor:
     return hidden.gather(1, ro.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
 
 
-def policy_logprobs(model, ro: Rollout, temperature: float, *, entropy: bool = False):
+def logprob_kwargs(sampling, ro: Rollout, *, replay: bool = True) -> dict:
+    """The log-prob ops' `temperature`, `top_k`, `top_p` and support arguments for the distribution PPO's rollouts
+    sample from (`sampling`: a `SamplingConfig`). The support under top-k / top-p: the rollout's recorded
+    thresholds when `sampling.support` is "replay" and the generator recorded them (the policy's own passes,
+    `replay`), else recomputed from the model's logits (and always for the frozen reference, whose logits are
+    another model's)."""
+    kw = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    if replay and sampling.support == "replay" and ro.support is not None and (sampling.top_k or sampling.top_p < 1):
+        kw.update(support="replay", support_threshold=ro.support.to(ro.labels.device))
+    return kw
+
+
+def policy_logprobs(model, ro: Rollout, temperature: float, *, entropy: bool = False, **support):
     """log pi(y_t | x, y_<t) at `temperature` on response tokens, `(N, R)` fp32 (0 on padding); with
-    `entropy=True` also the per-token entropy."""
+    `entropy=True` also the per-token entropy. `support`: `top_k`, `top_p`, `support`, `support_threshold` of
+    `ops.linear_token_logprobs` (the sampled distribution; `logprob_kwargs`)."""
     hidden = response_hidden(model, ro)  # first: on a sharded model it gathers the lm_head too
     weight, bias = output_head(model)
-    return ops.linear_token_logprobs(hidden, weight, ro.labels, bias=bias,
-                                     temperature=temperature, ignore_index=IGNORE_INDEX, return_entropy=entropy)
+    return ops.linear_token_logprobs(hidden, weight, ro.labels, bias=bias, temperature=temperature,
+                                     ignore_index=IGNORE_INDEX, return_entropy=entropy, **support)
 
 
 def values_at(value_model, ro: Rollout) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 
 from rlhf_fast import ops
 from rlhf_fast.rollout import Completion, SamplingParams
+from rlhf_fast.rollout.sampling import replay_threshold
 
 
 class HFGenerator:
@@ -40,11 +41,22 @@ class HFGenerator:
                 res = self.model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), **kw)
                 new = res.sequences[:, width:]  # (len(chunk) * n, L)
                 logits = torch.stack(res.logits, dim=1).float()  # (len(chunk) * n, L, V)
-                logp = ops.token_logprobs(logits, new, temperature=params.logprob_temperature).cpu()
+                temp = params.logprob_temperature
+                thr = None
+                if params.truncated(logits.shape[-1]):  # HF's warpers: temperature, then top-k, then top-p
+                    thr = ops.support_threshold(logits, temperature=temp, top_k=params.top_k, top_p=params.top_p)
+                if thr is not None and params.logprobs == "sampled":
+                    logp = ops.token_logprobs(logits, new, temperature=temp, top_k=params.top_k, top_p=params.top_p,
+                                              support="replay", support_threshold=thr)
+                else:
+                    logp = ops.token_logprobs(logits, new, temperature=temp)
+                logp = logp.cpu()
+                thr = None if thr is None else replay_threshold(logits, temp, thr).cpu()
                 for row in range(new.shape[0]):
                     toks = new[row].tolist()
                     end = next((i + 1 for i, t in enumerate(toks) if t in stops), None)
                     reason = "stop" if end is not None else "length"
                     end = end or len(toks)
-                    out.append(Completion(start + row // params.n, toks[:end], logp[row, :end].clone(), reason))
+                    out.append(Completion(start + row // params.n, toks[:end], logp[row, :end].clone(), reason,
+                                          None if thr is None else thr[row, :end].clone()))
         return out

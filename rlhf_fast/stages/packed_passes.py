@@ -42,11 +42,14 @@ def response_hidden(model, ro: xp.Rollout, batch: PackedBatch | None) -> torch.T
     return h[pos.to(h.device)]
 
 
-def policy_logprobs(model, ro: xp.Rollout, batch: PackedBatch | None, temperature: float) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) at `temperature`, `(N, R)` fp32, 0 on padding."""
+def policy_logprobs(model, ro: xp.Rollout, batch: PackedBatch | None, temperature: float,
+                    **support) -> torch.Tensor:
+    """log pi(y_t | x, y_<t) at `temperature`, `(N, R)` fp32, 0 on padding; `support`: top_k / top_p / support
+    arguments of the op (`experience.logprob_kwargs`)."""
+    hidden = response_hidden(model, ro, batch)  # first: on a sharded model it gathers the lm_head too
     weight, bias = output_head(model)
-    return ops.linear_token_logprobs(response_hidden(model, ro, batch), weight, ro.labels, bias=bias,
-                                     temperature=temperature, ignore_index=IGNORE_INDEX)
+    return ops.linear_token_logprobs(hidden, weight, ro.labels, bias=bias, temperature=temperature,
+                                     ignore_index=IGNORE_INDEX, **support)
 
 
 def values_at(value_model, ro: xp.Rollout, batch: PackedBatch | None) -> torch.Tensor:
@@ -74,18 +77,19 @@ def rollout_logprobs(completions, ro: xp.Rollout) -> torch.Tensor:
 @torch.no_grad()
 def score_rollout(cfg, policy, ref, value_model, reward_model, ro: xp.Rollout, completions):
     """The frozen passes for `cfg` (a `PPOConfig`): ((old_logp, ref_logp, old_values, scores), metrics)."""
-    temperature = cfg.sampling.temperature
+    mine = xp.logprob_kwargs(cfg.sampling, ro)  # the sampled distribution (top-k / top-p), support replayed
+    theirs = xp.logprob_kwargs(cfg.sampling, ro, replay=False)  # the reference's own support
     batch = pack_rollout(ro, cfg.share_prompts) if cfg.train_model == "ours" else None
     metrics = {}
     if cfg.old_logp == "recompute":
-        old_logp = policy_logprobs(policy, ro, batch, temperature)
+        old_logp = policy_logprobs(policy, ro, batch, **mine)
     else:
         old_logp = rollout_logprobs(completions, ro)
         if cfg.old_logp == "check":
-            diff = (policy_logprobs(policy, ro, batch, temperature) - old_logp).abs() * ro.mask
+            diff = (policy_logprobs(policy, ro, batch, **mine) - old_logp).abs() * ro.mask
             metrics["old_logp_max_diff"] = float(diff.max())
     with lora.adapters_disabled(ref):  # LoRA: `ref` is the policy, run as its base (a no-op for a separate model)
-        ref_logp = policy_logprobs(ref, ro, batch, temperature)
+        ref_logp = policy_logprobs(ref, ro, batch, **theirs)
     old_values = values_at(value_model, ro, batch) * ro.mask if value_model is not None else \
         torch.zeros_like(ref_logp)  # critic-free
     rm_scores = scores(reward_model, ro, batch) if reward_model is not None else \
