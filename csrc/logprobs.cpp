@@ -4,13 +4,19 @@
 // count. Python side: rlhf_fast/ops/logprobs.py (checks, custom ops, autograd).
 //
 // Notation: z = x * inv_temp (x the logits), p = softmax(z), lse = logsumexp(z), logp = z[y] - lse,
-// H = -sum p log p = lse - E_p[z].  Backward (derivation in kernels/logprobs.py):
+// H = -sum p log p = lse - E_p[z].  Backward (derivation in triton-kernels/logprobs.py):
 //   dz_j = g * (1[j == y] - p_j) - gH * p_j * (z_j - E_p[z]),   dx_j = dz_j * inv_temp.
+// Truncated support (top-k / top-p): a per-row threshold thr (or none) keeps z_j >= thr and the label; the other
+// entries are -inf in z, so they drop out of lse, logp and H and get dz_j = 0 (p_j = 0). thr = -inf keeps all,
+// bitwise as without it. `support_threshold_cpu` below finds thr (the selection pass: bisection on the bits).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "common.h"
 #include "registry.h"
@@ -111,17 +117,27 @@ inline F clamp_low(F d) {  // keeps e * d finite when e == 0
   return d < static_cast<F>(-88) ? static_cast<F>(-88) : d;
 }
 
+// buf[0..nb) = z of the block at v0, -inf where z < thr except at column `keep` (the label; -1: none).
+template <typename In, typename F>
+inline void load_masked(const typename In::T* x, std::int64_t v0, int nb, F inv_t, F thr, std::int64_t keep, F* buf) {
+  for (int j = 0; j < nb; ++j) {
+    const F z = static_cast<F>(In::load(x[v0 + j])) * inv_t;
+    buf[j] = z < thr ? -std::numeric_limits<F>::infinity() : z;
+  }
+  if (keep >= v0 && keep < v0 + nb) buf[keep - v0] = static_cast<F>(In::load(x[keep])) * inv_t;
+}
+
 // Forward of one row: writes logp, lse, entropy (in the compute type F).
 template <typename In, typename F>
-RLHF_FAST_SIMD_CLONES void row_fwd(const typename In::T* x, std::int64_t v, F inv_t, std::int64_t label, bool valid,
-                                   F* logp, F* lse, F* ent) {
+RLHF_FAST_SIMD_CLONES void row_fwd(const typename In::T* x, std::int64_t v, F inv_t, F thr, std::int64_t label,
+                                   bool valid, F* logp, F* lse, F* ent) {
   F buf[BLOCK];
   F m = -std::numeric_limits<F>::infinity();
   double s = 0.0, t = 0.0;  // s = sum exp(z - m), t = sum exp(z - m) * (z - m)
   for (std::int64_t v0 = 0; v0 < v; v0 += BLOCK) {
     const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, v - v0));
     F bm = -std::numeric_limits<F>::infinity();
-    for (int j = 0; j < nb; ++j) buf[j] = static_cast<F>(In::load(x[v0 + j])) * inv_t;
+    load_masked<In, F>(x, v0, nb, inv_t, thr, valid ? label : -1, buf);
 #pragma omp simd reduction(max : bm)
     for (int j = 0; j < nb; ++j) bm = buf[j] > bm ? buf[j] : bm;
     if (bm > m) {
@@ -158,7 +174,7 @@ RLHF_FAST_SIMD_CLONES void row_fwd(const typename In::T* x, std::int64_t v, F in
 
 // Backward of one row: writes dlogits into out (may alias x: each element is read before it is written).
 template <typename In, typename F>
-RLHF_FAST_SIMD_CLONES void row_bwd(const typename In::T* x, typename In::T* out, std::int64_t v, F inv_t,
+RLHF_FAST_SIMD_CLONES void row_bwd(const typename In::T* x, typename In::T* out, std::int64_t v, F inv_t, F thr,
                                    std::int64_t label, bool valid, F lse, F ent, F g, F gh) {
   if (!valid) {
     for (std::int64_t j = 0; j < v; ++j) out[j] = In::store(0);
@@ -168,7 +184,7 @@ RLHF_FAST_SIMD_CLONES void row_bwd(const typename In::T* x, typename In::T* out,
   F buf[BLOCK];
   for (std::int64_t v0 = 0; v0 < v; v0 += BLOCK) {
     const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, v - v0));
-    for (int j = 0; j < nb; ++j) buf[j] = static_cast<F>(In::load(x[v0 + j])) * inv_t;
+    load_masked<In, F>(x, v0, nb, inv_t, thr, label, buf);
 #pragma omp simd
     for (int j = 0; j < nb; ++j) {
       const F p = exp_nonpos(buf[j] - lse);
@@ -182,8 +198,10 @@ RLHF_FAST_SIMD_CLONES void row_bwd(const typename In::T* x, typename In::T* out,
 
 template <typename In, typename F>
 void fwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std::int64_t v, double inv_temp,
-              std::int64_t ignore_index, std::uintptr_t logp, std::uintptr_t lse, std::uintptr_t ent) {
+              std::int64_t ignore_index, std::uintptr_t thr, std::uintptr_t logp, std::uintptr_t lse,
+              std::uintptr_t ent) {
   const auto* x = ptr<const typename In::T>(logits);
+  const F* th = thr ? ptr<const F>(thr) : nullptr;
   const auto* y = ptr<const std::int64_t>(labels);
   F* lp = ptr<F>(logp);
   F* ls = ptr<F>(lse);
@@ -191,15 +209,17 @@ void fwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std:
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < n; ++i) {
     const bool valid = y[i] != ignore_index;
-    row_fwd<In, F>(x + i * v, v, static_cast<F>(inv_temp), valid ? y[i] : 0, valid, lp + i, ls + i, en + i);
+    const F t = th ? th[i] : -std::numeric_limits<F>::infinity();
+    row_fwd<In, F>(x + i * v, v, static_cast<F>(inv_temp), t, valid ? y[i] : 0, valid, lp + i, ls + i, en + i);
   }
 }
 
 template <typename In, typename F>
 void bwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std::int64_t v, double inv_temp,
-              std::int64_t ignore_index, std::uintptr_t lse, std::uintptr_t ent, std::uintptr_t dlogp,
-              std::uintptr_t dent, std::uintptr_t dlogits) {
+              std::int64_t ignore_index, std::uintptr_t thr, std::uintptr_t lse, std::uintptr_t ent,
+              std::uintptr_t dlogp, std::uintptr_t dent, std::uintptr_t dlogits) {
   const auto* x = ptr<const typename In::T>(logits);
+  const F* th = thr ? ptr<const F>(thr) : nullptr;
   auto* out = ptr<typename In::T>(dlogits);
   const auto* y = ptr<const std::int64_t>(labels);
   const F* ls = ptr<const F>(lse);
@@ -209,8 +229,118 @@ void bwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std:
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < n; ++i) {
     const bool valid = y[i] != ignore_index;
-    row_bwd<In, F>(x + i * v, out + i * v, v, static_cast<F>(inv_temp), valid ? y[i] : 0, valid, ls[i], en[i], g[i],
-                   gh[i]);
+    const F t = th ? th[i] : -std::numeric_limits<F>::infinity();
+    row_bwd<In, F>(x + i * v, out + i * v, v, static_cast<F>(inv_temp), t, valid ? y[i] : 0, valid, ls[i], en[i],
+                   g[i], gh[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Selection pass: a row's support threshold under top-k / top-p, exactly, by bisection over the bits of z.
+//   top-k: thr_k = the k-th largest z (ties with it kept): the largest t with count(z >= t) >= k.
+//   top-p: over the tokens with z >= thr_k and p their softmax, the largest t with mass(z >= t) >= top_p: the
+//          smallest nucleus that reaches top_p, with the token that crosses it (and its ties).
+// Both predicates are monotone in t and change only at values of z, so bisecting on an order-preserving integer
+// key of z (32 steps for float, 64 for double) ends exactly on a value of the row.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename F> struct KeyOf;
+template <> struct KeyOf<float> { using I = std::int32_t; using U = std::uint32_t; };
+template <> struct KeyOf<double> { using I = std::int64_t; using U = std::uint64_t; };
+
+template <typename F>
+inline typename KeyOf<F>::I float_key(F z) {  // key(a) < key(b) iff a < b (and -0 < +0)
+  using I = typename KeyOf<F>::I;
+  I b;
+  std::memcpy(&b, &z, sizeof b);
+  return b >= 0 ? b : static_cast<I>(b ^ std::numeric_limits<I>::max());
+}
+
+template <typename F>
+inline F key_float(typename KeyOf<F>::I k) {
+  using I = typename KeyOf<F>::I;
+  const I b = k >= 0 ? k : static_cast<I>(k ^ std::numeric_limits<I>::max());
+  F z;
+  std::memcpy(&z, &b, sizeof z);
+  return z;
+}
+
+template <typename F>
+inline typename KeyOf<F>::I upper_mid(typename KeyOf<F>::I lo, typename KeyOf<F>::I hi) {  // lo < hi, no overflow
+  using U = typename KeyOf<F>::U;
+  const U d = static_cast<U>(hi) - static_cast<U>(lo);
+  return static_cast<typename KeyOf<F>::I>(static_cast<U>(lo) + d / 2 + (d & 1));
+}
+
+// One row: key, e are scratch of v elements. Returns thr (-inf when nothing is cut).
+template <typename In, typename F>
+RLHF_FAST_SIMD_CLONES F row_threshold(const typename In::T* x, std::int64_t v, F inv_t, std::int64_t top_k,
+                                      double top_p, typename KeyOf<F>::I* key, F* e) {
+  using I = typename KeyOf<F>::I;
+  const bool use_k = top_k > 0 && top_k < v, use_p = top_p < 1.0;
+  if (!use_k && !use_p) return -std::numeric_limits<F>::infinity();
+  I kmin = std::numeric_limits<I>::max(), kmax = std::numeric_limits<I>::min();
+  for (std::int64_t j = 0; j < v; ++j) {
+    const I k = float_key(static_cast<F>(In::load(x[j])) * inv_t);
+    key[j] = k;
+    kmin = k < kmin ? k : kmin;
+    kmax = k > kmax ? k : kmax;
+  }
+  I lo = kmin;
+  if (use_k) {
+    I hi = kmax;
+    while (lo < hi) {
+      const I mid = upper_mid<F>(lo, hi);
+      std::int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+      for (std::int64_t j = 0; j < v; ++j) c += key[j] >= mid ? 1 : 0;
+      if (c >= top_k) lo = mid; else hi = mid - 1;
+    }
+  }
+  const F mx = key_float<F>(kmax);
+  if (use_p && mx > -std::numeric_limits<F>::infinity() && mx < std::numeric_limits<F>::infinity()) {
+    double total = 0.0;  // e = exp(z - max) over the top-k-kept tokens, 0 elsewhere; sums: BLOCK lanes, then double
+    for (std::int64_t v0 = 0; v0 < v; v0 += BLOCK) {
+      const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, v - v0));
+      F sb = 0;
+#pragma omp simd reduction(+ : sb)
+      for (int j = 0; j < nb; ++j) {
+        const F w = exp_nonpos(static_cast<F>(In::load(x[v0 + j])) * inv_t - mx);
+        e[v0 + j] = key[v0 + j] >= lo ? w : F(0);
+        sb += e[v0 + j];
+      }
+      total += sb;
+    }
+    const double target = top_p * total;
+    I hi = kmax;
+    while (lo < hi) {
+      const I mid = upper_mid<F>(lo, hi);
+      double mass = 0.0;
+      for (std::int64_t v0 = 0; v0 < v; v0 += BLOCK) {
+        const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, v - v0));
+        F sb = 0;
+#pragma omp simd reduction(+ : sb)
+        for (int j = 0; j < nb; ++j) sb += key[v0 + j] >= mid ? e[v0 + j] : F(0);
+        mass += sb;
+      }
+      if (mass >= target) lo = mid; else hi = mid - 1;
+    }
+  }
+  return key_float<F>(lo);
+}
+
+template <typename In, typename F>
+void threshold_rows(std::uintptr_t logits, std::int64_t n, std::int64_t v, double inv_temp, std::int64_t top_k,
+                    double top_p, std::uintptr_t thr) {
+  const auto* x = ptr<const typename In::T>(logits);
+  F* out = ptr<F>(thr);
+#pragma omp parallel
+  {
+    std::vector<typename KeyOf<F>::I> key(static_cast<std::size_t>(v));
+    std::vector<F> e(static_cast<std::size_t>(v));
+#pragma omp for schedule(static)
+    for (std::int64_t i = 0; i < n; ++i)
+      out[i] = row_threshold<In, F>(x + i * v, v, static_cast<F>(inv_temp), top_k, top_p, key.data(), e.data());
   }
 }
 
@@ -218,36 +348,50 @@ void check_sizes(std::int64_t n, std::int64_t v) {
   if (n < 0 || v < 1) throw std::invalid_argument("token_logprobs: need n >= 0 rows and v >= 1 columns");
 }
 
-// logits (n, v) contiguous in `dtype`; labels (n,) int64; logp, lse, ent (n,) float32 (float64 for float64 logits).
+// logits (n, v) contiguous in `dtype`; labels (n,) int64; thr (n,) in the compute type, or 0 (no truncation);
+// logp, lse, ent (n,) float32 (float64 for float64 logits).
 void token_logprobs_fwd_cpu(std::uintptr_t logits, int dtype, std::uintptr_t labels, std::int64_t n, std::int64_t v,
-                            double inv_temp, std::int64_t ignore_index, std::uintptr_t logp, std::uintptr_t lse,
-                            std::uintptr_t ent) {
+                            double inv_temp, std::int64_t ignore_index, std::uintptr_t thr, std::uintptr_t logp,
+                            std::uintptr_t lse, std::uintptr_t ent) {
   check_sizes(n, v);
   switch (dtype) {
-    case kFloat32: return fwd_rows<F32, float>(logits, labels, n, v, inv_temp, ignore_index, logp, lse, ent);
-    case kFloat64: return fwd_rows<F64, double>(logits, labels, n, v, inv_temp, ignore_index, logp, lse, ent);
-    case kBFloat16: return fwd_rows<BF16, float>(logits, labels, n, v, inv_temp, ignore_index, logp, lse, ent);
-    case kFloat16: return fwd_rows<FP16, float>(logits, labels, n, v, inv_temp, ignore_index, logp, lse, ent);
+    case kFloat32: return fwd_rows<F32, float>(logits, labels, n, v, inv_temp, ignore_index, thr, logp, lse, ent);
+    case kFloat64: return fwd_rows<F64, double>(logits, labels, n, v, inv_temp, ignore_index, thr, logp, lse, ent);
+    case kBFloat16: return fwd_rows<BF16, float>(logits, labels, n, v, inv_temp, ignore_index, thr, logp, lse, ent);
+    case kFloat16: return fwd_rows<FP16, float>(logits, labels, n, v, inv_temp, ignore_index, thr, logp, lse, ent);
   }
   throw std::invalid_argument("token_logprobs_fwd_cpu: unsupported dtype code " + std::to_string(dtype));
 }
 
-// dlogits (n, v) in `dtype`, may equal logits; lse, ent, dlogp, dent (n,) in the compute type.
+// dlogits (n, v) in `dtype`, may equal logits; thr as in the forward; lse, ent, dlogp, dent (n,) in the compute type.
 void token_logprobs_bwd_cpu(std::uintptr_t logits, int dtype, std::uintptr_t labels, std::int64_t n, std::int64_t v,
-                            double inv_temp, std::int64_t ignore_index, std::uintptr_t lse, std::uintptr_t ent,
-                            std::uintptr_t dlogp, std::uintptr_t dent, std::uintptr_t dlogits) {
+                            double inv_temp, std::int64_t ignore_index, std::uintptr_t thr, std::uintptr_t lse,
+                            std::uintptr_t ent, std::uintptr_t dlogp, std::uintptr_t dent, std::uintptr_t dlogits) {
+  check_sizes(n, v);
+#define RLHF_FAST_BWD(In, F) \
+  return bwd_rows<In, F>(logits, labels, n, v, inv_temp, ignore_index, thr, lse, ent, dlogp, dent, dlogits)
+  switch (dtype) {
+    case kFloat32: RLHF_FAST_BWD(F32, float);
+    case kFloat64: RLHF_FAST_BWD(F64, double);
+    case kBFloat16: RLHF_FAST_BWD(BF16, float);
+    case kFloat16: RLHF_FAST_BWD(FP16, float);
+  }
+#undef RLHF_FAST_BWD
+  throw std::invalid_argument("token_logprobs_bwd_cpu: unsupported dtype code " + std::to_string(dtype));
+}
+
+// logits (n, v) contiguous in `dtype` -> thr (n,) in the compute type (float32; float64 for float64 logits), in
+// units of z = logits * inv_temp; top_k <= 0 or >= v and top_p >= 1 turn each part off (-inf: nothing cut).
+void support_threshold_cpu(std::uintptr_t logits, int dtype, std::int64_t n, std::int64_t v, double inv_temp,
+                           std::int64_t top_k, double top_p, std::uintptr_t thr) {
   check_sizes(n, v);
   switch (dtype) {
-    case kFloat32:
-      return bwd_rows<F32, float>(logits, labels, n, v, inv_temp, ignore_index, lse, ent, dlogp, dent, dlogits);
-    case kFloat64:
-      return bwd_rows<F64, double>(logits, labels, n, v, inv_temp, ignore_index, lse, ent, dlogp, dent, dlogits);
-    case kBFloat16:
-      return bwd_rows<BF16, float>(logits, labels, n, v, inv_temp, ignore_index, lse, ent, dlogp, dent, dlogits);
-    case kFloat16:
-      return bwd_rows<FP16, float>(logits, labels, n, v, inv_temp, ignore_index, lse, ent, dlogp, dent, dlogits);
+    case kFloat32: return threshold_rows<F32, float>(logits, n, v, inv_temp, top_k, top_p, thr);
+    case kFloat64: return threshold_rows<F64, double>(logits, n, v, inv_temp, top_k, top_p, thr);
+    case kBFloat16: return threshold_rows<BF16, float>(logits, n, v, inv_temp, top_k, top_p, thr);
+    case kFloat16: return threshold_rows<FP16, float>(logits, n, v, inv_temp, top_k, top_p, thr);
   }
-  throw std::invalid_argument("token_logprobs_bwd_cpu: unsupported dtype code " + std::to_string(dtype));
+  throw std::invalid_argument("support_threshold_cpu: unsupported dtype code " + std::to_string(dtype));
 }
 
 }  // namespace
@@ -259,4 +403,6 @@ RLHF_FAST_REGISTER(logprobs) {
         "Token log-probs, log-sum-exp and entropy of contiguous (n, v) logits (one online-softmax pass per row)");
   m.def("token_logprobs_bwd_cpu", &rlhf_fast::token_logprobs_bwd_cpu, py::call_guard<py::gil_scoped_release>(),
         "dlogits of token_logprobs (may write in place over the logits)");
+  m.def("support_threshold_cpu", &rlhf_fast::support_threshold_cpu, py::call_guard<py::gil_scoped_release>(),
+        "Per-row top-k / top-p support threshold of contiguous (n, v) logits (bisection on the bits of z)");
 }

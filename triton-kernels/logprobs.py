@@ -2,6 +2,8 @@
 
 Forward: one online-softmax pass over the row in BLOCK_V tiles -> logp, lse, entropy (fp32).
 Backward: one pass writing dlogits (may be the logits buffer itself).
+Truncated support (top-k / top-p, thresholds from support.py or replayed): with HAS_THR, z < thr[row] is -inf
+except at the label, so those tokens leave lse, logp and the entropy and get dlogits 0 (their p is 0).
 The tile size depends only on V, so a row's result does not depend on the batch it is in (batch invariance).
 Autograd lives in rlhf_fast/ops/logprobs.py.
 """
@@ -19,19 +21,29 @@ def block_v(vocab: int, device: torch.device) -> int:
 
 
 @triton.jit
-def _fwd_kernel(logits_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr, V, stride_row, inv_temp, ignore_index,
-                BLOCK_V: tl.constexpr):
+def _cut(z, cols, thr_ptr, row, keep, HAS_THR: tl.constexpr):
+    """z with -inf where z < thr[row], except at column `keep` (the label; -1: none)."""
+    if HAS_THR:
+        z = tl.where((z < tl.load(thr_ptr + row)) & (cols != keep), float("-inf"), z)
+    return z
+
+
+@triton.jit
+def _fwd_kernel(logits_ptr, labels_ptr, thr_ptr, logp_ptr, lse_ptr, ent_ptr, V, stride_row, inv_temp, ignore_index,
+                HAS_THR: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
     safe_label = tl.where(valid, label, 0)
+    keep = tl.where(valid, label, -1)
     m = tl.full((), float("-inf"), tl.float32)  # running max of z
     s = tl.zeros((), tl.float32)  # sum exp(z - m)
     t = tl.zeros((), tl.float32)  # sum exp(z - m) * (z - m)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
+        z = _cut(z, cols, thr_ptr, row, keep, HAS_THR)
         m_new = tl.maximum(m, tl.max(z, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # finite reference point even for all -inf so far
         d = z - m_ref
@@ -54,15 +66,17 @@ def _fwd_kernel(logits_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr, V, stride_ro
 #   d(sum_k p_k z_k)/d z_j = p_j + sum_k z_k p_k (1[k = j] - p_j) = p_j + p_j z_j - p_j E_p[z]
 #   d H / d z_j = p_j - (p_j + p_j z_j - p_j E_p[z]) = -p_j (z_j - E_p[z]),   with E_p[z] = lse - H
 # so for upstream grads g (of logp) and gH (of H):  dx_j = (g (1[j = y] - p_j) - gH p_j (z_j - E_p[z])) / T.
-# Ignored rows have g = gH = 0 and get dx = 0.
+# Ignored rows have g = gH = 0 and get dx = 0. On a truncated support the sums run over the kept tokens only and the
+# cut ones have p_j = 0 (z_j = -inf), so the same formula gives them dx_j = 0.
 @triton.jit
-def _bwd_kernel(logits_ptr, labels_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, out_ptr, V, stride_row, stride_out,
-                inv_temp, ignore_index, BLOCK_V: tl.constexpr):
+def _bwd_kernel(logits_ptr, labels_ptr, thr_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, out_ptr, V, stride_row,
+                stride_out, inv_temp, ignore_index, HAS_THR: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     out = out_ptr + row * stride_out
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
+    keep = tl.where(valid, label, -1)
     g = tl.where(valid, tl.load(dlogp_ptr + row), 0.0)
     gh = tl.where(valid, tl.load(dent_ptr + row), 0.0)
     lse = tl.load(lse_ptr + row)
@@ -71,29 +85,36 @@ def _bwd_kernel(logits_ptr, labels_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, o
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
         z = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        z = _cut(z, cols, thr_ptr, row, keep, HAS_THR)
         p = tl.exp(z - lse)
         centred = tl.where(p > 0, p * (z - mean_z), 0.0)
         d = tl.where(cols == label, g, 0.0) - p * g - centred * gh
         tl.store(out + cols, (d * inv_temp).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def logprobs_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent) -> None:
-    """logits (N, V) rows contiguous; labels (N,) int64; writes logp, lse, ent (N,) fp32."""
+def logprobs_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr=None) -> None:
+    """logits (N, V) rows contiguous; labels (N,) int64; thr (N,) fp32 or None; writes logp, lse, ent (N,) fp32."""
     n, vocab = logits.shape
     assert logits.stride(1) == 1 and labels.dtype == torch.int64
     assert all(t.dtype == torch.float32 and t.is_contiguous() for t in (logp, lse, ent))
     if n == 0:
         return
-    _fwd_kernel[(n,)](logits, labels, logp, lse, ent, vocab, logits.stride(0), float(inv_temp), int(ignore_index),
-                      BLOCK_V=block_v(vocab, logits.device), num_warps=8 if logits.is_cuda else 1)
+    _fwd_kernel[(n,)](logits, labels, _thr(thr, logp), logp, lse, ent, vocab, logits.stride(0), float(inv_temp),
+                      int(ignore_index), HAS_THR=thr is not None, BLOCK_V=block_v(vocab, logits.device),
+                      num_warps=8 if logits.is_cuda else 1)
 
 
-def logprobs_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out) -> None:
+def _thr(thr, like):
+    assert thr is None or (thr.dtype == torch.float32 and thr.is_contiguous() and thr.shape == like.shape)
+    return like if thr is None else thr  # any pointer when HAS_THR is off
+
+
+def logprobs_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out, thr=None) -> None:
     """Writes dlogits (N, V) into `out` (logits' dtype; may be `logits` itself)."""
     n, vocab = logits.shape
     assert logits.stride(1) == 1 and out.stride(1) == 1 and out.shape == logits.shape
     if n == 0:
         return
-    _bwd_kernel[(n,)](logits, labels, lse, ent, dlogp, dent, out, vocab, logits.stride(0), out.stride(0),
-                      float(inv_temp), int(ignore_index), BLOCK_V=block_v(vocab, logits.device),
-                      num_warps=8 if logits.is_cuda else 1)
+    _bwd_kernel[(n,)](logits, labels, _thr(thr, lse), lse, ent, dlogp, dent, out, vocab, logits.stride(0),
+                      out.stride(0), float(inv_temp), int(ignore_index), HAS_THR=thr is not None,
+                      BLOCK_V=block_v(vocab, logits.device), num_warps=8 if logits.is_cuda else 1)

@@ -6,6 +6,7 @@ from rlhf_fast.backend import use_backend  # noqa: F401
 
 # --- log-probabilities and entropy ---
 from rlhf_fast.ops.logprobs import linear_token_logprobs, token_logprobs  # noqa: F401,E402
+from rlhf_fast.ops.support import support_threshold  # noqa: F401,E402 (top-k / top-p support)
 
 # --- the loss specification (clipping, aggregation, KL term) every loss op takes ---
 from rlhf_fast.ops.loss_spec import (AGG_MODES, KL_KINDS, ROLLOUT_CORRECTION_MODES, KLTerm, PPOAgg,  # noqa: F401,E402

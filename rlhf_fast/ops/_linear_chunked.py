@@ -26,28 +26,43 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 # Row kernels: logits (R, V) -> logp, lse, entropy (R,); and (lse, entropy, dlogp, dent) -> dlogits (R, V).
 # ---------------------------------------------------------------------------------------------------------------
 
-def native_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent) -> None:
-    """csrc/logprobs.cpp forward on contiguous logits (R, V); outputs (R,) in the compute dtype, written in place."""
+def native_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr=None) -> None:
+    """csrc/logprobs.cpp forward on contiguous logits (R, V); outputs (R,) in the compute dtype, written in place.
+    `thr` (R,) in the compute dtype, or None: the support threshold (z < thr is cut, except the label)."""
     n, v = logits.shape
     cd = _compute_dtype(logits)
     _native.call("token_logprobs_fwd_cpu", arg("logits", logits, code=True),
-                 arg("labels", labels, torch.int64), n, v, float(inv_temp), int(ignore_index), arg("logp", logp, cd),
-                 arg("lse", lse, cd), arg("ent", ent, cd))
+                 arg("labels", labels, torch.int64), n, v, float(inv_temp), int(ignore_index), _thr_arg(thr, cd),
+                 arg("logp", logp, cd), arg("lse", lse, cd), arg("ent", ent, cd))
 
 
-def native_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out) -> None:
+def _thr_arg(thr, cd):
+    return 0 if thr is None else arg("thr", thr, cd)  # 0: a null pointer, no truncation
+
+
+def native_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out, thr=None) -> None:
     """csrc/logprobs.cpp backward: writes dlogits into `out` (R, V), which may be `logits` itself."""
     n, v = logits.shape
     cd = _compute_dtype(logits)
     _native.call("token_logprobs_bwd_cpu", arg("logits", logits, code=True),
-                 arg("labels", labels, torch.int64), n, v, float(inv_temp), int(ignore_index), arg("lse", lse, cd),
+                 arg("labels", labels, torch.int64), n, v, float(inv_temp), int(ignore_index), _thr_arg(thr, cd),
+                 arg("lse", lse, cd),
                  arg("ent", ent, cd), arg("dlogp", dlogp, cd), arg("dent", dent, cd),
                  arg("dlogits", out, logits.dtype))
 
 
-def torch_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent) -> None:
+def _cut(z, labels, thr):
+    """z (R, V) with -inf where z < thr (R,) except at each row's label (the truncated support); z if thr is None."""
+    if thr is None:
+        return z
+    cols = torch.arange(z.shape[-1], device=z.device)
+    cut = (z < thr.to(z.dtype).unsqueeze(-1)) & (cols != labels.unsqueeze(-1))  # (R, V)
+    return z.masked_fill(cut, float("-inf"))
+
+
+def torch_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr=None) -> None:
     """PyTorch version of `native_rows_fwd` (materialises chunk-sized temporaries)."""
-    z = logits.to(logp.dtype) * inv_temp  # (R, V)
+    z = _cut(logits.to(logp.dtype) * inv_temp, labels, thr)  # (R, V)
     valid = labels != ignore_index
     m = z.amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).min)  # finite even for all -inf rows
     e = (z - m).exp()
@@ -61,9 +76,9 @@ def torch_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent) -> No
     ent.copy_(torch.where(valid, row_lse - ez / s, zero))
 
 
-def torch_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out) -> None:
-    """PyTorch version of `native_rows_bwd` (see kernels/logprobs.py for the derivation)."""
-    z = logits.to(lse.dtype) * inv_temp  # (R, V)
+def torch_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out, thr=None) -> None:
+    """PyTorch version of `native_rows_bwd` (see triton-kernels/logprobs.py for the derivation)."""
+    z = _cut(logits.to(lse.dtype) * inv_temp, labels, thr)  # (R, V)
     valid = labels != ignore_index
     p = (z - lse.unsqueeze(-1)).exp()
     mean_z = (lse - ent).unsqueeze(-1)  # E_p[z] = lse - H
@@ -117,20 +132,26 @@ def iter_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, use_native):
+    def forward(ctx, hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, use_native, thr, select):
         # hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64
-        rows_fwd = native_rows_fwd if use_native else torch_rows_fwd
+        # thr (N,) | None: replayed support thresholds; select: logits (R, V) -> thr (R,) (recomputed), or None
+        rows_fwd, _ = row_kernels(use_native)
         n, vocab, cd = hidden.shape[0], weight.shape[0], _compute_dtype(hidden)
         idx = (labels != ignore_index).nonzero().squeeze(1)  # (M,) valid rows
         y = labels.index_select(0, idx)  # (M,)
         h = hidden.index_select(0, idx)  # (M, H)
         m = idx.numel()
         logp_v, lse_v, ent_v = (torch.empty(m, dtype=cd, device=hidden.device) for _ in range(3))
+        thr_v = thr.index_select(0, idx).to(cd) if thr is not None else None  # (M,)
+        thr_v = torch.empty_like(logp_v) if select is not None and thr_v is None else thr_v
         chunk_rows = chunk_rows_for(chunk_size, m, vocab)
         for start, rows, _, logits in iter_chunks(h, weight, bias, chunk_rows):
             sl = slice(start, start + rows)
-            rows_fwd(logits, y[sl], inv_temp, ignore_index, logp_v[sl], lse_v[sl], ent_v[sl])
-        ctx.save_for_backward(hidden, weight, bias, idx, y, lse_v, ent_v)
+            if select is not None and thr is None:
+                thr_v[sl] = select(logits)
+            rows_fwd(logits, y[sl], inv_temp, ignore_index, logp_v[sl], lse_v[sl], ent_v[sl],
+                     None if thr_v is None else thr_v[sl])
+        ctx.save_for_backward(hidden, weight, bias, idx, y, lse_v, ent_v, thr_v)
         ctx.cfg = (inv_temp, ignore_index, chunk_rows, use_native)
         logp = torch.zeros(n, dtype=cd, device=hidden.device).index_copy_(0, idx, logp_v)
         ent = torch.zeros(n, dtype=cd, device=hidden.device).index_copy_(0, idx, ent_v)
@@ -138,9 +159,9 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dlogp, dent):
-        hidden, weight, bias, idx, y, lse_v, ent_v = ctx.saved_tensors
+        hidden, weight, bias, idx, y, lse_v, ent_v, thr_v = ctx.saved_tensors
         inv_temp, ignore_index, chunk_rows, use_native = ctx.cfg
-        rows_bwd = native_rows_bwd if use_native else torch_rows_bwd
+        _, rows_bwd = row_kernels(use_native)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         cd = lse_v.dtype
         dlogp_v = (torch.zeros_like(lse_v) if dlogp is None else dlogp.index_select(0, idx).to(cd)).contiguous()
@@ -151,12 +172,13 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         db = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_b else None
         for start, rows, hc, logits in iter_chunks(h, weight, bias, chunk_rows):
             sl = slice(start, start + rows)
-            rows_bwd(logits, y[sl], lse_v[sl], ent_v[sl], dlogp_v[sl], dent_v[sl], inv_temp, ignore_index, logits)
+            rows_bwd(logits, y[sl], lse_v[sl], ent_v[sl], dlogp_v[sl], dent_v[sl], inv_temp, ignore_index, logits,
+                     None if thr_v is None else thr_v[sl])
             accumulate_grads(logits, hc, weight, dh[sl] if need_h else None, dw, db)
         dhidden = torch.zeros_like(hidden).index_copy_(0, idx, dh) if need_h else None
         dweight = dw.to(weight.dtype) if need_w else None
         dbias = db.to(bias.dtype) if need_b else None
-        return dhidden, dweight, dbias, None, None, None, None, None
+        return dhidden, dweight, dbias, None, None, None, None, None, None, None
 
 
 def accumulate_grads(dlogits, hc, weight, dh_out, dw, db) -> None:
@@ -178,14 +200,30 @@ def accumulate_grads(dlogits, hc, weight, dh_out, dw, db) -> None:
             db.add_(d.sum(0))
 
 
-def linear_logprobs_chunked(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, use_native):
-    """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 -> logp, entropy (N,) (fp32 or fp64)."""
+def linear_logprobs_chunked(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, use_native, thr=None,
+                            select=None):
+    """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 -> logp, entropy (N,) (fp32 or fp64).
+
+    `use_native`: the row kernels (see `row_kernels`). Truncated support: `thr` (N,) replays thresholds, or
+    `select(logits (R, V)) -> thr (R,)` recomputes them from each chunk's logits (kept for the backward pass)."""
     return _ChunkedLinearLogprobs.apply(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size,
-                                        use_native)
+                                        use_native, thr, select)
+
+
+def row_kernels(kind):
+    """(rows_fwd, rows_bwd) of `kind`: "native" (or True; csrc), "triton" (rlhf_fast.kernels.logprobs), "torch"
+    (or False)."""
+    if kind is True or kind == "native":
+        return native_rows_fwd, native_rows_bwd
+    if kind == "triton":
+        from rlhf_fast.kernels.logprobs import logprobs_bwd, logprobs_fwd
+
+        return logprobs_fwd, logprobs_bwd
+    return torch_rows_fwd, torch_rows_bwd
 
 
 class _TritonLinearLogprobs(torch.autograd.Function):
-    """Fused Triton forward (kernels/linear_logprobs.py); backward recomputes dlogits chunk by chunk in Triton and
+    """Fused Triton forward (triton-kernels/linear_logprobs.py); backward recomputes dlogits chunk by chunk in Triton and
     folds them into dhidden / dweight / dbias with matmuls (8THV flops in all)."""
 
     @staticmethod

@@ -20,14 +20,53 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
-                   ignore_index: int = -100, return_entropy: bool = False):
+def support_threshold(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0) -> torch.Tensor:
+    """The support sampled from under top-k / top-p, as a threshold per row on z = logits * (1 / temperature).
+
+    Plain sort + cumsum (the oracle of the kernels' bisection). top-k: thr = the k-th largest z (ties with it kept).
+    top-p, over the tokens top-k kept and p their softmax: thr = the z of the first sorted token at which the
+    cumulative mass reaches top_p (the smallest nucleus reaching top_p, with the crossing token and its ties).
+    logits (..., V) -> (...) in the compute dtype; -inf where nothing is cut (top_k 0 or >= V, top_p 1).
+    """
+    z = logits.to(_compute_dtype(logits)) * (1.0 / temperature)  # (..., V), the kernels' z
+    v = z.shape[-1]
+    zs = z.sort(-1, descending=True).values  # (..., V)
+    thr = torch.full(z.shape[:-1], float("-inf"), dtype=z.dtype, device=z.device)
+    if 0 < top_k < v:
+        thr = zs[..., top_k - 1]
+    if top_p < 1.0:
+        p = zs.masked_fill(zs < thr.unsqueeze(-1), float("-inf")).softmax(-1)  # (..., V) over the top-k kept
+        first = (p.cumsum(-1) < top_p).sum(-1, keepdim=True).clamp_max(v - 1)  # first index with cumsum >= top_p
+        thr = torch.maximum(thr, zs.gather(-1, first).squeeze(-1))
+    return thr
+
+
+_support_threshold = support_threshold  # token_logprobs' argument of that name hides the function
+
+
+def _truncated(vocab: int, top_k: int, top_p: float) -> bool:
+    return 0 < top_k < vocab or top_p < 1.0
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, support_threshold: torch.Tensor | None = None, ignore_index: int = -100,
+                   return_entropy: bool = False):
     """`log softmax(logits / temperature)[label]` and optionally the entropy of that distribution.
 
     logits (..., V) float; labels (...) int. Returns logp (...) [, entropy (...)] in fp32 (fp64 for fp64 logits).
     Rows whose label is `ignore_index` give 0 for both (and receive zero gradient).
+    With top_k > 0 or top_p < 1 (or a given `support_threshold` (...), in z = logits * (1 / temperature) units) the
+    distribution is the truncated one: tokens with z < thr are cut (-inf) except the label, then renormalised.
     """
     z = logits.to(_compute_dtype(logits)) / temperature  # (..., V)
+    if support_threshold is not None or _truncated(logits.shape[-1], top_k, top_p):
+        thr = support_threshold
+        if thr is None:
+            thr = _support_threshold(logits.detach(), temperature=temperature, top_k=top_k, top_p=top_p)
+        zk = logits.detach().to(z.dtype) * (1.0 / temperature)  # the units of thr (the kernels' z)
+        cols = torch.arange(z.shape[-1], device=z.device)
+        z = z.masked_fill((zk < thr.to(z.dtype).unsqueeze(-1)) & (cols != labels.unsqueeze(-1)), float("-inf"))
     logp_all = z.log_softmax(-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
@@ -42,7 +81,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                          bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                          bias: torch.Tensor | None = None, temperature: float = 1.0, top_k: int = 0,
+                          top_p: float = 1.0, support_threshold: torch.Tensor | None = None, ignore_index: int = -100,
                           return_entropy: bool = False):
     """`token_logprobs(hidden @ weight.T + bias, labels)`, materialising the full logits (the naive path).
 
@@ -51,13 +91,15 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     logits = hidden @ weight.t()  # (..., V)
     if bias is not None:
         logits = logits + bias
-    return token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+    return token_logprobs(logits, labels, temperature=temperature, top_k=top_k, top_p=top_p,
+                          support_threshold=support_threshold, ignore_index=ignore_index,
                           return_entropy=return_entropy)
 
 
 def ppo_loss_from_hidden(hidden, weight, labels, old_logp, advantages, mask, *, bias=None,
                          clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean", kl: KLTerm | None = None,
-                         entropy_coef=0.0, temperature=1.0, is_weights=None):
+                         entropy_coef=0.0, temperature=1.0, is_weights=None, top_k=0, top_p=1.0,
+                         support_threshold=None):
     """The fused PPO step as a composition: logits -> token_logprobs -> ppo_policy_loss + kl.coef * agg(kl_penalty)
     - entropy_coef * agg(entropy). hidden (batch, T, H), weight (V, H), advantages (batch, T) or (batch,), the rest
     (batch, T). Returns (loss, dict of stats). Defined with the KL/loss references of the next section."""
@@ -71,7 +113,8 @@ def ppo_loss_from_hidden(hidden, weight, labels, old_logp, advantages, mask, *, 
             finite = finite & torch.isfinite(t)
     valid = mask.bool() & finite
     labels = torch.where(valid, labels, torch.full_like(labels, -100))
-    logp, ent = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True)
+    logp, ent = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, support_threshold=support_threshold, return_entropy=True)
     pg, stats = ppo_policy_loss(logp, old_logp, advantages, valid, clip=clip, agg=agg, is_weights=is_weights)
     kl_val = torch.zeros_like(pg)
     if kl is not None:
