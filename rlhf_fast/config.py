@@ -222,6 +222,30 @@ class KLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutCorrectionConfig:
+    """`ppo.rollout_correction`: corrects the update for rollout log-probs that differ from the trainer's (bf16 or
+    mixed precision, non-deterministic kernels); it needs `old_logp: recompute` (or `check`), since with the rollout's
+    own log-probs reused as old_logp the two sides are one. `rlhf_fast.ops.RolloutCorrection` has the formulas."""
+
+    mode: str = "none"  # none (statistics only) | tis | mis | icepop | geo_mask
+    level: str = ""  # token | sequence; "": token (geo_mask: sequence)
+    cap: float = 2.0  # tis: weights truncated at cap
+    lo: float = 0.0  # mis / icepop / geo_mask: lower bound of the kept ratios (0: none); tis: optional floor
+    hi: float = 0.0  # mis / icepop / geo_mask: upper bound (0: none)
+
+    def __post_init__(self):
+        try:
+            self.op()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e).replace("RolloutCorrection.", "")) from None
+
+    def op(self):
+        from rlhf_fast.ops import RolloutCorrection
+
+        return RolloutCorrection(self.mode, self.level or None, self.cap, self.lo or None, self.hi or None)
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How PPO samples its rollouts: `SamplingParams`' fields (and checks); the seed and stop tokens come from the
     run (`seed`, the iteration, the tokenizer's EOS)."""
@@ -295,6 +319,7 @@ class PPOConfig:
     loss_agg: str = ""  # policy-loss aggregation ("": the algorithm's default; see stages.algorithms.LOSS_AGGS)
     reward_fn: str = ""  # "module:function" (prompts, completions) -> floats: replaces, or adds to, the RM score
     parallel: ParallelConfig = ParallelConfig()  # torchrun: micro-batches, sharding of frozen models
+    rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig()  # rollout vs trainer log-probs
 
     def __post_init__(self):
         from rlhf_fast.stages import algorithms
@@ -307,6 +332,9 @@ class PPOConfig:
         _check(not self.reward_fn or ":" in self.reward_fn, "reward_fn", "must look like 'module:function'")
         _check(self.train_model in ("ours", "hf"), "train_model", "must be ours or hf")
         _check(self.old_logp in ("reuse", "recompute", "check"), "old_logp", "must be reuse, recompute or check")
+        _check(self.rollout_correction.mode == "none" or self.old_logp != "reuse", "rollout_correction.mode",
+               "needs old_logp=recompute (with old_logp=reuse the rollout's log-probs are old_logp: nothing to "
+               "correct)")
         _check_data_options(self)
         for k in ("iterations", "prompts_per_iter", "ppo_epochs", "minibatch_size", "max_len", "ptx_max_len",
                   "keep_checkpoints"):

@@ -90,3 +90,36 @@ def test_cut_distribution_is_what_the_trainer_uses(task, models):
 def test_support_option_is_checked():
     with pytest.raises(ConfigError, match="support"):
         SamplingConfig(support="sometimes")
+
+
+def test_rollout_correction_in_the_ppo_update(task, models):
+    """ppo.rollout_correction: with old_logp recomputed, the rollout's log-probs ride along; the iteration logs the
+    rollout-vs-trainer figures, and the fused step weights / drops tokens by the correction."""
+    from rlhf_fast.config import RolloutCorrectionConfig
+
+    root, tok, paths = task
+    prompts = [tok(r["prompt"])["input_ids"] for r in rows(paths["ppo_prompts"])[:8]]
+    corr = RolloutCorrectionConfig(mode="mis", lo=0.9, hi=1.1)
+    trainer = _trainer(models, tok, old_logp="recompute", rollout_correction=corr)
+    exp, metrics = trainer.collect(prompts, 0)
+    m = exp.rollout.mask
+    assert exp.rollout_logp is not None and exp.rollout_logp.shape == m.shape
+    assert metrics["rollout_max_abs_dlogp"] <= 2e-5 and metrics["rollout_outside_1pct"] == 0.0
+    assert metrics["rollout_masked_frac"] == 0.0 and abs(metrics["rollout_k3_kl"]) <= 1e-9
+    with torch.no_grad():
+        _, base = trainer.minibatch_loss(exp, [])
+        # the rollout's log-probs of the first row's tokens off by 0.5 nats: "mis" drops exactly those tokens
+        bad = exp._replace(rollout_logp=exp.rollout_logp + 0.5 * (torch.arange(m.shape[0]) == 0).float()[:, None])
+        _, dropped = trainer.minibatch_loss(bad, [])
+        plain = _trainer(models, tok, old_logp="recompute")
+        _, none = plain.minibatch_loss(bad, [])
+    assert dropped["pg_loss"] != none["pg_loss"] and abs(base["pg_loss"] - none["pg_loss"]) <= 1e-6
+
+
+def test_rollout_correction_needs_a_recomputed_old_logp():
+    from rlhf_fast.config import RolloutCorrectionConfig
+
+    with pytest.raises(ConfigError, match="rollout_correction.mode.*old_logp"):
+        PPOConfig(rollout_correction=RolloutCorrectionConfig(mode="tis"))
+    with pytest.raises(ConfigError, match="cap"):
+        RolloutCorrectionConfig(mode="tis", cap=0.5)

@@ -108,12 +108,13 @@ class Experience(NamedTuple):
     returns: torch.Tensor  # (N, R)
     kl: torch.Tensor  # (N,) per-sequence sum of log pi - log pi_ref (k1)
     train: torch.Tensor  # (N,) bool: rows the update trains on (DAPO drops those of zero-std groups)
+    rollout_logp: torch.Tensor | None = None  # (N, R) the generator's log-probs when old_logp is recomputed
 
     def select(self, idx: torch.Tensor) -> "Experience":
         ro = self.rollout.select(idx)
         idx = idx.to(ro.lengths.device)
         r = ro.mask.shape[1]
-        return Experience(ro, *(x[idx, :r] if x.dim() == 2 else x[idx] for x in self[1:]))
+        return Experience(ro, *(None if x is None else x[idx, :r] if x.dim() == 2 else x[idx] for x in self[1:]))
 
 
 @torch.no_grad()

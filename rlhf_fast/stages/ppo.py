@@ -127,9 +127,12 @@ class PPOTrainer:
             answers = [self.tokenizer.decode(x.token_ids, skip_special_tokens=True) for x in comps]
             scores = scores + rfn.score(self.reward_fn, c.reward_fn, [texts[x.prompt_index] for x in comps],
                                         answers).to(scores.device)
-        ro, (old_logp, ref_logp, old_values, scores) = xp.gather_scored(  # the global batch on every rank
-            prompts, comps, ro, (old_logp, ref_logp, old_values, scores), self.pad_id)
+        roll = pp.rollout_logprobs(comps, ro) if c.old_logp != "reuse" else None  # the generator's, beside old_logp
+        ro, (old_logp, ref_logp, old_values, roll, scores) = xp.gather_scored(  # the global batch on every rank
+            prompts, comps, ro, (old_logp, ref_logp, old_values, roll, scores), self.pad_id)
         checks = {k: distributed.all_max(v) for k, v in checks.items()}
+        if roll is not None:  # rollout vs trainer, over the global batch (the same on every rank)
+            checks.update(rollout_stats(old_logp, roll, ro.mask, c.rollout_correction.op()))
         t2 = time.perf_counter()
         kl_coef = self.kl_ctl.value if c.kl.placement == "reward" else 0.0
         if self.algo.critic:
@@ -141,6 +144,7 @@ class PPOTrainer:
                                                           gamma=c.gamma)
             kl = ((old_logp - ref_logp) * ro.mask).sum(1)
             exp = xp.Experience(ro, old_logp, ref_logp, old_values, scores, adv, adv, kl, keep)
+        exp = exp._replace(rollout_logp=roll)
         t3 = time.perf_counter()
         return exp, {"time_generate": t1 - t0, "time_score": t2 - t1, "time_advantages": t3 - t2,
                      "generated_tokens": float(ro.mask.sum()), **checks}
@@ -181,10 +185,18 @@ class PPOTrainer:
             clip=ops.PPOClip(low=c.clip, high=c.clip_high or self.algo.clip_high),
             agg=_policy_agg(c.loss_agg or self.algo.loss_agg, ro.mask.shape[0], c.sampling.max_new_tokens, glob),
             kl=ops.KLTerm(mb.ref_logp, kl_coef, c.kl.kind) if kl_coef > 0 else None,
-            entropy_coef=c.entropy_coef, **xp.logprob_kwargs(c.sampling, ro))
+            entropy_coef=c.entropy_coef, **xp.logprob_kwargs(c.sampling, ro), **self.correction(mb))
         pg, entropy, clip_frac, approx_kl = st.policy_loss, st.entropy, st.clip_frac, st.approx_kl
         return loss, {"pg_loss": float(pg.detach()), "entropy": float(entropy.detach()),
                       "clip_frac": float(clip_frac), "approx_kl": float(approx_kl)}
+
+    def correction(self, mb: xp.Experience) -> dict:
+        """The fused step's rollout-correction arguments (`ppo.rollout_correction`; none unless old_logp is
+        recomputed and a mode is set)."""
+        corr = self.cfg.rollout_correction
+        if mb.rollout_logp is None or corr.mode == "none":
+            return {}
+        return {"rollout_logp": mb.rollout_logp, "rollout_correction": corr.op()}
 
     def minibatch_step(self, exp: xp.Experience, idx: torch.Tensor, ptx_ids: list[list[int]]):
         """This rank's part of global minibatch `idx` (and of `ptx_ids`) through `minibatch_loss`, micro-batched
@@ -416,3 +428,13 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
                          out / "ppo_curves.png", "PPO")
     run.finish({final / "policy": exported, **({value_dir: value} if value is not None else {})}, dtype=dtype)
     return PPOResult(final / "policy", value_dir, run.step, run.skipped, run.elapsed())
+
+
+def rollout_stats(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, correction) -> dict:
+    """Per-iteration rollout-vs-trainer figures (`ops.rollout_correction`): the k3 KL, the max |dlogp|, the fractions
+    of tokens whose ratio leaves [0.9, 1.1] and [0.99, 1.01], and what `correction` takes out of the gradient."""
+    _, _, st = ops.rollout_correction(old_logp, rollout_logp, mask, correction)
+    return {"rollout_k3_kl": float(st.k3_kl), "rollout_max_abs_dlogp": float(st.max_abs_dlogp),
+            "rollout_outside_10pct": float(st.outside_10pct), "rollout_outside_1pct": float(st.outside_1pct),
+            "rollout_masked_frac": float(st.masked_frac)}
+
