@@ -15,6 +15,7 @@ Environment: `RLHF_FAST_PEERS_NEWEST=0` skips the index lookup (the supported re
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -50,6 +51,7 @@ DEPS = {
                  "hjson==3.1.0", "einops==0.8.2", "psutil==7.2.2", "msgpack==1.2.4"),
 }
 _PIP = (sys.executable, "-m", "pip", "--disable-pip-version-check")
+_ASK = ("--timeout", "15", "--retries", "1")  # an index lookup: fail fast when offline
 _loaded: dict[str, str] = {}  # peer -> the version whose folder is on sys.path
 
 
@@ -61,7 +63,8 @@ def supported(name: str) -> tuple[str, ...]:
 def _query_index(name: str) -> str:
     """The newest release of `name` the package index serves (pre-releases excluded); raises RuntimeError."""
     try:
-        proc = subprocess.run([*_PIP, "index", "versions", name], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([*_PIP, "index", "versions", *_ASK, name], capture_output=True, text=True,
+                              timeout=120)
         found = re.search(rf"^{re.escape(name)} \(([^)]+)\)", proc.stdout, re.MULTILINE | re.IGNORECASE)
         if proc.returncode == 0 and found:
             return found.group(1)
@@ -70,7 +73,7 @@ def _query_index(name: str) -> str:
         why = "pip index versions: no answer in 120 s"
     with tempfile.TemporaryDirectory() as tmp:  # `pip index` is experimental: download the newest file instead
         try:
-            proc = subprocess.run([*_PIP, "download", "--quiet", "--no-deps", "--dest", tmp, name],
+            proc = subprocess.run([*_PIP, "download", *_ASK, "--quiet", "--no-deps", "--dest", tmp, name],
                                   capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{why}; pip download: no answer in 300 s") from None
@@ -83,15 +86,25 @@ def _query_index(name: str) -> str:
         raise RuntimeError(f"{why}; pip download: {proc.stderr.strip()[-300:]}")
 
 
-@functools.cache
-def newest(name: str) -> tuple[str | None, str]:
-    """(newest release on the index or None, why None)."""
-    if os.environ.get("RLHF_FAST_PEERS_NEWEST", "1") == "0":
-        return None, "RLHF_FAST_PEERS_NEWEST=0"
+def _newest_or_why(name: str) -> tuple[str | None, str]:
     try:
         return _query_index(name), ""
     except Exception as err:  # no index here (offline): the supported releases only
         return None, f"the package index did not answer ({err})"
+
+
+@functools.cache
+def newest(name: str) -> tuple[str | None, str]:
+    """(newest release on the index or None, why None). The first call asks about every peer at once."""
+    if os.environ.get("RLHF_FAST_PEERS_NEWEST", "1") == "0":
+        return None, "RLHF_FAST_PEERS_NEWEST=0"
+    return _all_newest().get(name) or _newest_or_why(name)
+
+
+@functools.cache
+def _all_newest() -> dict[str, tuple[str | None, str]]:
+    with concurrent.futures.ThreadPoolExecutor(len(DEPS)) as pool:
+        return dict(zip(DEPS, pool.map(_newest_or_why, DEPS)))
 
 
 def _extra(name: str) -> list[str]:
@@ -234,11 +247,12 @@ def load_openrlhf_loss(version: str | None = None):
 
 
 def assert_declared(plugin_module, name: str) -> None:
-    """The release under test is one the plug-in declares; if not (the newest on the index, untested so far), the
-    failure says what to do."""
+    """The release under test is one the plug-in declares; if not (the newest on the index, untested so far, or one
+    of RLHF_FAST_PEERS_EXTRA), the failure says what to do."""
     version = plugin_module._versions.installed_version(name)
     assert version in plugin_module.SUPPORTED_VERSIONS, (
-        f"{name} {version} (the newest release the package index serves) is tested here but is not in "
+        f"{name} {version} (the newest release the package index serves, or RLHF_FAST_PEERS_EXTRA's) is tested "
+        f"here with {plugin_module._versions.ALLOW_ENV}=1 but is not in "
         f"{plugin_module.__name__}.SUPPORTED_VERSIONS {plugin_module.SUPPORTED_VERSIONS}: if the other "
         f"[{name}{version}] tests pass, add it there and to the README's table; if not, the plug-in needs work")
 

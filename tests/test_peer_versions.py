@@ -12,6 +12,11 @@ def _ids(params):
     return [(p.id, p.values[0], [m.kwargs.get("reason", "") for m in p.marks]) for p in params]
 
 
+def _clear():
+    _peers.newest.cache_clear()
+    _peers._all_newest.cache_clear()
+
+
 @pytest.fixture
 def index(monkeypatch):
     """Set the answer of the index lookup: a version, or an exception."""
@@ -25,9 +30,9 @@ def index(monkeypatch):
     monkeypatch.setattr(_peers, "_query_index", query)
     monkeypatch.delenv("RLHF_FAST_PEERS_EXTRA", raising=False)
     monkeypatch.delenv("RLHF_FAST_PEERS_NEWEST", raising=False)
-    _peers.newest.cache_clear()
+    _clear()
     yield answer
-    _peers.newest.cache_clear()
+    _clear()
 
 
 @pytest.mark.parametrize("name", ["trl", "verl", "openrlhf"])
@@ -52,7 +57,7 @@ def test_no_index_falls_back_to_the_supported_with_a_skip_reason(index, monkeypa
     assert newest[:2] == ("trl-newest", None)
     assert "newest trl release unknown" in newest[2][0] and "no such host" in newest[2][0]
     assert "tested the supported 1.16.0 only" in newest[2][0]
-    _peers.newest.cache_clear()
+    _clear()
     monkeypatch.setenv("RLHF_FAST_PEERS_NEWEST", "0")
     assert "RLHF_FAST_PEERS_NEWEST=0" in _ids(_peers.versions("trl"))[1][2][0]
 
