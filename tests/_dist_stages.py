@@ -38,6 +38,30 @@ def configs(root: Path):
     return sft, rm, ppo
 
 
+def rm_first_step(cfg: RMConfig, dtype: torch.dtype) -> tuple[float, dict[str, torch.Tensor]]:
+    """(loss, full gradient) of `train_rm(cfg)`'s first step in `dtype`: the same initial model and first batch
+    through the stage's own step (`rm.step_loss`: sharded, padding-free, micro-batched), before any optimiser step."""
+    from torch.distributed.tensor import DTensor
+
+    from rlhf_fast.data import epoch_batches, load_rm
+    from rlhf_fast.heads import ScalarHeadModel
+    from rlhf_fast.models.loading import load_tokenizer
+    from rlhf_fast.stages.rm import step_loss
+
+    tok = load_tokenizer(cfg.model)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = dist.shard(ScalarHeadModel.from_pretrained(cfg.model, new_head=True).to(dtype).train())
+    train = load_rm(cfg.train_data, tok, cfg.max_len)
+    first = epoch_batches([sum(len(c) for c in e.completions) for e in train], cfg.batch_size, seed=cfg.seed,
+                          epoch=0)[0]
+    loss, _ = step_loss(model, [train[i] for i in first], tok.pad_token_id, cfg, shared=True)
+    if loss.requires_grad:  # one process, one micro-batch: not yet backpropagated
+        loss.backward()
+    grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in model.named_parameters()}
+    return dist.all_sum(float(loss.detach())), grads
+
+
 def prepare(root: Path) -> None:
     from rlhf_fast.default_task import build_tokenizer, write_task_data
 
@@ -53,6 +77,10 @@ def run_world(root: Path) -> None:
     train_sft(sft, root / f"sft{w}", plots=False)
     train_sft(sft, root / f"sft{w}s", stop_after=2, plots=False)  # left stopped, for the other world to resume
     train_rm(rm, root / f"rm{w}", plots=False)
+    grads = {f"{dtype}/{micro}": rm_first_step(dataclasses.replace(rm, parallel=ParallelConfig(micro)), dtype)
+             for dtype in (torch.float32, torch.float64) for micro in (0, 2)}  # micro-batches: 1 | 3 at N = 1, 1 | 2
+    if dist.is_main():
+        torch.save(grads, root / f"rm_grad{w}.pt")
     train_ppo(ppo, root / f"ppo{w}", plots=False)
     grpo = dataclasses.replace(ppo, algorithm="grpo", loss_agg="seq-mean-token-mean")  # critic-free, a seq-* mode
     train_ppo(grpo, root / f"grpo{w}", plots=False)

@@ -183,6 +183,22 @@ def test_rm_two_ranks_match_one(worlds):
     same_run(root / "rm1", root / "rm2", ("",), keys=("loss", "grad_norm", "train_accuracy", "eval_accuracy"))
 
 
+@pytest.mark.parametrize("micro", [0, 2])
+@pytest.mark.parametrize("dtype,tol", [("torch.float32", 1e-5), ("torch.float64", 1e-12)])
+def test_rm_first_step_gradient_two_ranks_match_one(worlds, dtype, tol, micro):
+    """The sharded padding-free RM step (global pair weights, micro-batches, ties) is the one-process gradient:
+    to rounding in fp32 and to ~1e-15 in float64, where a per-rank or per-micro-batch pair count or a lost pair
+    would still show at ~1e-1. The head's bias alone has gradient 0 (the BT loss sees score differences): only
+    rounding is left of it, which Adam turns into +-lr steps (why the whole-run comparisons leave it out)."""
+    root = worlds[2] / "stages"
+    (l1, g1), (l2, g2) = (torch.load(root / f"rm_grad{w}.pt")[f"{dtype}/{micro}"] for w in (1, 2))
+    assert close(l1, l2, 1e-6)  # the loss is fp32 in both dtypes (scores leave the head as fp32)
+    scale = max(float(g.abs().max()) for g in g1.values())
+    assert float(g1["head.bias"].abs()) < 1e-5 * scale and float(g2["head.bias"].abs()) < 1e-5 * scale
+    g1, g2 = ({k: v for k, v in g.items() if k != "head.bias"} for g in (g1, g2))
+    assert max_rel(g2, g1) < tol, max_rel(g2, g1)
+
+
 def test_ppo_two_ranks_match_one(worlds):
     root = worlds[2] / "stages"
     keys = ("score", "kl", "kl_coef", "pg_loss", "vf_loss", "vf_explained_var", "entropy", "clip_frac", "approx_kl",

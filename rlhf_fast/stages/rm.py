@@ -116,6 +116,28 @@ def pairwise_accuracy(model: ScalarHeadModel, examples: list[RankedExample], pad
     return right / max(total, 1)
 
 
+def step_loss(model: ScalarHeadModel, examples: list[RankedExample], pad_id: int, cfg: RMConfig, *,
+              shared: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """One training step's Bradley-Terry loss on the global batch `examples`: this rank's prompts (each with all
+    its pairs) in micro-batches, every pair weighted by the global batch's prompt count, so the gradients summed
+    over ranks are the one-process gradient (`distributed.accumulate`: already backpropagated unless one process
+    runs one micro-batch). Returns (loss, {"train_accuracy": over the global batch's pairs})."""
+    with_pairs = sum(1 for e in examples if len(set(e.ranks)) > 1)  # of the global batch
+    right = []
+
+    def loss_of(items, real):  # a rank's prompts keep all their pairs
+        batch = ranked_batch(items, pad_id, with_pairs, shared=shared)
+        with precision.autocast(cfg.mixed_precision, model.head.weight.device):
+            loss, margin = bradley_terry_loss(score(model, batch), batch)
+        if real:
+            right.append(((margin > 0).sum().item(), margin.numel()))
+        return loss
+
+    loss = distributed.accumulate(examples, loss_of, cfg.parallel.micro_batch_size)
+    hits, pairs = distributed.all_sum([sum(r for r, _ in right), sum(n for _, n in right)])
+    return loss, {"train_accuracy": float(torch.tensor(float(hits)) / max(pairs, 1))}
+
+
 @exclusive
 def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = None,
               plots: bool = True) -> RMResult:
@@ -165,21 +187,7 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
     def one_step(step: int):
         epoch, pos = divmod(step, per_epoch)
         batch_idx = epoch_batches(sizes, cfg.batch_size, seed=cfg.seed, epoch=epoch)
-        examples = [train[i] for i in batch_idx[pos]]
-        with_pairs = sum(1 for e in examples if len(set(e.ranks)) > 1)  # of the global batch
-        right = []
-
-        def loss_of(items, real):  # a rank's prompts keep all their pairs
-            batch = ranked_batch(items, pad_id, with_pairs, shared=shared)
-            with precision.autocast(cfg.mixed_precision, model.head.weight.device):
-                loss, margin = bradley_terry_loss(score(model, batch), batch)
-            if real:
-                right.append(((margin > 0).sum().item(), margin.numel()))
-            return loss
-
-        loss = distributed.accumulate(examples, loss_of, cfg.parallel.micro_batch_size)
-        hits, pairs = distributed.all_sum([sum(r for r, _ in right), sum(n for _, n in right)])
-        return loss, {"train_accuracy": float(torch.tensor(float(hits)) / max(pairs, 1))}
+        return step_loss(model, [train[i] for i in batch_idx[pos]], pad_id, cfg, shared=shared)
 
     evaluate = ((lambda: {"eval_accuracy": pairwise_accuracy(model, evals, pad_id, cfg.batch_size, shared=shared)})
                 if evals else None)
