@@ -60,7 +60,7 @@ def sample(logits: torch.Tensor, temperature: float, generators: list[torch.Gene
     cdf = weights.cumsum_(dim=-1)  # (B, V); cdf[:, -1] is the normaliser
     u = (u * cdf[:, -1])[:, None]  # (B, 1), scaled into [0, total)
     # first index with cdf > u: token i has cdf[i] > u >= cdf[i - 1], so w_i > 0 (dropped tokens, w = 0, never win)
-    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(v - 1)
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(scaled.shape[-1] - 1)
 
 
 def _sample_rows_native(scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
