@@ -291,3 +291,15 @@ def test_deterministic_bitwise_with_odd_widths(kind):
     for o, b, p in zip(outs, batch, ps):
         assert torch.equal(o.logprobs, b)
         assert torch.equal(o.logprobs, eng.teacher_forced_logprobs([p], [o])[0])
+
+
+def test_torch_sampling_path_matches_native(monkeypatch):
+    """The sampler's PyTorch path (CUDA, or a build without `_C`) draws the same tokens as the native one."""
+    from rlhf_fast.rollout import sampling
+
+    logits = torch.randn(5, 37) * 2
+    thr = ops.support_threshold(logits, temperature=0.8, top_k=7, top_p=0.9)
+    native = sampling.sample(logits, 0.8, [torch.Generator().manual_seed(i) for i in range(5)], thr)
+    monkeypatch.setattr(sampling._native, "has", lambda name: False)
+    plain = sampling.sample(logits, 0.8, [torch.Generator().manual_seed(i) for i in range(5)], thr)
+    assert torch.equal(native, plain)
