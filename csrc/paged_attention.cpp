@@ -26,11 +26,13 @@ namespace {
 struct Shape {
   std::int64_t rows;
   int heads, kv_heads, head_dim, block_size, max_blocks;
+  int window;  // sliding window (0 = none)
 };
 
 void check_shape(const Shape& s) {
-  if (s.rows < 0 || s.heads < 1 || s.kv_heads < 1 || s.head_dim < 1 || s.block_size < 1 || s.max_blocks < 1) {
-    throw std::invalid_argument("paged_attention: sizes must be positive (rows >= 0)");
+  if (s.rows < 0 || s.heads < 1 || s.kv_heads < 1 || s.head_dim < 1 || s.block_size < 1 || s.max_blocks < 1 ||
+      s.window < 0) {
+    throw std::invalid_argument("paged_attention: sizes must be positive (rows >= 0, sliding_window >= 0)");
   }
   if (s.heads % s.kv_heads != 0) {
     throw std::invalid_argument("paged_attention: heads (" + std::to_string(s.heads) + ") must be a multiple of "
@@ -38,7 +40,8 @@ void check_shape(const Shape& s) {
   }
 }
 
-// Every context length in [1, max_blocks * block_size] and every block it reads in [0, num_blocks).
+// Every context length in [1, max_blocks * block_size] and every block it reads in [0, num_blocks) (with a sliding
+// window, the blocks before the window are not read: their entries may be stale, e.g. freed).
 void check_tables(const Shape& s, const std::int32_t* tables, const std::int32_t* lens, std::int64_t num_blocks) {
   for (std::int64_t r = 0; r < s.rows; ++r) {
     const std::int64_t n = lens[r];
@@ -46,7 +49,8 @@ void check_tables(const Shape& s, const std::int32_t* tables, const std::int32_t
       throw std::invalid_argument("paged_attention: context_lens[" + std::to_string(r) + "] = " + std::to_string(n) +
                                   " outside [1, max_blocks * block_size]");
     }
-    for (std::int64_t b = 0; b < (n + s.block_size - 1) / s.block_size; ++b) {
+    const std::int64_t first = paged::first_key(static_cast<int>(n), s.window) / s.block_size;
+    for (std::int64_t b = first; b < (n + s.block_size - 1) / s.block_size; ++b) {
       const std::int32_t id = tables[r * s.max_blocks + b];
       if (id < 0 || id >= num_blocks) {
         throw std::invalid_argument("paged_attention: block_tables[" + std::to_string(r) + ", " + std::to_string(b) +
@@ -67,7 +71,8 @@ constexpr std::int64_t kParallelMinWork = std::int64_t(1) << 16;
 __attribute__((target("avx2,fma"))) void attend_group_avx2(const float* q, const float* k_cache, const float* v_cache,
                                                           const std::int32_t* table, int n, int block_size,
                                                           int kv_heads, int head_dim, int kvh, int group, float scale,
-                                                          float* out, float* scratch) {
+                                                          int lo, float softcap, const float* sinks, float* out,
+                                                          float* scratch) {
   using paged::idx;
   const idx hd = head_dim, bs = block_size, row = static_cast<idx>(kv_heads) * head_dim;
   float* acc = scratch;              // (group, head_dim)
@@ -75,12 +80,13 @@ __attribute__((target("avx2,fma"))) void attend_group_avx2(const float* q, const
   float* m = p + group * bs;         // (group,)
   float* l = m + group;              // (group,)
   for (idx g = 0; g < group; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.0f;
+    m[g] = sinks ? sinks[g] : -INFINITY;  // a sink: exp(sink - m) = 1 in the denominator from the start
+    l[g] = sinks ? 1.0f : 0.0f;
     for (idx d = 0; d < hd; ++d) acc[g * hd + d] = 0.0f;
   }
-  for (int t0 = 0; t0 < n; t0 += block_size) {
-    const idx cnt = n - t0 < block_size ? n - t0 : block_size;
+  for (int t0 = lo; t0 < n;) {
+    const int t1 = (t0 / block_size + 1) * block_size;  // the end of t0's block
+    const idx cnt = (n < t1 ? n : t1) - t0;
     const float* kb = k_cache + paged::token_offset(table, t0, block_size, kv_heads, head_dim, kvh);
     const float* vb = v_cache + paged::token_offset(table, t0, block_size, kv_heads, head_dim, kvh);
     for (idx j = 0; j < cnt; ++j) {
@@ -94,7 +100,7 @@ __attribute__((target("avx2,fma"))) void attend_group_avx2(const float* q, const
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         h = _mm_hadd_ps(h, h);
         h = _mm_hadd_ps(h, h);
-        p[g * bs + j] = _mm_cvtss_f32(h) * scale;
+        p[g * bs + j] = paged::soft_cap(_mm_cvtss_f32(h) * scale, softcap);
       }
     }
     for (idx g = 0; g < group; ++g) {
@@ -123,6 +129,7 @@ __attribute__((target("avx2,fma"))) void attend_group_avx2(const float* q, const
         _mm256_storeu_ps(ag + 24, r3);
       }
     }
+    t0 += static_cast<int>(cnt);
   }
   for (idx g = 0; g < group; ++g) {
     const float inv = 1.0f / l[g];
@@ -140,13 +147,17 @@ bool use_avx2(int, int) { return false; }
 
 template <typename Acc, typename T, typename Load, typename Store>
 void run(const Shape& s, std::uintptr_t out, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
-         const std::int32_t* tables, const std::int32_t* lens, double scale, Load load, Store store,
-         bool avx2 = false) {
+         const std::int32_t* tables, const std::int32_t* lens, double scale, double softcap, const double* sinks,
+         Load load, Store store, bool avx2 = false) {
   (void)avx2;
   const int group = s.heads / s.kv_heads;
   const std::int64_t jobs = s.rows * s.kv_heads;
   std::int64_t work = 0;
-  for (std::int64_t r = 0; r < s.rows; ++r) work += static_cast<std::int64_t>(lens[r]) * s.heads * s.head_dim;
+  for (std::int64_t r = 0; r < s.rows; ++r) {
+    work += static_cast<std::int64_t>(lens[r] - paged::first_key(lens[r], s.window)) * s.heads * s.head_dim;
+  }
+  std::vector<Acc> sink(sinks ? s.heads : 0);  // in the accumulator's type
+  for (std::size_t h = 0; h < sink.size(); ++h) sink[h] = static_cast<Acc>(sinks[h]);
   const bool parallel = jobs > 1 && work >= kParallelMinWork;
   (void)parallel;
 #ifdef RLHF_FAST_WITH_OPENMP
@@ -161,52 +172,58 @@ void run(const Shape& s, std::uintptr_t out, std::uintptr_t q, std::uintptr_t k,
       const std::int64_t r = j / s.kv_heads;
       const int kvh = static_cast<int>(j % s.kv_heads);
       const std::int64_t qoff = (r * s.heads + static_cast<std::int64_t>(kvh) * group) * s.head_dim;
+      const int lo = paged::first_key(lens[r], s.window);
+      const Acc* sg = sinks ? sink.data() + static_cast<std::int64_t>(kvh) * group : nullptr;
 #ifdef RLHF_PA_AVX2
       if constexpr (std::is_same<T, float>::value) {
         if (avx2) {
           attend_group_avx2(ptr<const float>(q) + qoff, ptr<const float>(k), ptr<const float>(v),
                             tables + r * s.max_blocks, lens[r], s.block_size, s.kv_heads, s.head_dim, kvh, group,
-                            static_cast<float>(scale), ptr<float>(out) + qoff, scratch.data());
+                            static_cast<float>(scale), lo, static_cast<float>(softcap),
+                            sg, ptr<float>(out) + qoff, scratch.data());
           continue;
         }
       }
 #endif
       paged::attend_group<Acc>(ptr<const T>(q) + qoff, ptr<const T>(k), ptr<const T>(v),
                                tables + r * s.max_blocks, lens[r], s.block_size, s.kv_heads, s.head_dim, kvh, group,
-                               static_cast<Acc>(scale), ptr<T>(out) + qoff, scratch.data(), load, store);
+                               static_cast<Acc>(scale), lo, static_cast<Acc>(softcap), sg, ptr<T>(out) + qoff,
+                               scratch.data(), load, store);
     }
   }
 }
 
 // out, q: (rows, heads, head_dim); k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim), all of one dtype;
 // block_tables: (rows, max_blocks) int32; context_lens: (rows,) int32. Accumulates in fp32 (fp64 for fp64).
+// window: sliding window (0 = none); softcap: score soft-capping (0 = none); sinks: (heads,) float64 or 0 (none).
 void paged_attention_cpu(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache,
                          std::uintptr_t block_tables, std::uintptr_t context_lens, std::int64_t rows, int heads,
                          int kv_heads, int head_dim, int block_size, int max_blocks, std::int64_t num_blocks,
-                         double scale, int dtype) {
-  const Shape s{rows, heads, kv_heads, head_dim, block_size, max_blocks};
+                         double scale, int dtype, int window, double softcap, std::uintptr_t sinks) {
+  const Shape s{rows, heads, kv_heads, head_dim, block_size, max_blocks, window};
+  const auto* sk = sinks ? ptr<const double>(sinks) : nullptr;
   check_shape(s);
   const auto* tables = ptr<const std::int32_t>(block_tables);
   const auto* lens = ptr<const std::int32_t>(context_lens);
   check_tables(s, tables, lens, num_blocks);
   switch (dtype) {
     case kFloat32:
-      run<float, float>(s, out, q, k_cache, v_cache, tables, lens, scale,
+      run<float, float>(s, out, q, k_cache, v_cache, tables, lens, scale, softcap, sk,
                         [](const float* p, std::int64_t i) { return p[i]; },
                         [](float* p, std::int64_t i, float x) { p[i] = x; }, use_avx2(dtype, head_dim));
       return;
     case kFloat64:
-      run<double, double>(s, out, q, k_cache, v_cache, tables, lens, scale,
+      run<double, double>(s, out, q, k_cache, v_cache, tables, lens, scale, softcap, sk,
                           [](const double* p, std::int64_t i) { return p[i]; },
                           [](double* p, std::int64_t i, double x) { p[i] = x; });
       return;
     case kBFloat16:
-      run<float, std::uint16_t>(s, out, q, k_cache, v_cache, tables, lens, scale,
+      run<float, std::uint16_t>(s, out, q, k_cache, v_cache, tables, lens, scale, softcap, sk,
                                 [](const std::uint16_t* p, std::int64_t i) { return bf16_to_float(p[i]); },
                                 [](std::uint16_t* p, std::int64_t i, float x) { p[i] = float_to_bf16(x); });
       return;
     case kFloat16:
-      run<float, std::uint16_t>(s, out, q, k_cache, v_cache, tables, lens, scale,
+      run<float, std::uint16_t>(s, out, q, k_cache, v_cache, tables, lens, scale, softcap, sk,
                                 [](const std::uint16_t* p, std::int64_t i) { return fp16_to_float(p[i]); },
                                 [](std::uint16_t* p, std::int64_t i, float x) { p[i] = float_to_fp16(x); });
       return;
@@ -237,12 +254,13 @@ void store_kv_cache_cpu(std::uintptr_t k, std::uintptr_t v, std::uintptr_t k_cac
 void paged_attention_cuda_checked(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k_cache,
                                   std::uintptr_t v_cache, std::uintptr_t block_tables, std::uintptr_t context_lens,
                                   std::int64_t rows, int heads, int kv_heads, int head_dim, int block_size,
-                                  int max_blocks, std::int64_t num_blocks, double scale, int dtype,
-                                  std::uintptr_t stream) {
-  check_shape(Shape{rows, heads, kv_heads, head_dim, block_size, max_blocks});
+                                  int max_blocks, std::int64_t num_blocks, double scale, int dtype, int window,
+                                  double softcap, std::uintptr_t sinks, std::uintptr_t stream) {
+  check_shape(Shape{rows, heads, kv_heads, head_dim, block_size, max_blocks, window});
   (void)num_blocks;  // tables live on the device: checked there only by the caller's contract
   paged_attention_cuda(out, q, k_cache, v_cache, block_tables, context_lens, rows, heads, kv_heads, head_dim,
-                       block_size, max_blocks, static_cast<float>(scale), dtype, stream);
+                       block_size, max_blocks, static_cast<float>(scale), dtype, window, static_cast<float>(softcap),
+                       sinks, stream);
 }
 #endif
 
@@ -253,10 +271,11 @@ RLHF_FAST_REGISTER(paged_attention) {
   namespace py = pybind11;
   m.def("paged_attention_cpu", &rlhf_fast::paged_attention_cpu, py::call_guard<py::gil_scoped_release>(),
         "paged-attention decode on CPU (pointers, rows, heads, kv_heads, head_dim, block_size, max_blocks, "
-        "num_blocks, scale, dtype code)",
+        "num_blocks, scale, dtype code, sliding window, softcap, sinks pointer (float64, 0 = none))",
         py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("rows"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
-        py::arg("block_size"), py::arg("max_blocks"), py::arg("num_blocks"), py::arg("scale"), py::arg("dtype"));
+        py::arg("block_size"), py::arg("max_blocks"), py::arg("num_blocks"), py::arg("scale"), py::arg("dtype"),
+        py::arg("window") = 0, py::arg("softcap") = 0.0, py::arg("sinks") = 0);
   m.def("store_kv_cache_cpu", &rlhf_fast::store_kv_cache_cpu, py::call_guard<py::gil_scoped_release>(),
         "copy K/V rows into the paged caches at slot_mapping (pointers, tokens, row bytes, cache slots)",
         py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("tokens"),
@@ -267,6 +286,6 @@ RLHF_FAST_REGISTER(paged_attention) {
         py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
         py::arg("context_lens"), py::arg("rows"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
         py::arg("block_size"), py::arg("max_blocks"), py::arg("num_blocks"), py::arg("scale"), py::arg("dtype"),
-        py::arg("stream"));
+        py::arg("window"), py::arg("softcap"), py::arg("sinks"), py::arg("stream"));
 #endif
 }

@@ -6,7 +6,13 @@
 //   out = sum_t softmax(s)_t v_t, accumulated in one pass over t = 0..n-1 (online softmax):
 //   m' = max(m, s_t);  l' = l * exp(m - m') + exp(s_t - m');  acc' = acc * exp(m - m') + exp(s_t - m') v_t
 // (per key on CUDA; per cache block of keys on CPU, with m' the max over the block and exp8 for the weights).
-// Keys are visited in one fixed order that depends only on n (and block_size), so a row never depends on its batch.
+// Options (all off by default, and then the computation is exactly the plain one):
+//   sliding window W > 0: keys t in [first_key(n, W), n) only, i.e. t > (n - 1) - W, the last W keys (transformers'
+//     sliding_window_overlay); blocks before the window are never read (their table entries may be stale);
+//   softcap c > 0: s_t -> c tanh(s_t / c) before the softmax (Gemma 2);
+//   sinks: one logit per query head in the denominator with no value (GPT-OSS): the state starts at m = sink, l = 1.
+// Keys are visited in one fixed order that depends only on n (and block_size, W), so a row never depends on its
+// batch.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -34,6 +40,15 @@ RLHF_PA_HD std::int64_t token_offset(const std::int32_t* table, int t, int block
 
 RLHF_PA_HD float exp_acc(float x) { return ::expf(x); }
 RLHF_PA_HD double exp_acc(double x) { return ::exp(x); }
+RLHF_PA_HD float tanh_acc(float x) { return ::tanhf(x); }
+RLHF_PA_HD double tanh_acc(double x) { return ::tanh(x); }
+
+// The first key a query at position n - 1 reads: 0 without a window (window <= 0), else max(0, n - window).
+RLHF_PA_HD int first_key(int n, int window) { return window > 0 && n > window ? n - window : 0; }
+
+// Gemma 2's logit soft-capping c tanh(s / c); c <= 0: s unchanged.
+template <typename Acc>
+RLHF_PA_HD Acc soft_cap(Acc s, Acc c) { return c > Acc(0) ? c * tanh_acc(s / c) : s; }
 
 // One online-softmax step for score s: updates the running max m and normaliser l, and returns through `alpha`
 // the factor the accumulator is rescaled by and through `p` the weight of the new value.
@@ -170,7 +185,8 @@ RLHF_PA_HD Acc dot_lanes(const Acc* __restrict__ a, const Acc* __restrict__ b, i
 }
 
 // The whole computation for one (row, kv head) on one thread, a cache block of keys at a time (one rescale of the
-// accumulator per block): `group` query heads (contiguous, head_dim each, at q) against keys 0..n-1. Each key and
+// accumulator per block): `group` query heads (contiguous, head_dim each, at q) against keys lo..n-1 (the first
+// chunk runs from lo to the end of its block); `softcap` > 0 caps the scores; `sinks` (group,) or null. Each key and
 // value row is read once for the whole group; caches in Acc's own type are read in place, others converted per block.
 // Load(ptr, i) -> Acc reads cache/query elements, Store(ptr, i, Acc) writes out.
 // scratch: attend_scratch_size(group, head_dim, block_size) Acc values.
@@ -180,8 +196,8 @@ RLHF_PA_HD std::int64_t attend_scratch_size(int group, int head_dim, int block_s
 
 template <typename Acc, typename T, typename Load, typename Store>
 inline void attend_group(const T* q, const T* k_cache, const T* v_cache, const std::int32_t* table, int n,
-                         int block_size, int kv_heads, int head_dim, int kvh, int group, Acc scale, T* out,
-                         Acc* scratch, Load load, Store store) {
+                         int block_size, int kv_heads, int head_dim, int kvh, int group, Acc scale, int lo,
+                         Acc softcap, const Acc* sinks, T* out, Acc* scratch, Load load, Store store) {
   constexpr bool in_place = std::is_same<T, Acc>::value;
   const idx hd = head_dim, bs = block_size, row = static_cast<idx>(kv_heads) * head_dim;
   Acc* acc = scratch;              // (group, head_dim)
@@ -193,15 +209,16 @@ inline void attend_group(const T* q, const T* k_cache, const T* v_cache, const s
   Acc* l = m + group;              // (group,)
   Acc* alpha = l + group;          // (group,)
   for (idx g = 0; g < group; ++g) {
-    m[g] = -INFINITY;
-    l[g] = Acc(0);
+    m[g] = sinks ? sinks[g] : -INFINITY;  // a sink: exp(sink - m) = 1 in the denominator from the start
+    l[g] = sinks ? Acc(1) : Acc(0);
     for (idx d = 0; d < hd; ++d) {
       acc[g * hd + d] = Acc(0);
       qs[g * hd + d] = load(q, g * hd + d);
     }
   }
-  for (int t0 = 0; t0 < n; t0 += block_size) {
-    const idx cnt = n - t0 < block_size ? n - t0 : block_size;
+  for (int t0 = lo; t0 < n;) {
+    const int t1 = (t0 / block_size + 1) * block_size;  // the end of t0's block
+    const idx cnt = (n < t1 ? n : t1) - t0;
     const std::int64_t off = token_offset(table, t0, block_size, kv_heads, head_dim, kvh);
     const Acc* kb;
     const Acc* vb;
@@ -224,6 +241,11 @@ inline void attend_group(const T* q, const T* k_cache, const T* v_cache, const s
     for (idx j = 0; j < cnt; ++j) {  // scores: each key row once for all heads of the group
       for (idx g = 0; g < group; ++g) p[g * bs + j] = dot_lanes(qs + g * hd, kb + j * stride, hd) * scale;
     }
+    if (softcap > Acc(0)) {
+      for (idx g = 0; g < group; ++g) {
+        for (idx j = 0; j < cnt; ++j) p[g * bs + j] = soft_cap(p[g * bs + j], softcap);
+      }
+    }
     for (idx g = 0; g < group; ++g) {
       Acc* pg = p + g * bs;
       Acc mx = m[g];
@@ -243,6 +265,7 @@ inline void attend_group(const T* q, const T* k_cache, const T* v_cache, const s
         for (idx d = 0; d < hd; ++d) ag[d] += w * vj[d];
       }
     }
+    t0 += static_cast<int>(cnt);
   }
   for (idx g = 0; g < group; ++g) {
     const Acc inv = Acc(1) / l[g];

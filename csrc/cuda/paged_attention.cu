@@ -1,8 +1,10 @@
 // Paged-attention decode on CUDA. Grid (rows, kv_heads, head chunks); each block's warps split a row's keys
 // (warp w takes keys w, w + W, ...), lanes split head_dim, and every key loaded is used by all query heads of the
 // kv head's group (up to kHeadsPerBlock at a time). Each warp keeps an online-softmax state per head
-// (paged_attention_impl.h); the warps' partial states are merged through shared memory at the end. The key order
-// of every reduction depends only on the row's context length: batch-invariant.
+// (paged_attention_impl.h); the warps' partial states are merged through shared memory at the end, where a head's
+// sink (if any) joins the denominator once. With a sliding window the warps split keys first_key(n, W)..n-1 only;
+// soft-capping applies to each score. The key order of every reduction depends only on the row's context length
+// (and the window): batch-invariant.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -42,7 +44,8 @@ template <typename T, int DPL>
 __global__ void paged_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ k_cache,
                                        const T* __restrict__ v_cache, const std::int32_t* __restrict__ block_tables,
                                        const std::int32_t* __restrict__ context_lens, int heads, int kv_heads,
-                                       int head_dim, int block_size, int max_blocks, float scale) {
+                                       int head_dim, int block_size, int max_blocks, float scale, int window,
+                                       float softcap, const float* __restrict__ sinks) {
   extern __shared__ float smem[];  // (kWarps, kHeadsPerBlock, head_dim + 2): acc, m, l of every warp
   const int row = blockIdx.x, kvh = blockIdx.y;
   const int group = heads / kv_heads;
@@ -65,7 +68,7 @@ __global__ void paged_attention_kernel(T* __restrict__ out, const T* __restrict_
       acc[g][i] = 0.f;
     }
   }
-  for (int t = warp; t < n; t += kWarps) {
+  for (int t = paged::first_key(n, window) + warp; t < n; t += kWarps) {
     const std::int64_t off = paged::token_offset(table, t, block_size, kv_heads, head_dim, kvh);
     float kk[DPL], vv[DPL];
 #pragma unroll
@@ -81,6 +84,7 @@ __global__ void paged_attention_kernel(T* __restrict__ out, const T* __restrict_
 #pragma unroll
       for (int i = 0; i < DPL; ++i) s += qv[g][i] * kk[i];
       s = warp_sum(s) * scale;
+      if (softcap > 0.f) s = softcap * tanhf(s / softcap);
       float alpha, p;
       paged::online_step(m[g], l[g], s, alpha, p);
 #pragma unroll
@@ -88,6 +92,7 @@ __global__ void paged_attention_kernel(T* __restrict__ out, const T* __restrict_
     }
   }
   const int stride = head_dim + 2;
+  const int row_head0 = kvh * group + g0;  // the head of g = 0 (sinks are per head)
   for (int g = 0; g < gc; ++g) {
     float* slot = smem + (warp * kHeadsPerBlock + g) * stride;
 #pragma unroll
@@ -103,9 +108,10 @@ __global__ void paged_attention_kernel(T* __restrict__ out, const T* __restrict_
   __syncthreads();
   for (int idx = threadIdx.x; idx < gc * head_dim; idx += blockDim.x) {
     const int g = idx / head_dim, d = idx % head_dim;
-    float mm = -INFINITY;
+    const float sink = sinks ? sinks[row_head0 + g] : -INFINITY;
+    float mm = sink;
     for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, smem[(w * kHeadsPerBlock + g) * stride + head_dim]);
-    float num = 0.f, den = 0.f;
+    float num = 0.f, den = sinks ? paged::exp_acc(sink - mm) : 0.f;
     for (int w = 0; w < kWarps; ++w) {  // warps that saw no key have m = -inf, l = 0: weight 0
       const float* slot = smem + (w * kHeadsPerBlock + g) * stride;
       if (slot[head_dim + 1] == 0.f) continue;
@@ -121,7 +127,7 @@ __global__ void paged_attention_kernel(T* __restrict__ out, const T* __restrict_
 template <typename T>
 void launch(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t tables,
             std::uintptr_t lens, std::int64_t rows, int heads, int kv_heads, int head_dim, int block_size,
-            int max_blocks, float scale, cudaStream_t stream) {
+            int max_blocks, float scale, int window, float softcap, std::uintptr_t sinks, cudaStream_t stream) {
   const int group = heads / kv_heads;
   const dim3 grid(static_cast<unsigned>(rows), kv_heads, (group + kHeadsPerBlock - 1) / kHeadsPerBlock);
   const std::size_t smem = sizeof(float) * kWarps * kHeadsPerBlock * (head_dim + 2);
@@ -130,7 +136,8 @@ void launch(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k, std::uintptr
                                                           static_cast<int>(smem)), "paged_attention smem");
     kernel<<<grid, kWarps * 32, smem, stream>>>(dptr<T>(out), dptr<const T>(q), dptr<const T>(k), dptr<const T>(v),
                                                 dptr<const std::int32_t>(tables), dptr<const std::int32_t>(lens),
-                                                heads, kv_heads, head_dim, block_size, max_blocks, scale);
+                                                heads, kv_heads, head_dim, block_size, max_blocks, scale, window,
+                                                softcap, dptr<const float>(sinks));
   };
   const int dpl = (head_dim + 31) / 32;
   if (dpl <= 1) args(paged_attention_kernel<T, 1>);
@@ -145,17 +152,17 @@ void launch(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k, std::uintptr
 void paged_attention_cuda(std::uintptr_t out, std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache,
                           std::uintptr_t block_tables, std::uintptr_t context_lens, std::int64_t rows, int heads,
                           int kv_heads, int head_dim, int block_size, int max_blocks, float scale, int dtype,
-                          std::uintptr_t stream) {
+                          int window, float softcap, std::uintptr_t sinks, std::uintptr_t stream) {
   if (head_dim > 256) throw std::invalid_argument("paged_attention_cuda: head_dim must be <= 256");
   if (rows == 0) return;
   const cudaStream_t s = as_stream(stream);
   switch (dtype) {
     case 0: launch<float>(out, q, k_cache, v_cache, block_tables, context_lens, rows, heads, kv_heads, head_dim,
-                          block_size, max_blocks, scale, s); return;
+                          block_size, max_blocks, scale, window, softcap, sinks, s); return;
     case 1: launch<__half>(out, q, k_cache, v_cache, block_tables, context_lens, rows, heads, kv_heads, head_dim,
-                           block_size, max_blocks, scale, s); return;
+                           block_size, max_blocks, scale, window, softcap, sinks, s); return;
     case 2: launch<__nv_bfloat16>(out, q, k_cache, v_cache, block_tables, context_lens, rows, heads, kv_heads,
-                                  head_dim, block_size, max_blocks, scale, s); return;
+                                  head_dim, block_size, max_blocks, scale, window, softcap, sinks, s); return;
   }
   throw std::invalid_argument("paged_attention_cuda: dtype code " + std::to_string(dtype) +
                               " unsupported (float32, float16, bfloat16)");

@@ -1,4 +1,5 @@
-"""Paged KV cache ops: `paged_attention` (decode over block tables, GQA), `store_kv_cache`, `copy_blocks`.
+"""Paged KV cache ops: `paged_attention` (decode over block tables, GQA; optional sliding window, logit soft-capping
+and attention sinks), `store_kv_cache`, `copy_blocks`.
 
 Kernels see only tensors: the cache `(num_blocks, block_size, KVH, D)`, int32 block tables and context lengths, an
 int64 slot mapping. Backends (per call, `rlhf_fast.backend.select`):
@@ -32,29 +33,37 @@ INDEX_DTYPES = (torch.int32,)
 # ---------------------------------------------------------------------------------------------------------------
 
 def _call_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                 context_lens: torch.Tensor, scale: float, sliding_window: int = 0, softcap: float = 0.0,
+                 sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Checked, contiguous inputs (see `paged_attention`) -> (B, H, D) in q's dtype. Called directly in eager CPU
     code (no grad, nothing to trace), where the custom-op dispatch costs more than a small decode step's kernel."""
     out = torch.empty_like(q)
     b, h, d = q.shape
     nb, bs, kvh, _ = k_cache.shape
     dt = q.dtype
+    sink_ptr = 0
+    if sinks is not None:  # on q's device (checked); the kernels read float64 on CPU, float32 on CUDA
+        sinks = sinks.to(torch.float32 if q.is_cuda else torch.float64).contiguous()
+        sink_ptr = sinks.data_ptr()
     _native.call("paged_attention_cuda" if q.is_cuda else "paged_attention_cpu", arg("out", out, dt),
                  arg("q", q), arg("k_cache", k_cache, dt), arg("v_cache", v_cache, dt),
                  arg("block_tables", block_tables, torch.int32), arg("context_lens", context_lens, torch.int32),
-                 b, h, kvh, d, bs, block_tables.shape[1], nb, float(scale), _native.dtype_code(q))
+                 b, h, kvh, d, bs, block_tables.shape[1], nb, float(scale), _native.dtype_code(q), int(sliding_window),
+                 float(softcap), sink_ptr)
     return out
 
 
 @torch.library.custom_op("rlhf_fast::paged_attention", mutates_args=())
 def _native_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                            sliding_window: int = 0, softcap: float = 0.0,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """`_call_native` as a custom op (what torch.compile and CUDA code see)."""
-    return _call_native(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return _call_native(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, softcap, sinks)
 
 
 @_native_paged_attention.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale):
+def _(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=0, softcap=0.0, sinks=None):
     return torch.empty_like(q)
 
 
@@ -71,18 +80,26 @@ def _check_cache(name: str, cache: torch.Tensor, q: torch.Tensor | None = None) 
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+                    context_lens: torch.Tensor, *, scale: float | None = None, sliding_window: int = 0,
+                    softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of one query per row over a paged KV cache, grouped-query.
 
     Args:
         q: (B, H, D) queries (one token per row).
         k_cache, v_cache: (num_blocks, block_size, KVH, D), H divisible by KVH; q's dtype.
         block_tables: (B, max_blocks) int32; row b's token t is in slot t % block_size of block
-            block_tables[b, t // block_size]. Entries past the row's context are never read.
-        context_lens: (B,) int32 in [1, max_blocks * block_size]: tokens row b attends to (itself included).
+            block_tables[b, t // block_size]. Entries past the row's context, or before its window, are never read.
+        context_lens: (B,) int32 in [1, max_blocks * block_size]: row b's query is its token n - 1 (n =
+            context_lens[b]) and attends to its tokens up to itself.
         scale: softmax scale, default D ** -0.5.
+        sliding_window: W > 0: only the last W tokens (positions > n - 1 - W, the query's own included), as
+            Mistral / Gemma 2 / transformers' `sliding_window_overlay` define it; 0: all.
+        softcap: c > 0: scores s -> c * tanh(s / c) before the softmax (Gemma 2's attn_logit_softcapping); 0: none.
+        sinks: (H,) float, per-head sink logits (GPT-OSS): each adds exp(sink) to its head's softmax denominator and
+            takes no value; None: none.
     Returns:
-        (B, H, D) in q's dtype (accumulated in fp32; fp64 for fp64).
+        (B, H, D) in q's dtype (accumulated in fp32; fp64 for fp64). The defaults compute exactly the plain
+        attention (bitwise the same as without these options).
     """
     _checks.check_float("q", q, ndim=3)
     _check_cache("k_cache", k_cache, q)
@@ -101,19 +118,30 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"block_tables (B, max_blocks) and context_lens (B,) need B={b} rows; got "
                          f"{_checks.desc(block_tables)} and {_checks.desc(context_lens)}")
     scale = d ** -0.5 if scale is None else float(scale)
+    sliding_window, softcap = int(sliding_window), float(softcap)
+    if sliding_window < 0 or not softcap >= 0:
+        raise ValueError(f"sliding_window must be >= 0 (0 = none) and softcap >= 0 (0 = none); got "
+                         f"{sliding_window} and {softcap}")
+    if sinks is not None:
+        _checks.check_float("sinks", sinks, ndim=1)
+        _checks.check_same_device(("q", "sinks"), (q, sinks))
+        if sinks.shape[0] != h:
+            raise ValueError(f"sinks must be (H,) = ({h},); got {_checks.desc(sinks)}")
+        sinks = sinks.detach().to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
     if b == 0:
         return torch.empty_like(q)
     q, block_tables, context_lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
+    opts = (sliding_window, softcap, sinks)
     backend = select("paged_attention", q.device)
     if backend == "native":
         if q.is_cuda or torch.compiler.is_compiling():
-            return _native_paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-        return _call_native(q, k_cache, v_cache, block_tables, context_lens, scale)
+            return _native_paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale, *opts)
+        return _call_native(q, k_cache, v_cache, block_tables, context_lens, scale, *opts)
     if backend == "triton":
         from rlhf_fast.kernels.paged_attention import paged_attention_fwd
 
-        return paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return reference.paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return paged_attention_fwd(q, k_cache, v_cache, block_tables, context_lens, scale, *opts)
+    return reference.paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale, *opts)
 
 
 def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -362,12 +362,17 @@ def gae_packed(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------------------------
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                    context_lens: torch.Tensor, scale: float, sliding_window: int = 0, softcap: float = 0.0,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per row over its cached keys (grouped-query: head h reads kv head h // (H // KVH)).
 
     q (B, H, D); k_cache, v_cache (num_blocks, block_size, KVH, D); block_tables (B, max_blocks) int32;
-    context_lens (B,) int32, >= 1. Row b attends to its tokens 0..context_lens[b]-1, token t living in slot
-    t % block_size of block block_tables[b, t // block_size]. Returns (B, H, D) in q's dtype, computed in fp32
+    context_lens (B,) int32, >= 1. Row b's query sits at position n - 1 (n = context_lens[b]) and attends to its
+    tokens t in [lo, n), token t living in slot t % block_size of block block_tables[b, t // block_size]; lo = 0, or
+    max(0, n - sliding_window) with a window (the last W keys, itself included: key t > query - W, as transformers'
+    `sliding_window_overlay`). Scores s = scale <q, k>, soft-capped to softcap * tanh(s / softcap) when softcap > 0
+    (Gemma 2); sinks (H,): one extra logit per head in the softmax's denominator with no value (GPT-OSS):
+    out = sum_t exp(s_t) v_t / (exp(sink) + sum_t exp(s_t)). Returns (B, H, D) in q's dtype, computed in fp32
     (fp64 for fp64 inputs), one query at a time (so a row never depends on the rest of the batch).
     """
     b_, h, d = q.shape
@@ -376,12 +381,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     for b in range(b_):
         n = int(context_lens[b])
-        blocks = block_tables[b, : -(-n // bs)].long()
-        k = k_cache[blocks].reshape(-1, kvh, d)[:n].to(cdt)  # (n, KVH, D)
-        v = v_cache[blocks].reshape(-1, kvh, d)[:n].to(cdt)
+        lo = max(0, n - sliding_window) if sliding_window > 0 else 0
+        blocks = block_tables[b, lo // bs: -(-n // bs)].long()  # entries before the window are never read
+        k = k_cache[blocks].reshape(-1, kvh, d)[lo % bs: lo % bs + n - lo].to(cdt)  # (n - lo, KVH, D)
+        v = v_cache[blocks].reshape(-1, kvh, d)[lo % bs: lo % bs + n - lo].to(cdt)
         qb = q[b].to(cdt).view(kvh, h // kvh, d)  # (KVH, G, D)
-        s = torch.einsum("kgd,nkd->kgn", qb, k) * scale  # (KVH, G, n)
-        o = torch.einsum("kgn,nkd->kgd", torch.softmax(s, dim=-1), v)  # (KVH, G, D)
+        s = torch.einsum("kgd,nkd->kgn", qb, k) * scale  # (KVH, G, n - lo)
+        if softcap > 0:
+            s = torch.tanh(s / softcap) * softcap
+        if sinks is not None:  # the sink's column joins the softmax, then is dropped
+            s = torch.cat((s, sinks.to(cdt).view(kvh, h // kvh, 1)), dim=-1)
+        w = torch.softmax(s, dim=-1)[..., : n - lo]
+        o = torch.einsum("kgn,nkd->kgd", w, v)  # (KVH, G, D)
         out[b] = o.reshape(h, d).to(q.dtype)
     return out
 
