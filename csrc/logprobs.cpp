@@ -299,16 +299,25 @@ RLHF_FAST_SIMD_CLONES F row_threshold(const typename In::T* x, std::int64_t v, F
   }
   const F mx = key_float<F>(kmax);
   if (use_p && mx > -std::numeric_limits<F>::infinity() && mx < std::numeric_limits<F>::infinity()) {
-    double total = 0.0;  // e = exp(z - max) over the top-k-kept tokens, 0 elsewhere; sums: BLOCK lanes, then double
-    for (std::int64_t v0 = 0; v0 < v; v0 += BLOCK) {
-      const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, v - v0));
+    // the candidates: every token, or (after top-k) the kept ones packed to the front of key / e (usually ~k)
+    std::int64_t nc = v;
+    if (use_k) {
+      nc = 0;
+      for (std::int64_t j = 0; j < v; ++j) {
+        if (key[j] < lo) continue;
+        key[nc] = key[j];
+        e[nc++] = exp_nonpos(static_cast<F>(In::load(x[j])) * inv_t - mx);
+      }
+    } else {
+#pragma omp simd
+      for (std::int64_t j = 0; j < v; ++j) e[j] = exp_nonpos(static_cast<F>(In::load(x[j])) * inv_t - mx);
+    }
+    double total = 0.0;  // e = exp(z - max) of the candidates; sums: BLOCK lanes, then double, in a fixed order
+    for (std::int64_t v0 = 0; v0 < nc; v0 += BLOCK) {
+      const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, nc - v0));
       F sb = 0;
 #pragma omp simd reduction(+ : sb)
-      for (int j = 0; j < nb; ++j) {
-        const F w = exp_nonpos(static_cast<F>(In::load(x[v0 + j])) * inv_t - mx);
-        e[v0 + j] = key[v0 + j] >= lo ? w : F(0);
-        sb += e[v0 + j];
-      }
+      for (int j = 0; j < nb; ++j) sb += e[v0 + j];
       total += sb;
     }
     const double target = top_p * total;
@@ -316,8 +325,8 @@ RLHF_FAST_SIMD_CLONES F row_threshold(const typename In::T* x, std::int64_t v, F
     while (lo < hi) {
       const I mid = upper_mid<F>(lo, hi);
       double mass = 0.0;
-      for (std::int64_t v0 = 0; v0 < v; v0 += BLOCK) {
-        const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, v - v0));
+      for (std::int64_t v0 = 0; v0 < nc; v0 += BLOCK) {
+        const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, nc - v0));
         F sb = 0;
 #pragma omp simd reduction(+ : sb)
         for (int j = 0; j < nb; ++j) sb += key[v0 + j] >= mid ? e[v0 + j] : F(0);

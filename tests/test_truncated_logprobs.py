@@ -20,6 +20,12 @@ BACKENDS = ["torch", NATIVE_LOGPROBS, TRITON]
 CUTS = [(5, 1.0), (0, 0.8), (9, 0.6), (1, 1.0), (0, 0.05)]  # (top_k, top_p)
 
 
+def _interpreter_size(backend, n):
+    """The Triton interpreter runs one program at a time: keep its rows few (every size runs on CUDA)."""
+    if backend == "triton" and DEVICE == "cpu" and n > 5:
+        pytest.skip("Triton under the interpreter: small shapes only")
+
+
 def _on(backend, *tensors):
     """Triton runs on CUDA, or on CPU tensors under the interpreter (small shapes)."""
     dev = DEVICE if backend == "triton" else "cpu"
@@ -47,6 +53,7 @@ def _kept(logits, temperature, thr):
 def test_threshold_matches_oracle(backend, dtype, n, vocab, top_k, top_p):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("Triton computes in fp32 (fp64 goes to torch)")
+    _interpreter_size(backend, n)
     logits, _ = _logits(n, vocab, dtype)
     (x,) = _on(backend, logits)
     with use_backend(backend):
@@ -127,6 +134,7 @@ def _check_logprobs(backend, logits, labels, *, temperature, top_k, top_p, t):
 @pytest.mark.parametrize("n,vocab", [(1, 37), (5, 341), (41, 37)])
 @pytest.mark.parametrize("top_k,top_p", CUTS)
 def test_token_logprobs_matches_fp64(backend, dtype, n, vocab, top_k, top_p):
+    _interpreter_size(backend, n)
     logits, labels = _logits(n, vocab, dtype)
     _check_logprobs(backend, logits, labels, temperature=0.7 if vocab == 37 else 1.0, top_k=top_k, top_p=top_p,
                     t=tol(dtype))
@@ -134,10 +142,11 @@ def test_token_logprobs_matches_fp64(backend, dtype, n, vocab, top_k, top_p):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logprobs_ties_and_banned_tokens(backend):
-    logits = torch.randint(-4, 5, (23, 41)).float()  # many exact ties at every threshold
+    n = 5 if backend == "triton" and DEVICE == "cpu" else 23
+    logits = torch.randint(-4, 5, (n, 41)).float()  # many exact ties at every threshold
     logits[3, :7] = float("-inf")
-    labels = torch.randint(0, 41, (23,))
-    labels[5] = -100
+    labels = torch.randint(0, 41, (n,))
+    labels[1] = -100
     for top_k, top_p in [(3, 1.0), (0, 0.7), (6, 0.5), (41, 1.0)]:
         _check_logprobs(backend, logits, labels, temperature=1.0, top_k=top_k, top_p=top_p, t=tol(torch.float32))
 
@@ -194,6 +203,27 @@ def test_bad_support_arguments():
 
 
 @pytest.mark.parametrize("kind", ["native", "triton"])
+def test_selection_writes_every_row(kind):
+    """The thresholds poisoned with NaN before the selection pass writes them."""
+    logits, _ = _logits(23, 301 if kind == "native" else 45)
+    thr = torch.full((23,), float("nan"))
+    if kind == "native":
+        from rlhf_fast import _native
+
+        if not _native.has("support_threshold_cpu"):
+            pytest.skip("rlhf_fast._C is not built")
+        _native.call("support_threshold_cpu", _native.arg("logits", logits, code=True), 23, logits.shape[1], 2.0, 7,
+                     0.8, _native.arg("thr", thr, torch.float32))
+    else:
+        if not HAS_TRITON:
+            pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+        from rlhf_fast.kernels.support import support_threshold as launch
+
+        launch(logits, 2.0, 7, 0.8, thr)
+    assert torch.equal(thr, reference.support_threshold(logits, temperature=0.5, top_k=7, top_p=0.8))
+
+
+@pytest.mark.parametrize("kind", ["native", "triton"])
 def test_row_kernels_write_every_output(kind):
     """Outputs poisoned with NaN before the kernels write them, with a threshold per row (and -inf: no cut)."""
     if kind == "native":
@@ -242,6 +272,7 @@ def _hidden_inputs(lead, width, vocab, dtype, *, bias=True):
 @pytest.mark.parametrize("lead,width,vocab", [((1,), 8, 37), ((5, 9), 16, 341), ((41,), 12, 37)])
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.8), (9, 0.6)])
 def test_linear_matches_fp64(backend, dtype, lead, width, vocab, top_k, top_p):
+    _interpreter_size(backend, lead[0])
     hidden, weight, bias, labels = _hidden_inputs(lead, width, vocab, dtype, bias=vocab != 37)
     leaves = [t.detach().clone().requires_grad_(True) for t in _on(backend, hidden, weight, bias) if t is not None]
     refs = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias) if t is not None]
@@ -264,25 +295,35 @@ def test_linear_matches_fp64(backend, dtype, lead, width, vocab, top_k, top_p):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_ties_replay_and_no_cut(backend):
-    # small integers: every logit exact in any summation order, so the ties are exact too
-    hidden = torch.randint(-2, 3, (11, 6)).float()
-    weight = torch.randint(-2, 3, (29, 6)).float()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_ties_replay_and_no_cut(backend, dtype):
+    # small integers: every logit exact in any summation order and in bf16, so the ties are exact too
+    hidden = torch.randint(-2, 3, (11, 6)).to(dtype)
+    weight = torch.randint(-2, 3, (29, 6)).to(dtype)
     weight[7] = weight[3]  # duplicate vocabulary rows: tied logits
+    bias = torch.randint(-1, 2, (29,)).to(dtype)
     labels = torch.randint(0, 29, (11,))
-    h, w, y = _on(backend, hidden, weight, labels)
-    logits = hidden @ weight.t()
+    labels[4] = -100
+    logits = hidden.double() @ weight.double().t() + bias.double()
+    h, w, b, y = _on(backend, hidden, weight, bias, labels)
+    h.requires_grad_(True)
     with use_backend(backend):
-        base = linear_token_logprobs(h, w, y, return_entropy=True)
-        assert all(torch.equal(a, b) for a, b in zip(base, linear_token_logprobs(h, w, y, top_k=29, top_p=1.0,
-                                                                               return_entropy=True)))
-        thr = support_threshold(logits.to(h.device), top_k=4, top_p=0.9)
-        rec = linear_token_logprobs(h, w, y, top_k=4, top_p=0.9, return_entropy=True)
-        rep = linear_token_logprobs(h, w, y, support="replay", support_threshold=thr, return_entropy=True)
-    assert all(torch.equal(a, b) for a, b in zip(rec, rep))
-    ref = reference.token_logprobs(logits.double(), labels, top_k=4, top_p=0.9, return_entropy=True)
-    for a, r in zip(rec, ref):
-        torch.testing.assert_close(a.cpu().double(), r, **tol(torch.float32))
+        base = linear_token_logprobs(h, w, y, bias=b, return_entropy=True)
+        off = linear_token_logprobs(h, w, y, bias=b, top_k=29, top_p=1.0, return_entropy=True)
+        assert all(torch.equal(u, v) for u, v in zip(base, off))
+        thr = support_threshold(logits.float().to(h.device), top_k=4, top_p=0.9)
+        rec = linear_token_logprobs(h, w, y, bias=b, top_k=4, top_p=0.9, return_entropy=True)
+        rep = linear_token_logprobs(h, w, y, bias=b, support="replay", support_threshold=thr, return_entropy=True)
+    assert all(torch.equal(u, v) for u, v in zip(rec, rep))
+    h64 = hidden.double().requires_grad_(True)
+    ref = reference.linear_token_logprobs(h64, weight.double(), labels, bias=bias.double(), top_k=4, top_p=0.9,
+                                          return_entropy=True)
+    for u, r in zip(rec, ref):
+        torch.testing.assert_close(u.cpu().double(), r.detach(), **tol(torch.float32))
+    g = torch.randn(11, dtype=torch.float64)
+    (dh,) = torch.autograd.grad((rec[0] * g.to(rec[0])).sum() + rec[1].sum(), h)
+    (dref,) = torch.autograd.grad((ref[0] * g).sum() + ref[1].sum(), h64)
+    torch.testing.assert_close(dh.cpu().double(), dref, **tol(dtype))
 
 
 def _ppo_batch(b, t, width, vocab, dtype):
