@@ -8,12 +8,17 @@ max |error| of logp vs float64. Issue targets: memory <= 1/16 of naive, time <= 
 N=16384, H=4096, V=151936 bf16 (TFLOP/s of 6NHV model flops; target fwd+bwd <= 110 ms), errors vs float64 on the
 first 1024 rows. `--small` shrinks every size for a quick run; `--dry-run` runs the `--gpu` code path on CPU at tiny
 shapes (Triton under the interpreter), as `python -m bench.gpu_check --dry-run` does in CI.
+Every fused path also runs with a rollout's truncation (top_k=50, top_p=0.9: a selection pass per row, then the
+truncated softmax); `time_vs_full` is its time over the same path's at top_k=0, top_p=1.
+Every fused path also runs with the rollout's truncation (top_k=50, top_p=0.9: a selection pass per row, then the
+truncated softmax), its `time_vs_full` the ratio to the same path at top_k=0, top_p=1.
 
 Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_logprobs [--small] [--gpu | --dry-run]
 """
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 
@@ -22,7 +27,15 @@ from bench.harness import Case, run_case, write_results
 from rlhf_fast.ops import linear_token_logprobs, reference, token_logprobs, use_backend
 
 
-def _token_cases(n, vocab, dtype, device, backends, ref_rows=None):
+CUT = dict(top_k=50, top_p=0.9)  # a typical rollout truncation
+FULL = dict(top_k=0, top_p=1.0)
+
+
+def _cut_name(cut: dict) -> str:
+    return "" if cut == FULL else f" top_k={cut['top_k']} top_p={cut['top_p']}"
+
+
+def _token_cases(n, vocab, dtype, device, backends, ref_rows=None, cuts=(FULL, CUT)):
     """`ref_rows`: compare only the first rows with float64 (a full float64 copy would not fit at GPU sizes)."""
     logits = torch.randn(n, vocab, device=device).mul_(3).to(dtype)
     labels = torch.randint(0, vocab, (n,), device=device)
@@ -30,34 +43,34 @@ def _token_cases(n, vocab, dtype, device, backends, ref_rows=None):
     rows = n if ref_rows is None else min(n, ref_rows)
     elem = logits.element_size()
 
-    def ref():
-        return reference.token_logprobs(logits[:rows].double(), labels[:rows])
+    def ref(cut):
+        return reference.token_logprobs(logits[:rows].double(), labels[:rows], **cut)
 
     cases = []
-    for b in backends:
-        def fwd(b=b):
+    for b, cut in [(b, cut) for cut in cuts for b in backends]:
+        def fwd(b=b, cut=cut):
             with use_backend(b), torch.no_grad():
-                return token_logprobs(logits, labels)
+                return token_logprobs(logits, labels, **cut)
 
-        def fwd_bwd(b=b):
+        def fwd_bwd(b=b, cut=cut):
             x = logits.detach().requires_grad_(True)
             with use_backend(b):
-                lp = token_logprobs(x, labels)
+                lp = token_logprobs(x, labels, **cut)
             lp.backward(grad)
             return lp.detach()
 
-        params = dict(impl=f"{b} {str(dtype).replace('torch.', '')}", backend=b, N=n, V=vocab,
-                      dtype=str(dtype).replace("torch.", ""))
+        params = dict(impl=f"{b} {str(dtype).replace('torch.', '')}{_cut_name(cut)}", backend=b, N=n, V=vocab,
+                      dtype=str(dtype).replace("torch.", ""), **cut)
         head = lambda r: r[:rows]  # noqa: E731
-        cases.append(Case("token_logprobs/fwd", params, fwd, ref=ref, out_of=head,
+        cases.append(Case("token_logprobs/fwd", params, fwd, ref=partial(ref, cut), out_of=head,
                           bytes_moved=roofline.token_logprobs(n, vocab, elem).bytes))
         # forward reads the logits once, backward reads them again and writes dlogits
-        cases.append(Case("token_logprobs/fwd+bwd", params, fwd_bwd, ref=ref, out_of=head,
+        cases.append(Case("token_logprobs/fwd+bwd", params, fwd_bwd, ref=partial(ref, cut), out_of=head,
                           bytes_moved=roofline.token_logprobs(n, vocab, elem, backward=True).bytes))
     return cases
 
 
-def _linear_cases(n, width, vocab, dtype, device, backends, ref_rows=None):
+def _linear_cases(n, width, vocab, dtype, device, backends, ref_rows=None, cuts=(FULL, CUT)):
     hidden = torch.randn(n, width, device=device).to(dtype)
     weight = (torch.randn(vocab, width, device=device) / width**0.5).to(dtype)
     labels = torch.randint(0, vocab, (n,), device=device)
@@ -66,9 +79,9 @@ def _linear_cases(n, width, vocab, dtype, device, backends, ref_rows=None):
     flops = roofline.linear_logprobs(n, width, vocab, hidden.element_size()).flops
     rows = n if ref_rows is None else min(n, ref_rows)
 
-    def ref():
+    def ref(cut=FULL):
         with torch.no_grad():
-            return reference.linear_token_logprobs(hidden[:rows].double(), weight.double(), labels[:rows])
+            return reference.linear_token_logprobs(hidden[:rows].double(), weight.double(), labels[:rows], **cut)
 
     def run(fn):
         h, w = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
@@ -81,17 +94,29 @@ def _linear_cases(n, width, vocab, dtype, device, backends, ref_rows=None):
 
     params = dict(N=n, H=width, V=vocab, dtype=str(dtype).replace("torch.", ""))
     head = lambda r: r[0][:rows]  # noqa: E731
-    cases = [Case("linear/fwd+bwd", dict(impl="naive", path="naive", **params), naive, ref=ref, out_of=head,
-                  flops=flops)]
-    for b in backends:
-        def fused(b=b):
+    cases = [Case("linear/fwd+bwd", dict(impl="naive", path="naive", **params, **FULL), naive, ref=ref,
+                  out_of=head, flops=flops)]
+    for b, cut in [(b, cut) for cut in cuts for b in backends]:
+        def fused(b=b, cut=cut):
             with use_backend(b):
-                return run(lambda h, w: linear_token_logprobs(h, w, labels))
+                return run(lambda h, w: linear_token_logprobs(h, w, labels, **cut))
 
-        cases.append(Case("linear/fwd+bwd", dict(impl=f"chunked-{b}", path=f"chunked-{b}", **params), fused, ref=ref,
-                          out_of=head, flops=flops))
+        cases.append(Case("linear/fwd+bwd", dict(impl=f"chunked-{b}{_cut_name(cut)}", path=f"chunked-{b}", **params,
+                                                 **cut), fused, ref=partial(ref, cut), out_of=head, flops=flops))
     grads_mib = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
     return cases, grads_mib
+
+
+def _vs_full(rows: list[dict]) -> None:
+    """Each truncated row's time (and peak memory) over the same case and path at top_k=0, top_p=1."""
+    full = {(r["case"], r["impl"]): r for r in rows if r.get("top_k") == 0 and r.get("top_p") == 1.0}
+    for r in rows:
+        base = full.get((r["case"], r["impl"].replace(_cut_name(CUT), "")))
+        if base is None or r is base or "time_ms" not in r:
+            continue
+        r["time_vs_full"] = round(r["time_ms"] / base["time_ms"], 3)
+        if r.get("peak_extra_mem_MiB") is not None and base.get("peak_extra_mem_MiB"):
+            r["mem_vs_full"] = round(r["peak_extra_mem_MiB"] / base["peak_extra_mem_MiB"], 3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                 ratio = row[key] / naive[key] if naive[key] > 0 else float("nan")
                 row[key.replace("peak_", "").replace("_MiB", "") + "_vs_naive"] = round(ratio, 4)
         rows.append(row)
+    _vs_full(rows)
     name = "logprobs_gpu" if args.gpu or args.dry_run else "logprobs"
     write_results(name + ("_small" if args.small else "") + ("_dryrun" if args.dry_run else ""), rows,
                   plot_x="case", plot_y="time_ms", group_by="impl", logy=True)
