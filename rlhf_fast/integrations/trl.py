@@ -169,10 +169,12 @@ def fused_grpo_loss(trainer, model, inputs) -> torch.Tensor:
     if trainer.args.cast_lm_head_to_fp32 or hidden.dtype != weight.dtype:
         hidden, weight = hidden.float(), weight.float()
         bias = None if bias is None else bias.float()
+    top_k, top_p = getattr(trainer, "_rf_cut", (0, 1.0))  # the engine's cut, when its log-probs are of it
     with torch.no_grad():  # this step's log-probs and entropy without gradient: the metrics (and old log-probs)
         logp, entropy = ops.linear_token_logprobs(hidden.detach(), weight.detach(), completion_ids,
                                                   bias=None if bias is None else bias.detach(),
-                                                  temperature=trainer.temperature, return_entropy=True)
+                                                  temperature=trainer.temperature, top_k=top_k, top_p=top_p,
+                                                  return_entropy=True)
     old = inputs.get("old_per_token_logps")
     if old is None:  # TRL uses this step's log-probs (ratio 1)
         old = logp
@@ -187,7 +189,7 @@ def fused_grpo_loss(trainer, model, inputs) -> torch.Tensor:
     clip = ops.PPOClip(low=trainer.epsilon_low, high=trainer.epsilon_high, level=trainer.importance_sampling_level)
     loss, _ = ops.ppo_loss_from_hidden(hidden, weight, completion_ids, old, inputs["advantages"], mask, bias=bias,
                                        clip=clip, agg=agg, kl=kl, temperature=trainer.temperature,
-                                       is_weights=is_w)
+                                       top_k=top_k, top_p=top_p, is_weights=is_w)
     ref = None if kl is None else inputs["ref_per_token_logps"]
     for key, value in trl_metrics(trainer, mask, logp, entropy.float(), old, inputs["advantages"], ref).items():
         trainer._metrics[mode][key].append(value)
@@ -261,26 +263,62 @@ def trl_metrics(trainer, mask, logp, entropy, old, advantages, ref=None) -> dict
     return out
 
 
-def _make_grpo_trainer():
+def _make_trainer(name: str):
     check_version()
     import trl
 
-    class GRPOTrainer(trl.GRPOTrainer):
-        """`trl.GRPOTrainer` whose loss is `ops.ppo_loss_from_hidden` (see rlhf_fast.integrations.trl)."""
+    from rlhf_fast.integrations._trl_generate import EngineGeneration
+
+    class GRPOTrainer(EngineGeneration, trl.GRPOTrainer):
+        """`trl.GRPOTrainer` whose loss is `ops.ppo_loss_from_hidden` and whose generation is RolloutEngine (see
+        rlhf_fast.integrations.trl). `generation_backend`: "auto" | "rlhf_fast" | "trl" (TRL's generate)."""
+
+        def __init__(self, *args, generation_backend: str = "auto", **kwargs):
+            super().__init__(*args, **kwargs)
+            self._rf_setup(generation_backend, cut_logprobs=True)
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                  has_tool_images=False):
+            if not self.use_rlhf_fast_engine or images is not None or multimodal_fields:
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                     has_tool_images)
+            return self._rf_generate(prompt_ids, num_generations), None
+
+        def _rf_loss_cuts(self):
+            return fallback_reason(self, {"advantages": torch.zeros(1)}) is None
+
+        def _rf_old_logps_needed(self):  # TRL's condition (its vLLM case never reaches the engine)
+            every = self.args.steps_per_generation * self.num_iterations
+            return self.args.gradient_accumulation_steps % every != 0
 
         def _compute_loss(self, model, inputs):
             if fallback_reason(self, inputs) is not None:
                 return super()._compute_loss(model, inputs)
             return fused_grpo_loss(self, model, inputs)
 
-    GRPOTrainer.__module__ = __name__
-    return GRPOTrainer
+    class RLOOTrainer(EngineGeneration, trl.RLOOTrainer):
+        """`trl.RLOOTrainer` whose generation is RolloutEngine and whose old log-probs are the engine's (TRL's
+        loss). `generation_backend`: "auto" | "rlhf_fast" | "trl" (TRL's generate)."""
+
+        def __init__(self, *args, generation_backend: str = "auto", **kwargs):
+            super().__init__(*args, **kwargs)
+            self._rf_setup(generation_backend, cut_logprobs=False)
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+            if not self.use_rlhf_fast_engine or images is not None or multimodal_fields:
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+            n = self.num_generations if self.model.training else self.num_generations_eval
+            return self._rf_generate(prompt_ids, n)
+
+    cls = {"GRPOTrainer": GRPOTrainer, "RLOOTrainer": RLOOTrainer}[name]
+    cls.__module__ = __name__
+    return cls
 
 
 def __getattr__(name):
-    # trl is imported only when the trainer class is first asked for
-    if name == "GRPOTrainer":
-        cls = _make_grpo_trainer()
+    # trl is imported only when a trainer class is first asked for
+    if name in ("GRPOTrainer", "RLOOTrainer"):
+        cls = _make_trainer(name)
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
