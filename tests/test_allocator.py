@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from rlhf_fast.rollout.allocator import BlockAllocator, OutOfBlocks
+from rlhf_fast.rollout.allocator import FREED, BlockAllocator, OutOfBlocks
 from rlhf_fast.rollout.scheduler import Scheduler, Sequence
 
 
@@ -142,3 +142,48 @@ def test_bad_sizes():
         BlockAllocator(0, 16)
     with pytest.raises(ValueError, match="block_size"):
         BlockAllocator(4, 0)
+
+
+def test_release_before_keeps_shared_blocks_until_the_last_owner():
+    alloc = BlockAllocator(num_blocks=8, block_size=4)
+    a = alloc.allocate(3)
+    b = alloc.fork(a)
+    assert alloc.release_before(a, 2) == 2 and a[:2] == [FREED, FREED] and a[2] == b[2]
+    assert alloc.num_used == 3 and all(alloc.ref_count(x) == 1 for x in b[:2])  # b still reads them
+    assert alloc.release_before(a, 2) == 0  # already released: nothing to drop twice
+    assert alloc.release_before(b, 2) == 2 and alloc.num_used == 1 and alloc.ref_count(a[2]) == 2
+    c = alloc.fork(a)  # forking a table with released entries references only its live blocks
+    assert c[:2] == [FREED, FREED] and alloc.ref_count(a[2]) == 3
+    for t in (a, b, c):
+        alloc.free(t)
+    assert alloc.num_free == 8
+
+
+def test_scheduler_with_window_holds_the_window_only():
+    """window 6, block 4: before each decode step a sequence drops the blocks before position p - 5; a prefill that
+    does not read the cache allocates its window's tail only, one that does allocates every block."""
+    alloc = BlockAllocator(num_blocks=16, block_size=4)
+    sched = Scheduler(alloc, max_batch_tokens=64, max_num_seqs=8, window=6)
+    s = seq(0, range(13))  # next query at position 13 reads 8..13: blocks 2 and 3
+    sched.add(s)
+    step = sched.schedule()
+    assert step.kind == "prefill" and s.block_table[:2] == [FREED, FREED] and alloc.num_used == 2
+    for p in range(13, 60):
+        s.num_cached = p
+        s.tokens.append(0)
+        step = sched.schedule()
+        assert step.kind == "decode"
+        live = [b for b in s.block_table if b != FREED]
+        assert len(s.block_table) == p // 4 + 1 and len(live) == alloc.num_used <= 3  # 6 keys span <= 3 blocks
+        assert all(b == FREED for b in s.block_table[:max(0, p - 5) // 4])
+    sched.finish(s, "length")
+    assert alloc.num_free == 16
+    det = Scheduler(alloc, max_batch_tokens=64, max_num_seqs=8, window=6, prefill_reads_cache=True)
+    s = seq(1, range(13))
+    det.add(s)
+    det.schedule()
+    assert FREED not in s.block_table and alloc.num_used == 4
+    s.num_cached = 13
+    s.tokens.append(0)
+    det.schedule()
+    assert s.block_table[:2] == [FREED, FREED] and alloc.num_used == 2

@@ -58,6 +58,7 @@ class BoundLM(abc.ABC):
         return self.hf.get_input_embeddings().weight.dtype
 
     num_layers: int
+    kv_window: int = 0  # every layer reads only a query's last kv_window keys (0: some layer reads them all)
 
     @abc.abstractmethod
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, object]:
@@ -82,8 +83,9 @@ class BoundLM(abc.ABC):
                recompute: bool = False, fsdp_hooks: bool = False,
                out_rows: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder stack over packed tokens, without the final norm: input_ids, positions (T,) ->
-        hidden (T, hidden). `attend(layer, q, k, v, scale) -> (T, H, D)` is the attention (rollout: the KV cache;
-        training: `models.packed`). Differentiable; the rollout calls it under no_grad. `recompute`: each layer
+        hidden (T, hidden). `attend(layer, q, k, v, scale, window=0) -> (T, H, D)` is the attention (rollout: the KV
+        cache; training: `models.packed`); `window` W > 0: a query at position p sees keys at positions > p - W
+        (a sliding-window layer). Differentiable; the rollout calls it under no_grad. `recompute`: each layer
         under `torch.utils.checkpoint` (non-reentrant, RNG state kept), so its activations are recomputed in the
         backward instead of stored (gradient checkpointing; only while autograd records). `fsdp_hooks`: each layer
         runs under its FSDP2 hooks (`distributed.root_call`) as its own forward would, so a sharded layer is
@@ -217,25 +219,39 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor | None, meta: AttnMetadata,
-              scale: float) -> torch.Tensor:
+              scale: float, window: int = 0) -> torch.Tensor:
     """q (T, H, D), k/v (T, KVH, D) of this step's tokens; kv (2, num_blocks, block_size, KVH, D) this layer's cache.
 
     Writes k/v into the cache at `meta.slot_mapping`, then attends: causal within each packed sequence (prefill) or
-    over the cache through the block tables (decode, and every step in deterministic mode). Returns (T, H, D).
+    over the cache through the block tables (decode, and every step in deterministic mode). `window` W > 0: each
+    query sees only the last W keys up to itself (a sliding-window layer). Returns (T, H, D).
     """
     if kv is not None and meta.slot_mapping is not None:
         ops.store_kv_cache(k, v, kv[0], kv[1], meta.slot_mapping)
     if meta.block_tables is not None:
-        return ops.paged_attention(q, kv[0], kv[1], meta.block_tables, meta.context_lens, scale=scale)
-    return _varlen_causal(q, k, v, meta.cu_seqlens, scale)
+        return ops.paged_attention(q, kv[0], kv[1], meta.block_tables, meta.context_lens, scale=scale,
+                                   sliding_window=window)
+    return _varlen_causal(q, k, v, meta.cu_seqlens, scale, window)
 
 
 def cache_attention(meta: AttnMetadata, kv_cache: torch.Tensor | None):
-    """The rollout's `attend(layer, q, k, v, scale)` for a model's `decode`: `attention` on layer i's cache."""
-    return lambda i, q, k, v, scale: attention(q, k, v, None if kv_cache is None else kv_cache[i], meta, scale)
+    """The rollout's `attend(layer, q, k, v, scale, window=0)` for a model's `decode`: `attention` on layer i's
+    cache."""
+    return lambda i, q, k, v, scale, window=0: attention(q, k, v, None if kv_cache is None else kv_cache[i], meta,
+                                                         scale, window)
 
 
-def _varlen_causal(q, k, v, cu_seqlens: list[int], scale: float) -> torch.Tensor:
+def window_causal_mask(q_len: int, k_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """(q_len, k_len) bool, bottom-right aligned (query i sits at key position k_len - q_len + i): key j is seen when
+    j <= i's position and j > i's position - window (window 0: causal only), as transformers'
+    `sliding_window_causal_mask`."""
+    qpos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    cols = torch.arange(k_len, device=device)[None, :]
+    mask = cols <= qpos
+    return mask & (cols > qpos - window) if window > 0 else mask
+
+
+def _varlen_causal(q, k, v, cu_seqlens: list[int], scale: float, window: int = 0) -> torch.Tensor:
     if q.is_cuda:
         try:
             from flash_attn import flash_attn_varlen_func
@@ -244,11 +260,16 @@ def _varlen_causal(q, k, v, cu_seqlens: list[int], scale: float) -> torch.Tensor
         if flash_attn_varlen_func is not None and q.dtype in (torch.float16, torch.bfloat16):
             cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
             max_len = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
-            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+            return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True,
+                                          window_size=(window - 1, 0) if window > 0 else (-1, -1))
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, L, D)
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        if window > 0 and b - a > window:
+            mask = window_causal_mask(b - a, b - a, window, q.device)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
         out[a:b] = o[0].transpose(0, 1)
     return out

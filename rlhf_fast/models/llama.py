@@ -13,6 +13,25 @@ from rlhf_fast.models.layers import (AttnMetadata, BoundLM, apply_rotary, cache_
                                      rms_norm, rotary_tables)
 
 
+def layer_windows(cfg) -> list[int]:
+    """Each decoder layer's sliding window (0 = full attention), as transformers builds the masks: Llama none;
+    Mistral `cfg.sliding_window` on every layer (None = none; it ignores `layer_types`); Qwen2 per
+    `cfg.layer_types` ("sliding_attention" from layer `max_window_layers` on, only with `use_sliding_window`, which
+    otherwise sets `sliding_window` to None). A query at position p sees keys at positions > p - window."""
+    n = cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None) or 0
+    if cfg.model_type == "llama" or getattr(cfg, "use_sliding_window", True) is False:
+        return [0] * n  # Qwen2 keeps a window size it does not use
+    types = getattr(cfg, "layer_types", None)
+    if cfg.model_type == "mistral" or types is None:
+        return [window] * n
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ValueError(f"{type(cfg).__name__}.layer_types has {unknown}: only full_attention and "
+                         f"sliding_attention layers are supported")
+    return [window if t == "sliding_attention" else 0 for t in types]
+
+
 class LlamaFamilyLM(BoundLM):
     """Decoder of `LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM` (or of their bare backbones
     `LlamaModel`, ..., which have no lm_head) over packed tokens."""
@@ -29,10 +48,9 @@ class LlamaFamilyLM(BoundLM):
         self.eps = cfg.rms_norm_eps
         self.act = ACT2FN[cfg.hidden_act]
         self.scale = self.head_dim ** -0.5
-        window = getattr(cfg, "sliding_window", None)
-        if getattr(cfg, "use_sliding_window", True) is False:  # Qwen2 keeps a window size it does not use
-            window = None
-        self.max_context = min(cfg.max_position_embeddings, window or cfg.max_position_embeddings)
+        self.windows = layer_windows(cfg)
+        self.kv_window = max(self.windows) if min(self.windows) > 0 else 0
+        self.max_context = cfg.max_position_embeddings
         self._rotary_key = None
         self._cos = self._sin = None
 
@@ -61,7 +79,7 @@ class LlamaFamilyLM(BoundLM):
         k = project(x, att.k_proj, det).view(t, self.num_kv_heads, self.head_dim)
         v = project(x, att.v_proj, det).view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = attend(i, q, k, v, self.scale)  # (T, H, D)
+        o = attend(i, q, k, v, self.scale, window=self.windows[i])  # (T, H, D)
         if rows is not None:  # only these rows are read: the rest of the layer runs on them alone
             o, h = o.index_select(0, rows), h.index_select(0, rows)
         h = h + project(o.reshape(o.shape[0], -1), att.o_proj, det)

@@ -199,12 +199,17 @@ class _SegmentAttention:
     Consecutive lone sequences of one length run as one batched causal call. A unit's result depends
     only on the unit, so a prompt group scored whole and later trained whole (PPO's minibatches of whole groups)
     gets bitwise the same attention. In deterministic mode every segment is its own call, so its result cannot
-    depend on its neighbours (batch invariance)."""
+    depend on its neighbours (batch invariance).
+
+    A sliding-window layer (`window` W > 0) takes the same calls, each under its mask and `key position > query
+    position - W` (positions from the batch: a response's continue its prompt's), built once per call and window."""
 
     def __init__(self, batch: PackedBatch, deterministic: bool):
         self.segments = batch.segments
         self.deterministic = deterministic
+        self.positions = batch.positions
         self.masks: dict[tuple[int, int], torch.Tensor] = {}
+        self.window_masks: dict[tuple, torch.Tensor] = {}
         self.varlen = None  # (kv_index, cu_q, cu_k, max_q, max_k) for flash-attn, built on first use
         index = {(s, e): j for j, (s, e, _, _) in enumerate(self.segments)}
         self.lengths = [e - s for s, e, _, _ in self.segments]
@@ -285,10 +290,21 @@ class _SegmentAttention:
                                       mask.to(device), None if kept is None else kept.to(device), n, lmax, p)
         return self.unit_plans[first]
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def _near(self, key: tuple, q_rows: torch.Tensor, k_rows: torch.Tensor, window: int,
+              device: torch.device) -> torch.Tensor:
+        """(..., Lq, Lk) bool: key row within the window of query row, position[q] - position[k] < window, for
+        stream rows q_rows (..., Lq) and k_rows (..., Lk); cached under `key`."""
+        if key not in self.window_masks:
+            pos = self.positions.to(device)
+            qp, kp = pos[q_rows.to(device)], pos[k_rows.to(device)]
+            self.window_masks[key] = qp[..., :, None] - kp[..., None, :] < window
+        return self.window_masks[key]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 window: int = 0) -> torch.Tensor:
         flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
         if flash is not None and not self.deterministic:
-            return self._flash(flash, q, k, v, scale)
+            return self._flash(flash, q, k, v, scale, window)
         gqa = q.shape[1] != k.shape[1]
         split = None  # per segment (L, heads, D), for the batched runs
         outs = []
@@ -297,17 +313,32 @@ class _SegmentAttention:
                 first, end = what
                 row0, row1 = self.segments[first][0], self.segments[end - 1][1]
                 qb, kb, vb = (z[row0:row1].transpose(0, 1)[None] for z in (q, k, v))  # (1, heads, rows, D)
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._unit_mask(first, end, q.device),
-                                                   scale=scale, enable_gqa=gqa)
+                mask = self._unit_mask(first, end, q.device)
+                if window:
+                    rows = torch.arange(row0, row1)
+                    mask = mask & self._near(("unit", first, window), rows, rows, window, q.device)
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
                 outs.append(o[0].transpose(0, 1))  # (rows, H, D)
                 continue
             if kind == "unit":
                 first, end = what
                 ps, pe = self.segments[first][:2]
                 qp, kp, vp = (z[ps:pe].transpose(0, 1)[None] for z in (q, k, v))  # (1, heads, P, D)
-                o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
+                if window:
+                    rows = torch.arange(ps, pe)
+                    causal = self._near(("prompt", first, window), rows, rows, window, q.device)
+                    causal = causal & self._mask(pe - ps, 0, q.device)
+                    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=causal, scale=scale, enable_gqa=gqa)
+                else:
+                    o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
                 outs.append(o[0].transpose(0, 1))  # (P, H, D)
                 q_rows, k_rows, mask, kept, n, lmax, p = self._unit_plan(first, end, q.device)
+                if window:
+                    rs = self.segments[first + 1][0]
+                    qr = q_rows if q_rows is not None else torch.arange(rs, rs + n * lmax, device=q.device)
+                    near = self._near(("responses", first, window), qr.view(n, 1, lmax), k_rows.view(n, 1, -1),
+                                      window, q.device)  # (n, 1, Lmax, P + Lmax)
+                    mask = mask & near
                 qb = q[pe:self.segments[end - 1][1]] if q_rows is None else q.index_select(0, q_rows)
                 qb = qb.view(n, lmax, *q.shape[1:]).transpose(1, 2)  # (n, H, Lmax, D)
                 kb, vb = (z.index_select(0, k_rows).view(n, p + lmax, *z.shape[1:]).transpose(1, 2)
@@ -323,13 +354,21 @@ class _SegmentAttention:
             n, length, pre = len(run), self.lengths[run[0]], self.prefix[run[0]]
             qb = torch.stack([qs[j] for j in run]).transpose(1, 2)  # (n, H, L, D)
             kb, vb = (torch.stack([z[j] for j in run]).transpose(1, 2) for z in (ks, vs))  # (n, KVH, L, D)
-            if pre is None:
+            if pre is None and not window:
                 o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
             else:  # deterministic: a response on its own with its prompt's keys first
-                kp, vp = (z[pre].transpose(0, 1)[None].expand(n, -1, -1, -1) for z in (ks, vs))  # (n, KVH, P, D)
-                kb, vb = torch.cat((kp, kb), 2), torch.cat((vp, vb), 2)  # (n, KVH, P + L, D)
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=self._mask(length, kp.shape[2], q.device),
-                                                   scale=scale, enable_gqa=gqa)
+                p = 0
+                if pre is not None:
+                    kp, vp = (z[pre].transpose(0, 1)[None].expand(n, -1, -1, -1) for z in (ks, vs))  # (n, KVH, P, D)
+                    kb, vb = torch.cat((kp, kb), 2), torch.cat((vp, vb), 2)  # (n, KVH, P + L, D)
+                    p = kp.shape[2]
+                mask = self._mask(length, p, q.device)
+                if window:  # the rows of each segment (queries) and of its prefix then itself (keys)
+                    segs = [self.segments[j] for j in run]
+                    qr = torch.stack([torch.arange(s, e) for s, e, _, _ in segs])  # (n, L)
+                    kr = torch.stack([torch.cat((torch.arange(ps, pe), torch.arange(s, e))) for s, e, ps, pe in segs])
+                    mask = mask & self._near(("run", run[0], window), qr[:, None], kr[:, None], window, q.device)
+                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
             outs.append(o.transpose(1, 2).reshape(n * length, *q.shape[1:]))  # (n * L, H, D)
         return torch.cat(outs)
 
@@ -341,7 +380,7 @@ class _SegmentAttention:
             self.masks[key] = cols[None, :] <= prefix + torch.arange(q_len, device=device)[:, None]
         return self.masks[key]
 
-    def _flash(self, flash, q, k, v, scale):
+    def _flash(self, flash, q, k, v, scale, window=0):
         if self.varlen is None:
             kv_rows, cu_q, cu_k = [], [0], [0]
             for s, e, ps, pe in self.segments:
@@ -358,7 +397,8 @@ class _SegmentAttention:
         kv_index, cu_q, cu_k, max_q, max_k = self.varlen
         if any(pe > ps for _, _, ps, pe in self.segments):
             k, v = k[kv_index], v[kv_index]  # each segment's keys: its prefix, then its own (bottom-right causal)
-        return flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
+        return flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True,
+                     window_size=(window - 1, 0) if window > 0 else (-1, -1))
 
 
 def _flash_varlen():

@@ -4,10 +4,17 @@ A sequence owns a *block table*: a list of block ids, block `i` holding the K/V 
 `[i * block_size, (i + 1) * block_size)`. Blocks are reference counted so the `n` samples of one prompt share the
 prompt's blocks (`fork`); the one block a sample may write into while others still read it (the partial last block of
 the prompt) is copied first (`append_slot` returns the copy to make: copy-on-write).
+
+A sliding-window model's sequence gives back the blocks no future query can read (`release_before`): their table
+entries become `FREED` and stay in place, so block i still holds tokens [i * block_size, (i + 1) * block_size); the
+kernels never read entries before a query's window.
 """
 from __future__ import annotations
 
 from collections import deque
+
+
+FREED = -1  # a table entry whose block went back to the pool (before every window that will still read the table)
 
 
 class OutOfBlocks(RuntimeError):
@@ -67,19 +74,32 @@ class BlockAllocator:
     def fork(self, table: list[int]) -> list[int]:
         """A second owner of every block in `table` (prefix sharing): returns a copy of the table."""
         for b in table:
+            if b == FREED:
+                continue
             if self._ref[b] < 1:
                 raise ValueError(f"cannot fork free block {b}")
             self._ref[b] += 1
         return list(table)
 
     def free(self, table: list[int]) -> None:
-        """Drop one reference to each block of `table`; blocks nobody references go back to the free list."""
+        """Drop one reference to each block of `table` (FREED entries skipped); blocks nobody references go back to
+        the free list."""
         for b in table:
+            if b == FREED:
+                continue
             if self._ref[b] < 1:
                 raise ValueError(f"double free of block {b}")
             self._ref[b] -= 1
             if self._ref[b] == 0:
                 self._free.append(b)
+
+    def release_before(self, table: list[int], first: int) -> int:
+        """Drop `table`'s references to its blocks 0..first-1 (no query will read them again), in place: the entries
+        become FREED; a block shared with other tables stays theirs. Returns how many entries were released."""
+        released = [b for b in table[:first] if b != FREED]
+        self.free(released)
+        table[:first] = [FREED] * min(first, len(table))
+        return len(released)
 
     def append_slot(self, table: list[int], position: int) -> tuple[int, int] | None:
         """Make `table` able to take the token at `position` (0-based), in place.

@@ -21,12 +21,15 @@ class StepInputs(NamedTuple):
 
 
 def slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Flat cache slots (block * block_size + offset) of token positions [start, end) of a sequence."""
-    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+    """Flat cache slots (block * block_size + offset) of token positions [start, end) of a sequence; -1 (not
+    stored) for a token whose block is FREED (before the window of every query that will read the cache)."""
+    return [-1 if table[p // block_size] < 0 else table[p // block_size] * block_size + p % block_size
+            for p in range(start, end)]
 
 
 def table_tensor(tables: list[list[int]], device: torch.device) -> torch.Tensor:
-    """(len(tables), max_blocks) int32, rows padded with block 0 (never read: past the context length)."""
+    """(len(tables), max_blocks) int32, rows padded with block 0 (never read: past the context length); FREED
+    entries (-1) stay, never read either (before the query's window)."""
     width = max(1, max(len(t) for t in tables))
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
 

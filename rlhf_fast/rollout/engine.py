@@ -81,15 +81,20 @@ class RolloutEngine:
         lm = self.lm
         prompts = check_prompts(prompts, lm.vocab_size, lm.max_context, params.max_new_tokens)
         longest = max(len(p) for p in prompts) + params.max_new_tokens - 1  # tokens of K/V one sequence holds
-        if -(-longest // self.block_size) > self.num_blocks:
-            raise ValueError(f"a sequence of {longest} tokens needs {-(-longest // self.block_size)} KV blocks but the "
-                             f"pool has {self.num_blocks}: raise num_blocks / kv_cache_memory or shorten the request")
+        need = -(-longest // self.block_size)
+        window = lm.kv_window
+        if window and not self.deterministic:  # a sequence holds its window's blocks only (rollout/scheduler.py)
+            need = min(need, -(-window // self.block_size) + 1)
+        if need > self.num_blocks:
+            raise ValueError(f"a sequence of {longest} tokens needs {need} KV blocks but the pool has "
+                             f"{self.num_blocks}: raise num_blocks / kv_cache_memory or shorten the request")
         if longest > self.max_batch_tokens:
             raise ValueError(f"a sequence of {longest} tokens exceeds max_batch_tokens={self.max_batch_tokens} "
                              f"(a preempted sequence is recomputed in one prefill step)")
         seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
         allocator = BlockAllocator(self.num_blocks, self.block_size)
-        sched = Scheduler(allocator, self.max_batch_tokens, self.max_num_seqs)
+        sched = Scheduler(allocator, self.max_batch_tokens, self.max_num_seqs, window=window,
+                          prefill_reads_cache=self.deterministic)
         all_seqs: list[Sequence] = []
         for i, p in enumerate(prompts):
             group = [Sequence(len(all_seqs) + j, i, j, list(p), len(p), self._generator(seed, first_index + i, j))

@@ -5,6 +5,13 @@ running sequence advances one token). Finished sequences leave after every step,
 there is room. When a decode step runs out of blocks, the newest running sequences are preempted: their blocks are
 freed and they go back to the front of the queue, to be recomputed (prefill over prompt + generated tokens) later.
 The `n` samples of a prompt are admitted together: one prefill, then the samples fork the prompt's block table.
+
+With a sliding window W (every layer of the model reads only a query's last W keys) a sequence keeps only the blocks
+its next query can still read: before each decode step the blocks entirely before position p - W + 1 (p the query's
+position) go back to the pool (`BlockAllocator.release_before`; shared blocks stay while another sample reads them).
+A prefill that does not read the cache (the default mode: attention over the step's own keys) stores and allocates
+only the blocks of its window's tail; one that does (deterministic mode) allocates them all and releases them at the
+next decode. So a sequence holds about W / block_size + 1 blocks however long it grows.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ from collections import deque
 
 import torch
 
-from rlhf_fast.rollout.allocator import BlockAllocator
+from rlhf_fast.rollout.allocator import FREED, BlockAllocator
 
 
 @dataclasses.dataclass(eq=False)
@@ -50,8 +57,14 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_batch_tokens: int, max_num_seqs: int):
+    """window: the model's sliding window over every layer (0: none); prefill_reads_cache: prefill queries read
+    the cache (deterministic mode), so a prefill needs every block of its tokens."""
+
+    def __init__(self, allocator: BlockAllocator, max_batch_tokens: int, max_num_seqs: int, *, window: int = 0,
+                 prefill_reads_cache: bool = False):
         self.allocator = allocator
+        self.window = window
+        self.prefill_reads_cache = prefill_reads_cache
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = min(max_num_seqs, max_batch_tokens)
         self.waiting: deque[Sequence] = deque()
@@ -63,6 +76,12 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def first_live_block(self, query_position: int) -> int:
+        """The first block a query at `query_position` (or any later one) reads: its window's first key's."""
+        if not self.window:
+            return 0
+        return max(0, query_position - self.window + 1) // self.allocator.block_size
 
     def schedule(self) -> Step:
         step = self._schedule_prefill()
@@ -79,10 +98,11 @@ class Scheduler:
             n = len(seq.tokens)
             if seqs and (n > budget or len(self.running) + group > self.max_num_seqs):
                 break
-            if alloc.blocks_for(n) > alloc.num_free:
+            skip = 0 if self.prefill_reads_cache else self.first_live_block(n)  # next query: position n
+            if alloc.blocks_for(n) - skip > alloc.num_free:
                 break
             self.waiting.popleft()
-            seq.block_table = alloc.allocate(alloc.blocks_for(n))
+            seq.block_table = [FREED] * skip + alloc.allocate(alloc.blocks_for(n) - skip)
             row = len(seqs)
             seqs.append(seq)
             samplers.append((seq, row))
@@ -99,6 +119,9 @@ class Scheduler:
         alloc = self.allocator
         copies: list[tuple[int, int]] = []
         i = 0
+        if self.window:  # give back what no query will read again, before deciding who fits
+            for seq in self.running:
+                alloc.release_before(seq.block_table, self.first_live_block(seq.num_cached))
         while i < len(self.running):
             seq = self.running[i]
             while alloc.append_cost(seq.block_table, seq.num_cached) > alloc.num_free:
