@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import _peers
+from _tiny import one_thread
 
 V, H = 40, 32
 
@@ -247,7 +248,8 @@ def test_patch_routes_trl_fused_lm_head(trl_env, monkeypatch):
 
 def test_training_logs_trl_metrics(trl_env, tmp_path):
     """Two optimizer steps of `trainer.train()` (generation, rewards, old/reference log-probs, loss, optimizer, the
-    logger), once with TRL's GRPOTrainer and once with ours, from the same weights and seed: every value TRL logs,
+    logger), once with TRL's GRPOTrainer and once with ours (TRL's generate), from the same weights and seed: every
+    value TRL logs,
     ours logs under the same key and within rounding; ours adds only `entropy/seq_mean` and `kl/seq_mean`."""
     trl, plugin, trainer = trl_env
     init = tmp_path / "init"  # TRL loads its reference model (beta != 0) from the policy's path
@@ -259,9 +261,10 @@ def test_training_logs_trl_metrics(trl_env, tmp_path):
                               temperature=0.8, bf16=False, beta=0.05, use_bias_correction_kl=False, epsilon_high=0.28,
                               num_iterations=2, max_steps=2, logging_steps=1, seed=3, optim="sgd", learning_rate=2.0,
                               save_strategy="no", loss_type="grpo")
+        same_generate = {} if cls is trl.GRPOTrainer else {"generation_backend": "trl"}  # the same completions
         run = cls(model=str(init), args=args, train_dataset=trainer.train_dataset,
                   processing_class=trainer.processing_class,
-                  reward_funcs=lambda completions, **kw: [float(len(c) % 3) for c in completions])
+                  reward_funcs=lambda completions, **kw: [float(len(c) % 3) for c in completions], **same_generate)
         run.train()
         histories.append([h for h in run.state.log_history if "loss" in h])
     theirs, ours = histories
@@ -274,6 +277,46 @@ def test_training_logs_trl_metrics(trl_env, tmp_path):
                 assert o[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (k, o[k], v)
         clipped += t["clip_ratio/region_mean"]
     assert clipped > 0, "no token was clipped: the clip metrics compared nothing"
+
+
+def test_training_with_the_engine_against_trls_generate(trl_env, tmp_path):
+    """Ten optimizer steps of `trainer.train()` from the same weights, generating with TRL's generate
+    (`trl.GRPOTrainer`) and with RolloutEngine (ours, "auto"). The completions differ (another RNG), so this
+    compares what must agree: at each generation step the weights are those that generated, so the ratio is 1 (no
+    clipped token) and, at the first, the KL to the reference (the same weights) is ~0 on both; the engine's old
+    log-probs stand in for TRL's forward pass (num_iterations=2); and both reward curves rise."""
+    import datasets
+    from datasets.table import InMemoryTable
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    trl, plugin, trainer = trl_env
+    tok = trainer.processing_class
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "init")
+    ds = datasets.Dataset(InMemoryTable.from_pydict(
+        {"prompt": ["user : reverse a b assistant :", "user : reverse c assistant :"] * 16}), fingerprint="rf-trend")
+    rewards = {}
+    for cls in (trl.GRPOTrainer, plugin.GRPOTrainer):
+        args = trl.GRPOConfig(output_dir=str(tmp_path / cls.__module__), per_device_train_batch_size=8,
+                              num_generations=4, max_completion_length=8, use_cpu=True, report_to="none",
+                              temperature=1.0, bf16=False, num_iterations=2, beta=0.05, use_bias_correction_kl=False,
+                              max_steps=10, logging_steps=1, save_strategy="no", seed=3, optim="adamw_torch",
+                              learning_rate=0.03)
+        run = cls(model=str(tmp_path / "init"), args=args, train_dataset=ds, processing_class=tok,
+                  reward_funcs=lambda completions, **kw: [c.split().count("a") / 8 for c in completions])
+        assert getattr(run, "use_rlhf_fast_engine", False) == (cls is plugin.GRPOTrainer)
+        with one_thread():
+            run.train()
+        logs = [h for h in run.state.log_history if "loss" in h]
+        generated = [h for h in logs if "reward" in h]  # the steps that generated (every num_iterations)
+        assert len(generated) == 5
+        assert abs(generated[0]["kl"]) < 1e-6, cls
+        assert all(h["clip_ratio/region_mean"] == 0.0 for h in generated), cls
+        rewards[cls] = [h["reward"] for h in generated]
+    for cls, r in rewards.items():
+        assert r[-1] > r[0] and sum(r[-2:]) > sum(r[:2]), (cls, r)
 
 
 def test_tested_release_is_declared(trl_env):
