@@ -8,7 +8,8 @@ Steps, in priority order (a step the budget no longer allows is reported as skip
   build        `rlhf_fast._C` for this device's own arch (RLHF_FAST_CUDA_ARCHS from the capability); build.log kept;
                `pip install -e .` first when this checkout is not the installed rlhf_fast
   correctness  `pytest -m gpu -x`: every Triton and CUDA C++ kernel vs float64, batch invariance, rollout log-probs
-  perf/*       each benchmark's GPU mode at its headline shape, rows with time, GB/s or TFLOP/s, fraction of peak
+  perf/*       each benchmark's GPU mode at its headline shape, rows with time, GB/s or TFLOP/s, fraction of peak;
+               perf/trl_grpo: a GRPO step in TRL's train() with TRL's generate, ours, and vLLM colocate if installed
 Everything lands in DIR: summary.md, summary.csv, summary.json, one log per step and the benchmarks' CSV/JSON/PNG.
 On CUDA each step runs in its own process (a crash or hang costs that step only, killed at the budget); the dry
 run runs them in this process (one interpreter start instead of nine on a 2-core CI machine) and skips only the
@@ -468,6 +469,23 @@ def step_losses(chk: Check) -> Outcome:
     return _done(rc, "bench_losses.log", targets)
 
 
+def step_trl_grpo(chk: Check) -> Outcome:
+    """GRPO step inside TRL's `train()`: trl.GRPOTrainer (transformers' generate) vs ours (RolloutEngine + fused
+    loss), and TRL with vLLM colocate where vllm is installed; skipped where TRL cannot be imported or installed."""
+    rc = _bench(chk, "bench_trl_grpo", [], 150.0)
+    rows = _rows(chk, "trl_grpo_gpu")
+    if not rows and "TRL unavailable" in (chk.out / "bench_trl_grpo.log").read_text(errors="replace"):
+        return Outcome("skipped", "TRL is not installed and cannot be; see bench_trl_grpo.log")
+    targets = [Target(f"GRPO step {r['side']} ({r['prompts']} x {r['generations']} x {r['new_tokens']}, "
+                      f"{r['params_M']}M): s (generate s, x trl)",
+                      f"{r['step_s']} ({r['generate_s']}, {r['speedup']}x)") for r in rows]
+    ours = _pick(rows, side="rlhf_fast")
+    if ours and not chk.dry_run:
+        targets.append(Target("GRPO step speed-up over trl.GRPOTrainer", ours["speedup"], ">= 2",
+                              ours["speedup"] >= 2.0))
+    return _done(rc, "bench_trl_grpo.log", targets or [Target("GRPO step rows", None, "present", False)])
+
+
 STEPS = [
     Step("env", "env", step_env, 0, 30),
     Step("build", "build", step_build, 30, 240),
@@ -479,6 +497,7 @@ STEPS = [
     Step("perf/rollout", "perf", step_rollout, 30, 150),
     Step("perf/ppo_iteration", "perf", step_ppo_iteration, 30, 180),
     Step("perf/losses", "perf", step_losses, 10, 60),
+    Step("perf/trl_grpo", "perf", step_trl_grpo, 40, 150),
 ]
 
 

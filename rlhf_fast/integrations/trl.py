@@ -1,8 +1,14 @@
-"""TRL plug-in: `ops.linear_token_logprobs` behind TRL's fused LM head, and a GRPO trainer on our fused PPO step.
+"""TRL plug-in: `ops.linear_token_logprobs` behind TRL's fused LM head, GRPO on our fused PPO step, and GRPO / RLOO
+generating with our RolloutEngine.
 
     from rlhf_fast.integrations import trl as rf_trl
     rf_trl.patch()                      # every trainer's `fused_lm_head=True` forward (GRPO, RLOO, DPO, KTO, SFT)
-    trainer = rf_trl.GRPOTrainer(...)   # trl.GRPOTrainer whose `_compute_loss` is one `ops.ppo_loss_from_hidden`
+    trainer = rf_trl.GRPOTrainer(...)   # trl.GRPOTrainer: `_compute_loss` is one `ops.ppo_loss_from_hidden`, and
+                                        # generation is RolloutEngine where TRL would call transformers' generate
+    trainer = rf_trl.RLOOTrainer(...)   # trl.RLOOTrainer generating with RolloutEngine (TRL's loss)
+
+Generation (`_trl_generate.py`): both trainers take `generation_backend="auto" | "rlhf_fast" | "trl"`; the engine's
+sampled-token log-probs stand in for TRL's old-policy forward pass. See that module for what is covered.
 
 `patch()` replaces the projection function of `trl.trainer.utils.add_fused_lm_head`'s forward
 (`trl.trainer.utils._ChunkedLogProbFunction`, TRL's chunked `hidden @ W.T` log-prob kernel) with ours where we
