@@ -230,3 +230,50 @@ def test_uncovered_model_falls_back_and_switch_returns_to_trl(env, monkeypatch):
         out = trainer._generate_and_score_completions(_batch())
         assert called and trainer._rf_engine is None
         assert out["completion_ids"].shape[0] == 4
+
+
+def test_conversational_prompts(env, tmp_path):
+    """Chat prompts: TRL renders and tokenizes them (its chat template path); the engine gets exactly those ids."""
+    import datasets
+    from datasets.table import InMemoryTable
+
+    from rlhf_fast.default_task import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant :{% endif %}")
+    chats = [[{"role": "user", "content": p.split(" : ")[1].removesuffix(" assistant")}] for p in PROMPTS[:2]]
+    ds = datasets.Dataset(InMemoryTable.from_pydict({"prompt": chats * 2}), fingerprint="rlhf_fast-chat")
+    trainer = env.plugin.GRPOTrainer(
+        model=_model(tok), args=env.trl.GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                                                   num_generations=2, max_completion_length=6, use_cpu=True,
+                                                   report_to="none", bf16=False, save_strategy="no"),
+        train_dataset=ds, processing_class=tok, reward_funcs=lambda completions, **kw: [0.0] * len(completions))
+    assert trainer.use_rlhf_fast_engine
+    seen = []
+    real = trainer._rf_generate
+    trainer._rf_generate = lambda ids, n: seen.append([list(x) for x in ids]) or real(ids, n)
+    batch = [{"prompt": c} for c in chats for _ in range(2)]
+    out = trainer._generate_and_score_completions(batch)
+    want = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True)["input_ids"] for c in chats]
+    assert seen == [[list(w) for w in want for _ in range(2)]]
+    rows = [r[m.bool()].tolist() for r, m in zip(out["prompt_ids"], out["prompt_mask"])]
+    assert rows == seen[0]
+
+
+@pytest.mark.parametrize("kind", ["GRPO", "RLOO"])
+def test_train_with_the_engine(env, kind, tmp_path):
+    """TRL's `train()` with generation every 2 optimizer steps (steps_per_generation=2: TRL would recompute the
+    old log-probs): it runs, generates with the engine, logs TRL's metrics and moves the weights."""
+    from _tiny import one_thread
+
+    trainer = _trainer(env, kind, steps_per_generation=2, num_iterations=1, max_steps=4, logging_steps=1,
+                       learning_rate=0.05, optim="sgd", output_dir=str(tmp_path), beta=0.0)
+    assert trainer.use_rlhf_fast_engine
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with one_thread():
+        trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 4 and all(h["loss"] == h["loss"] for h in logs)
+    assert sum("reward" in h for h in logs) == 2  # generated at steps 1 and 3
+    assert any((a != b).any() for a, b in zip(before, trainer.model.parameters()))
