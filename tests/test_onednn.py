@@ -1,6 +1,6 @@
 """oneDNN's linear on a reordered weight (`rlhf_fast.ops._onednn`): where it applies, that it equals the plain GEMM
-to fp32 rounding, that the chunked lm_head tiles stay batch-invariant through it, and that the rollout's decode
-steps use it inside `packed_head` only."""
+to fp32 rounding, that the chunked lm_head's vocab blocks stay batch-invariant through it and never reorder the whole
+weight, and that the rollout's decode steps use it inside `packed_head` only."""
 import pytest
 import torch
 
@@ -31,16 +31,19 @@ def test_linear_equals_the_gemm(rows):
     torch.testing.assert_close(onednn.linear(x, onednn.pack(w, rows), b), x @ w.T + b, atol=1e-4, rtol=1e-5)
 
 
-def test_fixed_tiles_go_through_onednn_match_and_stay_batch_invariant(monkeypatch):
-    h, w = torch.randn(700, 32), torch.randn(503, 32)
-    calls = []
-    real = onednn.linear
-    monkeypatch.setattr(onednn, "linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    got = torch.cat([lg.clone() for _, _, _, lg in lc.iter_chunks(h, w, None, 512)])
-    assert calls == [lc.ROW_TILE] * 3  # 700 rows: three zero-padded tiles
-    torch.testing.assert_close(got, h @ w.T, atol=1e-4, rtol=1e-5)
-    alone = next(lc.iter_chunks(h[600:601], w, None, 256))[3]  # a row's logits do not depend on its tile mates
-    assert torch.equal(alone[0], got[600])
+def test_vocab_blocks_go_through_onednn_match_and_stay_batch_invariant(monkeypatch):
+    monkeypatch.setattr(lc, "BLOCK_ELEMENTS", 300 * 32)  # 503 rows: blocks of 300 and 203
+    h, w, b = torch.randn(700, 32), torch.randn(503, 32), torch.randn(503)
+    reordered = []
+    real = onednn.reorder
+    monkeypatch.setattr(onednn, "reorder", lambda wb, r: reordered.append(tuple(wb.shape)) or real(wb, r))
+    tiles = [(v0, t0, rows, lg.clone()) for v0, t0, rows, _, lg in lc.iter_blocks(h, w, b)]
+    assert reordered == [(300, 32), (203, 32)]  # one reorder per block, never the whole weight
+    assert [lg.shape for *_, lg in tiles] == [(lc.BLOCK_TILE, 300)] * 3 + [(lc.BLOCK_TILE, 203)] * 3
+    got = torch.cat([torch.cat([lg[:rows] for v, _, rows, lg in tiles if v == v0]) for v0 in (0, 300)], 1)
+    torch.testing.assert_close(got, h @ w.T + b, atol=1e-4, rtol=1e-5)
+    alone = [lg for *_, lg in lc.iter_blocks(h[600:601], w, b)]  # a row's logits do not depend on its tile mates
+    assert torch.equal(torch.cat([alone[0][0], alone[1][0]]), got[600])
 
 
 def test_decode_logits_use_the_packed_head_inside_the_block_only(monkeypatch):
@@ -62,26 +65,50 @@ def test_decode_logits_use_the_packed_head_inside_the_block_only(monkeypatch):
     torch.testing.assert_close(exact, plain, atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_logprobs_through_onednn_match_float64(monkeypatch):
-    """The op the oneDNN tiles serve, `linear_token_logprobs` (fp32, CPU), against its float64 reference: log-probs,
-    entropy and the gradients of hidden, weight and bias, with ignored labels and an odd row count."""
-    from rlhf_fast.ops import linear_token_logprobs, reference
+@pytest.mark.parametrize("block_elements", [1 << 22, 300 * 24])  # one vocab block; blocks of 300, 300, 300, 117
+def test_chunked_logprobs_through_onednn_match_float64(monkeypatch, block_elements):
+    """The op the oneDNN blocks serve, `linear_token_logprobs` (fp32, CPU), against its float64 reference: log-probs,
+    entropy and the gradients of hidden, weight and bias, with ignored labels, an odd row count, a temperature and
+    (second case) labels in every vocab block, merged across blocks; bitwise batch-invariant."""
+    from rlhf_fast.ops import linear_token_logprobs, reference, use_backend
 
+    monkeypatch.setattr(lc, "BLOCK_ELEMENTS", block_elements)
     calls = []
     real = onednn.linear
     monkeypatch.setattr(onednn, "linear", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(7)
-    hidden, weight = torch.randn(301, 24, generator=g), torch.randn(517, 24, generator=g) / 3
-    bias, labels = torch.randn(517, generator=g) * 0.5, torch.randint(0, 517, (301,), generator=g)
+    hidden, weight = torch.randn(301, 24, generator=g), torch.randn(1017, 24, generator=g) / 3
+    bias, labels = torch.randn(1017, generator=g) * 0.5, torch.randint(0, 1017, (301,), generator=g)
     labels[::5] = -100
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
     refs = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
-    logp, ent = linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True)
-    rlogp, rent = reference.linear_token_logprobs(refs[0], refs[1], labels, bias=refs[2], return_entropy=True)
-    assert calls, "the chunked path did not go through oneDNN"
+    with use_backend("native"):
+        logp, ent = linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True,
+                                          temperature=0.7)
+        assert calls, "the chunked path did not go through oneDNN"
+        for rows in (slice(40, 41), slice(37, 300)):
+            lp, en = linear_token_logprobs(hidden[rows], weight, labels[rows], bias=bias, return_entropy=True,
+                                           temperature=0.7)
+            assert torch.equal(lp, logp[rows].detach()) and torch.equal(en, ent[rows].detach())
+    rlogp, rent = reference.linear_token_logprobs(refs[0], refs[1], labels, bias=refs[2], return_entropy=True,
+                                                  temperature=0.7)
     torch.testing.assert_close(logp.double(), rlogp.detach(), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(ent.double(), rent.detach(), atol=2e-5, rtol=1e-5)
     (logp.sum() + ent.sum()).backward()
     (rlogp.sum() + rent.sum()).backward()
     for a, b in zip(leaves, refs):
         torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_truncated_support_and_the_torch_rows_keep_the_row_chunks(monkeypatch):
+    """The vocab blocks need the native row kernels and the whole row's support: a truncated support (top-k) or the
+    torch row kernels take the fixed row tiles through MKL, and no oneDNN reorder is made."""
+    from rlhf_fast.ops import linear_token_logprobs, use_backend
+
+    monkeypatch.setattr(onednn, "reorder", lambda *a: pytest.fail("reordered"))
+    hidden, weight, labels = torch.randn(9, 24), torch.randn(517, 24), torch.randint(0, 517, (9,))
+    with use_backend("native"):
+        linear_token_logprobs(hidden, weight, labels, top_k=5)
+    with use_backend("torch"):
+        linear_token_logprobs(hidden, weight, labels)
+    assert not lc.use_blocks(weight.double(), "native", False) and lc.use_blocks(weight, "native", False)

@@ -5,6 +5,11 @@ Only rows whose label is not `ignore_index` are gathered; they go through the lm
 position or chunk size: that is what makes the result batch-invariant (for a fixed BLAS and thread count). A chunk
 of `chunk_rows` rows holds its logits in one (chunk_rows, V) buffer; the row kernel turns it into logp, lse and
 entropy, and in the backward pass (which recomputes the logits) into dlogits, in place.
+
+Large fp32 CPU weights (oneDNN's size gate) without a truncated support go vocab block by vocab block instead
+(`iter_blocks`): each block of `block_rows` weight rows is reordered once for oneDNN into a buffer of at most
+BLOCK_ELEMENTS elements and meets every row tile (ROW_TILE, H) x (H, block); the row kernel gives each block's lse
+and entropy, merged per row in block order. No copy of the whole weight is ever made.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from rlhf_fast.ops import _onednn as onednn
 
 ROW_TILE = 256  # rows per lm_head matmul: fixed so every row sees the same GEMM shape (smaller tiles run slower)
 TARGET_CHUNK_BYTES = 32 << 20  # default chunk: about 32 MiB of logits
+BLOCK_ELEMENTS = 1 << 23  # weight elements per oneDNN vocab block (32 MiB fp32), the only reordered copy alive
+BLOCK_TILE = 256  # rows per oneDNN matmul against a vocab block: fixed, as ROW_TILE
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -110,9 +117,6 @@ def iter_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     hbuf = h.new_zeros(chunk_rows, width)  # (C, H), zero padding past the last row
     logits = h.new_empty(chunk_rows, weight.shape[0])  # (C, V)
     wt = weight.t()  # (H, V)
-    # fixed tiles on CPU fp32: oneDNN on a weight reordered for ROW_TILE rows (4096 rows x vocab 32000: 0.85 s vs
-    # 1.21 s with MKL, the copy out included); one chunk-sized GEMM gains nothing from it (measured), so stays MKL's
-    packed = onednn.pack(weight, ROW_TILE) if fixed_tiles and m else None
     for start in range(0, m, chunk_rows):
         rows = min(chunk_rows, m - start)
         padded = -(-rows // ROW_TILE) * ROW_TILE
@@ -121,13 +125,93 @@ def iter_chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         if not fixed_tiles:
             torch.matmul(hbuf[:rows], wt, out=logits[:rows])  # (rows, V)
         for t in range(0, padded if fixed_tiles else 0, ROW_TILE):
-            if packed is not None:
-                logits[t:t + ROW_TILE].copy_(onednn.linear(hbuf[t:t + ROW_TILE], packed))
-            else:
-                torch.matmul(hbuf[t:t + ROW_TILE], wt, out=logits[t:t + ROW_TILE])  # (ROW_TILE, V)
+            torch.matmul(hbuf[t:t + ROW_TILE], wt, out=logits[t:t + ROW_TILE])  # (ROW_TILE, V)
         if bias is not None:
             logits[:rows].add_(bias)
         yield start, rows, hbuf[:rows], logits[:rows]
+
+
+def block_rows(vocab: int, width: int) -> int:
+    """Weight rows per oneDNN vocab block: BLOCK_ELEMENTS / H (at least BLOCK_TILE), at most V."""
+    return min(vocab, max(BLOCK_TILE, BLOCK_ELEMENTS // width))
+
+
+def use_blocks(weight: torch.Tensor, kind, truncated: bool) -> bool:
+    """The vocab-block path: native row kernels, no truncated support, a weight oneDNN applies to."""
+    return (kind is True or kind == "native") and not truncated and onednn.applies(weight)
+
+
+def iter_blocks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Yield (v0, t0, rows, h_tile (BLOCK_TILE, H), logits (BLOCK_TILE, nb)) over vocab blocks (outer) and row tiles of
+    h (M, H) (inner); each block of W reordered once into the only oneDNN copy alive (a zero-padded last tile's
+    padding rows are in h_tile and logits too). Measured (2 cores, M 4096, H 1024, V 32768): the block reorders
+    cost about one pass over W and the tiles run as fast as on a once-reordered whole weight."""
+    m, width = h.shape
+    vocab, nb = weight.shape[0], block_rows(*weight.shape)
+    hbuf = h.new_empty(BLOCK_TILE, width)  # (BLOCK_TILE, H)
+    for v0 in range(0, vocab, nb):
+        packed = None  # the previous block's copy goes before the next is made
+        packed = onednn.reorder(weight[v0:v0 + nb], BLOCK_TILE)  # (nb, H) blocked
+        bb = None if bias is None else bias[v0:v0 + nb].detach()
+        for t0 in range(0, m, BLOCK_TILE):
+            rows = min(BLOCK_TILE, m - t0)
+            hbuf[:rows].copy_(h[t0:t0 + rows])
+            hbuf[rows:].zero_()
+            yield v0, t0, rows, hbuf, onednn.linear(hbuf, packed, bb)  # (BLOCK_TILE, nb)
+
+
+def blocked_fwd(h, weight, bias, y, inv_temp, logp, lse, ent) -> None:
+    """logp, lse, entropy (M,) of the rows h (M, H) with labels y (M,), through `iter_blocks`: per block b the row
+    kernel gives lse_b and entropy H_b (E_b[z] = lse_b - H_b); merged per row in block order in float64:
+        lse = log sum_b exp(lse_b),   H = lse - sum_b exp(lse_b - lse) E_b[z],   logp = z_y - lse.
+    The merge runs per BLOCK_TILE tile of (padded) rows, so a row meets the same vector code in any batch."""
+    m, vocab = h.shape[0], weight.shape[0]
+    nb = block_rows(vocab, h.shape[1])
+    padded = -(-m // BLOCK_TILE) * BLOCK_TILE
+    lse_b = torch.empty(-(-vocab // nb), padded, dtype=torch.float32)  # (blocks, M padded)
+    ent_b, zy = torch.empty_like(lse_b), torch.zeros(padded, dtype=torch.float32)  # zy: z of the label
+    scratch = torch.empty(BLOCK_TILE, dtype=torch.float32)  # the kernel's logp of a stand-in label
+    for v0, t0, _, _, logits in iter_blocks(h, weight, bias):
+        tile = slice(t0, t0 + BLOCK_TILE)
+        yt = torch.zeros(BLOCK_TILE, dtype=torch.int64)
+        yt[:min(BLOCK_TILE, m - t0)] = y[t0:t0 + BLOCK_TILE] - v0
+        inside = (yt >= 0) & (yt < logits.shape[1])
+        yt = torch.where(inside, yt, 0)  # a column inside the block (its logp is not used)
+        native_rows_fwd(logits, yt, inv_temp, -1, scratch, lse_b[v0 // nb, tile], ent_b[v0 // nb, tile])
+        z = logits.gather(1, yt[:, None]).squeeze(1).mul_(inv_temp)  # (BLOCK_TILE,) as the kernel scales it
+        zy[tile] = torch.where(inside, z, zy[tile])
+    for t0 in range(0, padded, BLOCK_TILE):
+        tile = slice(t0, t0 + BLOCK_TILE)
+        lb, eb = lse_b[:, tile].double(), ent_b[:, tile].double()  # (blocks, BLOCK_TILE)
+        top = lb.amax(0).clamp_min(torch.finfo(torch.float64).min)  # finite even for all -inf rows
+        w = (lb - top).exp()
+        s = w.sum(0)
+        row_lse = top + s.log()
+        mean_z = torch.where(w > 0, w * (lb - eb), torch.zeros_like(w)).sum(0) / s  # E_p[z]
+        rows = min(BLOCK_TILE, m - t0)
+        lse[t0:t0 + rows] = row_lse[:rows]
+        ent[t0:t0 + rows] = (row_lse - mean_z)[:rows]
+        logp[t0:t0 + rows] = (zy[tile].double() - row_lse)[:rows]
+
+
+def blocked_bwd(h, weight, bias, y, lse, ent, dlogp, dent, inv_temp, dh, dw, db) -> None:
+    """dh (M, H) = dlogits @ W; dw (V, H) += dlogits^T @ h; db (V,) += sum(dlogits), each of dh, dw, db optional;
+    dlogits by the row kernel from the forward's lse and entropy, one (BLOCK_TILE, block) tile at a time."""
+    for v0, t0, rows, ht, logits in iter_blocks(h, weight, bias):
+        nb, sl = logits.shape[1], slice(t0, t0 + rows)
+        yt = y[sl] - v0
+        yt = torch.where((yt >= 0) & (yt < nb), yt, nb)  # outside the block: no label column here
+        d = logits[:rows]
+        native_rows_bwd(d, yt, lse[sl], ent[sl], dlogp[sl], dent[sl], inv_temp, -1, d)
+        if dh is not None:
+            if v0 == 0:
+                torch.matmul(d, weight[:nb], out=dh[sl])  # (rows, H)
+            else:
+                dh[sl].addmm_(d, weight[v0:v0 + nb])
+        if dw is not None:
+            dw[v0:v0 + nb].addmm_(d.t(), ht[:rows])  # (nb, H)
+        if db is not None:
+            db[v0:v0 + nb].add_(d.sum(0))
 
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
@@ -145,14 +229,17 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         thr_v = thr.index_select(0, idx).to(cd) if thr is not None else None  # (M,)
         thr_v = torch.empty_like(logp_v) if select is not None and thr_v is None else thr_v
         chunk_rows = chunk_rows_for(chunk_size, m, vocab)
-        for start, rows, _, logits in iter_chunks(h, weight, bias, chunk_rows):
+        blocks = use_blocks(weight, use_native, thr_v is not None)
+        if blocks:
+            blocked_fwd(h, weight, bias, y, inv_temp, logp_v, lse_v, ent_v)
+        for start, rows, _, logits in [] if blocks else iter_chunks(h, weight, bias, chunk_rows):
             sl = slice(start, start + rows)
             if select is not None and thr is None:
                 thr_v[sl] = select(logits)
             rows_fwd(logits, y[sl], inv_temp, ignore_index, logp_v[sl], lse_v[sl], ent_v[sl],
                      None if thr_v is None else thr_v[sl])
         ctx.save_for_backward(hidden, weight, bias, idx, y, lse_v, ent_v, thr_v)
-        ctx.cfg = (inv_temp, ignore_index, chunk_rows, use_native)
+        ctx.cfg = (inv_temp, ignore_index, chunk_rows, use_native, blocks)
         logp = torch.zeros(n, dtype=cd, device=hidden.device).index_copy_(0, idx, logp_v)
         ent = torch.zeros(n, dtype=cd, device=hidden.device).index_copy_(0, idx, ent_v)
         return logp, ent
@@ -160,7 +247,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dlogp, dent):
         hidden, weight, bias, idx, y, lse_v, ent_v, thr_v = ctx.saved_tensors
-        inv_temp, ignore_index, chunk_rows, use_native = ctx.cfg
+        inv_temp, ignore_index, chunk_rows, use_native, blocks = ctx.cfg
         _, rows_bwd = row_kernels(use_native)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         cd = lse_v.dtype
@@ -170,7 +257,9 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_b else None
-        for start, rows, hc, logits in iter_chunks(h, weight, bias, chunk_rows):
+        if blocks:
+            blocked_bwd(h, weight, bias, y, lse_v, ent_v, dlogp_v, dent_v, inv_temp, dh, dw, db)
+        for start, rows, hc, logits in [] if blocks else iter_chunks(h, weight, bias, chunk_rows):
             sl = slice(start, start + rows)
             rows_bwd(logits, y[sl], lse_v[sl], ent_v[sl], dlogp_v[sl], dent_v[sl], inv_temp, ignore_index, logits,
                      None if thr_v is None else thr_v[sl])

@@ -1,11 +1,13 @@
-"""oneDNN's fp32 linear on a weight reordered once into its blocked layout (CPU).
+"""oneDNN's fp32 linear on a weight reordered into its blocked layout (CPU).
 
 On this project's AVX2 CPU, `x @ W.T` against a whole vocabulary with a few hundred rows or fewer runs 1.5-2x faster
 through oneDNN on a reordered weight than through MKL's GEMM on the plain one (vocab 32000, hidden 256: 64 rows
 14 ms vs 30 ms, 256 rows 37 ms vs 62 ms); the reorder costs about one pass over the weight, so it pays once the
-weight is used for a few hundred rows. Used by the rollout's decode steps and the chunked lm_head ops (ROW_TILE-row
-tiles). `torch.ops.mkldnn._linear_pointwise` and `_reorder_linear_weight` are PyTorch's own (what its CPU compiler
-emits for linear layers); without them every caller keeps its GEMM.
+weight is used for a few hundred rows. The reordered copy is as large as the weight, so no caller keeps one longer
+than it must: the rollout's decode steps hold the lm_head's copy for one `generate` (`BoundLM.packed_head`), and
+the chunked lm_head op reorders one vocab block at a time into a buffer of a few MiB (`_linear_chunked`).
+`torch.ops.mkldnn._linear_pointwise` and `_reorder_linear_weight` are PyTorch's own (what its CPU compiler emits for
+linear layers); without them every caller keeps its GEMM.
 """
 from __future__ import annotations
 
@@ -28,16 +30,24 @@ def available() -> bool:
 MIN_ELEMENTS = 1 << 21  # smaller weights: oneDNN's per-call overhead and the reorder outweigh its faster GEMM
 
 
-def pack(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
-    """`weight` (out, in) reordered for about `rows_hint` rows per call; None where oneDNN does not apply or does
-    not pay: not a plain fp32 CPU tensor (CUDA, bf16, a sharded DTensor), or fewer than MIN_ELEMENTS elements
-    (measured, 1 thread: a 40 x 128 lm_head 53 us a call vs 8 us with MKL; 1024 x 128 even; 8192 x 256 with 64
-    rows 5.6 ms vs 9.3 ms). The decision depends on the weight alone, so every call on a weight takes one path."""
+def applies(weight: torch.Tensor) -> bool:
+    """Whether oneDNN applies to `weight` (out, in) and pays: a plain fp32 CPU tensor (not CUDA, bf16, a sharded
+    DTensor) of at least MIN_ELEMENTS elements (measured, 1 thread: a 40 x 128 lm_head 53 us a call vs 8 us with MKL;
+    1024 x 128 even; 8192 x 256 with 64 rows 5.6 ms vs 9.3 ms). It depends on the weight alone, so every call on a
+    weight takes one path."""
     w = weight.detach()
-    if (w.device.type != "cpu" or w.dtype != torch.float32 or type(w) is not torch.Tensor
-            or w.numel() < MIN_ELEMENTS or not available()):
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), max(1, int(rows_hint)))
+    return (w.device.type == "cpu" and w.dtype == torch.float32 and type(w) is torch.Tensor
+            and w.numel() >= MIN_ELEMENTS and available())
+
+
+def reorder(weight: torch.Tensor, rows_hint: int) -> torch.Tensor:
+    """`weight` (out, in) fp32 CPU reordered for about `rows_hint` rows per call: a new tensor of the weight's size."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), max(1, int(rows_hint)))
+
+
+def pack(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
+    """`reorder(weight, rows_hint)` where oneDNN `applies`, else None."""
+    return reorder(weight, rows_hint) if applies(weight) else None
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
