@@ -193,6 +193,22 @@ def test_top_k_top_p_logprobs_of_the_sampled_distribution(env, monkeypatch):
     torch.testing.assert_close(loss, same, rtol=1e-5, atol=1e-6)
 
 
+def test_top_k_top_p_reference_uses_its_own_cut(env):
+    """beta != 0 with top-k / top-p: the reference's log-probs are its own cut distribution's (as in our PPO), so at
+    the initial weights (reference = policy) they equal the engine's and the logged KL is ~0."""
+    trainer = _trainer(env, top_k=5, top_p=0.85, temperature=0.9, beta=0.05, use_bias_correction_kl=False)
+    out = trainer._generate_and_score_completions(_batch())
+    assert trainer._rf_cut == (5, 0.85)
+    mask = out["completion_mask"].bool()
+    torch.testing.assert_close(out["ref_per_token_logps"][mask], out["old_per_token_logps"][mask], rtol=0,
+                               atol=1e-5)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    trainer._metrics["train"].clear()
+    trainer._compute_loss(trainer.model, out)
+    assert abs(trainer._metrics["train"]["kl"][-1]) < 1e-6
+
+
 def test_trl_loss_on_the_engines_completions(env):
     """Given the engine's completions (and its old log-probs), TRL's `_compute_loss` and ours agree (no cut)."""
     trainer = _trainer(env, beta=0.05, use_bias_correction_kl=False, epsilon_high=0.28)

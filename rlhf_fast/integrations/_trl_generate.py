@@ -16,7 +16,8 @@ and the old-policy log-prob pass change:
     instead (our PPO's `old_logp=reuse`); they are log-softmax(logits / temperature) at the sampled token, TRL's
     definition, to float32 rounding (README "Rollouts"). With top-k / top-p and our fused GRPO loss, the engine
     returns the cut distribution's log-probs and the loss computes the same cut (`ops.ppo_loss_from_hidden(...,
-    top_k=, top_p=)`), so old and new log-probs are of the distribution actually sampled.
+    top_k=, top_p=)`), so old and new log-probs are of the distribution actually sampled; the reference's
+    log-probs (beta != 0) are then its own cut distribution's, as in our PPO.
 """
 from __future__ import annotations
 
@@ -164,8 +165,32 @@ class EngineGeneration:
             old = engine_logps(pending, input_ids, logits_to_keep)
             if old is not None:
                 return old, None, None
+        top_k, top_p = getattr(self, "_rf_cut", (0, 1.0))
+        extra = [v for k, v in kwargs.items() if k not in ("batch_size", "compute_entropy", "compute_aux_loss")]
+        if (top_k, top_p) != (0, 1.0) and not args and not kwargs.get("compute_entropy") \
+                and not kwargs.get("compute_aux_loss") and all(v is None for v in extra):
+            # the reference's (and any recomputed old) log-probs under its own cut of the sampled distribution
+            return cut_logps(model, input_ids, attention_mask, logits_to_keep, float(self.temperature), top_k,
+                             top_p, kwargs.get("batch_size")), None, None
         return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                           *args, **kwargs)
+
+
+@torch.no_grad()
+def cut_logps(model, input_ids, attention_mask, logits_to_keep: int, temperature: float, top_k: int, top_p: float,
+              batch_size: int | None = None) -> torch.Tensor:
+    """(B, logits_to_keep) log-probs of the completion tokens under `model`'s softmax(logits / temperature) cut by
+    top-k / top-p (its own support, `ops.token_logprobs`), `batch_size` rows at a time."""
+    from rlhf_fast import ops
+
+    out = []
+    step = batch_size or input_ids.shape[0]
+    for i in range(0, input_ids.shape[0], step):
+        ids, att = input_ids[i:i + step], attention_mask[i:i + step]
+        logits = model(input_ids=ids, attention_mask=att, logits_to_keep=logits_to_keep + 1).logits[:, :-1]
+        out.append(ops.token_logprobs(logits.float(), ids[:, -logits_to_keep:], temperature=temperature,
+                                      top_k=top_k, top_p=top_p))  # (b, logits_to_keep)
+    return torch.cat(out)
 
 
 def engine_logps(pending, input_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor | None:
