@@ -100,7 +100,12 @@ __attribute__((target("avx2,fma"))) void attend_group_avx2(const float* q, const
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         h = _mm_hadd_ps(h, h);
         h = _mm_hadd_ps(h, h);
-        p[g * bs + j] = paged::soft_cap(_mm_cvtss_f32(h) * scale, softcap);
+        p[g * bs + j] = _mm_cvtss_f32(h) * scale;
+      }
+    }
+    if (softcap > 0.0f) {
+      for (idx g = 0; g < group; ++g) {
+        for (idx j = 0; j < cnt; ++j) p[g * bs + j] = paged::soft_cap(p[g * bs + j], softcap);
       }
     }
     for (idx g = 0; g < group; ++g) {

@@ -128,16 +128,16 @@ def test_a_whole_prompt_group_is_one_attention_unit(monkeypatch, batched):
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[2]]
     responses = [[11, 12, 13], [14, 15], [16], [20, 21, 22, 23, 24, 25, 26], [27], [30]]
     groups = [0, 0, 0, 1, 1, 2]
-    sdpa, calls = packed.F.scaled_dot_product_attention, []
-    monkeypatch.setattr(packed.F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(q.shape[0])
-                        or sdpa(q, *a, **kw))
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append(q.shape[0]) or sdpa(q, *a, **kw))
     with torch.no_grad():
         full = pack(prompts, responses, groups=groups, share_prompts=True)
         assert [kind for kind, _ in _SegmentAttention(full, False).calls] == ["unit"] * 3
         pred = packed_hidden(model, full)[full.predict_index(7)]
         # per layer: one call per group, or each prompt (batch 1) then its 3, 2 and 1 responses as one batch
         assert calls == ([1, 3, 1, 2, 1, 1] if batched else [1, 1, 1]) * model.config.num_hidden_layers
-        monkeypatch.setattr(packed.F, "scaled_dot_product_attention", sdpa)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
         order = [3, 4, 5, 0, 1, 2]  # groups 1, 2, 0
         moved = pack([prompts[i] for i in order], [responses[i] for i in order], groups=[groups[i] for i in order],
                      share_prompts=True)

@@ -195,3 +195,97 @@ def test_packed_reads_rows_equal_full_forward_with_window():
         full = packed_hidden(model, batch)[batch.predict_index(21)]
         part = packed_hidden(model, batch, rows=rows)[pos]
     torch.testing.assert_close(part, full, atol=1e-6, rtol=1e-6)
+
+
+# --- window, soft-capping and sinks in the SDPA paths (engine prefill, packed training) vs float64 ---
+
+def segment_attention_fp64(q, k, v, segments, scale, window=0, softcap=0.0, sinks=None):
+    """Each segment's queries over its prefix's keys then its own, causally (bottom-right), in float64: key j of a
+    query at key index i is seen when j <= i and j > i - window; capped scores; sink column dropped. (T, H, D)."""
+    h, kvh = q.shape[1], k.shape[1]
+    outs = []
+    for s, e, ps, pe in segments:
+        rows = torch.cat((torch.arange(ps, pe), torch.arange(s, e)))
+        kk = k[rows].double().repeat_interleave(h // kvh, 1)  # (K, H, D)
+        vv = v[rows].double().repeat_interleave(h // kvh, 1)
+        sc = torch.einsum("qhd,khd->hqk", q[s:e].double(), kk) * scale  # (H, Lq, K)
+        if softcap:
+            sc = softcap * torch.tanh(sc / softcap)
+        i = torch.arange(pe - ps, pe - ps + e - s)[:, None]
+        j = torch.arange(len(rows))[None, :]
+        seen = (j <= i) & ((j > i - window) if window else True)
+        sc = sc.masked_fill(~seen, float("-inf"))
+        if sinks is not None:
+            sc = torch.cat((sc, sinks.double()[:, None, None].expand(-1, e - s, 1)), -1)
+        p = torch.softmax(sc, -1)[..., :len(rows)]
+        outs.append(torch.einsum("hqk,khd->qhd", p, vv))
+    return torch.cat(outs)
+
+
+OPTS = [(0, 0.0, False), (6, 0.0, False), (0, 2.0, True), (6, 2.0, True), (1, 0.0, True)]
+
+
+@pytest.mark.parametrize("window,softcap,use_sinks", OPTS)
+def test_prefill_attention_options_match_fp64(window, softcap, use_sinks):
+    """The engine's prefill (SDPA per sequence, explicit scores with capping / sinks) and its paged decode of the
+    same tokens (the deterministic mode's path) against float64."""
+    from rlhf_fast.models.layers import AttnMetadata, attention
+
+    g = torch.Generator().manual_seed(window)
+    lens = [1, 5, 13, 21]
+    t = sum(lens)
+    q, k, v = torch.randn(t, 6, 8, generator=g), torch.randn(t, 2, 8, generator=g), torch.randn(t, 2, 8, generator=g)
+    sinks = torch.randn(6, generator=g) if use_sinks else None
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    segs = [(a, b, 0, 0) for a, b in zip(cu[:-1], cu[1:])]
+    ref = segment_attention_fp64(q, k, v, segs, 0.5, window, softcap, sinks)
+    out = attention(q, k, v, None, AttnMetadata(None, cu_seqlens=cu), 0.5, window, softcap, sinks)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # through a paged cache, one table row per query (as deterministic mode runs prefill)
+    bs, tables, slot, ctx = 4, [], [], []
+    nxt = 0
+    for n in lens:
+        nb = -(-n // bs)
+        tab = list(range(nxt, nxt + nb))
+        nxt += nb
+        tables.extend([tab + [0] * (6 - nb)] * n)
+        slot.extend(tab[p // bs] * bs + p % bs for p in range(n))
+        ctx.extend(range(1, n + 1))
+    kv = torch.full((2, nxt, bs, 2, 8), float("nan"))
+    meta = AttnMetadata(torch.tensor(slot), block_tables=torch.tensor(tables, dtype=torch.int32),
+                        context_lens=torch.tensor(ctx, dtype=torch.int32))
+    paged = attention(q, k, v, kv, meta, 0.5, window, softcap, sinks)
+    torch.testing.assert_close(paged.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["per-sample", "shared-unit", "shared-batched", "deterministic"])
+@pytest.mark.parametrize("window,softcap,use_sinks", OPTS)
+def test_packed_attention_options_fwd_bwd_fp64(layout, window, softcap, use_sinks, monkeypatch):
+    """`models.packed`'s attention for every layout, forward and gradients (q, k, v, sinks) against float64."""
+    from rlhf_fast.models import packed
+
+    monkeypatch.setattr(packed, "BATCH_MIN_WORK", -(1 << 62) if layout == "shared-batched" else 1 << 62)
+    prompts = [[1] * 9, [2] * 4, [2] * 4, [3] * 7, [3] * 7]
+    responses = [[0] * 5, [0] * 11, [0] * 3, [0] * 6, [0] * 6]
+    batch = pack(prompts, responses, groups=[0, 1, 1, 2, 2], share_prompts=layout != "per-sample")
+    g = torch.Generator().manual_seed(7)
+    t = batch.num_tokens
+    leaves = [torch.randn(t, 4, 8, generator=g), torch.randn(t, 2, 8, generator=g), torch.randn(t, 2, 8, generator=g),
+              torch.randn(4, generator=g)]
+    w = torch.randn(t, 4, 8, generator=g)
+
+    def run(fn, dtype):
+        xs = [x.to(dtype).clone().requires_grad_() for x in leaves]
+        out = fn(xs[0], xs[1], xs[2], xs[3] if use_sinks else None)
+        (out * w.to(dtype)).sum().backward()
+        return out, [x.grad for x in xs[:3]] + ([xs[3].grad] if use_sinks else [])
+
+    attend = packed._SegmentAttention(batch, layout == "deterministic")
+    out, grads = run(lambda q, k, v, s: attend(0, q, k, v, 0.4, window, softcap, s), torch.float32)
+    ref, ref_grads = run(lambda q, k, v, s: segment_attention_fp64(q, k, v, batch.segments, 0.4, window, softcap, s),
+                         torch.float64)
+    torch.testing.assert_close(out.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)

@@ -83,13 +83,14 @@ class BoundLM(abc.ABC):
                recompute: bool = False, fsdp_hooks: bool = False,
                out_rows: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder stack over packed tokens, without the final norm: input_ids, positions (T,) ->
-        hidden (T, hidden). `attend(layer, q, k, v, scale, window=0) -> (T, H, D)` is the attention (rollout: the KV
-        cache; training: `models.packed`); `window` W > 0: a query at position p sees keys at positions > p - W
-        (a sliding-window layer). Differentiable; the rollout calls it under no_grad. `recompute`: each layer
-        under `torch.utils.checkpoint` (non-reentrant, RNG state kept), so its activations are recomputed in the
-        backward instead of stored (gradient checkpointing; only while autograd records). `fsdp_hooks`: each layer
-        runs under its FSDP2 hooks (`distributed.root_call`) as its own forward would, so a sharded layer is
-        gathered for it and its gradients are reduce-scattered in the backward (not with `recompute`).
+        hidden (T, hidden). `attend(layer, q, k, v, scale, window=0, softcap=0.0, sinks=None) -> (T, H, D)` is the
+        attention (rollout: the KV cache; training: `models.packed`); `window` W > 0: a query at position p sees keys
+        at positions > p - W (a sliding-window layer); `softcap`, `sinks` (H,): as `ops.paged_attention`.
+        Differentiable; the rollout calls it under no_grad. `recompute`: each layer under `torch.utils.checkpoint`
+        (non-reentrant, RNG state kept), so its activations are recomputed in the backward instead of stored
+        (gradient checkpointing; only while autograd records). `fsdp_hooks`: each layer runs under its FSDP2 hooks
+        (`distributed.root_call`) as its own forward would, so a sharded layer is gathered for it and its gradients
+        are reduce-scattered in the backward (not with `recompute`).
         `out_rows` (R,) int64: only these rows of the output are read (a value model's response rows, a reward
         model's last rows), so the last layer computes the rest of its rows' keys and values only; returns
         (R, hidden), equal to the full output's rows (bitwise in deterministic mode: every op there is row-wise)."""
@@ -219,26 +220,55 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor | None, meta: AttnMetadata,
-              scale: float, window: int = 0) -> torch.Tensor:
+              scale: float, window: int = 0, softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q (T, H, D), k/v (T, KVH, D) of this step's tokens; kv (2, num_blocks, block_size, KVH, D) this layer's cache.
 
     Writes k/v into the cache at `meta.slot_mapping`, then attends: causal within each packed sequence (prefill) or
     over the cache through the block tables (decode, and every step in deterministic mode). `window` W > 0: each
-    query sees only the last W keys up to itself (a sliding-window layer). Returns (T, H, D).
+    query sees only the last W keys up to itself (a sliding-window layer); `softcap` > 0: scores capped to
+    c tanh(s / c); `sinks` (H,): per-head sink logits (see `ops.paged_attention`). Returns (T, H, D).
     """
     if kv is not None and meta.slot_mapping is not None:
         ops.store_kv_cache(k, v, kv[0], kv[1], meta.slot_mapping)
     if meta.block_tables is not None:
         return ops.paged_attention(q, kv[0], kv[1], meta.block_tables, meta.context_lens, scale=scale,
-                                   sliding_window=window)
-    return _varlen_causal(q, k, v, meta.cu_seqlens, scale, window)
+                                   sliding_window=window, softcap=softcap, sinks=sinks)
+    return _varlen_causal(q, k, v, meta.cu_seqlens, scale, window, softcap, sinks)
 
 
 def cache_attention(meta: AttnMetadata, kv_cache: torch.Tensor | None):
-    """The rollout's `attend(layer, q, k, v, scale, window=0)` for a model's `decode`: `attention` on layer i's
-    cache."""
-    return lambda i, q, k, v, scale, window=0: attention(q, k, v, None if kv_cache is None else kv_cache[i], meta,
-                                                         scale, window)
+    """The rollout's `attend(layer, q, k, v, scale, window=0, softcap=0.0, sinks=None)` for a model's `decode`:
+    `attention` on layer i's cache."""
+    def attend(i, q, k, v, scale, window=0, softcap=0.0, sinks=None):
+        return attention(q, k, v, None if kv_cache is None else kv_cache[i], meta, scale, window, softcap, sinks)
+    return attend
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, mask: torch.Tensor | None = None,
+         causal: bool = False, softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q (B, H, Lq, D) over k, v (B, KVH, Lk, D) (grouped-query), under a bool mask broadcastable to
+    (B, H, Lq, Lk) (True = attend) or causal (Lq == Lk). Without `softcap` / `sinks`: exactly
+    `F.scaled_dot_product_attention`. With them (SDPA has neither) the scores are explicit, in fp32, as
+    `ops.paged_attention` defines them: s = scale q k^T, softcap c tanh(s / c), masked; each head's sink logit joins
+    the softmax as a last column that is then dropped: p_t = exp(s_t) / (exp(sink) + sum exp(s)). Differentiable."""
+    gqa = q.shape[1] != k.shape[1]
+    if not softcap and sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+    rep = q.shape[1] // k.shape[1]
+    kf, vf = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)  # (B, H, Lk, D)
+    s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    if causal:
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lk = s.shape[-1]
+    if sinks is not None:
+        sink = sinks.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)  # (B, H, Lq, 1)
+        s = torch.cat((s, sink), -1)
+    p = torch.softmax(s, -1)[..., :lk]
+    return torch.matmul(p, vf).to(q.dtype)  # (B, H, Lq, D)
 
 
 def window_causal_mask(q_len: int, k_len: int, window: int, device: torch.device) -> torch.Tensor:
@@ -251,8 +281,9 @@ def window_causal_mask(q_len: int, k_len: int, window: int, device: torch.device
     return mask & (cols > qpos - window) if window > 0 else mask
 
 
-def _varlen_causal(q, k, v, cu_seqlens: list[int], scale: float, window: int = 0) -> torch.Tensor:
-    if q.is_cuda:
+def _varlen_causal(q, k, v, cu_seqlens: list[int], scale: float, window: int = 0, softcap: float = 0.0,
+                   sinks: torch.Tensor | None = None) -> torch.Tensor:
+    if q.is_cuda and sinks is None:
         try:
             from flash_attn import flash_attn_varlen_func
         except ImportError:
@@ -261,15 +292,15 @@ def _varlen_causal(q, k, v, cu_seqlens: list[int], scale: float, window: int = 0
             cu = torch.tensor(cu_seqlens, dtype=torch.int32, device=q.device)
             max_len = max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
             return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True,
-                                          window_size=(window - 1, 0) if window > 0 else (-1, -1))
+                                          window_size=(window - 1, 0) if window > 0 else (-1, -1),
+                                          **({"softcap": softcap} if softcap else {}))
     out = torch.empty_like(q)
-    gqa = q.shape[1] != k.shape[1]
     for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, L, D)
         if window > 0 and b - a > window:
             mask = window_causal_mask(b - a, b - a, window, q.device)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            o = sdpa(qs, ks, vs, scale, mask=mask, softcap=softcap, sinks=sinks)
         else:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            o = sdpa(qs, ks, vs, scale, causal=True, softcap=softcap, sinks=sinks)
         out[a:b] = o[0].transpose(0, 1)
     return out

@@ -22,9 +22,9 @@ import dataclasses
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from rlhf_fast.models import bind_model
+from rlhf_fast.models.layers import sdpa
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +202,8 @@ class _SegmentAttention:
     depend on its neighbours (batch invariance).
 
     A sliding-window layer (`window` W > 0) takes the same calls, each under its mask and `key position > query
-    position - W` (positions from the batch: a response's continue its prompt's), built once per call and window."""
+    position - W` (positions from the batch: a response's continue its prompt's), built once per call and window.
+    Soft-capping and sinks (`softcap`, `sinks` (H,)) go through `layers.sdpa`, which computes them explicitly."""
 
     def __init__(self, batch: PackedBatch, deterministic: bool):
         self.segments = batch.segments
@@ -301,11 +302,11 @@ class _SegmentAttention:
         return self.window_masks[key]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                 window: int = 0) -> torch.Tensor:
+                 window: int = 0, softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
         flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
-        if flash is not None and not self.deterministic:
-            return self._flash(flash, q, k, v, scale, window)
-        gqa = q.shape[1] != k.shape[1]
+        if flash is not None and not self.deterministic and sinks is None:
+            return self._flash(flash, q, k, v, scale, window, softcap)
+        opts = dict(softcap=softcap, sinks=sinks)
         split = None  # per segment (L, heads, D), for the batched runs
         outs = []
         for kind, what in self.calls:
@@ -317,7 +318,7 @@ class _SegmentAttention:
                 if window:
                     rows = torch.arange(row0, row1)
                     mask = mask & self._near(("unit", first, window), rows, rows, window, q.device)
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+                o = sdpa(qb, kb, vb, scale, mask=mask, **opts)
                 outs.append(o[0].transpose(0, 1))  # (rows, H, D)
                 continue
             if kind == "unit":
@@ -328,9 +329,9 @@ class _SegmentAttention:
                     rows = torch.arange(ps, pe)
                     causal = self._near(("prompt", first, window), rows, rows, window, q.device)
                     causal = causal & self._mask(pe - ps, 0, q.device)
-                    o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=causal, scale=scale, enable_gqa=gqa)
+                    o = sdpa(qp, kp, vp, scale, mask=causal, **opts)
                 else:
-                    o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
+                    o = sdpa(qp, kp, vp, scale, causal=True, **opts)
                 outs.append(o[0].transpose(0, 1))  # (P, H, D)
                 q_rows, k_rows, mask, kept, n, lmax, p = self._unit_plan(first, end, q.device)
                 if window:
@@ -343,7 +344,7 @@ class _SegmentAttention:
                 qb = qb.view(n, lmax, *q.shape[1:]).transpose(1, 2)  # (n, H, Lmax, D)
                 kb, vb = (z.index_select(0, k_rows).view(n, p + lmax, *z.shape[1:]).transpose(1, 2)
                           for z in (k, v))  # (n, KVH, P + Lmax, D)
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+                o = sdpa(qb, kb, vb, scale, mask=mask, **opts)
                 o = o.transpose(1, 2).reshape(n * lmax, *q.shape[1:])  # (n * Lmax, H, D)
                 outs.append(o if kept is None else o.index_select(0, kept))
                 continue
@@ -355,7 +356,7 @@ class _SegmentAttention:
             qb = torch.stack([qs[j] for j in run]).transpose(1, 2)  # (n, H, L, D)
             kb, vb = (torch.stack([z[j] for j in run]).transpose(1, 2) for z in (ks, vs))  # (n, KVH, L, D)
             if pre is None and not window:
-                o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
+                o = sdpa(qb, kb, vb, scale, causal=True, **opts)
             else:  # deterministic: a response on its own with its prompt's keys first
                 p = 0
                 if pre is not None:
@@ -368,7 +369,7 @@ class _SegmentAttention:
                     qr = torch.stack([torch.arange(s, e) for s, e, _, _ in segs])  # (n, L)
                     kr = torch.stack([torch.cat((torch.arange(ps, pe), torch.arange(s, e))) for s, e, ps, pe in segs])
                     mask = mask & self._near(("run", run[0], window), qr[:, None], kr[:, None], window, q.device)
-                o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+                o = sdpa(qb, kb, vb, scale, mask=mask, **opts)
             outs.append(o.transpose(1, 2).reshape(n * length, *q.shape[1:]))  # (n * L, H, D)
         return torch.cat(outs)
 
@@ -380,7 +381,7 @@ class _SegmentAttention:
             self.masks[key] = cols[None, :] <= prefix + torch.arange(q_len, device=device)[:, None]
         return self.masks[key]
 
-    def _flash(self, flash, q, k, v, scale, window=0):
+    def _flash(self, flash, q, k, v, scale, window=0, softcap=0.0):
         if self.varlen is None:
             kv_rows, cu_q, cu_k = [], [0], [0]
             for s, e, ps, pe in self.segments:
@@ -398,7 +399,8 @@ class _SegmentAttention:
         if any(pe > ps for _, _, ps, pe in self.segments):
             k, v = k[kv_index], v[kv_index]  # each segment's keys: its prefix, then its own (bottom-right causal)
         return flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True,
-                     window_size=(window - 1, 0) if window > 0 else (-1, -1))
+                     window_size=(window - 1, 0) if window > 0 else (-1, -1),
+                     **({"softcap": softcap} if softcap else {}))
 
 
 def _flash_varlen():
