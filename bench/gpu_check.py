@@ -396,6 +396,10 @@ def step_paged(chk: Check) -> Outcome:
             targets.append(_frac_target(r, f"paged decode {r['case']} batch {r['batch']} ctx {r['ctx']} GQA "
                                            f"{r['heads']}/{r['kv_heads']} block {r['block_size']}", "hbm_fraction",
                                         0.70))
+        elif r.get("window"):  # the sliding-window row: reads only the window's blocks
+            targets.append(Target(f"paged decode {r['case']} batch {r['batch']} ctx {r['ctx']}: {_speed(r)}; time "
+                                  f"vs the same kernel without the window", r.get("time_vs_full"),
+                                  f"~{r['window']}/{r['ctx']} of the K/V read"))
     return _done(rc, "bench_paged_attention.log", targets or [Target("paged decode headline rows", None, "present",
                                                                      False)])
 
