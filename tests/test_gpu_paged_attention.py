@@ -1,10 +1,11 @@
 """GPU: paged decode attention (Triton and CUDA C++), store_kv_cache and copy_blocks (Triton) against float64 dense
 attention, at the CPU tests' shapes and at the headline one (batch 32, context 2k, GQA 32/8, head_dim 128, block 16),
-outputs poisoned with NaN first, and row results independent of the batch (torch.equal)."""
+outputs poisoned with NaN first, and row results independent of the batch (torch.equal); with a sliding window (tables
+stale before it), soft-capping and sinks."""
 import pytest
 import torch
 from _gpu import DEVICE, cuda_only, dry_subset, first_in_dry_run, native_cuda
-from test_paged_attention import case
+from test_paged_attention import case, dense_fp64, stale_before_window
 
 from rlhf_fast import _native, ops
 from rlhf_fast.ops import reference, use_backend
@@ -19,17 +20,18 @@ def _case(lens, heads, kv_heads, d, bs, dtype):
     return [t.to(DEVICE) for t in case(heads, kv_heads, dtype, lens=lens, d=d, bs=bs)]
 
 
-def _kernel(kernel, q, k, v, tables, lens, scale):
+def _kernel(kernel, q, k, v, tables, lens, scale, window=0, softcap=0.0, sinks=None):
     """The kernel itself, writing into a NaN-poisoned output (an unwritten element fails)."""
     out = torch.full_like(q, float("nan"))
+    sinks = None if sinks is None else sinks.float().contiguous()
     if kernel == "triton":
         from rlhf_fast.kernels.paged_attention import paged_attention_fwd
 
-        return paged_attention_fwd(q, k, v, tables, lens, scale, out=out)
+        return paged_attention_fwd(q, k, v, tables, lens, scale, window, softcap, sinks, out=out)
     _native.fn("paged_attention_cuda")(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), tables.data_ptr(),
                                        lens.data_ptr(), q.shape[0], q.shape[1], k.shape[2], q.shape[2], k.shape[1],
-                                       tables.shape[1], k.shape[0], scale, _native.dtype_code(q),
-                                       _native.stream_handle(q))
+                                       tables.shape[1], k.shape[0], scale, _native.dtype_code(q), window, softcap,
+                                       0 if sinks is None else sinks.data_ptr(), _native.stream_handle(q))
     return out
 
 
@@ -52,6 +54,22 @@ def test_paged_attention_matches_fp64(kernel, shape, dtype):
     ref = reference.paged_attention(q.double(), k.double(), v.double(), tables, lens, scale)
     assert out.dtype == dtype and not out.isnan().any()
     torch.testing.assert_close(out.double(), ref, atol=ATOL[dtype], rtol=ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", first_in_dry_run(torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("opts", first_in_dry_run((7, 0.0, False), (16, 0.0, False), (0, 3.0, True), (33, 2.0, True)))
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_paged_attention_options_match_fp64(kernel, opts, dtype):
+    """Sliding window (entries before it set to -1: never read), soft-capping, sinks (window, softcap, sinks)."""
+    window, softcap, use_sinks = opts
+    q, k, v, tables, lens = _case(lens=[1, 16, 17, 100, 257, 33], heads=8, kv_heads=2, d=64, bs=16, dtype=dtype)
+    tables = stale_before_window(tables, lens, 16, window) if window else tables
+    sinks = torch.randn(8, device=DEVICE) if use_sinks else None
+    out = _kernel(kernel, q, k, v, tables, lens, 0.4, window, softcap, sinks)
+    ref = dense_fp64(q.cpu(), k.cpu(), v.cpu(), tables.cpu(), lens.cpu(), 0.4, window, softcap,
+                     None if sinks is None else sinks.cpu())
+    assert out.dtype == dtype and not out.isnan().any()
+    torch.testing.assert_close(out.double().cpu(), ref, atol=ATOL[dtype], rtol=ATOL[dtype])
 
 
 @pytest.mark.parametrize("backend", ["triton", pytest.param("native", marks=native_cuda("paged_attention_cuda"))])
