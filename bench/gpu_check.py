@@ -480,10 +480,10 @@ def step_trl_grpo(chk: Check) -> Outcome:
     rows = _rows(chk, "trl_grpo_gpu")
     if not rows and "TRL unavailable" in (chk.out / "bench_trl_grpo.log").read_text(errors="replace"):
         return Outcome("skipped", "TRL is not installed and cannot be; see bench_trl_grpo.log")
-    targets = [Target(f"GRPO step {r['side']} ({r['prompts']} x {r['generations']} x {r['new_tokens']}, "
-                      f"{r['params_M']}M): s (generate s, x trl)",
+    targets = [Target(f"GRPO step {r['side']} mu={r['num_iterations']} ({r['prompts']} x {r['generations']} x "
+                      f"{r['new_tokens']}, {r['params_M']}M): s (generate s, x trl)",
                       f"{r['step_s']} ({r['generate_s']}, {r['speedup']}x)") for r in rows]
-    ours = _pick(rows, side="rlhf_fast")
+    ours = _pick(rows, side="rlhf_fast", num_iterations=1)
     if ours and not chk.dry_run:
         targets.append(Target("GRPO step speed-up over trl.GRPOTrainer", ours["speedup"], ">= 2",
                               ours["speedup"] >= 2.0))
