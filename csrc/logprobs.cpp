@@ -241,7 +241,8 @@ void bwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std:
 //   top-p: over the tokens with z >= thr_k and p their softmax, the largest t with mass(z >= t) >= top_p: the
 //          smallest nucleus that reaches top_p, with the token that crosses it (and its ties).
 // Both predicates are monotone in t and change only at values of z, so bisecting on an order-preserving integer
-// key of z (32 steps for float, 64 for double) ends exactly on a value of the row.
+// key of z (at most 32 steps for float, 64 for double) ends exactly on a value of the row. top-k stops early once
+// exactly k tokens are >= the midpoint (their smallest is the k-th); top-p then runs over the kept tokens only.
 // ---------------------------------------------------------------------------------------------------------------
 
 template <typename F> struct KeyOf;
@@ -292,8 +293,17 @@ RLHF_FAST_SIMD_CLONES F row_threshold(const typename In::T* x, std::int64_t v, F
     while (lo < hi) {
       const I mid = upper_mid<F>(lo, hi);
       std::int64_t c = 0;
-#pragma omp simd reduction(+ : c)
-      for (std::int64_t j = 0; j < v; ++j) c += key[j] >= mid ? 1 : 0;
+      I above = std::numeric_limits<I>::max();  // the smallest key >= mid
+#pragma omp simd reduction(+ : c) reduction(min : above)
+      for (std::int64_t j = 0; j < v; ++j) {
+        const bool in = key[j] >= mid;
+        c += in ? 1 : 0;
+        above = in && key[j] < above ? key[j] : above;
+      }
+      if (c == top_k) {  // exactly the k largest are >= mid: the k-th is their smallest (about half the steps)
+        lo = above;
+        break;
+      }
       if (c >= top_k) lo = mid; else hi = mid - 1;
     }
   }

@@ -3,8 +3,9 @@
 z = logits * inv_temp in fp32. top-k: thr_k = the k-th largest z (ties kept), the largest t with
 count(z >= t) >= k. top-p: over the tokens with z >= thr_k, with p their softmax, the largest t with
 mass(z >= t) >= top_p (the smallest nucleus reaching top_p, the crossing token and its ties included).
-Both predicates change only at values of z, so 32 bisection steps on an order-preserving int32 key of z (its bits,
-the negative ones flipped) end on the key of a value of the row; a last pass reads that value back. Every step
+Both predicates change only at values of z, so bisecting (at most 32 steps) on an order-preserving int32 key of z (its
+bits, the negative ones flipped) ends on the key of a value of the row; a last pass reads that value back. top-k
+stops early once exactly k tokens are >= the midpoint (the smallest of them is the k-th). Every step
 walks the row's vocabulary tiles in order (BLOCK_V depends on V only): the result does not depend on the batch.
 Used by rlhf_fast/ops/support.py; the row kernels (logprobs.py) then cut z < thr.
 """
@@ -45,17 +46,21 @@ def _threshold_kernel(logits_ptr, thr_ptr, V, stride_row, inv_temp, top_k, top_p
     lo = kmin.to(tl.int64)
     if USE_K:  # largest t with count(z >= t) >= top_k
         hi = kmax.to(tl.int64)
-        for _ in range(32):
+        while lo < hi:
             mid = lo + (hi - lo + 1) // 2
             c = tl.zeros((), tl.int64)
+            above = tl.full((), KEY_MAX, tl.int64)  # the smallest key >= mid
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
                 mask = cols < V
                 k = _key(tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp).to(tl.int64)
-                c += tl.sum(tl.where(mask & (k >= mid), 1, 0).to(tl.int64), 0)
+                inside = mask & (k >= mid)
+                c += tl.sum(tl.where(inside, 1, 0).to(tl.int64), 0)
+                above = tl.minimum(above, tl.min(tl.where(inside, k, KEY_MAX), 0))
+            exact = c == top_k  # exactly the k largest are >= mid: the k-th is their smallest (about half the steps)
             ok = c >= top_k
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
+            lo = tl.where(exact, above, tl.where(ok, mid, lo))
+            hi = tl.where(exact, above, tl.where(ok, hi, mid - 1))
     if USE_P:  # largest t >= thr_k with mass(z >= t) >= top_p * mass(z >= thr_k)
         total = tl.zeros((), tl.float32)
         for v0 in range(0, V, BLOCK_V):
