@@ -48,7 +48,7 @@ def _kept(logits, temperature, thr):
 
 @pytest.mark.parametrize("backend", ["torch", NATIVE_SUPPORT, TRITON])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("n,vocab", [(1, 37), (5, 341), (41, 37)])
+@pytest.mark.parametrize("n,vocab", [(1, 37), (5, 341), (41, 37), (3, 1031)])  # 1031: 3 Triton tiles
 @pytest.mark.parametrize("top_k,top_p", CUTS)
 def test_threshold_matches_oracle(backend, dtype, n, vocab, top_k, top_p):
     if backend == "triton" and dtype == torch.float64:
@@ -131,7 +131,7 @@ def _check_logprobs(backend, logits, labels, *, temperature, top_k, top_p, t):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("n,vocab", [(1, 37), (5, 341), (41, 37)])
+@pytest.mark.parametrize("n,vocab", [(1, 37), (5, 341), (41, 37), (3, 1031)])  # 1031: 3 Triton tiles
 @pytest.mark.parametrize("top_k,top_p", CUTS)
 def test_token_logprobs_matches_fp64(backend, dtype, n, vocab, top_k, top_p):
     _interpreter_size(backend, n)
