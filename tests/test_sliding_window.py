@@ -134,6 +134,24 @@ def test_qwen2_sliding_layers_follow_max_window_layers(max_window_layers):
                                                    use_sliding_window=False))).windows == [0, 0]
 
 
+def test_layer_windows_rules():
+    from types import SimpleNamespace
+
+    from rlhf_fast.models.llama import layer_windows
+
+    def cfg(model_type, **kw):
+        return SimpleNamespace(model_type=model_type, num_hidden_layers=4, **kw)
+
+    assert layer_windows(cfg("llama", sliding_window=8)) == [0] * 4  # Llama has no window whatever the config says
+    assert layer_windows(cfg("mistral", sliding_window=8, layer_types=["full_attention"] * 4)) == [8] * 4
+    assert layer_windows(cfg("mistral", sliding_window=None)) == [0] * 4
+    qwen = dict(sliding_window=8, use_sliding_window=True, max_window_layers=2)
+    assert layer_windows(cfg("qwen2", **qwen, layer_types=None)) == [0, 0, 8, 8]  # a config without layer_types
+    assert layer_windows(cfg("qwen2", **dict(qwen, use_sliding_window=False), layer_types=None)) == [0] * 4
+    with pytest.raises(ValueError, match="chunked_attention"):
+        layer_windows(cfg("qwen2", **qwen, layer_types=["chunked_attention"] * 4))
+
+
 # --- the packed training forward ---
 
 RESPONSES = [list(range(40, 61)), [20, 21, 22], list(range(70, 88)), [30] * 12, list(range(50, 62))]

@@ -23,6 +23,9 @@ def layer_windows(cfg) -> list[int]:
     if cfg.model_type == "llama" or getattr(cfg, "use_sliding_window", True) is False:
         return [0] * n  # Qwen2 keeps a window size it does not use
     types = getattr(cfg, "layer_types", None)
+    if types is None and cfg.model_type == "qwen2":  # a config from before layer_types: the same rule
+        first = getattr(cfg, "max_window_layers", 0)
+        types = ["sliding_attention" if window and i >= first else "full_attention" for i in range(n)]
     if cfg.model_type == "mistral" or types is None:
         return [window] * n
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})

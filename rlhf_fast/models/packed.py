@@ -202,7 +202,7 @@ class _SegmentAttention:
     depend on its neighbours (batch invariance).
 
     A sliding-window layer (`window` W > 0) takes the same calls, each under its mask and `key position > query
-    position - W` (positions from the batch: a response's continue its prompt's), built once per call and window.
+    position - W` (the batch's positions: a response's continue its prompt's), built once per call and window.
     Soft-capping and sinks (`softcap`, `sinks` (H,)) go through `layers.sdpa`, which computes them explicitly."""
 
     def __init__(self, batch: PackedBatch, deterministic: bool):
@@ -357,7 +357,7 @@ class _SegmentAttention:
             kb, vb = (torch.stack([z[j] for j in run]).transpose(1, 2) for z in (ks, vs))  # (n, KVH, L, D)
             if pre is None and not window:
                 o = sdpa(qb, kb, vb, scale, causal=True, **opts)
-            else:  # deterministic: a response on its own with its prompt's keys first
+            else:  # a windowed run, or (deterministic) a response on its own with its prompt's keys first
                 p = 0
                 if pre is not None:
                     kp, vp = (z[pre].transpose(0, 1)[None].expand(n, -1, -1, -1) for z in (ks, vs))  # (n, KVH, P, D)
