@@ -181,6 +181,28 @@ def test_nonfinite_at_masked_positions(trl_env, monkeypatch, bad):
             _assert_same(ours, theirs, f"{lt} {lvl} {key}={bad}")
 
 
+def test_packed_forward_against_trl(trl_env, monkeypatch):
+    """The loss's forward is our packed one (each group's prompt once, no padding): same loss, gradients and
+    metrics as TRL's own `_compute_loss`, with groups sharing a prompt; `packed_forward=False` runs HF's."""
+    from rlhf_fast.models import packed
+
+    trl, plugin, trainer = trl_env
+    monkeypatch.setattr(trainer, "beta", 0.05)
+    inputs = _inputs(trainer.model.config.vocab_size, seed=7)
+    for k in ("prompt_ids", "prompt_mask"):  # rows 0-1 and 2-3 share a prompt (TRL's num_generations)
+        inputs[k] = inputs[k][[0, 0, 2, 2]]
+    inputs = _with_logps(trainer, inputs)
+    calls = []
+    real = packed.packed_hidden
+    monkeypatch.setattr(packed, "packed_hidden", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    theirs = _trl_step(trl, trainer, inputs)
+    _assert_same(_step(trainer._compute_loss, trainer, inputs), theirs, "packed")
+    assert len(calls) == 1 and calls[0].num_tokens < int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+    monkeypatch.setattr(trainer, "packed_forward", False)
+    _assert_same(_step(trainer._compute_loss, trainer, inputs), theirs, "hf forward")
+    assert len(calls) == 1
+
+
 def test_grpo_trainer_falls_back_to_trl(trl_env, monkeypatch):
     trl, plugin, trainer = trl_env
     inputs = _with_logps(trainer, _inputs(trainer.model.config.vocab_size, seed=1))

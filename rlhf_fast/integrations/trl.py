@@ -159,17 +159,49 @@ def _agg(trainer, mode: str, mask: torch.Tensor, inputs) -> ops.PPOAgg:
     return ops.PPOAgg("token-mean", num_tokens=n)
 
 
+def packed_completion_hidden(trainer, model, inputs) -> torch.Tensor | None:
+    """The policy's final hidden states that predict each completion token, (B, C, H), from our packed forward
+    (`rlhf_fast.models.packed`: no padding, each group's shared prompt computed once, HF's gradient checkpointing
+    flag honoured, PEFT adapters applied unmerged), or None where it does not apply: a model wrapped for
+    distribution (DDP / FSDP / DeepSpeed run their hooks in the module's own forward), an architecture the compact
+    models do not cover, or `trainer.packed_forward` off (then the padded HF forward runs)."""
+    from rlhf_fast.models import lora, supports
+    from rlhf_fast.models.packed import pack, packed_hidden
+
+    if not getattr(trainer, "packed_forward", False) or trainer.accelerator.unwrap_model(model) is not model:
+        return None
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not supports(lm):
+        return None
+    try:
+        lora.check_supported(lm)
+    except Exception:  # an adapter the compact model does not apply
+        return None
+    prompt_mask, completion_mask = inputs["prompt_mask"].bool(), inputs["completion_mask"].bool()
+    prompts = [row[m].tolist() for row, m in zip(inputs["prompt_ids"], prompt_mask)]
+    responses = [row[:int(n)].tolist() for row, n in zip(inputs["completion_ids"], completion_mask.sum(1))]
+    groups = {}
+    batch = pack(prompts, responses, groups=[groups.setdefault(tuple(p), len(groups)) for p in prompts],
+                 share_prompts=True, device=inputs["prompt_ids"].device)
+    rows, pos = batch.predict_reads(inputs["completion_ids"].shape[1])
+    with trainer.accelerator.autocast():
+        h = packed_hidden(lm, batch, rows=rows)  # (R, H): the read rows only
+    return h[pos]  # (B, C, H)
+
+
 def fused_grpo_loss(trainer, model, inputs) -> torch.Tensor:
     """TRL GRPO's `_compute_loss` as one `ops.ppo_loss_from_hidden` call (for the cases `fallback_reason` passes)."""
     prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
     mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
     p, c = prompt_ids.shape[1], completion_ids.shape[1]
-    with trainer.accelerator.autocast():
-        out = model(input_ids=torch.cat([prompt_ids, completion_ids], 1),
-                    attention_mask=torch.cat([prompt_mask, completion_mask], 1),
-                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    hidden = out.hidden_states[-1][:, p - 1:p + c - 1]  # (B, C, H): the positions that predict the completion
+    hidden = packed_completion_hidden(trainer, model, inputs)
+    if hidden is None:  # the padded Hugging Face forward
+        with trainer.accelerator.autocast():
+            out = model(input_ids=torch.cat([prompt_ids, completion_ids], 1),
+                        attention_mask=torch.cat([prompt_mask, completion_mask], 1),
+                        output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        hidden = out.hidden_states[-1][:, p - 1:p + c - 1]  # (B, C, H): the positions that predict the completion
     lm_head = trainer.accelerator.unwrap_model(model).get_output_embeddings()
     weight, bias = lm_head.weight, lm_head.bias
     if trainer.args.cast_lm_head_to_fp32 or hidden.dtype != weight.dtype:
@@ -279,8 +311,9 @@ def _make_trainer(name: str):
         """`trl.GRPOTrainer` whose loss is `ops.ppo_loss_from_hidden` and whose generation is RolloutEngine (see
         rlhf_fast.integrations.trl). `generation_backend`: "auto" | "rlhf_fast" | "trl" (TRL's generate)."""
 
-        def __init__(self, *args, generation_backend: str = "auto", **kwargs):
+        def __init__(self, *args, generation_backend: str = "auto", packed_forward: bool = True, **kwargs):
             super().__init__(*args, **kwargs)
+            self.packed_forward = packed_forward  # the loss's forward: ours, packed (False: HF's, padded)
             self._rf_setup(generation_backend, cut_logprobs=True)
 
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
