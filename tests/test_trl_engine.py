@@ -293,3 +293,20 @@ def test_train_with_the_engine(env, kind, tmp_path):
     assert len(logs) == 4 and all(h["loss"] == h["loss"] for h in logs)
     assert sum("reward" in h for h in logs) == 2  # generated at steps 1 and 3
     assert any((a != b).any() for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_train_peft_with_the_engine_and_packed_loss(env, tmp_path):
+    """A PEFT (LoRA) policy: the engine reads base + adapters unmerged, the packed loss's gradients reach the
+    adapters and only them; TRL's reference (adapters off, beta != 0) runs as TRL's."""
+    from _tiny import one_thread
+    from peft import LoraConfig
+
+    trainer = _trainer(env, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), beta=0.05,
+                       max_steps=2, logging_steps=1, learning_rate=0.05, optim="sgd", output_dir=str(tmp_path))
+    assert trainer.use_rlhf_fast_engine
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with one_thread():
+        trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if (p != before[n]).any()}
+    assert changed and all("lora_" in n for n in changed), changed
+    assert all(h["loss"] == h["loss"] for h in trainer.state.log_history if "loss" in h)
