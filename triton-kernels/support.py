@@ -17,7 +17,7 @@ import triton.language as tl
 
 from rlhf_fast.kernels.logprobs import block_v
 
-KEY_MIN, KEY_MAX = -(2 ** 31), 2 ** 31 - 1
+KEY_MIN, KEY_MAX = tl.constexpr(-(2 ** 31)), tl.constexpr(2 ** 31 - 1)  # int32 range (a jit global: constexpr)
 
 
 @triton.jit
