@@ -294,11 +294,18 @@ RLHF_FAST_SIMD_CLONES F row_threshold(const typename In::T* x, std::int64_t v, F
       const I mid = upper_mid<F>(lo, hi);
       std::int64_t c = 0;
       I above = std::numeric_limits<I>::max();  // the smallest key >= mid
-#pragma omp simd reduction(+ : c) reduction(min : above)
-      for (std::int64_t j = 0; j < v; ++j) {
-        const bool in = key[j] >= mid;
-        c += in ? 1 : 0;
-        above = in && key[j] < above ? key[j] : above;
+      for (std::int64_t v0 = 0; v0 < v; v0 += BLOCK) {  // per block: counts and keys in the key's own width (SIMD)
+        const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, v - v0));
+        I cb = 0, ab = std::numeric_limits<I>::max();
+#pragma omp simd reduction(+ : cb) reduction(min : ab)
+        for (int j = 0; j < nb; ++j) {
+          const I kj = key[v0 + j];
+          cb += kj >= mid ? I(1) : I(0);
+          const I cand = kj >= mid ? kj : std::numeric_limits<I>::max();
+          ab = cand < ab ? cand : ab;
+        }
+        c += cb;
+        above = ab < above ? ab : above;
       }
       if (c == top_k) {  // exactly the k largest are >= mid: the k-th is their smallest (about half the steps)
         lo = above;
