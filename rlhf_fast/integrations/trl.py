@@ -209,7 +209,8 @@ def fused_grpo_loss(trainer, model, inputs) -> torch.Tensor:
         bias = None if bias is None else bias.float()
     top_k, top_p = getattr(trainer, "_rf_cut", (0, 1.0))  # the engine's cut, when its log-probs are of it
     with torch.no_grad():  # this step's log-probs and entropy without gradient: the metrics (and old log-probs)
-        logp, entropy = ops.linear_token_logprobs(hidden.detach(), weight.detach(), completion_ids,
+        labels = completion_ids.masked_fill(mask == 0, -100)  # masked-out rows skip the lm_head (0 there)
+        logp, entropy = ops.linear_token_logprobs(hidden.detach(), weight.detach(), labels,
                                                   bias=None if bias is None else bias.detach(),
                                                   temperature=trainer.temperature, top_k=top_k, top_p=top_p,
                                                   return_entropy=True)
