@@ -21,6 +21,7 @@ and the old-policy log-prob pass change:
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -131,7 +132,7 @@ class EngineGeneration:
         vocab = lm.get_output_embeddings().weight.shape[0]
         probe = self._rf_params(n, cut=False)
         cut = self._rf_cut_logprobs and probe.truncated(vocab) and self._rf_loss_cuts()
-        params = self._rf_params(n, cut) if cut else probe
+        params = dataclasses.replace(probe, logprobs="sampled") if cut else probe
         bs = 16
         blocks = n * sum(-(-(len(p) + params.max_new_tokens) // bs) for p in distinct) + 1  # never preempts
         longest = max(len(p) for p in distinct) + params.max_new_tokens
