@@ -158,8 +158,8 @@ def plot_bars(name: str, rows: list[dict]) -> Path:
     r0 = rows[0]
     ax.set_title(f"{name}: {r0['params_M']}M Qwen2, {r0['prompts']} prompts x {r0['generations']} x "
                  f"{r0['new_tokens']} tokens\n{r0.get('device', '')}", fontsize=9)
-    ax.set_ylim(0, max(r["step_s"] for r in rows) * 1.25)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.set_ylim(0, max(r["step_s"] for r in rows) * 1.2)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     path = results_dir() / f"{name}.png"
     fig.savefig(path, dpi=110)
