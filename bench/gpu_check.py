@@ -476,7 +476,7 @@ def step_losses(chk: Check) -> Outcome:
 def step_trl_grpo(chk: Check) -> Outcome:
     """GRPO step inside TRL's `train()`: trl.GRPOTrainer (transformers' generate) vs ours (RolloutEngine + fused
     loss), and TRL with vLLM colocate where vllm is installed; skipped where TRL cannot be imported or installed."""
-    rc = _bench(chk, "bench_trl_grpo", [], 150.0)
+    rc = _bench(chk, "bench_trl_grpo", ["--repeats", "1"], 150.0)
     rows = _rows(chk, "trl_grpo_gpu")
     if not rows and "TRL unavailable" in (chk.out / "bench_trl_grpo.log").read_text(errors="replace"):
         return Outcome("skipped", "TRL is not installed and cannot be; see bench_trl_grpo.log")
