@@ -11,17 +11,24 @@ import torch  # noqa: E402
 
 from rlhf_fast.kernels import linear_logprobs as kl  # noqa: E402
 from rlhf_fast.kernels import logprobs as kr  # noqa: E402
+from rlhf_fast.kernels import support as ks  # noqa: E402
 from _triton_ptx import main  # noqa: E402  (this script's own folder is on sys.path)
 
 
 def _cases():
     block_v = kr.block_v(151936, torch.device("cuda"))
     for dt in ("bf16", "fp32"):
-        row = dict(logits_ptr=f"*{dt}", labels_ptr="*i64", V="i32", stride_row="i64", inv_temp="fp32",
-                   ignore_index="i32")
-        yield kr._fwd_kernel, dict(row, logp_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32"), dict(BLOCK_V=block_v)
-        yield kr._bwd_kernel, dict(row, lse_ptr="*fp32", ent_ptr="*fp32", dlogp_ptr="*fp32", dent_ptr="*fp32",
-                                   out_ptr=f"*{dt}", stride_out="i64"), dict(BLOCK_V=block_v)
+        row = dict(logits_ptr=f"*{dt}", labels_ptr="*i64", thr_ptr="*fp32", V="i32", stride_row="i64",
+                   inv_temp="fp32", ignore_index="i32")
+        for has_thr in (False, True):  # the full softmax, and the top-k / top-p support cut at a threshold per row
+            consts = dict(HAS_THR=has_thr, BLOCK_V=block_v)
+            yield kr._fwd_kernel, dict(row, logp_ptr="*fp32", lse_ptr="*fp32", ent_ptr="*fp32"), consts
+            yield kr._bwd_kernel, dict(row, lse_ptr="*fp32", ent_ptr="*fp32", dlogp_ptr="*fp32", dent_ptr="*fp32",
+                                       out_ptr=f"*{dt}", stride_out="i64"), consts
+        sel = dict(logits_ptr=f"*{dt}", thr_ptr="*fp32", V="i32", stride_row="i64", inv_temp="fp32", top_k="i32",
+                   top_p="fp32")
+        for use_k, use_p in ((True, False), (False, True), (True, True)):
+            yield ks._threshold_kernel, sel, dict(USE_K=use_k, USE_P=use_p, BLOCK_V=block_v)
         gpu = kl.tiles(torch.device("cuda"))
         tiles = dict(BLOCK_M=gpu["BLOCK_M"], BLOCK_V=gpu["BLOCK_V"], BLOCK_K=gpu["BLOCK_K"], HAS_BIAS=dt == "fp32",
                      IEEE=dt == "fp32", UPCAST=False)
