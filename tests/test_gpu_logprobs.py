@@ -152,3 +152,34 @@ def test_linear_logprobs_batch_invariant(width, vocab, dtype):
         perm = torch.randperm(n, device=DEVICE)
         lp = linear_token_logprobs(hidden[perm], weight, labels[perm], bias=bias)
         assert torch.equal(lp, base_lp[perm])
+
+
+@pytest.mark.parametrize("dtype", first_in_dry_run(torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("lead,vocab,top_k,top_p", [
+    pytest.param((5,), 37, 6, 0.8, id="tiny-v37"),
+    pytest.param((41,), 4231, 50, 0.9, marks=cuda_only, id="v4231"),
+    pytest.param((96,), REAL_VOCAB, 50, 0.9, marks=cuda_only, id="v151936"),
+])
+def test_support_threshold_and_truncated_logprobs_match_fp64(lead, vocab, top_k, top_p, dtype):
+    """The top-k / top-p selection kernel (support_threshold) and the thresholded Triton row kernels against the
+    float64 sort-and-cumsum reference: thresholds exactly, log-prob / entropy / gradient within the dtype's tolerance."""
+    from rlhf_fast.ops import support_threshold
+
+    logits, labels = _logits(lead, vocab, dtype)
+    with use_backend("triton"):
+        thr = support_threshold(logits, temperature=0.8, top_k=top_k, top_p=top_p)
+    ref_thr = reference.support_threshold(logits.double(), temperature=0.8, top_k=top_k, top_p=top_p)
+    kept = logits.float() * (1 / 0.8) >= thr[..., None]  # thresholds are values of the row: compare the kept sets
+    assert torch.equal(kept, logits.double() * (1 / 0.8) >= ref_thr[..., None])
+    x = logits.detach().clone().requires_grad_(True)
+    with use_backend("triton"):
+        logp, ent = token_logprobs(x, labels, temperature=0.8, top_k=top_k, top_p=top_p, return_entropy=True)
+    (dx,) = torch.autograd.grad(logp.sum() + ent.sum(), x)
+    xr = logits.detach().double().requires_grad_(True)
+    rlogp, rent = reference.token_logprobs(xr, labels, temperature=0.8, top_k=top_k, top_p=top_p,
+                                           return_entropy=True)
+    (rdx,) = torch.autograd.grad(rlogp.sum() + rent.sum(), xr)
+    t = tol(dtype)
+    torch.testing.assert_close(logp.double(), rlogp.detach(), **t)
+    torch.testing.assert_close(ent.double(), rent.detach(), **t)
+    torch.testing.assert_close(dx.double(), rdx, atol=4 * t["atol"], rtol=4 * t["rtol"])
