@@ -41,9 +41,10 @@ def test_engine_logprobs_match_teacher_forced(kind, dtype, deterministic):
     outs = eng.generate(prompts, SamplingParams(max_new_tokens=new, temperature=0.7, top_p=0.95, n=2, seed=3))
     assert len(outs) == 2 * len(prompts)
     ps = [prompts[o.prompt_index] for o in outs]
-    rev = teacher_forced_logprobs(model, ps[::-1], outs[::-1], temperature=0.7, deterministic=deterministic,
-                                  block_size=eng.block_size)[::-1]
-    single = [eng.teacher_forced_logprobs([p], [o], temperature=0.7)[0] for p, o in zip(ps[:3], outs[:3])]
+    # the engine's log-probs are the top-p-cut distribution's: the recompute takes the same top_p
+    rev = teacher_forced_logprobs(model, ps[::-1], outs[::-1], temperature=0.7, top_p=0.95,
+                                  deterministic=deterministic, block_size=eng.block_size)[::-1]
+    single = [eng.teacher_forced_logprobs([p], [o], temperature=0.7, top_p=0.95)[0] for p, o in zip(ps[:3], outs[:3])]
     for o, r in zip(outs, rev):
         assert r.dtype == torch.float32 and r.shape == o.logprobs.shape and r.device.type == DEVICE.type
         r = r.cpu()
