@@ -144,8 +144,8 @@ def use_blocks(weight: torch.Tensor, kind, truncated: bool) -> bool:
 def iter_blocks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """Yield (v0, t0, rows, h_tile (BLOCK_TILE, H), logits (BLOCK_TILE, nb)) over vocab blocks (outer) and row tiles of
     h (M, H) (inner); each block of W reordered once into the only oneDNN copy alive (a zero-padded last tile's
-    padding rows are in h_tile and logits too). Measured (2 cores, M 4096, H 1024, V 32768): the block reorders
-    cost about one pass over W and the tiles run as fast as on a once-reordered whole weight."""
+    padding rows are in h_tile and logits too). Measured (2 cores, quiet, M 4096, H 1024, V 32768 fp32, fwd+bwd):
+    6.50 s against 6.19 s for the naive logits -> log_softmax path (1.049x), 71.7 MiB beyond the gradients."""
     m, width = h.shape
     vocab, nb = weight.shape[0], block_rows(*weight.shape)
     hbuf = h.new_empty(BLOCK_TILE, width)  # (BLOCK_TILE, H)

@@ -156,8 +156,11 @@ class RolloutEngine:
         else:
             logp = ops.token_logprobs(logits, tokens, temperature=temp)
         stop = set(params.stop_token_ids)
-        thr_list = [float("-inf")] * len(seqs) if thr is None else replay_threshold(logits, temp, thr).tolist()
-        for s, tok, lp, t in zip(seqs, tokens.tolist(), logp.tolist(), thr_list):
+        if thr is None:
+            lp_list, thr_list = logp.tolist(), [float("-inf")] * len(seqs)
+        else:  # one device-to-host copy for both
+            lp_list, thr_list = torch.stack([logp.float(), replay_threshold(logits, temp, thr)]).tolist()
+        for s, tok, lp, t in zip(seqs, tokens.tolist(), lp_list, thr_list):
             s.num_cached = len(s.tokens)
             s.tokens.append(tok)
             s.logprobs.append(lp)
