@@ -194,9 +194,10 @@ SUPPORT_DOC = """
             falls out of it still counts, as the label is kept).
             "replay": the rollout's recorded threshold `support_threshold` (from `ops.support_threshold` at
             sampling time): no selection runs, and the support is {z >= recorded threshold} on the current logits
-            (plus the label). Both give the same result at unchanged weights and bitwise-equal logits; where the
-            engine's logits round differently from the trainer's, the token at the boundary (whose z is the
-            threshold) stays in only if its z here is not below the recorded value.
+            (plus the label). Both give the same result at unchanged weights and bitwise-equal logits. A threshold
+            equal to the boundary token's z would drop that token wherever the trainer's logits round an ulp lower,
+            so `RolloutEngine` records the midpoint between it and the next lower z (`Completion.support_threshold`,
+            `rollout.sampling.replay_threshold`): the same tokens on the engine's logits, and on the trainer's.
         support_threshold: (...) float, the labels' shape: the recorded threshold per token, in units of
             z = logits / temperature at this call's temperature (-inf: nothing cut). Only with support="replay"."""
 
