@@ -18,9 +18,19 @@ _BY_CLASS = {
 }
 
 
+def supports_class(cls: type) -> bool:
+    """Whether `bind_model` covers models of class `cls` (a transformers class or a subclass of one)."""
+    return any(c.__name__ in _BY_CLASS and c.__module__.startswith("transformers.") for c in cls.__mro__)
+
+
 def supports(hf_model) -> bool:
     """Whether `bind_model` covers `hf_model`'s architecture."""
-    return any(c.__name__ in _BY_CLASS and c.__module__.startswith("transformers.") for c in type(hf_model).__mro__)
+    return supports_class(type(hf_model))
+
+
+def covered_families() -> list[str]:
+    """The causal-LM classes `bind_model` covers (their bare backbones too), for error messages."""
+    return sorted(k for k in _BY_CLASS if k.endswith(("ForCausalLM", "LMHeadModel")))
 
 
 def bind_model(hf_model):
@@ -34,4 +44,4 @@ def bind_model(hf_model):
 
 
 __all__ = ["AttnMetadata", "GPT2LM", "LlamaFamilyLM", "bind_model", "disable_dropout", "final_hidden", "output_head",
-           "supports"]
+           "covered_families", "supports", "supports_class"]

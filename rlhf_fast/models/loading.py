@@ -77,7 +77,7 @@ def check_compact_support(path: str | Path, what: str, *, backbone: bool = False
     import transformers
     from transformers.models.auto import modeling_auto
 
-    from rlhf_fast.models import _BY_CLASS
+    from rlhf_fast.models import covered_families, supports_class
 
     cfg = Path(local_dir(path, what)) / "config.json"
     try:
@@ -89,8 +89,8 @@ def check_compact_support(path: str | Path, what: str, *, backbone: bool = False
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if cls is None:
         return
-    if any(c.__name__ in _BY_CLASS and c.__module__.startswith("transformers.") for c in cls.__mro__):
+    if supports_class(cls):
         return
-    families = sorted({k for k in _BY_CLASS if k.endswith(("ForCausalLM", "LMHeadModel"))})
+    families = covered_families()
     raise ModelLoadError(f"{what}: {path} is a {name} (model_type {model_type!r}); {needed_by} supports "
                          f"{', '.join(families)} (and their backbones){hint}")
