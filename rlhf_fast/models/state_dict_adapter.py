@@ -1,0 +1,404 @@
+"""Hugging Face checkpoints in and out of rlhf_fast's own models, with no transformers module in the loop.
+
+Names: a family is one `Family` row (the HF prefix, the name of HF's block list, and the renames outside and inside a
+block); `to_hf_name` / `from_hf_name` map a state-dict key between the two. GPT-2's Conv1D weights are stored (in, out)
+by HF and are (out, in) in our nn.Linear: they are transposed on the way in and out.
+
+`load_pretrained` reads `config.json` and the safetensors (one file, or shards with `model.safetensors.index.json`)
+one tensor at a time into a model built on the meta device, `load_state_dict(assign=True)`: the parameters are the
+tensors safetensors returned (cast or transposed only where it must), never a second full copy.
+`save_pretrained` writes an HF directory (config, generation config, safetensors sharded above a size, tokenizer)
+that `AutoModelForCausalLM` / `AutoModel.from_pretrained` load with the same tensors; tied weights are stored once,
+under HF's name.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rlhf_fast.models.loading import ModelLoadError, _offline, local_dir
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")  # wrappers' key segments
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one family's HF state-dict keys map to ours. Ours: `embed`, `layers.{i}.<block>`, `norm`, `lm_head`;
+    HF: `<prefix><top[..]>`, `<prefix><stack>.{i}.<block[..]>`, `lm_head` (no prefix). `block` renames the first
+    component of an in-block path (`attn` -> `self_attn` renames `attn.q_proj.weight`)."""
+    prefix: str  # of a causal LM's backbone keys ("model."); a bare backbone checkpoint has none
+    stack: str  # HF's name of the block list
+    top: dict[str, str]  # ours -> HF, outside the blocks (lm_head excluded)
+    block: dict[str, str]  # ours -> HF, first component inside a block
+    transposed: frozenset[str] = frozenset()  # our in-block keys stored (in, out) by HF (Conv1D)
+    ignored: tuple[str, ...] = ()  # HF keys ending in these components are buffers, not weights
+    _rev_top: dict[str, str] = field(init=False, repr=False, compare=False)
+    _rev_block: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_rev_top", {v: k for k, v in self.top.items()})
+        object.__setattr__(self, "_rev_block", {v: k for k, v in self.block.items()})
+
+
+_LLAMA = Family(prefix="model.", stack="layers", top={"embed": "embed_tokens", "norm": "norm"},
+                block={"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn": "self_attn",
+                       "mlp": "mlp"},
+                ignored=("rotary_emb.inv_freq",))
+_GPT2 = Family(prefix="transformer.", stack="h", top={"embed": "wte", "pos_embed": "wpe", "norm": "ln_f"},
+               block={"ln_1": "ln_1", "ln_2": "ln_2", "attn": "attn", "mlp": "mlp"},
+               transposed=frozenset({"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                                     "mlp.c_proj.weight"}),
+               ignored=("attn.bias", "attn.masked_bias"))
+FAMILIES: dict[str, Family] = {"llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA, "gpt2": _GPT2}
+
+
+def _kind(model_or_config) -> str | None:
+    return getattr(getattr(model_or_config, "config", model_or_config), "model_type", None)
+
+
+def family(model_or_config) -> Family:
+    """The `Family` of a model (anything with `.config`) or an HF config; ModelLoadError for other model types."""
+    kind = _kind(model_or_config)
+    if kind not in FAMILIES:
+        raise ModelLoadError(f"no state-dict mapping for model_type {kind!r}: covered are {', '.join(FAMILIES)}")
+    return FAMILIES[kind]
+
+
+def _strip_wrappers(name: str) -> str:
+    for w in _WRAPPERS:
+        name = name.replace(w, "")
+    return name
+
+
+def to_hf_name(name: str, model_or_config, *, backbone: bool = False) -> str:
+    """HF's key for our state-dict key `name` (`layers.0.attn.q_proj.weight` -> `model.layers.0.self_attn.q_proj.
+    weight`); `backbone`: a bare backbone's key (no prefix). KeyError for a name outside the mapping."""
+    fam = family(model_or_config)
+    name = _strip_wrappers(name)
+    if name.startswith("lm_head."):
+        if backbone:
+            raise KeyError(f"{name}: a bare backbone has no lm_head")
+        return name
+    prefix = "" if backbone else fam.prefix
+    head, _, rest = name.partition(".")
+    if head == "layers":
+        idx, _, inner = rest.partition(".")
+        first, _, tail = inner.partition(".")
+        if idx.isdigit() and first in fam.block and tail:
+            return f"{prefix}{fam.stack}.{idx}.{fam.block[first]}.{tail}"
+    elif head in fam.top and rest:
+        return f"{prefix}{fam.top[head]}.{rest}"
+    raise KeyError(f"{name}: not a weight of a {_kind(model_or_config)} model")
+
+
+def from_hf_name(hf_name: str, model_or_config) -> str | None:
+    """Our key for HF key `hf_name`, from a causal LM (`model.`/`transformer.` prefix) or a bare backbone (none);
+    None for a buffer that is not a weight (GPT-2's `attn.bias`, rotary `inv_freq`). KeyError for a key outside the
+    mapping (a classification head, another family's name)."""
+    fam = family(model_or_config)
+    if any(hf_name == s or hf_name.endswith("." + s) for s in fam.ignored):
+        return None
+    if hf_name.startswith("lm_head."):
+        return hf_name
+    name = hf_name.removeprefix(fam.prefix)
+    head, _, rest = name.partition(".")
+    if head == fam.stack:
+        idx, _, inner = rest.partition(".")
+        first, _, tail = inner.partition(".")
+        if idx.isdigit() and first in fam._rev_block and tail:
+            return f"layers.{idx}.{fam._rev_block[first]}.{tail}"
+    elif head in fam._rev_top and rest:
+        return f"{fam._rev_top[head]}.{rest}"
+    raise KeyError(f"{hf_name}: not a weight of a {_kind(model_or_config)} model")
+
+
+def is_transposed(name: str, model_or_config) -> bool:
+    """Whether our key `name` is stored transposed by HF (GPT-2's Conv1D weights: (in, out) there, (out, in) here)."""
+    parts = _strip_wrappers(name).split(".", 2)
+    return len(parts) == 3 and parts[0] == "layers" and parts[2] in family(model_or_config).transposed
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+
+def _as_dtype(value) -> torch.dtype | None:
+    """A torch dtype from a config's `dtype` (a torch.dtype or a name such as "bfloat16"), else None."""
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def checkpoint_files(path: str | Path) -> dict[str, list[str]]:
+    """{safetensors file: the HF keys it holds} of model directory `path` (`model.safetensors`, or the shards that
+    `model.safetensors.index.json` names); ModelLoadError when there are none (a `.bin`-only checkpoint included)."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"model: {path / INDEX} is not a safetensors index ({e})") from e
+        files: dict[str, list[str]] = {}
+        for key, name in weight_map.items():
+            files.setdefault(str(path / name), []).append(key)
+        for f in files:
+            if not Path(f).is_file():
+                raise ModelLoadError(f"model: {path / INDEX} names {Path(f).name}, which is missing from {path}")
+        return files
+    if (path / SINGLE).is_file():
+        with safe_open(str(path / SINGLE), framework="pt") as f:
+            return {str(path / SINGLE): list(f.keys())}
+    if any(path.glob("pytorch_model*.bin")):
+        raise ModelLoadError(f"model: {path} holds only pytorch_model*.bin weights; rlhf_fast reads safetensors: "
+                             f"re-save it with transformers (`save_pretrained(dir)` writes safetensors)")
+    raise ModelLoadError(f"model: {path} has no {SINGLE} or {INDEX}")
+
+
+def _plan(files: dict[str, list[str]], config, backbone: bool) -> dict[str, tuple[str, str]]:
+    """{our key: (file, HF key)} for every weight in the checkpoint the model will hold."""
+    plan: dict[str, tuple[str, str]] = {}
+    for file, keys in files.items():
+        for key in keys:
+            try:
+                ours = from_hf_name(key, config)
+            except KeyError:
+                raise ModelLoadError(f"model: unexpected tensor {key!r} in {file}: not a weight of a "
+                                     f"{config.model_type} model") from None
+            if ours is None or (backbone and ours.startswith("lm_head.")):
+                continue  # a buffer, or the head of a causal LM loaded as a backbone
+            if ours in plan:
+                raise ModelLoadError(f"model: tensor {ours!r} twice in {Path(file).parent} ({plan[ours][1]!r} and "
+                                     f"{key!r}: a causal LM's and a backbone's names mixed)")
+            plan[ours] = (file, key)
+    return plan
+
+
+def _tied(config) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    backbone: bool = False):
+    """Our model (a DecoderLM) from HF model directory `path`: its causal LM, or with `backbone` its bare backbone
+    (no lm_head; a causal LM's lm_head is dropped). Reads `config.json` (local files only) and the safetensors into
+    a meta-built model with `load_state_dict(assign=True, strict=True)`: no second copy. `dtype` None = the
+    checkpoint's (config `dtype`, else the tensors'). A tied lm_head is `embed.weight` itself (also for a backbone
+    checkpoint loaded as a causal LM). Errors: ModelLoadError naming the path and the tensor."""
+    from transformers import AutoConfig
+
+    from rlhf_fast.models import build_model
+
+    path = local_dir(path, "model")
+    if not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"model: {path} has no config.json: not a Hugging Face model directory")
+    config = _offline(AutoConfig.from_pretrained, path, "model")
+    family(config)  # a clear error for a family we cannot map, before any tensor is read
+    files = checkpoint_files(path)
+    plan = _plan(files, config, backbone)
+    model = build_model(config, lm_head=not backbone, device="meta")
+    expected = list(model.state_dict())
+    tie = not backbone and "lm_head.weight" in expected and _tied(config)
+    if tie:
+        plan.pop("lm_head.weight", None)  # HF ties it whatever the file holds
+    elif "lm_head.weight" in expected and "lm_head.weight" not in plan:
+        raise ModelLoadError(f"model: {path} has no lm_head.weight and its config does not tie it to the embedding "
+                             f"(a bare backbone? load it with backbone=True)")
+    need = [k for k in expected if not (tie and k == "lm_head.weight")]
+    missing = [k for k in need if k not in plan]
+    if missing:
+        raise ModelLoadError(f"model: {path} lacks tensor {to_hf_name(missing[0], config, backbone=backbone)!r} "
+                             f"(ours {missing[0]!r}" + (f"; {len(missing) - 1} more)" if len(missing) > 1 else ")"))
+    extra = [k for k in plan if k not in need]
+    if extra:
+        raise ModelLoadError(f"model: unexpected tensor {plan[extra[0]][1]!r} in {path} (ours {extra[0]!r})")
+    dtype = dtype or _as_dtype(getattr(config, "dtype", None)) or _file_dtype(files)
+    state = _read(plan, config, dtype, device)
+    if tie:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if tie:
+        model.lm_head.weight = model.embed.weight  # one Parameter, as HF ties them
+    return model
+
+
+def _file_dtype(files: dict[str, list[str]]) -> torch.dtype:
+    """The dtype of the first floating tensor stored (a checkpoint whose config names none)."""
+    for file, keys in files.items():
+        with safe_open(file, framework="pt") as f:
+            for key in keys:
+                dt = _ST_DTYPES.get(f.get_slice(key).get_dtype())
+                if dt is not None:
+                    return dt
+    return torch.float32
+
+
+def _read(plan: dict[str, tuple[str, str]], config, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """{our key: tensor} read one tensor at a time, each file opened once; a tensor is transposed (Conv1D) or cast
+    only where it must be, so the rest are the very tensors safetensors returned."""
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for ours, (file, key) in plan.items():
+        by_file.setdefault(file, []).append((ours, key))
+    state = {}
+    dev = str(torch.device(device))
+    for file, pairs in by_file.items():
+        with safe_open(file, framework="pt", device=dev) as f:
+            for ours, key in pairs:
+                t = f.get_tensor(key)
+                if is_transposed(ours, config):
+                    t = t.t()  # HF Conv1D (in, out) -> our nn.Linear (out, in)
+                want = dtype if t.is_floating_point() else t.dtype
+                if t.dtype != want or not t.is_contiguous():
+                    t = t.to(dtype=want, memory_format=torch.contiguous_format)  # one copy for transpose + cast
+                state[ours] = t
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------- saving
+
+def _full_state(model) -> dict[str, torch.Tensor] | None:
+    """Our full state dict: the model's own tensors when unsharded; for an FSDP2 (DTensor) model every rank must
+    call this, rank 0 gets the gathered CPU tensors and the other ranks None."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return {_strip_wrappers(k): v for k, v in model.state_dict().items()}
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {_strip_wrappers(k): v for k, v in state.items()} if dist.get_rank() == 0 else None
+
+
+def _hf_state(model, state: dict[str, torch.Tensor], backbone: bool) -> dict[str, tuple[str, torch.Tensor]]:
+    """{HF key: (our key, tensor)}, in our order; a tied lm_head is left out (HF stores the embedding alone)."""
+    tied = not backbone and _tied(model.config)
+    if tied and isinstance(model.lm_head.weight, torch.nn.Parameter) and model.lm_head.weight is not model.embed.weight:
+        raise ValueError("save_pretrained: the config ties lm_head to the embedding but the model holds two tensors")
+    return {to_hf_name(ours, model.config, backbone=backbone): (ours, t) for ours, t in state.items()
+            if not (tied and ours == "lm_head.weight")}
+
+
+def _shards(hf: dict[str, tuple[str, torch.Tensor]], dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
+    """HF keys grouped in order into shards of at most `max_bytes` (in `dtype`); a larger tensor is a shard alone."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, (_, t) in hf.items():
+        n = t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += n
+    return shards
+
+
+def _export_tensor(ours: str, t: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor as HF stores it: on the CPU, in `dtype` if floating, Conv1D weights transposed, contiguous."""
+    t = t.detach()
+    if is_transposed(ours, config):
+        t = t.t()
+    want = dtype if t.is_floating_point() else t.dtype
+    return t.to(device="cpu", dtype=want, memory_format=torch.contiguous_format)
+
+
+def _generation_config(config):
+    """`GenerationConfig.from_model_config(config)` when it sets anything a blank config does not, else None."""
+    from transformers import GenerationConfig, PretrainedConfig
+
+    gen = GenerationConfig.from_model_config(config)
+    blank = GenerationConfig.from_model_config(PretrainedConfig())
+    drop = ("transformers_version",)
+    same = {k: v for k, v in gen.to_diff_dict().items() if k not in drop} == \
+        {k: v for k, v in blank.to_diff_dict().items() if k not in drop}
+    return None if same else gen
+
+
+def save_pretrained(model, path: str | Path, *, tokenizer=None, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int = 2 * 2**30) -> None:
+    """Write `model` (our DecoderLM, or its FSDP2-sharded form: then every rank calls this, rank 0 writes) as an HF
+    model directory at `path`, replacing what is there at once (a temp dir renamed into place): config.json
+    (`dtype` the saved dtype, `architectures` the causal LM, or the backbone class when the model has no lm_head),
+    generation_config.json (when the config sets generation fields), safetensors in `dtype` (None = the model's;
+    tied weights stored once; shards of at most `max_shard_bytes` with `model.safetensors.index.json` above it)
+    and `tokenizer`'s files if given."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    family(model)
+    backbone = getattr(model, "lm_head", None) is None
+    state = _full_state(model)
+    if state is None:  # an FSDP2 rank other than 0: rank 0 writes
+        _barrier()
+        return
+    dtype = dtype or model.embed.weight.dtype
+    hf = _hf_state(model, state, backbone)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        config = copy.deepcopy(model.config)
+        config.dtype = str(dtype).removeprefix("torch.")
+        names = MODEL_MAPPING_NAMES if backbone else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        config.architectures = [names[model.config.model_type]]
+        config.save_pretrained(str(tmp))
+        gen = None if backbone else _generation_config(config)
+        if gen is not None:
+            gen.save_pretrained(str(tmp))
+        _write_weights(tmp, hf, model.config, dtype, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        _barrier()
+
+
+def _write_weights(out: Path, hf: dict[str, tuple[str, torch.Tensor]], config, dtype: torch.dtype,
+                   max_bytes: int) -> None:
+    """`model.safetensors`, or `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` when the tensors
+    exceed `max_bytes`; one shard's tensors are converted at a time."""
+    shards = _shards(hf, dtype, max_bytes)
+    weight_map, total = {}, 0
+    for k, keys in enumerate(shards, 1):
+        name = SINGLE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {key: _export_tensor(hf[key][0], hf[key][1], config, dtype) for key in keys}
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(keys, name))
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename finished directory `tmp` to `path`; an existing `path` is moved aside first and removed after."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"save_pretrained: {path} is a file")
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}" if path.exists() else None
+    if old is not None:
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
