@@ -244,6 +244,15 @@ def _file_dtype(files: dict[str, list[str]]) -> torch.dtype:
     return torch.float32
 
 
+def _converted(t: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """`t` contiguous, in `dtype` (and on `device`), copied once if at all (`Tensor.to` alone keeps a transposed
+    view's strides when nothing else changes)."""
+    device = t.device if device is None else torch.device(device)
+    if t.dtype == dtype and t.device == device:
+        return t.contiguous()
+    return t.to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
+
+
 def _read(plan: dict[str, tuple[str, str]], config, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     """{our key: tensor} read one tensor at a time, each file opened once; a tensor is transposed (Conv1D) or cast
     only where it must be, so the rest are the very tensors safetensors returned."""
@@ -258,10 +267,7 @@ def _read(plan: dict[str, tuple[str, str]], config, dtype: torch.dtype, device) 
                 t = f.get_tensor(key)
                 if is_transposed(ours, config):
                     t = t.t()  # HF Conv1D (in, out) -> our nn.Linear (out, in)
-                want = dtype if t.is_floating_point() else t.dtype
-                if t.dtype != want or not t.is_contiguous():
-                    t = t.to(dtype=want, memory_format=torch.contiguous_format)  # one copy for transpose + cast
-                state[ours] = t
+                state[ours] = _converted(t, dtype if t.is_floating_point() else t.dtype)
     return state
 
 
@@ -309,8 +315,7 @@ def _export_tensor(ours: str, t: torch.Tensor, config, dtype: torch.dtype) -> to
     t = t.detach()
     if is_transposed(ours, config):
         t = t.t()
-    want = dtype if t.is_floating_point() else t.dtype
-    return t.to(device="cpu", dtype=want, memory_format=torch.contiguous_format)
+    return _converted(t, dtype if t.is_floating_point() else t.dtype, "cpu")
 
 
 def _generation_config(config):
@@ -375,7 +380,11 @@ def _write_weights(out: Path, hf: dict[str, tuple[str, torch.Tensor]], config, d
     weight_map, total = {}, 0
     for k, keys in enumerate(shards, 1):
         name = SINGLE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {key: _export_tensor(hf[key][0], hf[key][1], config, dtype) for key in keys}
+        tensors, ptrs = {}, set()
+        for key in keys:
+            t = _export_tensor(hf[key][0], hf[key][1], config, dtype)
+            tensors[key] = t.clone() if t.data_ptr() in ptrs else t  # safetensors stores no shared storage
+            ptrs.add(t.data_ptr())
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(keys, name))
