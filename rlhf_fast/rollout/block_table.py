@@ -1,6 +1,8 @@
-"""Block tables as tensors: the int32 tables, context lengths and slot mapping of one step, built once per step.
+"""Block tables as tensors: where the allocator's Python lists become the int32 tables, context lengths and slot
+mappings the model and kernels see.
 
-This is the only place where the allocator's Python lists become tensors; the model and kernels see only these.
+Prefill (and teacher-forced scoring) builds its inputs from the lists (`prefill_inputs`); decode keeps them in a
+persistent buffer (`DecodeBatch`), written in place as sequences grow, copied to the device once per step.
 """
 from __future__ import annotations
 
@@ -65,11 +67,90 @@ def prefill_inputs(token_lists: list[list[int]], tables: list[list[int]] | None,
     return StepInputs(torch.tensor(ids, dtype=torch.int64, device=device), positions, meta, rows)
 
 
-def decode_inputs(last_tokens: list[int], positions: list[int], tables: list[list[int]], block_size: int,
-                  device: torch.device, *, deterministic: bool) -> StepInputs:
-    """One new token per sequence at `positions[i]`, attending to its `positions[i] + 1` cached tokens."""
-    slot = [t[p // block_size] * block_size + p % block_size for t, p in zip(tables, positions)]
-    pos = torch.tensor(positions, dtype=torch.int64, device=device)
-    meta = AttnMetadata(torch.tensor(slot, dtype=torch.int64, device=device), block_tables=table_tensor(tables, device),
-                        context_lens=(pos + 1).to(torch.int32), deterministic=deterministic)
-    return StepInputs(torch.tensor(last_tokens, dtype=torch.int64, device=device), pos, meta, None)
+class CpuGpuBuffer:
+    """A host tensor (pinned when the device is a GPU) and its device twin (vLLM v1's `CpuGpuBuffer`): the host side is
+    written in place, `to_device(n)` moves its first n rows in one asynchronous copy. On CPU both are one tensor.
+
+    The host side must not be written again before the copy has run: the engine reads every step's sampled tokens
+    back (a synchronisation) before it writes the next step's rows.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self.cpu = torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda")
+        self.device = self.cpu if device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=device)
+
+    def to_device(self, n: int) -> torch.Tensor:
+        """The first `n` rows on the device."""
+        if self.device is not self.cpu:
+            self.device[:n].copy_(self.cpu[:n], non_blocking=True)
+        return self.device[:n]
+
+
+class DecodeBatch:
+    """The decode inputs of the running sequences, kept between steps in one int32 buffer, one row per sequence in the
+    scheduler's order (vLLM v1's persistent batch and block table; nano-vllm builds them anew each step).
+
+    Row layout: [last token, position, slot, stream, block table (max_blocks entries)]. A step writes, per sequence,
+    its token, position and slot and the one table entry its new token lands in (a fresh block, or the private copy
+    of a shared one); a sequence's whole table is written once, when it joins. Rows move only when sequences leave
+    (the survivors move up). Then one host-to-device copy; the kernels read only the table entries of a
+    query's window, so entries freed before it (`allocator.FREED`) may stay stale here.
+
+    stream: the sequence's global index (`SamplingParams` seeds its random stream with it).
+    """
+
+    TOKEN, POS, SLOT, STREAM, TABLE = range(5)
+
+    def __init__(self, max_rows: int, max_blocks: int, block_size: int, device: torch.device):
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.buf = CpuGpuBuffer((max_rows, self.TABLE + max_blocks), torch.int32, device)
+        self._tables: list[list[int]] = []  # row r's sequence's block table (the list object: a new one per admission)
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def update(self, tables: list[list[int]], tokens: list[int], positions: list[int],
+               streams: list[int]) -> torch.Tensor:
+        """The step's rows on the device, (B, TABLE + max_blocks) int32, for sequences with block tables `tables`
+        (the scheduler's lists; an admission or a preemption gives a sequence a new list), last tokens `tokens` at
+        `positions`, random streams `streams`."""
+        host, bs = self.buf.cpu, self.block_size
+        if any(a is not b for a, b in zip(tables, self._tables)) or len(tables) != len(self._tables):
+            self._rearrange(tables, streams)
+        entries = [t[p // bs] for t, p in zip(tables, positions)]
+        if len(tables):
+            cols = torch.tensor([p // bs + self.TABLE for p in positions])
+            host[torch.arange(len(tables)), cols] = torch.tensor(entries, dtype=torch.int32)  # the block each new token lands in
+            host[:len(tables), :self.STREAM] = torch.tensor(
+                [[tok, p, e * bs + p % bs] for tok, p, e in zip(tokens, positions, entries)], dtype=torch.int32)
+        return self.buf.to_device(len(tables))
+
+    def _rearrange(self, tables: list[list[int]], streams: list[int]) -> None:
+        """Rows for a new set of sequences: survivors keep their rows' contents (moved up), newcomers get theirs."""
+        host = self.buf.cpu
+        if len(tables) > host.shape[0]:
+            raise ValueError(f"{len(tables)} sequences but the batch has {host.shape[0]} rows")
+        where = {id(t): r for r, t in enumerate(self._tables)}
+        old = [where.get(id(t), -1) for t in tables]
+        moved = [(i, r) for i, r in enumerate(old) if 0 <= r != i]
+        if moved:
+            dst, src = zip(*moved)
+            host[list(dst)] = host[list(src)]  # gathered before written: rows may swap
+        new = [i for i, r in enumerate(old) if r < 0]
+        for i in new:
+            t = tables[i]
+            if len(t) > self.max_blocks:
+                raise ValueError(f"a block table of {len(t)} entries is wider than the batch's {self.max_blocks}")
+            host[i, self.STREAM] = streams[i]
+            host[i, self.TABLE:self.TABLE + len(t)] = torch.tensor(t, dtype=torch.int32)
+        self._tables = list(tables)
+
+
+def decode_inputs(rows: torch.Tensor, *, deterministic: bool) -> StepInputs:
+    """A decode step's model inputs from its `DecodeBatch` rows (B, TABLE + max_blocks) int32: one new token per
+    sequence at its position, attending to its position + 1 cached tokens."""
+    pos = rows[:, DecodeBatch.POS].long()
+    meta = AttnMetadata(rows[:, DecodeBatch.SLOT].long(), block_tables=rows[:, DecodeBatch.TABLE:],
+                        context_lens=rows[:, DecodeBatch.POS] + 1, deterministic=deterministic)
+    return StepInputs(rows[:, DecodeBatch.TOKEN].long(), pos, meta, None)

@@ -103,13 +103,14 @@ class RolloutEngine:
             sched.add(group[0])
             all_seqs.extend(group)
         kv = self._cache()
+        batch = block_table.DecodeBatch(len(all_seqs), -(-longest // self.block_size), self.block_size, lm.device)
         stats = EngineStats(num_blocks=self.num_blocks, bytes_per_block=self.bytes_per_block,
                             prompt_tokens=sum(len(p) for p in prompts))
         t0 = time.perf_counter()
         with contextlib.nullcontext() if self.deterministic else lm.packed_head(min(len(all_seqs), self.max_num_seqs)):
             while sched.has_work():
                 step = sched.schedule()
-                self._run(step, kv, params, sched)
+                self._run(step, kv, params, sched, batch)
                 stats.steps += 1
                 stats.prefill_steps += step.kind == "prefill"
         if lm.device.type == "cuda":
@@ -129,7 +130,8 @@ class RolloutEngine:
         g.manual_seed(hash((seed, prompt_index, sample_index)) & (2**63 - 1))
         return g
 
-    def _run(self, step: Step, kv: torch.Tensor, params: SamplingParams, sched: Scheduler) -> None:
+    def _run(self, step: Step, kv: torch.Tensor, params: SamplingParams, sched: Scheduler,
+             batch: block_table.DecodeBatch) -> None:
         dev, bs, det = self.lm.device, self.block_size, self.deterministic
         if step.copies:  # copy-on-write of shared partial blocks, before anything writes them
             src, dst = zip(*step.copies)
@@ -138,8 +140,9 @@ class RolloutEngine:
             inputs = block_table.prefill_inputs([s.tokens for s in step.seqs], [s.block_table for s in step.seqs],
                                                 bs, dev, deterministic=det)
         else:
-            inputs = block_table.decode_inputs([s.tokens[-1] for s in step.seqs], [s.num_cached for s in step.seqs],
-                                               [s.block_table for s in step.seqs], bs, dev, deterministic=det)
+            rows = batch.update([s.block_table for s in step.seqs], [s.tokens[-1] for s in step.seqs],
+                                [s.num_cached for s in step.seqs], [s.seq_id for s in step.seqs])
+            inputs = block_table.decode_inputs(rows, deterministic=det)
         logits = self.lm.forward(inputs.input_ids, inputs.positions, inputs.meta, kv, inputs.logit_rows)  # (R, V)
         rows = [r for _, r in step.samplers]
         if rows != list(range(logits.shape[0])):
