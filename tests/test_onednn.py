@@ -4,7 +4,7 @@ weight, and that the rollout's decode steps use it inside `packed_head` only."""
 import pytest
 import torch
 
-from rlhf_fast.models import bind_model
+from rlhf_fast.models import from_hf
 from rlhf_fast.ops import _linear_chunked as lc
 from rlhf_fast.ops import _onednn as onednn
 
@@ -52,7 +52,7 @@ def test_decode_logits_use_the_packed_head_inside_the_block_only(monkeypatch):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=900, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
-    lm, h = bind_model(model), torch.randn(5, 32)
+    lm, h = from_hf(model), torch.randn(5, 32)
     calls = []
     real = onednn.linear
     monkeypatch.setattr(onednn, "linear", lambda *a: calls.append(1) or real(*a))

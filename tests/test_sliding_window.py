@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from rlhf_fast.models import bind_model
+from rlhf_fast.models import from_hf
 from rlhf_fast.models.packed import pack, packed_hidden
 from rlhf_fast.rollout import RolloutEngine, SamplingParams, teacher_forced_logprobs
 
@@ -55,7 +55,7 @@ def assert_greedy_matches(model, outs, prompts, n):
 @pytest.mark.parametrize("window,block_size", [(16, 16), (8, 4), (5, 4)])
 def test_greedy_matches_hf_generate_past_the_window(window, block_size):
     model = mistral(window)
-    assert bind_model(model).max_context == 256 and bind_model(model).kv_window == window
+    assert from_hf(model).max_context == 256 and from_hf(model).kv_window == window
     outs = RolloutEngine(model, block_size=block_size).generate(PROMPTS, SamplingParams(max_new_tokens=40,
                                                                                         temperature=0))
     assert all(len(o.token_ids) == 40 for o in outs)
@@ -124,14 +124,14 @@ def test_qwen2_sliding_layers_follow_max_window_layers(max_window_layers):
     """Qwen2 with use_sliding_window: layers from max_window_layers on slide (transformers' layer_types); KV blocks
     are freed only when every layer slides."""
     model = qwen2_sliding(max_window_layers)
-    lm = bind_model(model)
+    lm = from_hf(model)
     assert lm.windows == [0 if i < max_window_layers else 8 for i in range(3)]
     assert lm.kv_window == (8 if max_window_layers == 0 else 0)
     outs = RolloutEngine(model, block_size=4).generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=0))
     assert_greedy_matches(model, outs, PROMPTS, 24)
-    assert bind_model(Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                   num_attention_heads=4, vocab_size=VOCAB, sliding_window=8,
-                                                   use_sliding_window=False))).windows == [0, 0]
+    assert from_hf(Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
+                                                   sliding_window=8, use_sliding_window=False))).windows == [0, 0]
 
 
 def test_layer_windows_rules():

@@ -125,6 +125,7 @@ class EngineGeneration:
     def _rf_generate(self, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
         """TRL's completion token lists (stop token included), in `prompt_ids` order, from the engine; the
         log-probs are kept for `_get_per_token_logps_and_entropies`."""
+        from rlhf_fast.models import as_decoder
         from rlhf_fast.rollout import RolloutEngine
 
         distinct, n = group(prompt_ids, num_generations)
@@ -137,7 +138,7 @@ class EngineGeneration:
         blocks = n * sum(-(-(len(p) + params.max_new_tokens) // bs) for p in distinct) + 1  # never preempts
         longest = max(len(p) for p in distinct) + params.max_new_tokens
         eng = self._rf_engine
-        if eng is None or eng.lm.hf is not lm or eng.num_blocks < blocks or eng.max_batch_tokens < longest:
+        if eng is None or eng.lm is not as_decoder(lm) or eng.num_blocks < blocks or eng.max_batch_tokens < longest:
             eng = self._rf_engine = RolloutEngine(lm, block_size=bs, num_blocks=blocks,
                                                   max_batch_tokens=max(4096, longest))
         first = self.accelerator.process_index * len(distinct)  # distinct seeds per process (rows may repeat)

@@ -1,47 +1,111 @@
-"""Compact packed-token models that run on a Hugging Face causal LM's own parameter tensors (no copy, no sync)."""
+"""rlhf_fast's decoders: `nn.Module`s over packed tokens (`layers.DecoderLM`), one file per family.
+
+`build_model(config)` makes one from a Hugging Face config; `from_hf(hf_model)` converts a transformers model once,
+sharing its leaf modules (no copy); `as_decoder(model)` takes either.
+"""
 from __future__ import annotations
 
-from rlhf_fast.models.gpt2 import GPT2LM
-from rlhf_fast.models.hidden import disable_dropout, final_hidden, output_head
-from rlhf_fast.models.layers import AttnMetadata
-from rlhf_fast.models.llama import LlamaFamilyLM
+import contextlib
+import weakref
 
-_BY_CLASS = {
-    "LlamaForCausalLM": LlamaFamilyLM,
-    "Qwen2ForCausalLM": LlamaFamilyLM,
-    "MistralForCausalLM": LlamaFamilyLM,
-    "GPT2LMHeadModel": GPT2LM,
-    "LlamaModel": LlamaFamilyLM,  # bare backbones (value and reward models): hidden states, no logits
-    "Qwen2Model": LlamaFamilyLM,
-    "MistralModel": LlamaFamilyLM,
-    "GPT2Model": GPT2LM,
+import torch
+
+from rlhf_fast.models import gpt2, llama
+from rlhf_fast.models.hidden import disable_dropout, final_hidden, output_head
+from rlhf_fast.models.layers import AttnMetadata, DecoderLM
+from rlhf_fast.models.loading import ModelLoadError, UnsupportedModelError
+
+_FAMILIES = {t: fam for fam in (llama, gpt2) for t in fam.MODEL_TYPES}  # model_type -> family module
+_MODELS = {llama: llama.LlamaLM, gpt2: gpt2.GPT2LM}
+_BY_CLASS = {  # transformers classes from_hf converts (a bare backbone gives hidden states, no logits)
+    "LlamaForCausalLM": llama, "Qwen2ForCausalLM": llama, "MistralForCausalLM": llama, "GPT2LMHeadModel": gpt2,
+    "LlamaModel": llama, "Qwen2Model": llama, "MistralModel": llama, "GPT2Model": gpt2,
 }
+_CONVERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF model -> its DecoderLM
+
+
+def _hf_family(cls: type):
+    for c in cls.__mro__:
+        if c.__name__ in _BY_CLASS and c.__module__.startswith("transformers."):
+            return _BY_CLASS[c.__name__]
+    return None
 
 
 def supports_class(cls: type) -> bool:
-    """Whether `bind_model` covers models of class `cls` (a transformers class or a subclass of one)."""
-    return any(c.__name__ in _BY_CLASS and c.__module__.startswith("transformers.") for c in cls.__mro__)
+    """Whether `from_hf` covers models of class `cls` (a transformers class or a subclass of one), or `cls` is one of
+    ours."""
+    return issubclass(cls, DecoderLM) or _hf_family(cls) is not None
 
 
-def supports(hf_model) -> bool:
-    """Whether `bind_model` covers `hf_model`'s architecture."""
-    return supports_class(type(hf_model))
+def supports(model) -> bool:
+    """Whether `model` is one of ours or `from_hf` covers its architecture."""
+    return supports_class(type(model))
 
 
 def covered_families() -> list[str]:
-    """The causal-LM classes `bind_model` covers (their bare backbones too), for error messages."""
+    """The causal-LM classes `from_hf` covers (their bare backbones too), for error messages."""
     return sorted(k for k in _BY_CLASS if k.endswith(("ForCausalLM", "LMHeadModel")))
 
 
-def bind_model(hf_model):
-    """The compact model for `hf_model` (a transformers causal LM or its bare backbone); it reads `hf_model`'s
-    parameters at every call."""
-    for cls in type(hf_model).__mro__:
-        if cls.__name__ in _BY_CLASS and cls.__module__.startswith("transformers."):
-            return _BY_CLASS[cls.__name__](hf_model)
-    raise TypeError(f"unsupported model class {type(hf_model).__name__}: the rollout engine supports "
-                    f"{', '.join(sorted(_BY_CLASS))}")
+def build_model(config, *, lm_head: bool = True, device: torch.device | str | None = None) -> DecoderLM:
+    """A freshly initialised decoder for Hugging Face config `config` (LlamaConfig, Qwen2Config, MistralConfig,
+    GPT2Config), in the default dtype, on `device` ("meta": no storage, for loading weights with `assign=True`).
+    `lm_head=False`: a bare backbone (reward and value models). UnsupportedModelError for other architectures."""
+    family = _FAMILIES.get(getattr(config, "model_type", None))
+    if family is None:
+        raise UnsupportedModelError(f"{type(config).__name__} (model_type {getattr(config, 'model_type', None)!r}) "
+                                    f"is not covered: rlhf_fast's models are {', '.join(covered_families())} "
+                                    "(and their backbones)")
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return _MODELS[family](config, lm_head=lm_head)
 
 
-__all__ = ["AttnMetadata", "GPT2LM", "LlamaFamilyLM", "bind_model", "disable_dropout", "final_hidden", "output_head",
-           "covered_families", "supports", "supports_class"]
+def from_hf(hf_model: torch.nn.Module) -> DecoderLM:
+    """The decoder of transformers model `hf_model` (a causal LM or a bare backbone of a covered family), sharing
+    its leaf modules: the embeddings, norms and projections (nn.Linear, GPT-2's Conv1D, peft's LoRA layers) are
+    the very same module objects, so an optimizer step on `hf_model`, peft toggling its adapters or FSDP gathering
+    its parameters is what the decoder sees; nothing is copied. Converted once per `hf_model` (a weak cache); a
+    later call re-shares any leaf that was replaced since (peft injecting adapters, resized embeddings)."""
+    family = _hf_family(type(hf_model))
+    if family is None:
+        raise UnsupportedModelError(f"unsupported model class {type(hf_model).__name__}: rlhf_fast's models cover "
+                                    f"{', '.join(covered_families())} (and their backbones)")
+    lm = _CONVERTED.get(hf_model)
+    if lm is None:
+        head = hf_model.get_output_embeddings() is not None
+        lm = _CONVERTED[hf_model] = build_model(hf_model.config, lm_head=head, device="meta")
+    _share(lm, hf_model, family)
+    return lm
+
+
+def as_decoder(model: torch.nn.Module) -> DecoderLM:
+    """`model` itself if it is one of ours, else `from_hf(model)`."""
+    return model if isinstance(model, DecoderLM) else from_hf(model)
+
+
+def module_pairs(family, num_layers: int) -> list[tuple[str, str]]:
+    """(our module name, Hugging Face's relative to the backbone) of every module with parameters but `lm_head`."""
+    table = family.HF_MODULES.items()
+    return [(o, t) for o, t in table if "{i}" not in o] + [
+        (o.format(i=i), t.format(i=i)) for i in range(num_layers) for o, t in table if "{i}" in o]
+
+
+def _share(lm: DecoderLM, hf_model: torch.nn.Module, family) -> None:
+    """Put `hf_model`'s leaf modules in `lm` where they are not already."""
+    inner = hf_model.base_model  # the backbone (`hf_model.model`, `.transformer`); itself for a bare one
+    for ours, theirs in module_pairs(family, lm.num_layers):
+        mod = inner.get_submodule(theirs)
+        parent, _, name = ours.rpartition(".")
+        owner = lm.get_submodule(parent)
+        if owner._modules.get(name) is not mod:
+            setattr(owner, name, mod)
+    head = hf_model.get_output_embeddings()
+    if head is not None and lm.lm_head is not head:
+        lm.lm_head = head
+    # bridge until the stages train owned models: `models.packed` runs each block under its HF layer's FSDP hooks
+    lm._hf_layers = list(inner.get_submodule(family.HF_LAYERS))
+
+
+__all__ = ["AttnMetadata", "DecoderLM", "ModelLoadError", "UnsupportedModelError", "as_decoder", "build_model",
+           "covered_families", "disable_dropout", "final_hidden", "from_hf", "output_head", "supports",
+           "supports_class"]

@@ -10,16 +10,15 @@ goes through the paged kernel one query at a time, keys in block-table order.
 """
 from __future__ import annotations
 
-import abc
 import contextlib
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
+from torch import nn
 
 from rlhf_fast import ops
-from rlhf_fast.distributed import root_call
 from rlhf_fast.ops import _onednn as onednn
 
 ROW_CHUNK = 16  # rows per GEMM call in deterministic mode
@@ -43,84 +42,81 @@ class AttnMetadata:
     deterministic: bool = False
 
 
-class BoundLM(abc.ABC):
-    """Base of the compact models: they hold the Hugging Face model (`self.hf`) and read its parameters per call.
-    A model family supplies `embed`, `layer`, `layer_module` and `final_norm`; `decode` and `logits` are shared."""
+class DecoderLM(nn.Module):
+    """A decoder-only language model over packed tokens that owns its parameters (or, converted by
+    `models.from_hf`, shares a transformers model's leaf modules). A family supplies the blocks, `embed_inputs` and
+    `final_norm`; `forward`, `logits` and `packed_head` are shared.
 
-    hf: torch.nn.Module  # the causal LM, or a bare backbone (no lm_head: a value / reward model's)
+    Modules: `embed` (nn.Embedding), `layers` (nn.ModuleList of blocks, each called as a module:
+    `block(h, ctx, attend, deterministic, rows)`), `norm` (the final norm, with `.weight`), `lm_head` (nn.Linear, or
+    None for a bare backbone: a reward or value model). `config` is the Hugging Face config it was built from (for
+    export and the context length), `args` the family's frozen args.
+    """
+
+    def __init__(self, config, args):
+        super().__init__()
+        self.config = config
+        self.args = args
+        self.num_layers = args.num_layers
+        self.num_heads = args.num_heads
+        self.num_kv_heads = args.num_kv_heads
+        self.head_dim = args.head_dim
+        self.vocab_size = args.vocab_size
+        self.max_context = args.max_context
+        self.windows = list(args.windows)  # per layer: a query at position p sees keys at positions > p - W (0: all)
+        self.kv_window = max(self.windows) if self.windows and min(self.windows) > 0 else 0  # 0: some layer reads all
+        self.lm_head: nn.Linear | None = None
+        self._packed_head: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.hf.get_input_embeddings().weight.device
+        return self.embed.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.hf.get_input_embeddings().weight.dtype
+        return self.embed.weight.dtype
 
-    num_layers: int
-    kv_window: int = 0  # every layer reads only a query's last kv_window keys (0: some layer reads them all)
+    def embed_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """(T,) ids and positions -> the embeddings (T, hidden) and what every block reads besides (rotary)."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, object]:
-        """(T,) ids and positions -> the embeddings (T, hidden) and what every layer reads besides (rotary)."""
-
-    @abc.abstractmethod
-    def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool,
-              rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder layer i on h (T, hidden) -> (T, hidden). `rows` (R,): only these rows' outputs are wanted, so
-        everything after the attention (output projection, residual, MLP) runs on them alone -> (R, hidden); every
-        row still gives its keys and values."""
-
-    @abc.abstractmethod
-    def layer_module(self, i: int) -> torch.nn.Module:
-        """The Hugging Face module of decoder layer i (what FSDP shards)."""
-
-    @abc.abstractmethod
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        """The final norm of the stack on decode's output (T, hidden)."""
+        """The final norm on the last block's output (T, hidden)."""
+        raise NotImplementedError
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, det: bool, *,
-               recompute: bool = False, fsdp_hooks: bool = False,
-               out_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoder stack over packed tokens, without the final norm: input_ids, positions (T,) ->
-        hidden (T, hidden). `attend(layer, q, k, v, scale, window=0, softcap=0.0, sinks=None) -> (T, H, D)` is the
-        attention (rollout: the KV cache; training: `models.packed`); `window` W > 0: a query at position p sees keys
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, deterministic: bool = False,
+                out_rows: torch.Tensor | None = None, *, _layer_call=None) -> torch.Tensor:
+        """The decoder over packed tokens: input_ids, positions (T,) -> final-normed hidden (T, hidden).
+
+        `attend(layer, q, k, v, scale, window=0, softcap=0.0, sinks=None) -> (T, H, D)` is the attention (rollout:
+        the KV cache, `cache_attention`; training: `models.packed`); `window` W > 0: a query at position p sees keys
         at positions > p - W (a sliding-window layer); `softcap`, `sinks` (H,): as `ops.paged_attention`.
-        Differentiable; the rollout calls it under no_grad. `recompute`: each layer under `torch.utils.checkpoint`
-        (non-reentrant, RNG state kept), so its activations are recomputed in the backward instead of stored
-        (gradient checkpointing; only while autograd records). `fsdp_hooks`: each layer runs under its FSDP2 hooks
-        (`distributed.root_call`) as its own forward would, so a sharded layer is gathered for it and its gradients
-        are reduce-scattered in the backward (not with `recompute`).
+        Differentiable; the rollout calls it under no_grad. `deterministic`: batch-invariant (fixed-chunk GEMMs).
         `out_rows` (R,) int64: only these rows of the output are read (a value model's response rows, a reward
-        model's last rows), so the last layer computes the rest of its rows' keys and values only; returns
-        (R, hidden), equal to the full output's rows (bitwise in deterministic mode: every op there is row-wise)."""
-        h, ctx = self.embed(input_ids, positions)
-        recompute = recompute and torch.is_grad_enabled()
-        if recompute and fsdp_hooks:
-            raise ValueError("decode: recompute (gradient checkpointing) under FSDP hooks is not supported; "
-                             "use the Hugging Face forward for sharded models with gradient checkpointing")
-        for i in range(self.num_layers):
-            rows = out_rows if i == self.num_layers - 1 else None
-            if recompute:
-                h = torch.utils.checkpoint.checkpoint(self.layer, i, h, ctx, attend, det, rows, use_reentrant=False)
-            elif fsdp_hooks:
-                h = root_call(self.layer_module(i), self.layer, i, h, ctx, attend, det, rows)
+        model's last rows, the sampled rows of a prefill), so the last block computes the rest of its rows' keys and
+        values only; returns (R, hidden), equal to the full output's rows (bitwise in deterministic mode).
+        `_layer_call(i, block, *args) -> h`: how block i is called (bridge until the stages train owned models:
+        `models.packed` runs a converted, FSDP-sharded or checkpointing transformers model's blocks through it)."""
+        h, ctx = self.embed_inputs(input_ids, positions)
+        last = self.num_layers - 1
+        for i, block in enumerate(self.layers):
+            rows = out_rows if i == last else None
+            if _layer_call is None:
+                h = block(h, ctx, attend, deterministic, rows)
             else:
-                h = self.layer(i, h, ctx, attend, det, rows)
+                h = _layer_call(i, block, h, ctx, attend, deterministic, rows)
         if out_rows is not None and not self.num_layers:
             h = h.index_select(0, out_rows)
-        return h
+        return self.final_norm(h)
 
     def logits(self, h: torch.Tensor, deterministic: bool) -> torch.Tensor:
-        """Final hidden states (R, hidden) -> float32 logits (R, vocab) through the causal LM's lm_head."""
-        head = self.hf.get_output_embeddings()
+        """Final hidden states (R, hidden) -> float32 logits (R, vocab) through `lm_head`."""
+        head = self.lm_head
         if head is None:
-            raise TypeError(f"{type(self.hf).__name__} has no lm_head: it is a backbone, it gives hidden states only")
+            raise TypeError(f"{type(self).__name__} has no lm_head: it is a backbone, it gives hidden states only")
         if self._packed_head is not None and not deterministic:
             return onednn.linear(h.float(), self._packed_head, head.bias)
         return linear(h, head.weight, head.bias, deterministic).float()
-
-    _packed_head: torch.Tensor | None = None
 
     @contextlib.contextmanager
     def packed_head(self, rows_hint: int):
@@ -128,12 +124,24 @@ class BoundLM(abc.ABC):
         for oneDNN (`ops._onednn`) for about `rows_hint` rows: a rollout's decode steps (a few dozen rows against the
         whole vocabulary) run about 2x faster than MKL's GEMM on the plain weight. CPU fp32 only; elsewhere, or
         with a sharded or missing head, nothing changes. The weight must not change inside the block."""
-        head = self.hf.get_output_embeddings()
+        head = self.lm_head
         self._packed_head = None if head is None else onednn.pack(head.weight, rows_hint)
         try:
             yield
         finally:
             self._packed_head = None
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim with a learned scale `weight` (hidden,), computed in fp32 (`rms_norm`)."""
+
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, deterministic: bool) -> torch.Tensor:
@@ -147,12 +155,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, det
     return y + bias if bias is not None else y
 
 
-def project(x: torch.Tensor, module: torch.nn.Module, deterministic: bool) -> torch.Tensor:
-    """`module`'s projection of x (T, in) -> (T, out): an `nn.Linear` or GPT-2's `Conv1D`, read at call time, plus
-    its active LoRA adapters when peft has injected them (`rlhf_fast.models.lora`), as peft's own forward computes
-    them: W x + b + scale * B A dropout(x). Disabled or merged adapters add nothing (merged ones are in W)."""
+def project(x: torch.Tensor, module: nn.Module, deterministic: bool) -> torch.Tensor:
+    """`module`'s projection of x (T, in) -> (T, out), its parameters read at call time: an `nn.Linear`, GPT-2's
+    `Conv1D` (a converted transformers model), our `LoRALinear` (`models.lora_owned`: `weight`, `bias`, `lora_A`,
+    `lora_B`, `scaling`, `dropout`, `disabled`), or a peft LoRA layer (`models.lora` on a transformers model). An
+    active adapter adds what peft's own forward computes: W x + b + scale * B A dropout(x). Disabled or merged
+    adapters add nothing (merged ones are in W)."""
+    if hasattr(module, "disabled") and hasattr(module, "scaling"):  # our LoRALinear
+        y = linear(x, module.weight, module.bias, deterministic)
+        if module.disabled:
+            return y
+        a, b = module.lora_A, module.lora_B
+        z = linear(module.dropout(x.to(a.weight.dtype)), a.weight, None, deterministic)  # (T, r)
+        return (y + linear(z, b.weight, b.bias, deterministic) * module.scaling).to(y.dtype)
     base = getattr(module, "base_layer", module)  # peft keeps the wrapped layer as `base_layer`
-    if isinstance(base, torch.nn.Linear):
+    if isinstance(base, nn.Linear):
         y = linear(x, base.weight, base.bias, deterministic)
     else:
         y = conv1d(x, base.weight, base.bias, deterministic)
@@ -167,6 +184,28 @@ def project(x: torch.Tensor, module: torch.nn.Module, deterministic: bool) -> to
         z = linear(module.lora_dropout[name](x.to(a.weight.dtype)), a.weight, None, deterministic)  # (T, r)
         out = out + linear(z, b.weight, b.bias, deterministic) * module.scaling[name]
     return out.to(y.dtype)  # the base layer's dtype, as peft returns it (fp32 adapters on a bf16 base)
+
+
+def _gelu_tanh_formula(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+_ACTIVATIONS = {  # Hugging Face `hidden_act` names -> the formula transformers' ACT2FN computes for each
+    "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": _gelu_tanh_formula,  # GPT-2's: the tanh approximation written out (not bitwise F.gelu's)
+}
+
+
+def activation(name: str):
+    """The elementwise activation a Hugging Face config names (`hidden_act`, `activation_function`), as a function;
+    names outside the table fall back to transformers' own `ACT2FN` (its stateless forward, not a module)."""
+    fn = _ACTIVATIONS.get(name)
+    if fn is None:
+        from transformers.activations import ACT2FN
+
+        fn = ACT2FN[name].forward
+    return fn
 
 
 SIMD_PAD = 64  # columns: a multiple of every CPU vector loop's step (AVX-512 unrolled twice = 32 floats)
@@ -201,19 +240,39 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def rotary_tables(hf_rotary, max_positions: int, dtype: torch.dtype, device: torch.device):
-    """cos, signed sin (max_positions, head_dim) from the Hugging Face model's own rotary module (any rope type it
-    has); the sin table's first half is negated, so that `apply_rotary` needs no negation per call."""
+def rope_tables(inv_freq: torch.Tensor, scaling: float, max_positions: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, signed sin (max_positions, head_dim) of rotary embeddings with inverse frequencies `inv_freq` (head_dim/2,)
+    and attention scaling `scaling`, computed as transformers' rotary modules do (fp32 product of positions and
+    inv_freq, duplicated, cos / sin times `scaling`, cast to `dtype`); the sin table's first half is negated, so that
+    `apply_rotary` needs no negation per call."""
     pos = torch.arange(max_positions, device=device)[None]  # (1, P)
-    probe = torch.zeros(1, max_positions, 1, dtype=dtype, device=device)
-    cos, sin = hf_rotary(probe, pos)
-    cos, sin = cos[0].to(dtype), sin[0].to(dtype)
+    freqs = pos[..., None].float() * inv_freq.to(device=device, dtype=torch.float)  # (1, P, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (1, P, D)
+    cos, sin = (emb.cos() * scaling)[0].to(dtype), (emb.sin() * scaling)[0].to(dtype)
     half = sin.shape[-1] // 2
     return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
+class Rope:
+    """A model's rotary tables, made on first use per (device, dtype) and kept out of the state dict (a plain
+    object, not a buffer): inv_freq (head_dim/2,) fp32 on the host, `scaling` the attention scaling."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float, max_positions: int):
+        self.inv_freq, self.scaling, self.max_positions = inv_freq, scaling, max_positions
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin (T, head_dim) at positions (T,)."""
+        key = (positions.device, dtype)
+        if key not in self._tables:
+            self._tables[key] = rope_tables(self.inv_freq, self.scaling, self.max_positions, dtype, positions.device)
+        cos, sin = self._tables[key]
+        return cos[positions], sin[positions]
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x (T, heads, D) rotated by cos / signed sin (T, D) from `rotary_tables` (the rotate-half convention of
+    """x (T, heads, D) rotated by cos / signed sin (T, D) from `rope_tables` (the rotate-half convention of
     Llama/Qwen2/Mistral): x cos + (-x2, x1) sin, written as x cos + (x2, x1) (-sin1, sin2), bit for bit the same."""
     swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1)
     return x * cos[:, None, :] + swapped * sin_signed[:, None, :]
@@ -237,7 +296,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tenso
 
 
 def cache_attention(meta: AttnMetadata, kv_cache: torch.Tensor | None):
-    """The rollout's `attend(layer, q, k, v, scale, window=0, softcap=0.0, sinks=None)` for a model's `decode`:
+    """The rollout's `attend(layer, q, k, v, scale, window=0, softcap=0.0, sinks=None)` for `DecoderLM.forward`:
     `attention` on layer i's cache."""
     def attend(i, q, k, v, scale, window=0, softcap=0.0, sinks=None):
         return attention(q, k, v, None if kv_cache is None else kv_cache[i], meta, scale, window, softcap, sinks)

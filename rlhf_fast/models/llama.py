@@ -1,16 +1,39 @@
-"""Llama, Qwen2 and Mistral as one compact packed-token model bound to the Hugging Face model's own parameters.
+"""Llama, Qwen2 and Mistral: one decoder (RMSNorm, rotary, grouped-query attention, SwiGLU MLP) over packed tokens.
 
-Nothing is copied: every forward reads `hf.model.layers[i].self_attn.q_proj.weight` etc. at call time, so an optimizer
-step on the Hugging Face model is what the next rollout sees. The HF classes are never patched.
+The three differ only in their config: Qwen2 has q/k/v biases, Mistral a sliding window on every layer, Qwen2 a
+window on the layers from `max_window_layers` on (`layer_windows`). Module names (Hugging Face's in `HF_MODULES`):
+
+    embed, layers.{i}.attn_norm, layers.{i}.attn.{q,k,v,o}_proj, layers.{i}.mlp_norm,
+    layers.{i}.mlp.{gate,up,down}_proj, norm, lm_head
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
+from torch import nn
 
-from rlhf_fast.models.layers import (AttnMetadata, BoundLM, apply_rotary, cache_attention, elementwise, project,
-                                     rms_norm, rotary_tables)
+from rlhf_fast.models.layers import DecoderLM, RMSNorm, Rope, activation, apply_rotary, elementwise, project, rms_norm
+from rlhf_fast.models.loading import UnsupportedModelError
+
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+HF_PREFIX = "model"  # the backbone's name in a causal LM (a bare backbone checkpoint has no prefix)
+HF_MODULES = {  # our module name -> Hugging Face's, relative to the backbone; `lm_head` sits beside it
+    "embed": "embed_tokens",
+    "layers.{i}.attn_norm": "layers.{i}.input_layernorm",
+    "layers.{i}.attn.q_proj": "layers.{i}.self_attn.q_proj",
+    "layers.{i}.attn.k_proj": "layers.{i}.self_attn.k_proj",
+    "layers.{i}.attn.v_proj": "layers.{i}.self_attn.v_proj",
+    "layers.{i}.attn.o_proj": "layers.{i}.self_attn.o_proj",
+    "layers.{i}.mlp_norm": "layers.{i}.post_attention_layernorm",
+    "layers.{i}.mlp.gate_proj": "layers.{i}.mlp.gate_proj",
+    "layers.{i}.mlp.up_proj": "layers.{i}.mlp.up_proj",
+    "layers.{i}.mlp.down_proj": "layers.{i}.mlp.down_proj",
+    "norm": "norm",
+}
+HF_LAYERS = "layers"  # the backbone's ModuleList of decoder layers
+TRANSPOSED: frozenset[str] = frozenset()  # projections whose HF weight is (in, out): none here
 
 
 def layer_windows(cfg) -> list[int]:
@@ -35,71 +58,139 @@ def layer_windows(cfg) -> list[int]:
     return [window if t == "sliding_attention" else 0 for t in types]
 
 
-class LlamaFamilyLM(BoundLM):
-    """Decoder of `LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM` (or of their bare backbones
-    `LlamaModel`, ..., which have no lm_head) over packed tokens."""
+def rope_parameters(cfg) -> tuple[torch.Tensor, float]:
+    """(inv_freq (head_dim/2,) fp32 on the host, attention scaling) of `cfg`'s rotary embedding, as transformers
+    computes them: its `ROPE_INIT_FUNCTIONS[rope_type]`, or the original RoPE (theta^(-2j/d)) for "default". Types whose
+    frequencies depend on the sequence length at run time ("dynamic", "longrope") are refused."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    def __init__(self, hf_model):
-        cfg = hf_model.config
-        self.hf = hf_model
-        self.inner = hf_model.base_model  # the decoder (LlamaModel, ...); `hf_model` itself for a bare backbone
-        self.num_layers = cfg.num_hidden_layers
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.vocab_size = cfg.vocab_size
-        self.eps = cfg.rms_norm_eps
-        self.act = ACT2FN[cfg.hidden_act]
-        self.scale = self.head_dim ** -0.5
-        self.windows = layer_windows(cfg)
-        self.kv_window = max(self.windows) if min(self.windows) > 0 else 0
-        self.max_context = cfg.max_position_embeddings
-        self._rotary_key = None
-        self._cos = self._sin = None
+    params = getattr(cfg, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in ("dynamic", "longrope"):
+        raise UnsupportedModelError(f"{type(cfg).__name__}: rope_type {rope_type!r} rescales the rotary frequencies "
+                                    "with the sequence length at run time; it is not supported")
+    if rope_type != "default":
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            raise UnsupportedModelError(f"{type(cfg).__name__}: unknown rope_type {rope_type!r}")
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+        return inv_freq.float(), float(scaling)
+    base = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)), 1.0
 
-    def _rotary(self, positions: torch.Tensor):
-        key = (self.device, self.dtype)
-        if self._rotary_key != key:  # one table per device/dtype, shared by the engine and the scorer
-            self._cos, self._sin = rotary_tables(self.inner.rotary_emb, self.max_context, self.dtype, self.device)
-            self._rotary_key = key
-        return self._cos[positions], self._sin[positions]
 
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor):
-        emb = self.inner.embed_tokens  # padding_idx as in nn.Embedding: that row gets no gradient
-        return F.embedding(input_ids, emb.weight, emb.padding_idx), self._rotary(positions)  # (T, hidden), (T, D) x 2
+@dataclasses.dataclass(frozen=True)
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int       # the MLP's inner width
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int            # < num_heads: grouped-query attention
+    head_dim: int
+    max_context: int             # max_position_embeddings: the rotary table's length, the longest sequence
+    norm_eps: float              # rms_norm_eps
+    act: str                     # hidden_act of the gated MLP ("silu")
+    qkv_bias: bool               # Qwen2 (and Llama's attention_bias)
+    o_bias: bool                 # Llama's attention_bias only
+    mlp_bias: bool               # Llama's mlp_bias
+    tie_embeddings: bool         # lm_head.weight is embed.weight
+    windows: tuple[int, ...]     # per layer sliding window, 0 = full attention
+    pad_token_id: int | None = None  # the embedding row that gets no gradient (nn.Embedding's padding_idx)
 
-    def layer_module(self, i: int) -> torch.nn.Module:
-        return self.inner.layers[i]
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if len(self.windows) != self.num_layers:
+            raise ValueError(f"windows has {len(self.windows)} entries for {self.num_layers} layers")
 
-    def layer(self, i: int, h: torch.Tensor, ctx, attend, det: bool,
-              rows: torch.Tensor | None = None) -> torch.Tensor:
+    @classmethod
+    def from_config(cls, cfg) -> LlamaArgs:
+        """The args of a `LlamaConfig`, `Qwen2Config` or `MistralConfig`."""
+        qwen2 = cfg.model_type == "qwen2"
+        bias = bool(getattr(cfg, "attention_bias", False))
+        pad = getattr(cfg, "pad_token_id", None)
+        return cls(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                   num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+                   num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                   head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                   max_context=cfg.max_position_embeddings, norm_eps=cfg.rms_norm_eps, act=cfg.hidden_act,
+                   qkv_bias=qwen2 or bias, o_bias=bias and not qwen2,
+                   mlp_bias=bool(getattr(cfg, "mlp_bias", False)) and not qwen2,
+                   tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+                   windows=tuple(layer_windows(cfg)), pad_token_id=pad if isinstance(pad, int) else None)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.q_proj = nn.Linear(a.hidden_size, q, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.hidden_size, kv, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.hidden_size, kv, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(q, a.hidden_size, bias=a.o_bias)
+
+
+class MLP(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+
+
+class Block(nn.Module):
+    """Decoder layer `layer_idx`: h + attn(attn_norm(h)), then + mlp(mlp_norm(h)), SwiGLU MLP."""
+
+    def __init__(self, a: LlamaArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.window = layer_idx, a.windows[layer_idx]
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        self.eps, self.scale, self.act = a.norm_eps, a.head_dim ** -0.5, activation(a.act)
+        self.attn_norm = RMSNorm(a.hidden_size, a.norm_eps)
+        self.attn = Attention(a)
+        self.mlp_norm = RMSNorm(a.hidden_size, a.norm_eps)
+        self.mlp = MLP(a)
+
+    def forward(self, h: torch.Tensor, ctx, attend, deterministic: bool,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """h (T, hidden), ctx = rotary cos, signed sin (T, head_dim) -> (T, hidden). `rows` (R,): only these rows'
+        outputs are wanted, so everything after the attention (output projection, residual, MLP) runs on them
+        alone -> (R, hidden); every row still gives its keys and values."""
         cos, sin = ctx
-        t = h.shape[0]
-        layer = self.inner.layers[i]
-        att = layer.self_attn
-        x = rms_norm(h, layer.input_layernorm.weight, self.eps)
+        t, det, att, mlp = h.shape[0], deterministic, self.attn, self.mlp
+        x = rms_norm(h, self.attn_norm.weight, self.eps)  # the weight only: a shared HF norm module works too
         q = project(x, att.q_proj, det).view(t, self.num_heads, self.head_dim)
         k = project(x, att.k_proj, det).view(t, self.num_kv_heads, self.head_dim)
         v = project(x, att.v_proj, det).view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = attend(i, q, k, v, self.scale, window=self.windows[i])  # (T, H, D)
+        o = attend(self.layer_idx, q, k, v, self.scale, window=self.window)  # (T, H, D)
         if rows is not None:  # only these rows are read: the rest of the layer runs on them alone
             o, h = o.index_select(0, rows), h.index_select(0, rows)
         h = h + project(o.reshape(o.shape[0], -1), att.o_proj, det)
-        x = rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
-        mlp = layer.mlp
+        x = rms_norm(h, self.mlp_norm.weight, self.eps)
         gate = elementwise(self.act, project(x, mlp.gate_proj, det), det)
         return h + project(gate * project(x, mlp.up_proj, det), mlp.down_proj, det)
 
-    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return rms_norm(h, self.inner.norm.weight, self.eps)
 
-    @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
-                kv_cache: torch.Tensor | None, logit_rows: torch.Tensor | None) -> torch.Tensor:
-        """input_ids, positions (T,); kv_cache (num_layers, 2, num_blocks, block_size, KVH, D) or None;
-        logit_rows (R,) indices of the tokens whose next-token logits are wanted (None = all).
-        Returns logits (R, vocab) in float32."""
-        h = self.decode(input_ids, positions, cache_attention(meta, kv_cache), meta.deterministic,
-                        out_rows=logit_rows)  # prefill: the last layer's MLP on the rows that sample only
-        return self.logits(self.final_norm(h), meta.deterministic)
+class LlamaLM(DecoderLM):
+    """Llama / Qwen2 / Mistral causal LM, or its bare backbone (`lm_head=False`: reward and value models)."""
+
+    def __init__(self, config, *, lm_head: bool = True):
+        args = LlamaArgs.from_config(config)
+        super().__init__(config, args)
+        self.rope = Rope(*rope_parameters(config), args.max_context)  # a plain object: not in the state dict
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size, args.pad_token_id)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.norm_eps)
+        if lm_head:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            if args.tie_embeddings:
+                self.lm_head.weight = self.embed.weight
+
+    def embed_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        emb = self.embed  # padding_idx as in nn.Embedding: that row gets no gradient
+        return F.embedding(input_ids, emb.weight, emb.padding_idx), self.rope(positions, self.dtype)  # (T, hidden)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, self.norm.weight, self.args.norm_eps)

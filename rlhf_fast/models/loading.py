@@ -15,6 +15,10 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer that cannot be loaded; the message names the path and the reason."""
 
 
+class UnsupportedModelError(ModelLoadError):
+    """A model architecture (or an option of one) that rlhf_fast's models do not cover; the message says which."""
+
+
 def local_dir(path: str | Path, what: str) -> str:
     """`path` as a string if it is a local model directory; else a ModelLoadError saying why not."""
     p = Path(path)
@@ -70,7 +74,7 @@ def load_tokenizer(path: str | Path, what: str = "tokenizer"):
 def check_compact_support(path: str | Path, what: str, *, backbone: bool = False, needed_by: str = "this stage",
                           hint: str = "") -> None:
     """A ModelLoadError, from `path/config.json` alone (before any weight loads), when the model there is of an
-    architecture the compact models (`rlhf_fast.models.bind_model`: the rollout engine and the padding-free
+    architecture rlhf_fast's models (`rlhf_fast.models.from_hf`: the rollout engine and the padding-free
     passes) do not cover; `needed_by` names what needs them, `hint` (", ...") what to do instead. `backbone`: the
     directory holds a bare backbone (a reward or value model). A directory whose class cannot be told from its
     config passes (loading it says what is wrong)."""

@@ -1,4 +1,4 @@
-"""Padding-free training forwards on the compact models: packed sequences and shared prompts, with gradients.
+"""Padding-free training forwards of the decoders: packed sequences and shared prompts, with gradients.
 
 A `PackedBatch` is one token stream (no padding) cut into attention segments. A segment covers the stream rows
 [start, end) and attends causally to itself after attending to every row of its prefix [prefix_start, prefix_end):
@@ -10,8 +10,8 @@ A `PackedBatch` is one token stream (no padding) cut into attention segments. A 
     shared prompt rows.
 Positions restart at 0 per sequence (a response continues at its prompt's length), as in a padded batch.
 
-The forward is the compact model's own `decode` (the layer functions the rollout engine runs), here with autograd:
-its numerics are those of the Hugging Face forward whose parameters it reads (tests: Llama, Qwen2, GPT-2). On CUDA
+The forward is the model's own (`DecoderLM.forward`, the one the rollout engine runs), here with autograd: its
+numerics are those of the Hugging Face forward (tests: Llama, Qwen2, GPT-2). On CUDA
 in half precision attention is flash-attn's varlen kernel when installed; otherwise PyTorch SDPA per prompt group.
 With `deterministic=True` the GEMMs run in the rollout's fixed row chunks and attention is per segment, so a sequence's
 result does not depend on what else is packed with it (batch invariance).
@@ -19,11 +19,11 @@ result does not depend on what else is packed with it (batch invariance).
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import torch
+import torch.utils.checkpoint
 
-from rlhf_fast.models import bind_model
+from rlhf_fast.models import as_decoder
 from rlhf_fast.models.layers import sdpa
 
 
@@ -138,47 +138,58 @@ def pack(prompts: list[list[int]], responses: list[list[int]], *, groups: list[i
                        device=dev), tuple(segments), tuple(samples))  # type: ignore[arg-type]
 
 
-_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 BATCH_MIN_WORK = 1 << 22  # query-key pairs x heads x head_dim a unit must save to run as prompt + response batch
-
-
-def bound(model: torch.nn.Module):
-    """The compact model over `model` (a causal LM or its backbone), made once per module (it caches rotary)."""
-    lm = _BOUND.get(model)
-    if lm is None:
-        lm = _BOUND[model] = bind_model(model)
-    return lm
 
 
 def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: bool = False,
                   rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Final (normed) hidden states (T, hidden) of `batch` through `model`, differentiable w.r.t. its parameters.
+    """Final (normed) hidden states (T, hidden) of `batch` through `model` (a `DecoderLM`, or a transformers causal
+    LM or backbone, converted by `models.from_hf` sharing its parameters), differentiable w.r.t. its parameters.
     `rows` (R,) int64 stream rows: only those are returned, (R, hidden), and the last layer runs its output
-    projection and MLP on them alone (`BoundLM.decode(out_rows=...)`): a shared prompt's rows are read by no one
+    projection and MLP on them alone (`DecoderLM.forward(out_rows=...)`): a shared prompt's rows are read by no one
     but its last, a reward model reads one row per sequence.
-    With gradient checkpointing switched on in `model` (`precision.enable_gradient_checkpointing`, HF's own flag)
-    each layer's activations are recomputed in the backward (`BoundLM.decode(recompute=True)`).
 
-    A model sharded with FSDP2 (`distributed.shard`, torchrun) runs each layer, and `model` itself when it is the
-    FSDP root, under their FSDP hooks, so parameters are gathered per layer and gradients reduce-scattered as in
-    its own forward (a scalar-head model wraps this call in its root's hooks: `ScalarHeadModel.packed`)."""
-    from rlhf_fast import distributed
-    from rlhf_fast.precision import is_checkpointing
-
-    lm = bound(model)
+    Bridge until the stages train owned models, for a transformers `model`: with its gradient checkpointing on
+    (`precision.enable_gradient_checkpointing`, HF's own flag) each block runs under `torch.utils.checkpoint`, its
+    activations recomputed in the backward; sharded with FSDP2 (`distributed.shard`, torchrun), each block runs
+    under its HF layer's FSDP hooks and the whole under `model`'s when it is the FSDP root, so parameters are
+    gathered per layer and gradients reduce-scattered as in its own forward (a scalar-head model wraps this call in
+    its root's hooks: `ScalarHeadModel.packed`)."""
+    lm = as_decoder(model)
     if batch.num_tokens and int(batch.positions.max()) >= lm.max_context:
         raise ValueError(f"a packed sequence reaches position {int(batch.positions.max())}, over the model's "
                          f"context {lm.max_context}")
     attend = _SegmentAttention(batch, deterministic)
-    hooks = distributed.needs_hooks(model)
+    layer_call, root = (None, None) if lm is model else _hf_bridge(model, lm)
 
     def run():
-        h = lm.decode(batch.input_ids.to(lm.device), batch.positions.to(lm.device), attend, deterministic,
-                      recompute=is_checkpointing(model), fsdp_hooks=hooks,
-                      out_rows=None if rows is None else rows.to(lm.device))
-        return lm.final_norm(h)
+        return lm(batch.input_ids.to(lm.device), batch.positions.to(lm.device), attend, deterministic,
+                  None if rows is None else rows.to(lm.device), _layer_call=layer_call)
 
-    return distributed.root_call(model, run) if hooks else run()
+    return root(run) if root is not None else run()
+
+
+def _hf_bridge(model: torch.nn.Module, lm):
+    """Bridge until the stages train owned models: (how `lm`'s blocks are called, what the whole runs under) for a
+    converted transformers `model` that checkpoints or is sharded: `torch.utils.checkpoint` per block, or its HF
+    layer's and root's FSDP hooks (`distributed.root_call`); (None, None) when neither."""
+    from rlhf_fast import distributed
+    from rlhf_fast.precision import is_checkpointing
+
+    recompute = is_checkpointing(model) and torch.is_grad_enabled()
+    hooks = distributed.needs_hooks(model)
+    if recompute and hooks:
+        raise ValueError("packed_hidden: gradient checkpointing under FSDP hooks is not supported for a transformers "
+                         "model; use the Hugging Face forward for sharded models with gradient checkpointing")
+    if recompute:
+        def checkpointed(i, block, *args):
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return checkpointed, None
+    if hooks:
+        def hooked(i, block, *args):
+            return distributed.root_call(lm._hf_layers[i], block, *args)
+        return hooked, lambda fn: distributed.root_call(model, fn)
+    return None, None
 
 
 class _SegmentAttention:

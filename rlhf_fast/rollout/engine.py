@@ -7,7 +7,8 @@ import time
 import torch
 
 from rlhf_fast import ops
-from rlhf_fast.models import bind_model
+from rlhf_fast.models import as_decoder
+from rlhf_fast.models.layers import cache_attention
 from rlhf_fast.rollout import block_table
 from rlhf_fast.rollout.allocator import BlockAllocator
 from rlhf_fast.rollout.sampling import replay_threshold, sample
@@ -22,7 +23,8 @@ class RolloutEngine:
     """Generates completions for token-id prompts with a transformers causal LM, reading its live parameters.
 
     Args:
-        model: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM or GPT2LMHeadModel.
+        model: a `models.DecoderLM`, or a LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM or GPT2LMHeadModel
+            (converted once by `models.from_hf`, sharing its parameters).
         block_size: tokens per KV block.
         num_blocks / kv_cache_memory: size of the KV pool, in blocks or in bytes (default: 256 MiB on CPU, half the
             free memory on GPU).
@@ -35,7 +37,7 @@ class RolloutEngine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, max_batch_tokens: int = 4096, max_num_seqs: int = 256,
                  deterministic: bool = False):
-        self.lm = bind_model(model)
+        self.lm = as_decoder(model)
         if block_size < 1 or max_batch_tokens < 1 or max_num_seqs < 1:
             raise ValueError(f"block_size, max_batch_tokens and max_num_seqs must be >= 1; got {block_size}, "
                              f"{max_batch_tokens}, {max_num_seqs}")
@@ -143,7 +145,10 @@ class RolloutEngine:
             rows = batch.update([s.block_table for s in step.seqs], [s.tokens[-1] for s in step.seqs],
                                 [s.num_cached for s in step.seqs], [s.seq_id for s in step.seqs])
             inputs = block_table.decode_inputs(rows, deterministic=det)
-        logits = self.lm.forward(inputs.input_ids, inputs.positions, inputs.meta, kv, inputs.logit_rows)  # (R, V)
+        with torch.no_grad():  # prefill: the last layer's MLP on the rows that sample only
+            h = self.lm(inputs.input_ids, inputs.positions, cache_attention(inputs.meta, kv), det,
+                        out_rows=inputs.logit_rows)
+            logits = self.lm.logits(h, det)  # (R, V)
         rows = [r for _, r in step.samplers]
         if rows != list(range(logits.shape[0])):
             logits = logits[torch.tensor(rows, device=dev)]
@@ -178,6 +183,6 @@ class RolloutEngine:
         """`rlhf_fast.rollout.teacher_forced_logprobs` with this engine's block size and mode."""
         from rlhf_fast.rollout.scoring import teacher_forced_logprobs
 
-        return teacher_forced_logprobs(self.lm.hf, prompts, completions, temperature=temperature, top_k=top_k,
+        return teacher_forced_logprobs(self.lm, prompts, completions, temperature=temperature, top_k=top_k,
                                        top_p=top_p, deterministic=self.deterministic, block_size=self.block_size)
 

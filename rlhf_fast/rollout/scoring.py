@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast import ops
-from rlhf_fast.models import bind_model
+from rlhf_fast.models import as_decoder
+from rlhf_fast.models.layers import cache_attention
 from rlhf_fast.rollout import block_table
 from rlhf_fast.rollout.types import Completion, check_prompts
 
@@ -22,7 +23,7 @@ def teacher_forced_logprobs(model, prompts: list[list[int]], completions: list, 
     """Per-token log-probs of `completions[i]` after `prompts[i]`.
 
     Args:
-        model: the transformers causal LM (same classes as `RolloutEngine`).
+        model: a `models.DecoderLM` or a transformers causal LM (same classes as `RolloutEngine`).
         prompts: list of token-id lists.
         completions: list (same length) of token-id lists or `Completion`s, each non-empty.
         temperature: log-softmax(logits / temperature) (use 1 for greedy rollouts).
@@ -33,7 +34,7 @@ def teacher_forced_logprobs(model, prompts: list[list[int]], completions: list, 
     Returns:
         list of (len(completions[i]),) float32 tensors on the model's device.
     """
-    lm = bind_model(model)
+    lm = as_decoder(model)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     comps = [c.token_ids if isinstance(c, Completion) else c for c in completions]
@@ -86,7 +87,9 @@ def _score_pack(lm, seqs, prompt_lens, comps, sampling, deterministic, block_siz
         labels.extend(c)
         start += len(s)
     logit_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
-    logits = lm.forward(inputs.input_ids, inputs.positions, inputs.meta, kv, logit_rows)  # (sum len(c), V)
+    with torch.no_grad():
+        h = lm(inputs.input_ids, inputs.positions, cache_attention(inputs.meta, kv), deterministic, out_rows=logit_rows)
+        logits = lm.logits(h, deterministic)  # (sum len(c), V)
     temperature, top_k, top_p = sampling
     logp = ops.token_logprobs(logits, torch.tensor(labels, dtype=torch.int64, device=dev), temperature=temperature,
                               top_k=top_k, top_p=top_p)
