@@ -3,6 +3,10 @@ exports -> `AutoModelForCausalLM` / `AutoModel` (the same tensors, bitwise, in t
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rlhf_fast.models import state_dict_adapter as sda
+from rlhf_fast.models.layers import AttnMetadata, cache_attention
 from rlhf_fast.models.loading import ModelLoadError
 from rlhf_fast.models.state_dict_adapter import from_hf_name, is_transposed, to_hf_name
 
@@ -62,6 +67,17 @@ def expect_same_tensors(hf, ours, dtype):
         assert torch.equal(t, mine.to(dtype)), key
         seen.add(name)
     assert seen == set(our_state)
+
+
+def our_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """Our final-normed hidden states (T, hidden) of one sequence `ids` (T,)."""
+    t = ids.shape[0]
+    attend = cache_attention(AttnMetadata(slot_mapping=None, cu_seqlens=[0, t]), None)
+    with torch.no_grad():
+        return model(ids, torch.arange(t), attend)
+
+
+IDS = torch.tensor([1, 5, 9, 17, 3, 60, 22, 8, 8, 41, 0, 33])  # longer than Mistral's window (5)
 
 
 # ----------------------------------------------------------------------------------------------- names only
@@ -121,6 +137,9 @@ def test_hf_checkpoint_loads_as_is(tmp_path, case):
     expect_same_tensors(hf, ours, torch.float32)
     assert (ours.lm_head.weight is ours.embed.weight) == hf.config.tie_word_embeddings
     assert all(p.device.type == "cpu" for p in ours.parameters())
+    with torch.no_grad():
+        want = hf(IDS[None]).logits[0]  # (T, vocab)
+    torch.testing.assert_close(ours.logits(our_hidden(ours, IDS), False), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -238,6 +257,10 @@ def test_unloadable_directories(tmp_path):
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="pytorch_model.*safetensors"):
         sda.load_pretrained(tmp_path / "bin")
+    CASES["llama"][0]().save_pretrained(str(tmp_path / "torn"))
+    (tmp_path / "torn" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ModelLoadError, match="cannot read .*model.safetensors"):
+        sda.load_pretrained(tmp_path / "torn")
     tf.BertConfig().save_pretrained(str(tmp_path / "bert"))
     with pytest.raises(ModelLoadError, match="bert"):
         sda.load_pretrained(tmp_path / "bert")
@@ -249,6 +272,9 @@ def test_backbone_round_trip(tmp_path, case):
     ours = sda.load_pretrained(d, backbone=True)
     assert ours.lm_head is None
     expect_same_tensors(hf, ours, torch.float32)
+    with torch.no_grad():
+        want = hf(IDS[None]).last_hidden_state[0]  # (T, hidden)
+    torch.testing.assert_close(our_hidden(ours, IDS), want, rtol=1e-5, atol=1e-5)
     out = tmp_path / "export"
     sda.save_pretrained(ours, out)
     assert json.loads((out / "config.json").read_text())["architectures"] == [CASES[case][2].__name__]
@@ -285,3 +311,25 @@ def test_export_writes_generation_config_tokenizer_and_replaces_the_directory(tm
     gen = tf.GenerationConfig.from_pretrained(str(out), local_files_only=True)
     assert (gen.bos_token_id, gen.eos_token_id) == (1, 2)
     assert tf.AutoTokenizer.from_pretrained(str(out), local_files_only=True) is not None
+
+
+def test_fsdp2_sharded_model_exports(tmp_path):
+    """Two ranks shard the model with FSDP2; the export (gathered on rank 0) loads in transformers with the source's
+    tensors, bitwise, and written once (no rank's temp directory left)."""
+    args, sources = [], {}
+    for case in ("llama_tied", "gpt2"):
+        sources[case], d = hf_dir(tmp_path, case)
+        args += [str(d), str(tmp_path / f"export_{case}")]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "tests._sda_fsdp_worker", *args]
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-6000:]
+    for case, hf in sources.items():
+        out = tmp_path / f"export_{case}"
+        assert (out / sda.INDEX).is_file()
+        back = tf.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+        for key, t in hf.state_dict().items():
+            assert torch.equal(back.state_dict()[key], t), key
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints in and out of rlhf_fast's own models, with no transformers module in the loop.
 
-Names: a family is one `Family` row (the HF prefix, the name of HF's block list, and the renames outside and inside a
-block); `to_hf_name` / `from_hf_name` map a state-dict key between the two. GPT-2's Conv1D weights are stored (in, out)
+Names: each family's model file gives its HF module names (`HF_PREFIX`, `HF_MODULES`, `HF_LAYERS`, `TRANSPOSED`);
+`to_hf_name` / `from_hf_name` map a state-dict key between the two. GPT-2's Conv1D weights are stored (in, out)
 by HF and are (out, in) in our nn.Linear: they are transposed on the way in and out.
 
 `load_pretrained` reads `config.json` and the safetensors (one file, or shards with `model.safetensors.index.json`)
@@ -14,18 +14,19 @@ under HF's name.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from rlhf_fast.models.loading import ModelLoadError, _offline, local_dir
+from rlhf_fast.models.loading import ModelLoadError, UnsupportedModelError, _offline, local_dir
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -33,46 +34,39 @@ _WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.
 
 
 @dataclass(frozen=True)
-class Family:
-    """How one family's HF state-dict keys map to ours. Ours: `embed`, `layers.{i}.<block>`, `norm`, `lm_head`;
-    HF: `<prefix><top[..]>`, `<prefix><stack>.{i}.<block[..]>`, `lm_head` (no prefix). `block` renames the first
-    component of an in-block path (`attn` -> `self_attn` renames `attn.q_proj.weight`)."""
+class Names:
+    """One family's name tables, from its model file (`HF_PREFIX`, `HF_MODULES`, `HF_LAYERS`, `TRANSPOSED`):
+    our module name <-> HF's relative to the backbone, with `{i}` standing for a block index."""
     prefix: str  # of a causal LM's backbone keys ("model."); a bare backbone checkpoint has none
-    stack: str  # HF's name of the block list
-    top: dict[str, str]  # ours -> HF, outside the blocks (lm_head excluded)
-    block: dict[str, str]  # ours -> HF, first component inside a block
-    transposed: frozenset[str] = frozenset()  # our in-block keys stored (in, out) by HF (Conv1D)
-    ignored: tuple[str, ...] = ()  # HF keys ending in these components are buffers, not weights
-    _rev_top: dict[str, str] = field(init=False, repr=False, compare=False)
-    _rev_block: dict[str, str] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "_rev_top", {v: k for k, v in self.top.items()})
-        object.__setattr__(self, "_rev_block", {v: k for k, v in self.block.items()})
+    ours_to_hf: dict[str, str]  # "layers.{i}.attn.q_proj" -> "layers.{i}.self_attn.q_proj"
+    hf_to_ours: dict[str, str]
+    hf_layers: str  # HF's name of the block list ("layers", GPT-2's "h")
+    transposed: frozenset[str]  # last module names whose HF weight is (in, out) (GPT-2's Conv1D)
 
 
-_LLAMA = Family(prefix="model.", stack="layers", top={"embed": "embed_tokens", "norm": "norm"},
-                block={"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn": "self_attn",
-                       "mlp": "mlp"},
-                ignored=("rotary_emb.inv_freq",))
-_GPT2 = Family(prefix="transformer.", stack="h", top={"embed": "wte", "pos_embed": "wpe", "norm": "ln_f"},
-               block={"ln_1": "ln_1", "ln_2": "ln_2", "attn": "attn", "mlp": "mlp"},
-               transposed=frozenset({"attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
-                                     "mlp.c_proj.weight"}),
-               ignored=("attn.bias", "attn.masked_bias"))
-FAMILIES: dict[str, Family] = {"llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA, "gpt2": _GPT2}
+_IGNORED = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")  # buffers older checkpoints carry, not weights
 
 
 def _kind(model_or_config) -> str | None:
     return getattr(getattr(model_or_config, "config", model_or_config), "model_type", None)
 
 
-def family(model_or_config) -> Family:
-    """The `Family` of a model (anything with `.config`) or an HF config; ModelLoadError for other model types."""
-    kind = _kind(model_or_config)
-    if kind not in FAMILIES:
-        raise ModelLoadError(f"no state-dict mapping for model_type {kind!r}: covered are {', '.join(FAMILIES)}")
-    return FAMILIES[kind]
+@functools.lru_cache(maxsize=None)
+def _names(kind: str | None) -> Names:
+    from rlhf_fast import models
+
+    fam = models._FAMILIES.get(kind)  # model_type -> the family's model file
+    if fam is None:
+        raise UnsupportedModelError(f"no state-dict mapping for model_type {kind!r}: rlhf_fast's models are "
+                                    f"{', '.join(models.covered_families())} (and their backbones)")
+    return Names(prefix=f"{fam.HF_PREFIX}.", ours_to_hf=dict(fam.HF_MODULES),
+                 hf_to_ours={v: k for k, v in fam.HF_MODULES.items()}, hf_layers=fam.HF_LAYERS,
+                 transposed=frozenset(fam.TRANSPOSED))
+
+
+def names(model_or_config) -> Names:
+    """The `Names` of a model (anything with `.config`) or an HF config; UnsupportedModelError for other families."""
+    return _names(_kind(model_or_config))
 
 
 def _strip_wrappers(name: str) -> str:
@@ -81,52 +75,53 @@ def _strip_wrappers(name: str) -> str:
     return name
 
 
+def _rename(module: str, table: dict[str, str], stack: str) -> str | None:
+    """`module` through `table`, whose block entries read `{stack}.{i}.` (None when it has no entry)."""
+    head, _, rest = module.partition(".")
+    if head == stack:
+        idx, _, inner = rest.partition(".")
+        target = table.get(f"{stack}.{{i}}.{inner}") if idx.isdigit() else None
+        return None if target is None else target.format(i=idx)
+    return table.get(module)
+
+
 def to_hf_name(name: str, model_or_config, *, backbone: bool = False) -> str:
     """HF's key for our state-dict key `name` (`layers.0.attn.q_proj.weight` -> `model.layers.0.self_attn.q_proj.
     weight`); `backbone`: a bare backbone's key (no prefix). KeyError for a name outside the mapping."""
-    fam = family(model_or_config)
+    tables = names(model_or_config)
     name = _strip_wrappers(name)
     if name.startswith("lm_head."):
         if backbone:
             raise KeyError(f"{name}: a bare backbone has no lm_head")
         return name
-    prefix = "" if backbone else fam.prefix
-    head, _, rest = name.partition(".")
-    if head == "layers":
-        idx, _, inner = rest.partition(".")
-        first, _, tail = inner.partition(".")
-        if idx.isdigit() and first in fam.block and tail:
-            return f"{prefix}{fam.stack}.{idx}.{fam.block[first]}.{tail}"
-    elif head in fam.top and rest:
-        return f"{prefix}{fam.top[head]}.{rest}"
-    raise KeyError(f"{name}: not a weight of a {_kind(model_or_config)} model")
+    module, _, leaf = name.rpartition(".")
+    hf = _rename(module, tables.ours_to_hf, "layers")
+    if hf is None:
+        raise KeyError(f"{name}: not a weight of a {_kind(model_or_config)} model")
+    return f"{'' if backbone else tables.prefix}{hf}.{leaf}"
 
 
 def from_hf_name(hf_name: str, model_or_config) -> str | None:
     """Our key for HF key `hf_name`, from a causal LM (`model.`/`transformer.` prefix) or a bare backbone (none);
     None for a buffer that is not a weight (GPT-2's `attn.bias`, rotary `inv_freq`). KeyError for a key outside the
     mapping (a classification head, another family's name)."""
-    fam = family(model_or_config)
-    if any(hf_name == s or hf_name.endswith("." + s) for s in fam.ignored):
-        return None
+    tables = names(model_or_config)
     if hf_name.startswith("lm_head."):
         return hf_name
-    name = hf_name.removeprefix(fam.prefix)
-    head, _, rest = name.partition(".")
-    if head == fam.stack:
-        idx, _, inner = rest.partition(".")
-        first, _, tail = inner.partition(".")
-        if idx.isdigit() and first in fam._rev_block and tail:
-            return f"layers.{idx}.{fam._rev_block[first]}.{tail}"
-    elif head in fam._rev_top and rest:
-        return f"{fam._rev_top[head]}.{rest}"
+    module, _, leaf = hf_name.removeprefix(tables.prefix).rpartition(".")
+    ours = _rename(module, tables.hf_to_ours, tables.hf_layers)
+    if ours is not None:
+        return f"{ours}.{leaf}"
+    if any(hf_name == s or hf_name.endswith("." + s) for s in _IGNORED):
+        return None
     raise KeyError(f"{hf_name}: not a weight of a {_kind(model_or_config)} model")
 
 
 def is_transposed(name: str, model_or_config) -> bool:
     """Whether our key `name` is stored transposed by HF (GPT-2's Conv1D weights: (in, out) there, (out, in) here)."""
-    parts = _strip_wrappers(name).split(".", 2)
-    return len(parts) == 3 and parts[0] == "layers" and parts[2] in family(model_or_config).transposed
+    module, _, leaf = _strip_wrappers(name).rpartition(".")
+    return leaf == "weight" and module.startswith("layers.") and \
+        module.rpartition(".")[2] in names(model_or_config).transposed
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -158,8 +153,11 @@ def checkpoint_files(path: str | Path) -> dict[str, list[str]]:
                 raise ModelLoadError(f"model: {path / INDEX} names {Path(f).name}, which is missing from {path}")
         return files
     if (path / SINGLE).is_file():
-        with safe_open(str(path / SINGLE), framework="pt") as f:
-            return {str(path / SINGLE): list(f.keys())}
+        try:
+            with safe_open(str(path / SINGLE), framework="pt") as f:
+                return {str(path / SINGLE): list(f.keys())}
+        except (OSError, SafetensorError) as e:
+            raise ModelLoadError(f"model: cannot read {path / SINGLE}: {e}") from e
     if any(path.glob("pytorch_model*.bin")):
         raise ModelLoadError(f"model: {path} holds only pytorch_model*.bin weights; rlhf_fast reads safetensors: "
                              f"re-save it with transformers (`save_pretrained(dir)` writes safetensors)")
@@ -189,7 +187,7 @@ def _tied(config) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False))
 
 
-def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+def load_pretrained(path: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                     backbone: bool = False):
     """Our model (a DecoderLM) from HF model directory `path`: its causal LM, or with `backbone` its bare backbone
     (no lm_head; a causal LM's lm_head is dropped). Reads `config.json` (local files only) and the safetensors into
@@ -204,7 +202,7 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, devic
     if not (Path(path) / "config.json").is_file():
         raise ModelLoadError(f"model: {path} has no config.json: not a Hugging Face model directory")
     config = _offline(AutoConfig.from_pretrained, path, "model")
-    family(config)  # a clear error for a family we cannot map, before any tensor is read
+    names(config)  # a clear error for a family we cannot map, before any tensor is read
     files = checkpoint_files(path)
     plan = _plan(files, config, backbone)
     model = build_model(config, lm_head=not backbone, device="meta")
@@ -223,7 +221,7 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, devic
     extra = [k for k in plan if k not in need]
     if extra:
         raise ModelLoadError(f"model: unexpected tensor {plan[extra[0]][1]!r} in {path} (ours {extra[0]!r})")
-    dtype = dtype or _as_dtype(getattr(config, "dtype", None)) or _file_dtype(files)
+    dtype = _as_dtype(dtype) or _as_dtype(getattr(config, "dtype", None)) or _file_dtype(files)
     state = _read(plan, config, dtype, device)
     if tie:
         state["lm_head.weight"] = state["embed.weight"]
@@ -262,12 +260,15 @@ def _read(plan: dict[str, tuple[str, str]], config, dtype: torch.dtype, device) 
     state = {}
     dev = str(torch.device(device))
     for file, pairs in by_file.items():
-        with safe_open(file, framework="pt", device=dev) as f:
-            for ours, key in pairs:
-                t = f.get_tensor(key)
-                if is_transposed(ours, config):
-                    t = t.t()  # HF Conv1D (in, out) -> our nn.Linear (out, in)
-                state[ours] = _converted(t, dtype if t.is_floating_point() else t.dtype)
+        try:
+            with safe_open(file, framework="pt", device=dev) as f:
+                for ours, key in pairs:
+                    t = f.get_tensor(key)
+                    if is_transposed(ours, config):
+                        t = t.t()  # HF Conv1D (in, out) -> our nn.Linear (out, in)
+                    state[ours] = _converted(t, dtype if t.is_floating_point() else t.dtype)
+        except (OSError, SafetensorError) as e:
+            raise ModelLoadError(f"model: cannot read {file}: {e}") from e
     return state
 
 
@@ -290,7 +291,7 @@ def _full_state(model) -> dict[str, torch.Tensor] | None:
 def _hf_state(model, state: dict[str, torch.Tensor], backbone: bool) -> dict[str, tuple[str, torch.Tensor]]:
     """{HF key: (our key, tensor)}, in our order; a tied lm_head is left out (HF stores the embedding alone)."""
     tied = not backbone and _tied(model.config)
-    if tied and isinstance(model.lm_head.weight, torch.nn.Parameter) and model.lm_head.weight is not model.embed.weight:
+    if tied and model.lm_head.weight is not model.embed.weight:
         raise ValueError("save_pretrained: the config ties lm_head to the embedding but the model holds two tensors")
     return {to_hf_name(ours, model.config, backbone=backbone): (ours, t) for ours, t in state.items()
             if not (tied and ours == "lm_head.weight")}
@@ -330,7 +331,7 @@ def _generation_config(config):
     return None if same else gen
 
 
-def save_pretrained(model, path: str | Path, *, tokenizer=None, dtype: torch.dtype | None = None,
+def save_pretrained(model, path: str | Path, *, tokenizer=None, dtype: torch.dtype | str | None = None,
                     max_shard_bytes: int = 2 * 2**30) -> None:
     """Write `model` (our DecoderLM, or its FSDP2-sharded form: then every rank calls this, rank 0 writes) as an HF
     model directory at `path`, replacing what is there at once (a temp dir renamed into place): config.json
@@ -338,38 +339,43 @@ def save_pretrained(model, path: str | Path, *, tokenizer=None, dtype: torch.dty
     generation_config.json (when the config sets generation fields), safetensors in `dtype` (None = the model's;
     tied weights stored once; shards of at most `max_shard_bytes` with `model.safetensors.index.json` above it)
     and `tokenizer`'s files if given."""
+    names(model)
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"save_pretrained: {path} is a file, not a model directory")
+    state = _full_state(model)  # a collective for a sharded model: every rank, before anything can fail
+    try:
+        if state is not None:  # None: an FSDP2 rank other than 0
+            _write_dir(model, state, path, tokenizer, _as_dtype(dtype) or model.dtype, max_shard_bytes)
+    finally:
+        _barrier()  # no rank reads the directory before rank 0 has written it
+
+
+def _write_dir(model, state: dict[str, torch.Tensor], path: Path, tokenizer, dtype: torch.dtype,
+               max_shard_bytes: int) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
-    family(model)
-    backbone = getattr(model, "lm_head", None) is None
-    state = _full_state(model)
-    if state is None:  # an FSDP2 rank other than 0: rank 0 writes
-        _barrier()
-        return
-    dtype = dtype or model.embed.weight.dtype
+    backbone = model.lm_head is None
     hf = _hf_state(model, state, backbone)
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         config = copy.deepcopy(model.config)
         config.dtype = str(dtype).removeprefix("torch.")
-        names = MODEL_MAPPING_NAMES if backbone else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        config.architectures = [names[model.config.model_type]]
+        classes = MODEL_MAPPING_NAMES if backbone else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        config.architectures = [classes[config.model_type]]
         config.save_pretrained(str(tmp))
         gen = None if backbone else _generation_config(config)
         if gen is not None:
             gen.save_pretrained(str(tmp))
-        _write_weights(tmp, hf, model.config, dtype, max_shard_bytes)
+        _write_weights(tmp, hf, config, dtype, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        _barrier()
 
 
 def _write_weights(out: Path, hf: dict[str, tuple[str, torch.Tensor]], config, dtype: torch.dtype,
@@ -396,8 +402,6 @@ def _write_weights(out: Path, hf: dict[str, tuple[str, torch.Tensor]], config, d
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
     """Rename finished directory `tmp` to `path`; an existing `path` is moved aside first and removed after."""
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"save_pretrained: {path} is a file")
     old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}" if path.exists() else None
     if old is not None:
         os.rename(path, old)
