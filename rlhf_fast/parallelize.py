@@ -141,9 +141,10 @@ def unsharded(*models: nn.Module | None) -> Iterator[None]:
     roots = [m for m in dict.fromkeys(models) if m is not None and _is_fsdp(m)]
     mods = list(dict.fromkeys(x for r in roots for x in fsdp_modules(r)))
     fresh = [m for m in mods if _DEPTH.get(m, 0) == 0]  # not yet gathered by an enclosing `unsharded`
-    for m in fresh:
-        m.unshard()
-        m.set_reshard_after_forward(False, recurse=False)
+    with torch.inference_mode(False):  # FSDP keeps the gathered buffers: they must not become inference tensors
+        for m in fresh:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
     for m in mods:
         _DEPTH[m] = _DEPTH.get(m, 0) + 1
     try:

@@ -149,8 +149,9 @@ def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def decode_unevenly(model: nn.Module, steps: int) -> dict:
-    """`steps` forwards inside `unsharded` (ranks pass different `steps`), profiled: collectives and FSDP hooks
-    seen, and whether the parameters were plain tensors inside and sharded again after."""
+    """`steps` forwards inside `unsharded` (ranks pass different `steps`; entered under inference mode, which must
+    not leak into FSDP's gathered buffers: the model trains afterwards), profiled: collectives and FSDP hooks seen,
+    and whether the parameters were plain tensors inside and sharded again after."""
     from torch.distributed.tensor import DTensor
     from torch.profiler import profile
 
@@ -159,13 +160,14 @@ def decode_unevenly(model: nn.Module, steps: int) -> dict:
 
     ids = torch.randint(2, VOCAB, (9,), generator=torch.Generator().manual_seed(1)).tolist()
     batch = pack([ids[:4]], [ids[4:]])
-    with torch.no_grad(), profile() as outside:  # the control: a sharded forward all-gathers
-        hidden(model, batch)
-    with par.unsharded(model), torch.no_grad(), profile() as inside:
+    with torch.inference_mode(), par.unsharded(model), profile() as inside:  # the first gathering of `model`
         plain = not any(isinstance(p, DTensor) for p in model.parameters())
         for _ in range(steps):
             hidden(model, batch)
-    return {"plain_inside": plain, "sharded_after": all(isinstance(p, DTensor) for p in model.parameters()),
+    sharded = all(isinstance(p, DTensor) for p in model.parameters())
+    with torch.no_grad(), profile() as outside:  # the control: a sharded forward all-gathers
+        hidden(model, batch)
+    return {"plain_inside": plain, "sharded_after": sharded,
             "collectives_outside": collectives(outside), "collectives": collectives(inside),
             "hooks": sum("FSDP::pre_forward" in e.name for e in inside.events())}
 
