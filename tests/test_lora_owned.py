@@ -254,3 +254,71 @@ def test_refusals(tmp_path):
         lo.load_adapter(_ours(_hf("llama")), peft_dir("embed", target_modules=["q_proj", "embed_tokens"]))
     with pytest.raises(ModelLoadError, match="not a peft adapter directory"):
         lo.load_adapter(_ours(_hf("llama")), tmp_path)
+
+
+def test_an_adapter_on_some_layers_round_trips_through_peft(tmp_path):
+    """peft's `layers_to_transform`: only layer 1's q_proj; our export names exactly that module for peft."""
+    pm = get_peft_model(_hf("llama"), LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj"], layers_to_transform=[1]))
+    with torch.no_grad():
+        pm.get_base_model().model.layers[1].self_attn.q_proj.lora_B["default"].weight.normal_()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ours = _ours(_hf("llama"))
+    assert lo.load_adapter(ours, tmp_path / "peft") == ["layers.1.attn.q_proj"]
+    lo.save_adapter(ours, tmp_path / "ours", base_dir=None)
+    assert json.loads((tmp_path / "ours" / lo.CONFIG_FILE).read_text())["target_modules"] == \
+        ["model.layers.1.self_attn.q_proj"]
+    back = PeftModel.from_pretrained(_hf("llama"), str(tmp_path / "ours")).eval()
+    ids = _ids(3)
+    torch.testing.assert_close(_run_hf(back, ids), _run_hf(pm.eval(), ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_run_ours(ours, ids), _run_hf(pm, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_base_with_fp32_adapters_equals_peft():
+    hf = _hf("qwen2").to(torch.bfloat16)
+    ours = _ours(hf)
+    lo.apply_lora(ours, LoRAConfig(r=4, alpha=8), seed=0)
+    assert {m.lora_A.weight.dtype for m in lo.lora_modules(ours).values()} == {torch.float32}
+    _randomize_b(ours)
+    ids = _ids()
+    base = _run_hf(hf, ids)
+    pm = _peft_twin(hf, ours, "all-linear")
+    assert _peft_module(pm, "model.layers.0.mlp.up_proj").lora_A["default"].weight.dtype == torch.float32
+    got, want = _run_ours(ours, ids), _run_hf(pm, ids)
+    assert (got - want).abs().max() <= 0.03 * want.abs().max() < (want - base).abs().max()  # bf16 rounding only
+
+
+def test_checkpoint_wrapped_blocks_keep_names_and_gradients(tmp_path):
+    from rlhf_fast.parallelize import parallelize
+
+    def grads(model):
+        torch.manual_seed(9)  # LoRA dropout: the recompute must draw the same masks
+        _run_ours(model.train(), _ids()).logsumexp(-1).sum().backward()
+        return [p.grad for p in lo.adapter_parameters(model)]
+
+    plain, wrapped = _ours(_hf("llama")), _ours(_hf("llama"))
+    for m in (plain, wrapped):
+        lo.apply_lora(m, LoRAConfig(r=2, alpha=4, dropout=0.2), seed=1)
+        _randomize_b(m)
+    keys = set(plain.state_dict())
+    parallelize(wrapped, checkpointing=True)
+    assert set(wrapped.state_dict()) == keys and set(lo.merged_state_dict(wrapped)) == set(lo.merged_state_dict(plain))
+    for g, r in zip(grads(wrapped), grads(plain)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    lo.save_adapter(wrapped, tmp_path / "w", base_dir=None)
+    lo.save_adapter(plain, tmp_path / "p", base_dir=None)
+    a, b = (load_file(str(tmp_path / d / lo.WEIGHTS_FILE)) for d in ("w", "p"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    reloaded = _ours(_hf("llama"))
+    parallelize(reloaded, checkpointing=True)
+    assert len(lo.load_adapter(reloaded, tmp_path / "w")) == 14
+
+
+def test_lora_linear_is_what_project_computes():
+    from rlhf_fast.models.layers import project
+
+    m = lo.LoRALinear(torch.nn.Linear(37, 19), 3, 5.0, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+    x = torch.randn(41, 37)
+    for det in (False, True):
+        assert torch.equal(m(x, det), project(x, m, det))
