@@ -168,6 +168,10 @@ def test_bf16_checkpoint_loads_in_bf16_unless_asked(tmp_path):
     ours = sda.load_pretrained(d)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     expect_same_tensors(hf, ours, torch.bfloat16)
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["dtype"]  # no dtype in the config: the tensors'
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert {p.dtype for p in sda.load_pretrained(d).parameters()} == {torch.bfloat16}
     wide = sda.load_pretrained(d, dtype=torch.float32)
     assert {p.dtype for p in wide.parameters()} == {torch.float32}
     expect_same_tensors(hf.float(), wide, torch.float32)
@@ -311,6 +315,33 @@ def test_export_writes_generation_config_tokenizer_and_replaces_the_directory(tm
     gen = tf.GenerationConfig.from_pretrained(str(out), local_files_only=True)
     assert (gen.bos_token_id, gen.eos_token_id) == (1, 2)
     assert tf.AutoTokenizer.from_pretrained(str(out), local_files_only=True) is not None
+
+
+@pytest.mark.parametrize("case", ["gpt2", "qwen2"])
+def test_converted_hf_model_exports(tmp_path, case):
+    """A DecoderLM `from_hf` converted shares HF's modules (GPT-2's Conv1D, already (in, out)): exported as is."""
+    from rlhf_fast.models import from_hf
+
+    hf = hf_model(case)
+    sda.save_pretrained(from_hf(hf), tmp_path / "export")
+    back = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), local_files_only=True)
+    for key, t in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[key], t), key
+
+
+def test_export_of_a_given_state_dict(tmp_path):
+    _, d = hf_dir(tmp_path, "gpt2")
+    ours = sda.load_pretrained(d)
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    state["layers.1.mlp.c_fc.weight"] += 1.0  # e.g. merged LoRA weights
+    sda.save_pretrained(ours, tmp_path / "export", state_dict=state)
+    back = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), local_files_only=True)
+    assert torch.equal(back.transformer.h[1].mlp.c_fc.weight, state["layers.1.mlp.c_fc.weight"].t())
+    assert torch.equal(back.transformer.h[0].mlp.c_fc.weight, ours.layers[0].mlp.c_fc.weight.t())
+    state["layers.0.attn.c_attn.lora_A.weight"] = torch.zeros(2, 32)
+    with pytest.raises(ValueError, match="lora_A.*merged_state_dict"):
+        sda.save_pretrained(ours, tmp_path / "export2", state_dict=state)
+    assert not (tmp_path / "export2").exists()
 
 
 def test_fsdp2_sharded_model_exports(tmp_path):

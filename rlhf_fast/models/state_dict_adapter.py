@@ -280,28 +280,43 @@ def _full_state(model) -> dict[str, torch.Tensor] | None:
     from torch.distributed.tensor import DTensor
 
     if not any(isinstance(p, DTensor) for p in model.parameters()):
-        return {_strip_wrappers(k): v for k, v in model.state_dict().items()}
+        return model.state_dict()
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {_strip_wrappers(k): v for k, v in state.items()} if dist.get_rank() == 0 else None
+    return state if dist.get_rank() == 0 else None
 
 
-def _hf_state(model, state: dict[str, torch.Tensor], backbone: bool) -> dict[str, tuple[str, torch.Tensor]]:
-    """{HF key: (our key, tensor)}, in our order; a tied lm_head is left out (HF stores the embedding alone)."""
+def _hf_state(model, state: dict[str, torch.Tensor], backbone: bool) -> dict[str, tuple[torch.Tensor, bool]]:
+    """{HF key: (tensor, transpose it?)}, in our order; a tied lm_head is left out (HF stores the embedding alone).
+    A TRANSPOSED weight is transposed unless its module is HF's Conv1D itself (a model `from_hf` converted)."""
+    from transformers.pytorch_utils import Conv1D
+
     tied = not backbone and _tied(model.config)
     if tied and model.lm_head.weight is not model.embed.weight:
         raise ValueError("save_pretrained: the config ties lm_head to the embedding but the model holds two tensors")
-    return {to_hf_name(ours, model.config, backbone=backbone): (ours, t) for ours, t in state.items()
-            if not (tied and ours == "lm_head.weight")}
+    conv = {_strip_wrappers(n) for n, m in model.named_modules() if isinstance(getattr(m, "base_layer", m), Conv1D)}
+    out = {}
+    for ours, t in state.items():
+        ours = _strip_wrappers(ours)
+        if tied and ours == "lm_head.weight":
+            continue
+        try:
+            key = to_hf_name(ours, model.config, backbone=backbone)
+        except KeyError:
+            hint = (": export the merged weights (`save_pretrained(model, path, state_dict=lora_owned."
+                    "merged_state_dict(model))`) or the adapter (`save_adapter`)") if ".lora_" in ours else ""
+            raise ValueError(f"save_pretrained: {ours!r} has no Hugging Face name{hint}") from None
+        out[key] = (t, is_transposed(ours, model.config) and ours.rpartition(".")[0] not in conv)
+    return out
 
 
-def _shards(hf: dict[str, tuple[str, torch.Tensor]], dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
+def _shards(hf: dict[str, tuple[torch.Tensor, bool]], dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
     """HF keys grouped in order into shards of at most `max_bytes` (in `dtype`); a larger tensor is a shard alone."""
     shards: list[list[str]] = [[]]
     size = 0
-    for key, (_, t) in hf.items():
+    for key, (t, _) in hf.items():
         n = t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
         if shards[-1] and size + n > max_bytes:
             shards.append([])
@@ -311,10 +326,10 @@ def _shards(hf: dict[str, tuple[str, torch.Tensor]], dtype: torch.dtype, max_byt
     return shards
 
 
-def _export_tensor(ours: str, t: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor as HF stores it: on the CPU, in `dtype` if floating, Conv1D weights transposed, contiguous."""
+def _export_tensor(t: torch.Tensor, transpose: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor as HF stores it: on the CPU, in `dtype` if floating, transposed if asked (Conv1D), contiguous."""
     t = t.detach()
-    if is_transposed(ours, config):
+    if transpose:
         t = t.t()
     return _converted(t, dtype if t.is_floating_point() else t.dtype, "cpu")
 
@@ -332,18 +347,22 @@ def _generation_config(config):
 
 
 def save_pretrained(model, path: str | Path, *, tokenizer=None, dtype: torch.dtype | str | None = None,
-                    max_shard_bytes: int = 2 * 2**30) -> None:
+                    max_shard_bytes: int = 2 * 2**30, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write `model` (our DecoderLM, or its FSDP2-sharded form: then every rank calls this, rank 0 writes) as an HF
     model directory at `path`, replacing what is there at once (a temp dir renamed into place): config.json
     (`dtype` the saved dtype, `architectures` the causal LM, or the backbone class when the model has no lm_head),
     generation_config.json (when the config sets generation fields), safetensors in `dtype` (None = the model's;
     tied weights stored once; shards of at most `max_shard_bytes` with `model.safetensors.index.json` above it)
-    and `tokenizer`'s files if given."""
+    and `tokenizer`'s files if given. `state_dict` (our names, full tensors; read on rank 0 only): what to write
+    instead of the model's own (a LoRA model's `merged_state_dict`); a model holding adapters is refused without it."""
     names(model)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"save_pretrained: {path} is a file, not a model directory")
-    state = _full_state(model)  # a collective for a sharded model: every rank, before anything can fail
+    if state_dict is None:
+        state = _full_state(model)  # a collective for a sharded model: every rank, before anything can fail
+    else:
+        state = state_dict if _rank() == 0 else None
     try:
         if state is not None:  # None: an FSDP2 rank other than 0
             _write_dir(model, state, path, tokenizer, _as_dtype(dtype) or model.dtype, max_shard_bytes)
@@ -369,7 +388,7 @@ def _write_dir(model, state: dict[str, torch.Tensor], path: Path, tokenizer, dty
         gen = None if backbone else _generation_config(config)
         if gen is not None:
             gen.save_pretrained(str(tmp))
-        _write_weights(tmp, hf, config, dtype, max_shard_bytes)
+        _write_weights(tmp, hf, dtype, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _swap_into_place(tmp, path)
@@ -378,8 +397,7 @@ def _write_dir(model, state: dict[str, torch.Tensor], path: Path, tokenizer, dty
         raise
 
 
-def _write_weights(out: Path, hf: dict[str, tuple[str, torch.Tensor]], config, dtype: torch.dtype,
-                   max_bytes: int) -> None:
+def _write_weights(out: Path, hf: dict[str, tuple[torch.Tensor, bool]], dtype: torch.dtype, max_bytes: int) -> None:
     """`model.safetensors`, or `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` when the tensors
     exceed `max_bytes`; one shard's tensors are converted at a time."""
     shards = _shards(hf, dtype, max_bytes)
@@ -388,7 +406,7 @@ def _write_weights(out: Path, hf: dict[str, tuple[str, torch.Tensor]], config, d
         name = SINGLE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         tensors, ptrs = {}, set()
         for key in keys:
-            t = _export_tensor(hf[key][0], hf[key][1], config, dtype)
+            t = _export_tensor(*hf[key], dtype)
             tensors[key] = t.clone() if t.data_ptr() in ptrs else t  # safetensors stores no shared storage
             ptrs.add(t.data_ptr())
         save_file(tensors, str(out / name), metadata={"format": "pt"})
@@ -408,6 +426,12 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
     os.rename(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _barrier() -> None:
