@@ -69,14 +69,15 @@ def rope_parameters(cfg) -> tuple[torch.Tensor, float]:
     if rope_type in ("dynamic", "longrope"):
         raise UnsupportedModelError(f"{type(cfg).__name__}: rope_type {rope_type!r} rescales the rotary frequencies "
                                     "with the sequence length at run time; it is not supported")
-    if rope_type != "default":
-        if rope_type not in ROPE_INIT_FUNCTIONS:
-            raise UnsupportedModelError(f"{type(cfg).__name__}: unknown rope_type {rope_type!r}")
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
-        return inv_freq.float(), float(scaling)
-    base = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)), 1.0
+    if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+        raise UnsupportedModelError(f"{type(cfg).__name__}: unknown rope_type {rope_type!r}")
+    with torch.device("cpu"):  # also inside `build_model(device="meta")`: the tables are made from these
+        if rope_type != "default":
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+            return inv_freq.float(), float(scaling)
+        base = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
 
 @dataclasses.dataclass(frozen=True)
