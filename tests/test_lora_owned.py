@@ -322,3 +322,35 @@ def test_lora_linear_is_what_project_computes():
     x = torch.randn(41, 37)
     for det in (False, True):
         assert torch.equal(m(x, det), project(x, m, det))
+
+
+def test_two_sharded_ranks_match_one_process(tmp_path):
+    """FSDP2 (`parallelize`, 2 ranks, gloo) over adapted blocks (frozen base and trainable adapters in one group):
+    the one-process loss and adapter gradients, the same merged weights and the same exported adapter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests import _lora_owned_worker as worker
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "tests._lora_owned_worker", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    one = worker.run(tmp_path)
+    two = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for name, ref in one.items():
+        assert two[0][name]["sharded"] and not ref["sharded"]
+        assert two[0][name]["loss"] == pytest.approx(ref["loss"], rel=1e-6) and two[1][name]["merged"] == {}
+        for got in (two[0][name]["grads"], two[1][name]["grads"]):
+            for g, r in zip(got, ref["grads"], strict=True):
+                torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+        merged = two[0][name]["merged"]
+        assert merged.keys() == ref["merged"].keys()
+        for k, v in ref["merged"].items():
+            torch.testing.assert_close(merged[k], v, rtol=0, atol=0)
+        a, b = (load_file(str(tmp_path / f"{name}-w{w}" / lo.WEIGHTS_FILE)) for w in (1, 2))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

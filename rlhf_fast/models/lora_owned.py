@@ -90,11 +90,6 @@ class LoRALinear(nn.Module):
             y = (y + linear(z, b, None, deterministic) * self.scaling).to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
-    @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """scaling * B A, (out, in) float32: what merging adds to `weight`."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, alpha={self.alpha:g}, disabled={self.disabled}")
@@ -192,19 +187,24 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` with each adapter merged into its base (W + scaling * B A, added in float32, then cast
-    to W's dtype) and no lora keys: our names, for the plain export. Floating tensors are cast to `dtype` (None:
-    kept); tied weights (lm_head / embed) stay one tensor. The live weights are not changed."""
-    mods = {_clean(n): m for n, m in lora_modules(model).items()}
+    """`model`'s state dict with each adapter merged into its base, W + scaling * B A (added in float32, then cast
+    to W's dtype), and no lora keys: our names, for the plain export (`state_dict_adapter.save_pretrained(model,
+    path, state_dict=...)`). Floating tensors are cast to `dtype` (None: kept); tied weights (lm_head / embed) stay
+    one tensor. The live weights are not changed. An FSDP2-sharded model is gathered (`distributed.
+    full_state_dict`): every rank calls this, rank 0 gets the dict, the others an empty one."""
+    from rlhf_fast import distributed
+
+    scaling = {_clean(n): m.scaling for n, m in lora_modules(model).items()}
+    state = {_clean(k): v for k, v in distributed.full_state_dict(model).items()}
     cast: dict[int, torch.Tensor] = {}
     out = {}
-    for k, v in model.state_dict().items():
-        mod, _, leaf = _clean(k).rpartition(".")
+    for k, v in state.items():
+        mod, _, leaf = k.rpartition(".")
         if ".lora_A." in k or ".lora_B." in k:
             continue
-        if mod in mods and leaf == "weight":
-            v = (v.float() + mods[mod].delta_weight()).to(v.dtype)
-            v = v.to(dtype) if dtype is not None else v
+        if mod in scaling and leaf == "weight":
+            b, a = state[f"{mod}.lora_B.weight"].float(), state[f"{mod}.lora_A.weight"].float()
+            v = (v.float() + (b @ a) * scaling[mod]).to(dtype or v.dtype)  # (out, r) @ (r, in)
         elif v.is_floating_point() and dtype is not None:
             v = cast.setdefault(v.data_ptr(), v.to(dtype))
         out[k] = v
@@ -248,17 +248,18 @@ def save_adapter(model: nn.Module, path: str | Path, *, base_dir: str | Path | N
     """`model`'s adapters as a peft adapter directory at `path`: `adapter_config.json` (peft's LoraConfig:
     `base_model_name_or_path` = `base_dir`, task CAUSAL_LM, or none for a backbone) and
     `adapter_model.safetensors` (`base_model.model.<HF name>.lora_{A,B}.weight`, in the adapters' dtype), so
-    `peft.PeftModel.from_pretrained(<HF base>, path)` gives the same outputs as `model`."""
-    from safetensors.torch import save_file
+    `peft.PeftModel.from_pretrained(<HF base>, path)` gives the same outputs as `model`. An FSDP2-sharded model:
+    every rank calls this (the adapters alone are gathered), rank 0 writes."""
+    from rlhf_fast import distributed
 
-    mods = lora_modules(model)
+    mods = {_clean(n): m for n, m in lora_modules(model).items()}
     if not mods:
         raise ValueError("save_adapter: the model has no adapters (apply_lora or load_adapter first)")
     r, scaling = _uniform(mods, "r"), _uniform(mods, "scaling")
     p = {m.dropout.p if isinstance(m.dropout, nn.Dropout) else 0.0 for m in mods.values()}
     hf = {n: _hf_name(model, n) for n in mods}
     last = sorted({n.rsplit(".", 1)[-1] for n in mods})
-    every = [n for n in projections(model) if n.rsplit(".", 1)[-1] in last]
+    every = [_clean(n) for n in projections(model) if n.rsplit(".", 1)[-1] in last]
     targets = last if sorted(every) == sorted(mods) else sorted(hf.values())  # peft: a listed name = a suffix
     cfg = {
         "peft_type": "LORA",
@@ -281,14 +282,27 @@ def save_adapter(model: nn.Module, path: str | Path, *, base_dir: str | Path | N
         "layers_pattern": None,
         "revision": None,
     }
-    path = Path(path)
+    tensors = {f"{PEFT_PREFIX}{hf[n]}.lora_{x}.weight": _full(getattr(m, f"lora_{x}").weight)
+               for n, m in mods.items() for x in "AB"}  # same order on every rank: the gathers match
+    try:
+        if distributed.is_main():
+            _write_adapter(Path(path), cfg, tensors)
+    finally:
+        distributed.barrier()  # no rank reads the directory before rank 0 has written it
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor: an FSDP2-sharded parameter (DTensor) gathered (a collective), anything else as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _write_adapter(path: Path, cfg: dict, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    tensors = {}
-    for n, m in mods.items():
-        tensors[f"{PEFT_PREFIX}{hf[n]}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
-        tensors[f"{PEFT_PREFIX}{hf[n]}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path / WEIGHTS_FILE),
+              metadata={"format": "pt"})
 
 
 # peft LoraConfig fields that change the function beyond W + scaling * B A, and their harmless values
