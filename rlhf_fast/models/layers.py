@@ -118,6 +118,13 @@ class DecoderLM(nn.Module):
             return onednn.linear(h.float(), self._packed_head, head.bias)
         return linear(h, head.weight, head.bias, deterministic).float()
 
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Write this model as a Hugging Face directory (`state_dict_adapter.save_pretrained`: `tokenizer`, `dtype`,
+        `max_shard_bytes`), which `transformers.AutoModelForCausalLM` (`AutoModel` for a backbone) loads."""
+        from rlhf_fast.models.state_dict_adapter import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
     @contextlib.contextmanager
     def packed_head(self, rows_hint: int):
         """Within the block, `logits` (outside deterministic mode) multiplies by the lm_head weight reordered once
