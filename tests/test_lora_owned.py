@@ -158,7 +158,11 @@ def test_a_peft_made_adapter_loads_into_ours(family, rslora, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_merged_state_dict_equals_peft_merge_and_unload(family):
+def test_merged_state_dict_equals_peft_merge_and_unload(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_fast.models.state_dict_adapter import save_pretrained
+
     hf = _hf(family)
     ours = _ours(hf)
     keys = set(ours.state_dict())
@@ -177,6 +181,10 @@ def test_merged_state_dict_equals_peft_merge_and_unload(family):
     assert all(v.dtype == torch.bfloat16 for v in half.values())
     if ours.lm_head is not None and ours.lm_head.weight is ours.embed.weight:
         assert half["lm_head.weight"] is half["embed.weight"]  # tied weights stay one tensor
+    save_pretrained(ours, tmp_path / "merged", state_dict=merged)  # the plain export: transformers loads it
+    ids = _ids()
+    torch.testing.assert_close(_run_hf(AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")), ids),
+                               _run_ours(ours, ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rlhf_fast.config import ConfigError
@@ -154,7 +153,9 @@ def apply_lora(model: nn.Module, cfg, *, seed: int = 0) -> list[str]:
     (a `DecoderLM`) named by `cfg.target_modules` (last names, or "all-linear": every projection but lm_head),
     in place: the base Parameters stay the same objects, now frozen with every other parameter of `model`; only
     lora_A / lora_B train. A is drawn from a generator seeded with `seed`, B is zero, so the model starts equal to
-    its base. Returns our names of the adapted projections (`layers.0.attn.q_proj`, ...)."""
+    its base. Returns our names of the adapted projections (`layers.0.attn.q_proj`, ...).
+    Apply it before `parallelize` (FSDP2 shards the parameters it finds); on a meta-built model the adapters are
+    meta too (a later `load_state_dict(..., assign=True)` keeps their requires_grad)."""
     if cfg.r <= 0:
         raise ConfigError(f"lora.r: must be > 0 to apply adapters, got {cfg.r}")
     return _inject(model, target_names(model, cfg.target_modules), cfg.r, cfg.alpha, cfg.dropout, seed)
