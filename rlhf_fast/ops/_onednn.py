@@ -4,7 +4,7 @@ On this project's AVX2 CPU, `x @ W.T` against a whole vocabulary with a few hund
 through oneDNN on a reordered weight than through MKL's GEMM on the plain one (vocab 32000, hidden 256: 64 rows
 14 ms vs 30 ms, 256 rows 37 ms vs 62 ms); the reorder costs about one pass over the weight, so it pays once the
 weight is used for a few hundred rows. The reordered copy is as large as the weight, so no caller keeps one longer
-than it must: the rollout's decode steps hold the lm_head's copy for one `generate` (`BoundLM.packed_head`), and
+than it must: the rollout's decode steps hold the lm_head's copy for one `generate` (`DecoderLM.packed_head`), and
 the chunked lm_head op reorders one vocab block at a time into a buffer of a few MiB (`_linear_chunked`).
 `torch.ops.mkldnn._linear_pointwise` and `_reorder_linear_weight` are PyTorch's own (what its CPU compiler emits for
 linear layers); without them every caller keeps its GEMM.
