@@ -18,79 +18,61 @@ from torch import nn
 from rlhf_fast import distributed as dist
 from rlhf_fast import ops
 from rlhf_fast import parallelize as par
-from rlhf_fast.models.packed import PackedBatch, _SegmentAttention, pack
+from rlhf_fast.models.packed import PackedBatch, pack, packed_hidden
 
 IGNORE = -100
 VOCAB = 61
-SPECS = {  # name -> (head model?, spec); compile runs the "eager" backend here (see COMPILE_BACKEND in the test)
-    "shard": (False, par.ParallelSpec()),
-    "shard_ckpt": (False, par.ParallelSpec(checkpointing=True)),
-    "shard_ckpt_compile": (False, par.ParallelSpec(checkpointing=True, compile=True)),
-    "head_shard_ckpt": (True, par.ParallelSpec(checkpointing=True)),
+SPECS = {  # name -> (model kind, spec); compile runs the "eager" backend here (see COMPILE_BACKEND in the test)
+    "shard": ("llama", par.ParallelSpec()),
+    "shard_ckpt": ("llama", par.ParallelSpec(checkpointing=True)),
+    "shard_ckpt_compile": ("llama", par.ParallelSpec(checkpointing=True, compile=True)),
+    "tied_shard_ckpt": ("llama_tied", par.ParallelSpec(checkpointing=True)),
+    "gpt2_shard_ckpt": ("gpt2", par.ParallelSpec(checkpointing=True)),
+    "head_shard_ckpt": ("head", par.ParallelSpec(checkpointing=True)),
 }
 
 
-# --- a stand-in decoder with the DecoderLM calling contract (until rlhf_fast.models.build_model lands) ---------
-
-
-class _Block(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.attn_norm, self.mlp_norm = nn.RMSNorm(d), nn.RMSNorm(d)
-        self.qkv, self.o_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-
-    def forward(self, h, ctx, attend, deterministic, rows=None):
-        t, d = h.shape
-        q, k, v = self.qkv(self.attn_norm(h)).view(t, 3, self.heads, d // self.heads).unbind(1)  # (T, H, D) each
-        a = attend(0, q + ctx[:, None], k + ctx[:, None], v, (d // self.heads) ** -0.5).reshape(t, d)
-        if rows is not None:
-            h, a = h[rows], a[rows]
-        h = h + self.o_proj(a)
-        return h + self.down(torch.relu(self.up(self.mlp_norm(h))))
-
-
-class _Decoder(nn.Module):
-    def __init__(self, lm_head: bool, d: int = 16, heads: int = 2, layers: int = 3):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, d)
-        self.layers = nn.ModuleList(_Block(d, heads) for _ in range(layers))
-        self.norm = nn.RMSNorm(d)
-        self.lm_head = nn.Linear(d, VOCAB, bias=False) if lm_head else None
-
-    def forward(self, input_ids, positions, attend, deterministic=False, out_rows=None):
-        h = self.embed(input_ids)
-        ctx = torch.sin(positions.to(h.dtype) / 3.0)[:, None].expand(-1, h.shape[1] // 2)  # (T, D) "rotary"
-        for i, block in enumerate(self.layers):
-            h = block(h, ctx, attend, deterministic, out_rows if i == len(self.layers) - 1 else None)
-        return self.norm(h)
-
-
-class _HeadModel(nn.Module):
-    """A backbone and a scalar head (the shape of heads.ScalarHeadModel), read through `packed`, not `forward`."""
+class HeadModel(nn.Module):
+    """A DecoderLM backbone and a scalar head, read through `packed` rather than `forward` (the shape of
+    `heads.ScalarHeadModel`; `parallelize.ROOT_METHODS` runs the root's FSDP hooks around `packed`)."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
-        self.head = nn.Linear(lm.norm.weight.shape[0], 1)
+        self.head = nn.Linear(lm.config.hidden_size, 1)
 
     def packed(self, batch: PackedBatch, *, reads) -> torch.Tensor:
         rows, pos = reads
-        h = hidden(self.lm, batch, rows)
+        h = hidden(self.lm, batch, rows)  # (R, hidden)
         return self.head(h).squeeze(-1).float()[pos]
 
 
-def tiny_model(head: bool = False) -> nn.Module:
+def config(kind: str):
+    from transformers import GPT2Config, LlamaConfig
+
+    if kind == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                          embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=1)
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       tie_word_embeddings=kind == "llama_tied", pad_token_id=0, eos_token_id=1, bos_token_id=None)
+
+
+def tiny_model(kind: str = "llama") -> nn.Module:
+    """A freshly initialised tiny `DecoderLM` of `kind` (llama | llama_tied | gpt2), or (head) a backbone with a
+    scalar head; the same weights in every process."""
+    from rlhf_fast.models import build_model
+
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        lm = _Decoder(lm_head=not head)
-        return _HeadModel(lm) if head else lm
+        if kind == "head":
+            return HeadModel(build_model(config("llama"), lm_head=False, device="cpu"))
+        return build_model(config(kind), device="cpu")
 
 
 def hidden(model: nn.Module, batch: PackedBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Final hidden states (T or R, hidden) of `batch` through `model.__call__`."""
-    return model(batch.input_ids, batch.positions, _SegmentAttention(batch, False), False, rows)
+    """Final hidden states (T or R, hidden) of `batch` through `model.__call__` (`models.packed.packed_hidden`)."""
+    return packed_hidden(model, batch, rows=rows)
 
 
 # --- the checks ------------------------------------------------------------------------------------------------
@@ -107,10 +89,12 @@ def global_batch() -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def micro_loss(model: nn.Module, items, n_global: int, head: bool) -> torch.Tensor:
+def micro_loss(model: nn.Module, items, n_global: int) -> torch.Tensor:
+    """This micro-batch's share of the global loss: -sum of the response log-probs / global response tokens, or
+    (a HeadModel) sum of squared value errors at the last tokens / global sequences."""
     prompts, responses = [p for p, _ in items], [r for _, r in items]
     batch = pack(prompts, responses, share_prompts=False)
-    if head:
+    if isinstance(model, HeadModel):
         values = model.packed(batch, reads=batch.last_reads())  # (N,)
         target = torch.tensor([len(r) / 10.0 for r in responses])
         return ((values - target) ** 2).sum() / n_global
@@ -124,14 +108,14 @@ def micro_loss(model: nn.Module, items, n_global: int, head: bool) -> torch.Tens
     return -logp.sum() / n_global
 
 
-def step(model: nn.Module, head: bool) -> float:
+def step(model: nn.Module) -> float:
     """Forward + backward of this rank's part of the global batch in 2 micro-batches; the global loss."""
     data = global_batch()
-    n_global = len(data) if head else sum(len(r) for _, r in data)
+    n_global = len(data) if isinstance(model, HeadModel) else sum(len(r) for _, r in data)
     total = 0.0
     for sl in dist.micro_slices(len(data), 2):
         items = data[sl]
-        loss = micro_loss(model, items or data[:1], n_global, head) * (1.0 if items else 0.0)
+        loss = micro_loss(model, items or data[:1], n_global) * (1.0 if items else 0.0)  # every rank runs as many
         loss.backward()
         total += float(loss.detach())
     return dist.all_sum(total)
@@ -148,40 +132,49 @@ def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def decode_unevenly(model: nn.Module, steps: int) -> dict:
-    """`steps` forwards inside `unsharded` (ranks pass different `steps`; entered under inference mode, which must
-    not leak into FSDP's gathered buffers: the model trains afterwards), profiled: collectives and FSDP hooks seen,
-    and whether the parameters were plain tensors inside and sharded again after."""
+def decode_unevenly(model: nn.Module) -> dict:
+    """Inside `unsharded` (entered under inference mode, which must not leak into FSDP's gathered buffers: the model
+    trains afterwards), rank r runs 3 - 2r plain forwards, then the rollout engine generates 4 + 10r tokens for each
+    of its prompts; profiled: the collectives and FSDP hooks seen, the generated tokens, and whether the
+    parameters were plain tensors inside and sharded again after."""
     from torch.distributed.tensor import DTensor
     from torch.profiler import profile
+
+    from rlhf_fast.rollout import RolloutEngine, SamplingParams
 
     def collectives(prof) -> list[str]:
         return sorted({e.name for e in prof.events() if any(w in e.name for w in ("all_gather", "c10d", "gloo"))})
 
-    ids = torch.randint(2, VOCAB, (9,), generator=torch.Generator().manual_seed(1)).tolist()
-    batch = pack([ids[:4]], [ids[4:]])
-    with torch.inference_mode(), par.unsharded(model), profile() as inside:  # the first gathering of `model`
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, VOCAB, (int(k),), generator=g).tolist() for k in (3, 9, 5, 12)]
+    mine = dist.rank_slice(len(prompts))
+    batch = pack([prompts[0]], [prompts[1]])
+    with torch.inference_mode(), par.unsharded(model):  # the first gathering of `model`
         plain = not any(isinstance(p, DTensor) for p in model.parameters())
-        for _ in range(steps):
-            hidden(model, batch)
+        with profile() as forwards:
+            for _ in range(3 - 2 * dist.rank()):
+                hidden(model, batch)
+        with profile() as rollout:
+            comps = RolloutEngine(model).generate(prompts[mine], SamplingParams(max_new_tokens=4 + 10 * dist.rank(),
+                                                                                seed=3), first_index=mine.start)
     sharded = all(isinstance(p, DTensor) for p in model.parameters())
     with torch.no_grad(), profile() as outside:  # the control: a sharded forward all-gathers
         hidden(model, batch)
-    return {"plain_inside": plain, "sharded_after": sharded,
-            "collectives_outside": collectives(outside), "collectives": collectives(inside),
-            "hooks": sum("FSDP::pre_forward" in e.name for e in inside.events())}
+    return {"plain_inside": plain, "sharded_after": sharded, "collectives_outside": collectives(outside),
+            "collectives": collectives(forwards) + collectives(rollout),
+            "hooks": sum("FSDP::pre_forward" in e.name for e in forwards.events()),
+            "tokens": [c.token_ids for c in comps], "after": dist.all_sum(1)}  # a collective after: nobody hung
 
 
 def run(out: Path) -> dict:
+    """Everything one world does (the test process at world size 1, each rank under torchrun)."""
     torch.set_num_threads(1)
     res: dict = {}
-    for name, (head, spec) in SPECS.items():
-        model = par.parallelize(tiny_model(head), spec)
-        if name == "shard" and dist.world_size() > 1:
-            res["decode"] = decode_unevenly(model, 3 if dist.rank() == 0 else 1)
-            res["after_decode"] = dist.all_sum(1)  # a collective after uneven decoding: nobody hung
-        loss = step(model, head)
-        res[name] = {"loss": loss, "grads": full_grads(model)}
+    for name, (kind, spec) in SPECS.items():
+        model = par.parallelize(tiny_model(kind), spec)
+        if name == "shard":
+            res["decode"] = decode_unevenly(model)
+        res[name] = {"loss": step(model), "grads": full_grads(model)}
         if name == "shard_ckpt":
             opt = torch.optim.SGD(model.parameters(), lr=0.1)
             opt.step()

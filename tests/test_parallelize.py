@@ -53,9 +53,9 @@ def _packed(items):
     return pack([p for p, _ in items], [r for _, r in items])
 
 
-def _loss_and_grads(model, head=False):
+def _loss_and_grads(model):
     model.zero_grad(set_to_none=True)
-    loss = worker.step(model, head)
+    loss = worker.step(model)
     return loss, worker.full_grads(model)
 
 
@@ -86,11 +86,11 @@ def test_spec_and_misuse():
         par.parallelize(model, checkpointing=True)
 
 
-@pytest.mark.parametrize("head", [False, True])
-def test_checkpointing_keeps_names_and_numbers(head):
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "gpt2", "head"])
+def test_checkpointing_keeps_names_and_numbers(kind):
     """State-dict keys and values unchanged, a plain state dict loads into the wrapped model, and the forward +
     backward is bitwise the plain one (the recomputation repeats the same ops)."""
-    plain, wrapped = worker.tiny_model(head), par.parallelize(worker.tiny_model(head), checkpointing=True)
+    plain, wrapped = worker.tiny_model(kind), par.parallelize(worker.tiny_model(kind), checkpointing=True)
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
     assert all(isinstance(b, CheckpointWrapper) for b in par.blocks(wrapped))
@@ -98,7 +98,7 @@ def test_checkpointing_keeps_names_and_numbers(head):
     assert list(wrapped.state_dict()) == list(sd)
     assert all(torch.equal(v, sd[k]) for k, v in wrapped.state_dict().items())
     wrapped.load_state_dict(sd)
-    (l1, g1), (l2, g2) = _loss_and_grads(plain, head), _loss_and_grads(wrapped, head)
+    (l1, g1), (l2, g2) = _loss_and_grads(plain), _loss_and_grads(wrapped)
     assert l1 == l2 and g1.keys() == g2.keys() and all(torch.equal(g1[k], g2[k]) for k in g1)
 
 
@@ -173,16 +173,20 @@ def test_two_ranks_match_one_process(worlds, name):
 
 
 def test_unsharded_runs_no_collective(worlds):
-    """Rank 0 decodes 3 forwards and rank 1 one inside `unsharded` (a collective would hang, the process group
-    times out after 60 s); the FSDP hooks fire, no all-gather runs, and the parameters are sharded again after."""
-    _, two, _ = worlds
+    """Inside `unsharded`, rank 0 runs 3 forwards and rank 1 one, then the rollout engine decodes 4 tokens per prompt
+    on rank 0 and 14 on rank 1 (a collective would hang: the process group times out after 60 s). The FSDP hooks
+    fire, no collective runs, the parameters are sharded again after; the tokens are the one-process ones."""
+    one, two, _ = worlds
+    layers = worker.tiny_model().num_layers
     for r, d in enumerate(two):
         dec = d["decode"]
         assert dec["collectives_outside"], "the control: a sharded forward outside `unsharded` all-gathers"
         assert dec["collectives"] == [], dec["collectives"]
-        assert dec["hooks"] == (3 if r == 0 else 1) * (len(worker.tiny_model().layers) + 1)  # blocks + root
-        assert dec["plain_inside"] and dec["sharded_after"]
-        assert d["after_decode"] == 2
+        assert dec["hooks"] == (3 - 2 * r) * (layers + 1)  # every block's and the root's pre-forward hook
+        assert dec["plain_inside"] and dec["sharded_after"] and dec["after"] == 2
+    got = two[0]["decode"]["tokens"] + two[1]["decode"]["tokens"]
+    assert [len(t) for t in got] == [4, 4, 14, 14]
+    assert [t[:4] for t in got] == one["decode"]["tokens"]  # seeds from the global prompt index
 
 
 def test_dcp_from_two_ranks_loads_at_one(worlds):
