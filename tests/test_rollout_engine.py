@@ -198,9 +198,7 @@ def test_bad_input():
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="KV blocks"):
         RolloutEngine(model, block_size=4, num_blocks=2).generate([[1] * 10], SamplingParams(max_new_tokens=4))
-    from rlhf_fast.models import UnsupportedModelError
-
-    with pytest.raises(UnsupportedModelError, match="unsupported model class"):
+    with pytest.raises(TypeError, match="unsupported model class"):
         RolloutEngine(torch.nn.Linear(2, 2))
 
 
@@ -219,17 +217,17 @@ def kept_set_fp64(logits, top_k, top_p):
 
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (12, 0.8), (1, 0.3), (0, 1.0)])
 def test_top_k_top_p_never_leave_the_kept_set(top_k, top_p):
+    from rlhf_fast.rollout.philox import seed_key
     from rlhf_fast.rollout.sampling import keep_mask, sample
 
     logits = torch.randn(6, 50) * 3
     keep = kept_set_fp64(logits, top_k, top_p)
     mask = keep_mask(logits, top_k, top_p)
     assert [set(torch.nonzero(m).flatten().tolist()) for m in mask] == keep
-    gens = [torch.Generator().manual_seed(i) for i in range(6)]
+    params, key, streams = SamplingParams(top_k=top_k, top_p=top_p), seed_key(0, "cpu"), torch.arange(6)
     seen = [set() for _ in range(6)]
-    thr = ops.support_threshold(logits, top_k=top_k, top_p=top_p) if (top_k or top_p < 1) else None
-    for _ in range(300):
-        for b, t in enumerate(sample(logits, 1.0, gens, thr).tolist()):
+    for pos in range(300):
+        for b, t in enumerate(sample(logits, params, key, streams, torch.full((6,), pos)).tokens.tolist()):
             assert t in keep[b]
             seen[b].add(t)
     if top_k == 0 and top_p == 1.0:  # plain sampling reaches beyond the most likely tokens
@@ -237,11 +235,13 @@ def test_top_k_top_p_never_leave_the_kept_set(top_k, top_p):
 
 
 def test_sampling_follows_the_distribution():
+    from rlhf_fast.rollout.philox import seed_key
     from rlhf_fast.rollout.sampling import sample
 
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
-    g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(torch.cat([sample(logits, 0.7, [g]) for _ in range(4000)]), minlength=4)
+    draw = sample(logits.expand(4000, 4), SamplingParams(temperature=0.7), seed_key(0, "cpu"), torch.arange(4000),
+                  torch.zeros(4000, dtype=torch.int64))
+    counts = torch.bincount(draw.tokens, minlength=4)
     expect = torch.softmax(logits[0] / 0.7, -1) * 4000
     assert ((counts - expect).abs() < 5 * expect.sqrt() + 5).all(), (counts, expect)
 
@@ -301,7 +301,8 @@ def test_torch_sampling_path_matches_native(monkeypatch):
 
     logits = torch.randn(5, 37) * 2
     thr = ops.support_threshold(logits, temperature=0.8, top_k=7, top_p=0.9)
-    native = sampling.sample(logits, 0.8, [torch.Generator().manual_seed(i) for i in range(5)], thr)
+    u = torch.rand(5, generator=torch.Generator().manual_seed(0))
+    native = sampling.inverse_cdf(logits, 0.8, u, thr)
     monkeypatch.setattr(sampling._native, "has", lambda name: False)
-    plain = sampling.sample(logits, 0.8, [torch.Generator().manual_seed(i) for i in range(5)], thr)
+    plain = sampling.inverse_cdf(logits, 0.8, u, thr)
     assert torch.equal(native, plain)

@@ -7,11 +7,10 @@ import time
 import torch
 
 from rlhf_fast import ops
-from rlhf_fast.models import as_decoder
-from rlhf_fast.models.layers import cache_attention
-from rlhf_fast.rollout import block_table
+from rlhf_fast.models import bind_model
+from rlhf_fast.rollout import block_table, philox
 from rlhf_fast.rollout.allocator import BlockAllocator
-from rlhf_fast.rollout.sampling import replay_threshold, sample
+from rlhf_fast.rollout.sampling import sample
 from rlhf_fast.rollout.scheduler import Scheduler, Sequence, Step
 from rlhf_fast.rollout.types import Completion, EngineStats, SamplingParams, check_prompts
 
@@ -23,8 +22,7 @@ class RolloutEngine:
     """Generates completions for token-id prompts with a transformers causal LM, reading its live parameters.
 
     Args:
-        model: a `models.DecoderLM`, or a LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM or GPT2LMHeadModel
-            (converted once by `models.from_hf`, sharing its parameters).
+        model: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM or GPT2LMHeadModel.
         block_size: tokens per KV block.
         num_blocks / kv_cache_memory: size of the KV pool, in blocks or in bytes (default: 256 MiB on CPU, half the
             free memory on GPU).
@@ -37,7 +35,7 @@ class RolloutEngine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, max_batch_tokens: int = 4096, max_num_seqs: int = 256,
                  deterministic: bool = False):
-        self.lm = as_decoder(model)
+        self.lm = bind_model(model)
         if block_size < 1 or max_batch_tokens < 1 or max_num_seqs < 1:
             raise ValueError(f"block_size, max_batch_tokens and max_num_seqs must be >= 1; got {block_size}, "
                              f"{max_batch_tokens}, {max_num_seqs}")
@@ -75,8 +73,9 @@ class RolloutEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, *,
                  first_index: int = 0) -> list[Completion]:
         """Sample `params.n` completions per prompt; returned in (prompt_index, sample) order. `first_index`: the
-        global index of `prompts[0]` when a batch is split over processes; each sequence's sampling generator
-        derives from (seed, global prompt index, sample), so the draws do not depend on the split."""
+        global index of `prompts[0]` when a batch is split over processes. Each draw is Philox keyed by the seed at
+        (position, global sequence index = global prompt index * n + sample) (`rollout/philox.py`), so the draws
+        depend neither on the split, nor on the batch a sequence runs in, nor on preemptions."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -99,12 +98,12 @@ class RolloutEngine:
                           prefill_reads_cache=self.deterministic)
         all_seqs: list[Sequence] = []
         for i, p in enumerate(prompts):
-            group = [Sequence(len(all_seqs) + j, i, j, list(p), len(p), self._generator(seed, first_index + i, j))
+            group = [Sequence(len(all_seqs) + j, i, j, list(p), len(p), (first_index + i) * params.n + j)
                      for j in range(params.n)]
             group[0].followers = group[1:]
             sched.add(group[0])
             all_seqs.extend(group)
-        kv = self._cache()
+        kv, key = self._cache(), philox.seed_key(seed, lm.device)
         batch = block_table.DecodeBatch(len(all_seqs), -(-longest // self.block_size), self.block_size, lm.device)
         stats = EngineStats(num_blocks=self.num_blocks, bytes_per_block=self.bytes_per_block,
                             prompt_tokens=sum(len(p) for p in prompts))
@@ -112,7 +111,7 @@ class RolloutEngine:
         with contextlib.nullcontext() if self.deterministic else lm.packed_head(min(len(all_seqs), self.max_num_seqs)):
             while sched.has_work():
                 step = sched.schedule()
-                self._run(step, kv, params, sched, batch)
+                self._run(step, kv, params, sched, batch, key)
                 stats.steps += 1
                 stats.prefill_steps += step.kind == "prefill"
         if lm.device.type == "cuda":
@@ -127,13 +126,8 @@ class RolloutEngine:
         return [Completion(s.prompt_index, s.generated, torch.tensor(s.logprobs, dtype=torch.float32),
                            s.finish_reason, torch.tensor(s.thresholds, dtype=torch.float32)) for s in all_seqs]
 
-    def _generator(self, seed: int, prompt_index: int, sample_index: int) -> torch.Generator:
-        g = torch.Generator(device=self.lm.device)
-        g.manual_seed(hash((seed, prompt_index, sample_index)) & (2**63 - 1))
-        return g
-
     def _run(self, step: Step, kv: torch.Tensor, params: SamplingParams, sched: Scheduler,
-             batch: block_table.DecodeBatch) -> None:
+             batch: block_table.DecodeBatch, key: torch.Tensor) -> None:
         dev, bs, det = self.lm.device, self.block_size, self.deterministic
         if step.copies:  # copy-on-write of shared partial blocks, before anything writes them
             src, dst = zip(*step.copies)
@@ -141,34 +135,22 @@ class RolloutEngine:
         if step.kind == "prefill":
             inputs = block_table.prefill_inputs([s.tokens for s in step.seqs], [s.block_table for s in step.seqs],
                                                 bs, dev, deterministic=det)
+            streams, positions = torch.tensor([[s.stream, len(s.tokens) - 1] for s, _ in step.samplers],
+                                              device=dev).unbind(1)
         else:
             rows = batch.update([s.block_table for s in step.seqs], [s.tokens[-1] for s in step.seqs],
-                                [s.num_cached for s in step.seqs], [s.seq_id for s in step.seqs])
+                                [s.num_cached for s in step.seqs], [s.stream for s in step.seqs])
             inputs = block_table.decode_inputs(rows, deterministic=det)
-        with torch.no_grad():  # prefill: the last layer's MLP on the rows that sample only
-            h = self.lm(inputs.input_ids, inputs.positions, cache_attention(inputs.meta, kv), det,
-                        out_rows=inputs.logit_rows)
-            logits = self.lm.logits(h, det)  # (R, V)
+            streams, positions = rows[:, block_table.DecodeBatch.STREAM], rows[:, block_table.DecodeBatch.POS]
+        logits = self.lm.forward(inputs.input_ids, inputs.positions, inputs.meta, kv, inputs.logit_rows)  # (R, V)
         rows = [r for _, r in step.samplers]
         if rows != list(range(logits.shape[0])):
             logits = logits[torch.tensor(rows, device=dev)]
-        seqs = [s for s, _ in step.samplers]
-        temp = params.logprob_temperature
-        thr = None
-        if params.truncated(logits.shape[-1]):  # (R,): the support each row samples from
-            thr = ops.support_threshold(logits, temperature=temp, top_k=params.top_k, top_p=params.top_p)
-        tokens = sample(logits, params.temperature, [s.generator for s in seqs], thr)
-        if thr is not None and params.logprobs == "sampled":
-            logp = ops.token_logprobs(logits, tokens, temperature=temp, top_k=params.top_k, top_p=params.top_p,
-                                      support="replay", support_threshold=thr)
-        else:
-            logp = ops.token_logprobs(logits, tokens, temperature=temp)
+        draw = sample(logits, params, key, streams, positions)
+        # one device-to-host copy: tokens (exact in float64), log-probs, thresholds
+        tok_list, lp_list, thr_list = torch.stack([t.double() for t in draw]).tolist()
         stop = set(params.stop_token_ids)
-        if thr is None:
-            lp_list, thr_list = logp.tolist(), [float("-inf")] * len(seqs)
-        else:  # one device-to-host copy for both
-            lp_list, thr_list = torch.stack([logp.float(), replay_threshold(logits, temp, thr)]).tolist()
-        for s, tok, lp, t in zip(seqs, tokens.tolist(), lp_list, thr_list):
+        for (s, _), tok, lp, t in zip(step.samplers, map(int, tok_list), lp_list, thr_list):
             s.num_cached = len(s.tokens)
             s.tokens.append(tok)
             s.logprobs.append(lp)
@@ -183,6 +165,6 @@ class RolloutEngine:
         """`rlhf_fast.rollout.teacher_forced_logprobs` with this engine's block size and mode."""
         from rlhf_fast.rollout.scoring import teacher_forced_logprobs
 
-        return teacher_forced_logprobs(self.lm, prompts, completions, temperature=temperature, top_k=top_k,
+        return teacher_forced_logprobs(self.lm.hf, prompts, completions, temperature=temperature, top_k=top_k,
                                        top_p=top_p, deterministic=self.deterministic, block_size=self.block_size)
 

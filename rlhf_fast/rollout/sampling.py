@@ -1,20 +1,27 @@
-"""Token sampling: greedy, temperature, top-k, top-p, each row with its own generator (reproducible per request).
+"""Token sampling: greedy, temperature, top-k, top-p, and the log-probs of the distribution sampled from; one sampler,
+graph-safe (no generator objects, no per-row launches, no host round trip), so it runs inside a compiled decode step.
 
 Top-k / top-p cut the distribution at one threshold per row (`ops.support_threshold`: the k-th largest scaled logit
-with its ties, then the smallest nucleus reaching top_p with the token that crosses it); the engine returns the
-sampled token's log-prob under that cut distribution and records the threshold, so the trainer can compute the
-same distribution's log-probs (recomputed or replayed).
+with its ties, then the smallest nucleus reaching top_p with the token that crosses it); the sampler returns the
+sampled token's log-prob under that cut distribution (or the full one: `SamplingParams(logprobs="full")`) and the
+threshold a trainer replays, so the trainer can compute the same distribution's log-probs (recomputed or replayed).
 
-A sampled token is the inverse CDF of the (filtered) distribution at one uniform drawn from the row's own generator:
-tokens outside the kept set have zero-width CDF steps and can never be drawn, and a row's draw depends only on its
-own generator, never on the batch it is in. On CPU (float32) the draw runs in csrc/sampling.cpp, one row at a time
-in cache (max, chunked weight sums, scan to the threshold); elsewhere as torch max / exp / cumsum / searchsorted.
+A sampled token is the inverse CDF of the (cut) distribution at one uniform per row. The uniform is Philox4x32-10
+(`rollout/philox.py`) keyed by the request's seed at counter (position, sequence index): a sequence's draw depends on
+nothing else, not on its batch, its row or its bucket, in eager and compiled steps alike. Tokens outside the kept set
+have zero-width CDF steps and can never be drawn. On CPU (float32) the inverse CDF runs in csrc/sampling.cpp, one
+row at a time in cache (max, chunked weight sums, scan to the threshold), behind `torch.library.custom_op`;
+elsewhere as torch max / exp / cumsum / searchsorted.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from rlhf_fast import _native
+from rlhf_fast import _native, ops
+from rlhf_fast.rollout import philox
+from rlhf_fast.rollout.types import SamplingParams
 
 
 def keep_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -39,33 +46,80 @@ def keep_mask(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
 
 
-def sample(logits: torch.Tensor, temperature: float, generators: list[torch.Generator],
-           threshold: torch.Tensor | None = None) -> torch.Tensor:
-    """logits (B, V) float32 -> tokens (B,) int64. temperature 0 = greedy (argmax, first index on ties).
+class Draw(NamedTuple):
+    """One sampled token per row. tokens (B,) int64; logprobs (B,) float32 (float64 for float64 logits), under the
+    distribution sampled from (or the full one); thresholds (B,) float32, the support a trainer replays
+    (`replay_threshold`; -inf where top-k / top-p cut nothing)."""
 
-    threshold (B,): the support per row (`ops.support_threshold` of these logits at this temperature, top-k and
-    top-p): tokens with logits * (1 / temperature) < threshold are never drawn. The scaled logits are computed as the
-    log-prob ops compute z, so the support sampled from is exactly the one `ops.token_logprobs` renormalises over.
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    thresholds: torch.Tensor
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, key: torch.Tensor, streams: torch.Tensor,
+           positions: torch.Tensor) -> Draw:
+    """Draw one token per row of logits (B, V) and its log-prob.
+
+    params: temperature (0 = greedy: argmax, first index on ties; log-probs at temperature 1), top_k, top_p and
+        logprobs ("sampled" | "full").
+    key: (2,) int64, the request's seed (`philox.seed_key`); streams (B,): each row's sequence index; positions (B,):
+        the position of the token each row's logits were computed at (so a sequence never reuses a draw).
     """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+    vocab = logits.shape[-1]
+    no_cut = torch.full(logits.shape[:1], float("-inf"), dtype=torch.float32, device=logits.device)
+    if params.greedy:
+        tokens = logits.argmax(dim=-1)
+        return Draw(tokens, ops.token_logprobs(logits, tokens), no_cut)
+    temp = params.logprob_temperature
+    thr = None
+    if params.truncated(vocab):  # (B,): the support each row samples from
+        thr = ops.support_threshold(logits, temperature=temp, top_k=params.top_k, top_p=params.top_p)
+    u = philox.uniform(key, streams, positions)  # (B,)
+    tokens = inverse_cdf(logits, temp, u, thr)
+    if thr is None:
+        return Draw(tokens, ops.token_logprobs(logits, tokens, temperature=temp), no_cut)
+    if params.logprobs == "sampled":
+        logp = ops.token_logprobs(logits, tokens, temperature=temp, top_k=params.top_k, top_p=params.top_p,
+                                  support="replay", support_threshold=thr)
+    else:
+        logp = ops.token_logprobs(logits, tokens, temperature=temp)
+    return Draw(tokens, logp, replay_threshold(logits, temp, thr).float())
+
+
+def inverse_cdf(logits: torch.Tensor, temperature: float, u: torch.Tensor,
+                threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V), uniforms u (B,) in [0, 1) -> tokens (B,) int64: the first token whose CDF passes u, under
+    softmax(logits / temperature) cut below `threshold` (B,) (`ops.support_threshold` at this temperature).
+
+    The scaled logits are computed as the log-prob ops compute z, so the support sampled from is exactly the one
+    `ops.token_logprobs` renormalises over.
+    """
     scaled = logits.float() * (1.0 / temperature) if temperature != 1.0 else logits.float()  # x * 1 == x exactly
     if threshold is not None:
         scaled = scaled.masked_fill(scaled < threshold.to(scaled.dtype)[:, None], float("-inf"))
-    # one uniform per row from the row's own generator: inverse-CDF sampling
-    u = torch.stack([torch.rand((), device=logits.device, generator=g) for g in generators])  # (B,)
-    if scaled.device.type == "cpu" and scaled.dtype == torch.float32 and _native.has("sample_rows_cpu"):
-        return _sample_rows_native(scaled, u)
-    weights = (scaled - scaled.max(dim=-1, keepdim=True).values).exp_()  # (B, V) unnormalised probabilities
-    cdf = weights.cumsum_(dim=-1)  # (B, V); cdf[:, -1] is the normaliser
-    u = (u * cdf[:, -1])[:, None]  # (B, 1), scaled into [0, total)
+    if scaled.device.type == "cpu" and _native.has("sample_rows_cpu"):
+        return _sample_rows(scaled, u.float())
+    weights = (scaled - scaled.max(dim=-1, keepdim=True).values).exp()  # (B, V) unnormalised probabilities
+    cdf = weights.cumsum(dim=-1)  # (B, V); cdf[:, -1] is the normaliser
+    scaled_u = (u * cdf[:, -1])[:, None]  # (B, 1), scaled into [0, total)
     # first index with cdf > u: token i has cdf[i] > u >= cdf[i - 1], so w_i > 0 (dropped tokens, w = 0, never win)
-    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(scaled.shape[-1] - 1)
+    return torch.searchsorted(cdf, scaled_u, right=True)[:, 0].clamp_max(scaled.shape[-1] - 1)
+
+
+@torch.library.custom_op("rlhf_fast::sample_rows", mutates_args=())
+def _sample_rows(scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """csrc/sampling.cpp: the same inverse CDF, each row's max / weights / scan in one pass over it in cache.
+    scaled (B, V) float32 CPU (the cut scaled logits), u (B,) float32 -> tokens (B,) int64."""
+    return _sample_rows_native(scaled, u)
+
+
+@_sample_rows.register_fake
+def _(scaled, u):
+    return scaled.new_empty(scaled.shape[:1], dtype=torch.int64)
 
 
 def _sample_rows_native(scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """csrc/sampling.cpp: the same inverse CDF, each row's max / weights / scan in one pass over it in cache."""
-    if scaled.stride(-1) != 1:
+    if scaled.stride(-1) != 1 or scaled.stride(0) < scaled.shape[1]:  # (an expanded row: stride 0)
         scaled = scaled.contiguous()
     out = torch.empty(scaled.shape[0], dtype=torch.int64)
     _native.fn("sample_rows_cpu")(scaled.data_ptr(), scaled.shape[0], scaled.shape[1], scaled.stride(0),

@@ -18,21 +18,19 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
-import torch
-
 from rlhf_fast.rollout.allocator import FREED, BlockAllocator
 
 
 @dataclasses.dataclass(eq=False)
 class Sequence:
-    """One completion in flight: prompt + generated tokens, its block table and its own random generator."""
+    """One completion in flight: prompt + generated tokens, its block table and its random stream."""
 
     seq_id: int  # arrival order: larger = newer (preempted first)
     prompt_index: int
     sample_index: int
     tokens: list[int]  # prompt followed by the generated tokens
     num_prompt: int
-    generator: torch.Generator | None
+    stream: int  # the sequence's global index: its random stream (rollout/philox.py)
     followers: list[Sequence] = dataclasses.field(default_factory=list)  # samples sharing this prompt's prefill
     block_table: list[int] = dataclasses.field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
