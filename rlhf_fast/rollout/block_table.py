@@ -105,7 +105,7 @@ class DecodeBatch:
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.buf = CpuGpuBuffer((max_rows, self.TABLE + max_blocks), torch.int32, device)
-        self._tables: list[list[int]] = []  # row r's sequence's block table (the list object: a new one per admission)
+        self._tables: list[list[int]] = []  # row r's sequence's block table (the list: a new one per admission)
 
     def __len__(self) -> int:
         return len(self._tables)
@@ -121,7 +121,8 @@ class DecodeBatch:
         entries = [t[p // bs] for t, p in zip(tables, positions)]
         if len(tables):
             cols = torch.tensor([p // bs + self.TABLE for p in positions])
-            host[torch.arange(len(tables)), cols] = torch.tensor(entries, dtype=torch.int32)  # the block each new token lands in
+            # the block each new token lands in
+            host[torch.arange(len(tables)), cols] = torch.tensor(entries, dtype=torch.int32)
             host[:len(tables), :self.STREAM] = torch.tensor(
                 [[tok, p, e * bs + p % bs] for tok, p, e in zip(tokens, positions, entries)], dtype=torch.int32)
         return self.buf.to_device(len(tables))
