@@ -161,9 +161,10 @@ def unsharded(*models: nn.Module | None) -> Iterator[None]:
 
 
 def _reset(root: nn.Module) -> None:
-    """FSDP's per-iteration records cleared and parameters resharded (FSDPModule.reset_iter_state), on the module
-    FSDP treats as the root; a module passed to `unsharded` that sits inside another FSDP root is left alone."""
+    """FSDP's per-iteration records cleared and parameters resharded (FSDPModule.reset_iter_state)."""
     try:
         root.reset_iter_state()
-    except RuntimeError:  # not the root of its FSDP tree
+    except RuntimeError:  # a module inside another FSDP root: the records are that root's
+        pass
+    except AttributeError:  # no forward ever ran through it: FSDP has not set up the records to clear (torch 2.13)
         pass

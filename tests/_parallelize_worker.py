@@ -174,6 +174,12 @@ def run(out: Path) -> dict:
         model = par.parallelize(tiny_model(kind), spec)
         if name == "shard":
             res["decode"] = decode_unevenly(model)
+        if name == "shard_ckpt":  # before any forward, nothing inside; then nested and repeated: training unharmed
+            with par.unsharded(model):
+                pass
+            with par.unsharded(model, model), par.unsharded(model), torch.no_grad():
+                for _ in range(1 + dist.rank()):
+                    hidden(model, pack([[3, 4, 5]], [[6]]))
         res[name] = {"loss": step(model), "grads": full_grads(model)}
         if name == "shard_ckpt":
             opt = torch.optim.SGD(model.parameters(), lr=0.1)

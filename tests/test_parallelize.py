@@ -163,7 +163,8 @@ def worlds(tmp_path_factory):
 @pytest.mark.parametrize("name", list(worker.SPECS))
 def test_two_ranks_match_one_process(worlds, name):
     """Loss and every parameter's gradient of the sharded packed forward + backward (micro-batched, the fused
-    log-prob op on `lm_head.weight` after the root forward) equal the one-process ones within fp32 rounding."""
+    log-prob op on `lm_head.weight` after the root forward) equal the one-process ones within fp32 rounding; after
+    `unsharded` was used (decoding; with shard_ckpt: entered before any forward, then nested, ranks unevenly)."""
     one, two, _ = worlds
     a, b = one[name], two[0][name]
     assert two[1][name]["loss"] == b["loss"]  # every rank has the same global loss
