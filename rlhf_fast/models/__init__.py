@@ -91,19 +91,30 @@ def module_pairs(family, num_layers: int) -> list[tuple[str, str]]:
 
 
 def _share(lm: DecoderLM, hf_model: torch.nn.Module, family) -> None:
-    """Put `hf_model`'s leaf modules in `lm` where they are not already."""
-    inner = hf_model.base_model  # the backbone (`hf_model.model`, `.transformer`); itself for a bare one
-    for ours, theirs in module_pairs(family, lm.num_layers):
-        mod = inner.get_submodule(theirs)
-        parent, _, name = ours.rpartition(".")
-        owner = lm.get_submodule(parent)
-        if owner._modules.get(name) is not mod:
-            setattr(owner, name, mod)
+    """Put `hf_model`'s leaf modules in `lm` where they are not already (about 50 us at 28 layers: called per
+    `packed_hidden`). The HF containers holding them (layers, attention, MLP) are looked up once, by weak reference
+    (the cache must not keep `hf_model` alive), and assumed to stay."""
+    links = getattr(lm, "_hf_links", None)
+    if links is None:
+        inner = hf_model.base_model  # the backbone (`hf_model.model`, `.transformer`); itself for a bare one
+        links = []
+        for ours, theirs in module_pairs(family, lm.num_layers):
+            (hf_parent, _, hf_name), (parent, _, name) = theirs.rpartition("."), ours.rpartition(".")
+            links.append((weakref.ref(inner.get_submodule(hf_parent)), hf_name, lm.get_submodule(parent), name))
+        lm._hf_links = links
+        # bridge until the stages train owned models: `models.packed` runs each block under its HF layer's FSDP hooks
+        lm._hf_layers = list(inner.get_submodule(family.HF_LAYERS))
+    for hf_parent, hf_name, parent, name in links:
+        hf_parent = hf_parent()
+        if hf_parent is None:  # a container was replaced: look them up again
+            del lm._hf_links
+            return _share(lm, hf_model, family)
+        mod = hf_parent._modules[hf_name]
+        if parent._modules[name] is not mod:
+            setattr(parent, name, mod)
     head = hf_model.get_output_embeddings()
     if head is not None and lm.lm_head is not head:
         lm.lm_head = head
-    # bridge until the stages train owned models: `models.packed` runs each block under its HF layer's FSDP hooks
-    lm._hf_layers = list(inner.get_submodule(family.HF_LAYERS))
 
 
 __all__ = ["AttnMetadata", "DecoderLM", "ModelLoadError", "UnsupportedModelError", "as_decoder", "build_model",
