@@ -7,7 +7,9 @@ backbone plus a head, like `heads.ScalarHeadModel`), and in torchtitan's order:
 1. wraps each block in torch's non-reentrant checkpoint wrapper (`checkpointing`): the block's activations are
    recomputed in the backward. The wrapper strips its own prefix from `state_dict()` keys, so the model's state dict
    (and DCP checkpoints, and exports) keep their names;
-2. compiles each block in place (`compile`, `nn.Module.compile`: no `_orig_mod.` in any name);
+2. compiles each block in place (`compile`, `nn.Module.compile`: no `_orig_mod.` in any name). Dynamo traces into
+   the `attend` callable a block receives; one whose plan depends on the batch (`models.packed`'s segments) makes
+   every new batch layout a recompilation unless it is a compile boundary (`torch.compiler.disable`);
 3. shards each block, then the root (embeddings, final norm, lm_head or head), with FSDP2 `fully_shard` (`shard`,
    world size > 1). Gradients are summed over ranks, not averaged: our losses divide by global counts, so the sum
    is the one-process gradient. The root keeps its parameters gathered from its forward to its backward, so code
@@ -46,7 +48,7 @@ class ParallelSpec:
 
     shard: bool = True  # FSDP2 per block and on the root when the world size is > 1
     checkpointing: bool = False  # recompute each block's activations in the backward (memory for compute)
-    compile: bool = False  # torch.compile each block (COMPILE_BACKEND)
+    compile: bool = False  # torch.compile each block (COMPILE_BACKEND); inductor rounds differently from eager
     mixed_precision: bool = False  # CUDA + shard: bf16 all-gathers and compute, fp32 gradient reduction
     reshard_after_forward: bool = True  # blocks free their gathered parameters after the forward (the root never)
 
