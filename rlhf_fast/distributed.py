@@ -4,14 +4,15 @@ A stage is written once, for N processes; at world size 1 (a plain `rlhf-fast ..
 every helper here is the identity and no process group exists, so the result is bitwise what one process gives.
 
 - `init()` joins the job torchrun describes in the environment (gloo for CPU tensors, NCCL for CUDA).
-- `shard(model)` applies FSDP2 `fully_shard` to each decoder layer and to the root; `unsharded(*models)` gathers
-  every parameter for rollout generation (no collective runs while decoding, so uneven lengths cannot hang);
-  `root_call(model, fn)` runs code that reads a sharded model without calling `model.forward` (final hidden states,
-  then the lm_head weight in a fused op) under the root's FSDP hooks.
 - `all_sum`, `all_max`, `masked_moments`, ... reduce statistics over ranks; `rank_slice` / `micro_slices` cut a
-  global batch into this rank's part and its micro-batches.
+  global batch into this rank's part and its micro-batches; `accumulate` runs its forwards and backwards.
+- `clip_grad_norm` clips sharded gradients by their global norm.
 - `save_state` / `load_state` write and read model + optimiser state with `torch.distributed.checkpoint` (one file per
-  rank plus metadata, loadable at any world size); `export_pretrained` writes a full Hugging Face directory on rank 0.
+  rank plus metadata, loadable at any world size); `full_state_dict` gathers a sharded model's whole state on rank 0
+  (the Hugging Face export, `models.save_model`).
+
+Sharding itself (FSDP2 on each block and the root, and gathering the parameters for a rollout) is applied from
+outside the model by `rlhf_fast.parallelize`.
 """
 from __future__ import annotations
 
@@ -152,15 +153,6 @@ def all_true(flag: bool) -> bool:
     return bool(all_min(1.0 if flag else 0.0) > 0.5)
 
 
-def all_mean(values: dict[str, float]) -> dict[str, float]:
-    """Per-key mean over ranks of per-rank values (for logged metrics that are already per-rank means)."""
-    if world_size() == 1:
-        return dict(values)
-    keys = sorted(values)
-    sums = all_sum([float(values[k]) for k in keys])
-    return {k: s / world_size() for k, s in zip(keys, sums)}
-
-
 def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global (count, mean, unbiased variance) of `x` where `mask` is 1, over the rows of every rank.
 
@@ -173,16 +165,6 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     sq = all_sum((((x.to(torch.float64) - mean) * m) ** 2).sum().reshape(1))[0]
     var = sq / (count - 1).clamp(min=1)
     return count, mean, var
-
-
-def weighted_mean(values: dict[str, float], weight: float) -> dict[str, float]:
-    """Global means of per-rank means `values`, each rank's weighted by `weight` (e.g. its valid tokens): the mean
-    over the concatenated global batch. At world size 1, `values` unchanged."""
-    if world_size() == 1:
-        return dict(values)
-    keys = sorted(values)
-    sums = all_sum([float(values[k]) * weight for k in keys] + [float(weight)])
-    return {k: s / sums[-1] if sums[-1] else float(values[k]) for k, s in zip(keys, sums)}
 
 
 def reduce_stats(parts: Sequence[tuple[dict, float]], sums: Sequence[str] = ()) -> dict[str, float]:
@@ -248,34 +230,17 @@ def micro_slices(n: int, micro_batch_size: int) -> list[slice]:
     return [slice(own.start + i * size // k, own.start + (i + 1) * size // k) for i in range(k)]
 
 
-def check_batch(name: str, global_batch: int) -> None:
-    """Every rank needs at least one item of every global batch."""
-    if global_batch < world_size():
-        raise DistributedError(f"{name}={global_batch} is smaller than the world size {world_size()}: every rank "
-                               f"needs at least one item per batch (batch sizes are global)")
-
-
-def normaliser(count):
-    """A global count (tokens, sequences) to pass as a loss op's `num_tokens` / `num_seqs`; None at world size 1,
-    where the op's own count of its batch is the global one (and the arithmetic stays what it always was)."""
-    return None if world_size() == 1 else int(count)
-
-
 def accumulate(batch: Sequence, loss_of: Callable[[Sequence, bool], torch.Tensor],
                micro_batch_size: int) -> torch.Tensor:
-    """Backward of this rank's part of the global `batch`, in micro-batches (gradient accumulation).
+    """Forward and backward of this rank's part of the global `batch`, in micro-batches (gradient accumulation).
 
     `loss_of(items, real)` must divide by the *global* count of `batch` (tokens, pairs, ...), so the gradients
     summed over micro-batches and ranks are the one-process gradient of the whole batch. Every rank runs
     `num_micro(...)` forwards and backwards; a rank with too few items runs a stand-in item (`real=False`, whose
-    loss is weighted 0: FSDP's collectives need every rank). Returns the detached sum of this rank's micro-batch
-    losses, or - with one process and one micro-batch - the loss itself, not yet backpropagated (the guarded step
-    does that, as it always did)."""
-    slices = micro_slices(len(batch), micro_batch_size)
-    if world_size() == 1 and len(slices) == 1:
-        return loss_of(batch, True)
+    loss is weighted 0: FSDP's collectives need every rank). Every micro-batch loss is backpropagated here; returns
+    their detached sum (this rank's share of the batch loss), for the guarded step's finite check and the log."""
     total = None
-    for sl in slices:
+    for sl in micro_slices(len(batch), micro_batch_size):
         items = batch[sl]
         loss = loss_of(items, True) if len(items) else loss_of(batch[:1], False) * 0.0
         loss.backward()
@@ -292,42 +257,7 @@ def rank_parts(items: Sequence, batch_size: int) -> Iterator[tuple[Sequence, boo
         yield (part, True) if len(part) else (batch[:1], False)
 
 
-# --- sharding --------------------------------------------------------------------------------------------------
-
-
-def _layer_classes(model: nn.Module) -> set[str]:
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or [])
-    return names
-
-
-def shard(model: nn.Module, *, mixed_precision: bool = False, reshard_after_forward: bool = True) -> nn.Module:
-    """FSDP2 `fully_shard` on each decoder layer (the Hugging Face `_no_split_modules` classes) and on the root.
-
-    Parameters and gradients are summed, not averaged, over ranks (the losses divide by global counts), so the
-    gradient is the one-process gradient. `mixed_precision` (on CUDA; the stages pass it when their bf16 autocast
-    is on) all-gathers bf16 parameters and reduces gradients in fp32; the sharded master weights stay fp32. The root keeps its parameters gathered between its forward and its backward, so the lm_head
-    weight can be read by a fused op after `root_call`. At world size 1 the model is returned unchanged."""
-    if world_size() == 1:
-        return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    kw = {}
-    if mixed_precision and next(model.parameters()).device.type == "cuda":
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    classes = _layer_classes(model)
-    layers = [m for m in model.modules() if type(m).__name__ in classes]
-    if not layers:
-        raise ValueError(f"shard: no decoder layers found in {type(model).__name__} (looked for {sorted(classes)})")
-    for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
-    fully_shard(model, reshard_after_forward=False, **kw)
-    for m in (*layers, model):
-        m.set_gradient_divide_factor(1.0)
-        if hasattr(m, "set_force_sum_reduction_for_comms"):  # gloo has no PREMUL_SUM
-            m.set_force_sum_reduction_for_comms(True)
-    return model
+# --- sharded models ------------------------------------------------------------------------------------------
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
@@ -338,53 +268,9 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def _is_fsdp(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
 def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` holds FSDP2-sharded modules (`parallelize.parallelize` at world size > 1)."""
     return bool(_fsdp_modules(model))
-
-
-def root_call(model: nn.Module, fn: Callable, *args, **kwargs):
-    """`fn(*args, **kwargs)` as if it were `model.forward`: the root's parameters (embeddings, final norm, lm_head)
-    are gathered before, and the root's backward hook (which reduce-scatters their gradients) is attached to the
-    returned tensor. For code that calls `model.base_model` and then uses `lm_head.weight` itself."""
-    if world_size() == 1 or not _is_fsdp(model):
-        return fn(*args, **kwargs)
-    state = model._get_fsdp_state()  # what torch's own register_fsdp_forward_method does around a method
-    args, kwargs = state._pre_forward(model, args, kwargs)
-    return state._post_forward(model, args, fn(*args, **kwargs))
-
-
-@contextlib.contextmanager
-def unsharded(*models: nn.Module) -> Iterator[None]:
-    """Every parameter of `models` gathered (plain tensors on this rank) for the duration, e.g. to generate
-    rollouts with our engine: decoding then runs no collective at all, so ranks whose sequences end at different
-    times cannot hang each other. Resharded on exit."""
-    mods = [m for model in models if model is not None for m in _fsdp_modules(model)]
-    for m in mods:
-        m.unshard()
-        _gathered[id(m)] = _gathered.get(id(m), 0) + 1
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.reshard()
-            _gathered[id(m)] -= 1
-            if not _gathered[id(m)]:
-                del _gathered[id(m)]
-
-
-_gathered: dict[int, int] = {}  # id of each FSDP module inside `unsharded()` -> nesting depth
-
-
-def needs_hooks(model: nn.Module) -> bool:
-    """Whether code that reads `model`'s parameters itself (the compact models' padding-free forward) must run its
-    layers and root under their FSDP hooks (`root_call`): `model` is sharded and not inside `unsharded()`."""
-    return any(id(m) not in _gathered for m in _fsdp_modules(model))
 
 
 # --- gradients -------------------------------------------------------------------------------------------------
@@ -492,39 +378,3 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def export_pretrained(model: nn.Module, path: str | Path, tokenizer=None,
-                      save: Callable[[nn.Module, Path], None] | None = None) -> None:
-    """`model.save_pretrained(path)` (or `save(model, path)`) as one full, unsharded Hugging Face directory
-    (loadable with `from_pretrained`), written by rank 0; every rank must call it. A sharded model is gathered into
-    a plain copy first: the copy is built from the model's config, so buffers outside the state dict (rotary
-    `inv_freq`) are computed as `from_pretrained` would compute them."""
-    save = save or (lambda m, p: m.save_pretrained(p))
-    if is_sharded(model):
-        full = full_state_dict(model)
-        if is_main():
-            copy = _plain_copy(model)
-            missing, unexpected = copy.load_state_dict(full, strict=False)
-            if unexpected or [k for k in missing if not _is_buffer(copy, k)]:
-                raise DistributedError(f"export: state dict mismatch (missing {missing}, unexpected {unexpected})")
-            save(copy, path)
-        barrier()
-    elif is_main():
-        save(model, path)
-    if tokenizer is not None and is_main():
-        tokenizer.save_pretrained(str(path))
-    barrier()
-
-
-def _is_buffer(model: nn.Module, key: str) -> bool:
-    return key in dict(model.named_buffers())
-
-
-def _plain_copy(model: nn.Module) -> nn.Module:
-    """An unsharded CPU model of `model`'s architecture (a Hugging Face causal LM, or a module whose `lm` is one
-    and whose class builds from it, like ScalarHeadModel)."""
-    lm = getattr(model, "lm", model)
-    with torch.random.fork_rng():  # the copy's random initialisation is overwritten; the run's RNG is untouched
-        plain_lm = type(lm)(lm.config)
-        return plain_lm if lm is model else type(model)(plain_lm)

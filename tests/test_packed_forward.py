@@ -204,14 +204,15 @@ def test_read_rows_only_equals_full_forward(kind, deterministic):
 
 
 def test_scalar_head_reads_rows_only():
-    """`ScalarHeadModel.packed(reads=...)` equals the full per-token values at the read rows (repeats included)."""
+    """`ScalarHeadModel(batch, reads=...)` equals the full per-token values at the read rows (repeats included)."""
     from rlhf_fast.heads import ScalarHeadModel
+    from rlhf_fast.models import from_hf
 
-    model = ScalarHeadModel(tiny("llama")).eval()
+    model = ScalarHeadModel(from_hf(tiny("llama"))).eval()
     batch = pack([PROMPTS[0]] * 2 + [PROMPTS[1]], [[11, 12], [13, 14, 15], [20]], groups=[0, 0, 1],
                  share_prompts=True)
     index = batch.predict_index(3)
-    full = model.packed(batch)
-    torch.testing.assert_close(model.packed(batch, reads=batch.predict_reads(3)), full[index], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(model.packed(batch, reads=batch.last_reads()), full[batch.last_index()],
+    full = model(batch)
+    torch.testing.assert_close(model(batch, reads=batch.predict_reads(3)), full[index], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model(batch, reads=batch.last_reads()), full[batch.last_index()],
                                atol=1e-6, rtol=1e-5)

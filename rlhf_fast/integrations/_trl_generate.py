@@ -36,9 +36,32 @@ _NEUTRAL = {"min_p": (None, 0.0), "repetition_penalty": (None, 1.0), "typical_p"
             "renormalize_logits": (None, False), "guidance_scale": (None, 1.0), "watermarking_config": (None,)}
 
 
+def check_peft_adapters(lm: torch.nn.Module) -> None:
+    """A ValueError unless every peft LoRA layer of transformers model `lm` is plain LoRA on a decoder projection
+    (`nn.Linear` or GPT-2's `Conv1D`), the only kind `models.layers.project` applies to a converted model: not on
+    the embeddings or the output head, no DoRA. (A TRL user's adapters are peft's, switched by peft itself.)"""
+    from transformers.pytorch_utils import Conv1D
+
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    for name, m in lm.named_modules():
+        if not (hasattr(m, "lora_A") and hasattr(m, "get_base_layer")):  # peft's LoraLayer
+            continue
+        base = m.get_base_layer()
+        if head in (m, base) or not isinstance(base, (torch.nn.Linear, Conv1D)) or getattr(m, "lora_variant", None):
+            raise ValueError(f"{name} ({type(base).__name__}) is not a decoder projection; LoRA applies to the "
+                             f"attention and MLP linears only")
+
+
+def checkpointing(lm: torch.nn.Module) -> bool:
+    """Whether transformers model `lm` has its gradient checkpointing on (the padded forward honours it)."""
+    if hasattr(lm, "is_activation_checkpointing"):  # transformers >= 5.x (the old name warns)
+        return bool(lm.is_activation_checkpointing)
+    return bool(getattr(lm, "is_gradient_checkpointing", False))
+
+
 def unsupported_reason(trainer) -> str | None:
     """Why the engine cannot generate for `trainer` as TRL's generate would (None: it can)."""
-    from rlhf_fast.models import lora, supports
+    from rlhf_fast.models import supports
 
     if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin
                                    and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3):
@@ -49,8 +72,8 @@ def unsupported_reason(trainer) -> str | None:
     if not supports(base):
         return f"model class {type(base).__name__} (the engine covers Llama, Qwen2, Mistral, GPT-2)"
     try:
-        lora.check_supported(base)
-    except Exception as e:  # a ConfigError naming the adapter the compact model does not apply
+        check_peft_adapters(base)
+    except ValueError as e:  # naming the adapter the compact model does not apply
         return f"this PEFT adapter ({e})"
     cfg = trainer.generation_config
     if not cfg.do_sample or not cfg.temperature or cfg.temperature <= 0:

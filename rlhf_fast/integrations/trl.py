@@ -162,21 +162,22 @@ def _agg(trainer, mode: str, mask: torch.Tensor, inputs) -> ops.PPOAgg:
 
 def packed_completion_hidden(trainer, model, inputs) -> torch.Tensor | None:
     """The policy's final hidden states that predict each completion token, (B, C, H), from our packed forward
-    (`rlhf_fast.models.packed`: no padding, each group's shared prompt computed once, HF's gradient checkpointing
-    flag honoured, PEFT adapters applied unmerged), or None where it does not apply: a model wrapped for
-    distribution (DDP / FSDP / DeepSpeed run their hooks in the module's own forward), an architecture the compact
-    models do not cover, or `trainer.packed_forward` off (then the padded HF forward runs)."""
-    from rlhf_fast.models import lora, supports
+    (`rlhf_fast.models.packed`: no padding, each group's shared prompt computed once, PEFT adapters applied
+    unmerged), or None where it does not apply: a model wrapped for distribution (DDP / FSDP / DeepSpeed run their
+    hooks in the module's own forward), an architecture the compact models do not cover, gradient checkpointing on
+    (HF's flag: its own forward recomputes), or `trainer.packed_forward` off (then the padded HF forward runs)."""
+    from rlhf_fast.integrations._trl_generate import check_peft_adapters, checkpointing
+    from rlhf_fast.models import supports
     from rlhf_fast.models.packed import pack, packed_hidden
 
     if not getattr(trainer, "packed_forward", False) or trainer.accelerator.unwrap_model(model) is not model:
         return None
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not supports(lm):
+    if not supports(lm) or checkpointing(lm):
         return None
     try:
-        lora.check_supported(lm)
-    except Exception:  # an adapter the compact model does not apply
+        check_peft_adapters(lm)
+    except ValueError:  # an adapter the compact model does not apply
         return None
     prompt_mask, completion_mask = inputs["prompt_mask"].bool(), inputs["completion_mask"].bool()
     prompts = [row[m].tolist() for row, m in zip(inputs["prompt_ids"], prompt_mask)]

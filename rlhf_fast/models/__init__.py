@@ -1,7 +1,8 @@
 """rlhf_fast's decoders: `nn.Module`s over packed tokens (`layers.DecoderLM`), one file per family.
 
-`build_model(config)` makes one from a Hugging Face config; `from_hf(hf_model)` converts a transformers model once,
-sharing its leaf modules (no copy); `as_decoder(model)` takes either.
+`build_model(config)` makes one from a Hugging Face config; `load_model(dir, what)` / `save_model(model, dir)` read and
+write Hugging Face directories (safetensors); `from_hf(hf_model)` converts a transformers model once, sharing its
+leaf modules (no copy); `as_decoder(model)` takes either.
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import weakref
 import torch
 
 from rlhf_fast.models import gpt2, llama
-from rlhf_fast.models.hidden import disable_dropout, final_hidden, output_head
+from rlhf_fast.models.hidden import disable_dropout
 from rlhf_fast.models.layers import AttnMetadata, DecoderLM
-from rlhf_fast.models.loading import ModelLoadError, UnsupportedModelError
+from rlhf_fast.models.loading import ModelLoadError, UnsupportedModelError, load_model, save_model
 
 _FAMILIES = {t: fam for fam in (llama, gpt2) for t in fam.MODEL_TYPES}  # model_type -> family module
 _MODELS = {llama: llama.LlamaLM, gpt2: gpt2.GPT2LM}
@@ -118,5 +119,5 @@ def _share(lm: DecoderLM, hf_model: torch.nn.Module, family) -> None:
 
 
 __all__ = ["AttnMetadata", "DecoderLM", "ModelLoadError", "UnsupportedModelError", "as_decoder", "build_model",
-           "covered_families", "disable_dropout", "final_hidden", "from_hf", "output_head", "supports",
+           "covered_families", "disable_dropout", "from_hf", "load_model", "save_model", "supports",
            "supports_class"]

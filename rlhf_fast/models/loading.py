@@ -1,6 +1,8 @@
-"""Loading Hugging Face models and tokenizers from local directories, with errors that say what is wrong.
+"""Loading and saving models and tokenizers in local Hugging Face directories, with errors that say what is wrong.
 
-rlhf_fast never downloads: a name that is not a local directory is an error at once (no hub retries).
+`load_model` / `save_model` are the stages' way in and out: rlhf_fast's own models (`models.DecoderLM`, the scalar
+head models of `rlhf_fast.heads`) from and to safetensors, no transformers module in the loop. rlhf_fast never
+downloads: a name that is not a local directory is an error at once (no hub retries).
 """
 from __future__ import annotations
 
@@ -39,28 +41,82 @@ def _offline(fn, path: str, what: str, **kw):
         raise ModelLoadError(f"{what}: cannot load {path}: {first}") from e
 
 
+def read_config(path: str | Path, what: str) -> dict:
+    """`path/config.json` of local model directory `path` as a dict; ModelLoadError when there is none or it is not
+    JSON."""
+    cfg = Path(local_dir(path, what)) / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{what}: {path} has no config.json: not a Hugging Face model directory")
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{what}: {cfg} is not readable JSON ({e})") from e
+
+
+def check_family(path: str | Path, what: str) -> None:
+    """An UnsupportedModelError (one line, naming the covered families) when the model in directory `path` is of a
+    family rlhf_fast's models do not cover, told from its config.json alone: nothing else is read."""
+    from rlhf_fast.models import _FAMILIES, covered_families
+
+    cfg = read_config(path, what)
+    model_type = cfg.get("model_type")
+    if model_type in _FAMILIES:
+        return
+    arch = ", ".join(cfg.get("architectures") or []) or f"model_type {model_type!r}"
+    raise UnsupportedModelError(f"{what}: {path} is a {arch} (model_type {model_type!r}); rlhf_fast's models are "
+                                f"{', '.join(covered_families())} (and their backbones)")
+
+
+def load_model(path: str | Path, what: str = "model", *, dtype: torch.dtype | None = torch.float32,
+               backbone: bool = False, device: str | torch.device = "cpu"):
+    """rlhf_fast's model (a `models.DecoderLM`) from local Hugging Face model directory `path`: its causal LM, or with
+    `backbone` its bare backbone (no lm_head: reward and value models). The family is checked from config.json
+    before any weight is read (`check_family`); the weights load straight from safetensors
+    (`state_dict_adapter.load_pretrained`) in `dtype` (None: the checkpoint's) on `device`. Errors are one-line
+    ModelLoadErrors that start with `what`."""
+    from rlhf_fast.models.state_dict_adapter import load_pretrained
+
+    check_family(path, what)
+    try:
+        return load_pretrained(path, dtype=dtype, device=device, backbone=backbone)
+    except ModelLoadError as e:
+        raise type(e)(f"{what}: {str(e).removeprefix('model: ')}") from e
+
+
+def save_model(model, path: str | Path, *, tokenizer=None, dtype: torch.dtype | None = None,
+               base_dir: str | Path | None = None) -> None:
+    """Export `model` as a Hugging Face directory at `path`: a `DecoderLM` (a causal LM directory), a
+    `heads.ScalarHeadModel` (the backbone + `scalar_head.safetensors`), either with LoRA adapters (the merged model
+    plus `adapter/` in peft's format, `base_model_name_or_path` = `base_dir`: `models.lora.export`), sharded with
+    FSDP2 or not. Weights in `dtype` (None: the model's; a scalar head keeps its own), `tokenizer`'s files beside
+    them. Every rank calls it; rank 0 writes."""
+    from rlhf_fast.models import lora
+    from rlhf_fast.models.state_dict_adapter import save_pretrained
+
+    if lora.has_adapters(model):
+        lora.export(model, path, dtype=dtype, base_dir=base_dir, tokenizer=tokenizer)
+    elif hasattr(model, "head") and hasattr(model, "lm"):
+        model.save_pretrained(path, dtype=dtype, tokenizer=tokenizer)
+    else:
+        save_pretrained(model, path, tokenizer=tokenizer, dtype=dtype)
+
+
 def load_causal_lm(path: str | Path, what: str = "model", dtype: torch.dtype = torch.float32):
-    """A transformers causal LM from local directory `path`; ModelLoadError if its logits are not
-    `lm_head(final hidden state)` (soft-capping, logit scaling: `hidden.probe_head`)."""
+    """A transformers causal LM from local directory `path`: the test oracle and benchmark baseline only (the
+    stages train rlhf_fast's own models, `load_model`)."""
     from transformers import AutoModelForCausalLM
 
     path = local_dir(path, what)
-    if not (Path(path) / "config.json").is_file():
-        raise ModelLoadError(f"{what}: {path} has no config.json: not a Hugging Face model directory")
-    model = _offline(AutoModelForCausalLM.from_pretrained, path, what, dtype=dtype)
-    from rlhf_fast.models.hidden import probe_head
-
-    probe_head(model, what)  # its logits must be lm_head(final hidden): else one line, never wrong log-probs
-    return model
+    read_config(path, what)
+    return _offline(AutoModelForCausalLM.from_pretrained, path, what, dtype=dtype)
 
 
 def load_backbone(path: str | Path, what: str = "model", dtype: torch.dtype = torch.float32):
-    """A transformers backbone (`AutoModel`: no lm_head) from local directory `path`."""
+    """A transformers backbone (`AutoModel`: no lm_head) from local directory `path` (test oracle only)."""
     from transformers import AutoModel
 
     path = local_dir(path, what)
-    if not (Path(path) / "config.json").is_file():
-        raise ModelLoadError(f"{what}: {path} has no config.json: not a Hugging Face model directory")
+    read_config(path, what)
     return _offline(AutoModel.from_pretrained, path, what, dtype=dtype)
 
 
@@ -69,32 +125,3 @@ def load_tokenizer(path: str | Path, what: str = "tokenizer"):
     from transformers import AutoTokenizer
 
     return _offline(AutoTokenizer.from_pretrained, local_dir(path, what), what)
-
-
-def check_compact_support(path: str | Path, what: str, *, backbone: bool = False, needed_by: str = "this stage",
-                          hint: str = "") -> None:
-    """A ModelLoadError, from `path/config.json` alone (before any weight loads), when the model there is of an
-    architecture rlhf_fast's models (`rlhf_fast.models.from_hf`: the rollout engine and the padding-free
-    passes) do not cover; `needed_by` names what needs them, `hint` (", ...") what to do instead. `backbone`: the
-    directory holds a bare backbone (a reward or value model). A directory whose class cannot be told from its
-    config passes (loading it says what is wrong)."""
-    import transformers
-    from transformers.models.auto import modeling_auto
-
-    from rlhf_fast.models import covered_families, supports_class
-
-    cfg = Path(local_dir(path, what)) / "config.json"
-    try:
-        model_type = json.loads(cfg.read_text()).get("model_type")
-    except (OSError, ValueError):
-        return
-    names = modeling_auto.MODEL_MAPPING_NAMES if backbone else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    name = names.get(model_type)
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
-    if cls is None:
-        return
-    if supports_class(cls):
-        return
-    families = covered_families()
-    raise ModelLoadError(f"{what}: {path} is a {name} (model_type {model_type!r}); {needed_by} supports "
-                         f"{', '.join(families)} (and their backbones){hint}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.utils.checkpoint
 
 from rlhf_fast.models import as_decoder
 from rlhf_fast.models.layers import sdpa
@@ -149,47 +148,15 @@ def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: 
     projection and MLP on them alone (`DecoderLM.forward(out_rows=...)`): a shared prompt's rows are read by no one
     but its last, a reward model reads one row per sequence.
 
-    Bridge until the stages train owned models, for a transformers `model`: with its gradient checkpointing on
-    (`precision.enable_gradient_checkpointing`, HF's own flag) each block runs under `torch.utils.checkpoint`, its
-    activations recomputed in the backward; sharded with FSDP2 (`distributed.shard`, torchrun), each block runs
-    under its HF layer's FSDP hooks and the whole under `model`'s when it is the FSDP root, so parameters are
-    gathered per layer and gradients reduce-scattered as in its own forward (a scalar-head model wraps this call in
-    its root's hooks: `ScalarHeadModel.packed`)."""
+    The decoder is called as a module, so what `parallelize` applied to it (FSDP2 on its blocks and root, per-block
+    activation checkpointing, compile) runs as in any forward."""
     lm = as_decoder(model)
     if batch.num_tokens and int(batch.positions.max()) >= lm.max_context:
         raise ValueError(f"a packed sequence reaches position {int(batch.positions.max())}, over the model's "
                          f"context {lm.max_context}")
     attend = _SegmentAttention(batch, deterministic)
-    layer_call, root = (None, None) if lm is model else _hf_bridge(model, lm)
-
-    def run():
-        return lm(batch.input_ids.to(lm.device), batch.positions.to(lm.device), attend, deterministic,
-                  None if rows is None else rows.to(lm.device), _layer_call=layer_call)
-
-    return root(run) if root is not None else run()
-
-
-def _hf_bridge(model: torch.nn.Module, lm):
-    """Bridge until the stages train owned models: (how `lm`'s blocks are called, what the whole runs under) for a
-    converted transformers `model` that checkpoints or is sharded: `torch.utils.checkpoint` per block, or its HF
-    layer's and root's FSDP hooks (`distributed.root_call`); (None, None) when neither."""
-    from rlhf_fast import distributed
-    from rlhf_fast.precision import is_checkpointing
-
-    recompute = is_checkpointing(model) and torch.is_grad_enabled()
-    hooks = distributed.needs_hooks(model)
-    if recompute and hooks:
-        raise ValueError("packed_hidden: gradient checkpointing under FSDP hooks is not supported for a transformers "
-                         "model; use the Hugging Face forward for sharded models with gradient checkpointing")
-    if recompute:
-        def checkpointed(i, block, *args):
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return checkpointed, None
-    if hooks:
-        def hooked(i, block, *args):
-            return distributed.root_call(lm._hf_layers[i], block, *args)
-        return hooked, lambda fn: distributed.root_call(model, fn)
-    return None, None
+    return lm(batch.input_ids.to(lm.device), batch.positions.to(lm.device), attend, deterministic,
+              None if rows is None else rows.to(lm.device))
 
 
 class _SegmentAttention:

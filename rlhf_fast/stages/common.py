@@ -1,4 +1,5 @@
-"""Pieces every stage loop shares: optimiser and LR schedule, the NaN-guarded step, metrics, curves, progress."""
+"""Pieces every stage loop shares: a model made ready for training (`prepare`), optimiser and LR schedule, the
+NaN-guarded step, metrics, curves, progress."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf_fast import distributed
-from rlhf_fast.config import OptimConfig
+from rlhf_fast.config import OptimConfig, ParallelConfig
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,23 @@ log = logging.getLogger(__name__)
 def resolve_device(name: str) -> torch.device:
     """`auto` -> cuda when available, else cpu; under torchrun, `cuda` is this rank's GPU."""
     return distributed.device(name)
+
+
+def prepare(model: torch.nn.Module, *, device: torch.device, parallel_cfg: ParallelConfig,
+            gradient_checkpointing: bool = False, mixed_precision: bool | str = False) -> torch.nn.Module:
+    """`model` (a `DecoderLM` or a `ScalarHeadModel`, LoRA already applied) on `device`, then `parallelize`d:
+    per-block activation checkpointing when `gradient_checkpointing`, FSDP2 per block and on the root when the world
+    size is > 1 - for a frozen model (no parameter requires grad) only with `parallel_cfg.shard_frozen`.
+    `mixed_precision` (a bool, or a stage's `mixed_precision` string resolved for `device`): bf16 all-gathers with
+    fp32 gradient reduction on CUDA. Returns `model` (changed in place)."""
+    from rlhf_fast import parallelize, precision
+
+    if isinstance(mixed_precision, str):
+        mixed_precision = precision.autocast_on(mixed_precision, device)
+    trains = any(p.requires_grad for p in model.parameters())
+    model.to(device)
+    return parallelize.parallelize(model, shard=trains or parallel_cfg.shard_frozen,
+                                   checkpointing=gradient_checkpointing, mixed_precision=mixed_precision)
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
@@ -65,18 +83,15 @@ class StepResult(NamedTuple):
 
 def guarded_step(loss: torch.Tensor, groups: list[list[torch.nn.Parameter]], opt: torch.optim.Optimizer,
                  scheduler, grad_clip: float) -> StepResult:
-    """Backward, clip, step, with a NaN/Inf guard: a non-finite loss or gradient norm skips the optimiser step
-    (the gradients are dropped, the weights and optimiser state untouched). Each parameter group (e.g. policy and
-    value model) is clipped to `grad_clip` on its own. The scheduler (if any) advances either way, so the schedule
-    follows the data. Weights that turn non-finite after the step raise DivergedError (the run stops; its last
-    checkpoint is intact). Returns the first group's gradient norm.
-
-    A `loss` without a graph was already backpropagated (`distributed.accumulate`). With several processes the
-    guard and the norms are global, so every rank takes the same branch."""
+    """Clip and step on the gradients already accumulated (`distributed.accumulate` backpropagates every
+    micro-batch), with a NaN/Inf guard: a non-finite `loss` (this rank's detached share of the batch loss) or
+    gradient norm skips the optimiser step (the gradients are dropped, the weights and optimiser state untouched).
+    Each parameter group (e.g. policy and value model) is clipped to `grad_clip` on its own. The scheduler (if any)
+    advances either way, so the schedule follows the data. Weights that turn non-finite after the step raise
+    DivergedError (the run stops; its last checkpoint is intact). Returns the first group's gradient norm. With
+    several processes the guard and the norms are global, so every rank takes the same branch."""
     applied, norms = False, [float("nan")]
-    if distributed.all_true(bool(torch.isfinite(loss).item())):
-        if loss.requires_grad:
-            loss.backward()
+    if distributed.all_true(bool(torch.isfinite(loss.detach()).all().item())):
         limit = grad_clip if grad_clip > 0 else float("inf")
         norms = [distributed.clip_grad_norm(g, limit) for g in groups]
         if all(math.isfinite(n) for n in norms):

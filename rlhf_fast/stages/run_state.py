@@ -255,21 +255,24 @@ class TrainRun:
             self.save()
         return True
 
-    def finish(self, exports: dict[Path, torch.nn.Module], *, dtype: torch.dtype | None = None, **info) -> None:
-        """Export each final model to its directory (tokenizer beside it; weights in `dtype`, default their own),
-        then mark the run finished."""
-        from rlhf_fast.precision import save_in_dtype
+    def finish(self, exports: dict[Path, torch.nn.Module], *, dtype: torch.dtype | None = None,
+               base_dirs: dict[Path, str | Path] | None = None, **info) -> None:
+        """Export each final model to its directory (`models.save_model`: a Hugging Face directory, merged plus
+        `adapter/` with LoRA, the tokenizer beside it; weights in `dtype`, default their own; `base_dirs[path]`: the
+        base model directory a LoRA export's adapter config names), then mark the run finished."""
+        from rlhf_fast.models import save_model
 
         for path, model in exports.items():
-            save = None if dtype is None else (lambda m, p: save_in_dtype(m, p, dtype))
-            distributed.export_pretrained(model, path, self.tokenizer, save=save)  # full HF directories, rank 0
+            base = (base_dirs or {}).get(path)
+            save_model(model, path, tokenizer=self.tokenizer, dtype=dtype, base_dir=base or None)  # rank 0 writes
             if distributed.is_main():
                 share_modes(Path(path))
         mib = distributed.all_gather_objects(distributed.local_state_mib(self.models, self.opt))
         self.save(finished=True, state_mib_per_rank=mib, **info)
 
     def apply(self, loss: torch.Tensor, params: list[torch.nn.Parameter], grad_clip: float) -> StepResult:
-        """Backward + clipped optimiser step, skipped (counted, logged) on a non-finite loss or gradient."""
+        """Clipped optimiser step on the accumulated gradients (`loss`: this rank's detached share of the batch
+        loss, from `distributed.accumulate`), skipped (counted, logged) on a non-finite loss or gradient."""
         res = guarded_step(loss, [params], self.opt, self.sched, grad_clip)
         self.skipped += not res.applied
         self.step += 1
@@ -280,9 +283,10 @@ class TrainRun:
 
     def loop(self, step_fn: Callable[[int], tuple], evaluate: Callable[[], dict] | None, *,
              params: list[torch.nn.Parameter], grad_clip: float, eval_every: int) -> bool:
-        """SFT's and RM's step loop: optimiser steps until `total`. `step_fn(step)` returns `(loss, extra_metrics)`
-        for the batch at that step; `evaluate()` gives eval metrics every `eval_every` steps. Returns False if it
-        stopped early at `stop_after` (checkpointed), True when done."""
+        """SFT's and RM's step loop: optimiser steps until `total`. `step_fn(step)` runs the forwards and backwards
+        of the batch at that step (`distributed.accumulate`) and returns `(loss, extra_metrics)`; `evaluate()` gives
+        eval metrics every `eval_every` steps. Returns False if it stopped early at `stop_after` (checkpointed), True
+        when done."""
         bar = Progress(self.name, self.total, self.step)
         try:
             while self.step < self.total:
