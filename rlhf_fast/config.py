@@ -114,7 +114,8 @@ class ParallelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """LoRA adapters through peft (`rlhf_fast.models.lora`): only they train; r = 0 trains the whole model."""
+    """LoRA adapters in rlhf_fast's models (`rlhf_fast.models.lora`, exported in peft's format too): only they train;
+    r = 0 trains the whole model."""
 
     r: int = 0  # rank; 0 disables LoRA
     alpha: float = 16.0  # the update is (alpha / r) * B A
@@ -187,8 +188,7 @@ class RMConfig:
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
-    dropout: bool = False  # keep the model's dropout while training
-    train_model: str = "ours"  # ours: padding-free forward, each prompt once for its K completions | hf: padded HF
+    dropout: bool = False  # keep the model's dropout while training (LoRA's)
     seed: int = 0
     device: str = "auto"
     parallel: ParallelConfig = ParallelConfig()  # torchrun: micro-batches, sharding of frozen models
@@ -196,7 +196,6 @@ class RMConfig:
     def __post_init__(self):
         _check_device(self.device)
         _check_data_options(self)
-        _check(self.train_model in ("ours", "hf"), "train_model", "must be ours or hf")
         for k in ("max_len", "batch_size", "epochs", "keep_checkpoints"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("max_steps", "eval_every", "save_every"):
@@ -302,12 +301,10 @@ class PPOConfig:
     overlong: str = "truncate"  # a prompt over that: truncate (keeping its start and end) | drop | error
     ptx_max_len: int = 2048  # ptx text tokens kept (their start), capped at the model's positions
     lora: LoRAConfig = LoRAConfig()  # r > 0: policy (and value model) train adapters; reference = base, adapters off
-    gradient_checkpointing: bool = False  # policy and value model, both train_model paths
+    gradient_checkpointing: bool = False  # policy and value model: each block recomputed in the backward
     model_dtype: str = "auto"  # reference + reward model held, and outputs saved, in it; auto = the checkpoint's
     mixed_precision: str = "no"  # bf16 autocast of scoring + update (auto | bf16 | no); best with old_logp=recompute
-    generator: str = "engine"  # engine: the paged rollout engine | hf: Hugging Face generate (the baseline)
-    train_model: str = "ours"  # ours: padding-free forwards on rlhf_fast's models | hf: padded HF forwards (reference)
-    share_prompts: bool = True  # ours: each prompt computed once for its samples (scoring and update)
+    share_prompts: bool = True  # each prompt computed once for its samples (scoring and update)
     old_logp: str = "reuse"  # reuse: the rollout's log-probs | recompute: a policy pass | check: both, log max |diff|
     dropout: bool = False  # keep the models' dropout (off by default, so the on-policy ratio is exactly 1)
     save_every: int = 0
@@ -325,12 +322,10 @@ class PPOConfig:
         from rlhf_fast.stages import algorithms
 
         _check_device(self.device)
-        _check(self.generator in ("engine", "hf"), "generator", "must be engine or hf")
         _check(self.algorithm in algorithms.ALGORITHMS, "algorithm", f"must be one of {tuple(algorithms.ALGORITHMS)}")
         _check(self.loss_agg in ("",) + algorithms.LOSS_AGGS, "loss_agg", f"must be one of {algorithms.LOSS_AGGS}")
         _check(self.clip_high >= 0, "clip_high", "must be >= 0")
         _check(not self.reward_fn or ":" in self.reward_fn, "reward_fn", "must look like 'module:function'")
-        _check(self.train_model in ("ours", "hf"), "train_model", "must be ours or hf")
         _check(self.old_logp in ("reuse", "recompute", "check"), "old_logp", "must be reuse, recompute or check")
         _check(self.rollout_correction.mode == "none" or self.old_logp != "reuse", "rollout_correction.mode",
                "needs old_logp=recompute (with old_logp=reuse the rollout's log-probs are old_logp: nothing to "
@@ -459,12 +454,21 @@ def _coerce(tp, value, key: str):
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
+REMOVED = {  # options of earlier versions, and why they went
+    "train_model": "removed: every stage trains rlhf_fast's own models (the padded Hugging Face forward is a test "
+                   "oracle now, not a stage option); delete the key",
+    "generator": "removed: PPO always generates with the rollout engine; delete the key",
+}
+
+
 def from_dict(cls, data: dict, *, prefix: str = "", base=None):
     """Build `cls` from a (possibly partial) mapping; missing keys keep `base`'s values (else the defaults)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
+        if k in REMOVED and k not in names:
+            raise ConfigError(f"{prefix}{k}: {REMOVED[k]}")
         if k not in names:
             raise ConfigError(f"{prefix}{k}: unknown key (valid: {', '.join(sorted(names))})")
         sub_base = getattr(base, k) if base is not None else None

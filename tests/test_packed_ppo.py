@@ -1,9 +1,12 @@
-"""PPO on padding-free batches: the same losses and gradients as the padded HF path (packed vs padded, shared
-prompts vs per-sample, reused vs recomputed old_logp); value/reward models without an lm_head."""
+"""PPO on padding-free batches: the same losses and gradients as the padded Hugging Face forward (the oracle:
+`_oracle.hf_twin`), shared prompts or per sample, reused vs recomputed old_logp; value/reward models without an
+lm_head."""
 import pytest
 import torch
+from _oracle import hf_twin, padded_logprobs, padded_scores, padded_values, twin_grads
 from _tiny import TINY_ARCH, rows
 
+from rlhf_fast import ops
 from rlhf_fast.config import KLConfig, OptimConfig, PPOConfig, SamplingConfig
 from rlhf_fast.default_task import build_model
 from rlhf_fast.heads import ScalarHeadModel
@@ -44,17 +47,40 @@ def loss_and_grads(cfg, tok, models, exp):
 @pytest.fixture(scope="module")
 def experience(setup):
     tok, models, prompts = setup
-    trainer = PPOTrainer(config(train_model="hf", old_logp="recompute"), *models, tok)
+    trainer = PPOTrainer(config(old_logp="recompute"), *models, tok)
     exp, _ = trainer.collect(prompts, 0)
     assert len(set(exp.rollout.mask.sum(1).tolist())) > 1  # responses of several lengths (padding to remove)
     return exp
 
 
+def oracle_loss_and_grads(cfg, models, exp):
+    """The minibatch loss of `config()` (clipped policy loss + KL in the loss - entropy bonus + value loss) on the
+    padded HF forwards of the policy's and value model's twins, and the twins' gradients under our names."""
+    policy, value = models[:2]
+    p_twin, v_twin = hf_twin(policy), hf_twin(value)
+    ro = exp.rollout
+    h = p_twin.base_model(input_ids=ro.input_ids, use_cache=False).last_hidden_state
+    h = h.gather(1, ro.positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (N, R, H)
+    loss, st = ops.ppo_loss_from_hidden(
+        h, p_twin.lm_head.weight, ro.labels.clamp(min=0), exp.old_logp, exp.advantages, ro.mask,
+        clip=ops.PPOClip(low=cfg.clip, high=cfg.clip), agg="token-mean",
+        kl=ops.KLTerm(exp.ref_logp, cfg.kl.coef, cfg.kl.kind), entropy_coef=cfg.entropy_coef)
+    vpred = padded_values(v_twin, ro.input_ids).gather(1, ro.positions)
+    vl, _ = ops.value_loss(vpred, exp.old_values, exp.returns, ro.mask, clip=cfg.value_clip, agg="token-mean")
+    loss = loss + cfg.vf_coef * vl
+    loss.backward()
+    grads = {f"0.{k}": g for k, g in twin_grads(policy, p_twin).items()}
+    grads.update({f"1.lm.{k}": g for k, g in twin_grads(value, v_twin).items()})
+    grads.update({f"1.head.{k}": p.grad for k, p in v_twin[1].named_parameters()})
+    return float(loss.detach()), {"pg_loss": float(st.policy_loss), "entropy": float(st.entropy),
+                                  "vf_loss": float(vl.detach())}, grads
+
+
 @pytest.mark.parametrize("share", [False, True])
 def test_packed_update_matches_padded_hf(setup, experience, share):
     tok, models, _ = setup
-    ref_loss, ref_stats, ref_grads = loss_and_grads(config(train_model="hf"), tok, models, experience)
-    loss, stats, grads = loss_and_grads(config(train_model="ours", share_prompts=share), tok, models, experience)
+    ref_loss, ref_stats, ref_grads = oracle_loss_and_grads(config(), models, experience)
+    loss, stats, grads = loss_and_grads(config(share_prompts=share), tok, models, experience)
     assert loss == pytest.approx(ref_loss, abs=1e-5, rel=1e-5)
     for k in ("pg_loss", "vf_loss", "entropy"):
         assert stats[k] == pytest.approx(ref_stats[k], abs=1e-5, rel=1e-5), k
@@ -67,10 +93,13 @@ def test_packed_update_matches_padded_hf(setup, experience, share):
 def test_packed_scoring_matches_padded_hf(setup, experience, share):
     tok, (policy, value, ref, rm), _ = setup
     ro = experience.rollout
-    hf_cfg, our_cfg = config(train_model="hf", old_logp="recompute"), config(share_prompts=share, old_logp="recompute")
-    hf, _ = pp.score_rollout(hf_cfg, policy, ref, value, rm, ro, None)
-    ours, _ = pp.score_rollout(our_cfg, policy, ref, value, rm, ro, None)
-    for a, b in zip(ours, hf):
+    ours, _ = pp.score_rollout(config(share_prompts=share, old_logp="recompute"), policy, ref, value, rm, ro, None)
+    with torch.no_grad():
+        oracle = (padded_logprobs(hf_twin(policy), ro.input_ids, ro.positions, ro.labels),
+                  padded_logprobs(hf_twin(ref), ro.input_ids, ro.positions, ro.labels),
+                  padded_values(hf_twin(value), ro.input_ids).gather(1, ro.positions) * ro.mask,
+                  padded_scores(hf_twin(rm), ro.input_ids, ro.lengths))
+    for a, b in zip(ours, oracle):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -99,22 +128,26 @@ def test_epoch_order_keeps_prompt_groups_together():
 def test_scalar_head_model_has_no_lm_head_and_stays_loadable(setup, tmp_path):
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from rlhf_fast.models.packed import pack
+
     tok, (policy, value, ref, rm), _ = setup
-    assert value.lm.get_output_embeddings() is None
+    assert value.lm.lm_head is None
     n_backbone = sum(p.numel() for p in value.lm.parameters())
     assert sum(p.numel() for p in value.parameters()) == n_backbone + ARCH.hidden_size + 1
     value.save_pretrained(tmp_path / "v")
     back = ScalarHeadModel.from_pretrained(tmp_path / "v")
-    ids = torch.tensor([[5, 6, 7, 8]])
-    torch.testing.assert_close(back(ids), value(ids))
+    batch = pack([[5, 6]], [[7, 8]])
+    torch.testing.assert_close(back(batch), value(batch))
     backbone = AutoModel.from_pretrained(str(tmp_path / "v"))
-    torch.testing.assert_close(backbone.get_input_embeddings().weight, value.lm.get_input_embeddings().weight)
+    torch.testing.assert_close(backbone.get_input_embeddings().weight, value.lm.embed.weight)
     lm = AutoModelForCausalLM.from_pretrained(str(tmp_path / "v"))  # a causal LM with a fresh / tied lm_head
     torch.testing.assert_close(lm.model.layers[0].mlp.up_proj.weight, value.lm.layers[0].mlp.up_proj.weight)
 
 
 def test_config_checks():
-    with pytest.raises(Exception, match="train_model"):
-        config(train_model="torch")
+    from rlhf_fast.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="train_model: removed"):
+        from_dict(PPOConfig, {"train_model": "hf"})
     with pytest.raises(Exception, match="old_logp"):
         config(old_logp="maybe")

@@ -9,7 +9,9 @@ from _tiny import TINY_ARCH, rows
 from rlhf_fast.config import KLConfig, OptimConfig, PPOConfig, SamplingConfig
 from rlhf_fast.default_task import build_model
 from rlhf_fast.heads import ScalarHeadModel
+from rlhf_fast.models import load_model, save_model
 from rlhf_fast.stages import experience as xp
+from rlhf_fast.stages import packed_passes as pp
 from rlhf_fast.stages.ppo import PPOTrainer, train_ppo
 
 
@@ -18,22 +20,20 @@ def ppo_models(task, tmp_path_factory):
     root, tok, paths = task
     d = tmp_path_factory.mktemp("ppo_models")
     policy = build_model(TINY_ARCH, tok, seed=3)
-    policy.save_pretrained(d / "policy")
-    tok.save_pretrained(str(d / "policy"))
+    save_model(policy, d / "policy", tokenizer=tok)
     ScalarHeadModel(build_model(TINY_ARCH, tok, seed=4)).save_pretrained(d / "rm")
     return d
 
 
-@pytest.mark.parametrize("placement, generator", [("reward", "engine"), ("loss", "hf")])
-def test_ppo_update_improves_the_objective_on_a_fixed_batch(task, ppo_models, placement, generator):
+@pytest.mark.parametrize("placement", ["reward", "loss"])
+def test_ppo_update_improves_the_objective_on_a_fixed_batch(task, ppo_models, placement):
     root, tok, paths = task
     cfg = PPOConfig(sampling=SamplingConfig(max_new_tokens=6, n=2), minibatch_size=16, ppo_epochs=1, ptx_coef=0.1,
-                    optim=OptimConfig(lr=1e-3, schedule="constant"), entropy_coef=0.01, generator=generator,
+                    optim=OptimConfig(lr=1e-3, schedule="constant"), entropy_coef=0.01,
                     kl=KLConfig(coef=0.1, placement=placement))
-    from transformers import AutoModelForCausalLM
-    policy = AutoModelForCausalLM.from_pretrained(str(ppo_models / "policy"))
+    policy = load_model(ppo_models / "policy")
     value = ScalarHeadModel.from_pretrained(ppo_models / "rm")
-    ref = AutoModelForCausalLM.from_pretrained(str(ppo_models / "policy")).requires_grad_(False)
+    ref = load_model(ppo_models / "policy").requires_grad_(False)
     rm = ScalarHeadModel.from_pretrained(ppo_models / "rm").requires_grad_(False)
     ptx = [tok(r["text"])["input_ids"] for r in rows(paths["ptx"])[:8]]
     trainer = PPOTrainer(cfg, policy, value, ref, rm, tok, ptx)
@@ -58,15 +58,13 @@ def test_ppo_update_improves_the_objective_on_a_fixed_batch(task, ppo_models, pl
 def test_ppo_logprobs_line_up_with_the_engine(task, ppo_models):
     """The response tensors are aligned: recomputed log-probs equal the engine's sampled-token log-probs."""
     root, tok, paths = task
-    from transformers import AutoModelForCausalLM
-
     from rlhf_fast.rollout import RolloutEngine, SamplingParams
-    policy = AutoModelForCausalLM.from_pretrained(str(ppo_models / "policy")).eval()
+    policy = load_model(ppo_models / "policy").eval()
     prompts = [tok(r["prompt"])["input_ids"] for r in rows(paths["ppo_prompts"])[:5]]
     comps = RolloutEngine(policy).generate(prompts, SamplingParams(max_new_tokens=5, n=2, seed=1))
     ro = xp.make_rollout(prompts, comps, tok.pad_token_id)
     with torch.no_grad():
-        logp = xp.policy_logprobs(policy, ro, 1.0)
+        logp = pp.policy_logprobs(policy, ro, 1.0)
     for i, c in enumerate(comps):
         torch.testing.assert_close(logp[i, : len(c.token_ids)], c.logprobs, atol=1e-4, rtol=0)
         assert ro.mask[i].sum() == len(c.token_ids)
@@ -81,9 +79,8 @@ def test_ppo_stage_runs_and_resumes_exactly(task, ppo_models, tmp_path):
     train_ppo(cfg, tmp_path / "part", stop_after=1)
     resumed = train_ppo(cfg, tmp_path / "part", plots=False)
     assert full.iterations == resumed.iterations == 2
-    from transformers import AutoModelForCausalLM
     for load, da, db in ((ScalarHeadModel.from_pretrained, full.value_dir, resumed.value_dir),
-                         (AutoModelForCausalLM.from_pretrained, full.policy_dir, resumed.policy_dir)):
+                         (load_model, full.policy_dir, resumed.policy_dir)):
         a, b = load(da).state_dict(), load(db).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert (full.value_dir / "tokenizer_config.json").is_file()  # the value model has its tokenizer too
@@ -99,11 +96,10 @@ def test_ppo_stage_runs_and_resumes_exactly(task, ppo_models, tmp_path):
 
 def test_ppo_early_stop_on_approx_kl(task, ppo_models):
     root, tok, paths = task
-    from transformers import AutoModelForCausalLM
     cfg = PPOConfig(sampling=SamplingConfig(max_new_tokens=4, n=2), minibatch_size=4, ppo_epochs=3, early_stop_kl=1e-12,
                     optim=OptimConfig(lr=1e-3, schedule="constant"))
-    policy = AutoModelForCausalLM.from_pretrained(str(ppo_models / "policy"))
-    ref = AutoModelForCausalLM.from_pretrained(str(ppo_models / "policy")).requires_grad_(False)
+    policy = load_model(ppo_models / "policy")
+    ref = load_model(ppo_models / "policy").requires_grad_(False)
     value, rm = (ScalarHeadModel.from_pretrained(ppo_models / "rm") for _ in range(2))
     trainer = PPOTrainer(cfg, policy, value, ref, rm.requires_grad_(False), tok)
     prompts = [tok(r["prompt"])["input_ids"] for r in rows(paths["ppo_prompts"])[:8]]

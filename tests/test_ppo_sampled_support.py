@@ -1,14 +1,16 @@
 """PPO with top-k / top-p sampling: every log-prob the trainer uses is the sampled (cut, renormalised)
 distribution's, so the ratio at unchanged weights is exactly 1 and the KL to an identical reference is exactly 0,
-with the support replayed from the engine's thresholds or recomputed; the HF generator records the same thresholds."""
+with the support replayed from the engine's thresholds or recomputed."""
 import pytest
 import torch
+from _oracle import hf_twin, rollout_logprobs
 from _tiny import TINY_ARCH, rows
 
 from rlhf_fast.config import KLConfig, OptimConfig, PPOConfig, SamplingConfig
 from rlhf_fast.config import ConfigError
 from rlhf_fast.default_task import build_model
 from rlhf_fast.heads import ScalarHeadModel
+from rlhf_fast.models import load_model, save_model
 from rlhf_fast.stages import experience as xp
 from rlhf_fast.stages.ppo import PPOTrainer
 
@@ -19,31 +21,28 @@ def models(task, tmp_path_factory):
     d = tmp_path_factory.mktemp("support_models")
     policy = build_model(TINY_ARCH, tok, seed=3)
     with torch.no_grad():  # a peaked policy: top-k / top-p cut real probability mass
-        policy.get_output_embeddings().weight.mul_(8.0)
-    policy.save_pretrained(d / "policy")
+        policy.lm_head.weight.mul_(8.0)
+    save_model(policy, d / "policy")
     ScalarHeadModel(build_model(TINY_ARCH, tok, seed=4)).save_pretrained(d / "rm")
     return d
 
 
 def _trainer(models, tok, **kw):
-    from transformers import AutoModelForCausalLM
-
     cfg = PPOConfig(**{**dict(sampling=SamplingConfig(max_new_tokens=6, n=2, top_k=6, top_p=0.8), minibatch_size=16,
                               ppo_epochs=1, optim=OptimConfig(lr=1e-3, schedule="constant"),
                               kl=KLConfig(coef=0.1)), **kw})
-    policy = AutoModelForCausalLM.from_pretrained(str(models / "policy"))
-    ref = AutoModelForCausalLM.from_pretrained(str(models / "policy")).requires_grad_(False)
+    policy = load_model(models / "policy")
+    ref = load_model(models / "policy").requires_grad_(False)
     value = ScalarHeadModel.from_pretrained(models / "rm")
     rm = ScalarHeadModel.from_pretrained(models / "rm").requires_grad_(False)
     return PPOTrainer(cfg, policy, value, ref, rm, tok, [])
 
 
 @pytest.mark.parametrize("support", ["replay", "recompute"])
-@pytest.mark.parametrize("generator", ["engine", "hf"])
-def test_ratio_exactly_one_at_unchanged_weights(task, models, support, generator):
+def test_ratio_exactly_one_at_unchanged_weights(task, models, support):
     root, tok, paths = task
     sampling = SamplingConfig(max_new_tokens=6, n=2, top_k=6, top_p=0.8, support=support)
-    trainer = _trainer(models, tok, sampling=sampling, old_logp="recompute", generator=generator)
+    trainer = _trainer(models, tok, sampling=sampling, old_logp="recompute")
     prompts = [tok(r["prompt"])["input_ids"] for r in rows(paths["ppo_prompts"])[:8]]
     exp, _ = trainer.collect(prompts, 0)
     ro = exp.rollout
@@ -55,7 +54,7 @@ def test_ratio_exactly_one_at_unchanged_weights(task, models, support, generator
     assert stats["approx_kl"] == 0.0 and stats["clip_frac"] == 0.0
     # the rollout's own log-probs (reused as old_logp by default) are the same distribution's, to rounding
     comps_logp = exp.old_logp  # recomputed; compare with the generator's values through a reuse trainer
-    reuse = _trainer(models, tok, sampling=sampling, generator=generator)
+    reuse = _trainer(models, tok, sampling=sampling)
     exp2, _ = reuse.collect(prompts, 0)
     assert torch.equal(exp2.rollout.labels, ro.labels)  # the same seed draws the same tokens
     diff = ((exp2.old_logp - comps_logp).abs() * ro.mask).max()
@@ -73,16 +72,17 @@ def test_cut_distribution_is_what_the_trainer_uses(task, models):
     exp, _ = trainer.collect(prompts, 0)
     ro, m = exp.rollout, exp.rollout.mask.bool()
     with torch.no_grad():
-        full = xp.policy_logprobs(trainer.policy, ro, 1.0)
+        twin = hf_twin(trainer.policy)
+        full = rollout_logprobs(twin, ro, 1.0)
         kw = xp.logprob_kwargs(trainer.cfg.sampling, ro)
-        cut = xp.policy_logprobs(trainer.policy, ro, kw.pop("temperature"), **kw)
+        cut = rollout_logprobs(twin, ro, kw.pop("temperature"), **kw)
     torch.testing.assert_close(cut[m], exp.old_logp[m], atol=1e-5, rtol=0)  # padded HF forward vs packed
     assert bool((exp.old_logp[m] >= full[m] - 1e-6).all()) and bool((exp.old_logp[m] > full[m] + 1e-3).any())
     off = _trainer(models, tok, old_logp="recompute", sampling=SamplingConfig(max_new_tokens=6, n=2))
     exp_off, _ = off.collect(prompts, 0)
     assert exp_off.rollout.support is None or not bool(torch.isfinite(exp_off.rollout.support).any())
     with torch.no_grad():
-        full_off = xp.policy_logprobs(off.policy, exp_off.rollout, 1.0)
+        full_off = rollout_logprobs(hf_twin(off.policy), exp_off.rollout, 1.0)
     m = exp_off.rollout.mask  # the padded HF forward against the packed one: equal up to rounding
     torch.testing.assert_close(exp_off.old_logp * m, full_off * m, atol=1e-5, rtol=0)
 

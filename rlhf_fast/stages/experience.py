@@ -1,6 +1,6 @@
-"""From sampled completions to PPO's training tensors: padding, the frozen passes (policy, reference, value,
-reward), per-token rewards and advantages. Everything here runs under `no_grad` except `policy_logprobs` and
-`values_at`, which the update also uses with gradients."""
+"""From sampled completions to PPO's training tensors: the rollout's layout (`Rollout`: the sequences, their labels
+and the positions that predict them), per-token rewards and advantages (`Experience`). The model passes over a
+rollout are in `stages.packed_passes`."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -9,7 +9,6 @@ import torch
 
 from rlhf_fast import distributed, ops
 from rlhf_fast.data import IGNORE_INDEX
-from rlhf_fast.models import final_hidden, output_head
 
 
 class Rollout(NamedTuple):
@@ -65,12 +64,6 @@ def make_rollout(prompts: list[list[int]], completions, pad_id: int, device: tor
     return ro.to(device) if device is not None else ro
 
 
-def response_hidden(model, ro: Rollout) -> torch.Tensor:
-    """The causal LM's hidden states that predict each response token, `(N, R, H)`."""
-    hidden = final_hidden(model, ro.input_ids)  # (N, T, H)
-    return hidden.gather(1, ro.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
-
-
 def logprob_kwargs(sampling, ro: Rollout, *, replay: bool = True) -> dict:
     """The log-prob ops' `temperature`, `top_k`, `top_p` and support arguments for the distribution PPO's rollouts
     sample from (`sampling`: a `SamplingConfig`). The support under top-k / top-p: the rollout's recorded
@@ -81,21 +74,6 @@ def logprob_kwargs(sampling, ro: Rollout, *, replay: bool = True) -> dict:
     if replay and sampling.support == "replay" and ro.support is not None and (sampling.top_k or sampling.top_p < 1):
         kw.update(support="replay", support_threshold=ro.support.to(ro.labels.device))
     return kw
-
-
-def policy_logprobs(model, ro: Rollout, temperature: float, *, entropy: bool = False, **support):
-    """log pi(y_t | x, y_<t) at `temperature` on response tokens, `(N, R)` fp32 (0 on padding); with
-    `entropy=True` also the per-token entropy. `support`: `top_k`, `top_p`, `support`, `support_threshold` of
-    `ops.linear_token_logprobs` (the sampled distribution; `logprob_kwargs`)."""
-    hidden = response_hidden(model, ro)  # first: on a sharded model it gathers the lm_head too
-    weight, bias = output_head(model)
-    return ops.linear_token_logprobs(hidden, weight, ro.labels, bias=bias, temperature=temperature,
-                                     ignore_index=IGNORE_INDEX, return_entropy=entropy, **support)
-
-
-def values_at(value_model, ro: Rollout) -> torch.Tensor:
-    """V(x, y_<t) for every response token: the value head at the position that predicts it, `(N, R)`."""
-    return value_model(ro.input_ids).gather(1, ro.positions)
 
 
 class Experience(NamedTuple):
@@ -115,17 +93,6 @@ class Experience(NamedTuple):
         idx = idx.to(ro.lengths.device)
         r = ro.mask.shape[1]
         return Experience(ro, *(None if x is None else x[idx, :r] if x.dim() == 2 else x[idx] for x in self[1:]))
-
-
-@torch.no_grad()
-def score_rollout(policy, ref, value_model, reward_model, ro: Rollout, temperature: float):
-    """The frozen passes: (old_logp, ref_logp, old_values, scores)."""
-    old_logp = policy_logprobs(policy, ro, temperature)
-    ref_logp = policy_logprobs(ref, ro, temperature)
-    old_values = values_at(value_model, ro) * ro.mask if value_model is not None else torch.zeros_like(old_logp)
-    scores = reward_model.score(ro.input_ids, ro.lengths) if reward_model is not None else \
-        torch.zeros(ro.input_ids.shape[0], device=old_logp.device)
-    return old_logp, ref_logp, old_values, scores
 
 
 def gather_scored(prompts: list[list[int]], completions, ro: Rollout, passes, pad_id: int) -> tuple[Rollout, tuple]:

@@ -1,10 +1,8 @@
-"""PPO's passes on padding-free batches (`ppo.train_model: ours`): the rollout packed into one token stream
-(`rlhf_fast.models.packed`), each prompt computed once for its samples (`ppo.share_prompts`), for the frozen passes
-(policy, reference, value, reward) and for the update; and the rollout's own log-probs as `old_logp`.
-
-Every function takes `batch = pack_rollout(ro, ...)`; `batch=None` is the padded Hugging Face path
-(`train_model: hf`, the reference), so the stage calls one function either way. Results are `(N, R)` tensors laid
-out like `Rollout.labels`, so the losses in `rlhf_fast.ops` are the same on both paths.
+"""PPO's passes over a rollout: the rollout packed into one token stream (`rlhf_fast.models.packed`, no padding),
+each prompt computed once for its samples (`ppo.share_prompts`), for the frozen passes (policy, reference, value,
+reward) and for the update; and the rollout's own log-probs as `old_logp`. Results are `(N, R)` tensors laid out
+like `Rollout.labels`, the layout of the losses in `rlhf_fast.ops`. Every function takes the packed batch
+`pack_rollout(ro, ...)` when the caller has it (the update packs each minibatch once), else packs `ro` itself.
 
 Reusing the rollout log-probs (`ppo.old_logp: reuse`): the policy has not changed between generation and scoring,
 so the engine's log-probs are the behaviour policy's log-probs. They equal a teacher-forced recompute to <= 1e-6
@@ -17,7 +15,7 @@ import torch
 
 from rlhf_fast import ops
 from rlhf_fast.data import IGNORE_INDEX
-from rlhf_fast.models import lora, output_head
+from rlhf_fast.models import lora
 from rlhf_fast.models.packed import PackedBatch, pack, packed_hidden
 from rlhf_fast.stages import experience as xp
 
@@ -33,37 +31,35 @@ def pack_rollout(ro: xp.Rollout, share_prompts: bool) -> PackedBatch:
                 device=ro.input_ids.device)
 
 
-def response_hidden(model, ro: xp.Rollout, batch: PackedBatch | None) -> torch.Tensor:
+def response_hidden(model, ro: xp.Rollout, batch: PackedBatch | None = None,
+                    share_prompts: bool = True) -> torch.Tensor:
     """The policy's hidden states that predict each response token, `(N, R, H)`."""
-    if batch is None:
-        return xp.response_hidden(model, ro)
+    batch = pack_rollout(ro, share_prompts) if batch is None else batch
     rows, pos = batch.predict_reads(ro.labels.shape[1])
     h = packed_hidden(model, batch, rows=rows)  # the prompts' other rows are read by no one
     return h[pos.to(h.device)]
 
 
-def policy_logprobs(model, ro: xp.Rollout, batch: PackedBatch | None, temperature: float,
-                    **support) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) at `temperature`, `(N, R)` fp32, 0 on padding; `support`: top_k / top_p / support
-    arguments of the op (`experience.logprob_kwargs`)."""
-    hidden = response_hidden(model, ro, batch)  # first: on a sharded model it gathers the lm_head too
-    weight, bias = output_head(model)
-    return ops.linear_token_logprobs(hidden, weight, ro.labels, bias=bias, temperature=temperature,
-                                     ignore_index=IGNORE_INDEX, **support)
+def policy_logprobs(model, ro: xp.Rollout, temperature: float, *, batch: PackedBatch | None = None,
+                    entropy: bool = False, **support):
+    """log pi(y_t | x, y_<t) at `temperature`, `(N, R)` fp32, 0 on padding (with `entropy=True` also the per-token
+    entropy); `support`: top_k / top_p / support arguments of the op (`experience.logprob_kwargs`)."""
+    hidden = response_hidden(model, ro, batch)  # first: on a sharded model the root's forward gathers the lm_head
+    head = model.lm_head
+    return ops.linear_token_logprobs(hidden, head.weight, ro.labels, bias=head.bias, temperature=temperature,
+                                     ignore_index=IGNORE_INDEX, return_entropy=entropy, **support)
 
 
-def values_at(value_model, ro: xp.Rollout, batch: PackedBatch | None) -> torch.Tensor:
+def values_at(value_model, ro: xp.Rollout, batch: PackedBatch | None = None) -> torch.Tensor:
     """V(x, y_<t) at every response token, `(N, R)`."""
-    if batch is None:
-        return xp.values_at(value_model, ro)
-    return value_model.packed(batch, reads=batch.predict_reads(ro.labels.shape[1]))
+    batch = pack_rollout(ro, True) if batch is None else batch
+    return value_model(batch, reads=batch.predict_reads(ro.labels.shape[1]))
 
 
-def scores(reward_model, ro: xp.Rollout, batch: PackedBatch | None) -> torch.Tensor:
+def scores(reward_model, ro: xp.Rollout, batch: PackedBatch | None = None) -> torch.Tensor:
     """The reward model's score at each sequence's last token, `(N,)`."""
-    if batch is None:
-        return reward_model.score(ro.input_ids, ro.lengths)
-    return reward_model.packed(batch, reads=batch.last_reads())
+    batch = pack_rollout(ro, True) if batch is None else batch
+    return reward_model(batch, reads=batch.last_reads())
 
 
 def rollout_logprobs(completions, ro: xp.Rollout) -> torch.Tensor:
@@ -79,17 +75,17 @@ def score_rollout(cfg, policy, ref, value_model, reward_model, ro: xp.Rollout, c
     """The frozen passes for `cfg` (a `PPOConfig`): ((old_logp, ref_logp, old_values, scores), metrics)."""
     mine = xp.logprob_kwargs(cfg.sampling, ro)  # the sampled distribution (top-k / top-p), support replayed
     theirs = xp.logprob_kwargs(cfg.sampling, ro, replay=False)  # the reference's own support
-    batch = pack_rollout(ro, cfg.share_prompts) if cfg.train_model == "ours" else None
+    batch = pack_rollout(ro, cfg.share_prompts)
     metrics = {}
     if cfg.old_logp == "recompute":
-        old_logp = policy_logprobs(policy, ro, batch, **mine)
+        old_logp = policy_logprobs(policy, ro, batch=batch, **mine)
     else:
         old_logp = rollout_logprobs(completions, ro)
         if cfg.old_logp == "check":
-            diff = (policy_logprobs(policy, ro, batch, **mine) - old_logp).abs() * ro.mask
+            diff = (policy_logprobs(policy, ro, batch=batch, **mine) - old_logp).abs() * ro.mask
             metrics["old_logp_max_diff"] = float(diff.max())
     with lora.adapters_disabled(ref):  # LoRA: `ref` is the policy, run as its base (a no-op for a separate model)
-        ref_logp = policy_logprobs(ref, ro, batch, **theirs)
+        ref_logp = policy_logprobs(ref, ro, batch=batch, **theirs)
     old_values = values_at(value_model, ro, batch) * ro.mask if value_model is not None else \
         torch.zeros_like(ref_logp)  # critic-free
     rm_scores = scores(reward_model, ro, batch) if reward_model is not None else \
@@ -102,7 +98,7 @@ def epoch_order(cfg, prompt_index: list[int], generator: torch.Generator) -> tor
     group's samples stay together, so a minibatch holds whole groups (whenever `minibatch_size` is a multiple of
     `n`) and computes each prompt once; otherwise a uniform permutation."""
     n = len(prompt_index)
-    if not (cfg.train_model == "ours" and cfg.share_prompts):
+    if not cfg.share_prompts:
         return torch.randperm(n, generator=generator)
     groups: dict[int, list[int]] = {}
     for i, g in enumerate(prompt_index):

@@ -19,20 +19,19 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_fast import distributed, ops, precision, preflight
+from rlhf_fast import distributed, ops, parallelize, precision, preflight
 from rlhf_fast.chat import Codec
 from rlhf_fast.config import ConfigError, PPOConfig, to_dict
-from rlhf_fast.data import SFTExample, epoch_batches, load_texts, sft_batch
+from rlhf_fast.data import SFTExample, epoch_batches, load_texts
 from rlhf_fast.heads import ScalarHeadModel
-from rlhf_fast.models import disable_dropout, lora, output_head
-from rlhf_fast.models.loading import check_compact_support, load_causal_lm, load_tokenizer
-from rlhf_fast.models.lora import LoRALM
+from rlhf_fast.models import disable_dropout, load_model, lora
+from rlhf_fast.models.loading import load_tokenizer
 from rlhf_fast.rollout import SamplingParams
 from rlhf_fast.stages import algorithms
 from rlhf_fast.stages import experience as xp
 from rlhf_fast.stages import packed_passes as pp
 from rlhf_fast.stages import reward_fn as rfn
-from rlhf_fast.stages.common import Progress, guarded_step, make_optimizer, make_scheduler, resolve_device
+from rlhf_fast.stages.common import Progress, guarded_step, make_optimizer, make_scheduler, prepare, resolve_device
 from rlhf_fast.stages.kl_control import KLController
 from rlhf_fast.stages.run_state import TrainRun, exclusive, record_truncation
 from rlhf_fast.stages.sft import response_nll
@@ -51,19 +50,11 @@ class PPOResult(NamedTuple):
 
 def load_frozen_pair(policy_dir: str | Path, rm_dir: str | Path):
     """The frozen reference (SFT) policy and reward model (None for a dir ""), in eval mode without gradients."""
-    ref = load_causal_lm(policy_dir, "ppo.policy").eval().requires_grad_(False) if policy_dir else None
+    ref = load_model(policy_dir, "ppo.policy").eval().requires_grad_(False) if policy_dir else None
     rm = ScalarHeadModel.from_pretrained(rm_dir).eval().requires_grad_(False) if rm_dir else None
     return ref, rm
 
 
-def make_generator(cfg: PPOConfig, policy, pad_id: int):
-    if cfg.generator == "hf":
-        from rlhf_fast.stages.hf_generate import HFGenerator
-
-        return HFGenerator(policy, pad_id=pad_id)
-    from rlhf_fast.rollout import RolloutEngine
-
-    return RolloutEngine(policy)
 
 
 class PPOTrainer:
@@ -90,16 +81,14 @@ class PPOTrainer:
         self.opt = make_optimizer([p for g in self.groups for p in g], cfg.optim)
         self.sched = make_scheduler(self.opt, cfg.optim, cfg.iterations)
         self.kl_ctl = KLController(cfg.kl)
-        self.generator = make_generator(cfg, policy, self.pad_id)
+        from rlhf_fast.rollout import RolloutEngine
+
+        self.generator = RolloutEngine(policy)
         self.skipped = 0
         if precision.autocast_on(cfg.mixed_precision, policy.device) and cfg.old_logp == "reuse":
             log.warning("ppo: mixed_precision runs the update in bf16 while old_logp=reuse takes the rollout's fp32 "
                         "log-probs, so the ratio at unchanged weights is 1 only up to bf16 rounding; set "
                         "old_logp=recompute for an exact start")
-        # the packed update reads the parameters itself, sharded under each layer's FSDP hooks; sharded with gradient
-        # checkpointing it goes through the HF forward
-        self.packed_update = cfg.train_model == "ours" and not (distributed.is_sharded(policy)
-                                                                 and cfg.gradient_checkpointing)
 
     def sampling(self, iteration: int) -> SamplingParams:
         return self.cfg.sampling.params(seed=self.cfg.seed * 100_003 + iteration, stop_token_ids=self.stop_ids)
@@ -112,13 +101,13 @@ class PPOTrainer:
         c, t0 = self.cfg, time.perf_counter()
         self.policy.eval()
         mine = distributed.rank_slice(len(prompts))  # this rank's prompts; seeds follow the global index
-        with distributed.unsharded(self.policy):  # no collective while decoding
+        with parallelize.unsharded(self.policy):  # no collective while decoding
             comps = self.generator.generate(prompts[mine], self.sampling(iteration),
                                             **({"first_index": mine.start} if mine.start else {}))
         comps = [cp._replace(prompt_index=cp.prompt_index + mine.start) for cp in comps]
         t1 = time.perf_counter()
         ro = xp.make_rollout(prompts, comps, self.pad_id, self.policy.device)
-        with distributed.unsharded(self.policy, self.ref, self.value, self.rm):  # no-op in one process
+        with parallelize.unsharded(self.policy, self.ref, self.value, self.rm):  # no-op in one process
             with precision.autocast(c.mixed_precision, self.policy.device):  # as the update
                 (old_logp, ref_logp, old_values, scores), checks = pp.score_rollout(c, self.policy, self.ref,
                                                                                     self.value, self.rm, ro, comps)
@@ -155,7 +144,7 @@ class PPOTrainer:
         value loss (+ ptx_coef * pretraining NLL): one scalar, one backward. `glob` / `ptx_tokens`: the global
         minibatch's counts when `mb` / `ptx_ids` are one rank's part of it (None: their own)."""
         c, ro = self.cfg, mb.rollout
-        batch = pp.pack_rollout(ro, c.share_prompts) if self.packed_update else None  # None: padded HF
+        batch = pp.pack_rollout(ro, c.share_prompts)
         loss, stats = self.policy_loss(mb, batch, glob=glob)
         if self.value is not None:
             vpred = pp.values_at(self.value, ro, batch)
@@ -166,8 +155,8 @@ class PPOTrainer:
             if glob is not None:  # a part of a minibatch: the sums the global explained variance needs
                 stats.update(_explained_var_sums(vpred.detach(), mb.returns, ro.mask))
         if ptx_ids:
-            nll, n = response_nll(self.policy, *sft_batch([SFTExample(t, 0) for t in ptx_ids], self.pad_id))
-            ptx_loss = nll / (n.clamp(min=1) if ptx_tokens is None else ptx_tokens)
+            nll, n = response_nll(self.policy, [SFTExample(t, 0) for t in ptx_ids])
+            ptx_loss = nll / (max(n, 1) if ptx_tokens is None else ptx_tokens)
             loss = loss + c.ptx_coef * ptx_loss
             stats["ptx_loss"] = float(ptx_loss.detach())
         return loss, stats
@@ -175,11 +164,11 @@ class PPOTrainer:
     def policy_loss(self, mb: xp.Experience, batch=None, *,
                     glob: GlobalCounts | None = None) -> tuple[torch.Tensor, dict]:
         """`ops.ppo_loss_from_hidden` on the response hidden states and the lm_head (weight and bias); `batch`: the
-        minibatch packed (`packed_passes.pack_rollout`), None for the padded HF forward."""
+        minibatch packed (`packed_passes.pack_rollout`; None: packed here)."""
         c, ro = self.cfg, mb.rollout
         kl_coef = self.kl_ctl.value if c.kl.placement == "loss" else 0.0
         hidden = pp.response_hidden(self.policy, ro, batch)  # (n, R, H)
-        weight, bias = output_head(self.policy)
+        weight, bias = self.policy.lm_head.weight, self.policy.lm_head.bias  # read after the root's forward
         loss, st = ops.ppo_loss_from_hidden(
             hidden, weight, ro.labels.clamp(min=0), mb.old_logp, mb.advantages, ro.mask, bias=bias,
             clip=ops.PPOClip(low=c.clip, high=c.clip_high or self.algo.clip_high),
@@ -201,9 +190,11 @@ class PPOTrainer:
     def minibatch_step(self, exp: xp.Experience, idx: torch.Tensor, ptx_ids: list[list[int]]):
         """This rank's part of global minibatch `idx` (and of `ptx_ids`) through `minibatch_loss`, micro-batched
         and backpropagated (`distributed.accumulate`); the losses use the global minibatch's token counts, and the
-        returned stats are global. One process, one micro-batch: the loss, not yet backpropagated, and its stats."""
+        returned stats are global. Returns the detached loss (already backpropagated) and the stats."""
         if distributed.world_size() == 1 and distributed.num_micro(len(idx), self.cfg.parallel.micro_batch_size) == 1:
-            return self.minibatch_loss(exp.select(idx), ptx_ids)
+            loss, stats = self.minibatch_loss(exp.select(idx), ptx_ids)  # its own counts are the global ones
+            loss.backward()
+            return loss.detach(), stats
         m = exp.rollout.mask[idx.to(exp.rollout.mask.device)]  # (B, R) the global minibatch's
         glob = GlobalCounts(int(m.sum()), int((m.sum(1) > 0).sum()), len(idx))
         ptx_part, ptx_tokens = ptx_ids[distributed.rank_slice(len(ptx_ids))], None
@@ -321,26 +312,12 @@ def _check_world(cfg: PPOConfig) -> None:
     w = distributed.world_size()
     if w == 1:
         return
-    if cfg.generator != "engine":
-        raise ValueError(f"ppo.generator={cfg.generator!r} runs in one process only; use the engine with torchrun")
     n = cfg.prompts_per_iter * cfg.sampling.n
     last = n % cfg.minibatch_size
     if cfg.prompts_per_iter < w or cfg.minibatch_size < w or 0 < last < w:
         raise ValueError(f"ppo: with {w} processes, prompts_per_iter ({cfg.prompts_per_iter}), minibatch_size "
                          f"({cfg.minibatch_size}) and the last minibatch ({last or cfg.minibatch_size} of {n} "
                          f"sequences) must each be >= {w}")
-
-
-def check_architectures(cfg: PPOConfig) -> None:
-    """Before any model loads: the rollout engine (`generator: engine`) and the padding-free passes (`train_model:
-    ours`) run on the compact models, so the policy (and the reward/value model) must be one of their families."""
-    hint = "; set generator=hf and train_model=hf to run it on Hugging Face's own generate and forwards"
-    if cfg.generator == "engine" or cfg.train_model == "ours":
-        why = "the rollout engine (generator=engine)" if cfg.generator == "engine" else "train_model=ours"
-        check_compact_support(cfg.policy, "ppo.policy", needed_by=why, hint=hint)
-    if cfg.reward_model and cfg.train_model == "ours":
-        check_compact_support(cfg.reward_model, "ppo.reward_model", backbone=True, needed_by="train_model=ours",
-                              hint=hint)
 
 
 @exclusive
@@ -365,34 +342,28 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
     value_dir = final / "value" if algo.critic else None
     if run.already_finished():
         return PPOResult(final / "policy", value_dir, run.step, run.skipped, run.info["elapsed_s"])
-    check_architectures(cfg)
+    policy = load_model(cfg.policy, "ppo.policy")  # first: an architecture we do not cover is one line, at once
     tokenizer = load_tokenizer(cfg.policy, "ppo.policy")
     if cfg.reward_model:
         preflight.check_same_tokenizer(tokenizer, cfg.policy, cfg.reward_model)
     preflight.warn_unused_ptx(cfg.ptx_data, cfg.ptx_coef)
     device = resolve_device(cfg.device)
     dtype = precision.resolve_dtype(cfg.model_dtype, cfg.policy)  # frozen models and outputs; trained: fp32
-    policy = load_causal_lm(cfg.policy, "ppo.policy").to(device)
-    value = ScalarHeadModel.from_pretrained(cfg.reward_model).to(device) if algo.critic else None
-    exported = policy  # what final/policy is exported from
+    value = ScalarHeadModel.from_pretrained(cfg.reward_model) if algo.critic else None
     if cfg.lora.r:  # only adapters (+ the value head) train; the reference is the policy's base, adapters off
-        lora.refuse_sharded()
-        exported = LoRALM.wrap(policy, cfg.lora, cfg.policy, seed=cfg.seed)
-        policy = exported.lm
+        lora.apply_lora(policy, cfg.lora, seed=cfg.seed)
         if value is not None:
-            lora.add_to_scalar_head(value, cfg.lora, cfg.reward_model, seed=cfg.seed + 1)
-    if cfg.gradient_checkpointing:
-        precision.enable_gradient_checkpointing(policy)
-        if value is not None:
-            precision.enable_gradient_checkpointing(value)
+            lora.apply_lora(value, cfg.lora, seed=cfg.seed + 1)
     ref, rm = (m.to(device=device, dtype=dtype) if m is not None else None
                for m in load_frozen_pair("" if cfg.lora.r else cfg.policy, cfg.reward_model))
-    ref = policy if cfg.lora.r else ref  # no second copy: `packed_passes.score_rollout` switches the adapters off
     _check_world(cfg)
-    mp = precision.autocast_on(cfg.mixed_precision, device)
-    policy, value = (distributed.shard(m, mixed_precision=mp) if m is not None else None for m in (policy, value))
+    train = dict(device=device, parallel_cfg=cfg.parallel, gradient_checkpointing=cfg.gradient_checkpointing,
+                 mixed_precision=cfg.mixed_precision)
+    policy, value = (prepare(m, **train) if m is not None else None for m in (policy, value))
+    ref = policy if cfg.lora.r else ref  # no second copy: `packed_passes.score_rollout` switches the adapters off
     if cfg.parallel.shard_frozen:
-        ref, rm = (distributed.shard(m, mixed_precision=mp) if m is not None else None for m in (ref, rm))
+        frozen = dict(train, gradient_checkpointing=False)
+        ref, rm = (prepare(m, **frozen) if m is not None and m is not policy else m for m in (ref, rm))
     prompts = preflight.load_rollout_prompts(cfg.prompts, tokenizer, policy, max_len=cfg.max_len,
                                              max_new_tokens=cfg.sampling.max_new_tokens, overlong=cfg.overlong)
     budget = preflight.prompt_budget(cfg.max_len, policy, cfg.sampling.max_new_tokens)
@@ -426,7 +397,8 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
     if plots:
         run.metrics.plot(["score", "kl", "kl_coef", "response_len", "pg_loss", "vf_loss", "entropy", "clip_frac"],
                          out / "ppo_curves.png", "PPO")
-    run.finish({final / "policy": exported, **({value_dir: value} if value is not None else {})}, dtype=dtype)
+    run.finish({final / "policy": policy, **({value_dir: value} if value is not None else {})}, dtype=dtype,
+               base_dirs={final / "policy": cfg.policy, **({value_dir: cfg.reward_model} if value is not None else {})})
     return PPOResult(final / "policy", value_dir, run.step, run.skipped, run.elapsed())
 
 
