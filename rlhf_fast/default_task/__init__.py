@@ -30,9 +30,14 @@ def build_tokenizer(out_dir: str | Path):
 
 
 def build_model(arch: ModelArch, tokenizer, seed: int = 0):
-    """A randomly initialised `LlamaForCausalLM` sized by `arch` for `tokenizer`'s vocabulary."""
+    """A randomly initialised Llama (`models.llama.LlamaLM`) sized by `arch` for `tokenizer`'s vocabulary. Its
+    weights are those transformers' `LlamaForCausalLM` initialises under `seed` (built once, its state loaded into
+    ours by the state-dict adapter's names), so a run starts from the same weights whichever model class trains."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_fast.models import build_model as build_decoder
+    from rlhf_fast.models.state_dict_adapter import from_hf_name
 
     cfg = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
@@ -43,7 +48,11 @@ def build_model(arch: ModelArch, tokenizer, seed: int = 0):
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return LlamaForCausalLM(cfg)
+        hf = LlamaForCausalLM(cfg)
+    state = {from_hf_name(k, cfg): v for k, v in hf.state_dict().items()}
+    model = build_decoder(cfg, device="meta")
+    model.load_state_dict({k: v for k, v in state.items() if k is not None}, strict=True, assign=True)
+    return model
 
 
 def _write(path: Path, rows: list[dict]) -> str:

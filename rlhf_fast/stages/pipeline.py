@@ -18,11 +18,14 @@ import torch
 from rlhf_fast import distributed, preflight
 from rlhf_fast.chat import Codec
 from rlhf_fast.config import ConfigError, PipelineConfig, to_dict
-from rlhf_fast.models.loading import check_compact_support, load_causal_lm, load_tokenizer
+from rlhf_fast.heads import ScalarHeadModel
+from rlhf_fast.models import load_model
+from rlhf_fast.models.loading import check_family, load_tokenizer
 from rlhf_fast.rollout import SamplingParams
+from rlhf_fast.stages import packed_passes as pp
 from rlhf_fast.stages.common import MetricsLog, jsonable, plot_panels, resolve_device
-from rlhf_fast.stages.experience import make_rollout, policy_logprobs
-from rlhf_fast.stages.ppo import load_frozen_pair, train_ppo
+from rlhf_fast.stages.experience import make_rollout
+from rlhf_fast.stages.ppo import train_ppo
 from rlhf_fast.stages.rm import train_rm
 from rlhf_fast.stages.run_state import EXTEND_KEYS, check_config, exclusive, read_truncation
 from rlhf_fast.stages.sft import train_sft
@@ -81,8 +84,9 @@ def compare_policies(sft_dir: Path, ppo_dir: Path, rm_dir: Path, prompts_file: s
     tokenizer = load_tokenizer(sft_dir, "sft model")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dev = resolve_device(device)
-    sft, rm = (m.to(dev) for m in load_frozen_pair(sft_dir, rm_dir))
-    ppo = load_causal_lm(ppo_dir, "ppo policy").to(dev).eval()
+    sft = load_model(sft_dir, "sft model", device=dev).eval().requires_grad_(False)
+    ppo = load_model(ppo_dir, "ppo policy", device=dev).eval().requires_grad_(False)
+    rm = ScalarHeadModel.from_pretrained(rm_dir, what="reward model").to(dev).eval().requires_grad_(False)
     held = preflight.load_rollout_prompts(prompts_file, tokenizer, sft, max_len=max_len,
                                           max_new_tokens=max_new_tokens, overlong=overlong)
     ids = [p.ids for p in held]
@@ -94,10 +98,10 @@ def compare_policies(sft_dir: Path, ppo_dir: Path, rm_dir: Path, prompts_file: s
         comps = sample(model, ids, **kw)
         ro = make_rollout(ids, comps, pad_id, dev)
         out[name] = {"texts": [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps],
-                     "scores": rm.score(ro.input_ids, ro.lengths).cpu()}
+                     "scores": pp.scores(rm, ro).cpu()}
         if name == "ppo":
             lp_t = temperature if temperature > 0 else 1.0  # greedy: log-probs at temperature 1
-            kl = (policy_logprobs(ppo, ro, lp_t) - policy_logprobs(sft, ro, lp_t)) * ro.mask
+            kl = (pp.policy_logprobs(ppo, ro, lp_t) - pp.policy_logprobs(sft, ro, lp_t)) * ro.mask
             out["mean_kl"] = float(kl.sum(1).mean())
     report = {"mean_reward_sft": float(out["sft"]["scores"].mean()),
               "mean_reward_ppo": float(out["ppo"]["scores"].mean()), "mean_kl": out["mean_kl"],
@@ -136,8 +140,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, stop_after: tuple[
         torch.set_num_threads(cfg.threads)
     cfg, eval_prompts, use_labeler = _with_default_task(cfg, out, write=not started)
     mnt = cfg.ppo.sampling.max_new_tokens
-    if cfg.sft.model:  # before SFT: the evaluation (and PPO's default generator) samples with the rollout engine
-        check_compact_support(cfg.sft.model, "sft.model", needed_by="the pipeline's rollout engine")
+    if cfg.sft.model:  # before SFT: one line for a model family rlhf_fast's models do not cover
+        check_family(cfg.sft.model, "sft.model")
     preflight.pipeline_prompts(cfg.sft.model, cfg.sft.tokenizer, cfg.sft.arch.max_position_embeddings,
                                [cfg.ppo.prompts, eval_prompts], max_len=cfg.ppo.max_len, max_new_tokens=mnt,
                                overlong=cfg.ppo.overlong)  # before SFT: every prompt PPO and the report read

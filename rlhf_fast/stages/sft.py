@@ -1,7 +1,9 @@
 """Supervised fine-tuning: next-token cross-entropy on response tokens only, through the fused log-prob op.
 
-loss = -(1 / #response tokens) * sum_t log p(y_t | x, y_<t), with the prompt masked by `ignore_index`, computed by
-`ops.linear_token_logprobs` from the final hidden states and the lm_head, so no `(tokens, vocab)` tensor exists.
+loss = -(1 / #response tokens) * sum_t log p(y_t | x, y_<t), over the trained tokens (the response, or a chat's
+trained assistant turns), computed on the packed forward (`models.packed`: no padding; the last layer's output
+projection and MLP run on the rows that predict a trained token only) by `ops.linear_token_logprobs` from those
+rows' final hidden states and the lm_head, so no `(tokens, vocab)` tensor exists.
 """
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_fast import distributed, ops, precision
+from rlhf_fast import distributed, ops
 from rlhf_fast.config import ConfigError, SFTConfig, to_dict
-from rlhf_fast.data import IGNORE_INDEX, SFTExample, epoch_batches, load_sft, sft_batch
-from rlhf_fast.models import final_hidden, lora, output_head
-from rlhf_fast.models.loading import load_causal_lm, load_tokenizer
-from rlhf_fast.models.lora import LoRALM
-from rlhf_fast.stages.common import make_optimizer, make_scheduler, resolve_device, train_steps
+from rlhf_fast.data import IGNORE_INDEX, SFTExample, epoch_batches, load_sft
+from rlhf_fast.models import load_model, lora
+from rlhf_fast.models.loading import load_tokenizer
+from rlhf_fast.models.packed import pack, packed_hidden
+from rlhf_fast.precision import autocast, resolve_dtype
+from rlhf_fast.stages.common import make_optimizer, make_scheduler, prepare, resolve_device, train_steps
 from rlhf_fast.stages.run_state import TrainRun, exclusive, record_truncation
 from rlhf_fast.truncation import context_length, fit_len
 
@@ -33,28 +36,46 @@ class SFTResult(NamedTuple):
     elapsed_s: float  # training time, summed over resumed runs
 
 
-def response_nll(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood of the labelled tokens and their count.
+def trained_positions(example: SFTExample) -> list[int]:
+    """The positions j >= 1 of `example.input_ids` whose token is trained: `spans` (multi-turn), else
+    [prompt_len, len)."""
+    n = len(example.input_ids)
+    spans = example.spans or ((example.prompt_len, n),)
+    return sorted({j for a, z in spans for j in range(max(a, 1), min(z, n))})
 
-    input_ids `(B, T)` right-padded; labels `(B, T-1)` with `IGNORE_INDEX` on prompt and padding.
-    """
-    hidden = final_hidden(model, input_ids)[:, :-1]  # (B, T-1, H): position t predicts token t+1
-    weight, bias = output_head(model)
-    labels = labels.to(hidden.device)
-    logp = ops.linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX)  # (B, T-1) fp32
-    return -logp.sum(), (labels != IGNORE_INDEX).sum()
+
+def response_nll(model, examples: list[SFTExample], *,
+                 deterministic: bool = False) -> tuple[torch.Tensor, int]:
+    """(summed negative log-likelihood of the trained tokens of `examples`, their count) under `model` (a
+    `DecoderLM` with an lm_head). The examples are packed into one stream (each its own segment); token j is
+    predicted by its sequence's row j - 1, and only those rows go through the last layer's MLP and the lm_head."""
+    batch = pack([e.input_ids for e in examples], [[] for _ in examples])
+    rows, labels = [], []
+    for (start, _, _, _), e in zip(batch.samples, examples):
+        for j in trained_positions(e):
+            rows.append(start + j - 1)
+            labels.append(e.input_ids[j])
+    count = len(labels)
+    if not count:  # nothing trained (a stand-in item): a zero loss that still runs the forward and backward
+        rows, labels = [0], [IGNORE_INDEX]
+    h = packed_hidden(model, batch, deterministic=deterministic, rows=torch.tensor(rows))  # (R, hidden)
+    head = model.lm_head  # after the forward: a sharded root has gathered it
+    target = torch.tensor(labels, device=h.device)
+    logp = ops.linear_token_logprobs(h, head.weight, target, bias=head.bias, ignore_index=IGNORE_INDEX)  # (R,)
+    nll = -logp.sum()
+    return (nll if count else nll + 0.0 * h.sum()), count
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list[SFTExample], pad_id: int, batch_size: int) -> float:
+def eval_loss(model, examples: list[SFTExample], batch_size: int) -> float:
     """Token-weighted mean response NLL over `examples` (each rank scores its part of every batch)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for part, real in distributed.rank_parts(examples, batch_size):
-        nll, n = response_nll(model, *sft_batch(part, pad_id))
+        nll, n = response_nll(model, part)
         if real:
-            total, count = total + float(nll), count + int(n)
+            total, count = total + float(nll), count + n
     total, count = distributed.all_sum([total, count])
     model.train(was_training)
     return total / max(count, 1)
@@ -64,7 +85,7 @@ def _load_model(cfg: SFTConfig, tokenizer):
     from rlhf_fast.default_task import build_model
 
     if cfg.model:
-        return load_causal_lm(cfg.model, "sft.model")
+        return load_model(cfg.model, "sft.model")
     return build_model(cfg.arch, tokenizer, seed=cfg.seed)
 
 
@@ -89,16 +110,11 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, "sft.tokenizer" if cfg.tokenizer else "sft.model")
     model = _load_model(cfg, tokenizer)
     if cfg.lora.r:  # only the adapters train; the final export is the merged model (+ adapter/ in peft's format)
-        lora.refuse_sharded()
-        model = LoRALM.wrap(model, cfg.lora, cfg.model, seed=cfg.seed)
-    model.to(resolve_device(cfg.device)).train()
-    if cfg.gradient_checkpointing:
-        precision.enable_gradient_checkpointing(model)
+        lora.apply_lora(model, cfg.lora, seed=cfg.seed)
     device = resolve_device(cfg.device)
-    model = distributed.shard(model, mixed_precision=precision.autocast_on(cfg.mixed_precision, device))
-    lm = getattr(model, "lm", model)  # the HF causal LM that runs (inside LoRALM with adapters)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    max_len = fit_len(cfg.max_len, context_length(lm))
+    model = prepare(model, device=device, parallel_cfg=cfg.parallel,
+                    gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=cfg.mixed_precision).train()
+    max_len = fit_len(cfg.max_len, context_length(model))
     kw = dict(overlong=cfg.overlong, assistant_turns=cfg.assistant_turns)
     train = load_sft(cfg.train_data, tokenizer, max_len, **kw)
     evals = load_sft(cfg.eval_data, tokenizer, max_len, **kw) if cfg.eval_data else []
@@ -115,21 +131,21 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
         epoch, pos = divmod(step, per_epoch)
         batch_idx = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, bucket_size=cfg.bucket_size)
         batch = [train[i] for i in batch_idx[pos]]
-        n = (sft_batch(batch, pad_id)[1] != IGNORE_INDEX).sum().clamp(min=1)  # the global batch's tokens
+        n = max(sum(len(trained_positions(e)) for e in batch), 1)  # the global batch's trained tokens
 
         def loss_of(items, real):  # this rank's share of the global mean
-            with precision.autocast(cfg.mixed_precision, lm.device):
-                nll = response_nll(lm, *sft_batch(items, pad_id))[0]
-            return nll / n
+            with autocast(cfg.mixed_precision, device):
+                return response_nll(model, items)[0] / n
 
         return distributed.accumulate(batch, loss_of, cfg.parallel.micro_batch_size), {}
 
-    evaluate = (lambda: {"eval_loss": eval_loss(lm, evals, pad_id, cfg.batch_size)}) if evals else None
+    evaluate = (lambda: {"eval_loss": eval_loss(model, evals, cfg.batch_size)}) if evals else None
     if not run.loop(one_step, evaluate, params=params, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval_every):
         return SFTResult(run.ckpt_dir, float("nan"), run.step, run.skipped, run.elapsed())
-    ev = eval_loss(lm, evals, pad_id, cfg.batch_size) if evals else float("nan")
+    ev = eval_loss(model, evals, cfg.batch_size) if evals else float("nan")
     run.metrics.log(run.step, eval_loss=ev)
     if plots:
         run.metrics.plot(["loss", "eval_loss", "lr", "grad_norm"], out / "sft_curves.png", "SFT")
-    run.finish({out / "final": model}, dtype=precision.resolve_dtype(cfg.model_dtype, cfg.model), eval_loss=ev)
+    run.finish({out / "final": model}, dtype=resolve_dtype(cfg.model_dtype, cfg.model),
+               base_dirs={out / "final": cfg.model}, eval_loss=ev)
     return SFTResult(out / "final", ev, run.step, run.skipped, run.elapsed())
