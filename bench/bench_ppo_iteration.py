@@ -11,7 +11,10 @@ value clip 0.2, vf_coef 0.5, KL 0.05 in the reward, GAE gamma 1 lambda 0.95 with
     reference, value and reward passes as padded HF forwards (left-padded prompts, position ids from the mask); full
     logits -> log_softmax -> gather; rewards and GAE in a reversed Python loop; the same losses in plain PyTorch
     and the same AdamW. Value and reward models are HF backbones + a Linear head (no lm_head), as in TRL.
-  * rlhf_fast: `PPOTrainer(cfg, policy, value, ref, reward_model, tokenizer).iteration(prompts, k)`.
+  * rlhf_fast: `PPOTrainer(cfg, policy, value, ref, reward_model, tokenizer).iteration(prompts, k)` on rlhf_fast's
+    own models (`DecoderLM`, what `models.load_model` gives the stages), holding the very weights of the loop's HF
+    models: each HF Llama is built from the same seed, then its state dict is loaded into `build_model(config)`
+    under our names (`owned`). Value and reward models are `ScalarHeadModel(backbone)` (the head its own init).
 
 Both sides run interleaved iteration by iteration (after a small warm-up each), so the machine's load hits both.
 Time and memory are measured apart: the timed iterations run with the allocator's default settings, and on CPU each
@@ -157,6 +160,24 @@ class TRLStyleLoop:
                 "time_update": t4 - t3, "generated_tokens": float(ids[:, ctx:].numel())}
 
 
+def owned(hf, *, lm_head: bool = True):
+    """rlhf_fast's own model (`models.build_model(hf.config)`, built on meta) holding `hf`'s weights, loaded under
+    our names through `state_dict_adapter.from_hf_name` (`lm_head=False`: the bare backbone of a value / reward
+    model). Not `models.as_decoder(hf)`: that would share the HF model's modules, while the stages train what
+    `models.load_model` builds, plain owned modules with no transformers object behind them; this is that model."""
+    from rlhf_fast.models import build_model
+    from rlhf_fast.models.state_dict_adapter import from_hf_name
+
+    model = build_model(hf.config, lm_head=lm_head, device="meta")
+    state = {}
+    for name, tensor in hf.state_dict().items():
+        ours = from_hf_name(name, hf.config)
+        if ours is not None and (lm_head or not ours.startswith("lm_head.")):
+            state[ours] = tensor.detach().clone()
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
 def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(max(1, 3 * length // 4), 5 * length // 4 + 1, (num,), generator=g)
@@ -193,25 +214,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _config(num_prompts: int, n_samples: int, new_tokens: int, device: str, train_model: str) -> PPOConfig:
+def _config(num_prompts: int, n_samples: int, new_tokens: int, device: str) -> PPOConfig:
     return PPOConfig(prompts_per_iter=num_prompts, sampling=SamplingConfig(n=n_samples, max_new_tokens=new_tokens),
                      ppo_epochs=2, minibatch_size=32, kl=KLConfig(coef=0.05),
-                     optim=OptimConfig(lr=1e-6, schedule="constant"), max_len=512, device=device,
-                     **({"train_model": train_model} if "train_model" in PPOConfig.__dataclass_fields__ else {}))
+                     optim=OptimConfig(lr=1e-6, schedule="constant"), max_len=512, device=device)
 
 
 TOKENIZER = types.SimpleNamespace(pad_token_id=0, eos_token_id=-1, bos_token_id=None)  # no stop: full-length replies
 
 
 def make_side(name: str, cfg: PPOConfig, vocab: int, hidden: int, layers: int, micro_batch: int | None):
-    """One side of the comparison, its models built from the same seeds on both sides (bf16 on CUDA)."""
+    """One side of the comparison, its models built from the same seeds on both sides (bf16 on CUDA): rlhf_fast's
+    are its own models holding the HF models' weights (`owned`); the scalar heads are each side's own
+    initialisation (the phases' work does not depend on their values: no stop token)."""
     device = cfg.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     build = lambda seed: llama(vocab, hidden, layers, seed, dtype, device)  # noqa: E731
     if name == "rlhf_fast":
-        return PPOTrainer(cfg, build(0), ScalarHeadModel(build(1)).to(device=device, dtype=dtype),
-                          build(0).requires_grad_(False), ScalarHeadModel(build(1)).to(device=device, dtype=dtype)
-                          .requires_grad_(False), TOKENIZER)
+        def scalar(seed: int) -> ScalarHeadModel:
+            return ScalarHeadModel(owned(build(seed), lm_head=False)).to(device=device, dtype=dtype)
+
+        return PPOTrainer(cfg, owned(build(0)), scalar(1), owned(build(0)).requires_grad_(False),
+                          scalar(1).requires_grad_(False), TOKENIZER)
     return TRLStyleLoop(cfg, build(0), build(0).requires_grad_(False), ValueHead(build(1).model),
                         ValueHead(build(1).model).requires_grad_(False), pad_id=0, micro_batch=micro_batch)
 
@@ -259,13 +283,13 @@ def cpu_peak_in_child(name: str, cfg: PPOConfig, batches, model_kw: dict) -> int
 
 def bench_iteration(*, vocab: int = 32000, hidden: int = 256, layers: int = 4, num_prompts: int = 16,
                     n_samples: int = 4, new_tokens: int = 64, prompt_len: int = 64, iters: int = 1,
-                    device: str = "cpu", train_model: str = "ours", micro_batch: int | None = None) -> list[dict]:
+                    device: str = "cpu", micro_batch: int | None = None) -> list[dict]:
     """Run both sides interleaved; returns the result rows (see the module docstring). bf16 on CUDA.
 
     Timing and memory are measured apart: the timed iterations run here with the allocator's default settings;
     on CPU each side's peak comes from one more iteration in a fresh process (`cpu_peak_in_child`), on CUDA from
     the allocator's peak statistics of the first measured iteration."""
-    cfg = _config(num_prompts, n_samples, new_tokens, device, train_model)
+    cfg = _config(num_prompts, n_samples, new_tokens, device)
     model_kw = dict(vocab=vocab, hidden=hidden, layers=layers, micro_batch=micro_batch)
     batches = [make_prompts(num_prompts, prompt_len, vocab, seed=i) for i in range(iters + 2)]
     names = ("rlhf_fast", "trl-style")
