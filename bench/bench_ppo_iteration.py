@@ -14,7 +14,8 @@ value clip 0.2, vf_coef 0.5, KL 0.05 in the reward, GAE gamma 1 lambda 0.95 with
   * rlhf_fast: `PPOTrainer(cfg, policy, value, ref, reward_model, tokenizer).iteration(prompts, k)` on rlhf_fast's
     own models (`DecoderLM`, what `models.load_model` gives the stages), holding the very weights of the loop's HF
     models: each HF Llama is built from the same seed, then its state dict is loaded into `build_model(config)`
-    under our names (`owned`). Value and reward models are `ScalarHeadModel(backbone)` (the head its own init).
+    under our names (`harness.owned_model`). Value and reward models are `ScalarHeadModel(backbone)` (the head
+    its own init).
 
 Both sides run interleaved iteration by iteration (after a small warm-up each), so the machine's load hits both.
 Time and memory are measured apart: the timed iterations run with the allocator's default settings, and on CPU each
@@ -40,7 +41,7 @@ import types
 
 import torch
 
-from bench.harness import device_name, peak_extra_memory, write_results
+from bench.harness import device_name, owned_model, peak_extra_memory, write_results
 from rlhf_fast.config import KLConfig, OptimConfig, PPOConfig, SamplingConfig
 from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.stages.ppo import PPOTrainer
@@ -160,24 +161,6 @@ class TRLStyleLoop:
                 "time_update": t4 - t3, "generated_tokens": float(ids[:, ctx:].numel())}
 
 
-def owned(hf, *, lm_head: bool = True):
-    """rlhf_fast's own model (`models.build_model(hf.config)`, built on meta) holding `hf`'s weights, loaded under
-    our names through `state_dict_adapter.from_hf_name` (`lm_head=False`: the bare backbone of a value / reward
-    model). Not `models.as_decoder(hf)`: that would share the HF model's modules, while the stages train what
-    `models.load_model` builds, plain owned modules with no transformers object behind them; this is that model."""
-    from rlhf_fast.models import build_model
-    from rlhf_fast.models.state_dict_adapter import from_hf_name
-
-    model = build_model(hf.config, lm_head=lm_head, device="meta")
-    state = {}
-    for name, tensor in hf.state_dict().items():
-        ours = from_hf_name(name, hf.config)
-        if ours is not None and (lm_head or not ours.startswith("lm_head.")):
-            state[ours] = tensor.detach().clone()
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
 def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(max(1, 3 * length // 4), 5 * length // 4 + 1, (num,), generator=g)
@@ -225,16 +208,16 @@ TOKENIZER = types.SimpleNamespace(pad_token_id=0, eos_token_id=-1, bos_token_id=
 
 def make_side(name: str, cfg: PPOConfig, vocab: int, hidden: int, layers: int, micro_batch: int | None):
     """One side of the comparison, its models built from the same seeds on both sides (bf16 on CUDA): rlhf_fast's
-    are its own models holding the HF models' weights (`owned`); the scalar heads are each side's own
+    are its own models holding the HF models' weights (`owned_model`); the scalar heads are each side's own
     initialisation (the phases' work does not depend on their values: no stop token)."""
     device = cfg.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     build = lambda seed: llama(vocab, hidden, layers, seed, dtype, device)  # noqa: E731
     if name == "rlhf_fast":
         def scalar(seed: int) -> ScalarHeadModel:
-            return ScalarHeadModel(owned(build(seed), lm_head=False)).to(device=device, dtype=dtype)
+            return ScalarHeadModel(owned_model(build(seed), lm_head=False)).to(device=device, dtype=dtype)
 
-        return PPOTrainer(cfg, owned(build(0)), scalar(1), owned(build(0)).requires_grad_(False),
+        return PPOTrainer(cfg, owned_model(build(0)), scalar(1), owned_model(build(0)).requires_grad_(False),
                           scalar(1).requires_grad_(False), TOKENIZER)
     return TRLStyleLoop(cfg, build(0), build(0).requires_grad_(False), ValueHead(build(1).model),
                         ValueHead(build(1).model).requires_grad_(False), pad_id=0, micro_batch=micro_batch)

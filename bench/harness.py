@@ -129,6 +129,28 @@ def time_fn(fn: Callable[[], object], device: torch.device | str = "cpu", *, war
     return statistics.median(times), times
 
 
+def owned_model(hf, *, lm_head: bool = True):
+    """rlhf_fast's own model (a `DecoderLM`: `models.build_model(hf.config)`, built on meta) holding a copy of
+    transformers model `hf`'s weights, loaded under our names through `state_dict_adapter.from_hf_name`
+    (`lm_head=False`: the bare backbone of a value / reward model), on `hf`'s device and in its dtype. Not
+    `models.as_decoder(hf)`: that shares the HF model's modules, while the stages train what `models.load_model`
+    builds, plain owned modules with no transformers object behind them; this is that model, so a bench can build
+    the HF baseline and rlhf_fast's side from one seed."""
+    from rlhf_fast.models import build_model
+    from rlhf_fast.models.state_dict_adapter import from_hf_name
+
+    model = build_model(hf.config, lm_head=lm_head, device="meta")
+    state = {}
+    for name, tensor in hf.state_dict().items():
+        ours = from_hf_name(name, hf.config)
+        if ours is not None and (lm_head or not ours.startswith("lm_head.")):
+            state[ours] = tensor.detach().clone()
+    model.load_state_dict(state, strict=True, assign=True)
+    if lm_head and getattr(hf.config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.embed.weight  # one Parameter, as HF ties them
+    return model.eval()
+
+
 def _flatten(x) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return [x]
