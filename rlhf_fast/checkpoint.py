@@ -7,8 +7,8 @@ Layout of a checkpoint directory:
     trainer_state.pt        scheduler, RNG states, step, data position, KL controller, ... (written by rank 0)
     manifest.json           size and sha256 of every other file in the directory, whatever wrote it
 Two separate jobs: `write_models` / `read_models` are the one place that knows how model and optimiser state
-become files in a directory (a sharded writer replaces just these two), and `publish` makes a directory appear
-atomically: everything goes into a temporary sibling directory, which gets its manifest and is then renamed into
+become files in a directory (DCP, through `distributed.save_state` / `load_state`), and `publish` makes a directory
+appear atomically: everything goes into a temporary sibling directory, which gets its manifest and is then renamed into
 place, so a crash mid-save leaves the previous checkpoint or the new one, never a mix. `publish` keeps the newest
 `keep` checkpoints (`checkpoint`, `checkpoint.1`, ...); `find_checkpoint` resumes from the newest one whose
 manifest checks out, and warns with the path of each damaged one it skips.
@@ -71,14 +71,16 @@ def write_models(directory: Path, models: dict, optimizer: torch.optim.Optimizer
 def read_models(directory: Path, models: dict, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load what `write_models` wrote into the live `models` (and `optimizer`), in place, at any world size."""
     if models and not (directory / STATE_DIR / ".metadata").is_file():
-        raise CheckpointError(f"{directory}: no {STATE_DIR}/.metadata; a checkpoint written before sharded "
-                              f"checkpoints (Hugging Face model directories) cannot be resumed: delete it")
+        raise CheckpointError(f"{directory}: no {STATE_DIR}/.metadata: not a checkpoint this version of rlhf_fast "
+                              f"wrote; it cannot be resumed (delete it, or use a new --out)")
     try:
         distributed.load_state(directory / STATE_DIR, models, optimizer)
     except distributed.DistributedError:
         raise
-    except Exception as e:  # files the manifest vouches for, yet unreadable: name the directory
-        raise CheckpointError(f"{directory / STATE_DIR}: cannot load ({type(e).__name__}: {e})") from e
+    except Exception as e:  # files the manifest vouches for, yet unreadable (or an earlier version's layout)
+        raise CheckpointError(f"{directory / STATE_DIR}: cannot load ({type(e).__name__}: {e}); a checkpoint of an "
+                              f"earlier rlhf_fast version (other model names) cannot be resumed: delete it, or use "
+                              f"a new --out") from e
 
 
 def share_modes(directory: Path) -> None:

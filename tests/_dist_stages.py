@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rlhf_fast import distributed as dist
-from rlhf_fast.config import OptimConfig, ParallelConfig, PPOConfig, RMConfig
+from rlhf_fast.config import LoRAConfig, OptimConfig, ParallelConfig, PPOConfig, RMConfig
 from rlhf_fast.stages.ppo import train_ppo
 from rlhf_fast.stages.rm import train_rm
 from rlhf_fast.stages.sft import train_sft
@@ -30,7 +30,8 @@ def configs(root: Path):
     sft = tiny_sft_config(root / "task", paths, batch_size=8, epochs=1, max_steps=4, eval_every=2,
                           optim=OptimConfig(lr=3e-3, warmup_steps=1), device="cpu", parallel=par)
     rm = RMConfig(model=str(root / "sft1" / "final"), train_data=paths["rm_train"], eval_data=paths["rm_eval"],
-                  batch_size=6, max_steps=2, device="cpu", parallel=par)
+                  batch_size=6, max_steps=2, device="cpu", parallel=par,
+                  gradient_checkpointing=True)  # at N = 2: sharded and checkpointed blocks together
     ppo = PPOConfig(policy=str(root / "sft1" / "final"), reward_model=str(root / "rm1" / "final"),
                     prompts=paths["ppo_prompts"], iterations=2, prompts_per_iter=5, ppo_epochs=2, minibatch_size=4,
                     device="cpu", parallel=par, kl=dataclasses.replace(PPOConfig().kl, target=2.0),
@@ -38,26 +39,35 @@ def configs(root: Path):
     return sft, rm, ppo
 
 
+def lora_sft(root: Path):
+    """SFT with LoRA adapters on the SFT model: sharded adapters, the merged export and `adapter/` at N = 2."""
+    sft = configs(root)[0]
+    return dataclasses.replace(sft, model=str(root / "sft1" / "final"), tokenizer="", max_steps=2, eval_every=0,
+                               lora=LoRAConfig(r=2, alpha=4), optim=OptimConfig(lr=1e-2, warmup_steps=0))
+
+
 def rm_first_step(cfg: RMConfig, dtype: torch.dtype) -> tuple[float, dict[str, torch.Tensor]]:
     """(loss, full gradient) of `train_rm(cfg)`'s first step in `dtype`: the same initial model and first batch
-    through the stage's own step (`rm.step_loss`: sharded, padding-free, micro-batched), before any optimiser step."""
+    through the stage's own step (`rm.step_loss`: prepared as the stage prepares it - sharded, checkpointed -,
+    padding-free, micro-batched), before any optimiser step."""
     from torch.distributed.tensor import DTensor
 
     from rlhf_fast.data import epoch_batches, load_rm
     from rlhf_fast.heads import ScalarHeadModel
     from rlhf_fast.models.loading import load_tokenizer
+    from rlhf_fast.stages.common import prepare
     from rlhf_fast.stages.rm import step_loss
 
     tok = load_tokenizer(cfg.model)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        model = dist.shard(ScalarHeadModel.from_pretrained(cfg.model, new_head=True).to(dtype).train())
+        model = ScalarHeadModel.from_pretrained(cfg.model, dtype=dtype, new_head=True)
+    model = prepare(model, device=torch.device("cpu"), parallel_cfg=cfg.parallel,
+                    gradient_checkpointing=cfg.gradient_checkpointing).train()
     train = load_rm(cfg.train_data, tok, cfg.max_len)
     first = epoch_batches([sum(len(c) for c in e.completions) for e in train], cfg.batch_size, seed=cfg.seed,
                           epoch=0)[0]
-    loss, _ = step_loss(model, [train[i] for i in first], tok.pad_token_id, cfg, shared=True)
-    if loss.requires_grad:  # one process, one micro-batch: not yet backpropagated
-        loss.backward()
+    loss, _ = step_loss(model, [train[i] for i in first], cfg)  # backpropagated
     grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in model.named_parameters()}
     return dist.all_sum(float(loss.detach())), grads
 
@@ -77,6 +87,7 @@ def run_world(root: Path) -> None:
     train_sft(sft, root / f"sft{w}", plots=False)
     train_sft(sft, root / f"sft{w}s", stop_after=2, plots=False)  # left stopped, for the other world to resume
     train_rm(rm, root / f"rm{w}", plots=False)
+    train_sft(lora_sft(root), root / f"sftl{w}", plots=False)
     grads = {f"{dtype}/{micro}": rm_first_step(dataclasses.replace(rm, parallel=ParallelConfig(micro)), dtype)
              for dtype in (torch.float32, torch.float64) for micro in (0, 2)}  # micro-batches: 1 | 3 at N = 1, 1 | 2
     if dist.is_main():

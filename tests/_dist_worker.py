@@ -3,8 +3,9 @@ process) and under `torchrun --nproc_per_node 2` (`python -m tests._dist_worker 
 `tests/_dist_stages.py` too: one launch for everything). Each rank writes what it saw
 to `OUT/rank<r>.pt`; the test compares the two worlds.
 
-A tiny Llama is trained on batches of *unequal* lengths with the fused log-prob op reading the lm_head weight outside
-the model's forward (the stages' pattern), the loss divided by the global token count, micro-batched.
+A tiny Llama (rlhf_fast's own, sharded by `parallelize`) is trained on batches of *unequal* lengths with the fused
+log-prob op reading the lm_head weight after the model's packed forward (SFT's `response_nll`), the loss divided by the
+global token count, micro-batched.
 """
 from __future__ import annotations
 
@@ -14,21 +15,29 @@ from pathlib import Path
 import torch
 
 from rlhf_fast import distributed as dist
-from rlhf_fast import ops
+from rlhf_fast import parallelize as par
+from rlhf_fast.data import SFTExample
+from rlhf_fast.models import save_model
+from rlhf_fast.stages.sft import response_nll
 
-IGNORE = -100
 VOCAB = 97
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def config():
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+
+
+def tiny_llama():
+    """Our LlamaLM, the same initial weights in every process."""
+    from rlhf_fast.models import build_model
+
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return LlamaForCausalLM(cfg)
+        return build_model(config(), device="cpu")
 
 
 def batches(steps: int = 3, size: int = 6) -> list[list[tuple[list[int], int]]]:
@@ -45,23 +54,8 @@ def batches(steps: int = 3, size: int = 6) -> list[list[tuple[list[int], int]]]:
     return out
 
 
-def tensors(items):
-    """Right-padded ids `(B, T)` and labels `(B, T-1)` (IGNORE on prompt and padding)."""
-    t = max(len(s) for s, _ in items)
-    ids = torch.zeros(len(items), t, dtype=torch.long)
-    labels = torch.full((len(items), t - 1), IGNORE, dtype=torch.long)
-    for i, (s, p) in enumerate(items):
-        ids[i, :len(s)] = torch.tensor(s)
-        labels[i, p - 1:len(s) - 1] = torch.tensor(s[p:])
-    return ids, labels
-
-
 def nll(model, items) -> torch.Tensor:
-    ids, labels = tensors(items)
-    hidden = dist.root_call(model, lambda x: model.base_model(input_ids=x, use_cache=False).last_hidden_state,
-                            ids)[:, :-1]
-    head = model.get_output_embeddings()
-    return -ops.linear_token_logprobs(hidden, head.weight, labels, ignore_index=IGNORE).sum()
+    return response_nll(model, [SFTExample(ids, p) for ids, p in items])[0]
 
 
 def train(model, opt, data, *, micro: int = 2, per_rank_mean: bool = False) -> list[tuple[float, float]]:
@@ -90,7 +84,7 @@ def train(model, opt, data, *, micro: int = 2, per_rank_mean: bool = False) -> l
 
 
 def make(state_dir: Path | None = None):
-    model = dist.shard(tiny_llama())
+    model = par.parallelize(tiny_llama())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
     if state_dir is not None:
         dist.load_state(state_dir, {"model": model}, opt)
@@ -101,7 +95,7 @@ def generate(model, prompts: list[list[int]], max_new: int) -> list[list[int]]:
     from rlhf_fast.rollout import RolloutEngine, SamplingParams
 
     mine = dist.rank_slice(len(prompts))
-    with dist.unsharded(model):  # no collective while decoding
+    with par.unsharded(model), torch.no_grad():  # no collective while decoding
         comps = RolloutEngine(model).generate(prompts[mine], SamplingParams(max_new_tokens=max_new, seed=3),
                                               first_index=mine.start)
     return [c.token_ids for c in comps]
@@ -117,7 +111,7 @@ def run(out: Path, peer: Path | None) -> dict:
     dist.save_state(out / f"ckpt{dist.world_size()}", {"model": model}, opt)
     res["steps"] += train(model, opt, data[2:])
     res["final"] = {k: v.clone() for k, v in dist.full_state_dict(model).items()}
-    dist.export_pretrained(model, out / f"export{dist.world_size()}")
+    save_model(model, out / f"export{dist.world_size()}")
     res["per_rank_mean"] = train(*make(), data[:2], per_rank_mean=True)
     if peer is not None:  # resume the other world's checkpoint here and take the last step
         model, opt = make(peer)

@@ -1,10 +1,12 @@
 """Scale-out at world size 2 (real `torchrun --standalone --nproc_per_node 2`, CPU gloo, one thread per rank) against
 world size 1 (this process), in one torchrun launch for everything:
 
-- `rlhf_fast.distributed`: FSDP2 training on unequal lengths, a per-rank-mean loss failing the same check, DCP
-  checkpoints resumed 2 -> 1 and 1 -> 2, global statistics, the Hugging Face export, uneven generation lengths;
-- the stages: SFT, RM and PPO at N = 2 against N = 1 (per-step losses and gradient norms, final weights), PPO stop
-  and resume at N = 2 (bitwise), SFT resumed 2 -> 1 and 1 -> 2; the CLI at world size 1 equals the plain call."""
+- `rlhf_fast.distributed`: FSDP2 training (`parallelize`) on unequal lengths, a per-rank-mean loss failing the same
+  check, DCP checkpoints resumed 2 -> 1 and 1 -> 2, global statistics, the Hugging Face export (`models.save_model`),
+  uneven generation lengths;
+- the stages: SFT, RM (sharded and gradient-checkpointed blocks together), LoRA SFT (sharded adapters, merged export
+  and `adapter/`) and PPO at N = 2 against N = 1 (per-step losses and gradient norms, final weights), PPO stop and
+  resume at N = 2 (bitwise), SFT resumed 2 -> 1 and 1 -> 2; the CLI at world size 1 equals the plain call."""
 from __future__ import annotations
 
 import json
@@ -71,8 +73,10 @@ def worlds(tmp_path_factory):
 
 def test_world_size_one_is_plain():
     assert dist.world_size() == 1 and dist.rank() == 0 and dist.is_main()
+    from rlhf_fast import parallelize
+
     m = worker.tiny_llama()
-    assert dist.shard(m) is m and not dist.is_sharded(m)
+    assert parallelize.parallelize(m) is m and not dist.is_sharded(m)
     assert dist.all_sum(3.5) == 3.5 and dist.all_sum([1, 2]) == [1, 2] and dist.all_true(True)
     assert dist.rank_slice(7) == slice(0, 7) and dist.micro_slices(7, 3) == [slice(0, 2), slice(2, 4), slice(4, 7)]
 
@@ -114,18 +118,22 @@ def test_dcp_layout(worlds):
 
 
 def test_export_round_trip_is_exact(worlds):
+    """The sharded model's export (gathered, rank 0 writes) holds its final weights bitwise, and transformers loads it
+    with our logits."""
     from transformers import AutoModelForCausalLM
 
+    from rlhf_fast.models import load_model
+    from rlhf_fast.models.packed import pack, packed_hidden
+
     one, two, out = worlds
-    loaded = AutoModelForCausalLM.from_pretrained(out / "export2", dtype=torch.float32)
-    sd = loaded.state_dict()
-    assert all(torch.equal(sd[k], v) for k, v in two[0]["final"].items())
-    fresh = worker.tiny_llama()
-    assert torch.equal(loaded.model.rotary_emb.inv_freq, fresh.model.rotary_emb.inv_freq)
-    ids = torch.randint(2, worker.VOCAB, (2, 9))
-    ref = worker.tiny_llama()
-    ref.load_state_dict(two[0]["final"])
-    assert torch.equal(loaded(ids).logits, ref(ids).logits)
+    ours = load_model(out / "export2", "export")
+    assert ours.state_dict().keys() == two[0]["final"].keys()
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in two[0]["final"].items())
+    hf = AutoModelForCausalLM.from_pretrained(out / "export2", dtype=torch.float32).eval()
+    ids = torch.randint(2, worker.VOCAB, (9,)).tolist()
+    with torch.no_grad():
+        logits = ours.logits(packed_hidden(ours, pack([ids], [[]])), False)
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits[0], logits, atol=2e-5, rtol=1e-5)
 
 
 def test_global_moments(worlds):
@@ -197,6 +205,17 @@ def test_rm_first_step_gradient_two_ranks_match_one(worlds, dtype, tol, micro):
     assert float(g1["head.bias"].abs()) < 1e-5 * scale and float(g2["head.bias"].abs()) < 1e-5 * scale
     g1, g2 = ({k: v for k, v in g.items() if k != "head.bias"} for g in (g1, g2))
     assert max_rel(g2, g1) < tol, max_rel(g2, g1)
+
+
+def test_lora_sft_two_ranks_match_one(worlds):
+    """LoRA on sharded blocks: the same losses and merged export as one process, and the same adapter file."""
+    from safetensors.torch import load_file
+
+    root = worlds[2] / "stages"
+    same_run(root / "sftl1", root / "sftl2", ("",), keys=("loss", "grad_norm", "eval_loss"))
+    a, b = (load_file(str(root / d / "final" / "adapter" / "adapter_model.safetensors")) for d in ("sftl1", "sftl2"))
+    assert a.keys() == b.keys() and max_rel(b, a) < REL
+    assert rows(root / "sftl2" / "metrics.jsonl")[0]["loss"] > 0
 
 
 def test_ppo_two_ranks_match_one(worlds):

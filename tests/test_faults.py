@@ -1,5 +1,5 @@
 """Faults and reruns of a run directory: damaged checkpoints, full disks, torn metrics, a changed config, a second
-process, a reward model without its head, weights that diverge, dropout during PPO."""
+process, a reward model without its head, weights that diverge, LoRA dropout during PPO."""
 import dataclasses
 import errno
 import logging
@@ -129,8 +129,10 @@ def test_reward_model_without_its_head_is_an_error(task, tmp_path):
 def test_weights_that_turn_non_finite_stop_the_run():
     p = torch.nn.Parameter(torch.tensor([3.3e38]))
     opt = make_optimizer([p], OptimConfig(lr=3e37))
+    loss = -p.sum()
+    loss.backward()
     with pytest.raises(DivergedError, match="became NaN/Inf"):  # loss and gradient finite; the update overflows
-        guarded_step(-p.sum(), [[p]], opt, None, 0.0)
+        guarded_step(loss.detach(), [[p]], opt, None, 0.0)
 
 
 def test_metrics_are_strict_json(tmp_path):
@@ -141,21 +143,28 @@ def test_metrics_are_strict_json(tmp_path):
 
 @pytest.mark.parametrize("dropout", [False, True])
 def test_ppo_trains_without_dropout_unless_asked(task, dropout):
-    """A GPT-2 with dropout 0.1: at unchanged weights the train-mode ratio is exactly 1 only with dropout off."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A GPT-2 policy with LoRA dropout 0.1 (the one dropout rlhf_fast's models have): at unchanged weights the
+    train-mode ratio is exactly 1 only with dropout off."""
+    from transformers import GPT2Config
 
+    from rlhf_fast.config import LoRAConfig
+    from rlhf_fast.models import build_model as build_decoder
+    from rlhf_fast.models import lora
     from rlhf_fast.stages.ppo import PPOTrainer
 
     _, tok, paths = task
-    gcfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64, resid_pdrop=0.1,
-                      embd_pdrop=0.1, attn_pdrop=0.1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    gcfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    policy, ref = GPT2LMHeadModel(gcfg), GPT2LMHeadModel(gcfg)
-    ref.load_state_dict(policy.state_dict())
-    value, rm = ScalarHeadModel(GPT2LMHeadModel(gcfg)), ScalarHeadModel(GPT2LMHeadModel(gcfg))
+    policy = build_decoder(gcfg, device="cpu")
+    lora.apply_lora(policy, LoRAConfig(r=2, dropout=0.1), seed=0)
+    with torch.no_grad():
+        for m in lora.lora_modules(policy).values():
+            m.lora_B.weight.normal_(0, 0.5)  # B = 0 at init: the adapters (and their dropout) must matter
+    value, rm = (ScalarHeadModel(build_decoder(gcfg, lm_head=False, device="cpu")) for _ in range(2))
     cfg = PPOConfig(sampling=SamplingConfig(max_new_tokens=4, n=2), minibatch_size=8, dropout=dropout,
-                    train_model="hf", old_logp="recompute")  # the padded HF forwards, where dropout lives
-    trainer = PPOTrainer(cfg, policy, value, ref.requires_grad_(False), rm.requires_grad_(False), tok)
+                    old_logp="recompute", lora=LoRAConfig(r=2, dropout=0.1))
+    trainer = PPOTrainer(cfg, policy, value, policy, rm.requires_grad_(False), tok)  # LoRA: ref = adapters off
     exp, _ = trainer.collect([tok(r["prompt"])["input_ids"] for r in rows(paths["ppo_prompts"])[:4]], 0)
     policy.train()
     value.train()

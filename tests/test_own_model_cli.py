@@ -14,19 +14,21 @@ from rlhf_fast import cli, precision
 from rlhf_fast.config import ConfigError
 from rlhf_fast.data import DataError
 from rlhf_fast.heads import ScalarHeadModel
+from rlhf_fast.models import load_model, save_model
 
 
 @pytest.fixture(scope="module")
 def own(tmp_path_factory):
-    """A Llama (tied embeddings, BOS), a GPT-2 and a Qwen2 saved in bf16, with their tokenizers, and chat data."""
+    """A Llama (tied embeddings, BOS) and its scalar head model, a GPT-2 and a Qwen2 saved in bf16, with their
+    tokenizers, and chat data."""
     root = tmp_path_factory.mktemp("own-cli")
     tok = build_tokenizer(root / "tok-bos", bos=True)
-    ScalarHeadModel(build_model("llama", tok, root / "llama", positions=96)).save_pretrained(root / "llama-rm")
-    tok.save_pretrained(str(root / "llama-rm"))
+    build_model("llama", tok, root / "llama", positions=96)
+    save_model(ScalarHeadModel(load_model(root / "llama", "llama")), root / "llama-rm", tokenizer=tok)
     qtok = build_tokenizer(root / "tok", bos=False)
     build_model("gpt2", qtok, root / "gpt2", positions=96)
-    precision.save_in_dtype(build_model("qwen2", qtok, root / "qwen2-fp32"), root / "qwen2", torch.bfloat16)
-    qtok.save_pretrained(str(root / "qwen2"))
+    build_model("qwen2", qtok, root / "qwen2-fp32")
+    save_model(load_model(root / "qwen2-fp32", "qwen2"), root / "qwen2", dtype=torch.bfloat16, tokenizer=qtok)
     return root, chat_data(root / "data")
 
 
@@ -36,13 +38,13 @@ def run(*args):
 
 
 @pytest.mark.parametrize("family, ppo_args", [
-    ("llama", ["--set", "train_model=hf", "--set", "gradient_checkpointing=true"]),  # padded HF forwards
-    ("gpt2", []),  # the padding-free forwards
+    ("llama", ["--set", "gradient_checkpointing=true"]),  # every stage recomputes its blocks in the backward
+    ("gpt2", []),
 ])
 def test_chat_data_sft_rm_ppo_through_the_cli(own, caplog, family, ppo_args):
     root, files = own
     out = root / f"run-{family}"
-    small = ["--set", "batch_size=4", "--set", "max_steps=2"]
+    small = ["--set", "batch_size=4", "--set", "max_steps=2", *ppo_args]
     run("sft", "--set", f"model={root / family}", "--set", f"train_data={files['sft']}", *small,
         "--out", str(out / "sft"))
     run("rm", "--set", f"model={out / 'sft' / 'final'}", "--set", f"train_data={files['rm']}", *small,
