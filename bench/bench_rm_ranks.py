@@ -4,8 +4,8 @@ The issue's pipeline (n_sft 8000, n_rm 1500, one epoch each) is built to its fir
 (`torchrun --standalone --nproc_per_node N`, gloo, one thread per rank): two SFT models that differ by rounding, the
 same tokenizer and data. Then:
 
-1. The first RM step's gradient (`rm.step_loss`, the stage's own sharded padding-free step, before any optimiser
-   step) at N = 1 and 2 from the same SFT model, in float32 and float64: the largest difference relative to each
+1. The first RM step's gradient (`rm.step_loss`, the stage's own padding-free step on the model as `train_rm`
+   prepares it, `stages.common.prepare`: FSDP2-sharded at N = 2; before any optimiser step) at N = 1 and 2 from the same SFT model, in float32 and float64: the largest difference relative to each
    tensor's largest gradient. Rounding is ~1e-7 in float32 and ~1e-15 in float64; a different normalisation, pair
    set or micro-batch assignment would be ~1e-1 in both.
 2. Whole RM runs (`rm.train_rm`, one epoch): N = 2 against N = 1 from the same SFT model, in float32 and float64; a
@@ -17,6 +17,7 @@ same tokenizer and data. Then:
 
     python -m bench.bench_rm_ranks                  # builds both pipelines in a temporary directory (~8 min, 2 cores)
     python -m bench.bench_rm_ranks --from DIR       # DIR/n1, DIR/n2: pipeline directories (sft/final, data/)
+    python -m bench.bench_rm_ranks --quick          # a smoke run: tiny pipelines (n_sft 256, n_rm 32), 2 RM steps
 
 Results: `bench/results/rm_ranks.{csv,json}`.
 """
@@ -35,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ["task.n_sft=8000", "task.n_rm=1500", "sft.epochs=1", "rm.epochs=1", "sft.eval_every=0", "sft.save_every=0",
          "rm.eval_every=0", "rm.save_every=0"]
+QUICK = ["task.n_sft=256", "task.n_rm=32"]  # --quick: overrides BUILD's sizes (the code path, not the numbers)
 
 
 # --- the worker (one torchrun launch) ----------------------------------------------------------------------------
@@ -64,7 +66,8 @@ def float64_models():
 
 
 def first_step_grads(cfg, float64: bool) -> tuple[float, dict[str, torch.Tensor]]:
-    """(loss, full gradients) of the first step of `train_rm(cfg)`: the same model, batch and step code."""
+    """(loss, full gradients) of the first step of `train_rm(cfg)`: the same model (prepared as the stage does:
+    `stages.common.prepare`, FSDP2 at world size > 1), batch and step code (`rm.step_loss`, which backpropagates)."""
     from torch.distributed.tensor import DTensor
 
     from rlhf_fast import distributed
@@ -73,21 +76,22 @@ def first_step_grads(cfg, float64: bool) -> tuple[float, dict[str, torch.Tensor]
     from rlhf_fast.models import disable_dropout
     from rlhf_fast.models.loading import load_tokenizer
     from rlhf_fast.stages import rm
+    from rlhf_fast.stages.common import prepare, resolve_device
+    from rlhf_fast.truncation import context_length, fit_len
 
     tok = load_tokenizer(cfg.model)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         model = ScalarHeadModel.from_pretrained(cfg.model, new_head=True)
     model = model.double() if float64 else model
-    disable_dropout(model)
-    model = distributed.shard(model.train())
-    train = load_rm(cfg.train_data, tok, cfg.max_len)
+    if not cfg.dropout:
+        disable_dropout(model)
+    model = prepare(model, device=resolve_device(cfg.device), parallel_cfg=cfg.parallel,
+                    gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=cfg.mixed_precision).train()
+    train = load_rm(cfg.train_data, tok, fit_len(cfg.max_len, context_length(model.lm)), overlong=cfg.overlong)
     batch = epoch_batches([sum(len(c) for c in e.completions) for e in train], cfg.batch_size, seed=cfg.seed,
                           epoch=0)[0]
-    loss, _ = rm.step_loss(model, [train[i] for i in batch], pad_id, cfg, shared=True)
-    if loss.requires_grad:
-        loss.backward()
+    loss, _ = rm.step_loss(model, [train[i] for i in batch], cfg)  # backpropagated inside (detached loss)
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
              for n, p in model.named_parameters()}
     return distributed.all_sum(float(loss.detach())), grads
@@ -127,10 +131,11 @@ def torchrun(n: int, *args: str) -> None:
         raise RuntimeError(f"{' '.join(cmd)}\n{p.stderr[-4000:]}")
 
 
-def build(src: Path, n: int) -> None:
-    """The issue's pipeline at world size `n` up to its first RM step: SFT model, tokenizer and data under `src`."""
+def build(src: Path, n: int, quick: bool = False) -> None:
+    """The issue's pipeline at world size `n` up to its first RM step: SFT model, tokenizer and data under `src`
+    (`quick`: tiny task sizes)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    sets = [a for o in BUILD for a in ("--set", o)]
+    sets = [a for o in BUILD + (QUICK if quick else []) for a in ("--set", o)]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
                     "rlhf_fast", "pipeline", *sets, "--out", str(src), "--stop-after", "rm:1"],
                    cwd=ROOT, env=env, check=True, capture_output=True)
@@ -169,6 +174,8 @@ def main() -> None:
     ap.add_argument("--from", dest="src", default="", help="a directory with n1/ and n2/, the pipeline at N = 1 and "
                     "2 (sft/final, data/); default: build them in a temporary directory")
     ap.add_argument("--max-steps", type=int, default=0, help="RM steps of the whole runs (0: one epoch)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny pipelines (n_sft 256, n_rm 32), whole RM "
+                    "runs of 2 steps, results in rm_ranks_quick")
     ap.add_argument("--worker", choices=("grad", "train"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--float64", action="store_true", help=argparse.SUPPRESS)
@@ -178,12 +185,15 @@ def main() -> None:
         return worker(args)
     from bench.harness import device_name, write_results
 
+    if args.quick:
+        args.max_steps = args.max_steps or 2
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         src = Path(args.src) if args.src else tmp
         if not args.src:
             for n in (1, 2):
-                build(src / f"n{n}", n)
+                build(src / f"n{n}", n, args.quick)
         sft = [weights(src / f"n{n}" / "sft" / "final") for n in (1, 2)]
         rows = [{"case": "SFT models: N=2 vs N=1", "backbone_max_abs": max(float((sft[1][k] - sft[0][k]).abs().max())
                                                                            for k in sft[0])}]
@@ -212,7 +222,7 @@ def main() -> None:
             rows.append({"case": f"whole RM run, {case}", **run_diff(tmp / x, tmp / y)})
         for r in rows:
             r["device"] = device_name("cpu").split(", torch threads")[0] + "), 1 thread per rank"
-        write_results("rm_ranks", rows)
+        write_results("rm_ranks_quick" if args.quick else "rm_ranks", rows)
 
 if __name__ == "__main__":
     main()
