@@ -5,9 +5,10 @@ The issue's pipeline (n_sft 8000, n_rm 1500, one epoch each) is built to its fir
 same tokenizer and data. Then:
 
 1. The first RM step's gradient (`rm.step_loss`, the stage's own padding-free step on the model as `train_rm`
-   prepares it, `stages.common.prepare`: FSDP2-sharded at N = 2; before any optimiser step) at N = 1 and 2 from the same SFT model, in float32 and float64: the largest difference relative to each
-   tensor's largest gradient. Rounding is ~1e-7 in float32 and ~1e-15 in float64; a different normalisation, pair
-   set or micro-batch assignment would be ~1e-1 in both.
+   prepares it, `stages.common.prepare`: FSDP2-sharded at N = 2; before any optimiser step) at N = 1 and 2 from
+   the same SFT model, in float32 and float64: the largest difference relative to each tensor's largest gradient.
+   Rounding is ~1e-7 in float32 and ~1e-15 in float64; a different normalisation, pair set or micro-batch
+   assignment would be ~1e-1 in both.
 2. Whole RM runs (`rm.train_rm`, one epoch): N = 2 against N = 1 from the same SFT model, in float32 and float64; a
    rounding-only control (N = 1 with `parallel.micro_batch_size=5`: the same gradients summed in another order);
    N = 1 from the N = 2 SFT model against N = 1 from the N = 1 one (the difference the RM inherits); and N = 2 from
