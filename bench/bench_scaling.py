@@ -7,6 +7,7 @@ difference of the final SFT and PPO models against N = 1. Target: training time 
 
     python -m bench.bench_scaling            # CPU, gloo, N = 1 and 2 (a reduced default task, a few minutes)
     python -m bench.bench_scaling --full     # the full default pipeline
+    python -m bench.bench_scaling --quick    # a smoke run: a tiny pipeline (2 PPO iterations), results scaling_quick
     python -m bench.bench_scaling --gpu      # NCCL, N = 1 .. number of GPUs
     python -m bench.bench_scaling --hidden 512 --layers 4   # a wider model (results: scaling_h512_l4)
 
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REDUCED = ["task.n_sft=4096", "task.n_rm=1024", "task.n_ppo=512", "task.n_eval=64", "sft.epochs=1",
            "sft.eval_every=0", "sft.save_every=0", "rm.epochs=1", "rm.eval_every=0", "rm.save_every=0",
            "ppo.iterations=8", "ppo.save_every=0"]
+QUICK = ["task.n_sft=256", "task.n_rm=64", "task.n_ppo=64", "task.n_eval=8", "ppo.iterations=2"]  # over REDUCED
 
 
 def run_pipeline(n: int, out: Path, overrides: list[str], device: str) -> tuple[dict, float]:
@@ -59,14 +61,15 @@ def max_weight_diff(a: Path, b: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="the full default pipeline instead of the reduced one")
+    ap.add_argument("--quick", action="store_true", help="smoke run: a tiny pipeline (the code path, not the numbers)")
     ap.add_argument("--gpu", action="store_true", help="CUDA + NCCL, N = 1 .. torch.cuda.device_count()")
     ap.add_argument("--hidden", type=int, default=0, help="model width (0: the default task's 128); heads of 32")
     ap.add_argument("--layers", type=int, default=0, help="decoder layers (0: the default task's 3)")
     args = ap.parse_args()
     device = "cuda" if args.gpu else "cpu"
     sizes = list(range(1, torch.cuda.device_count() + 1)) if args.gpu else [1, 2]
-    overrides = [] if args.full else list(REDUCED)
-    name = "scaling_gpu" if args.gpu else "scaling"
+    overrides = [] if args.full else REDUCED + (QUICK if args.quick else [])
+    name = ("scaling_gpu" if args.gpu else "scaling") + ("_quick" if args.quick else "")
     if args.hidden:
         overrides += [f"sft.arch.hidden_size={args.hidden}", f"sft.arch.intermediate_size={3 * args.hidden}",
                       f"sft.arch.num_heads={args.hidden // 32}", f"sft.arch.num_kv_heads={max(1, args.hidden // 64)}"]
