@@ -203,6 +203,25 @@ def test_packed_forward_against_trl(trl_env, monkeypatch):
     assert len(calls) == 1
 
 
+def test_hf_gradient_checkpointing_keeps_hfs_forward(trl_env):
+    """With the model's own gradient checkpointing on, the loss runs HF's (recomputing) forward, not the packed one,
+    and still equals TRL's."""
+    from rlhf_fast.integrations.trl import packed_completion_hidden
+
+    trl, plugin, trainer = trl_env
+    model = trainer.model
+    inputs = _with_logps(trainer, _inputs(model.config.vocab_size, seed=3))
+    assert packed_completion_hidden(trainer, model, inputs) is not None
+    on = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    on()
+    try:
+        assert packed_completion_hidden(trainer, model, inputs) is None
+        _assert_same(_step(trainer._compute_loss, trainer, inputs), _trl_step(trl, trainer, inputs), "checkpointing")
+    finally:
+        off()
+
+
 def test_grpo_trainer_falls_back_to_trl(trl_env, monkeypatch):
     trl, plugin, trainer = trl_env
     inputs = _with_logps(trainer, _inputs(trainer.model.config.vocab_size, seed=1))

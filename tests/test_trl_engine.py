@@ -123,9 +123,8 @@ def test_old_logps_are_the_engines(env, monkeypatch, kind, family, peft):
         assert (old[~mask] == 0).all()
     else:  # RLOO keeps each sequence's summed log-prob
         torch.testing.assert_close(out["old_logps"], (want * mask).sum(1), rtol=0, atol=1e-4)
-    if peft:  # the adapters matter: the base model's log-probs differ
-        from rlhf_fast.models.lora import adapters_disabled
-        with adapters_disabled(trainer.model):
+    if peft:  # the adapters matter: the base model's log-probs differ (peft's own switch on its model)
+        with trainer.model.disable_adapter():
             base = _trl_logps(env, trainer, kind, out)
         assert (base[mask] - want[mask]).abs().max() > 1e-2
 
