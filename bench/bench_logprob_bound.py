@@ -27,7 +27,6 @@ from rlhf_fast.config import OptimConfig, SFTConfig, TaskConfig
 from rlhf_fast.data import load_prompts
 from rlhf_fast.default_task import build_model, build_tokenizer, write_task_data
 from rlhf_fast.models import load_model
-from rlhf_fast.models.loading import load_causal_lm
 from rlhf_fast.rollout import RolloutEngine, SamplingParams, teacher_forced_logprobs
 from rlhf_fast.stages import experience as xp
 from rlhf_fast.stages.packed_passes import policy_logprobs
@@ -38,9 +37,11 @@ def padded_hf_logprobs(model, ro: xp.Rollout) -> torch.Tensor:
     """log-probs (N, R) of `ro`'s labels by `model`'s weights in transformers' causal LM (exported, loaded back):
     one padded forward of the right-padded rows (causal: the padding after a row does not reach it), full logits
     -> log_softmax -> gather at the rows' positions."""
+    from transformers import AutoModelForCausalLM
+
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
-        hf = load_causal_lm(d).eval()
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=model.dtype).eval()
     logits = hf(input_ids=ro.input_ids, use_cache=False).logits.float()  # (N, T, V)
     logits = logits.gather(1, ro.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (N, R, V)
     return torch.log_softmax(logits, -1).gather(-1, ro.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
