@@ -133,20 +133,24 @@ def test_ctrl_c_says_where_a_rerun_resumes(own, capsys, monkeypatch, caplog):
     root, _, files = own
     args = ["sft", "--set", f"model={root / 'qwen2'}", "--set", f"train_data={files['sft']}", "--set", "batch_size=2",
             "--set", "max_steps=5", "--set", "save_every=2", "--out", str(root / "sft-int")]
-    apply = run_state.TrainRun.apply
+    optimizer_step = run_state.TrainRun.optimizer_step
 
     def interrupted_at_the_third(self, *a, **k):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return apply(self, *a, **k)
+        inner = optimizer_step(self, *a, **k)
 
-    monkeypatch.setattr(run_state.TrainRun, "apply", interrupted_at_the_third)
+        def step(i):
+            if i == 2:
+                raise KeyboardInterrupt
+            return inner(i)
+        return step
+
+    monkeypatch.setattr(run_state.TrainRun, "optimizer_step", interrupted_at_the_third)
     with one_thread():
         assert cli.main(args) == 130
     err = capsys.readouterr().err
     assert "rlhf-fast sft: interrupted in sft at step 2; rerun the same command to resume from step 2" in err
     assert "Traceback" not in err
-    monkeypatch.setattr(run_state.TrainRun, "apply", apply)
+    monkeypatch.setattr(run_state.TrainRun, "optimizer_step", optimizer_step)
     with one_thread(), caplog.at_level(logging.INFO):
         assert cli.main(args) == 0
     assert "resuming" in caplog.text and "at step 2/5" in caplog.text

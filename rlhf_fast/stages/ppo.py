@@ -31,7 +31,7 @@ from rlhf_fast.stages import algorithms
 from rlhf_fast.stages import experience as xp
 from rlhf_fast.stages import packed_passes as pp
 from rlhf_fast.stages import reward_fn as rfn
-from rlhf_fast.stages.common import Progress, guarded_step, make_optimizer, make_scheduler, prepare, resolve_device
+from rlhf_fast.stages.common import guarded_step, make_optimizer, make_scheduler, prepare, resolve_device
 from rlhf_fast.stages.kl_control import KLController
 from rlhf_fast.stages.run_state import TrainRun, exclusive, record_truncation
 from rlhf_fast.stages.sft import response_nll
@@ -379,21 +379,20 @@ def train_ppo(cfg: PPOConfig, out_dir: str | Path, *, stop_after: int | None = N
     trainer.skipped = run.skipped
 
     per_epoch = max(1, len(prompts) // cfg.prompts_per_iter)  # full prompt batches only
-    bar = Progress("ppo", cfg.iterations, run.step)
-    try:
-        while run.step < cfg.iterations:
-            epoch, pos = divmod(run.step, per_epoch)
-            batch = epoch_batches([0] * len(prompts), cfg.prompts_per_iter, seed=cfg.seed, epoch=epoch)[pos]
-            m = trainer.iteration([prompts[i].ids for i in batch], run.step, [prompts[i].raw for i in batch])
-            run.step, run.skipped = run.step + 1, trainer.skipped
-            run.metrics.log(run.step, **m)
-            shown = {"reward": m["score"], **{k: m[k] for k in ("kl", "pg_loss", "vf_loss") if k in m}}
-            bar.update(run.step, tokens=round(m["response_len"] * len(batch) * cfg.sampling.n), **shown)
-            if not run.after_step():
-                return PPOResult(run.ckpt_dir, run.ckpt_dir if algo.critic else None, run.step, run.skipped,
-                                 run.elapsed())
-    finally:
-        bar.close()
+
+    def one_iteration(step: int) -> dict:
+        epoch, pos = divmod(step, per_epoch)
+        batch = epoch_batches([0] * len(prompts), cfg.prompts_per_iter, seed=cfg.seed, epoch=epoch)[pos]
+        m = trainer.iteration([prompts[i].ids for i in batch], step, [prompts[i].raw for i in batch])
+        run.skipped = trainer.skipped
+        return m
+
+    def show(m: dict) -> dict:
+        return {"tokens": round(m["response_len"] * cfg.prompts_per_iter * cfg.sampling.n), "reward": m["score"],
+                **{k: m[k] for k in ("kl", "pg_loss", "vf_loss") if k in m}}
+
+    if not run.loop(one_iteration, show=show):
+        return PPOResult(run.ckpt_dir, run.ckpt_dir if algo.critic else None, run.step, run.skipped, run.elapsed())
     if plots:
         run.metrics.plot(["score", "kl", "kl_coef", "response_len", "pg_loss", "vf_loss", "entropy", "clip_frac"],
                          out / "ppo_curves.png", "PPO")

@@ -166,7 +166,8 @@ def train_rm(cfg: RMConfig, out_dir: str | Path, *, stop_after: int | None = Non
         return step_loss(model, [train[i] for i in batch_idx[pos]], cfg)
 
     evaluate = (lambda: {"eval_accuracy": pairwise_accuracy(model, evals, cfg.batch_size)}) if evals else None
-    if not run.loop(one_step, evaluate, params=params, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval_every):
+    if not run.loop(run.optimizer_step(one_step, params, cfg.optim.grad_clip), evaluate=evaluate,
+                    eval_every=cfg.eval_every):
         return RMResult(run.ckpt_dir, float("nan"), run.step, run.skipped, run.elapsed())
     acc = pairwise_accuracy(model, evals, cfg.batch_size) if evals else float("nan")
     run.metrics.log(run.step, eval_accuracy=acc)

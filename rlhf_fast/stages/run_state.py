@@ -27,7 +27,7 @@ from rlhf_fast import distributed
 from rlhf_fast.checkpoint import (clean_stale, find_checkpoint, load_state, read_models, rng_state,
                                   save_checkpoint, set_rng_state, share_modes)
 from rlhf_fast.config import ConfigError
-from rlhf_fast.stages.common import MetricsLog, Progress, StepResult, guarded_step
+from rlhf_fast.stages.common import MetricsLog, Progress, guarded_step
 from rlhf_fast.truncation import Examples
 
 log = logging.getLogger(__name__)
@@ -270,32 +270,39 @@ class TrainRun:
         mib = distributed.all_gather_objects(distributed.local_state_mib(self.models, self.opt))
         self.save(finished=True, state_mib_per_rank=mib, **info)
 
-    def apply(self, loss: torch.Tensor, params: list[torch.nn.Parameter], grad_clip: float) -> StepResult:
-        """Clipped optimiser step on the accumulated gradients (`loss`: this rank's detached share of the batch
-        loss, from `distributed.accumulate`), skipped (counted, logged) on a non-finite loss or gradient."""
-        res = guarded_step(loss, [params], self.opt, self.sched, grad_clip)
-        self.skipped += not res.applied
-        self.step += 1
-        if not res.applied:
-            log.warning("%s: step %d skipped (non-finite loss or gradient); %d skipped so far", self.name,
-                        self.step, self.skipped)
-        return res
+    def optimizer_step(self, batch_fn: Callable[[int], tuple], params: list[torch.nn.Parameter],
+                       grad_clip: float) -> Callable[[int], dict]:
+        """SFT's and RM's step for `run`: `batch_fn(step)` runs the forwards and backwards of the batch at that step
+        (`distributed.accumulate`) and returns `(loss, extra_metrics)` (`loss`: this rank's detached share); then one
+        clipped optimiser step on the accumulated gradients, skipped (counted, logged) on a non-finite loss or
+        gradient. Returns the step's metrics."""
+        def step(i: int) -> dict:
+            loss, extra = batch_fn(i)
+            res = guarded_step(loss, [params], self.opt, self.sched, grad_clip)
+            self.skipped += not res.applied
+            if not res.applied:
+                log.warning("%s: step %d skipped (non-finite loss or gradient); %d skipped so far", self.name,
+                            i + 1, self.skipped)
+            return {"loss": distributed.all_sum(float(loss.detach())), **extra, "grad_norm": res.grad_norm,
+                    "lr": self.lr(), "skipped": self.skipped}
+        return step
 
-    def loop(self, step_fn: Callable[[int], tuple], evaluate: Callable[[], dict] | None, *,
-             params: list[torch.nn.Parameter], grad_clip: float, eval_every: int) -> bool:
-        """SFT's and RM's step loop: optimiser steps until `total`. `step_fn(step)` runs the forwards and backwards
-        of the batch at that step (`distributed.accumulate`) and returns `(loss, extra_metrics)`; `evaluate()` gives
-        eval metrics every `eval_every` steps. Returns False if it stopped early at `stop_after` (checkpointed), True
-        when done."""
+    def loop(self, step_fn: Callable[[int], dict], *, show: Callable[[dict], dict] | None = None,
+             evaluate: Callable[[], dict] | None = None, eval_every: int = 0) -> bool:
+        """Every stage's loop, from the current step to `total`: `step_fn(step)` trains step `step` (its forwards,
+        backwards and optimiser steps: `optimizer_step` for SFT and RM, an iteration for PPO) and returns its
+        metrics, which are logged; `show(metrics)` picks what the progress line shows (default: all but the gradient
+        norm and the skip count); `evaluate()` gives eval metrics every `eval_every` steps. Checkpoints as
+        `after_step` says. Returns False if it stopped early at `stop_after` (checkpointed), True when done."""
+        show = show or (lambda m: {k: v for k, v in m.items() if k not in ("grad_norm", "skipped")})
         bar = Progress(self.name, self.total, self.step)
         try:
             while self.step < self.total:
-                loss, extra = step_fn(self.step)
-                res = self.apply(loss, params, grad_clip)
+                metrics = step_fn(self.step)
+                self.step += 1
                 step = self.step
-                loss = distributed.all_sum(float(loss.detach()))
-                bar.update(step, loss=loss, **extra, lr=self.lr())
-                self.metrics.log(step, loss=loss, **extra, grad_norm=res.grad_norm, lr=self.lr(), skipped=self.skipped)
+                bar.update(step, **show(metrics))
+                self.metrics.log(step, **metrics)
                 if step < self.total and eval_every and evaluate is not None and step % eval_every == 0:
                     self.metrics.log(step, **evaluate())
                 if not self.after_step():

@@ -140,7 +140,8 @@ def train_sft(cfg: SFTConfig, out_dir: str | Path, *, stop_after: int | None = N
         return distributed.accumulate(batch, loss_of, cfg.parallel.micro_batch_size), {}
 
     evaluate = (lambda: {"eval_loss": eval_loss(model, evals, cfg.batch_size)}) if evals else None
-    if not run.loop(one_step, evaluate, params=params, grad_clip=cfg.optim.grad_clip, eval_every=cfg.eval_every):
+    if not run.loop(run.optimizer_step(one_step, params, cfg.optim.grad_clip), evaluate=evaluate,
+                    eval_every=cfg.eval_every):
         return SFTResult(run.ckpt_dir, float("nan"), run.step, run.skipped, run.elapsed())
     ev = eval_loss(model, evals, cfg.batch_size) if evals else float("nan")
     run.metrics.log(run.step, eval_loss=ev)
