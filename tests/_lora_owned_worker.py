@@ -1,4 +1,4 @@
-"""LoRA (`rlhf_fast.models.lora_owned`) on a model `parallelize` shards, for `tests/test_lora_owned.py`: at world size
+"""LoRA (`rlhf_fast.models.lora`) on a model `parallelize` shards, for `tests/test_lora_owned.py`: at world size
 1 (the test process) and under `torchrun --nproc_per_node 2` (`python -m tests._lora_owned_worker OUT`). Each world
 runs the packed forward + backward of `tests._parallelize_worker.step` and writes its loss, the adapters' whole
 gradients, the merged state dict (rank 0) and a peft adapter directory (`OUT/<spec>-w<world>`)."""
@@ -12,7 +12,7 @@ import torch
 from rlhf_fast import distributed as dist
 from rlhf_fast import parallelize as par
 from rlhf_fast.config import LoRAConfig
-from rlhf_fast.models import lora_owned as lo
+from rlhf_fast.models import lora as lo
 from tests._parallelize_worker import step, tiny_model
 
 SPECS = {"llama_shard_ckpt": ("llama", par.ParallelSpec(checkpointing=True)),

@@ -1,4 +1,4 @@
-"""LoRA in rlhf_fast's own modules (`rlhf_fast.models.lora_owned`) against peft on the same tiny HF models: the
+"""LoRA in rlhf_fast's own modules (`rlhf_fast.models.lora`) against peft on the same tiny HF models: the
 forward, peft's adapter format both ways, disabled adapters, gradients, the merged weights, and what is refused."""
 import json
 
@@ -12,7 +12,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, L
 
 from rlhf_fast.config import ConfigError, LoRAConfig
 from rlhf_fast.models import build_model
-from rlhf_fast.models import lora_owned as lo
+from rlhf_fast.models import lora as lo
 from rlhf_fast.models.loading import ModelLoadError
 from rlhf_fast.models.state_dict_adapter import from_hf_name, is_transposed, to_hf_name
 

@@ -146,7 +146,7 @@ def test_uncovered_family_is_refused_naming_the_covered_ones():
 
 
 class _LoRALinear(torch.nn.Module):
-    """The duck type `layers.project` takes for `models.lora_owned.LoRALinear`."""
+    """The duck type `layers.project` takes for `models.lora.LoRALinear`."""
 
     def __init__(self, d_in, d_out, r, scaling):
         super().__init__()

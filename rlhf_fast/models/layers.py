@@ -85,7 +85,7 @@ class DecoderLM(nn.Module):
         raise NotImplementedError
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, deterministic: bool = False,
-                out_rows: torch.Tensor | None = None, *, _layer_call=None) -> torch.Tensor:
+                out_rows: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder over packed tokens: input_ids, positions (T,) -> final-normed hidden (T, hidden).
 
         `attend(layer, q, k, v, scale, window=0, softcap=0.0, sinks=None) -> (T, H, D)` is the attention (rollout:
@@ -95,16 +95,12 @@ class DecoderLM(nn.Module):
         `out_rows` (R,) int64: only these rows of the output are read (a value model's response rows, a reward
         model's last rows, the sampled rows of a prefill), so the last block computes the rest of its rows' keys and
         values only; returns (R, hidden), equal to the full output's rows (bitwise in deterministic mode).
-        `_layer_call(i, block, *args) -> h`: how block i is called (bridge until the stages train owned models:
-        `models.packed` runs a converted, FSDP-sharded or checkpointing transformers model's blocks through it)."""
+        Every block is called as a module, so what `parallelize` wraps it in (FSDP2, checkpointing, compile) runs."""
         h, ctx = self.embed_inputs(input_ids, positions)
         last = self.num_layers - 1
         for i, block in enumerate(self.layers):
             rows = out_rows if i == last else None
-            if _layer_call is None:
-                h = block(h, ctx, attend, deterministic, rows)
-            else:
-                h = _layer_call(i, block, h, ctx, attend, deterministic, rows)
+            h = block(h, ctx, attend, deterministic, rows)
         if out_rows is not None and not self.num_layers:
             h = h.index_select(0, out_rows)
         return self.final_norm(h)
@@ -164,8 +160,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, det
 
 def project(x: torch.Tensor, module: nn.Module, deterministic: bool) -> torch.Tensor:
     """`module`'s projection of x (T, in) -> (T, out), its parameters read at call time: an `nn.Linear`, GPT-2's
-    `Conv1D` (a converted transformers model), our `LoRALinear` (`models.lora_owned`: `weight`, `bias`, `lora_A`,
-    `lora_B`, `scaling`, `dropout`, `disabled`), or a peft LoRA layer (`models.lora` on a transformers model). An
+    `Conv1D` (a converted transformers model), our `LoRALinear` (`models.lora`: `weight`, `bias`, `lora_A`,
+    `lora_B`, `scaling`, `dropout`, `disabled`), or a peft LoRA layer (a converted transformers + peft model). An
     active adapter adds what peft's own forward computes: W x + b + scale * B A dropout(x). Disabled or merged
     adapters add nothing (merged ones are in W)."""
     if hasattr(module, "disabled") and hasattr(module, "scaling"):  # our LoRALinear

@@ -305,8 +305,9 @@ def _hf_state(model, state: dict[str, torch.Tensor], backbone: bool) -> dict[str
         try:
             key = to_hf_name(ours, model.config, backbone=backbone)
         except KeyError:
-            hint = (": export the merged weights (`save_pretrained(model, path, state_dict=lora_owned."
-                    "merged_state_dict(model))`) or the adapter (`save_adapter`)") if ".lora_" in ours else ""
+            hint = (": export it with `models.save_model` (the merged weights + adapter/), or the merged weights "
+                    "(`save_pretrained(model, path, state_dict=lora.merged_state_dict(model))`) or the adapter "
+                    "(`lora.save_adapter`)") if ".lora_" in ours else ""
             raise ValueError(f"save_pretrained: {ours!r} has no Hugging Face name{hint}") from None
         out[key] = (t, is_transposed(ours, model.config) and ours.rpartition(".")[0] not in conv)
     return out
