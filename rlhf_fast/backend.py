@@ -103,6 +103,7 @@ def _why_unavailable(spec: OpBackends, backend: str, device: torch.device) -> st
     return None
 
 
+@torch.compiler.assume_constant_result  # traced once: a compiled graph keeps the backend it was built with
 def select(op: str, device: torch.device | str) -> str:
     """The backend that runs `op` on tensors living on `device`."""
     spec = _OPS[op]

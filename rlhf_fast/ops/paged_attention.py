@@ -67,6 +67,26 @@ def _(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=0, 
     return torch.empty_like(q)
 
 
+def _native_store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """csrc/paged_attention.cpp `store_kv_cache_cpu`: k, v contiguous in the caches' dtype (CPU)."""
+    _native.call("store_kv_cache_cpu", arg("k", k), arg("v", v, k.dtype), arg("k_cache", k_cache, k.dtype),
+                 arg("v_cache", v_cache, k.dtype), arg("slot_mapping", slot_mapping, torch.int64),
+                 k.shape[0], k.shape[1] * k.shape[2] * k.element_size(), k_cache.shape[0] * k_cache.shape[1])
+
+
+@torch.library.custom_op("rlhf_fast::store_kv_cache", mutates_args=("k_cache", "v_cache"))
+def _native_store_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
+    """`_native_store` as a custom op (what torch.compile sees; eager calls skip the dispatch)."""
+    _native_store(k, v, k_cache, v_cache, slot_mapping)
+
+
+@_native_store_op.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping):
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Layer 3: public functions (no autograd layer: inference only).
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,11 +182,10 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
         triton_store(k, v, k_cache, v_cache, slot_mapping)
         return
-    if backend == "native" and k_cache.dtype == v_cache.dtype and not torch.compiler.is_compiling():
+    if backend == "native" and k_cache.dtype == v_cache.dtype:
         k, v = k.to(k_cache.dtype).contiguous(), v.to(k_cache.dtype).contiguous()  # plain row copies on CPU
-        _native.call("store_kv_cache_cpu", arg("k", k), arg("v", v, k.dtype), arg("k_cache", k_cache, k.dtype),
-                     arg("v_cache", v_cache, k.dtype), arg("slot_mapping", slot_mapping.contiguous(), torch.int64),
-                     k.shape[0], k.shape[1] * k.shape[2] * k.element_size(), k_cache.shape[0] * k_cache.shape[1])
+        (_native_store_op if torch.compiler.is_compiling() else _native_store)(k, v, k_cache, v_cache,
+                                                                               slot_mapping.contiguous())
         return
     reference.store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
 

@@ -69,20 +69,19 @@ def sample(logits: torch.Tensor, params: SamplingParams, key: torch.Tensor, stre
     no_cut = torch.full(logits.shape[:1], float("-inf"), dtype=torch.float32, device=logits.device)
     if params.greedy:
         tokens = logits.argmax(dim=-1)
-        return Draw(tokens, ops.token_logprobs(logits, tokens), no_cut)
+        return Draw(tokens, _token_logprobs(logits, tokens, 1.0, 0, 1.0, None), no_cut)
     temp = params.logprob_temperature
     thr = None
     if params.truncated(vocab):  # (B,): the support each row samples from
-        thr = ops.support_threshold(logits, temperature=temp, top_k=params.top_k, top_p=params.top_p)
+        thr = _support_threshold(logits, temp, params.top_k, params.top_p)
     u = philox.uniform(key, streams, positions)  # (B,)
     tokens = inverse_cdf(logits, temp, u, thr)
     if thr is None:
-        return Draw(tokens, ops.token_logprobs(logits, tokens, temperature=temp), no_cut)
+        return Draw(tokens, _token_logprobs(logits, tokens, temp, 0, 1.0, None), no_cut)
     if params.logprobs == "sampled":
-        logp = ops.token_logprobs(logits, tokens, temperature=temp, top_k=params.top_k, top_p=params.top_p,
-                                  support="replay", support_threshold=thr)
+        logp = _token_logprobs(logits, tokens, temp, params.top_k, params.top_p, thr)
     else:
-        logp = ops.token_logprobs(logits, tokens, temperature=temp)
+        logp = _token_logprobs(logits, tokens, temp, 0, 1.0, None)
     return Draw(tokens, logp, replay_threshold(logits, temp, thr).float())
 
 
@@ -104,6 +103,35 @@ def inverse_cdf(logits: torch.Tensor, temperature: float, u: torch.Tensor,
     scaled_u = (u * cdf[:, -1])[:, None]  # (B, 1), scaled into [0, total)
     # first index with cdf > u: token i has cdf[i] > u >= cdf[i - 1], so w_i > 0 (dropped tokens, w = 0, never win)
     return torch.searchsorted(cdf, scaled_u, right=True)[:, 0].clamp_max(scaled.shape[-1] - 1)
+
+
+@torch.library.custom_op("rlhf_fast::sample_support_threshold", mutates_args=())
+def _support_threshold(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """`ops.support_threshold` as one opaque op: its selection kernels (native, Triton) run as they do eagerly inside
+    a compiled step, so compiled and eager steps cut the same support."""
+    return ops.support_threshold(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@_support_threshold.register_fake
+def _(logits, temperature, top_k, top_p):
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.new_empty(logits.shape[:-1], dtype=dtype)
+
+
+@torch.library.custom_op("rlhf_fast::sample_logprobs", mutates_args=())
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                    threshold: torch.Tensor | None) -> torch.Tensor:
+    """`ops.token_logprobs` of the drawn tokens, the trainer's op (so a deterministic trainer recomputes them bitwise),
+    as one opaque op in a compiled step: the support replayed from `threshold`, or the full distribution (None)."""
+    if threshold is None:
+        return ops.token_logprobs(logits, tokens, temperature=temperature)
+    return ops.token_logprobs(logits, tokens, temperature=temperature, top_k=top_k, top_p=top_p, support="replay",
+                              support_threshold=threshold)
+
+
+@_token_logprobs.register_fake
+def _(logits, tokens, temperature, top_k, top_p, threshold):
+    return logits.new_empty(tokens.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
 
 
 @torch.library.custom_op("rlhf_fast::sample_rows", mutates_args=())
