@@ -198,7 +198,9 @@ def test_bad_input():
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="KV blocks"):
         RolloutEngine(model, block_size=4, num_blocks=2).generate([[1] * 10], SamplingParams(max_new_tokens=4))
-    with pytest.raises(TypeError, match="unsupported model class"):
+    from rlhf_fast.models import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="unsupported model class"):
         RolloutEngine(torch.nn.Linear(2, 2))
 
 

@@ -110,22 +110,28 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self._tables)
 
-    def update(self, tables: list[list[int]], tokens: list[int], positions: list[int],
-               streams: list[int]) -> torch.Tensor:
-        """The step's rows on the device, (B, TABLE + max_blocks) int32, for sequences with block tables `tables`
+    def update(self, tables: list[list[int]], tokens: list[int], positions: list[int], streams: list[int],
+               rows: int | None = None) -> torch.Tensor:
+        """The step's rows on the device, (rows, TABLE + max_blocks) int32, for sequences with block tables `tables`
         (the scheduler's lists; an admission or a preemption gives a sequence a new list), last tokens `tokens` at
-        `positions`, random streams `streams`."""
-        host, bs = self.buf.cpu, self.block_size
+        `positions`, random streams `streams`. rows (default: one per sequence): padded with copies of row 0 that
+        write no K/V (slot -1), for a step compiled for a fixed batch size."""
+        host, bs, n = self.buf.cpu, self.block_size, len(tables)
+        rows = n if rows is None else rows
+        if not n <= rows <= host.shape[0]:
+            raise ValueError(f"{n} sequences padded to {rows} rows; the batch has {host.shape[0]}")
         if any(a is not b for a, b in zip(tables, self._tables)) or len(tables) != len(self._tables):
             self._rearrange(tables, streams)
         entries = [t[p // bs] for t, p in zip(tables, positions)]
-        if len(tables):
+        if n:
             cols = torch.tensor([p // bs + self.TABLE for p in positions])
-            # the block each new token lands in
-            host[torch.arange(len(tables)), cols] = torch.tensor(entries, dtype=torch.int32)
-            host[:len(tables), :self.STREAM] = torch.tensor(
+            host[torch.arange(n), cols] = torch.tensor(entries, dtype=torch.int32)  # the blocks the tokens land in
+            host[:n, :self.STREAM] = torch.tensor(
                 [[tok, p, e * bs + p % bs] for tok, p, e in zip(tokens, positions, entries)], dtype=torch.int32)
-        return self.buf.to_device(len(tables))
+        if rows > n:
+            host[n:rows] = host[0]
+            host[n:rows, self.SLOT] = -1
+        return self.buf.to_device(rows)
 
     def _rearrange(self, tables: list[list[int]], streams: list[int]) -> None:
         """Rows for a new set of sequences: survivors keep their rows' contents (moved up), newcomers get theirs."""

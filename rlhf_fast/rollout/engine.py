@@ -7,9 +7,11 @@ import time
 import torch
 
 from rlhf_fast import ops
-from rlhf_fast.models import bind_model
+from rlhf_fast.models import as_decoder
+from rlhf_fast.models.layers import cache_attention
 from rlhf_fast.rollout import block_table, philox
 from rlhf_fast.rollout.allocator import BlockAllocator
+from rlhf_fast.rollout.decode_step import DecodeStep, bucket
 from rlhf_fast.rollout.sampling import sample
 from rlhf_fast.rollout.scheduler import Scheduler, Sequence, Step
 from rlhf_fast.rollout.types import Completion, EngineStats, SamplingParams, check_prompts
@@ -22,7 +24,8 @@ class RolloutEngine:
     """Generates completions for token-id prompts with a transformers causal LM, reading its live parameters.
 
     Args:
-        model: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM or GPT2LMHeadModel.
+        model: a `models.DecoderLM`, or a LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM or GPT2LMHeadModel
+            (converted once by `models.from_hf`, sharing its parameters).
         block_size: tokens per KV block.
         num_blocks / kv_cache_memory: size of the KV pool, in blocks or in bytes (default: 256 MiB on CPU, half the
             free memory on GPU).
@@ -30,12 +33,15 @@ class RolloutEngine:
         max_num_seqs: sequences running at once at most.
         deterministic: batch-invariant forward (fixed-chunk GEMMs, paged attention for every query), so the log-probs
             are bitwise equal to `teacher_forced_logprobs(..., deterministic=True)`.
+        compile: decode steps run as one compiled function (forward + sampler) per batch bucket, CUDA graphs on CUDA
+            (`rollout/decode_step.py`); the draws are the eager engine's (bitwise in deterministic mode). Prefill
+            stays eager.
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, max_batch_tokens: int = 4096, max_num_seqs: int = 256,
-                 deterministic: bool = False):
-        self.lm = bind_model(model)
+                 deterministic: bool = False, compile: bool = False):
+        self.lm = as_decoder(model)
         if block_size < 1 or max_batch_tokens < 1 or max_num_seqs < 1:
             raise ValueError(f"block_size, max_batch_tokens and max_num_seqs must be >= 1; got {block_size}, "
                              f"{max_batch_tokens}, {max_num_seqs}")
@@ -61,6 +67,7 @@ class RolloutEngine:
         self.num_blocks = num_blocks
         self.kv_cache: torch.Tensor | None = None  # (layers, 2, num_blocks, block_size, KVH, D), made on first use
         self.stats = EngineStats(num_blocks=num_blocks, bytes_per_block=self.bytes_per_block)
+        self.decode_step = DecodeStep(self._forward, deterministic=deterministic, compile=compile)
 
     def _cache(self) -> torch.Tensor:
         lm = self.lm
@@ -104,7 +111,11 @@ class RolloutEngine:
             sched.add(group[0])
             all_seqs.extend(group)
         kv, key = self._cache(), philox.seed_key(seed, lm.device)
-        batch = block_table.DecodeBatch(len(all_seqs), -(-longest // self.block_size), self.block_size, lm.device)
+        width = -(-longest // self.block_size)  # table entries a sequence may need
+        if self.decode_step.compiled:  # a few fixed shapes: power-of-two rows and widths
+            width = bucket(width)
+        batch = block_table.DecodeBatch(self.decode_step.rows_for(len(all_seqs)), width, self.block_size, lm.device)
+        compiled_before = (self.decode_step.compilations, self.decode_step.compile_seconds)
         stats = EngineStats(num_blocks=self.num_blocks, bytes_per_block=self.bytes_per_block,
                             prompt_tokens=sum(len(p) for p in prompts))
         t0 = time.perf_counter()
@@ -118,6 +129,8 @@ class RolloutEngine:
             torch.cuda.synchronize(lm.device)
         stats.seconds = time.perf_counter() - t0
         stats.preemptions = sched.preemptions
+        stats.compilations = self.decode_step.compilations - compiled_before[0]
+        stats.compile_seconds = self.decode_step.compile_seconds - compiled_before[1]
         stats.peak_blocks_used = allocator.peak_used
         stats.generated_tokens = sum(len(s.generated) for s in all_seqs)
         self.stats = stats
@@ -132,23 +145,26 @@ class RolloutEngine:
         if step.copies:  # copy-on-write of shared partial blocks, before anything writes them
             src, dst = zip(*step.copies)
             ops.copy_blocks(kv, torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
+        if not step.samplers:  # every running sequence was preempted
+            return
         if step.kind == "prefill":
             inputs = block_table.prefill_inputs([s.tokens for s in step.seqs], [s.block_table for s in step.seqs],
                                                 bs, dev, deterministic=det)
+            logits = self._forward(inputs, kv)  # (sequences, V)
+            rows = [r for _, r in step.samplers]
+            if rows != list(range(logits.shape[0])):
+                logits = logits[torch.tensor(rows, device=dev)]  # (samplers, V): followers share their leader's
             streams, positions = torch.tensor([[s.stream, len(s.tokens) - 1] for s, _ in step.samplers],
                                               device=dev).unbind(1)
+            out = torch.stack([t.double() for t in sample(logits, params, key, streams, positions)])
         else:
+            n = len(step.seqs)
             rows = batch.update([s.block_table for s in step.seqs], [s.tokens[-1] for s in step.seqs],
-                                [s.num_cached for s in step.seqs], [s.stream for s in step.seqs])
-            inputs = block_table.decode_inputs(rows, deterministic=det)
-            streams, positions = rows[:, block_table.DecodeBatch.STREAM], rows[:, block_table.DecodeBatch.POS]
-        logits = self.lm.forward(inputs.input_ids, inputs.positions, inputs.meta, kv, inputs.logit_rows)  # (R, V)
-        rows = [r for _, r in step.samplers]
-        if rows != list(range(logits.shape[0])):
-            logits = logits[torch.tensor(rows, device=dev)]
-        draw = sample(logits, params, key, streams, positions)
+                                [s.num_cached for s in step.seqs], [s.stream for s in step.seqs],
+                                rows=self.decode_step.rows_for(n))
+            out = self.decode_step(rows, kv, key, params)[:, :n]
         # one device-to-host copy: tokens (exact in float64), log-probs, thresholds
-        tok_list, lp_list, thr_list = torch.stack([t.double() for t in draw]).tolist()
+        tok_list, lp_list, thr_list = out.tolist()
         stop = set(params.stop_token_ids)
         for (s, _), tok, lp, t in zip(step.samplers, map(int, tok_list), lp_list, thr_list):
             s.num_cached = len(s.tokens)
@@ -160,11 +176,20 @@ class RolloutEngine:
             elif len(s.tokens) - s.num_prompt >= params.max_new_tokens:
                 sched.finish(s, "length")
 
+    def _forward(self, inputs: block_table.StepInputs, kv: torch.Tensor) -> torch.Tensor:
+        """The model call of a step: float32 logits (R, V) of the tokens `inputs.logit_rows` (None: all)."""
+        det = self.deterministic
+        with torch.no_grad():  # prefill: the last layer's MLP on the rows that sample only
+            h = self.lm(inputs.input_ids, inputs.positions, cache_attention(inputs.meta, kv), det,
+                        out_rows=inputs.logit_rows)
+            logits = self.lm.logits(h, det)  # (R, V)
+        return logits
+
     def teacher_forced_logprobs(self, prompts, completions, *, temperature: float = 1.0, top_k: int = 0,
                                 top_p: float = 1.0) -> list[torch.Tensor]:
         """`rlhf_fast.rollout.teacher_forced_logprobs` with this engine's block size and mode."""
         from rlhf_fast.rollout.scoring import teacher_forced_logprobs
 
-        return teacher_forced_logprobs(self.lm.hf, prompts, completions, temperature=temperature, top_k=top_k,
+        return teacher_forced_logprobs(self.lm, prompts, completions, temperature=temperature, top_k=top_k,
                                        top_p=top_p, deterministic=self.deterministic, block_size=self.block_size)
 

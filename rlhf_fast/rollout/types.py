@@ -85,6 +85,8 @@ class EngineStats:
     num_blocks: int = 0  # blocks in the KV pool
     peak_blocks_used: int = 0
     bytes_per_block: int = 0  # K and V of every layer for block_size tokens
+    compilations: int = 0  # decode-step graphs compiled during the call (RolloutEngine(compile=True))
+    compile_seconds: float = 0.0  # wall time of the steps that compiled (included in `seconds`)
 
     @property
     def tokens_per_s(self) -> float:
