@@ -127,6 +127,27 @@ def test_compile_keeps_names_and_forward():
         assert torch.equal(worker.hidden(model, batch), worker.hidden(ref, batch))
 
 
+def test_compiled_blocks_are_not_recompiled_per_batch_layout():
+    """The packed attention plan is a compile boundary (`torch.compiler.disable`): batches of new layouts (other
+    lengths, other prompt sharing) reuse each block's graphs instead of compiling again."""
+    from torch._dynamo.utils import counters
+
+    from rlhf_fast.models.packed import pack
+
+    torch._dynamo.reset()
+    model = par.parallelize(worker.tiny_model(), compile=True)
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    for lengths in ((3, 5), (4, 4, 2), (7,), (2, 6, 3, 5), (5, 1)):
+        prompts = [torch.randint(3, 60, (n,), generator=g).tolist() for n in lengths]
+        responses = [torch.randint(3, 60, (n + 1,), generator=g).tolist() for n in lengths]
+        with torch.no_grad():
+            worker.hidden(model, pack(prompts, responses, groups=[0] * len(lengths) if len(set(map(tuple, prompts)))
+                                      == 1 else None))
+        seen.append(counters["stats"]["unique_graphs"])
+    assert seen[1] == seen[-1], seen  # graphs after the second batch (its first dynamic shapes): no new ones
+
+
 @pytest.mark.slow
 def test_compile_inductor_same_forward(monkeypatch):
     """The inductor backend (the default) on a tiny model: the forward within fp32 rounding (its fused kernels

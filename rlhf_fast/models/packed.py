@@ -279,6 +279,8 @@ class _SegmentAttention:
             self.window_masks[key] = qp[..., :, None] - kp[..., None, :] < window
         return self.window_masks[key]
 
+    @torch.compiler.disable  # a compile boundary: a block compiled by `parallelize` traces its projections, not this
+    # plan (its Python over the batch's layout would recompile the block for every new batch)
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  window: int = 0, softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
         flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
