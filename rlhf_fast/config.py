@@ -107,6 +107,7 @@ class ParallelConfig:
 
     micro_batch_size: int = 0  # items (SFT/PPO sequences, RM prompts) per forward+backward on a rank; 0: its whole slice
     shard_frozen: bool = True  # PPO: also shard the frozen reference and reward models
+    compile: bool = False  # torch.compile each decoder block of the trained models (`rlhf_fast.parallelize`)
 
     def __post_init__(self):
         _check(self.micro_batch_size >= 0, "micro_batch_size", "must be >= 0")

@@ -217,3 +217,16 @@ def test_dcp_from_two_ranks_loads_at_one(worlds):
     for model in (worker.tiny_model(), par.parallelize(worker.tiny_model(), checkpointing=True)):
         dist.load_state(out / "ckpt2", {"model": model}, None)
         assert max_rel(model.state_dict(), two[0]["saved"]) == 0.0
+
+
+def test_stage_config_compiles_trained_blocks_only():
+    """`parallel.compile` in a stage's config reaches `parallelize` through `stages.common.prepare`, for the models
+    that train (a frozen reference stays eager)."""
+    from rlhf_fast.config import ParallelConfig
+    from rlhf_fast.stages.common import prepare
+
+    cfg = ParallelConfig(compile=True)
+    trained = prepare(worker.tiny_model(), device=torch.device("cpu"), parallel_cfg=cfg)
+    frozen = prepare(worker.tiny_model().requires_grad_(False), device=torch.device("cpu"), parallel_cfg=cfg)
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in par.blocks(trained))
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in par.blocks(frozen))

@@ -27,7 +27,8 @@ def resolve_device(name: str) -> torch.device:
 def prepare(model: torch.nn.Module, *, device: torch.device, parallel_cfg: ParallelConfig,
             gradient_checkpointing: bool = False, mixed_precision: bool | str = False) -> torch.nn.Module:
     """`model` (a `DecoderLM` or a `ScalarHeadModel`, LoRA already applied) on `device`, then `parallelize`d:
-    per-block activation checkpointing when `gradient_checkpointing`, FSDP2 per block and on the root when the world
+    per-block activation checkpointing when `gradient_checkpointing`, `torch.compile` per block when
+    `parallel_cfg.compile` (trained models), FSDP2 per block and on the root when the world
     size is > 1 - for a frozen model (no parameter requires grad) only with `parallel_cfg.shard_frozen`.
     `mixed_precision` (a bool, or a stage's `mixed_precision` string resolved for `device`): bf16 all-gathers with
     fp32 gradient reduction on CUDA. Returns `model` (changed in place)."""
@@ -38,7 +39,8 @@ def prepare(model: torch.nn.Module, *, device: torch.device, parallel_cfg: Paral
     trains = any(p.requires_grad for p in model.parameters())
     model.to(device)
     return parallelize.parallelize(model, shard=trains or parallel_cfg.shard_frozen,
-                                   checkpointing=gradient_checkpointing, mixed_precision=mixed_precision)
+                                   checkpointing=gradient_checkpointing, compile=parallel_cfg.compile and trains,
+                                   mixed_precision=mixed_precision)
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
