@@ -34,8 +34,6 @@ from torch import nn
 from rlhf_fast import distributed
 
 COMPILE_BACKEND = "inductor"  # torch.compile backend of `compile=True` ("eager" / "aot_eager" to debug)
-ROOT_METHODS = ("packed",)  # root methods that run the model besides `forward` (ScalarHeadModel.packed): FSDP
-# runs its root hooks around them as around `forward`
 
 _RESHARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FSDP module -> its reshard_after_forward
 _DEPTH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FSDP module -> nesting depth in `unsharded`
@@ -94,7 +92,7 @@ def blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def _fully_shard(model: nn.Module, layers: list[nn.Module], spec: ParallelSpec) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw = {}
     if spec.mixed_precision and next(model.parameters()).device.type == "cuda":
@@ -108,9 +106,6 @@ def _fully_shard(model: nn.Module, layers: list[nn.Module], spec: ParallelSpec) 
         m.set_gradient_divide_factor(1.0)
         if hasattr(m, "set_force_sum_reduction_for_comms"):  # gloo has no PREMUL_SUM
             m.set_force_sum_reduction_for_comms(True)
-    for name in ROOT_METHODS:
-        if callable(getattr(model, name, None)):
-            register_fsdp_forward_method(model, name)
 
 
 def _is_wrapped(block: nn.Module) -> bool:

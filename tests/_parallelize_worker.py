@@ -33,15 +33,15 @@ SPECS = {  # name -> (model kind, spec); compile runs the "eager" backend here (
 
 
 class HeadModel(nn.Module):
-    """A DecoderLM backbone and a scalar head, read through `packed` rather than `forward` (the shape of
-    `heads.ScalarHeadModel`; `parallelize.ROOT_METHODS` runs the root's FSDP hooks around `packed`)."""
+    """A DecoderLM backbone and a scalar head whose forward is the packed pass (the shape of
+    `heads.ScalarHeadModel`)."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
         self.head = nn.Linear(lm.config.hidden_size, 1)
 
-    def packed(self, batch: PackedBatch, *, reads) -> torch.Tensor:
+    def forward(self, batch: PackedBatch, *, reads) -> torch.Tensor:
         rows, pos = reads
         h = hidden(self.lm, batch, rows)  # (R, hidden)
         return self.head(h).squeeze(-1).float()[pos]
@@ -95,7 +95,7 @@ def micro_loss(model: nn.Module, items, n_global: int) -> torch.Tensor:
     prompts, responses = [p for p, _ in items], [r for _, r in items]
     batch = pack(prompts, responses, share_prompts=False)
     if isinstance(model, HeadModel):
-        values = model.packed(batch, reads=batch.last_reads())  # (N,)
+        values = model(batch, reads=batch.last_reads())  # (N,)
         target = torch.tensor([len(r) / 10.0 for r in responses])
         return ((values - target) ** 2).sum() / n_global
     width = max(len(r) for r in responses)

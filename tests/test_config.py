@@ -54,7 +54,7 @@ def test_round_trip_through_yaml(tmp_path):
     ("ppo.gamma=2", "ppo.gamma: must be in [0, 1]"),
     ("task.k_max=12", "task.k_min: need 2 <= k_min <= k_max <= 9"),
     ("sft.arch.num_heads=3", "sft.arch.hidden_size: must be divisible by num_heads"),
-    ("ppo.generator=vllm", "ppo.generator: must be engine or hf"),
+    ("ppo.generator=vllm", "ppo.generator: removed"),
     ("eval_samples=0", "eval_samples: must be >= 1"),
 ])
 def test_errors_name_the_key(override, message):
