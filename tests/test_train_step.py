@@ -9,6 +9,12 @@ from rlhf_fast.stages.common import guarded_step, lr_factor, make_optimizer, mak
 from rlhf_fast.stages.kl_control import KLController
 
 
+def _backward(loss: torch.Tensor) -> torch.Tensor:
+    """What `distributed.accumulate` hands the guarded step: the loss backpropagated, detached."""
+    loss.backward()
+    return loss.detach()
+
+
 def test_nan_guard_never_touches_the_weights():
     model = torch.nn.Linear(3, 2)
     opt = make_optimizer(model.parameters(), OptimConfig(lr=0.1))
@@ -16,14 +22,14 @@ def test_nan_guard_never_touches_the_weights():
     before = [p.detach().clone() for p in model.parameters()]
     params = list(model.parameters())
     x = torch.randn(4, 3)
-    res = guarded_step(model(x).sum() * float("nan"), [params], opt, sched, 1.0)  # NaN loss
+    res = guarded_step(_backward(model(x).sum() * float("nan")), [params], opt, sched, 1.0)  # NaN loss
     assert not res.applied
-    res = guarded_step(model(x * float("inf")).sum(), [params], opt, sched, 1.0)  # Inf gradient
+    res = guarded_step(_backward(model(x * float("inf")).sum()), [params], opt, sched, 1.0)  # Inf gradient
     assert not res.applied and not math.isfinite(res.grad_norm)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert opt.state == {} or all(not s for s in opt.state.values())
     assert all(p.grad is None for p in params)
-    res = guarded_step(model(x).sum(), [params], opt, sched, 1.0)  # a finite step goes through
+    res = guarded_step(_backward(model(x).sum()), [params], opt, sched, 1.0)  # a finite step goes through
     assert res.applied and not torch.equal(before[0], model.weight)
 
 
