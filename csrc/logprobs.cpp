@@ -9,6 +9,9 @@
 // Truncated support (top-k / top-p): a per-row threshold thr (or none) keeps z_j >= thr and the label; the other
 // entries are -inf in z, so they drop out of lse, logp and H and get dz_j = 0 (p_j = 0). thr = -inf keeps all,
 // bitwise as without it. `support_threshold_cpu` below finds thr (the selection pass: bisection on the bits).
+// Final logit soft-cap c > 0 (Gemma 2/3): z = c tanh(x / c) * inv_temp (capped before the temperature, as
+// transformers does), so dx_j = dz_j * inv_temp * (1 - tanh^2(x_j / c)); the threshold is on the capped z. c = 0:
+// the same code as without it (a separate instantiation, bitwise unchanged).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -117,27 +120,68 @@ inline F clamp_low(F d) {  // keeps e * d finite when e == 0
   return d < static_cast<F>(-88) ? static_cast<F>(-88) : d;
 }
 
+// tanh(y) and its derivative 1 - tanh^2(y), branch-free so that the block loops vectorise. For a = |y| >= 0.25:
+// tanh(a) = (1 - e) / (1 + e) and 1 - tanh^2(a) = 4 e / (1 + e)^2 with e = exp(-2a) <= 0.61 (no cancellation;
+// exp_nonpos: relative error < 1e-8); below 0.25 the odd Taylor polynomial to y^9 (truncation < 1e-8 relative).
+// A few ulp; +-inf gives +-1 (derivative 0), NaN stays NaN. Double: std::tanh, 1 / cosh^2.
+inline float tanh_d(float y, float* d) {
+  const float a = std::fabs(y), y2 = y * y;
+  const float e = exp_nonpos(-2.0f * a);
+  const float poly = -1.0f / 3.0f + y2 * (2.0f / 15.0f + y2 * (-17.0f / 315.0f + y2 * (62.0f / 2835.0f)));
+  const float small = a + a * y2 * poly;
+  const float t = a < 0.25f ? small : (1.0f - e) / (1.0f + e);
+  if (d) *d = a < 0.25f ? 1.0f - t * t : 4.0f * e / ((1.0f + e) * (1.0f + e));
+  return std::copysign(t, y);
+}
+inline double tanh_d(double y, double* d) {
+  if (d) {
+    const double ch = std::cosh(y);
+    *d = 1.0 / (ch * ch);
+  }
+  return std::tanh(y);
+}
+
+// The logits' map before the temperature: none (NoCap), or the soft-cap x -> c tanh(x / c) (SoftCap) and its
+// derivative. The row kernels and the selection pass share it, so a threshold is a value of the kernels' own z.
+template <typename F>
+struct NoCap {
+  static constexpr bool on = false;
+  F operator()(F x) const { return x; }
+};
+template <typename F>
+struct SoftCap {
+  static constexpr bool on = true;
+  F c, inv_c;
+  F operator()(F x) const { return c * tanh_d(x * inv_c, static_cast<F*>(nullptr)); }
+  F deriv(F x) const {  // d cap / dx
+    F d;
+    tanh_d(x * inv_c, &d);
+    return d;
+  }
+};
+
 // buf[0..nb) = z of the block at v0, -inf where z < thr except at column `keep` (the label; -1: none).
-template <typename In, typename F>
-inline void load_masked(const typename In::T* x, std::int64_t v0, int nb, F inv_t, F thr, std::int64_t keep, F* buf) {
+template <typename In, typename F, typename Cap>
+inline void load_masked(const typename In::T* x, std::int64_t v0, int nb, F inv_t, Cap cap, F thr, std::int64_t keep,
+                        F* buf) {
   for (int j = 0; j < nb; ++j) {
-    const F z = static_cast<F>(In::load(x[v0 + j])) * inv_t;
+    const F z = cap(static_cast<F>(In::load(x[v0 + j]))) * inv_t;
     buf[j] = z < thr ? -std::numeric_limits<F>::infinity() : z;
   }
-  if (keep >= v0 && keep < v0 + nb) buf[keep - v0] = static_cast<F>(In::load(x[keep])) * inv_t;
+  if (keep >= v0 && keep < v0 + nb) buf[keep - v0] = cap(static_cast<F>(In::load(x[keep]))) * inv_t;
 }
 
 // Forward of one row: writes logp, lse, entropy (in the compute type F).
-template <typename In, typename F>
-RLHF_FAST_SIMD_CLONES void row_fwd(const typename In::T* x, std::int64_t v, F inv_t, F thr, std::int64_t label,
-                                   bool valid, F* logp, F* lse, F* ent) {
+template <typename In, typename F, typename Cap>
+RLHF_FAST_SIMD_CLONES void row_fwd(const typename In::T* x, std::int64_t v, F inv_t, Cap cap, F thr,
+                                   std::int64_t label, bool valid, F* logp, F* lse, F* ent) {
   F buf[BLOCK];
   F m = -std::numeric_limits<F>::infinity();
   double s = 0.0, t = 0.0;  // s = sum exp(z - m), t = sum exp(z - m) * (z - m)
   for (std::int64_t v0 = 0; v0 < v; v0 += BLOCK) {
     const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, v - v0));
     F bm = -std::numeric_limits<F>::infinity();
-    load_masked<In, F>(x, v0, nb, inv_t, thr, valid ? label : -1, buf);
+    load_masked<In, F>(x, v0, nb, inv_t, cap, thr, valid ? label : -1, buf);
 #pragma omp simd reduction(max : bm)
     for (int j = 0; j < nb; ++j) bm = buf[j] > bm ? buf[j] : bm;
     if (bm > m) {
@@ -167,15 +211,15 @@ RLHF_FAST_SIMD_CLONES void row_fwd(const typename In::T* x, std::int64_t v, F in
     *ent = 0;
     return;
   }
-  const double zy = static_cast<double>(static_cast<F>(In::load(x[label])) * inv_t);
+  const double zy = static_cast<double>(cap(static_cast<F>(In::load(x[label]))) * inv_t);
   *logp = static_cast<F>(zy - row_lse);
   *ent = static_cast<F>(std::log(s) - t / s);
 }
 
 // Backward of one row: writes dlogits into out (may alias x: each element is read before it is written).
-template <typename In, typename F>
-RLHF_FAST_SIMD_CLONES void row_bwd(const typename In::T* x, typename In::T* out, std::int64_t v, F inv_t, F thr,
-                                   std::int64_t label, bool valid, F lse, F ent, F g, F gh) {
+template <typename In, typename F, typename Cap>
+RLHF_FAST_SIMD_CLONES void row_bwd(const typename In::T* x, typename In::T* out, std::int64_t v, F inv_t, Cap cap,
+                                   F thr, std::int64_t label, bool valid, F lse, F ent, F g, F gh) {
   if (!valid) {
     for (std::int64_t j = 0; j < v; ++j) out[j] = In::store(0);
     return;
@@ -184,7 +228,7 @@ RLHF_FAST_SIMD_CLONES void row_bwd(const typename In::T* x, typename In::T* out,
   F buf[BLOCK];
   for (std::int64_t v0 = 0; v0 < v; v0 += BLOCK) {
     const int nb = static_cast<int>(std::min<std::int64_t>(BLOCK, v - v0));
-    load_masked<In, F>(x, v0, nb, inv_t, thr, label, buf);
+    load_masked<In, F>(x, v0, nb, inv_t, cap, thr, label, buf);
 #pragma omp simd
     for (int j = 0; j < nb; ++j) {
       const F p = exp_nonpos(buf[j] - lse);
@@ -192,12 +236,16 @@ RLHF_FAST_SIMD_CLONES void row_bwd(const typename In::T* x, typename In::T* out,
       buf[j] = -(p * g + centred * gh) * inv_t;
     }
     if (label >= v0 && label < v0 + nb) buf[label - v0] += g * inv_t;
+    if constexpr (Cap::on) {  // the chain rule through the cap: x in `x` is still unwritten (out may alias it)
+#pragma omp simd
+      for (int j = 0; j < nb; ++j) buf[j] *= cap.deriv(static_cast<F>(In::load(x[v0 + j])));
+    }
     for (int j = 0; j < nb; ++j) out[v0 + j] = In::store(buf[j]);
   }
 }
 
-template <typename In, typename F>
-void fwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std::int64_t v, double inv_temp,
+template <typename In, typename F, typename Cap>
+void fwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std::int64_t v, double inv_temp, Cap cap,
               std::int64_t ignore_index, std::uintptr_t thr, std::uintptr_t logp, std::uintptr_t lse,
               std::uintptr_t ent) {
   const auto* x = ptr<const typename In::T>(logits);
@@ -210,12 +258,13 @@ void fwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std:
   for (std::int64_t i = 0; i < n; ++i) {
     const bool valid = y[i] != ignore_index;
     const F t = th ? th[i] : -std::numeric_limits<F>::infinity();
-    row_fwd<In, F>(x + i * v, v, static_cast<F>(inv_temp), t, valid ? y[i] : 0, valid, lp + i, ls + i, en + i);
+    row_fwd<In, F>(x + i * v, v, static_cast<F>(inv_temp), cap, t, valid ? y[i] : 0, valid, lp + i, ls + i,
+                   en + i);
   }
 }
 
-template <typename In, typename F>
-void bwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std::int64_t v, double inv_temp,
+template <typename In, typename F, typename Cap>
+void bwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std::int64_t v, double inv_temp, Cap cap,
               std::int64_t ignore_index, std::uintptr_t thr, std::uintptr_t lse, std::uintptr_t ent,
               std::uintptr_t dlogp, std::uintptr_t dent, std::uintptr_t dlogits) {
   const auto* x = ptr<const typename In::T>(logits);
@@ -230,8 +279,8 @@ void bwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std:
   for (std::int64_t i = 0; i < n; ++i) {
     const bool valid = y[i] != ignore_index;
     const F t = th ? th[i] : -std::numeric_limits<F>::infinity();
-    row_bwd<In, F>(x + i * v, out + i * v, v, static_cast<F>(inv_temp), t, valid ? y[i] : 0, valid, ls[i], en[i],
-                   g[i], gh[i]);
+    row_bwd<In, F>(x + i * v, out + i * v, v, static_cast<F>(inv_temp), cap, t, valid ? y[i] : 0, valid, ls[i],
+                   en[i], g[i], gh[i]);
   }
 }
 
@@ -274,15 +323,15 @@ inline typename KeyOf<F>::I upper_mid(typename KeyOf<F>::I lo, typename KeyOf<F>
 }
 
 // One row: key, e are scratch of v elements. Returns thr (-inf when nothing is cut).
-template <typename In, typename F>
-RLHF_FAST_SIMD_CLONES F row_threshold(const typename In::T* x, std::int64_t v, F inv_t, std::int64_t top_k,
+template <typename In, typename F, typename Cap>
+RLHF_FAST_SIMD_CLONES F row_threshold(const typename In::T* x, std::int64_t v, F inv_t, Cap cap, std::int64_t top_k,
                                       double top_p, typename KeyOf<F>::I* key, F* e) {
   using I = typename KeyOf<F>::I;
   const bool use_k = top_k > 0 && top_k < v, use_p = top_p < 1.0;
   if (!use_k && !use_p) return -std::numeric_limits<F>::infinity();
   I kmin = std::numeric_limits<I>::max(), kmax = std::numeric_limits<I>::min();
   for (std::int64_t j = 0; j < v; ++j) {
-    const I k = float_key(static_cast<F>(In::load(x[j])) * inv_t);
+    const I k = float_key(cap(static_cast<F>(In::load(x[j]))) * inv_t);
     key[j] = k;
     kmin = k < kmin ? k : kmin;
     kmax = k > kmax ? k : kmax;
@@ -323,11 +372,11 @@ RLHF_FAST_SIMD_CLONES F row_threshold(const typename In::T* x, std::int64_t v, F
       for (std::int64_t j = 0; j < v; ++j) {
         if (key[j] < lo) continue;
         key[nc] = key[j];
-        e[nc++] = exp_nonpos(static_cast<F>(In::load(x[j])) * inv_t - mx);
+        e[nc++] = exp_nonpos(cap(static_cast<F>(In::load(x[j]))) * inv_t - mx);
       }
     } else {
 #pragma omp simd
-      for (std::int64_t j = 0; j < v; ++j) e[j] = exp_nonpos(static_cast<F>(In::load(x[j])) * inv_t - mx);
+      for (std::int64_t j = 0; j < v; ++j) e[j] = exp_nonpos(cap(static_cast<F>(In::load(x[j]))) * inv_t - mx);
     }
     double total = 0.0;  // e = exp(z - max) of the candidates; sums: BLOCK lanes, then double, in a fixed order
     for (std::int64_t v0 = 0; v0 < nc; v0 += BLOCK) {
@@ -355,9 +404,9 @@ RLHF_FAST_SIMD_CLONES F row_threshold(const typename In::T* x, std::int64_t v, F
   return key_float<F>(lo);
 }
 
-template <typename In, typename F>
-void threshold_rows(std::uintptr_t logits, std::int64_t n, std::int64_t v, double inv_temp, std::int64_t top_k,
-                    double top_p, std::uintptr_t thr) {
+template <typename In, typename F, typename Cap>
+void threshold_rows(std::uintptr_t logits, std::int64_t n, std::int64_t v, double inv_temp, Cap cap,
+                    std::int64_t top_k, double top_p, std::uintptr_t thr) {
   const auto* x = ptr<const typename In::T>(logits);
   F* out = ptr<F>(thr);
 #pragma omp parallel
@@ -366,58 +415,69 @@ void threshold_rows(std::uintptr_t logits, std::int64_t n, std::int64_t v, doubl
     std::vector<F> e(static_cast<std::size_t>(v));
 #pragma omp for schedule(static)
     for (std::int64_t i = 0; i < n; ++i)
-      out[i] = row_threshold<In, F>(x + i * v, v, static_cast<F>(inv_temp), top_k, top_p, key.data(), e.data());
+      out[i] = row_threshold<In, F>(x + i * v, v, static_cast<F>(inv_temp), cap, top_k, top_p, key.data(),
+                                    e.data());
   }
 }
 
-void check_sizes(std::int64_t n, std::int64_t v) {
+void check_sizes(std::int64_t n, std::int64_t v, double softcap) {
   if (n < 0 || v < 1) throw std::invalid_argument("token_logprobs: need n >= 0 rows and v >= 1 columns");
+  if (!(softcap >= 0.0) || std::isinf(softcap))
+    throw std::invalid_argument("token_logprobs: softcap must be a finite number >= 0 (0: off), got " +
+                                std::to_string(softcap));
 }
 
-// logits (n, v) contiguous in `dtype`; labels (n,) int64; thr (n,) in the compute type, or 0 (no truncation);
-// logp, lse, ent (n,) float32 (float64 for float64 logits).
+// Calls f(In, F, cap) with the input type of `dtype`, its compute type F and the logits' map: NoCap<F> for
+// softcap == 0, else SoftCap<F>{softcap, 1 / softcap}.
+template <typename Body>
+void dispatch(int dtype, double softcap, const char* name, Body&& f) {
+  auto with_cap = [&](auto in, auto compute) {
+    using F = decltype(compute);
+    if (softcap == 0.0) return f(in, compute, NoCap<F>{});
+    return f(in, compute, SoftCap<F>{static_cast<F>(softcap), static_cast<F>(1.0 / softcap)});
+  };
+  switch (dtype) {
+    case kFloat32: return with_cap(F32{}, float{});
+    case kFloat64: return with_cap(F64{}, double{});
+    case kBFloat16: return with_cap(BF16{}, float{});
+    case kFloat16: return with_cap(FP16{}, float{});
+  }
+  throw std::invalid_argument(std::string(name) + ": unsupported dtype code " + std::to_string(dtype));
+}
+
+// logits (n, v) contiguous in `dtype`; labels (n,) int64; softcap c >= 0 (0: off); thr (n,) in the compute type, or
+// 0 (no truncation); logp, lse, ent (n,) float32 (float64 for float64 logits).
 void token_logprobs_fwd_cpu(std::uintptr_t logits, int dtype, std::uintptr_t labels, std::int64_t n, std::int64_t v,
-                            double inv_temp, std::int64_t ignore_index, std::uintptr_t thr, std::uintptr_t logp,
-                            std::uintptr_t lse, std::uintptr_t ent) {
-  check_sizes(n, v);
-  switch (dtype) {
-    case kFloat32: return fwd_rows<F32, float>(logits, labels, n, v, inv_temp, ignore_index, thr, logp, lse, ent);
-    case kFloat64: return fwd_rows<F64, double>(logits, labels, n, v, inv_temp, ignore_index, thr, logp, lse, ent);
-    case kBFloat16: return fwd_rows<BF16, float>(logits, labels, n, v, inv_temp, ignore_index, thr, logp, lse, ent);
-    case kFloat16: return fwd_rows<FP16, float>(logits, labels, n, v, inv_temp, ignore_index, thr, logp, lse, ent);
-  }
-  throw std::invalid_argument("token_logprobs_fwd_cpu: unsupported dtype code " + std::to_string(dtype));
+                            double inv_temp, double softcap, std::int64_t ignore_index, std::uintptr_t thr,
+                            std::uintptr_t logp, std::uintptr_t lse, std::uintptr_t ent) {
+  check_sizes(n, v, softcap);
+  dispatch(dtype, softcap, "token_logprobs_fwd_cpu", [&](auto in, auto compute, auto cap) {
+    fwd_rows<decltype(in), decltype(compute)>(logits, labels, n, v, inv_temp, cap, ignore_index, thr, logp, lse, ent);
+  });
 }
 
-// dlogits (n, v) in `dtype`, may equal logits; thr as in the forward; lse, ent, dlogp, dent (n,) in the compute type.
+// dlogits (n, v) in `dtype`, may equal logits; softcap, thr as in the forward; lse, ent, dlogp, dent (n,) in the
+// compute type.
 void token_logprobs_bwd_cpu(std::uintptr_t logits, int dtype, std::uintptr_t labels, std::int64_t n, std::int64_t v,
-                            double inv_temp, std::int64_t ignore_index, std::uintptr_t thr, std::uintptr_t lse,
-                            std::uintptr_t ent, std::uintptr_t dlogp, std::uintptr_t dent, std::uintptr_t dlogits) {
-  check_sizes(n, v);
-#define RLHF_FAST_BWD(In, F) \
-  return bwd_rows<In, F>(logits, labels, n, v, inv_temp, ignore_index, thr, lse, ent, dlogp, dent, dlogits)
-  switch (dtype) {
-    case kFloat32: RLHF_FAST_BWD(F32, float);
-    case kFloat64: RLHF_FAST_BWD(F64, double);
-    case kBFloat16: RLHF_FAST_BWD(BF16, float);
-    case kFloat16: RLHF_FAST_BWD(FP16, float);
-  }
-#undef RLHF_FAST_BWD
-  throw std::invalid_argument("token_logprobs_bwd_cpu: unsupported dtype code " + std::to_string(dtype));
+                            double inv_temp, double softcap, std::int64_t ignore_index, std::uintptr_t thr,
+                            std::uintptr_t lse, std::uintptr_t ent, std::uintptr_t dlogp, std::uintptr_t dent,
+                            std::uintptr_t dlogits) {
+  check_sizes(n, v, softcap);
+  dispatch(dtype, softcap, "token_logprobs_bwd_cpu", [&](auto in, auto compute, auto cap) {
+    bwd_rows<decltype(in), decltype(compute)>(logits, labels, n, v, inv_temp, cap, ignore_index, thr, lse, ent, dlogp,
+                                              dent, dlogits);
+  });
 }
 
 // logits (n, v) contiguous in `dtype` -> thr (n,) in the compute type (float32; float64 for float64 logits), in
-// units of z = logits * inv_temp; top_k <= 0 or >= v and top_p >= 1 turn each part off (-inf: nothing cut).
+// units of z = cap(logits) * inv_temp (softcap as in the forward); top_k <= 0 or >= v and top_p >= 1 turn each
+// part off (-inf: nothing cut).
 void support_threshold_cpu(std::uintptr_t logits, int dtype, std::int64_t n, std::int64_t v, double inv_temp,
-                           std::int64_t top_k, double top_p, std::uintptr_t thr) {
-  check_sizes(n, v);
-  switch (dtype) {
-    case kFloat32: return threshold_rows<F32, float>(logits, n, v, inv_temp, top_k, top_p, thr);
-    case kFloat64: return threshold_rows<F64, double>(logits, n, v, inv_temp, top_k, top_p, thr);
-    case kBFloat16: return threshold_rows<BF16, float>(logits, n, v, inv_temp, top_k, top_p, thr);
-    case kFloat16: return threshold_rows<FP16, float>(logits, n, v, inv_temp, top_k, top_p, thr);
-  }
-  throw std::invalid_argument("support_threshold_cpu: unsupported dtype code " + std::to_string(dtype));
+                           double softcap, std::int64_t top_k, double top_p, std::uintptr_t thr) {
+  check_sizes(n, v, softcap);
+  dispatch(dtype, softcap, "support_threshold_cpu", [&](auto in, auto compute, auto cap) {
+    threshold_rows<decltype(in), decltype(compute)>(logits, n, v, inv_temp, cap, top_k, top_p, thr);
+  });
 }
 
 }  // namespace

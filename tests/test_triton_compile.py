@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {  # script -> number of kernel specialisations it compiles
     "_compile_group_adv_kernels.py": 4,
-    "_compile_logprobs_kernels.py": 19,  # the row kernels with and without a support threshold, the selection
+    "_compile_logprobs_kernels.py": 29,  # row kernels with/without a support threshold and soft-cap, selection
     "_compile_ppo_kernels.py": 9,
     "_compile_rollout_kernels.py": 6,
 }

@@ -212,8 +212,8 @@ def test_selection_writes_every_row(kind):
 
         if not _native.has("support_threshold_cpu"):
             pytest.skip("rlhf_fast._C is not built")
-        _native.call("support_threshold_cpu", _native.arg("logits", logits, code=True), 23, logits.shape[1], 2.0, 7,
-                     0.8, _native.arg("thr", thr, torch.float32))
+        _native.call("support_threshold_cpu", _native.arg("logits", logits, code=True), 23, logits.shape[1], 2.0, 0.0,
+                     7, 0.8, _native.arg("thr", thr, torch.float32))
     else:
         if not HAS_TRITON:
             pytest.skip("needs CUDA or TRITON_INTERPRET=1")

@@ -4,6 +4,8 @@ Forward: one online-softmax pass over the row in BLOCK_V tiles -> logp, lse, ent
 Backward: one pass writing dlogits (may be the logits buffer itself).
 Truncated support (top-k / top-p, thresholds from support.py or replayed): with HAS_THR, z < thr[row] is -inf
 except at the label, so those tokens leave lse, logp and the entropy and get dlogits 0 (their p is 0).
+Final logit soft-cap (SOFTCAP, Gemma 2/3): z = softcap * tanh(x / softcap) * inv_temp, capped before the
+temperature; the backward multiplies by its derivative 1 - tanh^2(x / softcap). Off, the kernels are unchanged.
 The tile size depends only on V, so a row's result does not depend on the batch it is in (batch invariance).
 Autograd lives in rlhf_fast/ops/logprobs.py.
 """
@@ -21,6 +23,30 @@ def block_v(vocab: int, device: torch.device) -> int:
 
 
 @triton.jit
+def tanh_d(y):
+    """tanh(y) and its derivative 1 - tanh^2(y) in fp32, from exp alone (the interpreter has no libdevice), as
+    csrc/logprobs.cpp: for a = |y| >= 0.25, (1 - e) / (1 + e) and 4 e / (1 + e)^2 with e = exp(-2a) <= 0.61 (no
+    cancellation); below, the odd Taylor polynomial to y^9. +-inf gives +-1 (derivative 0)."""
+    a = tl.abs(y)
+    y2 = y * y
+    e = tl.exp(-2.0 * a)
+    small = a < 0.25
+    poly = -1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (62.0 / 2835.0)))
+    t = tl.where(small, a + a * y2 * poly, (1.0 - e) / (1.0 + e))
+    d = tl.where(small, 1.0 - t * t, 4.0 * e / ((1.0 + e) * (1.0 + e)))
+    return tl.where(y < 0, -t, t), d
+
+
+@triton.jit
+def soft_cap(x, softcap, SOFTCAP: tl.constexpr):
+    """softcap * tanh(x / softcap) (fp32 x), or x when SOFTCAP is off."""
+    if SOFTCAP:
+        t, _ = tanh_d(x / softcap)
+        x = softcap * t
+    return x
+
+
+@triton.jit
 def _cut(z, cols, thr_ptr, row, keep, HAS_THR: tl.constexpr):
     """z with -inf where z < thr[row], except at column `keep` (the label; -1: none)."""
     if HAS_THR:
@@ -30,7 +56,7 @@ def _cut(z, cols, thr_ptr, row, keep, HAS_THR: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(logits_ptr, labels_ptr, thr_ptr, logp_ptr, lse_ptr, ent_ptr, V, stride_row, inv_temp, ignore_index,
-                HAS_THR: tl.constexpr, BLOCK_V: tl.constexpr):
+                softcap, HAS_THR: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row)
@@ -42,8 +68,10 @@ def _fwd_kernel(logits_ptr, labels_ptr, thr_ptr, logp_ptr, lse_ptr, ent_ptr, V, 
     t = tl.zeros((), tl.float32)  # sum exp(z - m) * (z - m)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
-        z = _cut(z, cols, thr_ptr, row, keep, HAS_THR)
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        if SOFTCAP:
+            x = tl.where(cols < V, soft_cap(x, softcap, SOFTCAP), float("-inf"))
+        z = _cut(x * inv_temp, cols, thr_ptr, row, keep, HAS_THR)
         m_new = tl.maximum(m, tl.max(z, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # finite reference point even for all -inf so far
         d = z - m_ref
@@ -54,7 +82,7 @@ def _fwd_kernel(logits_ptr, labels_ptr, thr_ptr, logp_ptr, lse_ptr, ent_ptr, V, 
         s = s * sc + tl.sum(e, 0)
         m = m_new
     lse = m + tl.log(s)
-    zy = tl.load(base + safe_label).to(tl.float32) * inv_temp
+    zy = soft_cap(tl.load(base + safe_label).to(tl.float32), softcap, SOFTCAP) * inv_temp
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, tl.where(valid, zy - lse, 0.0))
     tl.store(ent_ptr + row, tl.where(valid, tl.log(s) - t / s, 0.0))
@@ -68,9 +96,11 @@ def _fwd_kernel(logits_ptr, labels_ptr, thr_ptr, logp_ptr, lse_ptr, ent_ptr, V, 
 # so for upstream grads g (of logp) and gH (of H):  dx_j = (g (1[j = y] - p_j) - gH p_j (z_j - E_p[z])) / T.
 # Ignored rows have g = gH = 0 and get dx = 0. On a truncated support the sums run over the kept tokens only and the
 # cut ones have p_j = 0 (z_j = -inf), so the same formula gives them dx_j = 0.
+# Soft-capped (z = c tanh(x / c) / T): dx_j = (g (1[j = y] - p_j) - gH p_j (z_j - E_p[z])) / T * (1 - tanh^2(x_j / c)).
 @triton.jit
 def _bwd_kernel(logits_ptr, labels_ptr, thr_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, out_ptr, V, stride_row,
-                stride_out, inv_temp, ignore_index, HAS_THR: tl.constexpr, BLOCK_V: tl.constexpr):
+                stride_out, inv_temp, ignore_index, softcap, HAS_THR: tl.constexpr, SOFTCAP: tl.constexpr,
+                BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     out = out_ptr + row * stride_out
@@ -84,24 +114,30 @@ def _bwd_kernel(logits_ptr, labels_ptr, thr_ptr, lse_ptr, ent_ptr, dlogp_ptr, de
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
-        z = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        z = _cut(z, cols, thr_ptr, row, keep, HAS_THR)
+        x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if SOFTCAP:
+            t, dcap = tanh_d(x / softcap)  # as soft_cap computes it
+            x = tl.where(mask, softcap * t, float("-inf"))
+        z = _cut(x * inv_temp, cols, thr_ptr, row, keep, HAS_THR)
         p = tl.exp(z - lse)
         centred = tl.where(p > 0, p * (z - mean_z), 0.0)
         d = tl.where(cols == label, g, 0.0) - p * g - centred * gh
+        if SOFTCAP:
+            d = d * dcap
         tl.store(out + cols, (d * inv_temp).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def logprobs_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr=None) -> None:
-    """logits (N, V) rows contiguous; labels (N,) int64; thr (N,) fp32 or None; writes logp, lse, ent (N,) fp32."""
+def logprobs_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr=None, softcap=0.0) -> None:
+    """logits (N, V) rows contiguous; labels (N,) int64; thr (N,) fp32 or None; softcap >= 0 (0: off); writes logp,
+    lse, ent (N,) fp32."""
     n, vocab = logits.shape
     assert logits.stride(1) == 1 and labels.dtype == torch.int64
     assert all(t.dtype == torch.float32 and t.is_contiguous() for t in (logp, lse, ent))
     if n == 0:
         return
     _fwd_kernel[(n,)](logits, labels, _thr(thr, logp), logp, lse, ent, vocab, logits.stride(0), float(inv_temp),
-                      int(ignore_index), HAS_THR=thr is not None, BLOCK_V=block_v(vocab, logits.device),
-                      num_warps=8 if logits.is_cuda else 1)
+                      int(ignore_index), float(softcap), HAS_THR=thr is not None, SOFTCAP=softcap != 0,
+                      BLOCK_V=block_v(vocab, logits.device), num_warps=8 if logits.is_cuda else 1)
 
 
 def _thr(thr, like):
@@ -109,12 +145,13 @@ def _thr(thr, like):
     return like if thr is None else thr  # any pointer when HAS_THR is off
 
 
-def logprobs_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out, thr=None) -> None:
+def logprobs_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out, thr=None, softcap=0.0) -> None:
     """Writes dlogits (N, V) into `out` (logits' dtype; may be `logits` itself)."""
     n, vocab = logits.shape
     assert logits.stride(1) == 1 and out.stride(1) == 1 and out.shape == logits.shape
     if n == 0:
         return
     _bwd_kernel[(n,)](logits, labels, _thr(thr, lse), lse, ent, dlogp, dent, out, vocab, logits.stride(0),
-                      out.stride(0), float(inv_temp), int(ignore_index), HAS_THR=thr is not None,
-                      BLOCK_V=block_v(vocab, logits.device), num_warps=8 if logits.is_cuda else 1)
+                      out.stride(0), float(inv_temp), int(ignore_index), float(softcap), HAS_THR=thr is not None,
+                      SOFTCAP=softcap != 0, BLOCK_V=block_v(vocab, logits.device),
+                      num_warps=8 if logits.is_cuda else 1)

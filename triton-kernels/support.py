@@ -1,8 +1,9 @@
 """Triton selection pass: each row's support threshold under top-k / top-p (one program per row).
 
-z = logits * inv_temp in fp32. top-k: thr_k = the k-th largest z (ties kept), the largest t with
-count(z >= t) >= k. top-p: over the tokens with z >= thr_k, with p their softmax, the largest t with
-mass(z >= t) >= top_p (the smallest nucleus reaching top_p, the crossing token and its ties included).
+z = soft_cap(logits) * inv_temp in fp32 (the row kernels' z, SOFTCAP the same cap as logprobs.py). top-k: thr_k = the
+k-th largest z (ties kept), the largest t with count(z >= t) >= k. top-p: over the tokens with z >= thr_k, with p their
+softmax, the largest t with mass(z >= t) >= top_p (the smallest nucleus reaching top_p, the crossing token and its ties
+included).
 Both predicates change only at values of z, so bisecting (at most 32 steps) on an order-preserving int32 key of z (its
 bits, the negative ones flipped) ends on the key of a value of the row; a last pass reads that value back. top-k
 stops early once exactly k tokens are >= the midpoint (the smallest of them is the k-th). Every step
@@ -15,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_fast.kernels.logprobs import block_v
+from rlhf_fast.kernels.logprobs import block_v, soft_cap
 
 KEY_MIN, KEY_MAX = tl.constexpr(-(2 ** 31)), tl.constexpr(2 ** 31 - 1)  # int32 range (a jit global: constexpr)
 
@@ -28,8 +29,15 @@ def _key(z):
 
 
 @triton.jit
-def _threshold_kernel(logits_ptr, thr_ptr, V, stride_row, inv_temp, top_k, top_p, USE_K: tl.constexpr,
-                      USE_P: tl.constexpr, BLOCK_V: tl.constexpr):
+def _z(base, cols, mask, inv_temp, softcap, SOFTCAP: tl.constexpr):
+    """z of the row's tile at `cols` (0 past V: every use masks it)."""
+    x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+    return soft_cap(x, softcap, SOFTCAP) * inv_temp
+
+
+@triton.jit
+def _threshold_kernel(logits_ptr, thr_ptr, V, stride_row, inv_temp, top_k, top_p, softcap, USE_K: tl.constexpr,
+                      USE_P: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     kmin = tl.full((), KEY_MAX, tl.int32)
@@ -38,7 +46,7 @@ def _threshold_kernel(logits_ptr, thr_ptr, V, stride_row, inv_temp, top_k, top_p
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
-        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        z = _z(base, cols, mask, inv_temp, softcap, SOFTCAP)
         k = _key(z)
         kmin = tl.minimum(kmin, tl.min(tl.where(mask, k, KEY_MAX), 0))
         kmax = tl.maximum(kmax, tl.max(tl.where(mask, k, KEY_MIN), 0))
@@ -53,7 +61,7 @@ def _threshold_kernel(logits_ptr, thr_ptr, V, stride_row, inv_temp, top_k, top_p
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
                 mask = cols < V
-                k = _key(tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp).to(tl.int64)
+                k = _key(_z(base, cols, mask, inv_temp, softcap, SOFTCAP)).to(tl.int64)
                 inside = mask & (k >= mid)
                 c += tl.sum(tl.where(inside, 1, 0).to(tl.int64), 0)
                 above = tl.minimum(above, tl.min(tl.where(inside, k, KEY_MAX), 0))
@@ -66,7 +74,7 @@ def _threshold_kernel(logits_ptr, thr_ptr, V, stride_row, inv_temp, top_k, top_p
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             mask = cols < V
-            z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+            z = _z(base, cols, mask, inv_temp, softcap, SOFTCAP)
             e = tl.exp(z - zmax)
             total += tl.sum(tl.where(mask & (_key(z).to(tl.int64) >= lo), e, 0.0), 0)
         target = top_p * total
@@ -77,7 +85,7 @@ def _threshold_kernel(logits_ptr, thr_ptr, V, stride_row, inv_temp, top_k, top_p
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
                 mask = cols < V
-                z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+                z = _z(base, cols, mask, inv_temp, softcap, SOFTCAP)
                 s += tl.sum(tl.where(mask & (_key(z).to(tl.int64) >= mid), tl.exp(z - zmax), 0.0), 0)
             ok = s >= target
             lo = tl.where(ok, mid, lo)
@@ -86,13 +94,14 @@ def _threshold_kernel(logits_ptr, thr_ptr, V, stride_row, inv_temp, top_k, top_p
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
-        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        z = _z(base, cols, mask, inv_temp, softcap, SOFTCAP)
         thr = tl.minimum(thr, tl.min(tl.where(mask & (_key(z).to(tl.int64) >= lo), z, float("inf")), 0))
     tl.store(thr_ptr + row, thr)
 
 
-def support_threshold(logits, inv_temp, top_k, top_p, thr) -> None:
-    """logits (N, V) rows contiguous -> thr (N,) fp32 in z units; callers skip it when nothing is cut."""
+def support_threshold(logits, inv_temp, top_k, top_p, thr, softcap=0.0) -> None:
+    """logits (N, V) rows contiguous -> thr (N,) fp32 in z units (softcap >= 0, 0: off); callers skip it when nothing
+    is cut."""
     n, vocab = logits.shape
     assert logits.stride(1) == 1 and thr.dtype == torch.float32 and thr.is_contiguous()
     use_k, use_p = 0 < top_k < vocab, top_p < 1.0
@@ -102,5 +111,6 @@ def support_threshold(logits, inv_temp, top_k, top_p, thr) -> None:
     if n == 0:
         return
     _threshold_kernel[(n,)](logits, thr, vocab, logits.stride(0), float(inv_temp), int(top_k), float(top_p),
-                            USE_K=use_k, USE_P=use_p, BLOCK_V=block_v(vocab, logits.device),
+                            float(softcap), USE_K=use_k, USE_P=use_p, SOFTCAP=softcap != 0,
+                            BLOCK_V=block_v(vocab, logits.device),
                             num_warps=8 if logits.is_cuda else 1)

@@ -10,6 +10,9 @@ Large fp32 CPU weights (oneDNN's size gate) without a truncated support go vocab
 (`iter_blocks`): each block of `block_rows` weight rows is reordered once for oneDNN into a buffer of at most
 BLOCK_ELEMENTS elements and meets every row tile (ROW_TILE, H) x (H, block); the row kernel gives each block's lse
 and entropy, merged per row in block order. No copy of the whole weight is ever made.
+
+Every row kernel takes `softcap` (0: off): the logits go through softcap * tanh(x / softcap) before the temperature
+(`reference.soft_cap`), and dlogits carry its derivative 1 - tanh^2(x / softcap).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from rlhf_fast import _native
 from rlhf_fast._native import arg
 from rlhf_fast.ops import _onednn as onednn
+from rlhf_fast.ops.reference import soft_cap
 
 ROW_TILE = 256  # rows per lm_head matmul: fixed so every row sees the same GEMM shape (smaller tiles run slower)
 TARGET_CHUNK_BYTES = 32 << 20  # default chunk: about 32 MiB of logits
@@ -33,26 +37,28 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 # Row kernels: logits (R, V) -> logp, lse, entropy (R,); and (lse, entropy, dlogp, dent) -> dlogits (R, V).
 # ---------------------------------------------------------------------------------------------------------------
 
-def native_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr=None) -> None:
+def native_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr=None, softcap=0.0) -> None:
     """csrc/logprobs.cpp forward on contiguous logits (R, V); outputs (R,) in the compute dtype, written in place.
     `thr` (R,) in the compute dtype, or None: the support threshold (z < thr is cut, except the label)."""
     n, v = logits.shape
     cd = _compute_dtype(logits)
     _native.call("token_logprobs_fwd_cpu", arg("logits", logits, code=True),
-                 arg("labels", labels, torch.int64), n, v, float(inv_temp), int(ignore_index), _thr_arg(thr, cd),
-                 arg("logp", logp, cd), arg("lse", lse, cd), arg("ent", ent, cd))
+                 arg("labels", labels, torch.int64), n, v, float(inv_temp), float(softcap), int(ignore_index),
+                 _thr_arg(thr, cd), arg("logp", logp, cd), arg("lse", lse, cd), arg("ent", ent, cd))
 
 
 def _thr_arg(thr, cd):
     return 0 if thr is None else arg("thr", thr, cd)  # 0: a null pointer, no truncation
 
 
-def native_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out, thr=None) -> None:
+def native_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out, thr=None,
+                    softcap=0.0) -> None:
     """csrc/logprobs.cpp backward: writes dlogits into `out` (R, V), which may be `logits` itself."""
     n, v = logits.shape
     cd = _compute_dtype(logits)
     _native.call("token_logprobs_bwd_cpu", arg("logits", logits, code=True),
-                 arg("labels", labels, torch.int64), n, v, float(inv_temp), int(ignore_index), _thr_arg(thr, cd),
+                 arg("labels", labels, torch.int64), n, v, float(inv_temp), float(softcap), int(ignore_index),
+                 _thr_arg(thr, cd),
                  arg("lse", lse, cd),
                  arg("ent", ent, cd), arg("dlogp", dlogp, cd), arg("dent", dent, cd),
                  arg("dlogits", out, logits.dtype))
@@ -67,9 +73,14 @@ def _cut(z, labels, thr):
     return z.masked_fill(cut, float("-inf"))
 
 
-def torch_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr=None) -> None:
+def torch_z(logits, inv_temp, softcap, dtype):
+    """z = soft_cap(logits) * inv_temp in `dtype`: the torch row kernels' and selection pass's z."""
+    return soft_cap(logits.to(dtype), softcap) * inv_temp
+
+
+def torch_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr=None, softcap=0.0) -> None:
     """PyTorch version of `native_rows_fwd` (materialises chunk-sized temporaries)."""
-    z = _cut(logits.to(logp.dtype) * inv_temp, labels, thr)  # (R, V)
+    z = _cut(torch_z(logits, inv_temp, softcap, logp.dtype), labels, thr)  # (R, V)
     valid = labels != ignore_index
     m = z.amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).min)  # finite even for all -inf rows
     e = (z - m).exp()
@@ -83,9 +94,9 @@ def torch_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr=N
     ent.copy_(torch.where(valid, row_lse - ez / s, zero))
 
 
-def torch_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out, thr=None) -> None:
+def torch_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, out, thr=None, softcap=0.0) -> None:
     """PyTorch version of `native_rows_bwd` (see triton-kernels/logprobs.py for the derivation)."""
-    z = _cut(logits.to(lse.dtype) * inv_temp, labels, thr)  # (R, V)
+    z = _cut(torch_z(logits, inv_temp, softcap, lse.dtype), labels, thr)  # (R, V)
     valid = labels != ignore_index
     p = (z - lse.unsqueeze(-1)).exp()
     mean_z = (lse - ent).unsqueeze(-1)  # E_p[z] = lse - H
@@ -93,6 +104,9 @@ def torch_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index
     d = -(p * dlogp.unsqueeze(-1) + centred * dent.unsqueeze(-1))
     d.scatter_add_(-1, torch.where(valid, labels, 0).unsqueeze(-1), dlogp.unsqueeze(-1))
     d = torch.where(valid.unsqueeze(-1), d * inv_temp, torch.zeros_like(d))
+    if softcap:
+        t = torch.tanh(logits.to(d.dtype) / softcap)  # as soft_cap: d cap / dx = 1 - tanh^2(x / c)
+        d = d * (1 - t * t)
     out.copy_(d)
 
 
@@ -160,7 +174,7 @@ def iter_blocks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             yield v0, t0, rows, hbuf, onednn.linear(hbuf, packed, bb)  # (BLOCK_TILE, nb)
 
 
-def blocked_fwd(h, weight, bias, y, inv_temp, logp, lse, ent) -> None:
+def blocked_fwd(h, weight, bias, y, inv_temp, logp, lse, ent, softcap=0.0) -> None:
     """logp, lse, entropy (M,) of the rows h (M, H) with labels y (M,), through `iter_blocks`: per block b the row
     kernel gives lse_b and entropy H_b (E_b[z] = lse_b - H_b); merged per row in block order in float64:
         lse = log sum_b exp(lse_b),   H = lse - sum_b exp(lse_b - lse) E_b[z],   logp = z_y - lse.
@@ -177,8 +191,12 @@ def blocked_fwd(h, weight, bias, y, inv_temp, logp, lse, ent) -> None:
         yt[:min(BLOCK_TILE, m - t0)] = y[t0:t0 + BLOCK_TILE] - v0
         inside = (yt >= 0) & (yt < logits.shape[1])
         yt = torch.where(inside, yt, 0)  # a column inside the block (its logp is not used)
-        native_rows_fwd(logits, yt, inv_temp, -1, scratch, lse_b[v0 // nb, tile], ent_b[v0 // nb, tile])
-        z = logits.gather(1, yt[:, None]).squeeze(1).mul_(inv_temp)  # (BLOCK_TILE,) as the kernel scales it
+        native_rows_fwd(logits, yt, inv_temp, -1, scratch, lse_b[v0 // nb, tile], ent_b[v0 // nb, tile], None,
+                        softcap)
+        z = logits.gather(1, yt[:, None]).squeeze(1)  # (BLOCK_TILE,) the label's logit
+        if softcap:  # capped in float64, rounded as the kernel's float cap (within an ulp of it)
+            z = soft_cap(z.double(), softcap).float()
+        z = z.mul_(inv_temp)  # as the kernel scales it
         zy[tile] = torch.where(inside, z, zy[tile])
     for t0 in range(0, padded, BLOCK_TILE):
         tile = slice(t0, t0 + BLOCK_TILE)
@@ -194,7 +212,7 @@ def blocked_fwd(h, weight, bias, y, inv_temp, logp, lse, ent) -> None:
         logp[t0:t0 + rows] = (zy[tile].double() - row_lse)[:rows]
 
 
-def blocked_bwd(h, weight, bias, y, lse, ent, dlogp, dent, inv_temp, dh, dw, db) -> None:
+def blocked_bwd(h, weight, bias, y, lse, ent, dlogp, dent, inv_temp, dh, dw, db, softcap=0.0) -> None:
     """dh (M, H) = dlogits @ W; dw (V, H) += dlogits^T @ h; db (V,) += sum(dlogits), each of dh, dw, db optional;
     dlogits by the row kernel from the forward's lse and entropy, one (BLOCK_TILE, block) tile at a time."""
     for v0, t0, rows, ht, logits in iter_blocks(h, weight, bias):
@@ -202,7 +220,7 @@ def blocked_bwd(h, weight, bias, y, lse, ent, dlogp, dent, inv_temp, dh, dw, db)
         yt = y[sl] - v0
         yt = torch.where((yt >= 0) & (yt < nb), yt, nb)  # outside the block: no label column here
         d = logits[:rows]
-        native_rows_bwd(d, yt, lse[sl], ent[sl], dlogp[sl], dent[sl], inv_temp, -1, d)
+        native_rows_bwd(d, yt, lse[sl], ent[sl], dlogp[sl], dent[sl], inv_temp, -1, d, None, softcap)
         if dh is not None:
             if v0 == 0:
                 torch.matmul(d, weight[:nb], out=dh[sl])  # (rows, H)
@@ -216,7 +234,8 @@ def blocked_bwd(h, weight, bias, y, lse, ent, dlogp, dent, inv_temp, dh, dw, db)
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, use_native, thr, select):
+    def forward(ctx, hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, use_native, thr, select,
+                softcap):
         # hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64
         # thr (N,) | None: replayed support thresholds; select: logits (R, V) -> thr (R,) (recomputed), or None
         rows_fwd, _ = row_kernels(use_native)
@@ -231,15 +250,15 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         chunk_rows = chunk_rows_for(chunk_size, m, vocab)
         blocks = use_blocks(weight, use_native, thr_v is not None)
         if blocks:
-            blocked_fwd(h, weight, bias, y, inv_temp, logp_v, lse_v, ent_v)
+            blocked_fwd(h, weight, bias, y, inv_temp, logp_v, lse_v, ent_v, softcap)
         for start, rows, _, logits in [] if blocks else iter_chunks(h, weight, bias, chunk_rows):
             sl = slice(start, start + rows)
             if select is not None and thr is None:
                 thr_v[sl] = select(logits)
             rows_fwd(logits, y[sl], inv_temp, ignore_index, logp_v[sl], lse_v[sl], ent_v[sl],
-                     None if thr_v is None else thr_v[sl])
+                     None if thr_v is None else thr_v[sl], softcap)
         ctx.save_for_backward(hidden, weight, bias, idx, y, lse_v, ent_v, thr_v)
-        ctx.cfg = (inv_temp, ignore_index, chunk_rows, use_native, blocks)
+        ctx.cfg = (inv_temp, ignore_index, chunk_rows, use_native, blocks, softcap)
         logp = torch.zeros(n, dtype=cd, device=hidden.device).index_copy_(0, idx, logp_v)
         ent = torch.zeros(n, dtype=cd, device=hidden.device).index_copy_(0, idx, ent_v)
         return logp, ent
@@ -247,7 +266,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dlogp, dent):
         hidden, weight, bias, idx, y, lse_v, ent_v, thr_v = ctx.saved_tensors
-        inv_temp, ignore_index, chunk_rows, use_native, blocks = ctx.cfg
+        inv_temp, ignore_index, chunk_rows, use_native, blocks, softcap = ctx.cfg
         _, rows_bwd = row_kernels(use_native)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         cd = lse_v.dtype
@@ -258,16 +277,16 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_b else None
         if blocks:
-            blocked_bwd(h, weight, bias, y, lse_v, ent_v, dlogp_v, dent_v, inv_temp, dh, dw, db)
+            blocked_bwd(h, weight, bias, y, lse_v, ent_v, dlogp_v, dent_v, inv_temp, dh, dw, db, softcap)
         for start, rows, hc, logits in [] if blocks else iter_chunks(h, weight, bias, chunk_rows):
             sl = slice(start, start + rows)
             rows_bwd(logits, y[sl], lse_v[sl], ent_v[sl], dlogp_v[sl], dent_v[sl], inv_temp, ignore_index, logits,
-                     None if thr_v is None else thr_v[sl])
+                     None if thr_v is None else thr_v[sl], softcap)
             accumulate_grads(logits, hc, weight, dh[sl] if need_h else None, dw, db)
         dhidden = torch.zeros_like(hidden).index_copy_(0, idx, dh) if need_h else None
         dweight = dw.to(weight.dtype) if need_w else None
         dbias = db.to(bias.dtype) if need_b else None
-        return dhidden, dweight, dbias, None, None, None, None, None, None, None
+        return dhidden, dweight, dbias, None, None, None, None, None, None, None, None
 
 
 def accumulate_grads(dlogits, hc, weight, dh_out, dw, db) -> None:
@@ -290,13 +309,14 @@ def accumulate_grads(dlogits, hc, weight, dh_out, dw, db) -> None:
 
 
 def linear_logprobs_chunked(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, use_native, thr=None,
-                            select=None):
+                            select=None, softcap=0.0):
     """hidden (N, H), weight (V, H), bias (V,) | None, labels (N,) int64 -> logp, entropy (N,) (fp32 or fp64).
 
     `use_native`: the row kernels (see `row_kernels`). Truncated support: `thr` (N,) replays thresholds, or
-    `select(logits (R, V)) -> thr (R,)` recomputes them from each chunk's logits (kept for the backward pass)."""
+    `select(logits (R, V)) -> thr (R,)` recomputes them from each chunk's logits (kept for the backward pass), in
+    the units of the capped z when `softcap` > 0 (0: off)."""
     return _ChunkedLinearLogprobs.apply(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size,
-                                        use_native, thr, select)
+                                        use_native, thr, select, softcap)
 
 
 def row_kernels(kind):
@@ -316,7 +336,7 @@ class _TritonLinearLogprobs(torch.autograd.Function):
     folds them into dhidden / dweight / dbias with matmuls (8THV flops in all)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size):
+    def forward(ctx, hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, softcap):
         from rlhf_fast.kernels.linear_logprobs import linear_logprobs_fwd
 
         n, dev = hidden.shape[0], hidden.device
@@ -325,9 +345,9 @@ class _TritonLinearLogprobs(torch.autograd.Function):
         h = hidden.index_select(0, idx)  # (M, H) contiguous
         m = idx.numel()
         logp_v, lse_v, ent_v = (torch.empty(m, dtype=torch.float32, device=dev) for _ in range(3))
-        linear_logprobs_fwd(h, weight, bias, y, inv_temp, logp_v, lse_v, ent_v)
+        linear_logprobs_fwd(h, weight, bias, y, inv_temp, logp_v, lse_v, ent_v, softcap)
         ctx.save_for_backward(hidden, weight, bias, idx, y, lse_v, ent_v)
-        ctx.cfg = (inv_temp, chunk_size)
+        ctx.cfg = (inv_temp, chunk_size, softcap)
         logp = torch.zeros(n, dtype=torch.float32, device=dev).index_copy_(0, idx, logp_v)
         ent = torch.zeros(n, dtype=torch.float32, device=dev).index_copy_(0, idx, ent_v)
         return logp, ent
@@ -337,7 +357,7 @@ class _TritonLinearLogprobs(torch.autograd.Function):
         from rlhf_fast.kernels.linear_logprobs import linear_dlogits
 
         hidden, weight, bias, idx, y, lse_v, ent_v = ctx.saved_tensors
-        inv_temp, chunk_size = ctx.cfg
+        inv_temp, chunk_size, softcap = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dlogp_v = (torch.zeros_like(lse_v) if dlogp is None else dlogp.index_select(0, idx).float()).contiguous()
         dent_v = (torch.zeros_like(lse_v) if dent is None else dent.index_select(0, idx).float()).contiguous()
@@ -352,15 +372,17 @@ class _TritonLinearLogprobs(torch.autograd.Function):
         for start in range(0, m, rows):
             sl = slice(start, min(start + rows, m))
             out = buf[: sl.stop - start]
-            linear_dlogits(h[sl], weight, bias, y[sl], lse_v[sl], ent_v[sl], dlogp_v[sl], dent_v[sl], inv_temp, out)
+            linear_dlogits(h[sl], weight, bias, y[sl], lse_v[sl], ent_v[sl], dlogp_v[sl], dent_v[sl], inv_temp, out,
+                           softcap)
             accumulate_grads(out, h[sl], weight, dh[sl] if need_h else None, dw, db)
         dhidden = torch.zeros_like(hidden).index_copy_(0, idx, dh) if need_h else None
         dweight = dw.to(weight.dtype) if need_w else None
         dbias = db.to(bias.dtype) if need_b else None
-        return dhidden, dweight, dbias, None, None, None, None
+        return dhidden, dweight, dbias, None, None, None, None, None
 
 
-def linear_logprobs_triton(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size):
+def linear_logprobs_triton(hidden, weight, bias, labels, inv_temp, ignore_index, chunk_size, softcap=0.0):
     """As `linear_logprobs_chunked`, on the Triton kernels (fp32/bf16/fp16; results fp32)."""
     bias = None if bias is None else bias.contiguous()
-    return _TritonLinearLogprobs.apply(hidden, weight.contiguous(), bias, labels, inv_temp, ignore_index, chunk_size)
+    return _TritonLinearLogprobs.apply(hidden, weight.contiguous(), bias, labels, inv_temp, ignore_index, chunk_size,
+                                       softcap)

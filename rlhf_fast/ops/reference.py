@@ -20,16 +20,22 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def support_threshold(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0) -> torch.Tensor:
-    """The support sampled from under top-k / top-p, as a threshold per row on z = logits * (1 / temperature).
+def soft_cap(logits: torch.Tensor, softcap: float = 0.0) -> torch.Tensor:
+    """Final logit soft-capping (Gemma 2/3): softcap * tanh(logits / softcap), applied before the temperature, as
+    transformers' `Gemma2ForCausalLM.forward` does; its derivative is 1 - tanh^2(logits / softcap). 0: unchanged."""
+    return logits if softcap == 0 else torch.tanh(logits / softcap) * softcap
+
+
+def support_threshold(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      softcap: float = 0.0) -> torch.Tensor:
+    """The support sampled from under top-k / top-p, as a threshold per row on z = soft_cap(logits) / temperature.
 
     Plain sort + cumsum (the oracle of the kernels' bisection). top-k: thr = the k-th largest z (ties with it kept).
     top-p, over the tokens top-k kept and p their softmax: thr = the z of the first sorted token at which the
     cumulative mass reaches top_p (the smallest nucleus reaching top_p, with the crossing token and its ties).
     logits (..., V) -> (...) in the compute dtype; -inf where nothing is cut (top_k 0 or >= V, top_p 1).
     """
-    z = logits.to(_compute_dtype(logits)) * (1.0 / temperature)  # (..., V), the kernels' z
+    z = soft_cap(logits.to(_compute_dtype(logits)), softcap) * (1.0 / temperature)  # (..., V), the kernels' z
     v = z.shape[-1]
     zs = z.sort(-1, descending=True).values  # (..., V)
     thr = torch.full(z.shape[:-1], float("-inf"), dtype=z.dtype, device=z.device)
@@ -51,20 +57,23 @@ def _truncated(vocab: int, top_k: int, top_p: float) -> bool:
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0, support_threshold: torch.Tensor | None = None, ignore_index: int = -100,
-                   return_entropy: bool = False):
-    """`log softmax(logits / temperature)[label]` and optionally the entropy of that distribution.
+                   return_entropy: bool = False, softcap: float = 0.0):
+    """`log softmax(soft_cap(logits) / temperature)[label]` and optionally the entropy of that distribution.
 
     logits (..., V) float; labels (...) int. Returns logp (...) [, entropy (...)] in fp32 (fp64 for fp64 logits).
-    Rows whose label is `ignore_index` give 0 for both (and receive zero gradient).
-    With top_k > 0 or top_p < 1 (or a given `support_threshold` (...), in z = logits * (1 / temperature) units) the
-    distribution is the truncated one: tokens with z < thr are cut (-inf) except the label, then renormalised.
+    Rows whose label is `ignore_index` give 0 for both (and receive zero gradient). softcap > 0 caps the logits
+    first (`soft_cap`); 0: off.
+    With top_k > 0 or top_p < 1 (or a given `support_threshold` (...), in z = soft_cap(logits) * (1 / temperature)
+    units) the distribution is the truncated one: tokens with z < thr are cut (-inf) except the label, then
+    renormalised.
     """
-    z = logits.to(_compute_dtype(logits)) / temperature  # (..., V)
+    z = soft_cap(logits.to(_compute_dtype(logits)), softcap) / temperature  # (..., V)
     if support_threshold is not None or _truncated(logits.shape[-1], top_k, top_p):
         thr = support_threshold
         if thr is None:
-            thr = _support_threshold(logits.detach(), temperature=temperature, top_k=top_k, top_p=top_p)
-        zk = logits.detach().to(z.dtype) * (1.0 / temperature)  # the units of thr (the kernels' z)
+            thr = _support_threshold(logits.detach(), temperature=temperature, top_k=top_k, top_p=top_p,
+                                     softcap=softcap)
+        zk = soft_cap(logits.detach().to(z.dtype), softcap) * (1.0 / temperature)  # the units of thr (the kernels' z)
         cols = torch.arange(z.shape[-1], device=z.device)
         z = z.masked_fill((zk < thr.to(z.dtype).unsqueeze(-1)) & (cols != labels.unsqueeze(-1)), float("-inf"))
     logp_all = z.log_softmax(-1)
@@ -83,7 +92,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: torch.Tensor | None = None, temperature: float = 1.0, top_k: int = 0,
                           top_p: float = 1.0, support_threshold: torch.Tensor | None = None, ignore_index: int = -100,
-                          return_entropy: bool = False):
+                          return_entropy: bool = False, softcap: float = 0.0):
     """`token_logprobs(hidden @ weight.T + bias, labels)`, materialising the full logits (the naive path).
 
     hidden (..., H), weight (V, H), bias (V,) or None, labels (...). Same outputs as `token_logprobs`.
@@ -93,13 +102,13 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         logits = logits + bias
     return token_logprobs(logits, labels, temperature=temperature, top_k=top_k, top_p=top_p,
                           support_threshold=support_threshold, ignore_index=ignore_index,
-                          return_entropy=return_entropy)
+                          return_entropy=return_entropy, softcap=softcap)
 
 
 def ppo_loss_from_hidden(hidden, weight, labels, old_logp, advantages, mask, *, bias=None,
                          clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean", kl: KLTerm | None = None,
                          entropy_coef=0.0, temperature=1.0, is_weights=None, top_k=0, top_p=1.0,
-                         support_threshold=None):
+                         support_threshold=None, softcap=0.0):
     """The fused PPO step as a composition: logits -> token_logprobs -> ppo_policy_loss + kl.coef * agg(kl_penalty)
     - entropy_coef * agg(entropy). hidden (batch, T, H), weight (V, H), advantages (batch, T) or (batch,), the rest
     (batch, T). Returns (loss, dict of stats). Defined with the KL/loss references of the next section."""
@@ -114,7 +123,8 @@ def ppo_loss_from_hidden(hidden, weight, labels, old_logp, advantages, mask, *, 
     valid = mask.bool() & finite
     labels = torch.where(valid, labels, torch.full_like(labels, -100))
     logp, ent = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, support_threshold=support_threshold, return_entropy=True)
+                                      top_p=top_p, support_threshold=support_threshold, return_entropy=True,
+                                      softcap=softcap)
     pg, stats = ppo_policy_loss(logp, old_logp, advantages, valid, clip=clip, agg=agg, is_weights=is_weights)
     kl_val = torch.zeros_like(pg)
     if kl is not None:

@@ -1,7 +1,8 @@
 """The support a rollout samples from under top-k / top-p, as one threshold per row: `support_threshold`.
 
 Semantics (as vLLM's and Hugging Face's samplers: temperature first, then top-k, then top-p), in units of
-z = logits * (1 / temperature):
+z = soft_cap(logits) * (1 / temperature) (`softcap` > 0: the final logit soft-cap c tanh(x / c) of Gemma 2/3, before
+the temperature; 0: z = logits / temperature):
   * top-k (0 or >= V: off): thr_k = the k-th largest z of the row; every token tied with it is kept.
   * top-p (1.0: off): over the tokens top-k kept, with p their softmax, thr = the largest value t among them with
     mass(z >= t) >= top_p: the smallest nucleus whose probability reaches top_p, the token that crosses it (and its
@@ -25,7 +26,7 @@ import torch
 from rlhf_fast import _native
 from rlhf_fast.backend import register_op, select
 from rlhf_fast.ops import _checks
-from rlhf_fast.ops._linear_chunked import _compute_dtype
+from rlhf_fast.ops._linear_chunked import _compute_dtype, torch_z
 
 register_op("support_threshold", triton=True, native_cpu="support_threshold_cpu")
 
@@ -37,9 +38,10 @@ def truncated(vocab: int, top_k: int, top_p: float) -> bool:
     return 0 < top_k < vocab or top_p < 1.0
 
 
-def torch_thresholds(logits: torch.Tensor, inv_temp: float, top_k: int, top_p: float) -> torch.Tensor:
+def torch_thresholds(logits: torch.Tensor, inv_temp: float, top_k: int, top_p: float,
+                     softcap: float = 0.0) -> torch.Tensor:
     """logits (R, V) -> thr (R,) in the compute dtype (PyTorch; chunk-sized temporaries)."""
-    z = logits.to(_compute_dtype(logits)) * inv_temp  # (R, V), the row kernels' z
+    z = torch_z(logits, inv_temp, softcap, _compute_dtype(logits))  # (R, V), the row kernels' z
     r, v = z.shape
     thr = torch.full((r,), float("-inf"), dtype=z.dtype, device=z.device)
     top = None
@@ -58,32 +60,36 @@ def torch_thresholds(logits: torch.Tensor, inv_temp: float, top_k: int, top_p: f
     return thr
 
 
-def native_thresholds(logits: torch.Tensor, inv_temp: float, top_k: int, top_p: float) -> torch.Tensor:
+def native_thresholds(logits: torch.Tensor, inv_temp: float, top_k: int, top_p: float,
+                      softcap: float = 0.0) -> torch.Tensor:
     """csrc/logprobs.cpp `support_threshold_cpu` on contiguous logits (R, V) -> thr (R,) in the compute dtype."""
     n, v = logits.shape
     cd = _compute_dtype(logits)
     thr = torch.empty(n, dtype=cd, device=logits.device)
     _native.call("support_threshold_cpu", _native.arg("logits", logits, code=True), n, v, float(inv_temp),
-                 int(top_k), float(top_p), _native.arg("thr", thr, cd))
+                 float(softcap), int(top_k), float(top_p), _native.arg("thr", thr, cd))
     return thr
 
 
-def triton_thresholds(logits: torch.Tensor, inv_temp: float, top_k: int, top_p: float) -> torch.Tensor:
+def triton_thresholds(logits: torch.Tensor, inv_temp: float, top_k: int, top_p: float,
+                      softcap: float = 0.0) -> torch.Tensor:
     """rlhf_fast.kernels.support on logits (R, V) (fp32/bf16/fp16) -> thr (R,) fp32."""
     from rlhf_fast.kernels.support import support_threshold as launch
 
     thr = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    launch(logits, inv_temp, top_k, top_p, thr)
+    launch(logits, inv_temp, top_k, top_p, thr, softcap)
     return thr
 
 
-def row_thresholds(logits: torch.Tensor, inv_temp: float, top_k: int, top_p: float, backend: str) -> torch.Tensor:
-    """logits (R, V) (rows contiguous) -> thr (R,) in the compute dtype, on `backend` (fp64 logits: never Triton)."""
+def row_thresholds(logits: torch.Tensor, inv_temp: float, top_k: int, top_p: float, backend: str,
+                   softcap: float = 0.0) -> torch.Tensor:
+    """logits (R, V) (rows contiguous) -> thr (R,) in the compute dtype, on `backend` (fp64 logits: never Triton);
+    in units of z = soft_cap(logits) * inv_temp, each backend's z as its row kernels compute it."""
     if backend == "native" and logits.device.type == "cpu":
-        return native_thresholds(logits.contiguous(), inv_temp, top_k, top_p)
+        return native_thresholds(logits.contiguous(), inv_temp, top_k, top_p, softcap)
     if backend == "triton" and logits.dtype != torch.float64:
-        return triton_thresholds(logits.contiguous(), inv_temp, top_k, top_p)
-    return torch_thresholds(logits, inv_temp, top_k, top_p)
+        return triton_thresholds(logits.contiguous(), inv_temp, top_k, top_p, softcap)
+    return torch_thresholds(logits, inv_temp, top_k, top_p, softcap)
 
 
 def check_support(top_k, top_p, support: str, threshold: torch.Tensor | None, lead: torch.Size,
@@ -107,19 +113,28 @@ def check_support(top_k, top_p, support: str, threshold: torch.Tensor | None, le
             raise ValueError(f"support_threshold must be on {device}; got {_checks.desc(threshold)}")
 
 
-def support_threshold(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0) -> torch.Tensor:
-    """The threshold of the support sampled from, per row: token i is in it iff logits[i] / temperature >= thr.
+def check_softcap(softcap) -> None:
+    """The final logit soft-cap: a finite number >= 0 (0: off)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < float("inf"):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off; c > 0 maps the logits to c * tanh(logits / "
+                         f"c)), got {softcap!r}")
+
+
+def support_threshold(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      softcap: float = 0.0) -> torch.Tensor:
+    """The threshold of the support sampled from, per row: token i is in it iff z[i] >= thr, with
+    z = soft_cap(logits) / temperature.
 
     What a rollout engine records per sampled token, for `token_logprobs(..., support="replay")`. Exact: thr is a
-    value of the row (z = logits * (1 / temperature) in the compute dtype), found by a selection pass (see the
-    module docstring for the semantics).
+    value of the row (z = soft_cap(logits) * (1 / temperature) in the compute dtype), found by a selection pass (see
+    the module docstring for the semantics).
 
     Args:
         logits: (..., V) float32/bfloat16/float16/float64.
         temperature: > 0, the sampling temperature.
         top_k: keep the k largest (and their ties); 0 (or >= V) turns it off.
         top_p: keep the smallest nucleus reaching this mass (within the top-k); 1.0 turns it off.
+        softcap: the final logit soft-cap c (z = c * tanh(logits / c) / temperature); 0: off.
     Returns:
         thr (...) float32 (float64 for float64 logits), in z units; -inf where nothing is cut.
     """
@@ -127,12 +142,13 @@ def support_threshold(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
     if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     check_support(top_k, top_p, "recompute", None, logits.shape[:-1], logits.device)
+    check_softcap(softcap)
     lead, vocab = logits.shape[:-1], logits.shape[-1]
     if not truncated(vocab, top_k, top_p):
         return torch.full(lead, float("-inf"), dtype=_compute_dtype(logits), device=logits.device)
     backend = select("support_threshold", logits.device)
     with torch.no_grad():
-        thr = row_thresholds(logits.detach().reshape(-1, vocab), 1.0 / temperature, top_k, top_p, backend)
+        thr = row_thresholds(logits.detach().reshape(-1, vocab), 1.0 / temperature, top_k, top_p, backend, softcap)
     return thr.reshape(lead)
 
 
@@ -149,8 +165,10 @@ class ChunkSupport(NamedTuple):
 
     @classmethod
     def of(cls, vocab: int, inv_temp: float, top_k: int, top_p: float, thr: torch.Tensor | None,
-           backend: str) -> ChunkSupport:
-        """Replay `thr` when given, else recompute where top-k / top-p cut something (on `backend`), else none."""
+           backend: str, softcap: float = 0.0) -> ChunkSupport:
+        """Replay `thr` when given, else recompute where top-k / top-p cut something (on `backend`, from the chunk's
+        logits soft-capped by `softcap`), else none."""
         if thr is not None or not truncated(vocab, top_k, top_p):
             return cls(thr, None)
-        return cls(None, partial(row_thresholds, inv_temp=inv_temp, top_k=top_k, top_p=top_p, backend=backend))
+        return cls(None, partial(row_thresholds, inv_temp=inv_temp, top_k=top_k, top_p=top_p, backend=backend,
+                                 softcap=softcap))
