@@ -19,6 +19,9 @@ do; (batch,) advantages are broadcast over each row.
 
 Tokens whose old_logp, advantage, importance weight or ref_logp is NaN/Inf are dropped (as `ppo_policy_loss` does)
 and counted in `stats.nonfinite`.
+
+A final logit soft-cap (`softcap` > 0, Gemma 2/3) is applied by the row kernels to each chunk's logits, before the
+temperature (z = c tanh(x / c) / T), and its derivative enters dlogits; the support selection sees the capped z.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from rlhf_fast.ops.kl import kl_penalty
 from rlhf_fast.ops.loss_spec import KLTerm, PPOAgg, PPOClip, RolloutCorrection
 from rlhf_fast.ops.losses import policy_loss_tokens, token_advantages
 from rlhf_fast.ops.rollout_correction import RolloutCorrectionStats, apply_rollout_correction
-from rlhf_fast.ops.support import ChunkSupport, check_support
+from rlhf_fast.ops.support import ChunkSupport, check_softcap, check_support
 
 register_op("ppo_loss_from_hidden", triton=True, native_cpu="token_logprobs_fwd_cpu")
 TOKEN_SUM = PPOAgg("token-sum")
@@ -72,7 +75,7 @@ class _FusedPPO(torch.autograd.Function):
         # hidden (M, H) valid tokens only; weight (V, H); bias (V,) | None
         # labels, old_logp (the log ratio itself at the sequence levels), adv, ref_logp | None, isw | None, w: (M,)
         # spread: (M,) d pg / d logp of the sequence-sum level (each row's summed derivative), or None
-        clip, kl_coef, kl_kind, entropy_coef, inv_temp, chunk_size, rows_fwd, rows_bwd, cut = cfg
+        clip, kl_coef, kl_kind, entropy_coef, inv_temp, chunk_size, rows_fwd, rows_bwd, cut, softcap = cfg
         m, vocab, cd = hidden.shape[0], weight.shape[0], w.dtype
         dev = hidden.device
         dh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -88,7 +91,7 @@ class _FusedPPO(torch.autograd.Function):
             sl = slice(start, start + rows)
             logp, lse, ent = (torch.empty(rows, dtype=cd, device=dev) for _ in range(3))
             thr = cut(logits, sl)  # (rows,) support thresholds (top-k / top-p), or None
-            rows_fwd(logits, labels[sl], inv_temp, -1, logp, lse, ent, thr)
+            rows_fwd(logits, labels[sl], inv_temp, -1, logp, lse, ent, thr, softcap)
             with torch.enable_grad(), use_backend(_loss_backend(dev)):
                 lp = logp.detach().requires_grad_(True)
                 # weights folded into the advantages: pg(A * w) = w * pg(A) for w >= 0
@@ -109,7 +112,7 @@ class _FusedPPO(torch.autograd.Function):
             ratio_sum = ratio_sum + st.ratio_mean * rows
             rmin, rmax = torch.minimum(rmin, st.ratio_min), torch.maximum(rmax, st.ratio_max)
             rows_bwd(logits, labels[sl], lse, ent, dlogp.contiguous(), (-entropy_coef * w[sl]).contiguous(),
-                     inv_temp, -1, logits, thr)
+                     inv_temp, -1, logits, thr, softcap)
             accumulate_grads(logits, hc, weight, dh[sl] if dh is not None else None, dw, db)
         ctx.grads = (dh, dw, db)  # intermediates, scaled in place by the backward pass
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -146,7 +149,7 @@ def _sequence_sum_grad(logp, seq_lr, adv, isw, w, row, n_rows, clip) -> torch.Te
     return torch.zeros(n_rows, dtype=g.dtype, device=g.device).index_add_(0, row, g)[row]
 
 
-def _valid_logp(h, weight, bias, labels, inv_temp, chunk_size, rows_fwd, cd, cut) -> torch.Tensor:
+def _valid_logp(h, weight, bias, labels, inv_temp, chunk_size, rows_fwd, cd, cut, softcap) -> torch.Tensor:
     """(M,) log-probs of the valid tokens, through the same chunks and row kernel as `_FusedPPO` (no gradient)."""
     m, vocab = h.shape[0], weight.shape[0]
     logp = torch.empty(m, dtype=cd, device=h.device)
@@ -155,7 +158,7 @@ def _valid_logp(h, weight, bias, labels, inv_temp, chunk_size, rows_fwd, cd, cut
         for start, rows, _, logits in iter_chunks(h, weight, bias, chunk_rows_for(chunk_size, m, vocab),
                                                   fixed_tiles=False):
             sl = slice(start, start + rows)
-            rows_fwd(logits, labels[sl], inv_temp, -1, logp[sl], lse[sl], ent[sl], cut(logits, sl))
+            rows_fwd(logits, labels[sl], inv_temp, -1, logp[sl], lse[sl], ent[sl], cut(logits, sl), softcap)
     return logp
 
 
@@ -188,7 +191,7 @@ def _check(hidden, weight, bias, labels, mask, per_token: dict) -> None:
                          f"{labels[bad][:3].tolist()} ({_checks.desc(labels)})")
 
 
-def _check_options(clip, kl, temperature, chunk_size) -> None:
+def _check_options(clip, kl, temperature, chunk_size, softcap) -> None:
     if not isinstance(clip, PPOClip):
         raise TypeError(f"clip must be a PPOClip, got {type(clip).__name__}")
     if kl is not None and not isinstance(kl, KLTerm):
@@ -197,6 +200,7 @@ def _check_options(clip, kl, temperature, chunk_size) -> None:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_softcap(softcap)
 
 
 def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logp: torch.Tensor,
@@ -206,7 +210,8 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          top_k: int = 0, top_p: float = 1.0, support: str = "recompute",
                          support_threshold: torch.Tensor | None = None,
                          is_weights: torch.Tensor | None = None, rollout_logp: torch.Tensor | None = None,
-                         rollout_correction: RolloutCorrection | None = None) -> tuple[torch.Tensor, FusedPPOStats]:
+                         rollout_correction: RolloutCorrection | None = None,
+                         softcap: float = 0.0) -> tuple[torch.Tensor, FusedPPOStats]:
     """PPO loss straight from hidden states, without materialising the (batch, T, V) logits.
 
     Args:
@@ -223,12 +228,14 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             None (no KL term).
         entropy_coef: weight of the entropy bonus (subtracted from the loss).
         temperature: the logits are divided by it (use the rollout's sampling temperature).
+        softcap: the policy's final logit soft-cap c (Gemma 2/3 `final_logit_softcapping`): the logits become
+            c * tanh(logits / c) before the temperature, with its derivative in the gradient; 0: off.
         top_k, top_p: the rollout's (0 / 1.0: off): logp and entropy are then those of the truncated, renormalised
             distribution it sampled from (temperature, then top-k, then top-p; the label always kept; gradients
             through the kept logits); see `token_logprobs`. Each chunk's thresholds come from a selection pass over
             its logits.
         support: "recompute" (default: the support from this step's logits) or "replay" (the rollout's recorded
-            `support_threshold` (batch, T), in logits / temperature units); as in `token_logprobs`.
+            `support_threshold` (batch, T), in soft_cap(logits) / temperature units); as in `token_logprobs`.
         chunk_size: tokens per chunk (memory/speed knob).
         is_weights: (batch, T) per-token importance weights of the policy-gradient term (no gradient), or None.
         rollout_logp: (batch, T) the rollout engine's log-probs, or None; with it, old_logp is the trainer's and
@@ -242,7 +249,7 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
          stats: FusedPPOStats).
     """
     agg = PPOAgg.of(agg)
-    _check_options(clip, kl, temperature, chunk_size)
+    _check_options(clip, kl, temperature, chunk_size, softcap)
     check_support(top_k, top_p, support, support_threshold, labels.shape, hidden.device)
     ref_logp = None if kl is None else kl.ref_logp
     advantages = token_advantages(advantages, mask)
@@ -272,8 +279,10 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)  # (M, H)
     kl_coef, kl_kind = (0.0, "k3") if kl is None else (float(kl.coef), kl.kind)
     thr = None if support_threshold is None else take(support_threshold.detach()).to(cd)  # (M,) replayed
-    cut = ChunkSupport.of(weight.shape[0], 1.0 / temperature, top_k, top_p, thr, backend)
-    cfg = (clip, kl_coef, kl_kind, float(entropy_coef), 1.0 / temperature, chunk_size, rows_fwd, rows_bwd, cut)
+    softcap = float(softcap)
+    cut = ChunkSupport.of(weight.shape[0], 1.0 / temperature, top_k, top_p, thr, backend, softcap)
+    cfg = (clip, kl_coef, kl_kind, float(entropy_coef), 1.0 / temperature, chunk_size, rows_fwd, rows_bwd, cut,
+           softcap)
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     y, old, adv, w = take(labels).to(torch.int64).contiguous(), take(old_logp), take(advantages), take(w)
@@ -282,7 +291,7 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if clip.level != "token":  # old -> each token's sg[mean (or sum) over its row of logp - old_logp]
         row = idx // max(mask.shape[-1], 1)  # (M,) row of each valid token
         lp = _valid_logp(h.detach(), weight.detach(), None if bias is None else bias.detach(), y, 1.0 / temperature,
-                         chunk_size, rows_fwd, cd, cut)
+                         chunk_size, rows_fwd, cd, cut, softcap)
         seq = torch.zeros(mask.shape[0], dtype=cd, device=h.device).index_add_(0, row, lp - old.to(cd))
         if clip.level == "sequence":
             seq = seq / valid.sum(-1).clamp(min=1).to(cd)

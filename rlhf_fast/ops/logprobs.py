@@ -19,6 +19,10 @@ Truncated support (top_k / top_p, `rlhf_fast.ops.support`): a selection pass giv
 z = logits * (1 / temperature) (or the caller replays the rollout's), and the row kernels cut z < thr (except the
 label) to -inf before the softmax. With top_k=0, top_p=1 and no replayed threshold nothing changes: the same
 kernels run as before, bitwise.
+
+Final logit soft-cap (`softcap` c > 0, Gemma 2/3): every backend maps the logits to c * tanh(logits / c) before the
+temperature, inside its row kernels (no capped copy of the logits is made), with the derivative 1 - tanh^2(logits / c)
+in the backward pass; the support threshold is on the capped, tempered z. softcap=0: the kernels of before, bitwise.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from rlhf_fast.backend import register_op, select
 from rlhf_fast.ops import _checks, reference
 from rlhf_fast.ops._linear_chunked import (linear_logprobs_chunked, linear_logprobs_triton, native_rows_bwd,
                                            native_rows_fwd)
-from rlhf_fast.ops.support import check_support, row_thresholds, truncated
+from rlhf_fast.ops.support import check_softcap, check_support, row_thresholds, truncated
 
 register_op("token_logprobs", triton=True, native_cpu="token_logprobs_fwd_cpu")
 register_op("linear_token_logprobs", triton=True, native_cpu="token_logprobs_fwd_cpu")
@@ -45,18 +49,19 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 
 @torch.library.custom_op("rlhf_fast::token_logprobs_fwd", mutates_args=())
 def _native_fwd(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float, ignore_index: int,
-                thr: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (N, V) contiguous, labels (N,) int64, thr (N,) | None -> logp, lse, entropy (N,) fp32 (fp64 for fp64
-    logits)."""
+                thr: Optional[torch.Tensor] = None,
+                softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (N, V) contiguous, labels (N,) int64, thr (N,) | None, softcap >= 0 -> logp, lse, entropy (N,) fp32
+    (fp64 for fp64 logits)."""
     n = logits.shape[0]
     out_dtype = reference._compute_dtype(logits)
     logp, lse, ent = (torch.empty(n, dtype=out_dtype, device=logits.device) for _ in range(3))
-    native_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr)
+    native_rows_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr, softcap)
     return logp, lse, ent
 
 
 @_native_fwd.register_fake
-def _(logits, labels, inv_temp, ignore_index, thr=None):
+def _(logits, labels, inv_temp, ignore_index, thr=None, softcap=0.0):
     out_dtype = reference._compute_dtype(logits)
     return tuple(logits.new_empty(logits.shape[:1], dtype=out_dtype) for _ in range(3))
 
@@ -64,32 +69,32 @@ def _(logits, labels, inv_temp, ignore_index, thr=None):
 @torch.library.custom_op("rlhf_fast::token_logprobs_bwd", mutates_args=())
 def _native_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
                 dlogp: torch.Tensor, dent: torch.Tensor, inv_temp: float, ignore_index: int,
-                thr: Optional[torch.Tensor] = None) -> torch.Tensor:
+                thr: Optional[torch.Tensor] = None, softcap: float = 0.0) -> torch.Tensor:
     """dlogits (N, V) in logits' dtype, written once per element (0 off the support)."""
     dlogits = torch.empty_like(logits)
-    native_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, dlogits, thr)
+    native_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, dlogits, thr, softcap)
     return dlogits
 
 
 @_native_bwd.register_fake
-def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, thr=None):
+def _(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_index, thr=None, softcap=0.0):
     return torch.empty_like(logits)
 
 
 def _native_setup_context(ctx, inputs, output):
-    logits, labels, inv_temp, ignore_index, thr = inputs
+    logits, labels, inv_temp, ignore_index, thr, softcap = inputs
     _, lse, ent = output
     ctx.mark_non_differentiable(lse)  # internal: saved for the backward pass only
     ctx.save_for_backward(logits, labels, lse, ent, thr)
-    ctx.inv_temp, ctx.ignore_index = inv_temp, ignore_index
+    ctx.inv_temp, ctx.ignore_index, ctx.softcap = inv_temp, ignore_index, softcap
 
 
 def _native_backward(ctx, dlogp, dlse, dent):
     logits, labels, lse, ent, thr = ctx.saved_tensors
     dlogp = torch.zeros_like(lse) if dlogp is None else dlogp.to(lse.dtype).contiguous()
     dent = torch.zeros_like(lse) if dent is None else dent.to(lse.dtype).contiguous()
-    dlogits = _native_bwd(logits, labels, lse, ent, dlogp, dent, ctx.inv_temp, ctx.ignore_index, thr)
-    return dlogits, None, None, None, None
+    dlogits = _native_bwd(logits, labels, lse, ent, dlogp, dent, ctx.inv_temp, ctx.ignore_index, thr, ctx.softcap)
+    return dlogits, None, None, None, None, None
 
 
 _native_fwd.register_autograd(_native_backward, setup_context=_native_setup_context)
@@ -99,14 +104,15 @@ class _TritonTokenLogprobs(torch.autograd.Function):
     """Autograd around triton-kernels/logprobs.py (fp32/bf16/fp16 logits (N, V) -> fp32 logp, entropy (N,))."""
 
     @staticmethod
-    def forward(ctx, logits, labels, inv_temp, ignore_index, thr):
+    def forward(ctx, logits, labels, inv_temp, ignore_index, thr, softcap):
         from rlhf_fast.kernels.logprobs import logprobs_fwd
 
         n = logits.shape[0]
         logp, lse, ent = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
-        logprobs_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr)
+        logprobs_fwd(logits, labels, inv_temp, ignore_index, logp, lse, ent, thr, softcap)
         ctx.save_for_backward(logits, labels, lse, ent, thr)
         ctx.cfg = (inv_temp, ignore_index)
+        ctx.softcap = softcap
         return logp, ent
 
     @staticmethod
@@ -117,8 +123,8 @@ class _TritonTokenLogprobs(torch.autograd.Function):
         dlogp = torch.zeros_like(lse) if dlogp is None else dlogp.float().contiguous()
         dent = torch.zeros_like(lse) if dent is None else dent.float().contiguous()
         dlogits = torch.empty_like(logits)
-        logprobs_bwd(logits, labels, lse, ent, dlogp, dent, *ctx.cfg, dlogits, thr)
-        return dlogits, None, None, None, None
+        logprobs_bwd(logits, labels, lse, ent, dlogp, dent, *ctx.cfg, dlogits, thr, ctx.softcap)
+        return dlogits, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,8 +132,9 @@ class _TritonTokenLogprobs(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _check_common(labels: torch.Tensor, lead: torch.Size, vocab: int, temperature: float, ignore_index: int,
-                  lead_name: str) -> None:
+                  lead_name: str, softcap: float) -> None:
     _checks.check_tensor("labels", labels, dtypes=LABEL_DTYPES)
+    check_softcap(softcap)
     if labels.shape != lead:
         raise ValueError(f"labels must have shape {tuple(lead)} ({lead_name} without its last dim); "
                          f"got {_checks.desc(labels)}")
@@ -143,16 +150,16 @@ def _check_common(labels: torch.Tensor, lead: torch.Size, vocab: int, temperatur
                              f"such as {vals} ({_checks.desc(labels)})")
 
 
-def _check_logits(logits, labels, temperature, ignore_index) -> None:
+def _check_logits(logits, labels, temperature, ignore_index, softcap) -> None:
     _checks.check_float("logits", logits, min_ndim=1)
     _checks.check_tensor("labels", labels, dtypes=LABEL_DTYPES)
     _checks.check_same_device(["logits", "labels"], [logits, labels])
     if logits.shape[-1] < 1:
         raise ValueError(f"logits must have a vocabulary dim of size >= 1; got {_checks.desc(logits)}")
-    _check_common(labels, logits.shape[:-1], logits.shape[-1], temperature, ignore_index, "logits")
+    _check_common(labels, logits.shape[:-1], logits.shape[-1], temperature, ignore_index, "logits", softcap)
 
 
-def _check_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk_size) -> None:
+def _check_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk_size, softcap) -> None:
     _checks.check_float("hidden", hidden, min_ndim=1)
     _checks.check_float("weight", weight, ndim=2)
     _checks.check_tensor("labels", labels, dtypes=LABEL_DTYPES)
@@ -172,7 +179,7 @@ def _check_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk
         raise ValueError(f"bias must have shape ({weight.shape[0]},); got {_checks.desc(bias)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    _check_common(labels, hidden.shape[:-1], weight.shape[0], temperature, ignore_index, "hidden")
+    _check_common(labels, hidden.shape[:-1], weight.shape[0], temperature, ignore_index, "hidden", softcap)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,9 +191,10 @@ SUPPORT_DOC = """
             Face's samplers do: temperature first, then top-k (the k largest, every token tied with the k-th kept),
             then the smallest nucleus of those whose probability reaches top_p (the token that crosses it and its
             ties kept). With either on, logp and entropy are those of that truncated, renormalised distribution:
-            tokens with z = logits / temperature below the row's threshold get probability 0 and no gradient, and
-            the gradient flows through the kept logits (d logp / d z_i = [i = label] - p_i, d H / d z_i =
-            -p_i (log p_i + H), over the kept i). The label is always kept, so a log-prob is never -inf.
+            tokens with z = soft_cap(logits) / temperature below the row's threshold get probability 0 and no
+            gradient, and the gradient flows through the kept logits (d logp / d z_i = [i = label] - p_i,
+            d H / d z_i = -p_i (log p_i + H), over the kept i). The label is always kept, so a log-prob is never
+            -inf.
         support: where the support under the current (updated) weights comes from.
             "recompute" (default): from these logits, by a selection pass over each row (the threshold is the k-th
             largest z / the nucleus boundary, found exactly by bisection on the bits of z). At the rollout's
@@ -199,24 +207,28 @@ SUPPORT_DOC = """
             so `RolloutEngine` records the midpoint between it and the next lower z (`Completion.support_threshold`,
             `rollout.sampling.replay_threshold`): the same tokens on the engine's logits, and on the trainer's.
         support_threshold: (...) float, the labels' shape: the recorded threshold per token, in units of
-            z = logits / temperature at this call's temperature (-inf: nothing cut). Only with support="replay"."""
+            z = soft_cap(logits) / temperature at this call's temperature and softcap (-inf: nothing cut). Only with
+            support="replay".
+        softcap: the final logit soft-cap c of Gemma 2/3 (`final_logit_softcapping`): the logits become
+            c * tanh(logits / c) before the temperature, as transformers applies it, with the derivative
+            1 - tanh^2(logits / c) in the backward pass; 0 (default): off."""
 
 
-def _thresholds(logits2d, inv_temp, top_k, top_p, support_threshold, backend, cd):
+def _thresholds(logits2d, inv_temp, top_k, top_p, support_threshold, backend, cd, softcap):
     """(N,) support thresholds in `cd` (replayed or recomputed from logits2d (N, V)), or None when nothing is cut."""
     if support_threshold is not None:
         return support_threshold.detach().reshape(-1).to(cd).contiguous()
     if not truncated(logits2d.shape[-1], top_k, top_p):
         return None
     with torch.no_grad():
-        return row_thresholds(logits2d.detach(), inv_temp, top_k, top_p, backend).to(cd)
+        return row_thresholds(logits2d.detach(), inv_temp, top_k, top_p, backend, softcap).to(cd)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0, support: str = "recompute", support_threshold: torch.Tensor | None = None,
-                   ignore_index: int = -100, return_entropy: bool = False):
-    """Log-probability of each label under `softmax(logits / temperature)`, in one online-softmax pass per row; with
-    top_k / top_p, under the truncated distribution the rollout sampled from.
+                   ignore_index: int = -100, return_entropy: bool = False, softcap: float = 0.0):
+    """Log-probability of each label under `softmax(soft_cap(logits) / temperature)`, in one online-softmax pass per
+    row; with top_k / top_p, under the truncated distribution the rollout sampled from.
 
     Args:
         logits: (..., V) float32/bfloat16/float16 (float64 accepted: the result is then float64).
@@ -227,25 +239,26 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     Returns:
         logp (...) float32, or (logp, entropy), both (...) float32. Differentiable w.r.t. logits.
     """
-    _check_logits(logits, labels, temperature, ignore_index)
+    _check_logits(logits, labels, temperature, ignore_index, softcap)
     check_support(top_k, top_p, support, support_threshold, labels.shape, logits.device)
     backend = select("token_logprobs", logits.device)
     lead, vocab = labels.shape, logits.shape[-1]
     logits2d = logits.reshape(-1, vocab)  # (N, V)
+    softcap = float(softcap)
     if backend == "torch" or (backend == "triton" and logits.dtype == torch.float64):  # Triton computes in fp32
         thr = _thresholds(logits2d, 1.0 / temperature, top_k, top_p, support_threshold, "torch",
-                          reference._compute_dtype(logits))
+                          reference._compute_dtype(logits), softcap)
         return reference.token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                         support_threshold=None if thr is None else thr.reshape(lead),
-                                        return_entropy=return_entropy)
+                                        return_entropy=return_entropy, softcap=softcap)
     logits2d = logits2d.contiguous()
     labels1d = labels.reshape(-1).to(torch.int64).contiguous()  # (N,)
     thr = _thresholds(logits2d, 1.0 / temperature, top_k, top_p, support_threshold, backend,
-                      reference._compute_dtype(logits))
+                      reference._compute_dtype(logits), softcap)
     if backend == "native":
-        logp, _, ent = _native_fwd(logits2d, labels1d, 1.0 / temperature, ignore_index, thr)
+        logp, _, ent = _native_fwd(logits2d, labels1d, 1.0 / temperature, ignore_index, thr, softcap)
     else:
-        logp, ent = _TritonTokenLogprobs.apply(logits2d, labels1d, 1.0 / temperature, ignore_index, thr)
+        logp, ent = _TritonTokenLogprobs.apply(logits2d, labels1d, 1.0 / temperature, ignore_index, thr, softcap)
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
 
@@ -253,7 +266,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: torch.Tensor | None = None, temperature: float = 1.0, top_k: int = 0,
                           top_p: float = 1.0, support: str = "recompute", support_threshold: torch.Tensor | None = None,
-                          ignore_index: int = -100, return_entropy: bool = False, chunk_size: int | None = None):
+                          ignore_index: int = -100, return_entropy: bool = False, chunk_size: int | None = None,
+                          softcap: float = 0.0):
     """`token_logprobs(hidden @ weight.T + bias, labels, ...)` without materialising the (N, V) logits.
 
     Rows whose label is `ignore_index` are dropped before any matmul. The rest go through the lm_head in chunks of
@@ -270,10 +284,12 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         bias: (V,) same dtype, or None.
         temperature, top_k, top_p, support, support_threshold, ignore_index, return_entropy: as in `token_logprobs`.
         chunk_size: tokens per chunk (memory/speed knob only: results are bitwise independent of it).
+        softcap: the final logit soft-cap c (Gemma 2/3): each chunk's logits become c * tanh(logits / c) before the
+            temperature, inside the row kernels (the fused Triton kernel: on each logits tile); 0: off.
     Returns:
         logp (...) float32, or (logp, entropy). Differentiable w.r.t. hidden, weight and bias.
     """
-    _check_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk_size)
+    _check_linear(hidden, weight, labels, bias, temperature, ignore_index, chunk_size, softcap)
     check_support(top_k, top_p, support, support_threshold, labels.shape, hidden.device)
     backend = select("linear_token_logprobs", hidden.device)
     lead, width = labels.shape, hidden.shape[-1]
@@ -281,14 +297,16 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     labels1d = labels.reshape(-1).to(torch.int64)  # (N,)
     rows = "torch" if backend == "triton" and hidden.dtype == torch.float64 else backend  # Triton computes in fp32
     cut = support_threshold is not None or truncated(weight.shape[0], top_k, top_p)
+    softcap = float(softcap)
     if rows == "triton" and not cut:
         logp, ent = linear_logprobs_triton(hidden2d, weight, bias, labels1d, 1.0 / temperature, ignore_index,
-                                           chunk_size)
+                                           chunk_size, softcap)
     else:
         thr = None if support_threshold is None else support_threshold.detach().reshape(-1)
-        pick = partial(row_thresholds, inv_temp=1.0 / temperature, top_k=top_k, top_p=top_p, backend=rows)
+        pick = partial(row_thresholds, inv_temp=1.0 / temperature, top_k=top_k, top_p=top_p, backend=rows,
+                       softcap=softcap)
         logp, ent = linear_logprobs_chunked(hidden2d, weight, bias, labels1d, 1.0 / temperature, ignore_index,
-                                            chunk_size, rows, thr, pick if cut and thr is None else None)
+                                            chunk_size, rows, thr, pick if cut and thr is None else None, softcap)
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
 
