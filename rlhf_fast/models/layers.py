@@ -172,8 +172,9 @@ def project(x: torch.Tensor, module: nn.Module, deterministic: bool) -> torch.Te
         z = linear(module.dropout(x.to(a.weight.dtype)), a.weight, None, deterministic)  # (T, r)
         return (y + linear(z, b.weight, b.bias, deterministic) * module.scaling).to(y.dtype)
     base = getattr(module, "base_layer", module)  # peft keeps the wrapped layer as `base_layer`
-    if isinstance(base, nn.Linear):
-        y = linear(x, base.weight, base.bias, deterministic)
+    if isinstance(base, nn.Linear):  # one with hooks put on it from outside (tensor parallelism) runs as a module
+        hooked = base._forward_pre_hooks or base._forward_hooks
+        y = base(x) if hooked and not deterministic else linear(x, base.weight, base.bias, deterministic)
     else:
         y = conv1d(x, base.weight, base.bias, deterministic)
     lora_a = getattr(module, "lora_A", None)

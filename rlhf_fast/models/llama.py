@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rlhf_fast.models.layers import DecoderLM, RMSNorm, Rope, activation, apply_rotary, elementwise, project, rms_norm
@@ -161,9 +160,10 @@ class Block(nn.Module):
         cos, sin = ctx
         t, det, att, mlp = h.shape[0], deterministic, self.attn, self.mlp
         x = rms_norm(h, self.attn_norm.weight, self.eps)  # the weight only: a shared HF norm module works too
-        q = project(x, att.q_proj, det).view(t, self.num_heads, self.head_dim)
-        k = project(x, att.k_proj, det).view(t, self.num_kv_heads, self.head_dim)
-        v = project(x, att.v_proj, det).view(t, self.num_kv_heads, self.head_dim)
+        # heads from the projection's width: a tensor-parallel rank holds heads / tp of them
+        q = project(x, att.q_proj, det).view(t, -1, self.head_dim)
+        k = project(x, att.k_proj, det).view(t, -1, self.head_dim)
+        v = project(x, att.v_proj, det).view(t, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = attend(self.layer_idx, q, k, v, self.scale, window=self.window)  # (T, H, D)
         if rows is not None:  # only these rows are read: the rest of the layer runs on them alone
@@ -190,8 +190,9 @@ class LlamaLM(DecoderLM):
                 self.lm_head.weight = self.embed.weight
 
     def embed_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor):
-        emb = self.embed  # padding_idx as in nn.Embedding: that row gets no gradient
-        return F.embedding(input_ids, emb.weight, emb.padding_idx), self.rope(positions, self.dtype)  # (T, hidden)
+        # the embedding called as a module (its padding_idx row gets no gradient), so that hooks put on it from
+        # outside run (`parallelize`'s vocab-parallel embedding)
+        return self.embed(input_ids), self.rope(positions, self.dtype)  # (T, hidden)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return rms_norm(h, self.norm.weight, self.args.norm_eps)
