@@ -79,8 +79,8 @@ def test_default_mode_compiled_through_inductor_matches_eager():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_cuda_graph_decode_matches_eager(deterministic):
-    """On CUDA the compiled step is captured as a CUDA graph per bucket and replayed: the eager engine's tokens, and
-    its log-probs (bitwise in deterministic mode)."""
+    """On CUDA the compiled step (captured as a CUDA graph per bucket and replayed in the default mode) gives the
+    eager engine's tokens, and its log-probs (bitwise in deterministic mode)."""
     model = tiny_llama().cuda()
     prompts = [[(3 * i + j) % 97 for j in range(2 + 2 * i)] for i in range(7)]
     params = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=20, top_p=0.9, n=2, seed=4,

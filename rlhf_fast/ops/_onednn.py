@@ -52,4 +52,17 @@ def pack(weight: torch.Tensor, rows_hint: int) -> torch.Tensor | None:
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (R, in) fp32 @ the packed weight's transpose (+ bias) -> (R, out)."""
+    if torch.compiler.is_compiling():  # inductor lowers this op only for weights it froze itself
+        return _linear_op(x.contiguous(), packed, bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+@torch.library.custom_op("rlhf_fast::onednn_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear` as an opaque op in a compiled graph (a rollout's compiled decode step)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@_linear_op.register_fake
+def _(x, packed, bias):
+    return x.new_empty((x.shape[0], packed.shape[0]))

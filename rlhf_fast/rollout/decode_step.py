@@ -11,8 +11,9 @@ Backends, when compiled (`torch.compile(fullgraph=True, dynamic=False)`):
   * default mode: inductor; on CUDA with CUDA graphs (inductor's `triton.cudagraphs`, i.e. mode="reduce-overhead").
     Inductor fuses the elementwise work and may round it differently from eager, so log-probs agree to float
     rounding and tokens agree except at a CDF boundary within rounding.
-  * deterministic mode: the traced graph runs the same kernels as eager ("aot_eager"; "cudagraphs" on CUDA), so a
-    compiled step is bitwise the eager one, as deterministic mode promises.
+  * deterministic mode: dynamo's "eager" backend: the captured graph runs eager's kernels, so a compiled step is
+    bitwise the eager one, as deterministic mode promises; no CUDA graphs (the backends that capture them
+    functionalize the graph first, which copies the whole KV cache at every in-place store: 40x slower on CPU).
 Prefill stays eager (variable length).
 """
 from __future__ import annotations
@@ -79,9 +80,9 @@ class DecodeStep:
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs):
         self.compilations += 1
-        cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-        if self.deterministic:  # the eager kernels, traced (bitwise the eager step)
-            return torch._dynamo.lookup_backend("cudagraphs" if cuda else "aot_eager")(gm, example_inputs)
+        if self.deterministic:  # the captured graph as it is: eager's kernels (bitwise the eager step)
+            return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
+        cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
         return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": cuda})
