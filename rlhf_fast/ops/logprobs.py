@@ -142,7 +142,7 @@ def _check_common(labels: torch.Tensor, lead: torch.Size, vocab: int, temperatur
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if labels.numel():
+    if labels.numel() and not (labels.is_cuda and torch.cuda.is_current_stream_capturing()):  # (a CUDA graph: no sync)
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             vals = labels[bad][:3].tolist()
