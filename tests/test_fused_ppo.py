@@ -1,5 +1,5 @@
 """ppo_loss_from_hidden: equal to the float64 composition and to the separate public ops, hand-computed cases,
-masks, non-finite inputs and bad input."""
+masks, non-finite inputs and bad input; with and without the final logit soft-cap (softcap)."""
 import math
 
 import pytest
@@ -27,10 +27,10 @@ def _batch(b, t, width, vocab, dtype=torch.float32, device="cpu"):
 
 
 def _fused_and_ref(batch, *, clip, agg, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01, temperature=0.9,
-                   chunk_size=None):
+                   chunk_size=None, softcap=0.0):
     hidden, weight, labels, old, adv, mask, ref_logp = batch
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    kw = dict(entropy_coef=entropy_coef, clip=clip, temperature=temperature)
+    kw = dict(entropy_coef=entropy_coef, clip=clip, temperature=temperature, softcap=softcap)
     loss, stats = ppo_loss_from_hidden(h, w, labels, old, adv, mask, agg=agg, chunk_size=chunk_size,
                                        kl=KLTerm(ref_logp, kl_coef, kl_kind), **kw)
     grads = torch.autograd.grad(loss * 1.7, (h, w))  # a non-unit upstream gradient
@@ -44,12 +44,13 @@ def _fused_and_ref(batch, *, clip, agg, kl_kind="k3", kl_coef=0.1, entropy_coef=
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("agg", AGGS)
-def test_matches_fp64_composition(backend, agg):
+@pytest.mark.parametrize("softcap", [0.0, 30.0, 2.0])
+def test_matches_fp64_composition(backend, agg, softcap):
     small = backend == "triton"
     batch = _batch(3, 7 if small else 23, 16, 40 if small else 301, device=DEVICE if small else "cpu")
     clip = PPOClip(0.2, 0.28, 3.0)
     with use_backend(backend):
-        (loss, stats, grads), (rl, rs, rg) = _fused_and_ref(batch, clip=clip, agg=agg, chunk_size=8)
+        (loss, stats, grads), (rl, rs, rg) = _fused_and_ref(batch, clip=clip, agg=agg, chunk_size=8, softcap=softcap)
     assert loss.dtype == torch.float32 and loss.shape == ()
     torch.testing.assert_close(loss.double(), rl.detach(), atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, rg):
@@ -64,7 +65,8 @@ def test_matches_fp64_composition(backend, agg):
 def test_kl_kinds_clips_fp64(kl_kind, clip):
     batch = _batch(2, 13, 8, 57, dtype=torch.float64)
     (loss, _, grads), (rl, _, rg) = _fused_and_ref(batch, clip=clip, agg="seq-mean-token-mean", kl_kind=kl_kind,
-                                                   kl_coef=0.5, entropy_coef=0.05, chunk_size=5)
+                                                   kl_coef=0.5, entropy_coef=0.05, chunk_size=5,
+                                                   softcap=1.5 if kl_kind == "k2" else 0.0)
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, rl.detach(), atol=1e-10, rtol=1e-10)
     for g, r in zip(grads, rg):
@@ -88,14 +90,16 @@ def test_lm_head_bias(backend):
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-10)
 
 
-def test_bf16_error_at_most_twice_pytorch_bf16():
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_bf16_error_at_most_twice_pytorch_bf16(softcap):
     """flash-attention's rule: the error vs float64 is at most ~2x that of the plain PyTorch path in bf16."""
     batch = _batch(2, 9, 32, 211, dtype=torch.bfloat16)
-    (loss, _, grads), (rl, _, rg) = _fused_and_ref(batch, clip=PPOClip(), agg="token-mean")
+    (loss, _, grads), (rl, _, rg) = _fused_and_ref(batch, clip=PPOClip(), agg="token-mean", softcap=softcap)
     hidden, weight, labels, old, adv, mask, ref_logp = batch
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     torch_loss, _ = reference.ppo_loss_from_hidden(h, w, labels, old, adv, mask, kl=KLTerm(ref_logp, 0.1),
-                                                   entropy_coef=0.01, clip=PPOClip(), agg=PPOAgg(), temperature=0.9)
+                                                   entropy_coef=0.01, clip=PPOClip(), agg=PPOAgg(), temperature=0.9,
+                                                   softcap=softcap)
     torch_grads = torch.autograd.grad(torch_loss * 1.7, (h, w))
     err = lambda a, b: float((a.double() - b.double()).abs().max())  # noqa: E731
     assert err(loss, rl) <= 2 * err(torch_loss, rl) + 1e-3
@@ -103,17 +107,18 @@ def test_bf16_error_at_most_twice_pytorch_bf16():
         assert err(g, r) <= 2 * err(tg, r) + 1e-3
 
 
-def test_equals_separate_public_ops():
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_equals_separate_public_ops(softcap):
     """The fused step == linear_token_logprobs + ppo_policy_loss + kl_penalty (+ the shared aggregation)."""
     hidden, weight, labels, old, adv, mask, ref_logp = _batch(4, 17, 24, 333)
     clip = PPOClip(0.2, 0.3, 3.0)
     agg = PPOAgg("token-mean", num_tokens=50)
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     loss, stats = ppo_loss_from_hidden(h, w, labels, old, adv, mask, kl=KLTerm(ref_logp, 0.2, "k2"),
-                                       entropy_coef=0.03, clip=clip, agg=agg)
+                                       entropy_coef=0.03, clip=clip, agg=agg, softcap=softcap)
     fused_grads = torch.autograd.grad(loss, (h, w))
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    logp, ent = linear_token_logprobs(h2, w2, torch.where(mask, labels, -100), return_entropy=True)
+    logp, ent = linear_token_logprobs(h2, w2, torch.where(mask, labels, -100), return_entropy=True, softcap=softcap)
     pg, pstats = ppo_policy_loss(logp, old, adv, mask, clip=clip, agg=agg)
     kl = agg.aggregate(kl_penalty(logp, ref_logp, "k2"), mask)
     entropy = agg.aggregate(ent, mask)
@@ -212,6 +217,8 @@ def test_bad_input():
         ppo_loss_from_hidden(*args, bias=torch.zeros(18))
     with pytest.raises(ValueError, match="advantages is on meta but hidden is on cpu"):
         ppo_loss_from_hidden(hidden, weight, labels, old, adv.to("meta"), mask)
+    with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
+        ppo_loss_from_hidden(*args, softcap=-1.0)
 
 
 def test_second_backward_is_a_clear_error():

@@ -26,19 +26,20 @@ def _batch(b, t, width, vocab, dtype):
     return hidden, weight, labels, old, adv, mask, ref_logp
 
 
-def _step(batch, *, clip, agg, backend=None, fp64=False, kl_kind="k3"):
+def _step(batch, *, clip, agg, backend=None, fp64=False, kl_kind="k3", **kw):
     """(loss, stats, dhidden, dweight) of one fused step; fp64: the float64 reference composition."""
     hidden, weight, labels, old, adv, mask, ref_logp = batch
     cast = (lambda x: x.double()) if fp64 else (lambda x: x)
     h, w = cast(hidden).requires_grad_(True), cast(weight).requires_grad_(True)
     if fp64:
         loss, stats = reference.ppo_loss_from_hidden(h, w, labels, old.double(), adv.double(), mask, clip=clip,
-                                                     agg=PPOAgg(agg), kl=KLTerm(ref_logp.double(), KL_COEF, kl_kind), **KW)
+                                                     agg=PPOAgg(agg), kl=KLTerm(ref_logp.double(), KL_COEF, kl_kind),
+                                                     **KW, **kw)
         stats = dict(stats)
     else:
         with use_backend(backend):
             loss, stats = ppo_loss_from_hidden(h, w, labels, old, adv, mask, clip=clip, agg=agg,
-                                               kl=KLTerm(ref_logp, KL_COEF, kl_kind), **KW)
+                                               kl=KLTerm(ref_logp, KL_COEF, kl_kind), **KW, **kw)
         stats = stats._asdict()
     dh, dw = torch.autograd.grad(loss * 1.7, (h, w))  # a non-unit upstream gradient
     return loss.detach(), stats, dh, dw
@@ -83,5 +84,20 @@ def test_fused_ppo_real_size_bf16_within_twice_torch():
     ref = _step(batch, clip=clip, agg="token-mean", fp64=True)
     kernel = _step(batch, clip=clip, agg="token-mean", backend="triton")
     plain = _step(batch, clip=clip, agg="token-mean", backend="torch")
+    for i, name in ((0, "loss"), (2, "dhidden"), (3, "dweight")):
+        assert_within_twice_torch(kernel[i], plain[i], ref[i], slack=1e-3, what=name)
+
+
+@pytest.mark.parametrize("shape,dtype", [pytest.param((3, 7, 16, 40), torch.float32, id="tiny"),
+                                         pytest.param((2, 96, REAL_WIDTH, REAL_VOCAB), torch.bfloat16,
+                                                      marks=cuda_only, id="real")])
+def test_fused_ppo_softcap_within_twice_torch(shape, dtype):
+    """Gemma 2's final soft-cap (30) and top-k / top-p through the fused step: loss and gradients within 2x the
+    torch path's error against float64."""
+    batch = _batch(*shape, dtype)
+    kw = dict(clip=PPOClip(0.2, 0.28), agg="token-mean", softcap=30.0, top_k=50, top_p=0.9)
+    ref = _step(batch, fp64=True, **kw)
+    kernel = _step(batch, backend="triton", **kw)
+    plain = _step(batch, backend="torch", **kw)
     for i, name in ((0, "loss"), (2, "dhidden"), (3, "dweight")):
         assert_within_twice_torch(kernel[i], plain[i], ref[i], slack=1e-3, what=name)

@@ -1,5 +1,6 @@
 """GPU: the Triton log-prob kernels (token_logprobs, linear_token_logprobs) against float64 at the CPU tests' shapes
-and at real ones (vocab 151936, bf16, hidden 4096), and bitwise batch invariance (torch.equal)."""
+and at real ones (vocab 151936, bf16, hidden 4096), and bitwise batch invariance (torch.equal); the final logit
+soft-cap (Gemma 2's 30, and a bending 2) on the row, selection and fused linear kernels."""
 import pytest
 import torch
 from _gpu import DEVICE, assert_within_twice_torch, cuda_only, first_in_dry_run, not_in_dry_run
@@ -18,18 +19,18 @@ def _logits(lead, vocab, dtype, *, ignore_frac=0.2):
     return logits, labels
 
 
-def _token_fwd_bwd(logits, labels, temperature, backend):
+def _token_fwd_bwd(logits, labels, temperature, backend, **kw):
     x = logits.detach().clone().requires_grad_(True)
     with use_backend(backend):
-        logp, ent = token_logprobs(x, labels, temperature=temperature, return_entropy=True)
+        logp, ent = token_logprobs(x, labels, temperature=temperature, return_entropy=True, **kw)
     g = torch.linspace(-1, 1, logp.numel(), device=logp.device).view_as(logp)
     (dx,) = torch.autograd.grad((logp * g).sum() + (ent * g.flip(-1)).sum(), x)
     return logp, ent, dx
 
 
-def _token_ref(logits, labels, temperature):
+def _token_ref(logits, labels, temperature, **kw):
     x = logits.detach().double().requires_grad_(True)
-    logp, ent = reference.token_logprobs(x, labels, temperature=temperature, return_entropy=True)
+    logp, ent = reference.token_logprobs(x, labels, temperature=temperature, return_entropy=True, **kw)
     g = torch.linspace(-1, 1, logp.numel(), device=logp.device, dtype=torch.float64).view_as(logp)
     (dx,) = torch.autograd.grad((logp * g).sum() + (ent * g.flip(-1)).sum(), x)
     return logp.detach(), ent.detach(), dx
@@ -91,17 +92,17 @@ def _linear(lead, width, vocab, dtype, *, ignore_frac=0.25, bias=True):
     return hidden, weight, b, labels
 
 
-def _linear_fwd_bwd(hidden, weight, bias, labels, *, backend=None, ref=False, temperature=0.9):
+def _linear_fwd_bwd(hidden, weight, bias, labels, *, backend=None, ref=False, temperature=0.9, softcap=0.0):
     cast = (lambda t: t.double()) if ref else (lambda t: t)
     leaves = [cast(t.detach()).requires_grad_(True) for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     b = leaves[2] if bias is not None else None
     if ref:
         logp, ent = reference.linear_token_logprobs(leaves[0], leaves[1], labels, bias=b, temperature=temperature,
-                                                    return_entropy=True)
+                                                    return_entropy=True, softcap=softcap)
     else:
         with use_backend(backend):
             logp, ent = linear_token_logprobs(leaves[0], leaves[1], labels, bias=b, temperature=temperature,
-                                              return_entropy=True)
+                                              return_entropy=True, softcap=softcap)
     g = torch.linspace(-1, 1, logp.numel(), device=logp.device, dtype=logp.dtype).view_as(logp)
     grads = torch.autograd.grad((logp * g).sum() + (ent * g.flip(-1)).sum(), leaves)
     return (logp.detach(), ent.detach(), *grads)
@@ -183,3 +184,27 @@ def test_support_threshold_and_truncated_logprobs_match_fp64(lead, vocab, top_k,
     torch.testing.assert_close(logp.double(), rlogp.detach(), **t)
     torch.testing.assert_close(ent.double(), rent.detach(), **t)
     torch.testing.assert_close(dx.double(), rdx, atol=4 * t["atol"], rtol=4 * t["rtol"])
+
+
+@pytest.mark.parametrize("softcap", first_in_dry_run(2.0, 30.0))
+@pytest.mark.parametrize("lead,width,vocab,dtype", [
+    pytest.param((2, 5), 32, 150, torch.float32, id="tiny"),
+    pytest.param((96,), REAL_WIDTH, REAL_VOCAB, torch.bfloat16, marks=cuda_only, id="real"),
+])
+def test_softcap_within_twice_torch(lead, width, vocab, dtype, softcap):
+    """The soft-capped log-prob kernels (token_logprobs with and without top-k / top-p, the fused linear kernel):
+    log-prob, entropy and every gradient within 2x the torch path's error against float64."""
+    logits, labels = _logits(lead, vocab, dtype)
+    for cut in (dict(), dict(top_k=50, top_p=0.9)):
+        kw = dict(softcap=softcap, **cut)
+        ref = _token_ref(logits, labels, 0.8, **kw)
+        kernel = _token_fwd_bwd(logits, labels, 0.8, "triton", **kw)
+        plain = _token_fwd_bwd(logits, labels, 0.8, "torch", **kw)
+        for name, k, p, r in zip(("logp", "entropy", "dlogits"), kernel, plain, ref):
+            assert_within_twice_torch(k, p, r, slack=1e-3, what=f"{name} {cut}")
+    hidden, weight, bias, labels = _linear(lead, width, vocab, dtype, bias=False)
+    ref = _linear_fwd_bwd(hidden, weight, None, labels, ref=True, softcap=softcap)
+    kernel = _linear_fwd_bwd(hidden, weight, None, labels, backend="triton", softcap=softcap)
+    plain = _linear_fwd_bwd(hidden, weight, None, labels, backend="torch", softcap=softcap)
+    for name, k, p, r in zip(("logp", "entropy", "dhidden", "dweight"), kernel, plain, ref):
+        assert_within_twice_torch(k, p, r, slack=2e-3, what=f"linear {name}")

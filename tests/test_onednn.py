@@ -66,10 +66,12 @@ def test_decode_logits_use_the_packed_head_inside_the_block_only(monkeypatch):
 
 
 @pytest.mark.parametrize("block_elements", [1 << 22, 300 * 24])  # one vocab block; blocks of 300, 300, 300, 117
-def test_chunked_logprobs_through_onednn_match_float64(monkeypatch, block_elements):
+@pytest.mark.parametrize("softcap", [0.0, 1.5])
+def test_chunked_logprobs_through_onednn_match_float64(monkeypatch, block_elements, softcap):
     """The op the oneDNN blocks serve, `linear_token_logprobs` (fp32, CPU), against its float64 reference: log-probs,
     entropy and the gradients of hidden, weight and bias, with ignored labels, an odd row count, a temperature and
-    (second case) labels in every vocab block, merged across blocks; bitwise batch-invariant."""
+    (second case) labels in every vocab block, merged across blocks, with and without the final logit soft-cap;
+    bitwise batch-invariant."""
     from rlhf_fast.ops import linear_token_logprobs, reference, use_backend
 
     monkeypatch.setattr(lc, "BLOCK_ELEMENTS", block_elements)
@@ -82,16 +84,14 @@ def test_chunked_logprobs_through_onednn_match_float64(monkeypatch, block_elemen
     labels[::5] = -100
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
     refs = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
+    kw = dict(return_entropy=True, temperature=0.7, softcap=softcap)
     with use_backend("native"):
-        logp, ent = linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True,
-                                          temperature=0.7)
+        logp, ent = linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], **kw)
         assert calls, "the chunked path did not go through oneDNN"
         for rows in (slice(40, 41), slice(37, 300)):
-            lp, en = linear_token_logprobs(hidden[rows], weight, labels[rows], bias=bias, return_entropy=True,
-                                           temperature=0.7)
+            lp, en = linear_token_logprobs(hidden[rows], weight, labels[rows], bias=bias, **kw)
             assert torch.equal(lp, logp[rows].detach()) and torch.equal(en, ent[rows].detach())
-    rlogp, rent = reference.linear_token_logprobs(refs[0], refs[1], labels, bias=refs[2], return_entropy=True,
-                                                  temperature=0.7)
+    rlogp, rent = reference.linear_token_logprobs(refs[0], refs[1], labels, bias=refs[2], **kw)
     torch.testing.assert_close(logp.double(), rlogp.detach(), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(ent.double(), rent.detach(), atol=2e-5, rtol=1e-5)
     (logp.sum() + ent.sum()).backward()

@@ -1,7 +1,8 @@
 """Log-probs under the truncated (top-k / top-p) distribution a rollout samples from: the support threshold of every
 backend against the float64 sort + cumsum oracle and the samplers' own keep sets (Hugging Face's warpers, the
 rollout's keep_mask); token_logprobs, linear_token_logprobs and ppo_loss_from_hidden in value and gradient against
-float64, ties at the threshold, replay vs recompute, a label outside the support, and top_k=0 / top_p=1 unchanged."""
+float64, ties at the threshold, replay vs recompute, a label outside the support, and top_k=0 / top_p=1 unchanged;
+with the final logit soft-cap (softcap), the support on the capped, tempered logits."""
 import importlib.util
 import math
 
@@ -39,9 +40,9 @@ def _logits(n, vocab, dtype=torch.float32, scale=3.0, ignore_frac=0.2):
     return logits, labels
 
 
-def _kept(logits, temperature, thr):
+def _kept(logits, temperature, thr, softcap=0.0):
     """(N, V) bool: the support {z >= thr} of each row."""
-    return logits.double() * (1.0 / temperature) >= thr.double().unsqueeze(-1)
+    return reference.soft_cap(logits.double(), softcap) * (1.0 / temperature) >= thr.double().unsqueeze(-1)
 
 
 # --- the threshold -----------------------------------------------------------------------------------------------
@@ -98,6 +99,30 @@ def test_ties_at_the_threshold_are_kept(backend):
     assert thr_p[0].tolist() == [5.0, 5.0, 2.0] and thr_p[1].tolist() == [4.0, 4.0, 2.0]
 
 
+@pytest.mark.parametrize("backend", ["torch", NATIVE_SUPPORT, TRITON])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.8), (9, 0.6)])
+@pytest.mark.parametrize("softcap", [30.0, 2.0])
+def test_threshold_on_capped_logits(backend, dtype, top_k, top_p, softcap):
+    """With a soft-cap the threshold is on z = softcap * tanh(logits / softcap) / temperature: the oracle's value,
+    up to the rounding of each backend's tanh (exact on the torch backend, which caps as the oracle does)."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("Triton computes in fp32 (fp64 goes to torch)")
+    logits, _ = _logits(5, 341, dtype)
+    (x,) = _on(backend, logits)
+    with use_backend(backend):
+        thr = support_threshold(x, temperature=0.5, top_k=top_k, top_p=top_p, softcap=softcap).cpu()
+    ref = reference.support_threshold(logits, temperature=0.5, top_k=top_k, top_p=top_p, softcap=softcap)
+    if backend == "torch":
+        assert torch.equal(thr, ref)
+    t = tol(dtype)
+    torch.testing.assert_close(thr, ref, atol=t["atol"], rtol=t["rtol"] if dtype == torch.float64 else 1e-6)
+    uncapped = reference.support_threshold(logits, temperature=0.5, top_k=top_k, top_p=top_p)
+    assert (thr - uncapped).abs().max() > 0.1  # the cap moved the thresholds
+    with pytest.raises(ValueError, match="softcap"):
+        support_threshold(x, top_k=top_k, softcap=-2.0)
+
+
 def test_threshold_off_and_checks():
     x = torch.randn(2, 3, 11)
     for k, p in [(0, 1.0), (11, 1.0), (40, 1.0)]:
@@ -109,14 +134,14 @@ def test_threshold_off_and_checks():
 
 # --- token_logprobs ----------------------------------------------------------------------------------------------
 
-def _check_logprobs(backend, logits, labels, *, temperature, top_k, top_p, t):
+def _check_logprobs(backend, logits, labels, *, temperature, top_k, top_p, t, softcap=0.0):
     x, y = _on(backend, logits, labels)
     x = x.detach().clone().requires_grad_(True)
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, return_entropy=True, softcap=softcap)
     with use_backend(backend):
-        logp, ent = token_logprobs(x, y, temperature=temperature, top_k=top_k, top_p=top_p, return_entropy=True)
+        logp, ent = token_logprobs(x, y, **kw)
     x64 = logits.detach().double().requires_grad_(True)
-    ref_logp, ref_ent = reference.token_logprobs(x64, labels, temperature=temperature, top_k=top_k, top_p=top_p,
-                                                 return_entropy=True)
+    ref_logp, ref_ent = reference.token_logprobs(x64, labels, **kw)
     torch.testing.assert_close(logp.cpu().double(), ref_logp.detach(), **t)
     torch.testing.assert_close(ent.cpu().double(), ref_ent.detach(), **t)
     g1, g2 = torch.randn_like(ref_logp), torch.randn_like(ref_ent)
@@ -124,8 +149,9 @@ def _check_logprobs(backend, logits, labels, *, temperature, top_k, top_p, t):
     (dref,) = torch.autograd.grad((ref_logp * g1).sum() + (ref_ent * g2).sum(), x64)
     assert dx.dtype == logits.dtype
     torch.testing.assert_close(dx.cpu().double(), dref, atol=t["atol"] * 4, rtol=t["rtol"] * 4)
-    thr = reference.support_threshold(logits.double(), temperature=temperature, top_k=top_k, top_p=top_p)
-    cut = ~_kept(logits, temperature, thr) & (torch.arange(logits.shape[-1]) != labels.unsqueeze(-1))
+    thr = reference.support_threshold(logits.double(), temperature=temperature, top_k=top_k, top_p=top_p,
+                                      softcap=softcap)
+    cut = ~_kept(logits, temperature, thr, softcap) & (torch.arange(logits.shape[-1]) != labels.unsqueeze(-1))
     assert torch.equal(dx.cpu()[cut], torch.zeros_like(dx.cpu()[cut]))  # no gradient off the support
 
 
@@ -138,6 +164,17 @@ def test_token_logprobs_matches_fp64(backend, dtype, n, vocab, top_k, top_p):
     logits, labels = _logits(n, vocab, dtype)
     _check_logprobs(backend, logits, labels, temperature=0.7 if vocab == 37 else 1.0, top_k=top_k, top_p=top_p,
                     t=tol(dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.8), (9, 0.6)])
+@pytest.mark.parametrize("softcap", [30.0, 2.0])
+def test_token_logprobs_softcap_matches_fp64(backend, dtype, top_k, top_p, softcap):
+    """The truncated distribution of the soft-capped logits: support, log-prob, entropy and gradient (through the
+    cap's derivative, zero off the support) against float64."""
+    logits, labels = _logits(5, 341, dtype)
+    _check_logprobs(backend, logits, labels, temperature=0.7, top_k=top_k, top_p=top_p, t=tol(dtype), softcap=softcap)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -166,13 +203,16 @@ def test_no_cut_is_bitwise_the_full_softmax(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_replay_equals_recompute_at_unchanged_logits(backend):
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_replay_equals_recompute_at_unchanged_logits(backend, softcap):
+    """The selection pass and the row kernels compute the same z (soft-capped too): a recorded threshold is a value
+    of the row the kernels cut at, so replaying it is bitwise the recomputed support."""
     logits, labels = _on(backend, *_logits(13, 37))
     with use_backend(backend):
-        thr = support_threshold(logits, temperature=0.6, top_k=7, top_p=0.8)  # what the engine records
-        a = token_logprobs(logits, labels, temperature=0.6, top_k=7, top_p=0.8, return_entropy=True)
+        thr = support_threshold(logits, temperature=0.6, top_k=7, top_p=0.8, softcap=softcap)  # the engine's record
+        a = token_logprobs(logits, labels, temperature=0.6, top_k=7, top_p=0.8, return_entropy=True, softcap=softcap)
         b = token_logprobs(logits, labels, temperature=0.6, support="replay", support_threshold=thr,
-                           return_entropy=True)
+                           return_entropy=True, softcap=softcap)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
@@ -224,7 +264,8 @@ def test_selection_writes_every_row(kind):
 
 
 @pytest.mark.parametrize("kind", ["native", "triton"])
-def test_row_kernels_write_every_output(kind):
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_row_kernels_write_every_output(kind, softcap):
     """Outputs poisoned with NaN before the kernels write them, with a threshold per row (and -inf: no cut)."""
     if kind == "native":
         from rlhf_fast import _native
@@ -237,21 +278,25 @@ def test_row_kernels_write_every_output(kind):
             pytest.skip("needs CUDA or TRITON_INTERPRET=1")
         from rlhf_fast.kernels.logprobs import logprobs_bwd as rows_bwd, logprobs_fwd as rows_fwd
     logits, labels = _logits(37, 301 if kind == "native" else 45)
-    thr = reference.support_threshold(logits, temperature=2.0, top_k=4, top_p=0.9)
+    # the oracle's thresholds of the capped logits, moved half-way to the next value below (no ulp-level boundary)
+    z = reference.soft_cap(logits.double(), softcap) * 0.5
+    top = reference.support_threshold(logits.double(), temperature=2.0, top_k=4, top_p=0.9, softcap=softcap)
+    below = torch.where(z < top[:, None], z, float("-inf")).amax(-1)
+    thr = ((top + below) / 2).float()
     thr[2] = float("-inf")
     logp, lse, ent = (torch.full((37,), float("nan")) for _ in range(3))
-    rows_fwd(logits, labels, 0.5, -100, logp, lse, ent, thr)
+    rows_fwd(logits, labels, 0.5, -100, logp, lse, ent, thr, softcap)
     x64 = logits.double().requires_grad_(True)
     ref_logp, ref_ent = reference.token_logprobs(x64, labels, temperature=2.0, support_threshold=thr,
-                                                 return_entropy=True)
+                                                 return_entropy=True, softcap=softcap)
     torch.testing.assert_close(logp.double(), ref_logp.detach(), **tol(torch.float32))
     torch.testing.assert_close(ent.double(), ref_ent.detach(), **tol(torch.float32))
     g, gh = torch.randn(37), torch.randn(37)
     (ref_dx,) = torch.autograd.grad((ref_logp * g.double()).sum() + (ref_ent * gh.double()).sum(), x64)
     out = torch.full_like(logits, float("nan"))
-    rows_bwd(logits, labels, lse, ent, g, gh, 0.5, -100, out, thr)
+    rows_bwd(logits, labels, lse, ent, g, gh, 0.5, -100, out, thr, softcap)
     buf = logits.clone()
-    rows_bwd(buf, labels, lse, ent, g, gh, 0.5, -100, buf, thr)  # in place
+    rows_bwd(buf, labels, lse, ent, g, gh, 0.5, -100, buf, thr, softcap)  # in place
     assert torch.isfinite(out).all() and torch.equal(out, buf)
     torch.testing.assert_close(out.double(), ref_dx, atol=4e-5, rtol=4e-5)
 
@@ -271,12 +316,13 @@ def _hidden_inputs(lead, width, vocab, dtype, *, bias=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("lead,width,vocab", [((1,), 8, 37), ((5, 9), 16, 341), ((41,), 12, 37)])
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.8), (9, 0.6)])
-def test_linear_matches_fp64(backend, dtype, lead, width, vocab, top_k, top_p):
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_linear_matches_fp64(backend, dtype, lead, width, vocab, top_k, top_p, softcap):
     _interpreter_size(backend, lead[0])
     hidden, weight, bias, labels = _hidden_inputs(lead, width, vocab, dtype, bias=vocab != 37)
     leaves = [t.detach().clone().requires_grad_(True) for t in _on(backend, hidden, weight, bias) if t is not None]
     refs = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias) if t is not None]
-    kw = dict(temperature=0.8, top_k=top_k, top_p=top_p, return_entropy=True)
+    kw = dict(temperature=0.8, top_k=top_k, top_p=top_p, return_entropy=True, softcap=softcap)
     with use_backend(backend):
         logp, ent = linear_token_logprobs(leaves[0], leaves[1], labels.to(leaves[0].device),
                                           bias=leaves[2] if bias is not None else None, chunk_size=7, **kw)
@@ -340,10 +386,11 @@ def _ppo_batch(b, t, width, vocab, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_fused_ppo_matches_fp64(backend, dtype, level):
+@pytest.mark.parametrize("softcap", [0.0, 30.0, 2.0])
+def test_fused_ppo_matches_fp64(backend, dtype, level, softcap):
     hidden, weight, labels, old, adv, mask, ref_logp = _ppo_batch(3, 7, 12, 41, dtype)
     kw = dict(clip=PPOClip(0.2, 0.28, 3.0, level=level), agg="seq-mean-token-mean", entropy_coef=0.01,
-              temperature=0.9, top_k=6, top_p=0.85)
+              temperature=0.9, top_k=6, top_p=0.85, softcap=softcap)
     dev = DEVICE if backend == "triton" else "cpu"
     h, w = hidden.to(dev).requires_grad_(True), weight.to(dev).requires_grad_(True)
     with use_backend(backend):
@@ -362,19 +409,21 @@ def test_fused_ppo_matches_fp64(backend, dtype, level):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_ppo_replay_and_no_cut(backend):
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_fused_ppo_replay_and_no_cut(backend, softcap):
     _, _, labels, old, adv, mask, _ = _ppo_batch(2, 9, 8, 37, torch.float32)
     hidden = torch.randint(-2, 3, (2, 9, 8)).float()  # small integers: the logits are exact in any chunking
     weight = torch.randint(-2, 3, (37, 8)).float()
     dev = DEVICE if backend == "triton" else "cpu"
     hidden, weight, labels, old, adv, mask = (t.to(dev) for t in (hidden, weight, labels, old, adv, mask))
-    kw = dict(temperature=0.5, entropy_coef=0.1, chunk_size=4)
+    kw = dict(temperature=0.5, entropy_coef=0.1, chunk_size=4, softcap=softcap)
     with use_backend(backend):
         base = ppo_loss_from_hidden(hidden, weight, labels, old, adv, mask, **kw)
         off = ppo_loss_from_hidden(hidden, weight, labels, old, adv, mask, top_k=37, top_p=1.0, **kw)
         assert torch.equal(base[0], off[0]) and torch.equal(base[1].entropy, off[1].entropy)
         rec = ppo_loss_from_hidden(hidden, weight, labels, old, adv, mask, top_k=5, top_p=0.7, **kw)
-        thr = support_threshold(hidden @ weight.t(), temperature=0.5, top_k=5, top_p=0.7)  # the rollout's record
+        thr = support_threshold(hidden @ weight.t(), temperature=0.5, top_k=5, top_p=0.7,
+                                softcap=softcap)  # the rollout's record
         rep = ppo_loss_from_hidden(hidden, weight, labels, old, adv, mask, support="replay", support_threshold=thr,
                                    **kw)
     assert torch.equal(rec[0], rep[0]) and torch.equal(rec[1].entropy, rep[1].entropy)
