@@ -53,6 +53,8 @@ class DecoderLM(nn.Module):
     export and the context length), `args` the family's frozen args.
     """
 
+    routed = False  # a mixture-of-experts model: its blocks take `routing=` (`moe.RoutingRecord`)
+
     def __init__(self, config, args):
         super().__init__()
         self.config = config
@@ -85,7 +87,7 @@ class DecoderLM(nn.Module):
         raise NotImplementedError
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, deterministic: bool = False,
-                out_rows: torch.Tensor | None = None) -> torch.Tensor:
+                out_rows: torch.Tensor | None = None, *, routing=None) -> torch.Tensor:
         """The decoder over packed tokens: input_ids, positions (T,) -> final-normed hidden (T, hidden).
 
         `attend(layer, q, k, v, scale, window=0, softcap=0.0, sinks=None) -> (T, H, D)` is the attention (rollout:
@@ -95,12 +97,15 @@ class DecoderLM(nn.Module):
         `out_rows` (R,) int64: only these rows of the output are read (a value model's response rows, a reward
         model's last rows, the sampled rows of a prefill), so the last block computes the rest of its rows' keys and
         values only; returns (R, hidden), equal to the full output's rows (bitwise in deterministic mode).
-        Every block is called as a module, so what `parallelize` wraps it in (FSDP2, checkpointing, compile) runs."""
+        Every block is called as a module, so what `parallelize` wraps it in (FSDP2, checkpointing, compile) runs.
+        `routing` (`moe.RoutingRecord`): a mixture-of-experts model (`routed`) records or replays each token's
+        experts there (keyed by the T input tokens); other models ignore it."""
         h, ctx = self.embed_inputs(input_ids, positions)
         last = self.num_layers - 1
+        kw = {"routing": routing} if routing is not None and self.routed else {}
         for i, block in enumerate(self.layers):
             rows = out_rows if i == last else None
-            h = block(h, ctx, attend, deterministic, rows)
+            h = block(h, ctx, attend, deterministic, rows, **kw)
         if out_rows is not None and not self.num_layers:
             h = h.index_select(0, out_rows)
         return self.final_norm(h)

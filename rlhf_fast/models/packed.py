@@ -141,7 +141,7 @@ BATCH_MIN_WORK = 1 << 22  # query-key pairs x heads x head_dim a unit must save 
 
 
 def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: bool = False,
-                  rows: torch.Tensor | None = None) -> torch.Tensor:
+                  rows: torch.Tensor | None = None, routing=None) -> torch.Tensor:
     """Final (normed) hidden states (T, hidden) of `batch` through `model` (a `DecoderLM`, or a transformers causal
     LM or backbone, converted by `models.from_hf` sharing its parameters), differentiable w.r.t. its parameters.
     `rows` (R,) int64 stream rows: only those are returned, (R, hidden), and the last layer runs its output
@@ -149,14 +149,15 @@ def packed_hidden(model: torch.nn.Module, batch: PackedBatch, *, deterministic: 
     but its last, a reward model reads one row per sequence.
 
     The decoder is called as a module, so what `parallelize` applied to it (FSDP2 on its blocks and root, per-block
-    activation checkpointing, compile) runs as in any forward."""
+    activation checkpointing, compile) runs as in any forward. `routing` (`moe.RoutingRecord`, keyed by the T stream
+    rows): a mixture-of-experts model records or replays its experts there (`DecoderLM.forward`)."""
     lm = as_decoder(model)
     if batch.num_tokens and int(batch.positions.max()) >= lm.max_context:
         raise ValueError(f"a packed sequence reaches position {int(batch.positions.max())}, over the model's "
                          f"context {lm.max_context}")
     attend = _SegmentAttention(batch, deterministic)
     return lm(batch.input_ids.to(lm.device), batch.positions.to(lm.device), attend, deterministic,
-              None if rows is None else rows.to(lm.device))
+              None if rows is None else rows.to(lm.device), routing=routing)
 
 
 class _SegmentAttention:
