@@ -121,7 +121,7 @@ class RoutingRecord:
             raise ValueError(f"replayed experts of shape {tuple(self.given.shape)} do not fit MoE layer {layer} of "
                              f"a forward over {num_tokens} tokens")
         ids = self.given[layer].to(torch.long)
-        return ids if rows is None else ids.index_select(0, rows.to(ids.device))
+        return ids if rows is None else ids.index_select(0, rows.to(ids.device))  # (R, k) on the record's device
 
     def put(self, layer: int, num_tokens: int, rows: torch.Tensor | None, ids: torch.Tensor,
             flipped: torch.Tensor | None, replayed: torch.Tensor | None) -> None:
@@ -281,6 +281,8 @@ class SparseMoE(nn.Module):
         num_tokens = x.shape[0] if num_tokens is None else num_tokens
         logits = linear(x, self.router.weight, None, deterministic)  # (R, E)
         chosen = None if routing is None else routing.chosen(self.moe_index, num_tokens, rows)
+        if chosen is not None:
+            chosen = chosen.to(x.device)
         ids, weights, probs, flipped = route(logits, self.top_k, self.renormalise, chosen)
         if self.weights_in_model_dtype:
             weights = weights.to(logits.dtype)
