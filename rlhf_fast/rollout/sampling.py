@@ -65,23 +65,22 @@ def sample(logits: torch.Tensor, params: SamplingParams, key: torch.Tensor, stre
     key: (2,) int64, the request's seed (`philox.seed_key`); streams (B,): each row's sequence index; positions (B,):
         the position of the token each row's logits were computed at (so a sequence never reuses a draw).
     """
-    vocab = logits.shape[-1]
+    logprobs = _opaque(_token_logprobs_op, _token_logprobs)  # (logits, tokens, temperature, top_k, top_p, thr)
     no_cut = torch.full(logits.shape[:1], float("-inf"), dtype=torch.float32, device=logits.device)
     if params.greedy:
         tokens = logits.argmax(dim=-1)
-        return Draw(tokens, _token_logprobs(logits, tokens, 1.0, 0, 1.0, None), no_cut)
+        return Draw(tokens, logprobs(logits, tokens, 1.0, 0, 1.0, None), no_cut)
     temp = params.logprob_temperature
-    thr = None
-    if params.truncated(vocab):  # (B,): the support each row samples from
-        thr = _support_threshold(logits, temp, params.top_k, params.top_p)
-    u = philox.uniform(key, streams, positions)  # (B,)
-    tokens = inverse_cdf(logits, temp, u, thr)
-    if thr is None:
-        return Draw(tokens, _token_logprobs(logits, tokens, temp, 0, 1.0, None), no_cut)
+    if not params.truncated(logits.shape[-1]):
+        tokens = inverse_cdf(logits, temp, philox.uniform(key, streams, positions))
+        return Draw(tokens, logprobs(logits, tokens, temp, 0, 1.0, None), no_cut)
+    # (B,): the support each row samples from
+    thr = _opaque(_support_threshold_op, _support_threshold)(logits, temp, params.top_k, params.top_p)
+    tokens = inverse_cdf(logits, temp, philox.uniform(key, streams, positions), thr)
     if params.logprobs == "sampled":
-        logp = _token_logprobs(logits, tokens, temp, params.top_k, params.top_p, thr)
+        logp = logprobs(logits, tokens, temp, params.top_k, params.top_p, thr)
     else:
-        logp = _token_logprobs(logits, tokens, temp, 0, 1.0, None)
+        logp = logprobs(logits, tokens, temp, 0, 1.0, None)
     return Draw(tokens, logp, replay_threshold(logits, temp, thr).float())
 
 
@@ -97,7 +96,7 @@ def inverse_cdf(logits: torch.Tensor, temperature: float, u: torch.Tensor,
     if threshold is not None:
         scaled = scaled.masked_fill(scaled < threshold.to(scaled.dtype)[:, None], float("-inf"))
     if scaled.device.type == "cpu" and _native.has("sample_rows_cpu"):
-        return _sample_rows(scaled, u.float())
+        return _opaque(_sample_rows_op, _sample_rows_native)(scaled, u.float())
     weights = (scaled - scaled.max(dim=-1, keepdim=True).values).exp()  # (B, V) unnormalised probabilities
     cdf = weights.cumsum(dim=-1)  # (B, V); cdf[:, -1] is the normaliser
     scaled_u = (u * cdf[:, -1])[:, None]  # (B, 1), scaled into [0, total)
@@ -105,54 +104,53 @@ def inverse_cdf(logits: torch.Tensor, temperature: float, u: torch.Tensor,
     return torch.searchsorted(cdf, scaled_u, right=True)[:, 0].clamp_max(scaled.shape[-1] - 1)
 
 
-@torch.library.custom_op("rlhf_fast::sample_support_threshold", mutates_args=())
+def _opaque(op, fn):
+    """Inside torch.compile the custom op `op` (opaque to the tracer, so a compiled step runs the eager kernels);
+    eagerly its plain function `fn` (no dispatcher cost)."""
+    return op if torch.compiler.is_compiling() else fn
+
+
 def _support_threshold(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """`ops.support_threshold` as one opaque op: its selection kernels (native, Triton) run as they do eagerly inside
-    a compiled step, so compiled and eager steps cut the same support."""
+    """`ops.support_threshold` (its selection kernel: native or Triton)."""
     return ops.support_threshold(logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
-@_support_threshold.register_fake
-def _(logits, temperature, top_k, top_p):
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return logits.new_empty(logits.shape[:-1], dtype=dtype)
-
-
-@torch.library.custom_op("rlhf_fast::sample_logprobs", mutates_args=())
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, top_k: int, top_p: float,
                     threshold: torch.Tensor | None) -> torch.Tensor:
-    """`ops.token_logprobs` of the drawn tokens, the trainer's op (so a deterministic trainer recomputes them bitwise),
-    as one opaque op in a compiled step: the support replayed from `threshold`, or the full distribution (None)."""
+    """`ops.token_logprobs` of the drawn tokens, the trainer's op (so a deterministic trainer recomputes them
+    bitwise): the support replayed from `threshold`, or the full distribution (None)."""
     if threshold is None:
         return ops.token_logprobs(logits, tokens, temperature=temperature)
     return ops.token_logprobs(logits, tokens, temperature=temperature, top_k=top_k, top_p=top_p, support="replay",
                               support_threshold=threshold)
 
 
-@_token_logprobs.register_fake
-def _(logits, tokens, temperature, top_k, top_p, threshold):
-    return logits.new_empty(tokens.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+def _float_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("rlhf_fast::sample_rows", mutates_args=())
-def _sample_rows(scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """csrc/sampling.cpp: the same inverse CDF, each row's max / weights / scan in one pass over it in cache.
-    scaled (B, V) float32 CPU (the cut scaled logits), u (B,) float32 -> tokens (B,) int64."""
-    return _sample_rows_native(scaled, u)
-
-
-@_sample_rows.register_fake
-def _(scaled, u):
-    return scaled.new_empty(scaled.shape[:1], dtype=torch.int64)
+_support_threshold_op = torch.library.custom_op("rlhf_fast::sample_support_threshold", _support_threshold,
+                                                mutates_args=())
+_support_threshold_op.register_fake(lambda logits, *args: logits.new_empty(logits.shape[:-1],
+                                                                           dtype=_float_dtype(logits)))
+_token_logprobs_op = torch.library.custom_op("rlhf_fast::sample_logprobs", _token_logprobs, mutates_args=())
+_token_logprobs_op.register_fake(lambda logits, tokens, *args: logits.new_empty(tokens.shape,
+                                                                                dtype=_float_dtype(logits)))
 
 
 def _sample_rows_native(scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """csrc/sampling.cpp: the same inverse CDF, each row's max / weights / scan in one pass over it in cache.
+    scaled (B, V) float32 CPU (the cut scaled logits), u (B,) float32 -> tokens (B,) int64."""
     if scaled.stride(-1) != 1 or scaled.stride(0) < scaled.shape[1]:  # (an expanded row: stride 0)
         scaled = scaled.contiguous()
     out = torch.empty(scaled.shape[0], dtype=torch.int64)
     _native.fn("sample_rows_cpu")(scaled.data_ptr(), scaled.shape[0], scaled.shape[1], scaled.stride(0),
                                   u.contiguous().data_ptr(), out.data_ptr())
     return out
+
+
+_sample_rows_op = torch.library.custom_op("rlhf_fast::sample_rows", _sample_rows_native, mutates_args=())
+_sample_rows_op.register_fake(lambda scaled, u: scaled.new_empty(scaled.shape[:1], dtype=torch.int64))
 
 
 def replay_threshold(logits: torch.Tensor, temperature: float, thr: torch.Tensor) -> torch.Tensor:
