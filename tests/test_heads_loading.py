@@ -56,7 +56,7 @@ def test_load_model_is_ours_with_hf_numbers(root, family):
     assert load_model(root / family, "m", backbone=True).lm_head is None
 
 
-@pytest.mark.parametrize("family,cls", [("gemma2", "Gemma2ForCausalLM"), ("llama4_text", "Llama4ForCausalLM"),
+@pytest.mark.parametrize("family,cls", [("cohere", "CohereForCausalLM"), ("llama4_text", "Llama4ForCausalLM"),
                                         ("gpt_neox", "GPTNeoXForCausalLM")])
 def test_load_model_refuses_other_families_from_config_alone(tmp_path, family, cls):
     """One line naming the covered families, from config.json alone (there are no weights to read)."""

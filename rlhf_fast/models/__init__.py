@@ -11,16 +11,19 @@ import weakref
 
 import torch
 
-from rlhf_fast.models import gpt2, llama
+from rlhf_fast.models import gemma, gpt2, llama, olmo2, phi3
 from rlhf_fast.models.hidden import disable_dropout
 from rlhf_fast.models.layers import AttnMetadata, DecoderLM
 from rlhf_fast.models.loading import ModelLoadError, UnsupportedModelError, load_model, save_model
 
-_FAMILIES = {t: fam for fam in (llama, gpt2) for t in fam.MODEL_TYPES}  # model_type -> family module
-_MODELS = {llama: llama.LlamaLM, gpt2: gpt2.GPT2LM}
+_FAMILIES = {t: fam for fam in (llama, gpt2, phi3, olmo2, gemma) for t in fam.MODEL_TYPES}  # model_type -> family
+_MODELS = {llama: llama.LlamaLM, gpt2: gpt2.GPT2LM, phi3: phi3.Phi3LM, olmo2: olmo2.Olmo2LM, gemma: gemma.GemmaLM}
 _BY_CLASS = {  # transformers classes from_hf converts (a bare backbone gives hidden states, no logits)
-    "LlamaForCausalLM": llama, "Qwen2ForCausalLM": llama, "MistralForCausalLM": llama, "GPT2LMHeadModel": gpt2,
-    "LlamaModel": llama, "Qwen2Model": llama, "MistralModel": llama, "GPT2Model": gpt2,
+    "LlamaForCausalLM": llama, "Qwen2ForCausalLM": llama, "Qwen3ForCausalLM": llama, "MistralForCausalLM": llama,
+    "GPT2LMHeadModel": gpt2, "Phi3ForCausalLM": phi3, "Olmo2ForCausalLM": olmo2, "Gemma2ForCausalLM": gemma,
+    "Gemma3ForCausalLM": gemma,
+    "LlamaModel": llama, "Qwen2Model": llama, "Qwen3Model": llama, "MistralModel": llama, "GPT2Model": gpt2,
+    "Phi3Model": phi3, "Olmo2Model": olmo2, "Gemma2Model": gemma, "Gemma3TextModel": gemma,
 }
 _CONVERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF model -> its DecoderLM
 
@@ -49,9 +52,10 @@ def covered_families() -> list[str]:
 
 
 def build_model(config, *, lm_head: bool = True, device: torch.device | str | None = None) -> DecoderLM:
-    """A freshly initialised decoder for Hugging Face config `config` (LlamaConfig, Qwen2Config, MistralConfig,
-    GPT2Config), in the default dtype, on `device` ("meta": no storage, for loading weights with `assign=True`).
-    `lm_head=False`: a bare backbone (reward and value models). UnsupportedModelError for other architectures."""
+    """A freshly initialised decoder for Hugging Face config `config` (Llama, Qwen2, Qwen3, Mistral, Phi-3, OLMo 2,
+    Gemma 2, Gemma 3 text, GPT-2), in the default dtype, on `device` ("meta": no storage, for loading weights with
+    `assign=True`). `lm_head=False`: a bare backbone (reward and value models). UnsupportedModelError for other
+    architectures."""
     family = _FAMILIES.get(getattr(config, "model_type", None))
     if family is None:
         raise UnsupportedModelError(f"{type(config).__name__} (model_type {getattr(config, 'model_type', None)!r}) "
@@ -85,10 +89,24 @@ def as_decoder(model: torch.nn.Module) -> DecoderLM:
 
 
 def module_pairs(family, num_layers: int) -> list[tuple[str, str]]:
-    """(our module name, Hugging Face's relative to the backbone) of every module with parameters but `lm_head`."""
+    """(our module name, Hugging Face's relative to the backbone) of every module with parameters but `lm_head`
+    (a family's table may name modules only some of its models hold: Qwen3's q/k norms; and a fused module of
+    `HF_SPLIT` by the name a converted model holds it under)."""
     table = family.HF_MODULES.items()
     return [(o, t) for o, t in table if "{i}" not in o] + [
         (o.format(i=i), t.format(i=i)) for i in range(num_layers) for o, t in table if "{i}" in o]
+
+
+def _unsplit(lm: DecoderLM, family) -> None:
+    """Drop the parts of each fused module (`HF_SPLIT`: Phi-3's q/k/v_proj, gate/up_proj) from a converted model:
+    it holds the transformers model's fused module itself (shared by `_share`), which the blocks split after the
+    projection."""
+    for fused, parts in getattr(family, "HF_SPLIT", {}).items():
+        for i in range(lm.num_layers):
+            parent = lm.get_submodule(fused.format(i=i).rpartition(".")[0])
+            for part in parts:
+                if part in parent._modules:
+                    delattr(parent, part)
 
 
 def _share(lm: DecoderLM, hf_model: torch.nn.Module, family) -> None:
@@ -101,7 +119,11 @@ def _share(lm: DecoderLM, hf_model: torch.nn.Module, family) -> None:
         links = []
         for ours, theirs in module_pairs(family, lm.num_layers):
             (hf_parent, _, hf_name), (parent, _, name) = theirs.rpartition("."), ours.rpartition(".")
-            links.append((weakref.ref(inner.get_submodule(hf_parent)), hf_name, lm.get_submodule(parent), name))
+            hf_mod = inner.get_submodule(hf_parent)
+            if hf_name not in hf_mod._modules:  # an optional module this model has not (Qwen3's q_norm in Llama)
+                continue
+            links.append((weakref.ref(hf_mod), hf_name, lm.get_submodule(parent), name))
+        _unsplit(lm, family)
         lm._hf_links = links
         # bridge until the stages train owned models: `models.packed` runs each block under its HF layer's FSDP hooks
         lm._hf_layers = list(inner.get_submodule(family.HF_LAYERS))
@@ -111,7 +133,7 @@ def _share(lm: DecoderLM, hf_model: torch.nn.Module, family) -> None:
             del lm._hf_links
             return _share(lm, hf_model, family)
         mod = hf_parent._modules[hf_name]
-        if parent._modules[name] is not mod:
+        if parent._modules.get(name) is not mod:
             setattr(parent, name, mod)
     head = hf_model.get_output_embeddings()
     if head is not None and lm.lm_head is not head:

@@ -50,9 +50,12 @@ class DecoderLM(nn.Module):
     Modules: `embed` (nn.Embedding), `layers` (nn.ModuleList of blocks, each called as a module:
     `block(h, ctx, attend, deterministic, rows)`), `norm` (the final norm, with `.weight`), `lm_head` (nn.Linear, or
     None for a bare backbone: a reward or value model). `config` is the Hugging Face config it was built from (for
-    export and the context length), `args` the family's frozen args.
+    export and the context length), `args` the family's frozen args. `final_logit_softcap` c > 0: the logits are
+    c tanh(z / c) of the lm_head's z (Gemma 2); `logits` applies it, and the training ops that read `lm_head`
+    directly must be given it (`ops.linear_token_logprobs(softcap=)`).
     """
 
+    final_logit_softcap: float = 0.0
     routed = False  # a mixture-of-experts model: its blocks take `routing=` (`moe.RoutingRecord`)
 
     def __init__(self, config, args):
@@ -67,6 +70,7 @@ class DecoderLM(nn.Module):
         self.max_context = args.max_context
         self.windows = list(args.windows)  # per layer: a query at position p sees keys at positions > p - W (0: all)
         self.kv_window = max(self.windows) if self.windows and min(self.windows) > 0 else 0  # 0: some layer reads all
+        self.final_logit_softcap = float(getattr(args, "final_logit_softcap", 0.0) or 0.0)
         self.lm_head: nn.Linear | None = None
         self._packed_head: torch.Tensor | None = None
 
@@ -111,13 +115,17 @@ class DecoderLM(nn.Module):
         return self.final_norm(h)
 
     def logits(self, h: torch.Tensor, deterministic: bool) -> torch.Tensor:
-        """Final hidden states (R, hidden) -> float32 logits (R, vocab) through `lm_head`."""
+        """Final hidden states (R, hidden) -> float32 logits (R, vocab) through `lm_head`, soft-capped to
+        c tanh(z / c) when `final_logit_softcap` c > 0 (as transformers' Gemma 2 / 3: z / c, tanh, times c)."""
         head = self.lm_head
         if head is None:
             raise TypeError(f"{type(self).__name__} has no lm_head: it is a backbone, it gives hidden states only")
         if self._packed_head is not None and not deterministic:
-            return onednn.linear(h.float(), self._packed_head, head.bias)
-        return linear(h, head.weight, head.bias, deterministic).float()
+            z = onednn.linear(h.float(), self._packed_head, head.bias)
+        else:
+            z = linear(h, head.weight, head.bias, deterministic).float()
+        c = self.final_logit_softcap
+        return torch.tanh(z / c) * c if c else z
 
     def save_pretrained(self, path, **kwargs) -> None:
         """Write this model as a Hugging Face directory (`state_dict_adapter.save_pretrained`: `tokenizer`, `dtype`,

@@ -2,7 +2,9 @@
 
 Names: each family's model file gives its HF module names (`HF_PREFIX`, `HF_MODULES`, `HF_LAYERS`, `TRANSPOSED`);
 `to_hf_name` / `from_hf_name` map a state-dict key between the two. GPT-2's Conv1D weights are stored (in, out)
-by HF and are (out, in) in our nn.Linear: they are transposed on the way in and out.
+by HF and are (out, in) in our nn.Linear: they are transposed on the way in and out. A family whose HF checkpoints
+fuse projections that ours keep apart (Phi-3's `qkv_proj`, `gate_up_proj`) lists them in `HF_SPLIT`: a fused
+tensor is split by rows into our parts on load (`from_hf_names`) and the parts are concatenated back on export.
 
 `load_pretrained` reads `config.json` and the safetensors (one file, or shards with `model.safetensors.index.json`)
 one tensor at a time into a model built on the meta device, `load_state_dict(assign=True)`: the parameters are the
@@ -42,6 +44,8 @@ class Names:
     hf_to_ours: dict[str, str]
     hf_layers: str  # HF's name of the block list ("layers", GPT-2's "h")
     transposed: frozenset[str]  # last module names whose HF weight is (in, out) (GPT-2's Conv1D)
+    split: dict[str, tuple[str, ...]]  # our fused module -> its parts' (sibling) names in row order (`HF_SPLIT`)
+    part_of: dict[str, tuple[str, int]]  # "layers.{i}.attn.k_proj" -> ("layers.{i}.attn.qkv_proj", 1)
 
 
 _IGNORED = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")  # buffers older checkpoints carry, not weights
@@ -59,9 +63,12 @@ def _names(kind: str | None) -> Names:
     if fam is None:
         raise UnsupportedModelError(f"no state-dict mapping for model_type {kind!r}: rlhf_fast's models are "
                                     f"{', '.join(models.covered_families())} (and their backbones)")
+    split = dict(getattr(fam, "HF_SPLIT", {}))
+    part_of = {f"{fused.rpartition('.')[0]}.{part}": (fused, j) for fused, parts in split.items()
+               for j, part in enumerate(parts)}
     return Names(prefix=f"{fam.HF_PREFIX}.", ours_to_hf=dict(fam.HF_MODULES),
                  hf_to_ours={v: k for k, v in fam.HF_MODULES.items()}, hf_layers=fam.HF_LAYERS,
-                 transposed=frozenset(fam.TRANSPOSED))
+                 transposed=frozenset(fam.TRANSPOSED), split=split, part_of=part_of)
 
 
 def names(model_or_config) -> Names:
@@ -75,19 +82,29 @@ def _strip_wrappers(name: str) -> str:
     return name
 
 
-def _rename(module: str, table: dict[str, str], stack: str) -> str | None:
-    """`module` through `table`, whose block entries read `{stack}.{i}.` (None when it has no entry)."""
+def _template(module: str, stack: str) -> tuple[str, str | None]:
+    """(`module` with its block index as `{i}`, the index) for a module under `{stack}.{index}.`, else (module,
+    None)."""
     head, _, rest = module.partition(".")
     if head == stack:
         idx, _, inner = rest.partition(".")
-        target = table.get(f"{stack}.{{i}}.{inner}") if idx.isdigit() else None
-        return None if target is None else target.format(i=idx)
-    return table.get(module)
+        if idx.isdigit():
+            return f"{stack}.{{i}}.{inner}", idx
+    return module, None
+
+
+def _rename(module: str, table: dict[str, str], stack: str) -> str | None:
+    """`module` through `table`, whose block entries read `{stack}.{i}.` (None when it has no entry)."""
+    key, idx = _template(module, stack)
+    target = table.get(key)
+    return None if target is None else target.format(i=idx)
 
 
 def to_hf_name(name: str, model_or_config, *, backbone: bool = False) -> str:
     """HF's key for our state-dict key `name` (`layers.0.attn.q_proj.weight` -> `model.layers.0.self_attn.q_proj.
-    weight`); `backbone`: a bare backbone's key (no prefix). KeyError for a name outside the mapping."""
+    weight`); `backbone`: a bare backbone's key (no prefix). KeyError for a name outside the mapping. A part of a
+    fused HF tensor (Phi-3's `layers.0.attn.k_proj.weight`) maps to the fused key (`model.layers.0.self_attn.
+    qkv_proj.weight`), which holds it among its rows (`split_part`)."""
     tables = names(model_or_config)
     name = _strip_wrappers(name)
     if name.startswith("lm_head."):
@@ -95,6 +112,9 @@ def to_hf_name(name: str, model_or_config, *, backbone: bool = False) -> str:
             raise KeyError(f"{name}: a bare backbone has no lm_head")
         return name
     module, _, leaf = name.rpartition(".")
+    key, idx = _template(module, "layers")
+    if key in tables.part_of:
+        module = tables.part_of[key][0].format(i=idx)
     hf = _rename(module, tables.ours_to_hf, "layers")
     if hf is None:
         raise KeyError(f"{name}: not a weight of a {_kind(model_or_config)} model")
@@ -104,7 +124,8 @@ def to_hf_name(name: str, model_or_config, *, backbone: bool = False) -> str:
 def from_hf_name(hf_name: str, model_or_config) -> str | None:
     """Our key for HF key `hf_name`, from a causal LM (`model.`/`transformer.` prefix) or a bare backbone (none);
     None for a buffer that is not a weight (GPT-2's `attn.bias`, rotary `inv_freq`). KeyError for a key outside the
-    mapping (a classification head, another family's name)."""
+    mapping (a classification head, another family's name). A fused tensor (Phi-3's `qkv_proj`) gets the fused
+    module's name, which a model `from_hf` converted holds; `from_hf_names` gives the parts a built model holds."""
     tables = names(model_or_config)
     if hf_name.startswith("lm_head."):
         return hf_name
@@ -115,6 +136,34 @@ def from_hf_name(hf_name: str, model_or_config) -> str | None:
     if any(hf_name == s or hf_name.endswith("." + s) for s in _IGNORED):
         return None
     raise KeyError(f"{hf_name}: not a weight of a {_kind(model_or_config)} model")
+
+
+def from_hf_names(hf_name: str, model_or_config) -> list[str]:
+    """Our keys holding HF tensor `hf_name` in a model `build_model` made, in the order of their rows: one key, the
+    parts of a fused tensor (`HF_SPLIT`: `model.layers.0.self_attn.qkv_proj.weight` -> `layers.0.attn.{q,k,v}_proj.
+    weight`), or none for a buffer. KeyError as `from_hf_name`."""
+    ours = from_hf_name(hf_name, model_or_config)
+    if ours is None:
+        return []
+    module, _, leaf = ours.rpartition(".")
+    key, _ = _template(module, "layers")
+    parts = names(model_or_config).split.get(key)
+    if parts is None:
+        return [ours]
+    parent = module.rpartition(".")[0]
+    return [f"{parent}.{part}.{leaf}" for part in parts]
+
+
+def split_part(name: str, model_or_config) -> tuple[int, int] | None:
+    """(index, number of parts) of our key `name` among the parts of a fused HF tensor, or None when HF stores it
+    alone."""
+    tables = names(model_or_config)
+    module = _strip_wrappers(name).rpartition(".")[0]
+    key, _ = _template(module, "layers")
+    if key not in tables.part_of:
+        return None
+    fused, j = tables.part_of[key]
+    return j, len(tables.split[fused])
 
 
 def is_transposed(name: str, model_or_config) -> bool:
@@ -165,21 +214,23 @@ def checkpoint_files(path: str | Path) -> dict[str, list[str]]:
 
 
 def _plan(files: dict[str, list[str]], config, backbone: bool) -> dict[str, tuple[str, str]]:
-    """{our key: (file, HF key)} for every weight in the checkpoint the model will hold."""
+    """{our key: (file, HF key)} for every weight in the checkpoint the model will hold (the parts of a fused HF
+    tensor share its entry, in the order of their rows)."""
     plan: dict[str, tuple[str, str]] = {}
     for file, keys in files.items():
         for key in keys:
             try:
-                ours = from_hf_name(key, config)
+                ours_keys = from_hf_names(key, config)
             except KeyError:
                 raise ModelLoadError(f"model: unexpected tensor {key!r} in {file}: not a weight of a "
                                      f"{config.model_type} model") from None
-            if ours is None or (backbone and ours.startswith("lm_head.")):
-                continue  # a buffer, or the head of a causal LM loaded as a backbone
-            if ours in plan:
-                raise ModelLoadError(f"model: tensor {ours!r} twice in {Path(file).parent} ({plan[ours][1]!r} and "
-                                     f"{key!r}: a causal LM's and a backbone's names mixed)")
-            plan[ours] = (file, key)
+            for ours in ours_keys:
+                if backbone and ours.startswith("lm_head."):
+                    continue  # the head of a causal LM loaded as a backbone
+                if ours in plan:
+                    raise ModelLoadError(f"model: tensor {ours!r} twice in {Path(file).parent} ({plan[ours][1]!r} "
+                                         f"and {key!r}: a causal LM's and a backbone's names mixed)")
+                plan[ours] = (file, key)
     return plan
 
 
@@ -222,7 +273,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | str | None = None,
     if extra:
         raise ModelLoadError(f"model: unexpected tensor {plan[extra[0]][1]!r} in {path} (ours {extra[0]!r})")
     dtype = _as_dtype(dtype) or _as_dtype(getattr(config, "dtype", None)) or _file_dtype(files)
-    state = _read(plan, config, dtype, device)
+    rows = {k: t.shape[0] for k, t in model.state_dict().items() if t.dim()}  # a fused tensor's parts' rows
+    state = _read(plan, config, dtype, device, rows)
     if tie:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -251,22 +303,35 @@ def _converted(t: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor
     return t.to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
 
 
-def _read(plan: dict[str, tuple[str, str]], config, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+def _read(plan: dict[str, tuple[str, str]], config, dtype: torch.dtype, device,
+          rows: dict[str, int]) -> dict[str, torch.Tensor]:
     """{our key: tensor} read one tensor at a time, each file opened once; a tensor is transposed (Conv1D) or cast
-    only where it must be, so the rest are the very tensors safetensors returned."""
-    by_file: dict[str, list[tuple[str, str]]] = {}
+    only where it must be, so the rest are the very tensors safetensors returned. A fused tensor is split by rows
+    into its parts (`rows`: each part's row count, from the meta-built model), each part a tensor of its own."""
+    by_file: dict[str, dict[str, list[str]]] = {}
     for ours, (file, key) in plan.items():
-        by_file.setdefault(file, []).append((ours, key))
+        by_file.setdefault(file, {}).setdefault(key, []).append(ours)
     state = {}
     dev = str(torch.device(device))
-    for file, pairs in by_file.items():
+    for file, by_key in by_file.items():
         try:
             with safe_open(file, framework="pt", device=dev) as f:
-                for ours, key in pairs:
+                for key, ours_keys in by_key.items():
                     t = f.get_tensor(key)
-                    if is_transposed(ours, config):
+                    if is_transposed(ours_keys[0], config):
                         t = t.t()  # HF Conv1D (in, out) -> our nn.Linear (out, in)
-                    state[ours] = _converted(t, dtype if t.is_floating_point() else t.dtype)
+                    dt = dtype if t.is_floating_point() else t.dtype
+                    if len(ours_keys) == 1:
+                        state[ours_keys[0]] = _converted(t, dt)
+                        continue
+                    sizes = [rows[k] for k in ours_keys]
+                    if sum(sizes) != t.shape[0]:
+                        raise ModelLoadError(f"model: tensor {key!r} in {file} has {t.shape[0]} rows; the config "
+                                             f"makes its parts {', '.join(ours_keys)} {sum(sizes)} rows")
+                    for k, piece in zip(ours_keys, t.split(sizes)):
+                        part = _converted(piece, dt)
+                        shared = part.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                        state[k] = part.clone() if shared else part  # a tensor of its own, not a view of the file's
         except (OSError, SafetensorError) as e:
             raise ModelLoadError(f"model: cannot read {file}: {e}") from e
     return state
@@ -290,7 +355,8 @@ def _full_state(model) -> dict[str, torch.Tensor] | None:
 
 def _hf_state(model, state: dict[str, torch.Tensor], backbone: bool) -> dict[str, tuple[torch.Tensor, bool]]:
     """{HF key: (tensor, transpose it?)}, in our order; a tied lm_head is left out (HF stores the embedding alone).
-    A TRANSPOSED weight is transposed unless its module is HF's Conv1D itself (a model `from_hf` converted)."""
+    A TRANSPOSED weight is transposed unless its module is HF's Conv1D itself (a model `from_hf` converted). The
+    parts of a fused HF tensor (`HF_SPLIT`) come as a list in row order, concatenated when the shard is written."""
     from transformers.pytorch_utils import Conv1D
 
     tied = not backbone and _tied(model.config)
@@ -309,8 +375,21 @@ def _hf_state(model, state: dict[str, torch.Tensor], backbone: bool) -> dict[str
                     "(`save_pretrained(model, path, state_dict=lora.merged_state_dict(model))`) or the adapter "
                     "(`lora.save_adapter`)") if ".lora_" in ours else ""
             raise ValueError(f"save_pretrained: {ours!r} has no Hugging Face name{hint}") from None
+        part = split_part(ours, model.config)
+        if part is not None:
+            j, n = part
+            out.setdefault(key, ([None] * n, False))[0][j] = t
+            continue
         out[key] = (t, is_transposed(ours, model.config) and ours.rpartition(".")[0] not in conv)
+    for key, (t, _) in out.items():
+        if isinstance(t, list) and any(p is None for p in t):
+            raise ValueError(f"save_pretrained: {key!r} is fused from {len(t)} of our tensors, and the model lacks "
+                             f"part {t.index(None)} of them")
     return out
+
+
+def _numel(t: torch.Tensor | list[torch.Tensor]) -> int:
+    return sum(p.numel() for p in t) if isinstance(t, list) else t.numel()
 
 
 def _shards(hf: dict[str, tuple[torch.Tensor, bool]], dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
@@ -318,7 +397,8 @@ def _shards(hf: dict[str, tuple[torch.Tensor, bool]], dtype: torch.dtype, max_by
     shards: list[list[str]] = [[]]
     size = 0
     for key, (t, _) in hf.items():
-        n = t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+        first = t[0] if isinstance(t, list) else t
+        n = _numel(t) * (dtype.itemsize if first.is_floating_point() else first.element_size())
         if shards[-1] and size + n > max_bytes:
             shards.append([])
             size = 0
@@ -328,7 +408,10 @@ def _shards(hf: dict[str, tuple[torch.Tensor, bool]], dtype: torch.dtype, max_by
 
 
 def _export_tensor(t: torch.Tensor, transpose: bool, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor as HF stores it: on the CPU, in `dtype` if floating, transposed if asked (Conv1D), contiguous."""
+    """A tensor as HF stores it: on the CPU, in `dtype` if floating, transposed if asked (Conv1D), contiguous; a
+    list (the parts of a fused tensor) concatenated by rows."""
+    if isinstance(t, list):
+        t = torch.cat([p.detach().to("cpu") for p in t])
     t = t.detach()
     if transpose:
         t = t.t()
