@@ -10,6 +10,9 @@ Rows (bench/results/rollout.{csv,json,png}):
   * generate/hf, generate/engine, generate/engine-deterministic: 32 prompts of 8..64 tokens, 128 new tokens,
     sampling at temperature 1 with no top-k/top-p (PPO's setting: the log-probs are the policy's own); tokens/s,
     speed-up over HF, peak extra memory. CPU timings use 1 torch thread by default (see --threads).
+  * generate/engine-compiled, generate/engine-deterministic-compiled: the same with `RolloutEngine(compile=True)`
+    (the decode step compiled per batch bucket; CUDA graphs on CUDA), timed after a first request that compiles;
+    `compile_s` and `compilations` are that first request's.
   * greedy/engine-vs-hf: how many of the 32 greedy completions equal HF's `generate(do_sample=False)` run per prompt.
   * logprobs/engine-vs-teacher-forced: max |engine log-prob - teacher-forced recompute|, default and deterministic.
   * kv/<prompts>/n=8 shared|unshared: peak KV bytes for 8 samples per prompt with and without prefix sharing (bench
@@ -135,12 +138,18 @@ def main(argv: list[str] | None = None):
     n_params = sum(p.numel() for p in model.parameters())
     sampling = SamplingParams(max_new_tokens=new, temperature=1.0, seed=0)
     engines = {"generate/engine": RolloutEngine(model, kv_cache_memory=kv),
-               "generate/engine-deterministic": RolloutEngine(model, deterministic=True, kv_cache_memory=kv)}
+               "generate/engine-deterministic": RolloutEngine(model, deterministic=True, kv_cache_memory=kv),
+               "generate/engine-compiled": RolloutEngine(model, kv_cache_memory=kv, compile=True),
+               "generate/engine-deterministic-compiled": RolloutEngine(model, deterministic=True,
+                                                                       kv_cache_memory=kv, compile=True)}
     cases = [Case("generate/hf", {"prompts": n_prompts, "new_tokens": new, "params_M": round(n_params / 1e6, 2)},
                   lambda: hf_generate(model, prompts, new, sample=True))]
     for name, eng in engines.items():
-        cases.append(Case(name, {"prompts": n_prompts, "new_tokens": new, "params_M": round(n_params / 1e6, 2)},
-                          lambda eng=eng: eng.generate(prompts, sampling)))
+        info = {"prompts": n_prompts, "new_tokens": new, "params_M": round(n_params / 1e6, 2)}
+        if eng.decode_step.compiled:  # the first request compiles; the timed ones reuse its graphs
+            eng.generate(prompts, sampling)
+            info.update(compile_s=round(eng.stats.compile_seconds, 2), compilations=eng.stats.compilations)
+        cases.append(Case(name, info, lambda eng=eng: eng.generate(prompts, sampling)))
     timing = dict(warmup=1, repeats=3) if size == "cpu" else dict(warmup=1, repeats=2) if args.gpu else \
         dict(warmup=0, repeats=1, measure_memory=False)
     rows = []
