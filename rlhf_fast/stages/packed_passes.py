@@ -47,7 +47,8 @@ def policy_logprobs(model, ro: xp.Rollout, temperature: float, *, batch: PackedB
     hidden = response_hidden(model, ro, batch)  # first: on a sharded model the root's forward gathers the lm_head
     head = model.lm_head
     return ops.linear_token_logprobs(hidden, head.weight, ro.labels, bias=head.bias, temperature=temperature,
-                                     ignore_index=IGNORE_INDEX, return_entropy=entropy, **support)
+                                     ignore_index=IGNORE_INDEX, return_entropy=entropy,
+                                     softcap=model.final_logit_softcap, **support)
 
 
 def values_at(value_model, ro: xp.Rollout, batch: PackedBatch | None = None) -> torch.Tensor:

@@ -174,7 +174,8 @@ class PPOTrainer:
             clip=ops.PPOClip(low=c.clip, high=c.clip_high or self.algo.clip_high),
             agg=_policy_agg(c.loss_agg or self.algo.loss_agg, ro.mask.shape[0], c.sampling.max_new_tokens, glob),
             kl=ops.KLTerm(mb.ref_logp, kl_coef, c.kl.kind) if kl_coef > 0 else None,
-            entropy_coef=c.entropy_coef, **xp.logprob_kwargs(c.sampling, ro), **self.correction(mb))
+            entropy_coef=c.entropy_coef, softcap=self.policy.final_logit_softcap, **xp.logprob_kwargs(c.sampling, ro),
+            **self.correction(mb))
         pg, entropy, clip_frac, approx_kl = st.policy_loss, st.entropy, st.clip_frac, st.approx_kl
         return loss, {"pg_loss": float(pg.detach()), "entropy": float(entropy.detach()),
                       "clip_frac": float(clip_frac), "approx_kl": float(approx_kl)}
