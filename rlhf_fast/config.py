@@ -108,9 +108,11 @@ class ParallelConfig:
     micro_batch_size: int = 0  # items (SFT/PPO sequences, RM prompts) per forward+backward on a rank; 0: its whole slice
     shard_frozen: bool = True  # PPO: also shard the frozen reference and reward models
     compile: bool = False  # torch.compile each decoder block of the trained models (`rlhf_fast.parallelize`)
+    tp: int = 1  # tensor parallel: heads, MLP columns and vocabulary split over tp ranks (world = dp x tp); SFT
 
     def __post_init__(self):
         _check(self.micro_batch_size >= 0, "micro_batch_size", "must be >= 0")
+        _check(isinstance(self.tp, int) and self.tp >= 1, "tp", f"must be an integer >= 1, got {self.tp!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +199,7 @@ class RMConfig:
     def __post_init__(self):
         _check_device(self.device)
         _check_data_options(self)
+        _check(self.parallel.tp == 1, "parallel.tp", "tensor parallelism trains SFT only so far: must be 1")
         for k in ("max_len", "batch_size", "epochs", "keep_checkpoints"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("max_steps", "eval_every", "save_every"):
@@ -323,6 +326,7 @@ class PPOConfig:
         from rlhf_fast.stages import algorithms
 
         _check_device(self.device)
+        _check(self.parallel.tp == 1, "parallel.tp", "tensor parallelism trains SFT only so far: must be 1")
         _check(self.algorithm in algorithms.ALGORITHMS, "algorithm", f"must be one of {tuple(algorithms.ALGORITHMS)}")
         _check(self.loss_agg in ("",) + algorithms.LOSS_AGGS, "loss_agg", f"must be one of {algorithms.LOSS_AGGS}")
         _check(self.clip_high >= 0, "clip_high", "must be >= 0")

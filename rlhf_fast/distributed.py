@@ -4,8 +4,11 @@ A stage is written once, for N processes; at world size 1 (a plain `rlhf-fast ..
 every helper here is the identity and no process group exists, so the result is bitwise what one process gives.
 
 - `init()` joins the job torchrun describes in the environment (gloo for CPU tensors, NCCL for CUDA).
+- `use_tp(tp)` lays the world out as a 2-D ("dp", "tp") device mesh for tensor parallelism: the ranks of a tp group
+  hold one model between them and see the same data, so the data helpers below count the dp ranks only.
 - `all_sum`, `all_max`, `masked_moments`, ... reduce statistics over ranks; `rank_slice` / `micro_slices` cut a
-  global batch into this rank's part and its micro-batches; `accumulate` runs its forwards and backwards.
+  global batch into this rank's (its dp rank's) part and its micro-batches; `accumulate` runs its forwards and
+  backwards.
 - `clip_grad_norm` clips sharded gradients by their global norm.
 - `save_state` / `load_state` write and read model + optimiser state with `torch.distributed.checkpoint` (one file per
   rank plus metadata, loadable at any world size); `full_state_dict` gathers a sharded model's whole state on rank 0
@@ -82,6 +85,53 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+# --- the device mesh: data parallel x tensor parallel --------------------------------------------------------
+
+_TP = 1  # this process's tensor-parallel degree (`use_tp`)
+_MESHES: dict = {}  # tp -> its ("dp", "tp") DeviceMesh
+
+
+def use_tp(tp: int):
+    """Lay torchrun's world out as dp x tp and return the 2-D DeviceMesh ("dp", "tp") (None for tp 1: no mesh, the
+    world as it is). Rank r sits at (r // tp, r % tp): a tp group is tp consecutive ranks (one node's GPUs). From
+    here on `dp_rank`/`dp_size` (and so the data helpers and `all_sum`) count data-parallel ranks: the tp ranks of
+    one group see the same items and hold the same statistics. `parallelize` calls it for every model it prepares,
+    so the layout is the one of the models in use. DistributedError when tp does not divide the world size."""
+    global _TP
+    if tp < 1 or world_size() % tp:
+        raise DistributedError(f"parallel.tp = {tp} does not divide the world size {world_size()} (torchrun "
+                               f"--nproc_per_node x nodes): the world is laid out as dp x tp")
+    _TP = tp
+    if tp == 1:
+        return None
+    if tp not in _MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+        _MESHES[tp] = init_device_mesh(kind, (world_size() // tp, tp), mesh_dim_names=("dp", "tp"))
+    return _MESHES[tp]
+
+
+def tp_size() -> int:
+    """The tensor-parallel degree of the models in use (`use_tp`); 1 without tensor parallelism."""
+    return _TP
+
+
+def dp_size() -> int:
+    """Data-parallel ranks: the world size over the tensor-parallel degree."""
+    return world_size() // _TP
+
+
+def dp_rank() -> int:
+    """This rank's data-parallel index: the part of every global batch it (and its tp group) works on."""
+    return rank() // _TP
+
+
+def _data_group():
+    """The process group data statistics are summed over: the world, or this rank's dp group under tp."""
+    return None if _TP == 1 else _MESHES[_TP].get_group("dp")
+
+
 def is_main() -> bool:
     """True on rank 0, the one rank that prints, logs metrics and writes reports and exports."""
     return rank() == 0
@@ -115,18 +165,22 @@ def _guard(what: str, fn: Callable, *args):
 # --- global statistics -----------------------------------------------------------------------------------------
 
 
-def _reduce(values: torch.Tensor, op: str) -> torch.Tensor:
+def _reduce(values: torch.Tensor, op: str, group=None) -> torch.Tensor:
     d = _dist()
     if d is None:
         return values
     out = values.detach().to(torch.float64).cpu().clone()  # every rank reduces the same float64 values
-    _guard(f"all_reduce({op})", d.all_reduce, out, getattr(d.ReduceOp, op))
+    _guard(f"all_reduce({op})", d.all_reduce, out, getattr(d.ReduceOp, op), group)
     return out.to(values.dtype)
 
 
 def all_sum(x):
-    """Sum over ranks of a float, an int, a list of numbers or a tensor (returned as the same kind)."""
-    return _apply(x, "SUM")
+    """Sum over the data-parallel ranks of a float, an int, a list of numbers or a tensor (returned as the same
+    kind): over every rank, or under tensor parallelism over the dp ranks (a tp group's ranks hold the same value,
+    counted once)."""
+    if dp_size() == 1:
+        return x
+    return _apply(x, "SUM", _data_group())
 
 
 def all_max(x):
@@ -137,15 +191,15 @@ def all_min(x):
     return _apply(x, "MIN")
 
 
-def _apply(x, op: str):
+def _apply(x, op: str, group=None):
     if world_size() == 1:
         return x
     if isinstance(x, torch.Tensor):
-        return _reduce(x, op).to(x.device)
+        return _reduce(x, op, group).to(x.device)
     if isinstance(x, (list, tuple)):
-        out = _reduce(torch.tensor([float(v) for v in x], dtype=torch.float64), op).tolist()
+        out = _reduce(torch.tensor([float(v) for v in x], dtype=torch.float64), op, group).tolist()
         return [type(v)(o) for v, o in zip(x, out)]
-    return type(x)(_reduce(torch.tensor([float(x)], dtype=torch.float64), op).item())
+    return type(x)(_reduce(torch.tensor([float(x)], dtype=torch.float64), op, group).item())
 
 
 def all_true(flag: bool) -> bool:
@@ -208,16 +262,17 @@ def all_gather_rows(t: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
 
 
 def rank_slice(n: int, *, rank_: int | None = None, world: int | None = None) -> slice:
-    """This rank's contiguous part of a global batch of `n` items (sizes differ by at most one)."""
-    r = rank() if rank_ is None else rank_
-    w = world_size() if world is None else world
+    """This rank's contiguous part of a global batch of `n` items (sizes differ by at most one): its dp rank's part
+    (`dp_rank` of `dp_size`; every rank's own without tensor parallelism)."""
+    r = dp_rank() if rank_ is None else rank_
+    w = dp_size() if world is None else world
     return slice(r * n // w, (r + 1) * n // w)
 
 
 def num_micro(n: int, micro_batch_size: int) -> int:
     """Micro-batches per rank for a global batch of `n`: the same on every rank (FSDP's collectives run once per
     forward and backward, so every rank must run as many), enough for the largest rank slice."""
-    largest = -(-n // world_size())
+    largest = -(-n // dp_size())
     return 1 if micro_batch_size <= 0 else max(1, -(-largest // micro_batch_size))
 
 
@@ -269,8 +324,13 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether `model` holds FSDP2-sharded modules (`parallelize.parallelize` at world size > 1)."""
-    return bool(_fsdp_modules(model))
+    """Whether `model` holds FSDP2-sharded modules or tensor-parallel (DTensor) parameters
+    (`parallelize.parallelize` at world size > 1)."""
+    if world_size() == 1:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return bool(_fsdp_modules(model)) or any(isinstance(p, DTensor) for p in model.parameters())
 
 
 # --- gradients -------------------------------------------------------------------------------------------------
@@ -278,23 +338,36 @@ def is_sharded(model: nn.Module) -> bool:
 
 def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
     """Clip the global gradient norm of `params` (sharded or not) to `max_norm`; returns the norm before clipping
-    (NaN/Inf when a gradient is non-finite on any rank). At world size 1 this is `clip_grad_norm_`."""
+    (NaN/Inf when a gradient is non-finite on any rank). At world size 1 this is `clip_grad_norm_`.
+
+    A DTensor gradient's shard is held by world / (its number of shards) ranks (an FSDP shard of a norm's weight
+    by each rank of its tp group, a tensor-parallel shard by each dp rank after FSDP's reduction): each holder adds
+    its squares divided by that count, and the sum runs over every rank."""
     if world_size() == 1:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # a shard, or a replicated tensor
-    sharded = sum((x.detach().double().pow(2).sum() for g, x in zip(grads, local) if g is not x),
+    sharded = sum((x.detach().double().pow(2).sum() / _holders(g) for g, x in zip(grads, local) if g is not x),
                   torch.zeros((), dtype=torch.float64))
     replicated = sum(float(x.detach().double().pow(2).sum()) for g, x in zip(grads, local) if g is x)
-    total = (float(all_sum(sharded.reshape(1))[0]) + replicated) ** 0.5
+    total = (float(_reduce(sharded.reshape(1), "SUM")[0]) + replicated) ** 0.5
     if max_norm < float("inf") and total == total:
         coef = min(1.0, max_norm / (total + 1e-6))
         if coef < 1.0:
             for x in local:
                 x.mul_(coef)
     return total
+
+
+def _holders(t) -> int:
+    """How many ranks hold each shard of DTensor `t`: the world size over its number of distinct shards."""
+    shards = 1
+    for i, p in enumerate(t.placements):
+        if not p.is_replicate():  # Shard, or FSDP's _StridedShard of a tp shard (whose is_shard() is False)
+            shards *= t.device_mesh.size(i)
+    return world_size() // shards
 
 
 def local_state_mib(models: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None) -> float:
@@ -357,7 +430,10 @@ def load_state(path: str | Path, models: dict[str, nn.Module], optimizer: torch.
         _guard("checkpoint load", lambda: dcp.load(state, checkpoint_id=str(path), no_dist=world_size() == 1))
     set_model_state_dict(bundle, state["model"])
     if optimizer is not None:
+        kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
         set_optimizer_state_dict(bundle, optimizer, state["optim"])
+        for g, kw in zip(optimizer.param_groups, kernels):  # this run's kernels, not the writer's (a one-process
+            g.update(kw)  # fused AdamW cannot step the mixed tensors of tensor parallelism)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,8 @@ def prepare(model: torch.nn.Module, *, device: torch.device, parallel_cfg: Paral
     """`model` (a `DecoderLM` or a `ScalarHeadModel`, LoRA already applied) on `device`, then `parallelize`d:
     per-block activation checkpointing when `gradient_checkpointing`, `torch.compile` per block when
     `parallel_cfg.compile` (trained models), FSDP2 per block and on the root when the world
-    size is > 1 - for a frozen model (no parameter requires grad) only with `parallel_cfg.shard_frozen`.
+    size is > 1 - for a frozen model (no parameter requires grad) only with `parallel_cfg.shard_frozen` - over the
+    data-parallel ranks, after splitting it over `parallel_cfg.tp` tensor-parallel ranks when tp > 1.
     `mixed_precision` (a bool, or a stage's `mixed_precision` string resolved for `device`): bf16 all-gathers with
     fp32 gradient reduction on CUDA. Returns `model` (changed in place)."""
     from rlhf_fast import parallelize, precision
@@ -40,15 +41,22 @@ def prepare(model: torch.nn.Module, *, device: torch.device, parallel_cfg: Paral
     model.to(device)
     return parallelize.parallelize(model, shard=trains or parallel_cfg.shard_frozen,
                                    checkpointing=gradient_checkpointing, compile=parallel_cfg.compile and trains,
-                                   mixed_precision=mixed_precision)
+                                   mixed_precision=mixed_precision, tp=parallel_cfg.tp)
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the trainable `params`, PyTorch's fused kernel where it applies (one vectorised pass per tensor
     instead of a dozen elementwise ops: about 5x faster on CPU, the same update up to fp32 rounding)."""
     params = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                             **({"fused": True} if _fusable(params) else {}))
+    kw = {"foreach": False} if not _one_kind(params) else {"fused": True} if _fusable(params) else {}
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **kw)
+
+
+def _one_kind(params: list[torch.nn.Parameter]) -> bool:
+    """torch's multi-tensor AdamW kernels (fused, foreach) take one kind of tensor: plain ones, or DTensors on one
+    mesh (FSDP alone). Under tensor parallelism the split weights live on the tp (or dp x tp) mesh while the norms'
+    weights are plain (or on the dp mesh): those steps run per tensor."""
+    return len({getattr(p, "device_mesh", None) for p in params}) <= 1
 
 
 def _fusable(params: list[torch.nn.Parameter]) -> bool:

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"  # the config a run directory was started with
 LOCK_FILE = ".lock"
 EXTEND_KEYS = ("iterations", "epochs", "max_steps")  # raising one continues a finished run
-ALLOWED_CHANGES = EXTEND_KEYS + ("save_every", "eval_every", "keep_checkpoints", "device", "threads")
+# keys a rerun may change; parallel.tp is a layout (DCP reshards the checkpoint), like the world size
+ALLOWED_CHANGES = EXTEND_KEYS + ("save_every", "eval_every", "keep_checkpoints", "device", "threads", "tp")
 _held_locks: dict[str, list[int]] = {}  # run directory -> [locked file descriptor (-1: not the main rank), depth]
 
 
