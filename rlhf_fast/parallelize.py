@@ -4,6 +4,11 @@ The model files know nothing of this module. `parallelize(model, spec)` takes a 
 an `nn.ModuleList` of blocks it calls as modules, like `models.DecoderLM`) or a root holding one as `.lm` (a decoder
 backbone plus a head, like `heads.ScalarHeadModel`), and in torchtitan's order:
 
+0. splits a Llama-family decoder over `tp` ranks (`tp` > 1, `tensor_parallel`) with torch's `parallelize_module`:
+   q/k/v and gate/up column-parallel (each rank computes its heads and its MLP columns), o and down row-parallel
+   (an all-reduce after each), the embedding (`VocabParallelEmbedding`) and the lm_head vocab-parallel (each rank
+   holds V / tp rows). The blocks see local tensors: their heads are the rank's own. The lm_head weight is read by
+   `ops.vocab_parallel.head_logprobs`, which never gathers the logits;
 1. wraps each block in torch's non-reentrant checkpoint wrapper (`checkpointing`): the block's activations are
    recomputed in the backward. The wrapper strips its own prefix from `state_dict()` keys, so the model's state dict
    (and DCP checkpoints, and exports) keep their names;
@@ -11,8 +16,9 @@ backbone plus a head, like `heads.ScalarHeadModel`), and in torchtitan's order:
    the `attend` callable a block receives; one whose plan depends on the batch (`models.packed`'s segments) makes
    every new batch layout a recompilation unless it is a compile boundary (`torch.compiler.disable`);
 3. shards each block, then the root (embeddings, final norm, lm_head or head), with FSDP2 `fully_shard` (`shard`,
-   world size > 1). Gradients are summed over ranks, not averaged: our losses divide by global counts, so the sum
-   is the one-process gradient. The root keeps its parameters gathered from its forward to its backward, so code
+   world size > 1) over the data-parallel ranks (all of them, or the "dp" dimension of the dp x tp mesh).
+   Gradients are summed over ranks, not averaged: our losses divide by global counts, so the sum is the
+   one-process gradient. The root keeps its parameters gathered from its forward to its backward, so code
    may read `model.lm_head.weight` after the forward (the fused `ops.linear_token_logprobs`).
 
 Checkpointing and sharding combine: the FSDP hooks sit on the checkpoint wrapper, the recomputation in the backward
@@ -49,11 +55,14 @@ class ParallelSpec:
     compile: bool = False  # torch.compile each block (COMPILE_BACKEND); inductor rounds differently from eager
     mixed_precision: bool = False  # CUDA + shard: bf16 all-gathers and compute, fp32 gradient reduction
     reshard_after_forward: bool = True  # blocks free their gathered parameters after the forward (the root never)
+    tp: int = 1  # tensor-parallel degree: the world is laid out as dp x tp (`distributed.use_tp`)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            if not isinstance(getattr(self, f.name), bool):
+            if f.name != "tp" and not isinstance(getattr(self, f.name), bool):
                 raise TypeError(f"ParallelSpec.{f.name} must be a bool, got {getattr(self, f.name)!r}")
+        if not isinstance(self.tp, int) or isinstance(self.tp, bool) or self.tp < 1:
+            raise TypeError(f"ParallelSpec.tp must be an int >= 1, got {self.tp!r}")
 
 
 def parallelize(model: nn.Module, spec: ParallelSpec | None = None, **options: bool) -> nn.Module:
@@ -67,8 +76,11 @@ def parallelize(model: nn.Module, spec: ParallelSpec | None = None, **options: b
     elif options:
         raise TypeError("parallelize: pass a ParallelSpec or keyword options, not both")
     layers = blocks(model)
-    if any(_is_wrapped(b) for b in layers) or _is_fsdp(model):
+    if any(_is_wrapped(b) for b in layers) or _is_fsdp(model) or tp_sharded(model):
         raise ValueError(f"parallelize: {type(model).__name__} is already parallelized")
+    mesh = distributed.use_tp(spec.tp)  # None at tp 1
+    if mesh is not None:
+        tensor_parallel(model, mesh["tp"])
     if spec.checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
@@ -77,8 +89,8 @@ def parallelize(model: nn.Module, spec: ParallelSpec | None = None, **options: b
     if spec.compile:
         for block in layers:
             block.compile(backend=COMPILE_BACKEND)
-    if spec.shard and distributed.world_size() > 1:
-        _fully_shard(model, list(layers), spec)
+    if spec.shard and distributed.dp_size() > 1:
+        _fully_shard(model, list(layers), spec, None if mesh is None else mesh["dp"])
     return model
 
 
@@ -91,10 +103,96 @@ def blocks(model: nn.Module) -> nn.ModuleList:
                     f"expected a DecoderLM or a module holding one as `.lm`")
 
 
-def _fully_shard(model: nn.Module, layers: list[nn.Module], spec: ParallelSpec) -> None:
+TP_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3")  # the decoders `tensor_parallel` splits
+COLWISE = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj")  # output features split
+ROWWISE = ("attn.o_proj", "mlp.down_proj")  # input features split: each rank's partial output, then an all-reduce
+
+
+def tensor_parallel(model: nn.Module, mesh) -> None:
+    """Split a Llama-family `DecoderLM` over the ranks of the 1-D DeviceMesh `mesh` in place (Megatron's layout,
+    through torch's `parallelize_module`): each block's q/k/v and gate/up projections column-parallel (a rank holds
+    heads / tp query heads, kv_heads / tp key/value heads and its MLP columns, and computes them with no
+    communication), o and down row-parallel (its rows of their inputs; the outputs are all-reduced, two per block),
+    the embedding vocab-parallel (`VocabParallelEmbedding`: V / tp rows, a masked lookup, all-reduced) and the
+    lm_head likewise (a tied one shares the embedding's shard). The residual stream, the norms and the hidden
+    states stay replicated: every tp rank computes them whole, so the packed attention runs on local heads as in
+    one process. The lm_head is never called: `ops.vocab_parallel.head_logprobs` reads its local rows.
+
+    ConfigError (one line) for a model it does not cover, or heads / kv heads / vocabulary not divisible by tp."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    _check_tp(model, mesh.size())
+    plan = {}
+    for i in range(len(model.layers)):
+        plan.update({f"layers.{i}.{n}": ColwiseParallel() for n in COLWISE})
+        plan.update({f"layers.{i}.{n}": RowwiseParallel() for n in ROWWISE})
+    head = model.lm_head
+    tied = head is not None and head.weight is model.embed.weight
+    if head is not None and not tied:
+        plan["lm_head"] = ColwiseParallel()  # weight (V / tp, hidden): vocab rows
+    parallelize_module(model, mesh, plan)
+    model.embed = VocabParallelEmbedding(model.embed, mesh)
+    if tied:
+        head.weight = model.embed.weight  # the embedding's new (sharded) parameter, tied again
+
+
+class VocabParallelEmbedding(nn.Module):
+    """What `tensor_parallel` puts in place of a model's nn.Embedding (the state-dict name `weight` unchanged):
+    `weight` (V, H) a DTensor split over the vocabulary of the tp mesh, this rank holding V / tp rows, and the
+    forward `ops.vocab_parallel.vocab_parallel_embedding` on them (a masked local lookup and one all-reduce; its
+    backward writes this rank's rows only). torch's RowwiseParallel on an nn.Embedding computes the same forward,
+    but its backward builds the whole (V, H) gradient on every rank and all-reduces it (torch 2.13)."""
+
+    def __init__(self, emb: nn.Embedding, mesh):
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx = emb.padding_idx
+        self.weight = nn.Parameter(distribute_tensor(emb.weight.detach(), mesh, [Shard(0)]),
+                                   requires_grad=emb.weight.requires_grad)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (T,) -> (T, H), read from the weight as it is at call time (FSDP gathers it over the dp ranks)."""
+        from rlhf_fast.ops.vocab_parallel import vocab_parallel_embedding
+
+        rows = self.weight.to_local()  # (V / tp, H)
+        mesh = self.weight.device_mesh
+        return vocab_parallel_embedding(ids, rows, vocab_start=mesh.get_local_rank() * rows.shape[0],
+                                        group=mesh.get_group(), padding_idx=self.padding_idx)
+
+
+def _check_tp(model: nn.Module, tp: int) -> None:
+    from rlhf_fast.config import ConfigError
+    from rlhf_fast.models.llama import Block
+
+    def plain(block: nn.Module) -> bool:  # a converted Phi-3's fused qkv_proj, LoRA layers: not these
+        mods = [getattr(getattr(block, a, None), b, None) for a, b in (n.split(".") for n in COLWISE + ROWWISE)]
+        return type(block) is Block and all(type(m) is nn.Linear for m in mods)
+
+    layers = getattr(model, "layers", None)
+    if getattr(model, "lm", None) is not None or not isinstance(layers, nn.ModuleList) or not all(map(plain, layers)):
+        raise ConfigError(f"parallel.tp: tensor parallelism splits causal LMs of the Llama families "
+                          f"({', '.join(TP_FAMILIES)}) with plain q/k/v/o and gate/up/down projections (no LoRA); "
+                          f"{type(model).__name__} is not one: train it with tp = 1")
+    bad = [f"{k} {n}" for k, n in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads),
+                                   ("vocab_size", model.vocab_size)) if n % tp]
+    if bad:
+        raise ConfigError(f"parallel.tp: {tp} must divide the model's {', '.join(bad)}")
+
+
+def tp_sharded(model: nn.Module | None) -> bool:
+    """Whether `model` holds parameters split by `tensor_parallel` (DTensors on a mesh with a "tp" dimension)."""
+    from torch.distributed.tensor import DTensor
+
+    return model is not None and any(isinstance(p, DTensor) and "tp" in (p.device_mesh.mesh_dim_names or ())
+                                     for p in model.parameters())
+
+
+def _fully_shard(model: nn.Module, layers: list[nn.Module], spec: ParallelSpec, mesh) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kw = {}
+    kw = {} if mesh is None else {"mesh": mesh}
     if spec.mixed_precision and next(model.parameters()).device.type == "cuda":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in layers:
@@ -135,6 +233,9 @@ def unsharded(*models: nn.Module | None) -> Iterator[None]:
     module), between optimiser steps; run the models under `torch.no_grad()` inside it (a backward would reduce
     gradients). On exit each module's `reshard_after_forward` is restored and its parameters resharded; nested uses
     (the same model twice) gather once. None entries and unsharded models are ignored."""
+    if any(map(tp_sharded, models)):
+        raise NotImplementedError("unsharded: a tensor-parallel model is never gathered, and rollouts under tensor "
+                                  "parallelism are not built yet (parallel.tp trains SFT only)")
     roots = [m for m in dict.fromkeys(models) if m is not None and _is_fsdp(m)]
     mods = list(dict.fromkeys(x for r in roots for x in fsdp_modules(r)))
     fresh = [m for m in mods if _DEPTH.get(m, 0) == 0]  # not yet gathered by an enclosing `unsharded`

@@ -3,7 +3,8 @@
 loss = -(1 / #response tokens) * sum_t log p(y_t | x, y_<t), over the trained tokens (the response, or a chat's
 trained assistant turns), computed on the packed forward (`models.packed`: no padding; the last layer's output
 projection and MLP run on the rows that predict a trained token only) by `ops.linear_token_logprobs` from those
-rows' final hidden states and the lm_head, so no `(tokens, vocab)` tensor exists.
+rows' final hidden states and the lm_head, so no `(tokens, vocab)` tensor exists (under tensor parallelism,
+`ops.vocab_parallel`: each rank its vocabulary rows, `parallel.tp`).
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_fast import distributed, ops
+from rlhf_fast import distributed
 from rlhf_fast.config import ConfigError, SFTConfig, to_dict
 from rlhf_fast.data import IGNORE_INDEX, SFTExample, epoch_batches, load_sft
 from rlhf_fast.models import load_model, lora
 from rlhf_fast.models.loading import load_tokenizer
 from rlhf_fast.models.packed import pack, packed_hidden
+from rlhf_fast.ops.vocab_parallel import head_logprobs
 from rlhf_fast.precision import autocast, resolve_dtype
 from rlhf_fast.stages.common import make_optimizer, make_scheduler, prepare, resolve_device, train_steps
 from rlhf_fast.stages.run_state import TrainRun, exclusive, record_truncation
@@ -59,9 +61,9 @@ def response_nll(model, examples: list[SFTExample], *,
     if not count:  # nothing trained (a stand-in item): a zero loss that still runs the forward and backward
         rows, labels = [0], [IGNORE_INDEX]
     h = packed_hidden(model, batch, deterministic=deterministic, rows=torch.tensor(rows))  # (R, hidden)
-    head = model.lm_head  # after the forward: a sharded root has gathered it
     target = torch.tensor(labels, device=h.device)
-    logp = ops.linear_token_logprobs(h, head.weight, target, bias=head.bias, ignore_index=IGNORE_INDEX)  # (R,)
+    # after the forward (a sharded root has gathered the head); a tensor-parallel head: its vocabulary rows only
+    logp = head_logprobs(h, model.lm_head, target, ignore_index=IGNORE_INDEX)  # (R,)
     nll = -logp.sum()
     return (nll if count else nll + 0.0 * h.sum()), count
 
