@@ -249,3 +249,56 @@ def test_uncapped_families_load_for_training(saved):
     for family in ("qwen3", "phi3", "olmo2"):
         _, path, _ = saved(family)
         assert loading.supports_training(load_model(path, "sft.model"))
+
+
+@pytest.mark.parametrize("family,targets", [("phi3", "all-linear"), ("phi3", "q_proj,up_proj"),
+                                            ("gemma2", "all-linear"), ("olmo2", "q_proj,down_proj")])
+def test_lora_exports_in_peft_format(family, targets, saved, tmp_path):
+    """Our adapters load into peft on the transformers model with the same logits; on Phi-3 the adapters of q/k/v
+    (gate/up) become one LoRA on HF's fused module (rank k r, B block-diagonal; rank_pattern when k > 1)."""
+    import json
+
+    from peft import PeftModel
+
+    from rlhf_fast.config import LoRAConfig
+    from rlhf_fast.models import lora
+
+    _, path, _ = saved(family)
+    ours = load_pretrained(path)
+    lora.apply_lora(ours, LoRAConfig(r=4, alpha=8, target_modules=targets), seed=0)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in lora.lora_modules(ours).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.3)
+    got = our_logits(ours, PROMPTS[:2])
+    lora.save_adapter(ours, tmp_path / "adapter", base_dir=path)
+    cfg = json.loads((tmp_path / "adapter" / lora.CONFIG_FILE).read_text())
+    if family == "phi3":
+        assert "qkv_proj" in cfg["target_modules"] and "q_proj" not in cfg["target_modules"]
+        assert bool(cfg["rank_pattern"]) == (targets == "all-linear")
+    peft = PeftModel.from_pretrained(hf_model(family), str(tmp_path / "adapter")).eval()
+    ref = torch.cat([hf_logits(peft, s) for s in PROMPTS[:2]])
+    assert (got - our_logits(load_pretrained(path), PROMPTS[:2])).abs().max() > 1e-2  # the adapters count
+    torch.testing.assert_close(got.double(), ref.double(), atol=1e-5, rtol=0)
+
+
+def test_a_peft_adapter_on_phi3_fused_modules_loads_into_ours(saved, tmp_path):
+    """A user's peft LoRA on HF Phi-3's `qkv_proj` / `gate_up_proj` (B A on the fused rows) goes to our parts: each
+    the same A and its rows of B, exactly."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf_fast.models import lora
+
+    hf, path, _ = saved("phi3")
+    pm = get_peft_model(hf_model("phi3"), LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"]))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ours = load_pretrained(path)
+    names = lora.load_adapter(ours, tmp_path / "peft")
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    ref = torch.cat([hf_logits(pm.eval(), s) for s in PROMPTS[:2]])
+    torch.testing.assert_close(our_logits(ours, PROMPTS[:2]).double(), ref.double(), atol=1e-5, rtol=0)

@@ -265,13 +265,31 @@ def _uniform(mods: dict[str, LoRALinear], attr: str):
     return values.pop()
 
 
+def _fused_adapter(rows: list[int], parts: list[str], mods: dict[str, LoRALinear]) -> tuple[torch.Tensor, ...]:
+    """(A, B) of the one LoRA on a fused HF module equal to our adapters on its parts: our `parts` (all the fused
+    module's parts in row order, of `rows` rows each; `mods` holds the adapted ones) with rank-r adapters
+    (A_j, B_j) become A = [A_j; ...] (k r, in) and B block-diagonal ((sum of rows), k r): part j's rows of B A are
+    B_j A_j, a part without an adapter gets zero rows."""
+    adapted = [p for p in parts if p in mods]
+    a = torch.cat([_full(mods[p].lora_A.weight) for p in adapted])  # (k r, in)
+    r = mods[adapted[0]].r
+    b = a.new_zeros(sum(rows), a.shape[0])  # (rows, k r)
+    for j, p in enumerate(adapted):
+        off = sum(rows[:parts.index(p)])
+        b[off:off + rows[parts.index(p)], j * r:(j + 1) * r] = _full(mods[p].lora_B.weight)
+    return a, b
+
+
 def save_adapter(model: nn.Module, path: str | Path, *, base_dir: str | Path | None) -> None:
     """`model`'s adapters as a peft adapter directory at `path`: `adapter_config.json` (peft's LoraConfig:
     `base_model_name_or_path` = `base_dir`, task CAUSAL_LM, or none for a backbone) and
     `adapter_model.safetensors` (`base_model.model.<HF name>.lora_{A,B}.weight`, in the adapters' dtype), so
-    `peft.PeftModel.from_pretrained(<HF base>, path)` gives the same outputs as `model`. An FSDP2-sharded model:
+    `peft.PeftModel.from_pretrained(<HF base>, path)` gives the same outputs as `model`. Adapters on the parts of a
+    projection HF fuses (Phi-3's q/k/v_proj in `qkv_proj`) become one LoRA on the fused module (`_fused_adapter`)
+    of rank k r (k adapted parts; `rank_pattern` / `alpha_pattern` keep its scaling). An FSDP2-sharded model:
     every rank calls this (the adapters alone are gathered), rank 0 writes."""
     from rlhf_fast import distributed
+    from rlhf_fast.models.state_dict_adapter import split_siblings
 
     mods = {_clean(n): m for n, m in lora_modules(model).items()}
     if not mods:
@@ -281,7 +299,10 @@ def save_adapter(model: nn.Module, path: str | Path, *, base_dir: str | Path | N
     hf = {n: _hf_name(model, n) for n in mods}
     last = sorted({n.rsplit(".", 1)[-1] for n in mods})
     every = [_clean(n) for n in projections(model) if n.rsplit(".", 1)[-1] in last]
-    targets = last if sorted(every) == sorted(mods) else sorted(hf.values())  # peft: a listed name = a suffix
+    hf_last = sorted({h.rsplit(".", 1)[-1] for h in hf.values()})
+    targets = hf_last if sorted(every) == sorted(mods) else sorted(set(hf.values()))  # peft: a name = a suffix
+    fused = {h: split_siblings(n, model) for n, h in hf.items() if split_siblings(n, model) is not None}
+    projs = {_clean(n): m for n, m in projections(model).items()}
     cfg = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if getattr(model, "lm_head", None) is not None else None,
@@ -297,14 +318,25 @@ def save_adapter(model: nn.Module, path: str | Path, *, base_dir: str | Path | N
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
-        "rank_pattern": {},
+        "rank_pattern": {},  # a fused module's rank k r (below)
         "alpha_pattern": {},
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
     }
-    tensors = {f"{PEFT_PREFIX}{hf[n]}.lora_{x}.weight": _full(getattr(m, f"lora_{x}").weight)
-               for n, m in mods.items() for x in "AB"}  # same order on every rank: the gathers match
+    tensors = {}
+    for n, m in mods.items():  # same order on every rank: the gathers match
+        h = hf[n]
+        if h in fused:
+            if f"{PEFT_PREFIX}{h}.lora_A.weight" not in tensors:
+                a, b = _fused_adapter([projs[p].weight.shape[0] for p in fused[h]], fused[h], mods)
+                tensors[f"{PEFT_PREFIX}{h}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{h}.lora_B.weight"] = a, b
+                if a.shape[0] != r:
+                    cfg["rank_pattern"][re.escape(h)] = a.shape[0]
+                    cfg["alpha_pattern"][re.escape(h)] = scaling * a.shape[0]
+            continue
+        for x in "AB":
+            tensors[f"{PEFT_PREFIX}{h}.lora_{x}.weight"] = _full(getattr(m, f"lora_{x}").weight)
     try:
         if distributed.is_main():
             _write_adapter(Path(path), cfg, tensors)
@@ -357,8 +389,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
     `model` (a `DecoderLM` of the adapter's base architecture, with no adapters yet): LoRALinear on exactly the
     modules the weights name, loaded (trainable), everything else frozen. `use_rslora` becomes its scaling
     (alpha / sqrt(r)). ModelLoadError for what the adapters here cannot represent: DoRA, LoRA biases, trained
-    base biases, `modules_to_save`, per-module rank/alpha patterns, adapters on embeddings or the output head.
-    Returns our names of the adapted projections."""
+    base biases, `modules_to_save`, per-module rank/alpha patterns, adapters on embeddings or the output head. An
+    adapter on a module HF fuses from ours (Phi-3's `qkv_proj`: B A on the fused rows) goes to each part, with the
+    same A and the part's rows of B (exact). Returns our names of the adapted projections."""
+    from rlhf_fast.models.state_dict_adapter import split_siblings
+
     path = Path(path)
     if not (path / CONFIG_FILE).exists():
         raise ModelLoadError(f"{path}: no {CONFIG_FILE}: not a peft adapter directory")
@@ -378,6 +413,19 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
     for key, w in weights.items():
         m = _KEY.match(key)
         ours = _our_name(model, m.group(1)) if m else None
+        parts = split_siblings(ours, model) if ours is not None and ours not in projs else None  # a fused module
+        if parts is not None and all(p in projs for p in parts):
+            if m.group(2) == "A":
+                for p in parts:
+                    pairs.setdefault(p, {})["A"] = w
+            else:  # B's rows: the parts' in order
+                sizes = [model.get_submodule(projs[p]).weight.shape[0] for p in parts]
+                if w.shape[0] != sum(sizes):
+                    raise ModelLoadError(f"{path}: adapter tensor {key}: lora_B has {w.shape[0]} rows, the fused "
+                                         f"{m.group(1)} {sum(sizes)}")
+                for p, piece in zip(parts, w.split(sizes)):
+                    pairs.setdefault(p, {})["B"] = piece
+            continue
         if ours is None or ours not in projs:
             what = (f"{m.group(1)} is no decoder projection of this {model.config.model_type}" if m else
                     "not a LoRA A/B weight (a whole saved layer, or another adapter kind)")

@@ -166,6 +166,21 @@ def split_part(name: str, model_or_config) -> tuple[int, int] | None:
     return j, len(tables.split[fused])
 
 
+def split_siblings(module: str, model_or_config) -> list[str] | None:
+    """Our module names of the parts of a fused HF module, in row order: of `module` itself when it is one (a
+    converted model's `layers.0.attn.qkv_proj`), or of the one our `module` is a part of (`layers.0.attn.k_proj`);
+    either gives `layers.0.attn.{q,k,v}_proj`. None when HF stores `module` alone."""
+    tables = names(model_or_config)
+    module = _strip_wrappers(module)
+    key, _ = _template(module, "layers")
+    parent = module.rpartition(".")[0]
+    if key in tables.split:
+        return [f"{parent}.{part}" for part in tables.split[key]]
+    if key in tables.part_of:
+        return [f"{parent}.{part}" for part in tables.split[tables.part_of[key][0]]]
+    return None
+
+
 def is_transposed(name: str, model_or_config) -> bool:
     """Whether our key `name` is stored transposed by HF (GPT-2's Conv1D weights: (in, out) there, (out, in) here)."""
     module, _, leaf = _strip_wrappers(name).rpartition(".")
