@@ -2,14 +2,14 @@
 and world 4 (dp 2 x tp 2), `python -m tests._tp_worker OUT`, for `tests/test_tensor_parallel.py`. Each rank writes
 what it saw to `OUT/w<world>_rank<r>.pt`; the test compares the worlds.
 
-Per model kind (an untied Llama, a tied one, an untied one with checkpointed blocks): the packed forward's hidden
-states of a batch, then one SFT step as the stage takes it (`stages.sft.response_nll` over this dp rank's items in
-micro-batches, the log-probs through `ops.vocab_parallel.head_logprobs`): loss, every parameter's whole gradient,
-the global gradient norm, the bytes of this rank's parameters, gradients and optimiser state, the weights after
-one AdamW step; a DCP checkpoint of model + optimiser (`distributed.save_state`), and the one-process checkpoint
-loaded into a tensor-parallel model. The vocab-parallel op against the whole lm_head in float64. The SFT stage
-(`train_sft` with parallel.tp): a whole run, one stopped after two steps (the test resumes it at world size 1) and
-the test's stopped one-process run resumed here.
+Per model kind (an untied Llama, a tied one, an untied one with checkpointed, compiled blocks): the packed
+forward's hidden states of a batch, then one SFT step as the stage takes it (`stages.sft.response_nll` over this dp
+rank's items in micro-batches, the log-probs through `ops.vocab_parallel.head_logprobs`): loss, every parameter's
+whole gradient, the global gradient norm, the bytes of this rank's parameters, gradients and optimiser state, the
+weights after one AdamW step; a DCP checkpoint of model + optimiser (`distributed.save_state`), and the
+one-process checkpoint loaded into a tensor-parallel model. The vocab-parallel op against the whole lm_head in
+float64. The SFT stage (`train_sft` with parallel.tp): a whole run, one stopped after two steps (the test resumes
+it at world size 1) and the test's stopped one-process run resumed here.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from rlhf_fast.models.packed import pack, packed_hidden
 
 VOCAB = 64  # even: each of 2 tp ranks holds 32 vocabulary rows; token 32 is rank 1's first, 0 the padding row
 TP = 2
-KINDS = {"llama": (False, False), "tied": (True, False), "ckpt": (False, True)}  # kind -> (tied, checkpointing)
+KINDS = {"llama": (False, False), "tied": (True, False), "ckpt": (False, True)}  # kind -> (tied, checkpointed and
+# compiled blocks: dynamo traces the tensor-parallel hooks; the aot_eager backend, inductor takes minutes on CPU)
 ARCH = ModelArch(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)  # SFT runs
 STOP = 2  # the stopped SFT runs stop after this many steps
 
@@ -51,7 +52,11 @@ def tiny_model(kind: str) -> nn.Module:
 
 def prepared(kind: str, tp: int) -> nn.Module:
     """`tiny_model(kind)` parallelized as a stage prepares it: split over `tp` ranks, FSDP2 over the dp ranks."""
-    return par.parallelize(tiny_model(kind), tp=tp, checkpointing=KINDS[kind][1])
+    backend, par.COMPILE_BACKEND = par.COMPILE_BACKEND, "aot_eager"
+    try:
+        return par.parallelize(tiny_model(kind), tp=tp, checkpointing=KINDS[kind][1], compile=KINDS[kind][1])
+    finally:
+        par.COMPILE_BACKEND = backend
 
 
 def examples() -> list[SFTExample]:

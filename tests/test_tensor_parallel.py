@@ -8,11 +8,11 @@ vocabulary; GPT-2, LoRA, a scalar-head model; RM and PPO configs; `unsharded` ne
 
 World 2 (tp 2) and world 4 (dp 2 x tp 2), one `torchrun --standalone` launch each of `tests/_tp_worker.py` (CPU
 gloo, one thread per rank), against this process: the vocab-parallel op against the whole weight in float64; per
-model kind (untied, tied, checkpointed blocks) the packed forward's hidden states, the SFT step's loss, gradients
-and gradient norm within fp32 rounding; per-rank parameter, gradient and optimiser bytes (printed: run with -s) are
-1/tp (1/(dp tp)) of one process's for the split tensors, the norms' weights replicated over tp; DCP checkpoints of
-model + optimiser from tp to one process and back, exact; `train_sft` with parallel.tp ends as one process does
-(today's N-rank tolerance), and its checkpoints resume across layouts (tp -> 1 and 1 -> tp).
+model kind (untied, tied, checkpointed + compiled blocks) the packed forward's hidden states, the SFT step's loss,
+gradients and gradient norm within fp32 rounding; per-rank parameter, gradient and optimiser bytes (printed: run
+with -s) are 1/tp (1/(dp tp)) of one process's for the split tensors, the norms' weights replicated over tp; DCP
+checkpoints of model + optimiser from tp to one process and back, exact; `train_sft` with parallel.tp ends as one
+process does (today's N-rank tolerance), and its checkpoints resume across layouts (tp -> 1 and 1 -> tp).
 """
 from __future__ import annotations
 
