@@ -201,9 +201,9 @@ def test_checkpoint_round_trip_is_bitwise(family, dtype, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_from_hf_shares_every_parameter(family):
+def test_from_hf_shares_every_parameter(family, tmp_path):
     """The drop-in API's conversion shares HF's modules (Phi-3: its fused projections themselves), nothing copied;
-    a step on the HF model is what ours computes with."""
+    a step on the HF model is what ours computes with; its export is the HF model's tensors."""
     hf = hf_model(family)
     lm = from_hf(hf)
     assert {p.data_ptr() for p in lm.parameters()} == {p.data_ptr() for p in hf.parameters()}
@@ -218,6 +218,10 @@ def test_from_hf_shares_every_parameter(family):
     if family == "phi3":
         attn = lm.layers[0].attn
         assert attn.qkv_proj is hf.base_model.layers[0].self_attn.qkv_proj and not hasattr(attn, "q_proj")
+    save_pretrained(lm, tmp_path / "converted")
+    back = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "converted")).state_dict()
+    assert back.keys() == hf.state_dict().keys()
+    assert all(torch.equal(t, back[k]) for k, t in hf.state_dict().items())
 
 
 def test_phi3_run_time_rope_is_refused_in_one_line():
