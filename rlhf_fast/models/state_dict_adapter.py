@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from rlhf_fast.models import stacked
 from rlhf_fast.models.loading import ModelLoadError, UnsupportedModelError, _offline, local_dir
 
 SINGLE = "model.safetensors"
@@ -234,6 +235,8 @@ def _plan(files: dict[str, list[str]], config, backbone: bool) -> dict[str, tupl
     plan: dict[str, tuple[str, str]] = {}
     for file, keys in files.items():
         for key in keys:
+            if stacked.piece(key, config) is not None:
+                continue  # a piece of a stacked parameter (an expert's projection): `stacked.plan`
             try:
                 ours_keys = from_hf_names(key, config)
             except KeyError:
@@ -270,7 +273,11 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | str | None = None,
     config = _offline(AutoConfig.from_pretrained, path, "model")
     names(config)  # a clear error for a family we cannot map, before any tensor is read
     files = checkpoint_files(path)
-    plan = _plan(files, config, backbone)
+    plan, pieces = _plan(files, config, backbone), stacked.plan(files, config)
+    twice = plan.keys() & pieces.keys()
+    if twice:
+        ours = sorted(twice)[0]
+        raise ModelLoadError(f"model: {path} holds {ours!r} both whole ({plan[ours][1]!r}) and by experts")
     model = build_model(config, lm_head=not backbone, device="meta")
     expected = list(model.state_dict())
     tie = not backbone and "lm_head.weight" in expected and _tied(config)
@@ -280,16 +287,23 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | str | None = None,
         raise ModelLoadError(f"model: {path} has no lm_head.weight and its config does not tie it to the embedding "
                              f"(a bare backbone? load it with backbone=True)")
     need = [k for k in expected if not (tie and k == "lm_head.weight")]
-    missing = [k for k in need if k not in plan]
+    missing = [k for k in need if k not in plan and k not in pieces]
     if missing:
         raise ModelLoadError(f"model: {path} lacks tensor {to_hf_name(missing[0], config, backbone=backbone)!r} "
                              f"(ours {missing[0]!r}" + (f"; {len(missing) - 1} more)" if len(missing) > 1 else ")"))
     extra = [k for k in plan if k not in need]
     if extra:
         raise ModelLoadError(f"model: unexpected tensor {plan[extra[0]][1]!r} in {path} (ours {extra[0]!r})")
+    extra = [k for k in pieces if k not in need]
+    if extra:
+        raise ModelLoadError(f"model: unexpected tensor {next(iter(pieces[extra[0]].values()))[1]!r} in {path} "
+                             f"(ours {extra[0]!r})")
     dtype = _as_dtype(dtype) or _as_dtype(getattr(config, "dtype", None)) or _file_dtype(files)
     rows = {k: t.shape[0] for k, t in model.state_dict().items() if t.dim()}  # a fused tensor's parts' rows
     state = _read(plan, config, dtype, device, rows)
+    if pieces:
+        shapes = {k: t.shape for k, t in model.state_dict().items()}
+        state.update(stacked.read(pieces, shapes, config, dtype, device))
     if tie:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -390,6 +404,10 @@ def _hf_state(model, state: dict[str, torch.Tensor], backbone: bool) -> dict[str
                     "(`save_pretrained(model, path, state_dict=lora.merged_state_dict(model))`) or the adapter "
                     "(`lora.save_adapter`)") if ".lora_" in ours else ""
             raise ValueError(f"save_pretrained: {ours!r} has no Hugging Face name{hint}") from None
+        split = stacked.pieces(ours, t, model.config, backbone=backbone)  # an MoE layer's experts, one by one
+        if split is not None:
+            out.update((k, (v, False)) for k, v in split.items())
+            continue
         part = split_part(ours, model.config)
         if part is not None:
             j, n = part
@@ -506,7 +524,8 @@ def _write_weights(out: Path, hf: dict[str, tuple[torch.Tensor, bool]], dtype: t
         tensors, ptrs = {}, set()
         for key in keys:
             t = _export_tensor(*hf[key], dtype)
-            tensors[key] = t.clone() if t.data_ptr() in ptrs else t  # safetensors stores no shared storage
+            part = t.numel() * t.element_size() != t.untyped_storage().nbytes()  # a view (one expert of a stack)
+            tensors[key] = t.clone() if part or t.data_ptr() in ptrs else t  # safetensors stores no shared storage
             ptrs.add(t.data_ptr())
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
