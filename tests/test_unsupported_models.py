@@ -14,18 +14,12 @@ from rlhf_fast.models import UnsupportedModelError, covered_families, from_hf, l
 V = 97
 SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
-FAMILIES = ["qwen3_moe", "mixtral", "gemma", "cohere", "granite",
-            "llama4"]
+FAMILIES = ["gemma", "cohere", "granite", "llama4"]
 
 
 def _config(family: str):
     import transformers as tf
 
-    if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                                 decoder_sparse_step=1, mlp_only_layers=[], **SMALL)
-    if family == "mixtral":
-        return tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **SMALL)
     if family == "gemma":
         return tf.GemmaConfig(head_dim=8, **SMALL)
     if family == "gemma2":

@@ -11,19 +11,22 @@ import weakref
 
 import torch
 
-from rlhf_fast.models import gemma, gpt2, llama, olmo2, phi3
+from rlhf_fast.models import gemma, gpt2, llama, mixtral, olmo2, phi3
 from rlhf_fast.models.hidden import disable_dropout
 from rlhf_fast.models.layers import AttnMetadata, DecoderLM
 from rlhf_fast.models.loading import ModelLoadError, UnsupportedModelError, load_model, save_model
 
-_FAMILIES = {t: fam for fam in (llama, gpt2, phi3, olmo2, gemma) for t in fam.MODEL_TYPES}  # model_type -> family
-_MODELS = {llama: llama.LlamaLM, gpt2: gpt2.GPT2LM, phi3: phi3.Phi3LM, olmo2: olmo2.Olmo2LM, gemma: gemma.GemmaLM}
+_FAMILIES = {  # model_type -> family
+    t: fam for fam in (llama, gpt2, phi3, olmo2, gemma, mixtral) for t in fam.MODEL_TYPES}
+_MODELS = {llama: llama.LlamaLM, gpt2: gpt2.GPT2LM, phi3: phi3.Phi3LM, olmo2: olmo2.Olmo2LM, gemma: gemma.GemmaLM,
+           mixtral: mixtral.MixtralLM}
 _BY_CLASS = {  # transformers classes from_hf converts (a bare backbone gives hidden states, no logits)
     "LlamaForCausalLM": llama, "Qwen2ForCausalLM": llama, "Qwen3ForCausalLM": llama, "MistralForCausalLM": llama,
     "GPT2LMHeadModel": gpt2, "Phi3ForCausalLM": phi3, "Olmo2ForCausalLM": olmo2, "Gemma2ForCausalLM": gemma,
-    "Gemma3ForCausalLM": gemma,
+    "Gemma3ForCausalLM": gemma, "MixtralForCausalLM": mixtral, "Qwen3MoeForCausalLM": mixtral,
     "LlamaModel": llama, "Qwen2Model": llama, "Qwen3Model": llama, "MistralModel": llama, "GPT2Model": gpt2,
     "Phi3Model": phi3, "Olmo2Model": olmo2, "Gemma2Model": gemma, "Gemma3TextModel": gemma,
+    "MixtralModel": mixtral, "Qwen3MoeModel": mixtral,
 }
 _CONVERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF model -> its DecoderLM
 
@@ -53,9 +56,9 @@ def covered_families() -> list[str]:
 
 def build_model(config, *, lm_head: bool = True, device: torch.device | str | None = None) -> DecoderLM:
     """A freshly initialised decoder for Hugging Face config `config` (Llama, Qwen2, Qwen3, Mistral, Phi-3, OLMo 2,
-    Gemma 2, Gemma 3 text, GPT-2), in the default dtype, on `device` ("meta": no storage, for loading weights with
-    `assign=True`). `lm_head=False`: a bare backbone (reward and value models). UnsupportedModelError for other
-    architectures."""
+    Gemma 2, Gemma 3 text, GPT-2, Mixtral, Qwen3-MoE), in the default dtype, on `device` ("meta": no storage, for
+    loading weights with `assign=True`). `lm_head=False`: a bare backbone (reward and value models).
+    UnsupportedModelError for other architectures."""
     family = _FAMILIES.get(getattr(config, "model_type", None))
     if family is None:
         raise UnsupportedModelError(f"{type(config).__name__} (model_type {getattr(config, 'model_type', None)!r}) "
