@@ -421,6 +421,21 @@ def step_rollout(chk: Check) -> Outcome:
     return _done(rc, "bench_rollout.log", targets or [Target("rollout rows", None, "present", False)])
 
 
+def step_families(chk: Check) -> Outcome:
+    """Issue 22's families: the engine against HF generate on a Qwen3 and a Qwen3-MoE of ~10M parameters."""
+    rc = _bench(chk, "bench_families", [], 120.0)
+    rows = _rows(chk, "families_gpu")
+    targets = []
+    for r in rows:
+        if r.get("case") == "generate/engine":
+            targets.append(Target(f"{r['family']} engine tokens/s (x HF generate)",
+                                  f"{r['tokens_per_s']} ({r['speedup_vs_hf']}x)"))
+        elif r.get("case") == "greedy/engine-vs-hf":
+            targets.append(Target(f"{r['family']} greedy completions equal to HF's", f"{r['equal']}/{r['of']}",
+                                  "all (bf16: ties may differ)"))
+    return _done(rc, "bench_families.log", targets or [Target("families rows", None, "present", False)])
+
+
 def ppo_iteration_argv(help_text: str) -> list[str]:
     """Arguments for bench/bench_ppo_iteration.py (issue 10's, changing): its `--gpu` mode at its default
     (headline) size with one measured iteration where it has them, else its quick CPU run."""
@@ -499,6 +514,7 @@ STEPS = [
     Step("perf/gae", "perf", step_gae, 10, 90),
     Step("perf/paged_attention", "perf", step_paged, 10, 90),
     Step("perf/rollout", "perf", step_rollout, 30, 150),
+    Step("perf/families", "perf", step_families, 20, 120),
     Step("perf/ppo_iteration", "perf", step_ppo_iteration, 30, 180),
     Step("perf/losses", "perf", step_losses, 10, 60),
     Step("perf/trl_grpo", "perf", step_trl_grpo, 40, 150),
