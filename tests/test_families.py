@@ -1,8 +1,8 @@
 """The dense families beyond Llama: Qwen3, Gemma 2, Gemma 3 text, Phi-3 and OLMo 2, as rlhf_fast's own models,
 against transformers' forward and generate (tiny random configs, fp32, CPU): logits, greedy tokens past the sliding
 windows, sampled log-probs, the packed training forward and its gradients, the HF checkpoint round trip (Phi-3's
-fused tensors split on load and fused back on export), `from_hf`, and the refusals (run-time rope scaling; training
-a soft-capped model until the fused ops take the cap)."""
+fused tensors split on load and fused back on export), `from_hf`, Gemma's soft-capped logits in training (the fused
+ops' `softcap`) and the refusals (run-time rope scaling)."""
 from __future__ import annotations
 
 import pytest
@@ -246,26 +246,37 @@ def test_phi3_run_time_rope_is_refused_in_one_line():
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_soft_capped_model_is_refused_for_training_until_the_ops_take_the_cap(family, saved, monkeypatch):
-    """The engine and the scorer apply the final soft-cap (above); a stage loading the causal LM to train it gets
-    one line, as long as the fused log-prob ops cannot apply it; a reward or value backbone loads."""
-    hf, path, ours = saved(family)
-    assert ours.final_logit_softcap == 2.0 and not loading.supports_training(ours)
-    with pytest.raises(UnsupportedModelError) as e:
-        load_model(path, "sft.model")
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"sft.model: {path} is a {type(hf).__name__} whose logits are "
-                                              "soft-capped (final_logit_softcapping=2.0)"), msg
-    backbone = load_model(path, "rm.model", backbone=True)
-    assert backbone.lm_head is None and loading.supports_training(backbone)
-    monkeypatch.setattr(loading, "SOFTCAP_TRAINING", True)  # what the lead flips when the ops take `softcap`
-    assert load_model(path, "sft.model").final_logit_softcap == 2.0
+def test_soft_capped_model_trains_on_the_capped_log_probs(family, saved):
+    """SFT's loss on a soft-capped model (the fused op with `softcap`) is transformers' own: its logits are capped
+    (c tanh(z / c)) before the log-softmax; the gradient of every parameter equals the HF forward's."""
+    from rlhf_fast.data import SFTExample
+    from rlhf_fast.stages.sft import response_nll
+
+    hf, path, _ = saved(family)
+    model = load_model(path, "sft.model")
+    assert model.final_logit_softcap == 2.0
+    ids = [1, 5, 9, 33, 2, 71, 8, 8, 40, 12, 3]
+    nll, n = response_nll(model, [SFTExample(ids, 3)])
+    nll.backward()
+    hf.zero_grad(set_to_none=True)
+    logits = hf(torch.tensor([ids])).logits[0].float()  # (T, V), capped by transformers
+    logp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    ref = -logp[2:].sum()  # tokens 3.. are trained
+    ref.backward()
+    assert n == len(ids) - 3
+    torch.testing.assert_close(nll.detach(), ref.detach(), atol=1e-5, rtol=1e-5)
+    theirs = dict(hf.named_parameters())
+    from rlhf_fast.models import state_dict_adapter as sda
+
+    for name, p in model.named_parameters():
+        g = theirs[sda.to_hf_name(name, model)].grad
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_uncapped_families_load_for_training(saved):
-    for family in ("qwen3", "phi3", "olmo2"):
+def test_families_load_for_training(saved):
+    for family in ("qwen3", "phi3", "olmo2", "gemma2", "gemma3"):
         _, path, _ = saved(family)
-        assert loading.supports_training(load_model(path, "sft.model"))
+        assert load_model(path, "sft.model").lm_head is not None
 
 
 @pytest.mark.parametrize("family,targets", [("phi3", "all-linear"), ("phi3", "q_proj,up_proj"),

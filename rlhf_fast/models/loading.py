@@ -67,47 +67,16 @@ def check_family(path: str | Path, what: str) -> None:
                                 f"{', '.join(covered_families())} (and their backbones)")
 
 
-SOFTCAP_TRAINING = False  # True once the fused log-prob / PPO ops take the final logit soft-cap (`softcap=`)
-
-
-def supports_training(model) -> bool:
-    """Whether the stages can train `model` (a `DecoderLM`, a Hugging Face config, or config.json as a dict): not a
-    causal LM whose logits are soft-capped (Gemma 2/3's final_logit_softcapping) while the fused log-prob and PPO
-    ops, which read the lm_head directly, cannot apply the cap (`SOFTCAP_TRAINING`). A bare backbone (reward and
-    value models) has no logits to cap."""
-    if SOFTCAP_TRAINING:
-        return True
-    if hasattr(model, "final_logit_softcap"):
-        return getattr(model, "lm_head", None) is None or not model.final_logit_softcap
-    get = model.get if isinstance(model, dict) else lambda k, d=None: getattr(model, k, d)
-    return not get("final_logit_softcapping", None)
-
-
-def check_training(path: str | Path, what: str) -> None:
-    """An UnsupportedModelError (one line) when the causal LM in directory `path` cannot be trained yet
-    (`supports_training`), told from its config.json alone."""
-    cfg = read_config(path, what)
-    if not supports_training(cfg):
-        arch = ", ".join(cfg.get("architectures") or []) or f"model_type {cfg.get('model_type')!r}"
-        raise UnsupportedModelError(
-            f"{what}: {path} is a {arch} whose logits are soft-capped (final_logit_softcapping="
-            f"{cfg['final_logit_softcapping']}): training it is not supported yet, the fused log-prob ops do not "
-            f"apply the cap (the rollout engine and teacher_forced_logprobs do; a reward or value backbone trains)")
-
-
 def load_model(path: str | Path, what: str = "model", *, dtype: torch.dtype | None = torch.float32,
                backbone: bool = False, device: str | torch.device = "cpu"):
     """rlhf_fast's model (a `models.DecoderLM`) from local Hugging Face model directory `path`: its causal LM, or with
     `backbone` its bare backbone (no lm_head: reward and value models). The family is checked from config.json
     before any weight is read (`check_family`); the weights load straight from safetensors
-    (`state_dict_adapter.load_pretrained`) in `dtype` (None: the checkpoint's) on `device`. A causal LM the stages
-    cannot train yet (`supports_training`: soft-capped logits) is refused the same way. Errors are one-line
+    (`state_dict_adapter.load_pretrained`) in `dtype` (None: the checkpoint's) on `device`. Errors are one-line
     ModelLoadErrors that start with `what`."""
     from rlhf_fast.models.state_dict_adapter import load_pretrained
 
     check_family(path, what)
-    if not backbone:
-        check_training(path, what)
     try:
         return load_pretrained(path, dtype=dtype, device=device, backbone=backbone)
     except ModelLoadError as e:

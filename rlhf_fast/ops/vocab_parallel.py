@@ -213,11 +213,13 @@ def vocab_parallel_embedding(ids: torch.Tensor, weight: torch.Tensor, *, vocab_s
 
 
 def head_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, *,
-                  ignore_index: int = -100, temperature: float = 1.0, return_entropy: bool = False):
+                  ignore_index: int = -100, temperature: float = 1.0, return_entropy: bool = False,
+                  softcap: float = 0.0):
     """Log-probabilities of `labels` under a model's `lm_head` (an nn.Linear) from `hidden` (..., H), reading its
     weight after the model's forward (an FSDP root has gathered it then): `ops.linear_token_logprobs` on a plain
     weight; `vocab_parallel_logprobs` on this rank's rows when `parallelize.tensor_parallel` split it over the
-    vocabulary (a DTensor sharded on dim 0 of a 1-D tp mesh). Same returns as `ops.linear_token_logprobs`."""
+    vocabulary (a DTensor sharded on dim 0 of a 1-D tp mesh). Same returns as `ops.linear_token_logprobs`. `softcap`:
+    the model's final logit soft-cap (`DecoderLM.final_logit_softcap`; refused on a vocabulary-split head)."""
     from torch.distributed.tensor import DTensor, Shard
 
     w, b = lm_head.weight, lm_head.bias
@@ -225,7 +227,10 @@ def head_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.
         from rlhf_fast.ops.logprobs import linear_token_logprobs
 
         return linear_token_logprobs(hidden, w, labels, bias=b, temperature=temperature, ignore_index=ignore_index,
-                                     return_entropy=return_entropy)
+                                     return_entropy=return_entropy, softcap=softcap)
+    if softcap:
+        raise NotImplementedError(f"head_logprobs: softcap={softcap} (a soft-capped model, Gemma 2/3) on a lm_head split "
+                                  f"over the vocabulary is not supported: train it with parallel.tp=1")
     mesh = w.device_mesh
     if mesh.ndim != 1 or tuple(w.placements) != (Shard(0),):
         raise RuntimeError(f"head_logprobs: the lm_head weight is laid out as {w.placements} over mesh "

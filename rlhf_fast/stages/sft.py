@@ -63,7 +63,8 @@ def response_nll(model, examples: list[SFTExample], *,
     h = packed_hidden(model, batch, deterministic=deterministic, rows=torch.tensor(rows))  # (R, hidden)
     target = torch.tensor(labels, device=h.device)
     # after the forward (a sharded root has gathered the head); a tensor-parallel head: its vocabulary rows only
-    logp = head_logprobs(h, model.lm_head, target, ignore_index=IGNORE_INDEX)  # (R,)
+    logp = head_logprobs(h, model.lm_head, target, ignore_index=IGNORE_INDEX,
+                         softcap=model.final_logit_softcap)  # (R,)
     nll = -logp.sum()
     return (nll if count else nll + 0.0 * h.sum()), count
 
