@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.models import as_decoder
 from rlhf_fast.models.layers import cache_attention
+from rlhf_fast.models.moe import RoutingRecord
 from rlhf_fast.rollout import block_table, philox
 from rlhf_fast.rollout.allocator import BlockAllocator
 from rlhf_fast.rollout.decode_step import DecodeStep, bucket
@@ -17,6 +19,7 @@ from rlhf_fast.rollout.scheduler import Scheduler, Sequence, Step
 from rlhf_fast.rollout.types import Completion, EngineStats, SamplingParams, check_prompts
 
 DEFAULT_CPU_KV_BYTES = 256 * 2**20
+log = logging.getLogger(__name__)
 DEFAULT_GPU_KV_FRACTION = 0.5  # of the free device memory at construction
 
 
@@ -35,7 +38,12 @@ class RolloutEngine:
             are bitwise equal to `teacher_forced_logprobs(..., deterministic=True)`.
         compile: decode steps run as one compiled function (forward + sampler) per batch bucket, CUDA graphs on CUDA
             (`rollout/decode_step.py`); the draws are the eager engine's (bitwise in deterministic mode). Prefill
-            stays eager.
+            stays eager. A mixture-of-experts model (`routed`) decodes eagerly: its routes are recorded (below).
+
+    Routing replay: for a mixture-of-experts model every forward step records each input token's experts per MoE
+    layer (`moe.RoutingRecord`), kept per sequence by input position (int16; a re-prefill after a preemption
+    overwrites by position; a prompt's rows are recorded once and shared by its samples), and returned as
+    `Completion.routes`. Dense models record nothing.
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
@@ -67,6 +75,13 @@ class RolloutEngine:
         self.num_blocks = num_blocks
         self.kv_cache: torch.Tensor | None = None  # (layers, 2, num_blocks, block_size, KVH, D), made on first use
         self.stats = EngineStats(num_blocks=num_blocks, bytes_per_block=self.bytes_per_block)
+        self.routed = bool(getattr(lm, "routed", False))
+        if compile and self.routed:
+            log.warning("RolloutEngine(compile=True): %s is a mixture-of-experts model; its decode steps run eagerly "
+                        "so that each step's routes are recorded", type(lm).__name__)
+            compile = False
+        self._routing: RoutingRecord | None = None  # the last forward's record (routed models)
+        self._routes: dict[int, list] = {}  # seq_id -> [prompt routes (M, P, k), generated routes (M, G, k)] int16
         self.decode_step = DecodeStep(self._forward, deterministic=deterministic, compile=compile)
 
     def _cache(self) -> torch.Tensor:
@@ -118,6 +133,7 @@ class RolloutEngine:
         compiled_before = (self.decode_step.compilations, self.decode_step.compile_seconds)
         stats = EngineStats(num_blocks=self.num_blocks, bytes_per_block=self.bytes_per_block,
                             prompt_tokens=sum(len(p) for p in prompts))
+        self._routes, self._max_new = {}, params.max_new_tokens
         t0 = time.perf_counter()
         with contextlib.nullcontext() if self.deterministic else lm.packed_head(min(len(all_seqs), self.max_num_seqs)):
             while sched.has_work():
@@ -136,8 +152,50 @@ class RolloutEngine:
         self.stats = stats
         if allocator.num_used:
             raise RuntimeError(f"KV block leak: {allocator.num_used} blocks still referenced after generation")
+        routes, self._routes, self._routing = self._routes, {}, None
         return [Completion(s.prompt_index, s.generated, torch.tensor(s.logprobs, dtype=torch.float32),
-                           s.finish_reason, torch.tensor(s.thresholds, dtype=torch.float32)) for s in all_seqs]
+                           s.finish_reason, torch.tensor(s.thresholds, dtype=torch.float32),
+                           self._seq_routes(routes, s)) for s in all_seqs]
+
+    def _seq_routes(self, routes: dict[int, list], s: Sequence) -> torch.Tensor | None:
+        """(M, prompt + generated - 1, k) int16: the experts of every input token `s` fed (None: a dense model)."""
+        if not self.routed:
+            return None
+        prompt, gen = routes[s.seq_id]
+        return torch.cat([prompt, gen[:, :len(s.generated) - 1]], 1)
+
+    def _keep_routes(self, step: Step, lengths: list[int]) -> None:
+        """Keep the experts of `step`'s forward (`self._routing`) per sequence by input position; `lengths`: each
+        prefilled sequence's tokens (the step's input, before the sampled tokens are appended)."""
+        ex = self._routing.experts.to("cpu", torch.int16)  # (M, T, k)
+        if ex.numel() == 0:  # no MoE layer
+            ex = torch.empty(0, sum(lengths) if step.kind == "prefill" else len(step.seqs), 0, dtype=torch.int16)
+        m, k = ex.shape[0], ex.shape[2]
+
+        def entry(s: Sequence, prompt: torch.Tensor | None) -> list:
+            if s.seq_id not in self._routes:
+                self._routes[s.seq_id] = [prompt, torch.full((m, self._max_new, k), -1, dtype=torch.int16)]
+            return self._routes[s.seq_id]
+
+        if step.kind == "prefill":
+            prompts, o = {}, 0
+            for r, (s, n) in enumerate(zip(step.seqs, lengths)):
+                rec, p = ex[:, o:o + n], s.num_prompt
+                o += n
+                e = entry(s, None)
+                if e[0] is None:  # the first prefill
+                    e[0] = rec[:, :p].clone()
+                else:  # a re-prefill overwrites by position, but for the rows its last layer skipped (whose
+                    merged = torch.where(rec[:, :p] >= 0, rec[:, :p], e[0])  # earlier record fed the samples)
+                    if not torch.equal(merged, e[0]):
+                        e[0] = merged  # its own copy: the samples sharing the old one keep it
+                e[1][:, :n - p] = torch.where(rec[:, p:] >= 0, rec[:, p:], e[1][:, :n - p])
+                prompts[r] = e[0]
+            for s, r in step.samplers:  # samples sharing their leader's prefill share its prompt rows
+                entry(s, prompts[r])
+        else:
+            for i, s in enumerate(step.seqs):
+                self._routes[s.seq_id][1][:, len(s.tokens) - 1 - s.num_prompt] = ex[:, i]
 
     def _run(self, step: Step, kv: torch.Tensor, params: SamplingParams, sched: Scheduler,
              batch: block_table.DecodeBatch, key: torch.Tensor) -> None:
@@ -151,6 +209,8 @@ class RolloutEngine:
             inputs = block_table.prefill_inputs([s.tokens for s in step.seqs], [s.block_table for s in step.seqs],
                                                 bs, dev, deterministic=det)
             logits = self._forward(inputs, kv)  # (sequences, V)
+            if self.routed:
+                self._keep_routes(step, [len(s.tokens) for s in step.seqs])
             rows = [r for _, r in step.samplers]
             if rows != list(range(logits.shape[0])):
                 logits = logits[torch.tensor(rows, device=dev)]  # (samplers, V): followers share their leader's
@@ -163,6 +223,8 @@ class RolloutEngine:
                                 [s.num_cached for s in step.seqs], [s.stream for s in step.seqs],
                                 rows=self.decode_step.rows_for(n))
             out = self.decode_step(rows, kv, key, params)[:, :n]
+            if self.routed:
+                self._keep_routes(step, [])
         # one device-to-host copy: tokens (exact in float64), log-probs, thresholds
         tok_list, lp_list, thr_list = out.tolist()
         stop = set(params.stop_token_ids)
@@ -179,9 +241,12 @@ class RolloutEngine:
     def _forward(self, inputs: block_table.StepInputs, kv: torch.Tensor) -> torch.Tensor:
         """The model call of a step: float32 logits (R, V) of the tokens `inputs.logit_rows` (None: all)."""
         det = self.deterministic
+        kw = {}
+        if self.routed:  # eager only (a routed model never decodes compiled): the record is read after the call
+            self._routing = kw["routing"] = RoutingRecord.record()
         with torch.no_grad():  # prefill: the last layer's MLP on the rows that sample only
             h = self.lm(inputs.input_ids, inputs.positions, cache_attention(inputs.meta, kv), det,
-                        out_rows=inputs.logit_rows)
+                        out_rows=inputs.logit_rows, **kw)
             logits = self.lm.logits(h, det)  # (R, V)
         return logits
 

