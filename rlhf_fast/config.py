@@ -311,6 +311,8 @@ class PPOConfig:
     share_prompts: bool = True  # each prompt computed once for its samples (scoring and update)
     old_logp: str = "reuse"  # reuse: the rollout's log-probs | recompute: a policy pass | check: both, log max |diff|
     dropout: bool = False  # keep the models' dropout (off by default, so the on-policy ratio is exactly 1)
+    moe_routing: str = "replay"  # MoE policy: replay the rollout's experts in its passes | recompute (the router's)
+    router_aux_coef: float = 0.0  # MoE policy: + coef * router load-balancing loss of the update's forward
     save_every: int = 0
     keep_checkpoints: int = 2
     seed: int = 0
@@ -332,6 +334,8 @@ class PPOConfig:
         _check(self.clip_high >= 0, "clip_high", "must be >= 0")
         _check(not self.reward_fn or ":" in self.reward_fn, "reward_fn", "must look like 'module:function'")
         _check(self.old_logp in ("reuse", "recompute", "check"), "old_logp", "must be reuse, recompute or check")
+        _check(self.moe_routing in ("replay", "recompute"), "moe_routing", "must be replay or recompute")
+        _check(self.router_aux_coef >= 0, "router_aux_coef", "must be >= 0")
         _check(self.rollout_correction.mode == "none" or self.old_logp != "reuse", "rollout_correction.mode",
                "needs old_logp=recompute (with old_logp=reuse the rollout's log-probs are old_logp: nothing to "
                "correct)")

@@ -20,6 +20,8 @@ class Rollout(NamedTuple):
     labels: torch.Tensor  # (N, R) response token ids, IGNORE_INDEX on padding
     prompt_index: list[int]  # (N,) which prompt each sequence continues
     support: torch.Tensor | None = None  # (N, R) fp32: the engine's support threshold per token (top-k/top-p)
+    routes: list[torch.Tensor] | None = None  # (N,) a mixture-of-experts policy's rollout routes per sequence,
+    # (M, prompt + response - 1, k) int16 (`Completion.routes`), replayed by its passes (`ppo.moe_routing`)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -37,7 +39,8 @@ class Rollout(NamedTuple):
         t = int(lengths.max())
         return Rollout(self.input_ids[idx, :t], lengths, self.positions[idx, :r].clamp(max=t - 1),
                        self.labels[idx, :r], [self.prompt_index[i] for i in idx.tolist()],
-                       None if self.support is None else self.support[idx, :r])
+                       None if self.support is None else self.support[idx, :r],
+                       None if self.routes is None else [self.routes[i] for i in idx.tolist()])
 
 
 def make_rollout(prompts: list[list[int]], completions, pad_id: int, device: torch.device | None = None) -> Rollout:
@@ -60,7 +63,10 @@ def make_rollout(prompts: list[list[int]], completions, pad_id: int, device: tor
         support = torch.full((n, r), float("-inf"), dtype=torch.float32)
         for i, c in enumerate(completions):
             support[i, :len(c.token_ids)] = c.support_threshold.float().cpu()
-    ro = Rollout(ids, lengths, positions, labels, [c.prompt_index for c in completions], support)
+    routes = None
+    if all(getattr(c, "routes", None) is not None for c in completions):
+        routes = [c.routes for c in completions]
+    ro = Rollout(ids, lengths, positions, labels, [c.prompt_index for c in completions], support, routes)
     return ro.to(device) if device is not None else ro
 
 

@@ -167,7 +167,10 @@ class PPOTrainer:
         minibatch packed (`packed_passes.pack_rollout`; None: packed here)."""
         c, ro = self.cfg, mb.rollout
         kl_coef = self.kl_ctl.value if c.kl.placement == "loss" else 0.0
-        hidden = pp.response_hidden(self.policy, ro, batch)  # (n, R, H)
+        batch = pp.pack_rollout(ro, c.share_prompts) if batch is None else batch
+        aux = c.router_aux_coef > 0
+        routing = pp.routing_for(self.policy, ro, batch, c.moe_routing, balance_loss=aux)  # MoE: rollout's experts
+        hidden = pp.response_hidden(self.policy, ro, batch, routing=routing)  # (n, R, H)
         weight, bias = self.policy.lm_head.weight, self.policy.lm_head.bias  # read after the root's forward
         loss, st = ops.ppo_loss_from_hidden(
             hidden, weight, ro.labels.clamp(min=0), mb.old_logp, mb.advantages, ro.mask, bias=bias,
@@ -177,8 +180,16 @@ class PPOTrainer:
             entropy_coef=c.entropy_coef, softcap=self.policy.final_logit_softcap, **xp.logprob_kwargs(c.sampling, ro),
             **self.correction(mb))
         pg, entropy, clip_frac, approx_kl = st.policy_loss, st.entropy, st.clip_frac, st.approx_kl
-        return loss, {"pg_loss": float(pg.detach()), "entropy": float(entropy.detach()),
-                      "clip_frac": float(clip_frac), "approx_kl": float(approx_kl)}
+        stats = {"pg_loss": float(pg.detach()), "entropy": float(entropy.detach()),
+                 "clip_frac": float(clip_frac), "approx_kl": float(approx_kl)}
+        flips = pp.route_flips(routing, ro, batch)
+        if flips is not None:  # tokens whose recomputed top-k differs from the rollout's (any MoE layer)
+            stats["moe_route_flip_frac"] = flips
+        if aux and routing is not None:
+            balance = routing.balance_loss().to(loss.device)
+            loss = loss + c.router_aux_coef * balance
+            stats["router_aux_loss"] = float(balance.detach())
+        return loss, stats
 
     def correction(self, mb: xp.Experience) -> dict:
         """The fused step's rollout-correction arguments (`ppo.rollout_correction`; none unless old_logp is
