@@ -309,6 +309,7 @@ class PPOConfig:
     model_dtype: str = "auto"  # reference + reward model held, and outputs saved, in it; auto = the checkpoint's
     mixed_precision: str = "no"  # bf16 autocast of scoring + update (auto | bf16 | no); best with old_logp=recompute
     share_prompts: bool = True  # each prompt computed once for its samples (scoring and update)
+    compile_rollout: bool = False  # the engine's decode step compiled per batch bucket (+ CUDA graphs on CUDA)
     old_logp: str = "reuse"  # reuse: the rollout's log-probs | recompute: a policy pass | check: both, log max |diff|
     dropout: bool = False  # keep the models' dropout (off by default, so the on-policy ratio is exactly 1)
     moe_routing: str = "replay"  # MoE policy: replay the rollout's experts in its passes | recompute (the router's)

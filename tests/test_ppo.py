@@ -115,3 +115,14 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_compile_rollout_reaches_the_engine(task, ppo_models):
+    """`ppo.compile_rollout` builds the rollout engine with its compiled decode step (tests/test_compiled_decode.py
+    checks that step against eager); off by default."""
+    root, tok, paths = task
+    models = (load_model(ppo_models / "policy"), ScalarHeadModel.from_pretrained(ppo_models / "rm"),
+              load_model(ppo_models / "policy").requires_grad_(False),
+              ScalarHeadModel.from_pretrained(ppo_models / "rm").requires_grad_(False))
+    assert not PPOTrainer(PPOConfig(), *models, tok).generator.decode_step.compiled
+    assert PPOTrainer(PPOConfig(compile_rollout=True), *models, tok).generator.decode_step.compiled

@@ -83,7 +83,7 @@ class PPOTrainer:
         self.kl_ctl = KLController(cfg.kl)
         from rlhf_fast.rollout import RolloutEngine
 
-        self.generator = RolloutEngine(policy)
+        self.generator = RolloutEngine(policy, compile=cfg.compile_rollout)
         self.skipped = 0
         if precision.autocast_on(cfg.mixed_precision, policy.device) and cfg.old_logp == "reuse":
             log.warning("ppo: mixed_precision runs the update in bf16 while old_logp=reuse takes the rollout's fp32 "
