@@ -97,3 +97,117 @@ def test_a_dense_model_records_no_routes():
     outs = RolloutEngine(from_hf(hf), block_size=4, num_blocks=64).generate(PROMPTS, SamplingParams(max_new_tokens=4,
                                                                                                       seed=1))
     assert all(o.routes is None for o in outs)
+
+
+# ------------------------------------------------------------------ PPO's passes
+def _rollout(lm, deterministic=True, seed=3):
+    from rlhf_fast.stages import experience as xp
+
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, n=2, seed=seed)
+    outs = RolloutEngine(lm, block_size=4, num_blocks=64, deterministic=deterministic).generate(PROMPTS, params)
+    return outs, xp.make_rollout(PROMPTS, outs, 0)
+
+
+def _policy_stats(lm, outs, ro, mode):
+    """The update's policy loss stats on the whole rollout at old_logp=reuse (the rollout's log-probs)."""
+    from types import SimpleNamespace
+
+    from rlhf_fast.config import PPOConfig, SamplingConfig
+    from rlhf_fast.stages.kl_control import KLController
+    from rlhf_fast.stages import algorithms
+    from rlhf_fast.stages import experience as xp
+    from rlhf_fast.stages import packed_passes as pp
+    from rlhf_fast.stages.ppo import PPOTrainer
+
+    cfg = PPOConfig(sampling=SamplingConfig(max_new_tokens=8, n=2), moe_routing=mode, algorithm="grpo")
+    old = pp.rollout_logprobs(outs, ro)
+    adv = torch.randn(ro.mask.shape, generator=torch.Generator().manual_seed(0)) * ro.mask
+    exp = xp.Experience(ro, old, old, torch.zeros_like(old), torch.zeros(len(outs)), adv, adv,
+                        torch.zeros(len(outs)), torch.ones(len(outs), dtype=torch.bool))
+    me = SimpleNamespace(cfg=cfg, policy=lm, kl_ctl=KLController(cfg.kl), algo=algorithms.get("grpo"),
+                         correction=lambda mb: {})
+    loss, stats = PPOTrainer.policy_loss(me, exp)
+    return loss, stats
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replay_at_unchanged_weights_gives_the_rollout_logprobs_and_ratio_one(family, models):
+    from rlhf_fast.stages import packed_passes as pp
+
+    lm = models(family)
+    outs, ro = _rollout(lm)
+    assert ro.routes is not None and len(ro.routes) == len(outs)
+    sub = ro.select(torch.tensor([5, 0, 3]))  # the routes follow the rows
+    assert [r.shape for r in sub.routes] == [ro.routes[i].shape for i in (5, 0, 3)]
+    roll = pp.rollout_logprobs(outs, ro)
+    for share in (True, False):
+        batch = pp.pack_rollout(ro, share)
+        rec = pp.routing_for(lm, ro, batch, "replay")
+        assert rec.replaying
+        with torch.no_grad():
+            lp = pp.policy_logprobs(lm, ro, 1.0, batch=batch, routing=rec)
+        torch.testing.assert_close(lp * ro.mask, roll * ro.mask, atol=2e-6, rtol=0)
+        assert pp.route_flips(rec, ro, batch) == 0.0
+    loss, st = _policy_stats(lm, outs, ro, "replay")
+    assert torch.isfinite(loss) and st["clip_frac"] == 0.0 and abs(st["approx_kl"]) < 1e-10
+    assert st["moe_route_flip_frac"] == 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replay_keeps_the_rollout_experts_under_a_moved_router(family, models):
+    lm = models(family)
+    outs, ro = _rollout(lm)
+    moved = build_model(lm.config)
+    moved.load_state_dict(lm.state_dict())
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for i in moved.moe_layers:
+            w = moved.layers[i].mlp.router.weight
+            w.add_(torch.randn(w.shape, generator=gen) * 0.6 * w.std())
+    _, rep = _policy_stats(moved, outs, ro, "replay")
+    _, rec = _policy_stats(moved, outs, ro, "recompute")
+    # flips reported either way (past the first MoE layer they differ: recomputed routing changes later inputs)
+    assert rep["moe_route_flip_frac"] > 0 and rec["moe_route_flip_frac"] > 0
+    assert torch.isfinite(torch.tensor(rep["approx_kl"])) and rep["approx_kl"] < rec["approx_kl"]
+
+
+def test_dense_policy_passes_take_no_routing():
+    from rlhf_fast.stages import packed_passes as pp
+
+    hf = tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL)).eval()
+    lm = from_hf(hf)
+    outs, ro = _rollout(lm, deterministic=False)
+    assert ro.routes is None
+    batch = pp.pack_rollout(ro, True)
+    assert pp.routing_for(lm, ro, batch, "replay") is None and pp.route_flips(None, ro, batch) is None
+    _, st = _policy_stats(lm, outs, ro, "replay")
+    assert "moe_route_flip_frac" not in st
+
+
+def test_train_ppo_on_a_moe_policy_logs_the_route_flips(task, tmp_path):
+    from _tiny import rows
+
+    from rlhf_fast.config import PPOConfig, SamplingConfig
+    from rlhf_fast.stages.ppo import train_ppo
+
+    root, tok, paths = task
+    cfg = tf.Qwen3MoeConfig(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                            norm_topk_prob=True, **{**SMALL, "vocab_size": len(tok),
+                                                    "pad_token_id": tok.pad_token_id})
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(str(tmp_path / "policy"))
+    ppo = PPOConfig(policy=str(tmp_path / "policy"), prompts=paths["ppo_prompts"], algorithm="grpo",
+                    reward_fn="_reward_fns:short_is_good", iterations=2, prompts_per_iter=2,
+                    sampling=SamplingConfig(max_new_tokens=5, n=2), minibatch_size=2, router_aux_coef=0.01)
+    train_ppo(ppo, tmp_path / "run", plots=False)
+    log = rows(tmp_path / "run" / "metrics.jsonl")
+    assert len(log) == 2 and all(0 <= r["moe_route_flip_frac"] <= 1 for r in log)
+    assert all(r["router_aux_loss"] > 0 for r in log)
+
+
+def test_moe_routing_is_validated():
+    from rlhf_fast.config import ConfigError, PPOConfig
+
+    with pytest.raises(ConfigError, match="moe_routing"):
+        PPOConfig(moe_routing="sometimes")
