@@ -42,8 +42,33 @@ def build_tokenizer(out_dir: str | Path, *, bos: bool, vocab_size: int = 300):
     return fast
 
 
+def _small(positions: int, common: dict) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, max_position_embeddings=positions, **common)
+
+
+NEW_FAMILIES = {  # issue 22's families: (config, class) for (transformers, positions, vocab/special tokens)
+    "qwen3": lambda tf, n, c: (tf.Qwen3Config(**_small(n, c)), tf.Qwen3ForCausalLM),
+    "qwen3_moe": lambda tf, n, c: (tf.Qwen3MoeConfig(**_small(n, c), num_experts=4, num_experts_per_tok=2,
+                                                     moe_intermediate_size=32, norm_topk_prob=True),
+                                   tf.Qwen3MoeForCausalLM),
+    "mixtral": lambda tf, n, c: (tf.MixtralConfig(**_small(n, c), num_local_experts=4, num_experts_per_tok=2,
+                                                  sliding_window=16), tf.MixtralForCausalLM),
+    "gemma2": lambda tf, n, c: (tf.Gemma2Config(**_small(n, c), sliding_window=16, query_pre_attn_scalar=8,
+                                                attn_logit_softcapping=20.0, final_logit_softcapping=10.0),
+                                tf.Gemma2ForCausalLM),
+    "gemma3": lambda tf, n, c: (tf.Gemma3TextConfig(**_small(n, c), sliding_window=16, query_pre_attn_scalar=8,
+                                                    final_logit_softcapping=10.0), tf.Gemma3ForCausalLM),
+    "phi3": lambda tf, n, c: (tf.Phi3Config(**{k: v for k, v in _small(n, c).items() if k != "head_dim"},
+                                            tie_word_embeddings=False),
+                              tf.Phi3ForCausalLM),
+    "olmo2": lambda tf, n, c: (tf.Olmo2Config(**_small(n, c)), tf.Olmo2ForCausalLM),
+}
+
+
 def build_model(family: str, tokenizer, out_dir: str | Path, *, positions: int = 128):
-    """A tiny randomly initialised model of `family` (llama | qwen2 | gpt2), saved with `tokenizer`."""
+    """A tiny randomly initialised model of `family` (llama | qwen2 | gpt2 | one of `NEW_FAMILIES`), saved with
+    `tokenizer`."""
     import transformers as tf
 
     common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -62,6 +87,8 @@ def build_model(family: str, tokenizer, out_dir: str | Path, *, positions: int =
         cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=positions, resid_pdrop=0.1,
                             embd_pdrop=0.1, attn_pdrop=0.1, tie_word_embeddings=True, **common)
         cls = tf.GPT2LMHeadModel
+    elif family in NEW_FAMILIES:
+        cfg, cls = NEW_FAMILIES[family](tf, positions, common)
     else:
         raise ValueError(family)
     with torch.random.fork_rng():

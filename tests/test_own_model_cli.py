@@ -175,3 +175,28 @@ def test_lora_sft_trains_only_adapters_resumes_and_saves_them_in_peft_format(own
 def test_lora_needs_a_pretrained_base(capsys):
     assert cli.main(["sft", "--set", "lora.r=4"]) == 2
     assert "lora.r: LoRA needs `model`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3", "phi3", "olmo2"])
+def test_every_family_runs_sft_rm_ppo_through_the_cli(tmp_path, family):
+    """Issue 22's families through `rlhf-fast sft`, `rm` and `ppo` on chat data (PPO: LoRA on the policy, so the
+    export writes the merged model and the peft adapter too), each stage's export loading back."""
+    from _chat_models import build_model as build
+
+    tok = build_tokenizer(tmp_path / "tok", bos=False)
+    build(family, tok, tmp_path / family, positions=96)
+    files = chat_data(tmp_path / "data")
+    out = tmp_path / "run"
+    small = ["--set", "batch_size=4", "--set", "max_steps=1"]
+    run("sft", "--set", f"model={tmp_path / family}", "--set", f"train_data={files['sft']}", *small,
+        "--out", str(out / "sft"))
+    run("rm", "--set", f"model={out / 'sft' / 'final'}", "--set", f"train_data={files['rm']}", *small,
+        "--out", str(out / "rm"))
+    run("ppo", "--set", f"policy={out / 'sft' / 'final'}", "--set", f"reward_model={out / 'rm' / 'final'}",
+        "--set", f"prompts={files['ppo']}", "--set", "iterations=1", "--set", "prompts_per_iter=2",
+        "--set", "sampling.n=2", "--set", "sampling.max_new_tokens=4", "--set", "minibatch_size=4",
+        "--set", "lora.r=2", "--out", str(out / "ppo"))
+    policy = load_model(out / "ppo" / "final" / "policy", "policy")
+    assert type(policy).__name__ == type(load_model(tmp_path / family, "base")).__name__
+    assert (out / "ppo" / "final" / "policy" / "adapter" / "adapter_config.json").is_file()
+    assert ScalarHeadModel.from_pretrained(out / "rm" / "final").lm.lm_head is None
