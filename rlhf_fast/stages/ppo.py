@@ -24,7 +24,7 @@ from rlhf_fast.chat import Codec
 from rlhf_fast.config import ConfigError, PPOConfig, to_dict
 from rlhf_fast.data import SFTExample, epoch_batches, load_texts
 from rlhf_fast.heads import ScalarHeadModel
-from rlhf_fast.models import disable_dropout, load_model, lora
+from rlhf_fast.models import as_decoder, disable_dropout, load_model, lora
 from rlhf_fast.models.loading import load_tokenizer
 from rlhf_fast.rollout import SamplingParams
 from rlhf_fast.stages import algorithms
@@ -62,7 +62,10 @@ class PPOTrainer:
 
     def __init__(self, cfg: PPOConfig, policy, value, ref, reward_model, tokenizer, ptx: list[list[int]] = (),
                  reward_fn: rfn.RewardFn | None = None):
-        """`value` is None for a critic-free `cfg.algorithm`, `reward_model` None when `reward_fn` alone scores."""
+        """`value` is None for a critic-free `cfg.algorithm`, `reward_model` None when `reward_fn` alone scores. The
+        policy and reference are rlhf_fast models; a transformers causal LM is converted (`models.as_decoder`,
+        sharing its modules)."""
+        policy, ref = as_decoder(policy), None if ref is None else as_decoder(ref)
         self.cfg, self.policy, self.value, self.ref, self.rm = cfg, policy, value, ref, reward_model
         self.algo, self.reward_fn, self.tokenizer = algorithms.get(cfg.algorithm), reward_fn, tokenizer
         if self.algo.critic != (value is not None):
