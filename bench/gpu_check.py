@@ -9,6 +9,7 @@ Steps, in priority order (a step the budget no longer allows is reported as skip
                `pip install -e .` first when this checkout is not the installed rlhf_fast
   correctness  `pytest -m gpu -x`: every Triton and CUDA C++ kernel vs float64, batch invariance, rollout log-probs
   perf/*       each benchmark's GPU mode at its headline shape, rows with time, GB/s or TFLOP/s, fraction of peak;
+               perf/decode: decode tokens/s at batch 1, 32, 256 (eager, compiled + graphs, HF) vs a kernel-launch floor
                perf/trl_grpo: a GRPO step in TRL's train() with TRL's generate, ours, and vLLM colocate if installed
 Everything lands in DIR: summary.md, summary.csv, summary.json, one log per step and the benchmarks' CSV/JSON/PNG.
 On CUDA each step runs in its own process (a crash or hang costs that step only, killed at the budget); the dry
@@ -436,6 +437,41 @@ def step_families(chk: Check) -> Outcome:
     return _done(rc, "bench_families.log", targets or [Target("families rows", None, "present", False)])
 
 
+DECODE_FLOOR_X = 1.5  # issue 24: decode at batch 1 within 1.5x of its kernel-launch floor
+
+
+def step_decode(chk: Check) -> Outcome:
+    """Issue 24: decode tokens/s at batch 1, 32, 256 (eager engine, compiled + CUDA graphs, HF generate) against the
+    kernel-launch floor of one eager decode step (kernels x an empty kernel's launch time; ops counted on CPU)."""
+    rc = _bench(chk, "bench_decode", [], 240.0)
+    rows = _rows(chk, "decode_gpu")
+    floor = _pick(rows, case="launch/floor")
+    targets = []
+    if floor:
+        unit = "kernels" if floor.get("floor_ms") is not None else "aten ops (CPU: no floor time)"
+        targets.append(Target(f"eager decode step at batch 1: {unit} x {floor['launch_us']} us empty launch "
+                              f"(graph replay {floor.get('graph_launch_us')} us), floor ms",
+                              floor.get("floor_ms") if floor.get("floor_ms") is not None else
+                              f"{floor['kernels_per_step']} ops"))
+    for r in rows:
+        if str(r.get("case", "")).startswith("decode/"):
+            targets.append(Target(f"decode {r['mode']} batch {r['batch']}: tokens/s (x HF, step ms, x floor)",
+                                  f"{r['tokens_per_s']} ({r['speedup_vs_hf']}x, {r['step_ms']} ms, "
+                                  f"{r.get('x_floor')})"))
+    b1 = [r for r in rows if r.get("batch") == 1 and str(r.get("mode", "")).startswith("engine")
+          and r.get("step_ms") is not None]
+    if floor and b1:
+        best = min(b1, key=lambda r: r["step_ms"])
+        x = best.get("x_floor")
+        targets.append(Target(f"decode at batch 1 ({best['mode']}, {best['step_ms']} ms/token) x its kernel-launch "
+                              "floor", x if x is not None else "n/a (CPU: no launch floor)", f"<= {DECODE_FLOOR_X}",
+                              None if chk.dry_run or x is None else x <= DECODE_FLOOR_X))
+    else:
+        targets.append(Target("decode at batch 1 x its kernel-launch floor", "rows missing", f"<= {DECODE_FLOOR_X}",
+                              False))
+    return _done(rc, "bench_decode.log", targets)
+
+
 def ppo_iteration_argv(help_text: str) -> list[str]:
     """Arguments for bench/bench_ppo_iteration.py (issue 10's, changing): its `--gpu` mode at its default
     (headline) size with one measured iteration where it has them, else its quick CPU run."""
@@ -515,6 +551,7 @@ STEPS = [
     Step("perf/paged_attention", "perf", step_paged, 10, 90),
     Step("perf/rollout", "perf", step_rollout, 30, 150),
     Step("perf/families", "perf", step_families, 20, 120),
+    Step("perf/decode", "perf", step_decode, 60, 240),
     Step("perf/ppo_iteration", "perf", step_ppo_iteration, 30, 180),
     Step("perf/losses", "perf", step_losses, 10, 60),
     Step("perf/trl_grpo", "perf", step_trl_grpo, 40, 150),
