@@ -199,7 +199,6 @@ class RMConfig:
     def __post_init__(self):
         _check_device(self.device)
         _check_data_options(self)
-        _check(self.parallel.tp == 1, "parallel.tp", "tensor parallelism trains SFT only so far: must be 1")
         for k in ("max_len", "batch_size", "epochs", "keep_checkpoints"):
             _check(getattr(self, k) >= 1, k, "must be >= 1")
         for k in ("max_steps", "eval_every", "save_every"):

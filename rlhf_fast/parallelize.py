@@ -7,8 +7,9 @@ backbone plus a head, like `heads.ScalarHeadModel`), and in torchtitan's order:
 0. splits a Llama-family decoder over `tp` ranks (`tp` > 1, `tensor_parallel`) with torch's `parallelize_module`:
    q/k/v and gate/up column-parallel (each rank computes its heads and its MLP columns), o and down row-parallel
    (an all-reduce after each), the embedding (`VocabParallelEmbedding`) and the lm_head vocab-parallel (each rank
-   holds V / tp rows). The blocks see local tensors: their heads are the rank's own. The lm_head weight is read by
-   `ops.vocab_parallel.head_logprobs`, which never gathers the logits;
+   holds V / tp rows; a scalar-head root: its backbone so, its head replicated). The blocks see local tensors:
+   their heads are the rank's own. The lm_head weight is read by `ops.vocab_parallel.head_logprobs`, which never
+   gathers the logits;
 1. wraps each block in torch's non-reentrant checkpoint wrapper (`checkpointing`): the block's activations are
    recomputed in the backward. The wrapper strips its own prefix from `state_dict()` keys, so the model's state dict
    (and DCP checkpoints, and exports) keep their names;
@@ -118,10 +119,15 @@ def tensor_parallel(model: nn.Module, mesh) -> None:
     states stay replicated: every tp rank computes them whole, so the packed attention runs on local heads as in
     one process. The lm_head is never called: `ops.vocab_parallel.head_logprobs` reads its local rows.
 
+    A scalar-head root (`heads.ScalarHeadModel`: a backbone `.lm` with no lm_head and `head = Linear(hidden, 1)`)
+    has its backbone split so; the head stays whole on every tp rank: it reads the hidden states, which are
+    replicated after the row-parallel layers, so each tp rank computes the same scores and the same head gradient
+    (FSDP shards the head over the dp ranks like the norms).
+
     ConfigError (one line) for a model it does not cover, or heads / kv heads / vocabulary not divisible by tp."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    _check_tp(model, mesh.size())
+    model = _check_tp(model, mesh.size())  # the decoder to split: `model`, or a scalar-head root's backbone
     plan = {}
     for i in range(len(model.layers)):
         plan.update({f"layers.{i}.{n}": ColwiseParallel() for n in COLWISE})
@@ -162,9 +168,23 @@ class VocabParallelEmbedding(nn.Module):
                                         group=mesh.get_group(), padding_idx=self.padding_idx)
 
 
-def _check_tp(model: nn.Module, tp: int) -> None:
+def _check_tp(model: nn.Module, tp: int) -> nn.Module:
+    """The decoder `tensor_parallel` splits: `model` itself, or the backbone `.lm` of a scalar-head root (a head
+    `Linear(hidden, 1)` beside it, no lm_head, no other parameters); ConfigError (one line) otherwise."""
     from rlhf_fast.config import ConfigError
     from rlhf_fast.models.llama import Block
+
+    root = model
+    lm = getattr(model, "lm", None)
+    if lm is not None:
+        head = getattr(model, "head", None)
+        scalar = (type(head) is nn.Linear and head.out_features == 1 and getattr(lm, "lm_head", 0) is None
+                  and {n.split(".")[0] for n, _ in model.named_parameters()} <= {"lm", "head"})
+        if not scalar:
+            raise ConfigError(f"parallel.tp: a model holding a backbone as `.lm` splits only as a scalar-head model "
+                              f"(`head` a plain Linear(hidden, 1), no LoRA, no lm_head); {type(model).__name__} is "
+                              f"not one: train it with tp = 1")
+        model = lm
 
     def plain(block: nn.Module) -> bool:  # a converted Phi-3's fused qkv_proj, LoRA layers: not these
         mods = [getattr(getattr(block, a, None), b, None) for a, b in (n.split(".") for n in COLWISE + ROWWISE)]
@@ -173,12 +193,13 @@ def _check_tp(model: nn.Module, tp: int) -> None:
     layers = getattr(model, "layers", None)
     if getattr(model, "lm", None) is not None or not isinstance(layers, nn.ModuleList) or not all(map(plain, layers)):
         raise ConfigError(f"parallel.tp: tensor parallelism splits causal LMs of the Llama families "
-                          f"({', '.join(TP_FAMILIES)}) with plain q/k/v/o and gate/up/down projections (no LoRA); "
-                          f"{type(model).__name__} is not one: train it with tp = 1")
+                          f"({', '.join(TP_FAMILIES)}) with plain q/k/v/o and gate/up/down projections (no LoRA), "
+                          f"or a scalar-head model on one; {type(root).__name__} is not one: train it with tp = 1")
     bad = [f"{k} {n}" for k, n in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads),
                                    ("vocab_size", model.vocab_size)) if n % tp]
     if bad:
         raise ConfigError(f"parallel.tp: {tp} must divide the model's {', '.join(bad)}")
+    return model
 
 
 def tp_sharded(model: nn.Module | None) -> bool:
@@ -235,7 +256,7 @@ def unsharded(*models: nn.Module | None) -> Iterator[None]:
     (the same model twice) gather once. None entries and unsharded models are ignored."""
     if any(map(tp_sharded, models)):
         raise NotImplementedError("unsharded: a tensor-parallel model is never gathered, and rollouts under tensor "
-                                  "parallelism are not built yet (parallel.tp trains SFT only)")
+                                  "parallelism are not built yet (parallel.tp trains SFT and reward models only)")
     roots = [m for m in dict.fromkeys(models) if m is not None and _is_fsdp(m)]
     mods = list(dict.fromkeys(x for r in roots for x in fsdp_modules(r)))
     fresh = [m for m in mods if _DEPTH.get(m, 0) == 0]  # not yet gathered by an enclosing `unsharded`

@@ -10,6 +10,11 @@ weights after one AdamW step; a DCP checkpoint of model + optimiser (`distribute
 one-process checkpoint loaded into a tensor-parallel model. The vocab-parallel op against the whole lm_head in
 float64. The SFT stage (`train_sft` with parallel.tp): a whole run, one stopped after two steps (the test resumes
 it at world size 1) and the test's stopped one-process run resumed here.
+
+`python -m tests._tp_worker OUT rm` (its own launches) checks the reward model under tp instead, into
+`OUT/rm_w<world>_rank<r>.pt`: a `ScalarHeadModel` (backbone split, head replicated) - the packed scores of a batch,
+one `stages.rm.step_loss` step (loss, train accuracy, gradients, gradient norm), this rank's parameter and gradient
+bytes - and a 2-step `train_rm` with parallel.tp = 2 from the test's SFT model.
 """
 from __future__ import annotations
 
@@ -201,13 +206,88 @@ def run(out: Path, tp: int) -> dict:
     return res
 
 
-def main(out: Path) -> None:
+# --- the reward model under tp (`python -m tests._tp_worker OUT rm`) -------------------------------------------
+
+
+def scalar_model() -> nn.Module:
+    """A freshly initialised tiny Llama backbone with a scalar head (`heads.ScalarHeadModel`), the same weights in
+    every process."""
+    from rlhf_fast.heads import ScalarHeadModel
+    from rlhf_fast.models import build_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return ScalarHeadModel(build_model(config(False), lm_head=False, device="cpu"))
+
+
+def ranked() -> list:
+    """6 prompts of 2..7 tokens with 2..4 completions of 1..9 tokens each (a tie among some), ids over the whole
+    vocabulary with 0 and 32 among them: dp ranks and micro-batches see unequal pairs and tokens."""
+    from rlhf_fast.data import RankedExample
+
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for i in range(6):
+        prompt = torch.randint(0, VOCAB, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
+        prompt[0] = (0, VOCAB // 2)[i % 2]
+        k = int(torch.randint(2, 5, (1,), generator=g))
+        comps = [torch.randint(0, VOCAB, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(k)]
+        ranks = list(range(k)) if i % 3 else [0] + [1] * (k - 1)
+        out.append(RankedExample(prompt, comps, ranks))
+    return out
+
+
+def rm_checks(tp: int) -> dict:
+    """A ScalarHeadModel split over `tp` ranks (FSDP2 over the dp ranks): the packed scores of every completion of
+    the whole batch (no grad), one RM step as the stage takes it (`stages.rm.step_loss`: this dp rank's prompts in
+    micro-batches of 2): the global Bradley-Terry loss, train accuracy, every parameter's whole gradient, the global
+    gradient norm, this rank's parameter and gradient bytes, which parameters tp split."""
+    from rlhf_fast.config import RMConfig
+    from rlhf_fast.stages.rm import ranked_batch, score, step_loss
+
+    model = par.parallelize(scalar_model(), tp=tp).train()
+    data = ranked()
+    with torch.no_grad():
+        scores = score(model, ranked_batch(data))
+    loss, stats = step_loss(model, data, RMConfig(parallel=ParallelConfig(micro_batch_size=2, tp=tp)))
+    params = [p for _, p in named(model)]
+    return {"scores": scores.detach().clone(), "loss": dist.all_sum(float(loss)), "accuracy": stats["train_accuracy"],
+            "grads": {n: full(p.grad) for n, p in named(model)},
+            "norm": dist.clip_grad_norm(params, float("inf")),
+            "bytes": {"params": nbytes(params), "grads": nbytes(p.grad for p in params)},
+            "split": {n: _is_tp(p) for n, p in named(model)}}
+
+
+def rm_config(root: Path, tp: int):
+    """`train_rm` for 2 steps from the test's SFT model `root/sft1/final`, micro-batches of 2 prompts, evaluation."""
+    from rlhf_fast.config import RMConfig
+
+    data = root / "task" / "data"
+    return RMConfig(model=str(root / "sft1" / "final"), train_data=str(data / "rm_train.jsonl"),
+                    eval_data=str(data / "rm_eval.jsonl"), batch_size=6, max_steps=2, eval_every=1, device="cpu",
+                    optim=OptimConfig(lr=3e-3, warmup_steps=1), parallel=ParallelConfig(micro_batch_size=2, tp=tp))
+
+
+def rm_main(out: Path) -> None:
+    from rlhf_fast.stages.rm import train_rm
+
+    torch.set_num_threads(1)
+    res = rm_checks(TP)
+    train_rm(rm_config(out / "stages", TP), out / "stages" / f"rm_w{dist.world_size()}", plots=False)
+    torch.save(res, out / f"rm_w{dist.world_size()}_rank{dist.rank()}.pt")
+
+
+def main(out: Path, what: str = "") -> None:
     dist.init(timeout_s=120)
-    res = run(out, TP)
-    sft_runs(out / "stages")
-    torch.save(res, out / f"w{dist.world_size()}_rank{dist.rank()}.pt")
+    if what == "rm":
+        rm_main(out)
+    else:
+        res = run(out, TP)
+        sft_runs(out / "stages")
+        torch.save(res, out / f"w{dist.world_size()}_rank{dist.rank()}.pt")
     dist.barrier()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:])
