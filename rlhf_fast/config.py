@@ -328,7 +328,7 @@ class PPOConfig:
         from rlhf_fast.stages import algorithms
 
         _check_device(self.device)
-        _check(self.parallel.tp == 1, "parallel.tp", "tensor parallelism trains SFT only so far: must be 1")
+        _check(self.parallel.tp == 1, "parallel.tp", "tensor parallelism trains SFT and the reward model only so far (PPO: must be 1)")
         _check(self.algorithm in algorithms.ALGORITHMS, "algorithm", f"must be one of {tuple(algorithms.ALGORITHMS)}")
         _check(self.loss_agg in ("",) + algorithms.LOSS_AGGS, "loss_agg", f"must be one of {algorithms.LOSS_AGGS}")
         _check(self.clip_high >= 0, "clip_high", "must be >= 0")

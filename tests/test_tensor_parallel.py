@@ -126,7 +126,7 @@ def test_refusals():
     rm = worker.scalar_model()  # a scalar-head model: its backbone is what tp splits
     assert par._check_tp(rm, 2) is rm.lm
     assert RMConfig(parallel=ParallelConfig(tp=2)).parallel.tp == 2
-    with pytest.raises(ConfigError, match="parallel.tp: tensor parallelism trains SFT only"):
+    with pytest.raises(ConfigError, match="parallel.tp: tensor parallelism trains SFT and the reward model only"):
         PPOConfig(parallel=ParallelConfig(tp=2))
     for bad in (0, 1.5):
         with pytest.raises(ConfigError, match="tp: must be an integer >= 1"):
