@@ -10,11 +10,11 @@ N=16384, H=4096, V=151936 bf16 (TFLOP/s of 6NHV model flops; target fwd+bwd <= 1
 first 1024 rows. `--small` shrinks every size for a quick run; `--dry-run` runs the `--gpu` code path on CPU at tiny
 shapes (Triton under the interpreter), as `python -m bench.gpu_check --dry-run` does in CI.
 Every fused path also runs with a rollout's truncation (top_k=50, top_p=0.9: a selection pass per row, then the
-truncated softmax); `time_vs_full` is its time over the same path's at top_k=0, top_p=1.
-Every fused path also runs with the rollout's truncation (top_k=50, top_p=0.9: a selection pass per row, then the
-truncated softmax), its `time_vs_full` the ratio to the same path at top_k=0, top_p=1.
+truncated softmax) and with a final logit soft-cap (`--softcap`, default 30.0 as Gemma 2's final_logit_softcapping:
+c tanh(x / c) inside the row kernels, its derivative in the backward; 0 skips those rows); `time_vs_full` is each
+one's time over the same path's at top_k=0, top_p=1 without a cap.
 
-Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_logprobs [--small] [--gpu | --dry-run]
+Run (repo root): flock /tmp/rlhf_bench.lock python -m bench.bench_logprobs [--small] [--gpu | --dry-run] [--softcap C]
 """
 from __future__ import annotations
 
@@ -32,8 +32,15 @@ CUT = dict(top_k=50, top_p=0.9)  # a typical rollout truncation
 FULL = dict(top_k=0, top_p=1.0)
 
 
+def _variants(softcap: float) -> tuple[dict, ...]:
+    """The op arguments each fused path runs with: the full softmax first (the base of `time_vs_full`), the
+    truncation, and (softcap > 0) the full softmax of soft-capped logits."""
+    return (FULL, CUT) + ((dict(FULL, softcap=softcap),) if softcap else ())
+
+
 def _cut_name(cut: dict) -> str:
-    return "" if cut == FULL else f" top_k={cut['top_k']} top_p={cut['top_p']}"
+    name = "" if (cut["top_k"], cut["top_p"]) == (0, 1.0) else f" top_k={cut['top_k']} top_p={cut['top_p']}"
+    return name + (f" softcap={cut['softcap']}" if cut.get("softcap") else "")
 
 
 def _token_cases(n, vocab, dtype, device, backends, ref_rows=None, cuts=(FULL, CUT)):
@@ -109,10 +116,15 @@ def _linear_cases(n, width, vocab, dtype, device, backends, ref_rows=None, cuts=
 
 
 def _vs_full(rows: list[dict]) -> None:
-    """Each truncated row's time (and peak memory) over the same case and path at top_k=0, top_p=1."""
-    full = {(r["case"], r["impl"]): r for r in rows if r.get("top_k") == 0 and r.get("top_p") == 1.0}
+    """Each truncated (or soft-capped) row's time (and peak memory) over the same case and path at top_k=0, top_p=1
+    without a cap."""
+    full = {(r["case"], r["impl"]): r for r in rows
+            if r.get("top_k") == 0 and r.get("top_p") == 1.0 and not r.get("softcap")}
     for r in rows:
-        base = full.get((r["case"], r["impl"].replace(_cut_name(CUT), "")))
+        if "top_k" not in r:
+            continue
+        variant = {k: r[k] for k in ("top_k", "top_p", "softcap") if k in r}
+        base = full.get((r["case"], r["impl"].replace(_cut_name(variant), "")))
         if base is None or r is base or "time_ms" not in r:
             continue
         r["time_vs_full"] = round(r["time_ms"] / base["time_ms"], 3)
@@ -125,7 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--small", action="store_true", help="small sizes for a quick run")
     ap.add_argument("--gpu", action="store_true", help="CUDA sizes (needs a GPU)")
     ap.add_argument("--dry-run", action="store_true", help="the --gpu code path on CPU at tiny shapes")
+    ap.add_argument("--softcap", type=float, default=30.0,
+                    help="final logit soft-cap of the extra rows (Gemma 2: 30.0); 0: no soft-capped rows")
     args = ap.parse_args(argv)
+    cuts = _variants(args.softcap)
     rows = []
     if args.gpu or args.dry_run:
         if args.gpu and not torch.cuda.is_available():
@@ -135,14 +150,14 @@ def main(argv: list[str] | None = None) -> None:
             n, v, nl, h = 16, 300, 16, 32
         else:
             n, v, nl, h = (1024, 32768, 1024, 1024) if args.small else (8192, 151936, 16384, 4096)
-        token = _token_cases(n, v, torch.bfloat16, dev, ["triton", "torch"], ref_rows=1024)
-        linear, grads_mib = _linear_cases(nl, h, v, torch.bfloat16, dev, ["triton"], ref_rows=1024)
+        token = _token_cases(n, v, torch.bfloat16, dev, ["triton", "torch"], ref_rows=1024, cuts=cuts)
+        linear, grads_mib = _linear_cases(nl, h, v, torch.bfloat16, dev, ["triton"], ref_rows=1024, cuts=cuts)
     else:
         dev = torch.device("cpu")
         n, v, nl, h = (512, 8192, 512, 256) if args.small else (4096, 32768, 4096, 1024)
-        token = _token_cases(n, v, torch.float32, dev, ["native", "torch"])
-        token += _token_cases(n, v, torch.bfloat16, dev, ["native"])
-        linear, grads_mib = _linear_cases(nl, h, v, torch.float32, dev, ["native"])
+        token = _token_cases(n, v, torch.float32, dev, ["native", "torch"], cuts=cuts)
+        token += _token_cases(n, v, torch.bfloat16, dev, ["native"], cuts=cuts)
+        linear, grads_mib = _linear_cases(nl, h, v, torch.float32, dev, ["native"], cuts=cuts)
     # the interpreter is slow: one timed call and no memory pass in the dry run
     timing = dict(warmup=0, repeats=1, measure_memory=False) if args.dry_run else dict(warmup=1, repeats=3)
     for case in token:

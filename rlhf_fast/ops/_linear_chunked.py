@@ -58,10 +58,8 @@ def native_rows_bwd(logits, labels, lse, ent, dlogp, dent, inv_temp, ignore_inde
     cd = _compute_dtype(logits)
     _native.call("token_logprobs_bwd_cpu", arg("logits", logits, code=True),
                  arg("labels", labels, torch.int64), n, v, float(inv_temp), float(softcap), int(ignore_index),
-                 _thr_arg(thr, cd),
-                 arg("lse", lse, cd),
-                 arg("ent", ent, cd), arg("dlogp", dlogp, cd), arg("dent", dent, cd),
-                 arg("dlogits", out, logits.dtype))
+                 _thr_arg(thr, cd), arg("lse", lse, cd), arg("ent", ent, cd), arg("dlogp", dlogp, cd),
+                 arg("dent", dent, cd), arg("dlogits", out, logits.dtype))
 
 
 def _cut(z, labels, thr):
