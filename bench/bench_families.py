@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from bench.bench_rollout import hf_generate
 from bench.harness import device_name, owned_model, peak_extra_memory, write_results
 from rlhf_fast.rollout import RolloutEngine, SamplingParams
 
@@ -46,20 +47,6 @@ def hf_model(family: str, size: str, device: torch.device, dtype: torch.dtype = 
 def prompts_for(n: int, vocab: int) -> list[list[int]]:
     rng = random.Random(0)
     return [[rng.randrange(1, vocab) for _ in range(rng.randint(8, 48))] for _ in range(n)]
-
-
-def hf_generate(model, prompts: list[list[int]], new: int, *, sample: bool) -> list[list[int]]:
-    """Left-padded batched `generate`, exactly `new` tokens per prompt."""
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if sample else dict(do_sample=False)
-    out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=new,
-                         min_new_tokens=new, pad_token_id=0, **kw)
-    return out[:, width:].tolist()
 
 
 def timed(fn, repeats: int) -> float:
