@@ -154,6 +154,45 @@ def test_replay_at_unchanged_weights_gives_the_rollout_logprobs_and_ratio_one(fa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_replay_with_recomputed_old_logp_gives_a_ratio_of_exactly_one(family, models):
+    """old_logp=recompute under replay: the scoring pass and the update run the same forward on the rollout's
+    experts, so at unchanged weights every ratio is exactly 1 (approx KL exactly 0), even after the router moved."""
+    from types import SimpleNamespace
+
+    from rlhf_fast.config import PPOConfig, SamplingConfig
+    from rlhf_fast.stages import algorithms
+    from rlhf_fast.stages import experience as xp
+    from rlhf_fast.stages import packed_passes as pp
+    from rlhf_fast.stages.kl_control import KLController
+    from rlhf_fast.stages.ppo import PPOTrainer
+
+    lm = models(family)
+    outs, ro = _rollout(lm, deterministic=False)
+    moved = build_model(lm.config)
+    moved.load_state_dict(lm.state_dict())
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # a router the rollout did not use: replay keeps the rollout's experts anyway
+        for i in moved.moe_layers:
+            w = moved.layers[i].mlp.router.weight
+            w.add_(torch.randn(w.shape, generator=gen) * 0.6 * w.std())
+    cfg = PPOConfig(sampling=SamplingConfig(max_new_tokens=8, n=2), moe_routing="replay", algorithm="grpo",
+                    old_logp="recompute")
+    batch = pp.pack_rollout(ro, cfg.share_prompts)
+    with torch.no_grad():
+        old = pp.policy_logprobs(moved, ro, 1.0, batch=batch, routing=pp.routing_for(moved, ro, batch, "replay"))
+    adv = torch.randn(ro.mask.shape, generator=torch.Generator().manual_seed(0)) * ro.mask
+    exp = xp.Experience(ro, old, old, torch.zeros_like(old), torch.zeros(len(outs)), adv, adv,
+                        torch.zeros(len(outs)), torch.ones(len(outs), dtype=torch.bool))
+    me = SimpleNamespace(cfg=cfg, policy=moved, kl_ctl=KLController(cfg.kl), algo=algorithms.get("grpo"),
+                         correction=lambda mb: {})
+    _, st = PPOTrainer.policy_loss(me, exp)
+    assert st["approx_kl"] == 0.0 and st["clip_frac"] == 0.0 and st["moe_route_flip_frac"] > 0
+    me.cfg = PPOConfig(sampling=cfg.sampling, moe_routing="recompute", algorithm="grpo", old_logp="recompute")
+    _, off = PPOTrainer.policy_loss(me, exp)  # the moved router's own experts: not the scored forward
+    assert off["approx_kl"] != 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_replay_keeps_the_rollout_experts_under_a_moved_router(family, models):
     lm = models(family)
     outs, ro = _rollout(lm)
