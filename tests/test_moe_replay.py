@@ -108,8 +108,21 @@ def _rollout(lm, deterministic=True, seed=3):
     return outs, xp.make_rollout(PROMPTS, outs, 0)
 
 
-def _policy_stats(lm, outs, ro, mode):
-    """The update's policy loss stats on the whole rollout at old_logp=reuse (the rollout's log-probs)."""
+def _moved(lm):
+    """A copy of `lm` whose routers moved (noise of 0.6 std): some tokens' top-k flips."""
+    moved = build_model(lm.config)
+    moved.load_state_dict(lm.state_dict())
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for i in moved.moe_layers:
+            w = moved.layers[i].mlp.router.weight
+            w.add_(torch.randn(w.shape, generator=gen) * 0.6 * w.std())
+    return moved
+
+
+def _policy_stats(lm, outs, ro, mode, old=None):
+    """The update's policy loss stats on the whole rollout against `old` log-probs (default: the rollout's own,
+    old_logp=reuse)."""
     from types import SimpleNamespace
 
     from rlhf_fast.config import PPOConfig, SamplingConfig
@@ -120,7 +133,7 @@ def _policy_stats(lm, outs, ro, mode):
     from rlhf_fast.stages.ppo import PPOTrainer
 
     cfg = PPOConfig(sampling=SamplingConfig(max_new_tokens=8, n=2), moe_routing=mode, algorithm="grpo")
-    old = pp.rollout_logprobs(outs, ro)
+    old = pp.rollout_logprobs(outs, ro) if old is None else old
     adv = torch.randn(ro.mask.shape, generator=torch.Generator().manual_seed(0)) * ro.mask
     exp = xp.Experience(ro, old, old, torch.zeros_like(old), torch.zeros(len(outs)), adv, adv,
                         torch.zeros(len(outs)), torch.ones(len(outs), dtype=torch.bool))
@@ -157,38 +170,17 @@ def test_replay_at_unchanged_weights_gives_the_rollout_logprobs_and_ratio_one(fa
 def test_replay_with_recomputed_old_logp_gives_a_ratio_of_exactly_one(family, models):
     """old_logp=recompute under replay: the scoring pass and the update run the same forward on the rollout's
     experts, so at unchanged weights every ratio is exactly 1 (approx KL exactly 0), even after the router moved."""
-    from types import SimpleNamespace
-
-    from rlhf_fast.config import PPOConfig, SamplingConfig
-    from rlhf_fast.stages import algorithms
-    from rlhf_fast.stages import experience as xp
     from rlhf_fast.stages import packed_passes as pp
-    from rlhf_fast.stages.kl_control import KLController
-    from rlhf_fast.stages.ppo import PPOTrainer
 
     lm = models(family)
     outs, ro = _rollout(lm, deterministic=False)
-    moved = build_model(lm.config)
-    moved.load_state_dict(lm.state_dict())
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # a router the rollout did not use: replay keeps the rollout's experts anyway
-        for i in moved.moe_layers:
-            w = moved.layers[i].mlp.router.weight
-            w.add_(torch.randn(w.shape, generator=gen) * 0.6 * w.std())
-    cfg = PPOConfig(sampling=SamplingConfig(max_new_tokens=8, n=2), moe_routing="replay", algorithm="grpo",
-                    old_logp="recompute")
-    batch = pp.pack_rollout(ro, cfg.share_prompts)
+    moved = _moved(lm)  # a router the rollout did not use: replay keeps the rollout's experts anyway
+    batch = pp.pack_rollout(ro, True)
     with torch.no_grad():
         old = pp.policy_logprobs(moved, ro, 1.0, batch=batch, routing=pp.routing_for(moved, ro, batch, "replay"))
-    adv = torch.randn(ro.mask.shape, generator=torch.Generator().manual_seed(0)) * ro.mask
-    exp = xp.Experience(ro, old, old, torch.zeros_like(old), torch.zeros(len(outs)), adv, adv,
-                        torch.zeros(len(outs)), torch.ones(len(outs), dtype=torch.bool))
-    me = SimpleNamespace(cfg=cfg, policy=moved, kl_ctl=KLController(cfg.kl), algo=algorithms.get("grpo"),
-                         correction=lambda mb: {})
-    _, st = PPOTrainer.policy_loss(me, exp)
+    _, st = _policy_stats(moved, outs, ro, "replay", old=old)
     assert st["approx_kl"] == 0.0 and st["clip_frac"] == 0.0 and st["moe_route_flip_frac"] > 0
-    me.cfg = PPOConfig(sampling=cfg.sampling, moe_routing="recompute", algorithm="grpo", old_logp="recompute")
-    _, off = PPOTrainer.policy_loss(me, exp)  # the moved router's own experts: not the scored forward
+    _, off = _policy_stats(moved, outs, ro, "recompute", old=old)  # the moved router's own experts
     assert off["approx_kl"] != 0.0
 
 
@@ -196,13 +188,7 @@ def test_replay_with_recomputed_old_logp_gives_a_ratio_of_exactly_one(family, mo
 def test_replay_keeps_the_rollout_experts_under_a_moved_router(family, models):
     lm = models(family)
     outs, ro = _rollout(lm)
-    moved = build_model(lm.config)
-    moved.load_state_dict(lm.state_dict())
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for i in moved.moe_layers:
-            w = moved.layers[i].mlp.router.weight
-            w.add_(torch.randn(w.shape, generator=gen) * 0.6 * w.std())
+    moved = _moved(lm)
     _, rep = _policy_stats(moved, outs, ro, "replay")
     _, rec = _policy_stats(moved, outs, ro, "recompute")
     # flips reported either way (past the first MoE layer they differ: recomputed routing changes later inputs)
