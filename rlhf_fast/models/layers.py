@@ -10,6 +10,7 @@ goes through the paged kernel one query at a time, keys in block-table order.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import math
@@ -42,7 +43,7 @@ class AttnMetadata:
     deterministic: bool = False
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(nn.Module, abc.ABC):
     """A decoder-only language model over packed tokens that owns its parameters (or, converted by
     `models.from_hf`, shares a transformers model's leaf modules). A family supplies the blocks, `embed_inputs` and
     `final_norm`; `forward`, `logits` and `packed_head` are shared.
@@ -82,13 +83,13 @@ class DecoderLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    @abc.abstractmethod
     def embed_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, object]:
         """(T,) ids and positions -> the embeddings (T, hidden) and what every block reads besides (rotary)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm on the last block's output (T, hidden)."""
-        raise NotImplementedError
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend, deterministic: bool = False,
                 out_rows: torch.Tensor | None = None, *, routing=None) -> torch.Tensor:
