@@ -58,14 +58,271 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
 
 
-def main() -> None:
+# --- tensor-parallel rows (`--tp`) --------------------------------------------------------------------------------
+
+# An untied Llama (the benchmark's; hidden 256, 4 layers, 8 heads / 4 kv heads: tp 1, 2 and 4 divide them)
+TP_ARCH = dict(vocab=4096, hidden=256, layers=4, heads=8, kv_heads=4, ffn=768, tied=False)
+TINY_ARCH = dict(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48, tied=False)  # tests/_tp_worker.py's model
+# GPU (`--gpu`): 8 kv heads so that tp 8 divides them
+GPU_ARCH = dict(vocab=32768, hidden=1024, layers=8, heads=16, kv_heads=8, ffn=2816, tied=False)
+CPU_LAYOUTS = ((1, 1), (2, 1), (2, 2), (4, 2), (4, 4))  # (world size, tp): dp = world / tp
+
+
+def gpu_layouts(n: int) -> list[tuple[int, int]]:
+    """(world, tp) for `n` GPUs: one GPU, then tp 2, 4, 8 alone on as many GPUs, then dp x tp 2 on all of them."""
+    out = [(1, 1)] + [(t, t) for t in (2, 4, 8) if t <= n]
+    if n >= 4 and n % 2 == 0:
+        out.append((n, 2))
+    return out
+
+
+def llama_config(arch: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=arch["vocab"], hidden_size=arch["hidden"], intermediate_size=arch["ffn"],
+                       num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"],
+                       num_key_value_heads=arch["kv_heads"], max_position_embeddings=1024,
+                       tie_word_embeddings=arch["tied"], pad_token_id=0, eos_token_id=1, bos_token_id=None)
+
+
+def _local_bytes(tensors) -> int:
+    """Bytes this rank holds of `tensors`: the local shard of a DTensor (tp and/or FSDP), a plain tensor whole."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for t in tensors:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _sft_examples(arch: dict, n: int, length: int) -> list:
+    """`n` SFT examples of `length` tokens (prompt a quarter), ids over the whole vocabulary, fixed seed."""
+    from rlhf_fast.data import SFTExample
+
+    g = torch.Generator().manual_seed(7)
+    return [SFTExample(torch.randint(2, arch["vocab"], (length,), generator=g).tolist(), length // 4)
+            for _ in range(n)]
+
+
+def _kv_probe(model, device) -> dict:
+    """The rollout engine's KV cache on this rank: bytes per token (all layers, K and V) and kv heads held, from
+    a 2-prompt greedy generation; the reason where the engine does not run on this layout."""
+    from rlhf_fast import parallelize as par
+    from rlhf_fast.rollout import RolloutEngine, SamplingParams
+
+    try:
+        with par.unsharded(model), torch.no_grad():
+            eng = RolloutEngine(model, block_size=16, num_blocks=8, max_batch_tokens=64)
+            eng.generate([[2, 3, 4, 5], [6, 7, 8]], SamplingParams(max_new_tokens=4, temperature=0.0, seed=0))
+        kv = eng.kv_cache
+        return {"kv_bytes_per_token": _local_bytes([kv]) // (eng.num_blocks * eng.block_size),
+                "kv_heads_local": int(kv.shape[-2])}
+    except Exception as e:  # noqa: BLE001 - a layout the engine refuses is a row with its reason
+        return {"kv_error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+
+
+def tp_worker(out: Path, tp: int, arch: dict, device: str, steps: int, seqs: int, length: int) -> None:
+    """One rank of a `--tp` launch: the benchmark model split over `tp` ranks and FSDP2-sharded over the dp ranks
+    as the SFT stage prepares it, then SFT steps (fp32, AdamW) on a fixed global batch of `seqs` x `length`
+    tokens. Writes `out/rank<r>.json`: this rank's parameter, gradient and AdamW bytes (moments, and the per-tensor
+    step counters apart) read from the local shards of the actual tensors, the first step's global loss and
+    gradient norm, the timed steps (ms), the KV cache bytes per token of the rollout engine on this layout, and the
+    reward model's (a scalar-head model on the same backbone) parameter bytes."""
+    from rlhf_fast import distributed as dist
+    from rlhf_fast import parallelize as par
+    from rlhf_fast.config import OptimConfig
+    from rlhf_fast.heads import ScalarHeadModel
+    from rlhf_fast.models import build_model
+    from rlhf_fast.stages.common import make_optimizer
+    from rlhf_fast.stages.sft import response_nll, trained_positions
+
+    dist.init(timeout_s=600)
+    torch.set_num_threads(1)
+    dev = dist.device(device)
+    cfg = llama_config(arch)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(0)
+        model = build_model(cfg, device=dev)
+        rm = ScalarHeadModel(build_model(cfg, lm_head=False, device=dev))
+    model = par.parallelize(model, tp=tp).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    row = {"rank": dist.rank(), "params_B": _local_bytes(params)}
+    opt = make_optimizer(params, OptimConfig(lr=1e-3, weight_decay=0.0))
+    data = _sft_examples(arch, seqs, length)
+    count = sum(len(trained_positions(e)) for e in data)
+    micro = max(1, seqs // max(1, dist.dp_size()) // 2)  # two micro-batches per rank
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def step() -> tuple[float, float]:
+        total = dist.accumulate(data, lambda items, real: response_nll(model, items)[0] / count, micro)
+        if dist.world_size() == 1:  # float64 as dist.clip_grad_norm sums over ranks (torch's fp32 norm is off by
+            # ~1e-4 relative on this model's 5M gradient elements on CPU: clip_grad_norm_ 0.65183 vs 0.65192)
+            norm = float(sum(p.grad.detach().double().pow(2).sum() for p in params)) ** 0.5
+        else:
+            norm = dist.clip_grad_norm(params, float("inf"))
+        return dist.all_sum(float(total)), norm
+
+    row["loss"], row["grad_norm"] = step()
+    row["grads_B"] = _local_bytes(p.grad for p in params)
+    opt.step()
+    state = [st for st in opt.state.values()]
+    row["optim_moments_B"] = _local_bytes(v for st in state for k, v in st.items() if k != "step")
+    row["optim_step_B"] = _local_bytes(st["step"] for st in state if torch.is_tensor(st.get("step")))
+    opt.zero_grad(set_to_none=True)
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        sync()
+        t0 = time.perf_counter()
+        step()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    row["step_ms"] = times
+    if dev.type == "cuda":
+        row["peak_alloc_B"] = torch.cuda.max_memory_allocated(dev)
+    model.eval()
+    row.update(_kv_probe(model, dev))
+    rm = par.parallelize(rm, tp=tp)
+    row["rm_params_B"] = _local_bytes(rm.parameters())
+    (out / f"rank{dist.rank()}.json").write_text(json.dumps(row))
+    dist.barrier()
+
+
+def _launch_tp(world: int, tp: int, out: Path, arch: dict, device: str, steps: int, seqs: int, length: int,
+               timeout: float) -> list[dict]:
+    """One `torchrun --nproc_per_node world` launch of `tp_worker`; every rank's row."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m",
+           "bench.bench_scaling", "--tp-worker", str(out), "--tp-size", str(tp), "--arch", json.dumps(arch),
+           "--device", device, "--steps", str(steps), "--seqs", str(seqs), "--length", str(length)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode:
+        raise RuntimeError(f"world {world} tp {tp}: {' '.join(cmd)} failed (exit {p.returncode}):\n"
+                           f"{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def tp_rows(layouts, arch: dict, device: str, *, steps: int, seqs: int, length: int, timeout: float = 900.0,
+            tmp: Path | None = None) -> list[dict]:
+    """One row per (world, tp) layout: per-rank bytes (max over ranks, and every rank's), their ratio to one
+    process's, the median SFT step time over ranks' steps, the first step's loss and gradient norm against one
+    process's (relative difference), the KV bytes per token per rank."""
+    import statistics
+
+    rows, base = [], None
+    with tempfile.TemporaryDirectory() as t:
+        root = tmp or Path(t)
+        for world, tp in layouts:
+            ranks = _launch_tp(world, tp, root / f"w{world}_tp{tp}", arch, device, steps, seqs, length, timeout)
+            r0 = ranks[0]
+            per = {k: [r[k] for r in ranks] for k in ("params_B", "grads_B", "optim_moments_B", "optim_step_B",
+                                                      "rm_params_B")}
+            step_ms = statistics.median(statistics.median(r["step_ms"]) for r in ranks)
+            row = {"case": f"dp{world // tp} x tp{tp}", "world_size": world, "tp": tp, "dp": world // tp,
+                   "params_B_per_rank": max(per["params_B"]), "grads_B_per_rank": max(per["grads_B"]),
+                   "optim_moments_B_per_rank": max(per["optim_moments_B"]),
+                   "optim_step_B_per_rank": max(per["optim_step_B"]),
+                   "rm_params_B_per_rank": max(per["rm_params_B"]),
+                   "params_B_ranks": "/".join(map(str, per["params_B"])),
+                   "rm_params_B_ranks": "/".join(map(str, per["rm_params_B"])),
+                   "step_ms": round(step_ms, 1), "_step_ms": step_ms, "loss": r0["loss"], "grad_norm": r0["grad_norm"]}
+            if base is None and world == 1:
+                base = row
+            if base is not None:
+                row["params_vs_1"] = round(row["params_B_per_rank"] / base["params_B_per_rank"], 4)
+                row["step_vs_1"] = round(step_ms / base["_step_ms"], 3)
+                row["loss_rel_diff_vs_1"] = abs(row["loss"] - base["loss"]) / abs(base["loss"])
+                row["grad_norm_rel_diff_vs_1"] = abs(row["grad_norm"] - base["grad_norm"]) / base["grad_norm"]
+            kv = [r.get("kv_bytes_per_token") for r in ranks]
+            if all(k is not None for k in kv):
+                row["kv_B_per_token_per_rank"] = max(kv)
+                row["kv_heads_per_rank"] = r0["kv_heads_local"]
+            else:
+                row["kv_B_per_token_per_rank"] = ""
+                row["kv_note"] = next(r["kv_error"] for r in ranks if "kv_error" in r)
+            if "peak_alloc_B" in r0:
+                row["peak_alloc_MiB_per_rank"] = round(max(r["peak_alloc_B"] for r in ranks) / 2**20, 1)
+            row.update(arch={k: arch[k] for k in arch}, tokens_per_step=seqs * length)
+            row["device"] = _tp_device(device, world)
+            rows.append(row)
+    for r in rows:
+        r["arch"] = json.dumps(r["arch"], separators=(",", ":"))
+        del r["_step_ms"]
+    return rows
+
+
+def _tp_device(device: str, world: int) -> str:
+    if device == "cuda":
+        return f"{world} x {device_name('cuda')} (NCCL)"
+    return device_name("cpu").split(", torch threads")[0] + f"), {world} process(es) x 1 thread, gloo"
+
+
+def tp_main(argv: list[str]) -> int:
+    """`--tp`: the tensor-parallel rows. CPU (gloo): layouts dp1 x tp1, dp2 x tp1, dp1 x tp2, dp2 x tp2, dp1 x tp4
+    of TP_ARCH; `--gpu` (NCCL): one GPU, tp 2/4/8 on as many GPUs, dp x tp 2 on all, of GPU_ARCH; `--tiny`:
+    tests/_tp_worker.py's model (for the memory model's check), `--dry-run`: tiny, world 1 and 2 only."""
+    ap = argparse.ArgumentParser(description="bench_scaling --tp: per-rank bytes and SFT step time under tp")
+    ap.add_argument("--tp", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="CUDA + NCCL")
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs to use (0: all)")
+    ap.add_argument("--tiny", action="store_true", help="tests/_tp_worker.py's tiny model")
+    ap.add_argument("--dry-run", action="store_true", help="tiny model, world 1 and 2 (tp 2), 1 timed step")
+    ap.add_argument("--layouts", default="", help="world:tp,... (default: the device's)")
+    ap.add_argument("--steps", type=int, default=3, help="timed SFT steps per launch")
+    ap.add_argument("--name", default="", help="results name (default scaling_tp[_gpu][_tiny|_dryrun])")
+    ap.add_argument("--tp-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tp-size", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--arch", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    ap.add_argument("--seqs", type=int, default=16, help="sequences per global batch")
+    ap.add_argument("--length", type=int, default=64, help="tokens per sequence")
+    args = ap.parse_args(argv)
+    if args.tp_worker is not None:
+        tp_worker(args.tp_worker, args.tp_size, json.loads(args.arch), args.device, args.steps, args.seqs,
+                  args.length)
+        return 0
+    device = "cuda" if args.gpu else "cpu"
+    small = args.tiny or args.dry_run
+    arch = TINY_ARCH if small else GPU_ARCH if args.gpu else TP_ARCH
+    if args.layouts:
+        layouts = [tuple(int(x) for x in item.split(":")) for item in args.layouts.split(",")]
+    elif args.gpu:
+        layouts = gpu_layouts(args.gpus or torch.cuda.device_count())
+    elif args.dry_run:
+        layouts = [(1, 1), (2, 2)]
+    else:
+        layouts = list(CPU_LAYOUTS)
+    if args.gpu and not small and args.seqs == 16 and args.length == 64:
+        args.seqs, args.length = 32, 512  # enough compute per step for a GPU
+    steps = 1 if args.dry_run else args.steps
+    rows = tp_rows(layouts, arch, device, steps=steps, seqs=args.seqs, length=args.length)
+    name = args.name or ("scaling_tp" + ("_gpu" if args.gpu else "") + ("_dryrun" if args.dry_run else
+                                                                        "_tiny" if args.tiny else ""))
+    write_results(name, rows, plot_x="case", plot_y="step_ms", group_by="arch")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--tp" in argv or "--tp-worker" in argv:
+        return tp_main(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="the full default pipeline instead of the reduced one")
     ap.add_argument("--quick", action="store_true", help="smoke run: a tiny pipeline (the code path, not the numbers)")
     ap.add_argument("--gpu", action="store_true", help="CUDA + NCCL, N = 1 .. torch.cuda.device_count()")
     ap.add_argument("--hidden", type=int, default=0, help="model width (0: the default task's 128); heads of 32")
     ap.add_argument("--layers", type=int, default=0, help="decoder layers (0: the default task's 3)")
-    args = ap.parse_args()
+    ap.add_argument("--tp", action="store_true", help="tensor-parallel rows instead (see tp_main)")
+    args = ap.parse_args(argv)
     device = "cuda" if args.gpu else "cpu"
     sizes = list(range(1, torch.cuda.device_count() + 1)) if args.gpu else [1, 2]
     overrides = [] if args.full else REDUCED + (QUICK if args.quick else [])
@@ -105,7 +362,8 @@ def main() -> None:
                                                              one / "ppo" / "final" / "policy")
             rows.append(row)
     write_results(name, rows, plot_x="case", plot_y="train_s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
