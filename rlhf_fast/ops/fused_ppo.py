@@ -20,6 +20,12 @@ do; (batch,) advantages are broadcast over each row.
 Tokens whose old_logp, advantage, importance weight or ref_logp is NaN/Inf are dropped (as `ppo_policy_loss` does)
 and counted in `stats.nonfinite`.
 
+`old_logp=None` is the on-policy step (the old policy is this step's, detached: TRL's GRPO with one iteration per
+generation): the log ratio is exactly 0 at every level (ratio 1, its gradient that of exp(logp - sg(logp))), with
+no pass for the old log-probs. `token_stats=True` also returns the per-token log-probs and entropies the chunks
+computed anyway (`stats.token_logp`, `stats.token_entropy`, detached), so a caller's metrics need no second
+lm_head pass.
+
 A final logit soft-cap (`softcap` > 0, Gemma 2/3) is applied by the row kernels to each chunk's logits, before the
 temperature (z = c tanh(x / c) / T), and its derivative enters dlogits; the support selection sees the capped z.
 """
@@ -57,6 +63,8 @@ class FusedPPOStats(NamedTuple):
     nonfinite: torch.Tensor  # int64: masked-in tokens dropped for a NaN/Inf old_logp / advantage / ref_logp / weight
     #                          (/ rollout_logp)
     rollout_correction: RolloutCorrectionStats | None = None  # given rollout_logp: the rollout-vs-trainer stats
+    token_logp: torch.Tensor | None = None  # token_stats=True: (batch, T) this step's log-probs (0 off the valid tokens)
+    token_entropy: torch.Tensor | None = None  # token_stats=True: (batch, T) this step's entropies (0 off them)
 
 
 def _loss_backend(device) -> str | None:
@@ -73,11 +81,13 @@ class _FusedPPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, old_logp, adv, ref_logp, isw, w, spread, cfg):
         # hidden (M, H) valid tokens only; weight (V, H); bias (V,) | None
-        # labels, old_logp (the log ratio itself at the sequence levels), adv, ref_logp | None, isw | None, w: (M,)
+        # labels, old_logp (the log ratio itself where lr_given: the sequence levels, on-policy), adv,
+        # ref_logp | None, isw | None, w: (M,)
         # spread: (M,) d pg / d logp of the sequence-sum level (each row's summed derivative), or None
-        clip, kl_coef, kl_kind, entropy_coef, inv_temp, chunk_size, rows_fwd, rows_bwd, cut, softcap = cfg
+        clip, kl_coef, kl_kind, entropy_coef, inv_temp, chunk_size, rows_fwd, rows_bwd, cut, softcap, lr_given = cfg
         m, vocab, cd = hidden.shape[0], weight.shape[0], w.dtype
         dev = hidden.device
+        tok_logp, tok_lse, tok_ent = (torch.empty(m, dtype=cd, device=dev) for _ in range(3))  # (M,) per token
         dh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(weight.shape, dtype=cd, device=dev) if ctx.needs_input_grad[1] else None
         db = torch.zeros(vocab, dtype=cd, device=dev) if ctx.needs_input_grad[2] else None
@@ -89,7 +99,7 @@ class _FusedPPO(torch.autograd.Function):
         for start, rows, hc, logits in iter_chunks(hidden, weight, bias, chunk_rows_for(chunk_size, m, vocab),
                                                    fixed_tiles=False):
             sl = slice(start, start + rows)
-            logp, lse, ent = (torch.empty(rows, dtype=cd, device=dev) for _ in range(3))
+            logp, lse, ent = tok_logp[sl], tok_lse[sl], tok_ent[sl]
             thr = cut(logits, sl)  # (rows,) support thresholds (top-k / top-p), or None
             rows_fwd(logits, labels[sl], inv_temp, -1, logp, lse, ent, thr, softcap)
             with torch.enable_grad(), use_backend(_loss_backend(dev)):
@@ -97,7 +107,7 @@ class _FusedPPO(torch.autograd.Function):
                 # weights folded into the advantages: pg(A * w) = w * pg(A) for w >= 0
                 pg, st = policy_loss_tokens(lp[None], old_logp[None, sl].to(cd), (adv[sl] * w[sl])[None].to(cd),
                                             ones[:, :rows], None if isw is None else isw[None, sl], clip, TOKEN_SUM,
-                                            lr_given=clip.level != "token")
+                                            lr_given=lr_given)
                 terms = [pg] if spread is None else []  # sequence-sum: pg's derivative is precomputed
                 if ref_logp is not None:
                     kl = (kl_penalty(lp, ref_logp[sl].to(cd), kl_kind) * w[sl]).sum()
@@ -120,7 +130,7 @@ class _FusedPPO(torch.autograd.Function):
         n = max(m, 1)
         one = torch.ones((), dtype=cd, device=dev)
         stats = (pg_sum, kl_sum, ent_sum, clipped / n, akl / n, ratio_sum / n if m else one,
-                 rmin if m else one, rmax if m else one)
+                 rmin if m else one, rmax if m else one, tok_logp, tok_ent)
         ctx.mark_non_differentiable(*stats)
         return (loss, *stats)
 
@@ -203,7 +213,8 @@ def _check_options(clip, kl, temperature, chunk_size, softcap) -> None:
     check_softcap(softcap)
 
 
-def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logp: torch.Tensor,
+def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         old_logp: torch.Tensor | None,
                          advantages: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
                          clip: PPOClip = PPOClip(), agg: PPOAgg | str = "token-mean", kl: KLTerm | None = None,
                          entropy_coef: float = 0.0, temperature: float = 1.0, chunk_size: int | None = None,
@@ -211,14 +222,16 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          support_threshold: torch.Tensor | None = None,
                          is_weights: torch.Tensor | None = None, rollout_logp: torch.Tensor | None = None,
                          rollout_correction: RolloutCorrection | None = None,
-                         softcap: float = 0.0) -> tuple[torch.Tensor, FusedPPOStats]:
+                         softcap: float = 0.0, token_stats: bool = False) -> tuple[torch.Tensor, FusedPPOStats]:
     """PPO loss straight from hidden states, without materialising the (batch, T, V) logits.
 
     Args:
         hidden: (batch, T, H) float32/bfloat16/float16/float64, hidden states at the positions that predict labels.
         weight: (V, H) same dtype, the lm_head.
         labels: (batch, T) int64, the sampled response tokens (any value where mask is 0).
-        old_logp: (batch, T) float, log-probs under the rollout policy.
+        old_logp: (batch, T) float, log-probs under the rollout policy; or None: on-policy, the old policy is this
+            step's own (detached), so the log ratio is 0 at every token and level (ratio exactly 1) and no pass
+            computes old log-probs (TRL's GRPO with one iteration per generation). Not with `rollout_logp`.
         advantages: (batch, T) float, or (batch,) for one advantage per sequence (GRPO, RLOO), broadcast.
         mask: (batch, T) 0/1 response mask.
         bias: (V,) same dtype, the lm_head's bias, or None.
@@ -242,6 +255,10 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             `rollout_correction` (a `RolloutCorrection`; None: mode "none", statistics only) weights and masks the
             tokens as in `ppo_policy_loss` (the weights multiply is_weights, the policy-gradient term only; dropped
             tokens leave every term), its stats in `stats.rollout_correction`.
+        token_stats: also return this step's per-token log-probs and entropies (of the same, possibly truncated,
+            distribution the loss uses; no gradient) as `stats.token_logp` / `stats.token_entropy` (batch, T) in the
+            compute dtype, 0 where a token is masked out or dropped (`stats.nonfinite`): what the chunks compute
+            anyway, so metrics need no second lm_head pass. Off: both None.
     The policy-gradient term is exactly `ppo_policy_loss(logp, old_logp, advantages, mask, clip=clip, agg=agg,
     is_weights=is_weights)` on this step's logp (see there for the formulas and the peers' equivalents).
     Returns:
@@ -252,8 +269,13 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     _check_options(clip, kl, temperature, chunk_size, softcap)
     check_support(top_k, top_p, support, support_threshold, labels.shape, hidden.device)
     ref_logp = None if kl is None else kl.ref_logp
+    on_policy = old_logp is None
+    if on_policy and rollout_logp is not None:
+        raise ValueError("rollout_logp needs old_logp (the trainer's log-probs of the behaviour policy); old_logp=None "
+                         "is the on-policy step, with nothing to correct")
     advantages = token_advantages(advantages, mask)
-    per_token = {"old_logp": old_logp, "advantages": advantages, **({} if kl is None else {"kl.ref_logp": ref_logp}),
+    per_token = {**({} if on_policy else {"old_logp": old_logp}), "advantages": advantages,
+                 **({} if kl is None else {"kl.ref_logp": ref_logp}),
                  **({} if is_weights is None else {"is_weights": is_weights})}
     _check(hidden, weight, bias, labels, mask, per_token)
     mask, is_weights, corr, dropped = apply_rollout_correction(old_logp, rollout_logp, mask, rollout_correction,
@@ -266,8 +288,8 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     else:
         rows_fwd, rows_bwd = (native_rows_fwd, native_rows_bwd) if backend == "native" else (torch_rows_fwd,
                                                                                             torch_rows_bwd)
-    finite = torch.isfinite(old_logp) & torch.isfinite(advantages)
-    for t in (ref_logp, is_weights):
+    finite = torch.isfinite(advantages)
+    for t in (old_logp, ref_logp, is_weights):
         if t is not None:
             finite &= torch.isfinite(t)
     valid = mask.bool() & finite  # (batch, T)
@@ -282,13 +304,17 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     softcap = float(softcap)
     cut = ChunkSupport.of(weight.shape[0], 1.0 / temperature, top_k, top_p, thr, backend, softcap)
     cfg = (clip, kl_coef, kl_kind, float(entropy_coef), 1.0 / temperature, chunk_size, rows_fwd, rows_bwd, cut,
-           softcap)
+           softcap, on_policy or clip.level != "token")
     weight = weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    y, old, adv, w = take(labels).to(torch.int64).contiguous(), take(old_logp), take(advantages), take(w)
+    y, adv, w = take(labels).to(torch.int64).contiguous(), take(advantages), take(w)
+    old = torch.zeros(idx.shape[0], dtype=cd, device=h.device) if on_policy else take(old_logp)  # on-policy: lr 0
     isw = None if is_weights is None else take(is_weights.detach()).to(cd)
     spread = None
-    if clip.level != "token":  # old -> each token's sg[mean (or sum) over its row of logp - old_logp]
+    if on_policy and clip.level == "sequence-sum":  # lr 0 given: the derivative does not read logp's values
+        row = idx // max(mask.shape[-1], 1)
+        spread = _sequence_sum_grad(torch.zeros_like(old), old, adv, isw, w, row, mask.shape[0], clip)
+    elif clip.level != "token" and not on_policy:  # old -> each token's sg[mean (or sum) over its row of logp - old]
         row = idx // max(mask.shape[-1], 1)  # (M,) row of each valid token
         lp = _valid_logp(h.detach(), weight.detach(), None if bias is None else bias.detach(), y, 1.0 / temperature,
                          chunk_size, rows_fwd, cd, cut, softcap)
@@ -298,6 +324,11 @@ def ppo_loss_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         old = seq[row]  # (M,)
         if clip.level == "sequence-sum":
             spread = _sequence_sum_grad(lp, old, adv, isw, w, row, mask.shape[0], clip)
-    loss, *stats = _FusedPPO.apply(h, weight, bias, y, old, adv, take(ref_logp), isw, w, spread, cfg)
+    loss, *stats, tok_logp, tok_ent = _FusedPPO.apply(h, weight, bias, y, old, adv, take(ref_logp), isw, w, spread,
+                                                      cfg)
     # gradients reach `hidden` through the index_select above
-    return loss, FusedPPOStats(*stats, nonfinite + dropped, corr)
+    per_tok = (None, None)
+    if token_stats:  # (M,) -> (batch, T), 0 off the valid tokens
+        per_tok = tuple(torch.zeros(valid.numel(), dtype=cd, device=h.device).index_copy_(0, idx, t).view(valid.shape)
+                        for t in (tok_logp, tok_ent))
+    return loss, FusedPPOStats(*stats, nonfinite + dropped, corr, *per_tok)
