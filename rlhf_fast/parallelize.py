@@ -26,12 +26,18 @@ Checkpointing and sharding combine: the FSDP hooks sit on the checkpoint wrapper
 runs the inner block with the parameters the pre-backward hook gathered.
 
 `unsharded(*models)` gathers every parameter for a rollout: inside it the models run through their own `__call__`
-(FSDP hooks firing) with no collective at all, so ranks that decode different numbers of steps cannot hang.
+(FSDP hooks firing) with no FSDP collective, so dp ranks that decode different numbers of steps cannot hang. A
+tensor-parallel model is gathered over dp only (its tp shards stay); its tp group decodes in step.
+
+Deterministic mode under tp: `tensor_parallel` gives each split projection a `batch_invariant(x)` that
+`layers.project` calls (the fixed-chunk GEMM on the rank's shard; a row-parallel one all-gathers the ranks' partial
+products and adds them in rank order), so a tp model's results do not depend on the batch either.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import weakref
 from collections.abc import Iterator
 
@@ -137,6 +143,10 @@ def tensor_parallel(model: nn.Module, mesh) -> None:
     if head is not None and not tied:
         plan["lm_head"] = ColwiseParallel()  # weight (V / tp, hidden): vocab rows
     parallelize_module(model, mesh, plan)
+    for block in model.layers:  # deterministic mode's path (`layers.project`): local fixed-chunk GEMMs
+        for n in COLWISE + ROWWISE:
+            mod = block.get_submodule(n)
+            mod.batch_invariant = functools.partial(_colwise_fixed if n in COLWISE else _rowwise_fixed, mod)
     model.embed = VocabParallelEmbedding(model.embed, mesh)
     if tied:
         head.weight = model.embed.weight  # the embedding's new (sharded) parameter, tied again
@@ -166,6 +176,52 @@ class VocabParallelEmbedding(nn.Module):
         mesh = self.weight.device_mesh
         return vocab_parallel_embedding(ids, rows, vocab_start=mesh.get_local_rank() * rows.shape[0],
                                         group=mesh.get_group(), padding_idx=self.padding_idx)
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _colwise_fixed(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A column-parallel projection in deterministic mode: x (T, in) replicated -> this rank's columns (T, out / tp)
+    through the batch-invariant fixed-chunk GEMM (`layers.linear`); what ColwiseParallel computes, bit for bit
+    whatever T."""
+    from rlhf_fast.models.layers import linear
+
+    return linear(x, _local(mod.weight), _local(mod.bias), True)
+
+
+def _rowwise_fixed(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A row-parallel projection in deterministic mode: x (T, in / tp) this rank's columns -> (T, out) replicated:
+    each rank's partial product (fixed-chunk GEMM) all-gathered and added in rank order (`_SumInRankOrder`), so the
+    result's bits depend neither on T nor on the backend's all-reduce order; then the bias."""
+    from rlhf_fast.models.layers import linear
+
+    y = _SumInRankOrder.apply(linear(x, _local(mod.weight), None, True), mod.weight.device_mesh.get_group())
+    return y + _local(mod.bias) if mod.bias is not None else y
+
+
+class _SumInRankOrder(torch.autograd.Function):
+    """partial (T, out) on each rank of `group` -> their sum, added in rank order (the same bits on every rank, for
+    every T). Backward: the identity (the output's gradient is replicated; each rank's partial gets it whole), as
+    the row-parallel all-reduce's."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group) -> torch.Tensor:
+        from torch.distributed import _functional_collectives as funcol
+
+        n = torch.distributed.get_world_size(group)
+        parts = funcol.all_gather_single(partial.contiguous(), 0, group).view(n, *partial.shape)  # (tp, T, out)
+        out = parts[0]
+        for r in range(1, n):
+            out = out + parts[r]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 def _check_tp(model: nn.Module, tp: int) -> nn.Module:
@@ -253,10 +309,11 @@ def unsharded(*models: nn.Module | None) -> Iterator[None]:
     steps, or none, while the others decode theirs. Call it on every rank (the gathering is one all-gather per FSDP
     module), between optimiser steps; run the models under `torch.no_grad()` inside it (a backward would reduce
     gradients). On exit each module's `reshard_after_forward` is restored and its parameters resharded; nested uses
-    (the same model twice) gather once. None entries and unsharded models are ignored."""
-    if any(map(tp_sharded, models)):
-        raise NotImplementedError("unsharded: a tensor-parallel model is never gathered, and rollouts under tensor "
-                                  "parallelism are not built yet (parallel.tp trains SFT and reward models only)")
+    (the same model twice) gather once. None entries and unsharded models are ignored.
+
+    A tensor-parallel model (dp x tp mesh) is gathered over the dp ranks only: inside, each parameter `tensor_parallel`
+    split is its tp shard (a DTensor over the "tp" mesh), never the whole tensor. Its forwards still run the tp
+    group's collectives, so the ranks of a tp group decode in step (`rollout/tp.py`); dp groups need not."""
     roots = [m for m in dict.fromkeys(models) if m is not None and _is_fsdp(m)]
     mods = list(dict.fromkeys(x for r in roots for x in fsdp_modules(r)))
     fresh = [m for m in mods if _DEPTH.get(m, 0) == 0]  # not yet gathered by an enclosing `unsharded`

@@ -177,7 +177,9 @@ def project(x: torch.Tensor, module: nn.Module, deterministic: bool) -> torch.Te
     `Conv1D` (a converted transformers model), our `LoRALinear` (`models.lora`: `weight`, `bias`, `lora_A`,
     `lora_B`, `scaling`, `dropout`, `disabled`), or a peft LoRA layer (a converted transformers + peft model). An
     active adapter adds what peft's own forward computes: W x + b + scale * B A dropout(x). Disabled or merged
-    adapters add nothing (merged ones are in W)."""
+    adapters add nothing (merged ones are in W). An `nn.Linear` that code outside the model hooked (tensor
+    parallelism: `parallelize.tensor_parallel`) runs as a module, or in deterministic mode through the
+    `batch_invariant(x)` that code set on it (its fixed-chunk equivalent)."""
     if hasattr(module, "disabled") and hasattr(module, "scaling"):  # our LoRALinear
         y = linear(x, module.weight, module.bias, deterministic)
         if module.disabled:
@@ -186,9 +188,12 @@ def project(x: torch.Tensor, module: nn.Module, deterministic: bool) -> torch.Te
         z = linear(module.dropout(x.to(a.weight.dtype)), a.weight, None, deterministic)  # (T, r)
         return (y + linear(z, b.weight, b.bias, deterministic) * module.scaling).to(y.dtype)
     base = getattr(module, "base_layer", module)  # peft keeps the wrapped layer as `base_layer`
-    if isinstance(base, nn.Linear):  # one with hooks put on it from outside (tensor parallelism) runs as a module
-        hooked = base._forward_pre_hooks or base._forward_hooks
-        y = base(x) if hooked and not deterministic else linear(x, base.weight, base.bias, deterministic)
+    if isinstance(base, nn.Linear):  # one with hooks put on it from outside (tensor parallelism) runs as a module,
+        hooked = base._forward_pre_hooks or base._forward_hooks  # or in deterministic mode as its `batch_invariant`
+        if deterministic and getattr(base, "batch_invariant", None) is not None:
+            y = base.batch_invariant(x)
+        else:
+            y = base(x) if hooked and not deterministic else linear(x, base.weight, base.bias, deterministic)
     else:
         y = conv1d(x, base.weight, base.bias, deterministic)
     lora_a = getattr(module, "lora_A", None)

@@ -11,7 +11,7 @@ from rlhf_fast import ops
 from rlhf_fast.models import as_decoder
 from rlhf_fast.models.layers import cache_attention
 from rlhf_fast.models.moe import RoutingRecord
-from rlhf_fast.rollout import block_table, philox
+from rlhf_fast.rollout import block_table, philox, tp
 from rlhf_fast.rollout.allocator import BlockAllocator
 from rlhf_fast.rollout.decode_step import DecodeStep, bucket
 from rlhf_fast.rollout.sampling import sample
@@ -44,6 +44,11 @@ class RolloutEngine:
     layer (`moe.RoutingRecord`), kept per sequence by input position (int16; a re-prefill after a preemption
     overwrites by position; a prompt's rows are recorded once and shared by its samples), and returned as
     `Completion.routes`. Dense models record nothing.
+
+    Tensor parallelism (a model split by `parallelize.tensor_parallel`, `rollout/tp.py`): the cache holds this rank's
+    kv_heads / tp heads; each step's sampled rows' logits are all-gathered over the tp group, and the seed is the
+    group's first rank's, so every tp rank draws the same tokens. Every rank of a tp group calls `generate` with the
+    same prompts and params (inside `parallelize.unsharded` when FSDP shards it over dp).
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None,
@@ -60,8 +65,10 @@ class RolloutEngine:
         self.max_num_seqs = max_num_seqs
         self.deterministic = deterministic
         lm = self.lm
+        tp.check(lm, "RolloutEngine")
+        self.kv_heads = tp.kv_heads(lm)  # this rank's: num_kv_heads / tp on a tensor-parallel model
         elem = torch.empty((), dtype=lm.dtype).element_size()
-        self.bytes_per_block = lm.num_layers * 2 * block_size * lm.num_kv_heads * lm.head_dim * elem
+        self.bytes_per_block = lm.num_layers * 2 * block_size * self.kv_heads * lm.head_dim * elem
         if num_blocks is None:
             if kv_cache_memory is None:
                 if lm.device.type == "cuda":
@@ -82,11 +89,12 @@ class RolloutEngine:
             compile = False
         self._routing: RoutingRecord | None = None  # the last forward's record (routed models)
         self._routes: dict[int, list] = {}  # seq_id -> [prompt routes (M, P, k), generated routes (M, G, k)] int16
+        self._tp_head: torch.Tensor | None = None  # a tp rank's lm_head rows packed for oneDNN, in `generate`
         self.decode_step = DecodeStep(self._forward, deterministic=deterministic, compile=compile)
 
     def _cache(self) -> torch.Tensor:
         lm = self.lm
-        shape = (lm.num_layers, 2, self.num_blocks, self.block_size, lm.num_kv_heads, lm.head_dim)
+        shape = (lm.num_layers, 2, self.num_blocks, self.block_size, self.kv_heads, lm.head_dim)
         kv = self.kv_cache
         if kv is None or kv.device != lm.device or kv.dtype != lm.dtype:  # the model may have moved
             self.kv_cache = kv = torch.empty(shape, dtype=lm.dtype, device=lm.device)
@@ -114,7 +122,7 @@ class RolloutEngine:
         if longest > self.max_batch_tokens:
             raise ValueError(f"a sequence of {longest} tokens exceeds max_batch_tokens={self.max_batch_tokens} "
                              f"(a preempted sequence is recomputed in one prefill step)")
-        seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()))
+        seed = tp.shared_seed(lm, params.seed if params.seed is not None else int(torch.randint(2**62, ())))
         allocator = BlockAllocator(self.num_blocks, self.block_size)
         sched = Scheduler(allocator, self.max_batch_tokens, self.max_num_seqs, window=window,
                           prefill_reads_cache=self.deterministic)
@@ -135,7 +143,7 @@ class RolloutEngine:
                             prompt_tokens=sum(len(p) for p in prompts))
         self._routes, self._max_new = {}, params.max_new_tokens
         t0 = time.perf_counter()
-        with contextlib.nullcontext() if self.deterministic else lm.packed_head(min(len(all_seqs), self.max_num_seqs)):
+        with self._packed_head(min(len(all_seqs), self.max_num_seqs)):
             while sched.has_work():
                 step = sched.schedule()
                 self._run(step, kv, params, sched, batch, key)
@@ -247,8 +255,24 @@ class RolloutEngine:
         with torch.no_grad():  # prefill: the last layer's MLP on the rows that sample only
             h = self.lm(inputs.input_ids, inputs.positions, cache_attention(inputs.meta, kv), det,
                         out_rows=inputs.logit_rows, **kw)
-            logits = self.lm.logits(h, det)  # (R, V)
+            logits = tp.logits(self.lm, h, det, self._tp_head)  # (R, V), gathered over a tp group
         return logits
+
+    @contextlib.contextmanager
+    def _packed_head(self, rows_hint: int):
+        """The lm_head reordered for oneDNN for one `generate` (`DecoderLM.packed_head`; a tp rank's rows,
+        `tp.pack_head`); nothing in deterministic mode."""
+        if self.deterministic:
+            yield
+        elif tp.degree(self.lm) > 1:
+            self._tp_head = tp.pack_head(self.lm, rows_hint)
+            try:
+                yield
+            finally:
+                self._tp_head = None
+        else:
+            with self.lm.packed_head(rows_hint):
+                yield
 
     def teacher_forced_logprobs(self, prompts, completions, *, temperature: float = 1.0, top_k: int = 0,
                                 top_p: float = 1.0) -> list[torch.Tensor]:

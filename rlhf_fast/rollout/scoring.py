@@ -3,6 +3,10 @@
 With `deterministic=True` the forward is the engine's batch-invariant one (fixed-chunk GEMMs; every query attends
 through the paged kernel over a cache this pass fills, keys in the same order as at decode), so the result is
 bitwise equal to the log-probs `RolloutEngine(..., deterministic=True)` returned, whatever the batching.
+
+On a tensor-parallel model (`parallelize.tensor_parallel`; every rank of its tp group calls this with the same
+arguments) the cache holds the rank's kv heads and the scored rows' logits are gathered over the group as the
+engine gathers them (`rollout/tp.py`): (completion tokens, V) on each rank, as one process holds them.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 from rlhf_fast import ops
 from rlhf_fast.models import as_decoder
 from rlhf_fast.models.layers import cache_attention
-from rlhf_fast.rollout import block_table
+from rlhf_fast.rollout import block_table, tp
 from rlhf_fast.rollout.types import Completion, check_prompts
 
 MAX_TOKENS_PER_FORWARD = 8192  # sequences are packed into forwards of at most this many tokens (one if longer)
@@ -35,6 +39,7 @@ def teacher_forced_logprobs(model, prompts: list[list[int]], completions: list, 
         list of (len(completions[i]),) float32 tensors on the model's device.
     """
     lm = as_decoder(model)
+    tp.check(lm, "teacher_forced_logprobs")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     comps = [c.token_ids if isinstance(c, Completion) else c for c in completions]
@@ -78,7 +83,7 @@ def _score_pack(lm, seqs, prompt_lens, comps, sampling, deterministic, block_siz
             nb = -(-len(s) // block_size)
             tables.append(list(range(nxt, nxt + nb)))
             nxt += nb
-        kv = torch.empty((lm.num_layers, 2, nxt, block_size, lm.num_kv_heads, lm.head_dim), dtype=lm.dtype,
+        kv = torch.empty((lm.num_layers, 2, nxt, block_size, tp.kv_heads(lm), lm.head_dim), dtype=lm.dtype,
                          device=dev)
     inputs = block_table.prefill_inputs(seqs, tables, block_size, dev, deterministic=deterministic, logits="all")
     rows, labels, start = [], [], 0
@@ -89,7 +94,7 @@ def _score_pack(lm, seqs, prompt_lens, comps, sampling, deterministic, block_siz
     logit_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
     with torch.no_grad():
         h = lm(inputs.input_ids, inputs.positions, cache_attention(inputs.meta, kv), deterministic, out_rows=logit_rows)
-        logits = lm.logits(h, deterministic)  # (sum len(c), V)
+        logits = tp.logits(lm, h, deterministic)  # (sum len(c), V), gathered over a tp group as the engine's
     temperature, top_k, top_p = sampling
     logp = ops.token_logprobs(logits, torch.tensor(labels, dtype=torch.int64, device=dev), temperature=temperature,
                               top_k=top_k, top_p=top_p)
