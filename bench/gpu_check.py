@@ -2,6 +2,7 @@
 
     python -m bench.gpu_check --out DIR [--budget-s 420]      # on a CUDA machine, from a fresh checkout
     python -m bench.gpu_check --out DIR --dry-run             # CPU, Triton interpreter, tiny shapes (CI runs this)
+    python -m bench.gpu_check --out DIR --only multi_gpu/tp   # tensor parallelism on every GPU (`--gpus N`: N)
 
 Steps, in priority order (a step the budget no longer allows is reported as skipped, never dropped):
   env          device, capability, versions, spec peaks (bench/roofline.py) and a measured memcpy bandwidth
@@ -11,6 +12,11 @@ Steps, in priority order (a step the budget no longer allows is reported as skip
   perf/*       each benchmark's GPU mode at its headline shape, rows with time, GB/s or TFLOP/s, fraction of peak;
                perf/decode: decode tokens/s at batch 1, 32, 256 (eager, compiled + graphs, HF) vs a kernel-launch floor
                perf/trl_grpo: a GRPO step in TRL's train() with TRL's generate, ours, and vLLM colocate if installed
+  multi_gpu/tp with several GPUs (all, or `--gpus N`; skipped on one): `bench_scaling --tp --gpu` under torchrun +
+               NCCL at one GPU, tp 2/4/8 and dp x tp 2: each layout's first SFT step (loss, gradient norm) against
+               one GPU's, per-rank parameter / gradient / AdamW / KV bytes against bench/memory_model.py's formula,
+               step time. Last in priority: `--only multi_gpu/tp` runs it alone. The dry run runs it on CPU (gloo,
+               the tiny model, one process and tp 2)
 Everything lands in DIR: summary.md, summary.csv, summary.json, one log per step and the benchmarks' CSV/JSON/PNG.
 On CUDA each step runs in its own process (a crash or hang costs that step only, killed at the budget); the dry
 run runs them in this process (one interpreter start instead of nine on a 2-core CI machine) and skips only the
@@ -59,7 +65,7 @@ class Outcome:
 @dataclasses.dataclass(frozen=True)
 class Step:
     name: str
-    kind: str  # env | build | correctness | perf
+    kind: str  # env | build | correctness | perf | multi_gpu
     fn: Callable[["Check"], Outcome]
     needs_s: float  # rough time it takes on an H100; not started with less left
     cap_s: float  # hard limit for its subprocess
@@ -68,8 +74,9 @@ class Step:
 class Check:
     """Runs the steps; owns the output directory, the clock and how a command is launched."""
 
-    def __init__(self, out: Path, budget_s: float, dry_run: bool):
+    def __init__(self, out: Path, budget_s: float, dry_run: bool, gpus: int = 0):
         self.out, self.budget_s, self.dry_run = out, budget_s, dry_run
+        self.gpus = gpus  # the multi-GPU steps' GPUs (0: torch.cuda.device_count())
         self.start = time.monotonic()
         self.rows: list[dict] = []
         self.info: dict = {}
@@ -541,6 +548,62 @@ def step_trl_grpo(chk: Check) -> Outcome:
     return _done(rc, "bench_trl_grpo.log", targets or [Target("GRPO step rows", None, "present", False)])
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# multi-GPU: tensor parallelism under torchrun + NCCL (`--gpus N`, or every GPU when there are several)
+# ---------------------------------------------------------------------------------------------------------------
+
+TP_LOSS_REL = 1e-5  # fp32: tp ranks reduce over their heads / columns, then all-reduce; the loss is a sum of logs
+TP_NORM_REL = 1e-4  # the gradient norm over 8 layers of such reductions (CPU gloo measures ~2e-8 on the tiny model)
+
+
+def multi_gpu_count(chk: Check) -> int:
+    """GPUs the multi-GPU step uses: `--gpus`, else torch.cuda.device_count(); 2 in the dry run (CPU processes)."""
+    if chk.dry_run:
+        return 2
+    import torch
+
+    return chk.gpus or torch.cuda.device_count()
+
+
+def step_multi_gpu_tp(chk: Check) -> Outcome:
+    """`python -m bench.bench_scaling --tp --gpu --gpus N` (torchrun, NCCL): one GPU, tp 2/4/8 on as many GPUs and
+    dp x tp 2 on all of them (the dry run: CPU gloo, the tiny model, one process and tp 2). Per layout: the first
+    SFT step's loss and gradient norm against one GPU's (the tp tests' correctness check), per-rank parameter /
+    gradient / AdamW / KV bytes against bench/memory_model.py's formula, the step time and the rollout engine's KV
+    bytes per token per rank."""
+    from bench import memory_model
+
+    n = multi_gpu_count(chk)
+    if n < 2:
+        return Outcome("skipped", f"{n} GPU(s): the multi-GPU mode needs >= 2 (torch.cuda.device_count(), or "
+                                  "--gpus N)")
+    name = "scaling_tp_gpu" + ("_dryrun" if chk.dry_run else "")
+    argv = ["--tp", "--name", name] + (["--dry-run"] if chk.dry_run else ["--gpu", "--gpus", str(n)])
+    rc = chk.run_module("bench.bench_scaling", argv, "bench_scaling_tp.log", cap_s=300.0)
+    path = chk.out / f"{name}.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    checks = {c["case"]: c for c in memory_model.check_measured([path], verbose=False)} if rows else {}
+    targets = []
+    for r in rows:
+        if r["world_size"] > 1:
+            loss, norm = r.get("loss_rel_diff_vs_1"), r.get("grad_norm_rel_diff_vs_1")
+            targets.append(Target(f"{r['case']}: first SFT step loss, rel. diff vs 1 GPU", loss, f"<= {TP_LOSS_REL}",
+                                  None if loss is None else loss <= TP_LOSS_REL))
+            targets.append(Target(f"{r['case']}: gradient norm, rel. diff vs 1 GPU", norm, f"<= {TP_NORM_REL}",
+                                  None if norm is None else norm <= TP_NORM_REL))
+        c = checks.get(r["case"])
+        targets.append(Target(f"{r['case']}: per-rank params {r['params_B_per_rank']} B, grads {r['grads_B_per_rank']}"
+                              f", AdamW {r['optim_moments_B_per_rank']}, KV/token {r.get('kv_B_per_token_per_rank')}"
+                              f" (x1 GPU {r.get('params_vs_1')}) = memory_model formula", "equal" if c and c["equal"]
+                              else "DIFFERENT", "equal", bool(c and c["equal"])))
+        targets.append(Target(f"{r['case']}: SFT step ms (x1 GPU; peak MiB/rank {r.get('peak_alloc_MiB_per_rank')}"
+                              f"{'; KV: ' + r['kv_note'] if r.get('kv_note') else ''})",
+                              f"{r['step_ms']} ({r.get('step_vs_1')}x)"))
+    if not rows:
+        targets.append(Target("tp rows", None, "present", False))
+    return _done(rc, "bench_scaling_tp.log", targets)
+
+
 STEPS = [
     Step("env", "env", step_env, 0, 30),
     Step("build", "build", step_build, 30, 240),
@@ -555,6 +618,7 @@ STEPS = [
     Step("perf/ppo_iteration", "perf", step_ppo_iteration, 30, 180),
     Step("perf/losses", "perf", step_losses, 10, 60),
     Step("perf/trl_grpo", "perf", step_trl_grpo, 40, 150),
+    Step("multi_gpu/tp", "multi_gpu", step_multi_gpu_tp, 60, 300),
 ]
 
 
@@ -564,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="global time budget in seconds")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     ap.add_argument("--only", default="", help="comma-separated step names to run (the others are skipped)")
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs for the multi-GPU step (0: all; it runs when >= 2)")
     args = ap.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -573,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     only = {s for s in args.only.split(",") if s}
     steps = [s if not only or s.name in only or s.name == "env" else
              Step(s.name, s.kind, lambda _c: Outcome("skipped", "not in --only"), 0, 0) for s in STEPS]
-    chk = Check(args.out.resolve(), args.budget_s, args.dry_run)
+    chk = Check(args.out.resolve(), args.budget_s, args.dry_run, args.gpus)
     rc = chk.run(steps)
     print((chk.out / "summary.md").read_text())
     print(f"[gpu_check] results in {chk.out}")

@@ -43,7 +43,28 @@ def test_dry_run_writes_a_summary_with_every_step_passed_or_skipped(tmp_path):
         bench_rows = json.loads((tmp_path / f"{name}_dryrun.json").read_text())["rows"]
         assert bench_rows and all("time_ms" in b or "case" in b for b in bench_rows), name
     assert "RLHF_FAST_CUDA_ARCHS=90a" in (tmp_path / "build.log").read_text()
+    # multi-GPU mode on CPU processes: tp 2 against one process, per-rank bytes equal to the memory model's
+    tp = {row["metric"]: (row["value"], row["met"]) for row in rows if row["step"] == "multi_gpu/tp"}
+    assert tp["dp1 x tp2: first SFT step loss, rel. diff vs 1 GPU"][1] == "yes", tp
+    assert tp["dp1 x tp2: gradient norm, rel. diff vs 1 GPU"][1] == "yes", tp
+    formula = [v for k, v in tp.items() if k.endswith("= memory_model formula")]
+    assert len(formula) == 2 and all(v == ("equal", "yes") for v in formula), tp
     assert json.loads((tmp_path / "summary.json").read_text())["dry_run"] is True
+
+
+def test_multi_gpu_mode_layouts_and_one_gpu(tmp_path, monkeypatch):
+    """The multi-GPU step's layouts per GPU count; with one GPU (or --gpus 1) it is skipped and launches nothing."""
+    from bench.bench_scaling import gpu_layouts
+
+    assert gpu_layouts(2) == [(1, 1), (2, 2)]
+    assert gpu_layouts(4) == [(1, 1), (2, 2), (4, 4), (4, 2)]
+    assert gpu_layouts(8) == [(1, 1), (2, 2), (4, 4), (8, 8), (8, 2)]
+    chk = gpu_check.Check(tmp_path, budget_s=60.0, dry_run=False, gpus=1)
+    monkeypatch.setattr(chk, "run_module", lambda *a, **k: pytest.fail("launched with one GPU"))
+    out = gpu_check.step_multi_gpu_tp(chk)
+    assert out.status == "skipped" and "needs >= 2" in out.detail
+    assert gpu_check.multi_gpu_count(gpu_check.Check(tmp_path, 60.0, dry_run=True)) == 2
+    assert "multi_gpu/tp" in [s.name for s in gpu_check.STEPS]
 
 
 def test_budget_guard_reports_unreached_steps_as_skipped(tmp_path):
