@@ -596,8 +596,9 @@ def step_multi_gpu_tp(chk: Check) -> Outcome:
                               f", AdamW {r['optim_moments_B_per_rank']}, KV/token {r.get('kv_B_per_token_per_rank')}"
                               f" (x1 GPU {r.get('params_vs_1')}) = memory_model formula", "equal" if c and c["equal"]
                               else "DIFFERENT", "equal", bool(c and c["equal"])))
-        targets.append(Target(f"{r['case']}: SFT step ms (x1 GPU; peak MiB/rank {r.get('peak_alloc_MiB_per_rank')}"
-                              f"{'; KV: ' + r['kv_note'] if r.get('kv_note') else ''})",
+        peak = f"; peak {r['peak_alloc_MiB_per_rank']} MiB/rank" if r.get("peak_alloc_MiB_per_rank") else ""
+        kv = f"; KV: {r['kv_note']}" if r.get("kv_note") else ""
+        targets.append(Target(f"{r['case']}: SFT step ms (x1 GPU{peak}{kv})",
                               f"{r['step_ms']} ({r.get('step_vs_1')}x)"))
     if not rows:
         targets.append(Target("tp rows", None, "present", False))
