@@ -303,10 +303,27 @@ def plan() -> list[dict]:
         for dp in (1, 2, 4, 8):
             rows.append(plan_row(LLAMA3_70B, setup, 8, dp))
     for setup in (GRPO, PPO):
-        for tp, dps in ((1, (8, 16, 32)), (4, (2, 4, 8)), (8, (1, 2, 4))):
+        for tp, dps in ((1, (8, 16, 32, 64)), (4, (2, 4, 8)), (8, (1, 2, 4))):
             for dp in dps:
                 rows.append(plan_row(QWEN3_30B_A3B, setup, tp, dp))
     return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The plan as a compact Markdown table (GiB per rank)."""
+    lines = ["| model | setup | tp x dp (GPUs) | states: trainable + frozen | policy gathered (bf16) | KV: rollouts "
+             "per dp group, GiB | rollout phase | update phase | fits 74 GiB | rollouts at once per dp group | our "
+             "code |", "|" + "---|" * 11]
+    for r in rows:
+        why = [w for w, hit in (("MoE blocks", "MoE" in r["refused"]),
+                                (f"tp {r['tp']} does not divide the kv heads", "num_kv_heads" in r["refused"])) if hit]
+        today = "runs" if r["runs_today"] == "yes" else "refuses: " + ", ".join(why)
+        lines.append(f"| {r['model'].split('-shaped')[0]} | {r['setup'].split(' (')[0]} | {r['tp']} x {r['dp']} "
+                     f"({r['gpus']}) | {r['trainable_states_GiB']} + {r['frozen_GiB']} | "
+                     f"{r['policy_gathered_bf16_GiB']} | {r['rollouts_per_dp_group']}: {r['kv_GiB']} | "
+                     f"{r['rollout_phase_GiB']} | {r['update_phase_GiB']} | **{r['fits']}** | "
+                     f"{r['rollouts_at_once_per_dp_group']} | {today} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["device"] = f"on paper: {DEVICE_GIB:.0f} GiB devices"
     write_results("memory_model", rows)
+    print(markdown(rows))
     return 1 if bad else 0
 
 
