@@ -108,7 +108,7 @@ class ParallelConfig:
     micro_batch_size: int = 0  # items (SFT/PPO sequences, RM prompts) per forward+backward on a rank; 0: its whole slice
     shard_frozen: bool = True  # PPO: also shard the frozen reference and reward models
     compile: bool = False  # torch.compile each decoder block of the trained models (`rlhf_fast.parallelize`)
-    tp: int = 1  # tensor parallel: heads, MLP columns and vocabulary split over tp ranks (world = dp x tp); SFT
+    tp: int = 1  # tensor parallel: heads, MLP columns and vocabulary split over tp ranks (world = dp x tp)
 
     def __post_init__(self):
         _check(self.micro_batch_size >= 0, "micro_batch_size", "must be >= 0")
@@ -328,7 +328,13 @@ class PPOConfig:
         from rlhf_fast.stages import algorithms
 
         _check_device(self.device)
-        _check(self.parallel.tp == 1, "parallel.tp", "tensor parallelism trains SFT and the reward model only so far (PPO: must be 1)")
+        if self.parallel.tp > 1:  # the vocab-parallel log-probs score the whole distribution, adapters are not split
+            s = self.sampling
+            _check(not s.top_k and s.top_p >= 1.0, "parallel.tp", f"{self.parallel.tp} takes the whole sampling "
+                   f"distribution: sampling.top_k={s.top_k} / top_p={s.top_p} (a truncated one) on a lm_head split "
+                   f"over the vocabulary is not supported; set top_k: 0 and top_p: 1.0, or parallel.tp: 1")
+            _check(not self.lora.r, "parallel.tp", f"{self.parallel.tp} splits whole projections: LoRA adapters "
+                   f"(lora.r={self.lora.r}) are not split; set lora.r: 0 or parallel.tp: 1")
         _check(self.algorithm in algorithms.ALGORITHMS, "algorithm", f"must be one of {tuple(algorithms.ALGORITHMS)}")
         _check(self.loss_agg in ("",) + algorithms.LOSS_AGGS, "loss_agg", f"must be one of {algorithms.LOSS_AGGS}")
         _check(self.clip_high >= 0, "clip_high", "must be >= 0")

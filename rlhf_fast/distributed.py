@@ -233,19 +233,22 @@ def reduce_stats(parts: Sequence[tuple[dict, float]], sums: Sequence[str] = ()) 
     return {k: t if k in sums else (t / weight if weight else 0.0) for k, t in zip(keys, totals)}
 
 
-def all_gather_objects(obj) -> list:
-    """`obj` from every rank, in rank order (picklable Python objects, e.g. token lists)."""
+def all_gather_objects(obj, *, data: bool = False) -> list:
+    """`obj` from every rank, in rank order (picklable Python objects, e.g. token lists). `data`: one per
+    data-parallel rank, in dp order (under tensor parallelism the ranks of a tp group hold the same items: its
+    first rank's is kept)."""
     d = _dist()
     if d is None:
         return [obj]
     out = [None] * world_size()
     _guard("all_gather_object", d.all_gather_object, out, obj)
-    return out
+    return out[::_TP] if data else out
 
 
-def all_gather_rows(t: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
+def all_gather_rows(t: torch.Tensor, pad_value: float = 0, *, data: bool = False) -> torch.Tensor:
     """The rows of `t` (B_r, ...) of every rank concatenated in rank order, `(sum B_r, ...)`; trailing dimensions
-    are padded with `pad_value` to the largest over ranks. At world size 1, `t` itself."""
+    are padded with `pad_value` to the largest over ranks. `data`: of every data-parallel rank (one rank per tp
+    group, as `all_gather_objects`). At world size 1, `t` itself."""
     d = _dist()
     if d is None:
         return t
@@ -255,7 +258,8 @@ def all_gather_rows(t: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
     padded[tuple(slice(0, n) for n in t.shape)] = t
     parts = [torch.empty_like(padded) for _ in shapes]
     _guard("all_gather", d.all_gather, parts, padded)
-    return torch.cat([p[:s[0]] for p, s in zip(parts, shapes)])
+    step = _TP if data else 1
+    return torch.cat([p[:s[0]] for p, s in zip(parts[::step], shapes[::step])])
 
 
 # --- global batches --------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ it at world size 1) and the test's stopped one-process run resumed here.
 `python -m tests._tp_worker OUT rm` (its own launches) checks the reward model under tp instead, into
 `OUT/rm_w<world>_rank<r>.pt`: a `ScalarHeadModel` (backbone split, head replicated) - the packed scores of a batch,
 one `stages.rm.step_loss` step (loss, train accuracy, gradients, gradient norm), this rank's parameter and gradient
-bytes - and a 2-step `train_rm` with parallel.tp = 2 from the test's SFT model.
+bytes - and a 2-step `train_rm` with parallel.tp = 2 from the test's SFT model; then PPO under tp from the test's SFT
+and reward models (`tests._tp_ppo_worker`).
 """
 from __future__ import annotations
 
@@ -270,12 +271,16 @@ def rm_config(root: Path, tp: int):
 
 
 def rm_main(out: Path) -> None:
+    """The reward model's checks, then PPO's (`tests._tp_ppo_worker.run`, from the test's SFT and RM models: one
+    launch for both)."""
     from rlhf_fast.stages.rm import train_rm
+    from tests import _tp_ppo_worker
 
     torch.set_num_threads(1)
     res = rm_checks(TP)
     train_rm(rm_config(out / "stages", TP), out / "stages" / f"rm_w{dist.world_size()}", plots=False)
     torch.save(res, out / f"rm_w{dist.world_size()}_rank{dist.rank()}.pt")
+    _tp_ppo_worker.run(out / "stages", out)
 
 
 def main(out: Path, what: str = "") -> None:

@@ -1,5 +1,6 @@
 """Token log-probabilities (and entropy) from hidden states and a vocab-parallel lm_head, never gathering the logits;
-and the vocab-parallel embedding lookup (`vocab_parallel_embedding`).
+the PPO step on them (`vocab_parallel_ppo_loss`; `head_logprobs` / `head_ppo_loss` pick the plain or the split path
+from a model's lm_head); and the vocab-parallel embedding lookup (`vocab_parallel_embedding`).
 
 Under tensor parallelism (`rlhf_fast.parallelize.tensor_parallel`) each of the tp ranks of a group holds rows
 [start, start + V/tp) of the lm_head weight, and the final hidden states whole (replicated). For each row of
@@ -212,31 +213,133 @@ def vocab_parallel_embedding(ids: torch.Tensor, weight: torch.Tensor, *, vocab_s
     return _VocabParallelEmbedding.apply(ids, weight, int(vocab_start), group, padding_idx)
 
 
-def head_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, *,
-                  ignore_index: int = -100, temperature: float = 1.0, return_entropy: bool = False,
-                  softcap: float = 0.0):
-    """Log-probabilities of `labels` under a model's `lm_head` (an nn.Linear) from `hidden` (..., H), reading its
-    weight after the model's forward (an FSDP root has gathered it then): `ops.linear_token_logprobs` on a plain
-    weight; `vocab_parallel_logprobs` on this rank's rows when `parallelize.tensor_parallel` split it over the
-    vocabulary (a DTensor sharded on dim 0 of a 1-D tp mesh). Same returns as `ops.linear_token_logprobs`. `softcap`:
-    the model's final logit soft-cap (`DecoderLM.final_logit_softcap`; refused on a vocabulary-split head)."""
+def _split_head(lm_head: torch.nn.Module, what: str):
+    """(local weight (V / tp, H), local bias | None, vocab_start, group) of a lm_head `tensor_parallel` split over
+    the vocabulary, or None for a plain one."""
     from torch.distributed.tensor import DTensor, Shard
 
     w, b = lm_head.weight, lm_head.bias
     if not isinstance(w, DTensor):
-        from rlhf_fast.ops.logprobs import linear_token_logprobs
-
-        return linear_token_logprobs(hidden, w, labels, bias=b, temperature=temperature, ignore_index=ignore_index,
-                                     return_entropy=return_entropy, softcap=softcap)
-    if softcap:
-        raise NotImplementedError(f"head_logprobs: softcap={softcap} (a soft-capped model, Gemma 2/3) on a lm_head split "
-                                  f"over the vocabulary is not supported: train it with parallel.tp=1")
+        return None
     mesh = w.device_mesh
     if mesh.ndim != 1 or tuple(w.placements) != (Shard(0),):
-        raise RuntimeError(f"head_logprobs: the lm_head weight is laid out as {w.placements} over mesh "
+        raise RuntimeError(f"{what}: the lm_head weight is laid out as {w.placements} over mesh "
                            f"{mesh.mesh_dim_names}: read it after the model's forward (FSDP gathers it over the data "
                            f"ranks then), and split it over the vocabulary (`parallelize.tensor_parallel`)")
     local = w.to_local()  # (V / tp, H): its gradient is the DTensor's shard
-    return vocab_parallel_logprobs(hidden, local, labels, vocab_start=mesh.get_local_rank() * local.shape[0],
-                                   group=mesh.get_group(), bias=None if b is None else b.to_local(),
+    return local, None if b is None else b.to_local(), mesh.get_local_rank() * local.shape[0], mesh.get_group()
+
+
+def _refuse_split(what: str, softcap: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> None:
+    if softcap:
+        raise NotImplementedError(f"{what}: softcap={softcap} (a soft-capped model, Gemma 2/3) on a lm_head split "
+                                  f"over the vocabulary is not supported: train it with parallel.tp=1")
+    if top_k or top_p < 1.0:
+        raise NotImplementedError(f"{what}: top_k={top_k}, top_p={top_p} (a truncated sampling distribution) on a "
+                                  f"lm_head split over the vocabulary is not supported: sample with top_k=0 and "
+                                  f"top_p=1.0, or train with parallel.tp=1")
+
+
+def head_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, *,
+                  ignore_index: int = -100, temperature: float = 1.0, return_entropy: bool = False,
+                  softcap: float = 0.0, **support):
+    """Log-probabilities of `labels` under a model's `lm_head` (an nn.Linear) from `hidden` (..., H), reading its
+    weight after the model's forward (an FSDP root has gathered it then): `ops.linear_token_logprobs` on a plain
+    weight; `vocab_parallel_logprobs` on this rank's rows when `parallelize.tensor_parallel` split it over the
+    vocabulary (a DTensor sharded on dim 0 of a 1-D tp mesh). Same returns as `ops.linear_token_logprobs`. `softcap`:
+    the model's final logit soft-cap (`DecoderLM.final_logit_softcap`); `support`: `linear_token_logprobs`'s top_k,
+    top_p, support and support_threshold (both refused on a vocabulary-split head unless off)."""
+    split = _split_head(lm_head, "head_logprobs")
+    if split is None:
+        from rlhf_fast.ops.logprobs import linear_token_logprobs
+
+        return linear_token_logprobs(hidden, lm_head.weight, labels, bias=lm_head.bias, temperature=temperature,
+                                     ignore_index=ignore_index, return_entropy=return_entropy, softcap=softcap,
+                                     **support)
+    _refuse_split("head_logprobs", softcap, support.get("top_k", 0), support.get("top_p", 1.0))
+    local, bias, start, group = split
+    return vocab_parallel_logprobs(hidden, local, labels, vocab_start=start, group=group, bias=bias,
                                    temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
+
+
+def head_ppo_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, old_logp: torch.Tensor,
+                  advantages: torch.Tensor, mask: torch.Tensor, **options):
+    """The PPO step from hidden states under a model's `lm_head`, read after the forward: `ops.ppo_loss_from_hidden`
+    on a plain weight (and bias), `vocab_parallel_ppo_loss` on this rank's rows of one `tensor_parallel` split over
+    the vocabulary. `options`: `ops.ppo_loss_from_hidden`'s keyword arguments but `bias` (the head's). Same returns
+    (loss, `ops.FusedPPOStats`)."""
+    split = _split_head(lm_head, "head_ppo_loss")
+    if split is None:
+        from rlhf_fast.ops.fused_ppo import ppo_loss_from_hidden
+
+        return ppo_loss_from_hidden(hidden, lm_head.weight, labels, old_logp, advantages, mask, bias=lm_head.bias,
+                                    **options)
+    local, bias, start, group = split
+    return vocab_parallel_ppo_loss(hidden, local, labels, old_logp, advantages, mask, vocab_start=start,
+                                   group=group, bias=bias, **options)
+
+
+def vocab_parallel_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                            vocab_start: int = 0, group=None, bias: torch.Tensor | None = None, clip=None,
+                            agg="token-mean", kl=None, entropy_coef: float = 0.0, temperature: float = 1.0,
+                            is_weights: torch.Tensor | None = None, rollout_logp: torch.Tensor | None = None,
+                            rollout_correction=None, softcap: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                            support: str = "recompute", support_threshold: torch.Tensor | None = None,
+                            chunk_size: int | None = None, token_stats: bool = False):
+    """`ops.ppo_loss_from_hidden` (same arguments, loss and `FusedPPOStats`) for a lm_head whose vocabulary rows are
+    split over the ranks of `group`, this rank holding rows [vocab_start, vocab_start + V_local) as `weight`
+    (and `bias`). Every rank of `group` passes the same hidden (batch, T, H) and per-token tensors (batch, T).
+
+        loss = agg(pg(logp)) + kl.coef * agg(kl_penalty(logp, kl.ref_logp)) - entropy_coef * agg(H)
+
+    with logp and H of each valid token from `vocab_parallel_logprobs` (per-shard max, sum of exponentials, target
+    logit and sum of z exp(z): three (tokens,)-sized all-reduces; the (tokens, V) logits exist nowhere) and the
+    terms on them by the same pure functions as the fused step (`ops.losses.policy_loss_tokens`, `ops.kl_penalty`,
+    `PPOAgg.token_weights`). Valid tokens: mask (after the rollout correction's keep mask) with a finite old_logp,
+    advantage, ref_logp and importance weight. `old_logp=None`: the on-policy step (the log ratio exactly 0, its
+    gradient that of exp(logp - sg(logp))); `token_stats`: the per-token log-probs and entropies in the stats, as the
+    fused step's. Not covered on a split head: a soft-cap and top-k / top-p support (NotImplementedError)."""
+    from rlhf_fast.ops.fused_ppo import FusedPPOStats
+    from rlhf_fast.ops.kl import kl_penalty
+    from rlhf_fast.ops.loss_spec import PPOAgg, PPOClip
+    from rlhf_fast.ops.losses import policy_loss_tokens, token_advantages
+    from rlhf_fast.ops.rollout_correction import apply_rollout_correction
+
+    _refuse_split("vocab_parallel_ppo_loss", softcap, top_k, top_p)
+    clip = PPOClip() if clip is None else clip
+    agg = PPOAgg.of(agg)
+    if support != "recompute" and support_threshold is not None:
+        raise NotImplementedError("vocab_parallel_ppo_loss: a replayed support needs top_k / top_p (not supported "
+                                  "on a split head)")
+    if old_logp is None and rollout_logp is not None:
+        raise ValueError("rollout_logp needs old_logp (the trainer's log-probs of the behaviour policy); old_logp=None "
+                         "is the on-policy step, with nothing to correct")
+    advantages = token_advantages(advantages, mask)
+    mask, is_weights, corr, dropped = apply_rollout_correction(old_logp, rollout_logp, mask, rollout_correction,
+                                                               is_weights)
+    ref_logp = None if kl is None else kl.ref_logp
+    finite = torch.isfinite(advantages)
+    for t in (old_logp, ref_logp, is_weights):
+        if t is not None:
+            finite &= torch.isfinite(t)
+    valid = mask.bool() & finite  # (batch, T)
+    nonfinite = (mask.bool() & ~finite).sum()
+    lab = torch.where(valid, labels.to(torch.int64), -100)  # only the valid tokens reach a matmul
+    logp, ent = vocab_parallel_logprobs(hidden, weight, lab, vocab_start=vocab_start, group=group, bias=bias,
+                                        temperature=temperature, return_entropy=True, chunk_size=chunk_size)
+    isw = None if is_weights is None else is_weights.detach().to(logp.dtype)
+    old = logp.detach() if old_logp is None else old_logp  # on-policy: logp - sg(logp) = 0 exactly
+    pg, st = policy_loss_tokens(logp, old, advantages.to(logp.dtype), valid, isw, clip, agg)
+    pg = pg.to(logp.dtype)
+    kl_val = torch.zeros_like(pg)
+    if kl is not None:
+        kl_val = agg.aggregate(kl_penalty(logp, ref_logp.to(logp.dtype), kl.kind), valid)
+    entropy = agg.aggregate(ent, valid)
+    loss = pg + (0.0 if kl is None else float(kl.coef)) * kl_val - float(entropy_coef) * entropy
+    stats = FusedPPOStats(pg.detach(), kl_val.detach(), entropy.detach(),
+                          *(t.detach().to(logp.dtype) for t in (st.clip_frac, st.approx_kl, st.ratio_mean,
+                                                                 st.ratio_min, st.ratio_max)),
+                          nonfinite + dropped, corr,
+                          *((logp.detach(), ent.detach()) if token_stats else (None, None)))  # 0 off the valid tokens
+    return loss, stats

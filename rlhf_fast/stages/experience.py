@@ -104,15 +104,16 @@ class Experience(NamedTuple):
 def gather_scored(prompts: list[list[int]], completions, ro: Rollout, passes, pad_id: int) -> tuple[Rollout, tuple]:
     """Every rank's completions (of global `prompts`), and frozen passes (`score_rollout`'s four tensors on this
     rank's rollout `ro`), put together in rank order: the global batch, the same on every rank and in the order one
-    process would have produced it. `(ro, passes)` unchanged at world size 1."""
-    if distributed.world_size() == 1:
+    process would have produced it. Under tensor parallelism the ranks of a tp group hold the same part: one per
+    data-parallel rank is taken. `(ro, passes)` unchanged with one data-parallel rank."""
+    if distributed.dp_size() == 1:
         return ro, passes
-    comps = [c for part in distributed.all_gather_objects(list(completions)) for c in part]
+    comps = [c for part in distributed.all_gather_objects(list(completions), data=True) for c in part]
     ro = make_rollout(prompts, comps, pad_id, ro.input_ids.device)
     r = ro.labels.shape[1]
     *per_token, scores = passes  # old_values is None without a critic
-    per_token = [None if x is None else distributed.all_gather_rows(x)[:, :r] for x in per_token]
-    return ro, (*per_token, distributed.all_gather_rows(scores))
+    per_token = [None if x is None else distributed.all_gather_rows(x, data=True)[:, :r] for x in per_token]
+    return ro, (*per_token, distributed.all_gather_rows(scores, data=True))
 
 
 @torch.no_grad()

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast import ops
 from rlhf_fast.data import IGNORE_INDEX
 from rlhf_fast.models import as_decoder, lora, moe
 from rlhf_fast.models.moe import RoutingRecord
 from rlhf_fast.models.packed import PackedBatch, pack, packed_hidden
+from rlhf_fast.ops.vocab_parallel import head_logprobs
 from rlhf_fast.stages import experience as xp
 
 
@@ -90,10 +90,8 @@ def policy_logprobs(model, ro: xp.Rollout, temperature: float, *, batch: PackedB
     entropy); `support`: top_k / top_p / support arguments of the op (`experience.logprob_kwargs`); `routing`: as
     `response_hidden`'s (`batch` must then be given)."""
     hidden = response_hidden(model, ro, batch, routing=routing)  # first: on a sharded model the root's forward gathers the lm_head
-    head = model.lm_head
-    return ops.linear_token_logprobs(hidden, head.weight, ro.labels, bias=head.bias, temperature=temperature,
-                                     ignore_index=IGNORE_INDEX, return_entropy=entropy,
-                                     softcap=model.final_logit_softcap, **support)
+    return head_logprobs(hidden, model.lm_head, ro.labels, temperature=temperature, ignore_index=IGNORE_INDEX,
+                         return_entropy=entropy, softcap=model.final_logit_softcap, **support)
 
 
 def values_at(value_model, ro: xp.Rollout, batch: PackedBatch | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ from rlhf_fast.data import SFTExample, epoch_batches, load_texts
 from rlhf_fast.heads import ScalarHeadModel
 from rlhf_fast.models import as_decoder, disable_dropout, load_model, lora
 from rlhf_fast.models.loading import load_tokenizer
+from rlhf_fast.ops.vocab_parallel import head_ppo_loss
 from rlhf_fast.rollout import SamplingParams
 from rlhf_fast.stages import algorithms
 from rlhf_fast.stages import experience as xp
@@ -166,7 +167,8 @@ class PPOTrainer:
 
     def policy_loss(self, mb: xp.Experience, batch=None, *,
                     glob: GlobalCounts | None = None) -> tuple[torch.Tensor, dict]:
-        """`ops.ppo_loss_from_hidden` on the response hidden states and the lm_head (weight and bias); `batch`: the
+        """`ops.ppo_loss_from_hidden` on the response hidden states and the lm_head (weight and bias), or under tensor
+        parallelism its vocab-parallel form on this rank's rows (`ops.vocab_parallel.head_ppo_loss`); `batch`: the
         minibatch packed (`packed_passes.pack_rollout`; None: packed here)."""
         c, ro = self.cfg, mb.rollout
         kl_coef = self.kl_ctl.value if c.kl.placement == "loss" else 0.0
@@ -174,9 +176,8 @@ class PPOTrainer:
         aux = c.router_aux_coef > 0
         routing = pp.routing_for(self.policy, ro, batch, c.moe_routing, balance_loss=aux)  # MoE: rollout's experts
         hidden = pp.response_hidden(self.policy, ro, batch, routing=routing)  # (n, R, H)
-        weight, bias = self.policy.lm_head.weight, self.policy.lm_head.bias  # read after the root's forward
-        loss, st = ops.ppo_loss_from_hidden(
-            hidden, weight, ro.labels.clamp(min=0), mb.old_logp, mb.advantages, ro.mask, bias=bias,
+        loss, st = head_ppo_loss(  # the lm_head read after the root's forward; split over the vocabulary under tp
+            hidden, self.policy.lm_head, ro.labels.clamp(min=0), mb.old_logp, mb.advantages, ro.mask,
             clip=ops.PPOClip(low=c.clip, high=c.clip_high or self.algo.clip_high),
             agg=_policy_agg(c.loss_agg or self.algo.loss_agg, ro.mask.shape[0], c.sampling.max_new_tokens, glob),
             kl=ops.KLTerm(mb.ref_logp, kl_coef, c.kl.kind) if kl_coef > 0 else None,
@@ -323,15 +324,17 @@ def _token_mean(num_tokens: int | None):
 
 
 def _check_world(cfg: PPOConfig) -> None:
-    """On N processes every rank needs sequences in every minibatch, and generation must run collective-free."""
-    w = distributed.world_size()
+    """On N data-parallel ranks (the world over parallel.tp) every rank needs sequences in every minibatch, and
+    generation must run collective-free."""
+    distributed.use_tp(cfg.parallel.tp)  # the dp x tp layout (DistributedError when tp does not divide the world)
+    w = distributed.dp_size()
     if w == 1:
         return
     n = cfg.prompts_per_iter * cfg.sampling.n
     last = n % cfg.minibatch_size
     if cfg.prompts_per_iter < w or cfg.minibatch_size < w or 0 < last < w:
-        raise ValueError(f"ppo: with {w} processes, prompts_per_iter ({cfg.prompts_per_iter}), minibatch_size "
-                         f"({cfg.minibatch_size}) and the last minibatch ({last or cfg.minibatch_size} of {n} "
+        raise ValueError(f"ppo: with {w} data-parallel ranks, prompts_per_iter ({cfg.prompts_per_iter}), "
+                         f"minibatch_size ({cfg.minibatch_size}) and the last minibatch ({last or cfg.minibatch_size} of {n} "
                          f"sequences) must each be >= {w}")
 
 
