@@ -70,6 +70,27 @@ def test_vocab_parallel_logprobs_one_rank(n, vocab, width, chunk, dtype, tol):
         assert float((x.double() - y).detach().abs().max()) <= tol * max(1.0, float(y.detach().abs().max()))
 
 
+def test_vocab_parallel_logprobs_ignore_autocast():
+    """Under bf16 autocast (a stage's mixed_precision, the loss's backward inside it) fp32 hidden states and weight
+    give the fp32 log-probs, entropy and gradients bitwise, as the fused ops do; bf16 hidden states with an fp32
+    weight are scored (the weight's chunks cast), gradients in each input's dtype."""
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(9, 8, generator=g, requires_grad=True)
+    w = torch.randn(13, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 13, (9,), generator=g)
+    outs = []
+    for on in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+            lp, ent = vocab_parallel_logprobs(h, w, labels, return_entropy=True, chunk_size=5)
+            outs.append((lp, ent, *torch.autograd.grad(lp.sum() + ent.sum(), (h, w))))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = vocab_parallel_logprobs(h.to(torch.bfloat16), w, labels)
+        gh, gw = torch.autograd.grad(lp.sum(), (h, w))
+    assert lp.dtype == torch.float32 and gh.dtype == gw.dtype == torch.float32
+    assert float((lp - outs[0][0]).abs().max()) < 0.05
+
+
 def test_vocab_parallel_embedding_one_rank():
     """At one rank: `F.embedding` with its padding row, forward and backward (repeated ids accumulate)."""
     g = torch.Generator().manual_seed(2)

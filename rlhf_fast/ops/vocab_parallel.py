@@ -43,8 +43,10 @@ def _all_reduce(t: torch.Tensor, op: str, group) -> None:
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, inv_temp: float,
             acc: torch.dtype) -> torch.Tensor:
-    """z = (hidden @ weight.T + bias) * inv_temp in the accumulation dtype: (N, H), (C, H) -> (N, C)."""
-    z = (hidden @ weight.t()).to(acc)
+    """z = (hidden @ weight.T + bias) * inv_temp in the accumulation dtype: (N, H), (C, H) -> (N, C), the matmul in
+    hidden's dtype whatever autocast is on (the fused ops' logits ignore it too)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        z = (hidden @ weight.to(hidden.dtype).t()).to(acc)
     if bias is not None:
         z = z + bias.to(acc)
     return z * inv_temp if inv_temp != 1.0 else z
@@ -99,7 +101,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         grad_b = None if bias is None else torch.empty_like(bias)
         for c0 in range(0, vl, ctx.cols):
             c1 = min(c0 + ctx.cols, vl)
-            w = weight[c0:c1]
+            w = weight[c0:c1].to(hidden.dtype)  # (C, H): an autocast copy's dtype may differ from hidden's
             z = _logits(hidden, w, None if bias is None else bias[c0:c1], ctx.inv_temp, acc)  # (N, C)
             p = torch.exp(z - lse[:, None])
             dz = -g_logp[:, None] * p  # d logp / d z = onehot - p
@@ -110,8 +112,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             if ctx.inv_temp != 1.0:
                 dz = dz * ctx.inv_temp  # d z / d logits
             dl = dz.to(hidden.dtype)
-            grad_h += (dl @ w).to(acc)
-            grad_w[c0:c1] = (dl.t() @ hidden).to(weight.dtype)
+            with torch.autocast(hidden.device.type, enabled=False):
+                grad_h += (dl @ w).to(acc)
+                grad_w[c0:c1] = (dl.t() @ hidden).to(weight.dtype)
             if grad_b is not None:
                 grad_b[c0:c1] = dz.sum(0).to(bias.dtype)
         if n:
