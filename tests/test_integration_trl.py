@@ -203,23 +203,53 @@ def test_packed_forward_against_trl(trl_env, monkeypatch):
     assert len(calls) == 1
 
 
-def test_hf_gradient_checkpointing_keeps_hfs_forward(trl_env):
-    """With the model's own gradient checkpointing on, the loss runs HF's (recomputing) forward, not the packed one,
-    and still equals TRL's."""
-    from rlhf_fast.integrations.trl import packed_completion_hidden
+def test_gradient_checkpointing_in_packed_forward(trl_env, monkeypatch):
+    """With the model's own gradient checkpointing on (TRL's default), the loss still runs our packed forward, each
+    decoder block checkpointed as HF checkpoints each decoder layer: the loss, gradients and metrics equal TRL's, the
+    forward keeps fewer activations for the backward than without checkpointing (saved-tensor bytes), every block is
+    recomputed in the backward, and the decoder's blocks are its own again afterwards."""
+    from torch.utils import checkpoint as torch_checkpoint
+
+    from rlhf_fast.integrations import trl as rf_trl
+    from rlhf_fast.models import as_decoder
 
     trl, plugin, trainer = trl_env
     model = trainer.model
     inputs = _with_logps(trainer, _inputs(model.config.vocab_size, seed=3))
-    assert packed_completion_hidden(trainer, model, inputs) is not None
+    for k in ("prompt_ids", "prompt_mask"):  # groups sharing a prompt, as TRL batches them
+        inputs[k] = inputs[k][[0, 0, 2, 2]]
+    decoder = as_decoder(model)
+    blocks = list(decoder.layers)
+
+    def saved_bytes():  # what the forward keeps for the backward
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            h = rf_trl.packed_completion_hidden(trainer, model, inputs)
+        assert h is not None
+        return sum(sizes)
+
+    plain = saved_bytes()
     on = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
     on()
     try:
-        assert packed_completion_hidden(trainer, model, inputs) is None
+        assert saved_bytes() < plain
+        calls = []
+        real = torch_checkpoint.checkpoint
+        monkeypatch.setattr(torch_checkpoint, "checkpoint", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
         _assert_same(_step(trainer._compute_loss, trainer, inputs), _trl_step(trl, trainer, inputs), "checkpointing")
+        assert calls[-len(blocks):] == blocks  # our step's blocks, each checkpointed once
+        with torch.no_grad():  # nothing to recompute without gradients (HF's rule too)
+            calls.clear()
+            rf_trl.packed_completion_hidden(trainer, model, inputs)
+            assert not calls
     finally:
         off()
+    assert list(decoder.layers) == blocks
 
 
 def test_grpo_trainer_falls_back_to_trl(trl_env, monkeypatch):

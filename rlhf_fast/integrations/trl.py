@@ -33,15 +33,18 @@ low_mean`, `high_mean`, `region_mean` (token means, or row means at the sequence
 `high_max` (the extreme per-sequence clip fractions over all processes). For loss_type grpo, whose loss weights each
 sequence equally, it also logs `entropy/seq_mean` and `kl/seq_mean`: the mean over sequences of each one's token
 mean, the weighting the loss gives them. Masked-out positions are selected away (`torch.where`): a NaN/Inf there
-never reaches a metric. The metrics need this step's per-token log-probs and entropy, which the fused loss never
-materialises: one extra lm_head forward without gradient computes them (it also gives the old log-probs when TRL
-has none).
+never reaches a metric. The metrics read this step's per-token log-probs and entropy from the fused loss itself
+(`token_stats=True`: the values its chunks computed, no second lm_head pass); where TRL has no old log-probs (one
+iteration per generation: TRL's old policy is this step's, detached) the loss runs on-policy (`old_logp=None`,
+ratio exactly 1) instead of computing them.
 
 Supported TRL releases: `SUPPORTED_VERSIONS` (exactly those the tests run against); on any other, `patch()` and
 `GRPOTrainer` raise `rlhf_fast.integrations._versions.UnsupportedPeerVersion` naming both, unless
 `RLHF_FAST_ALLOW_UNSUPPORTED_PEERS=1`.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -160,20 +163,52 @@ def _agg(trainer, mode: str, mask: torch.Tensor, inputs) -> ops.PPOAgg:
     return ops.PPOAgg("token-mean", num_tokens=n)
 
 
+class _Recomputed(torch.nn.Module):
+    """A decoder block whose activations are recomputed in the backward (torch's non-reentrant checkpoint): what
+    transformers' gradient checkpointing does to each decoder layer, so the memory kept is the same, each block's
+    input."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def recomputed_blocks(decoder):
+    """Within the block, every block of our `decoder` (a `DecoderLM`) is checkpointed: the user's
+    `gradient_checkpointing` (transformers' flag, on the HF model our decoder shares its modules with) honoured by
+    the packed forward. The blocks are put back on exit; the backward's recompute calls them directly."""
+    blocks = list(decoder.layers)
+    try:
+        for i, block in enumerate(blocks):
+            decoder.layers[i] = _Recomputed(block)
+        yield decoder
+    finally:
+        for i, block in enumerate(blocks):
+            decoder.layers[i] = block
+
+
 def packed_completion_hidden(trainer, model, inputs) -> torch.Tensor | None:
     """The policy's final hidden states that predict each completion token, (B, C, H), from our packed forward
     (`rlhf_fast.models.packed`: no padding, each group's shared prompt computed once, PEFT adapters applied
     unmerged), or None where it does not apply: a model wrapped for distribution (DDP / FSDP / DeepSpeed run their
-    hooks in the module's own forward), an architecture the compact models do not cover, gradient checkpointing on
-    (HF's flag: its own forward recomputes), or `trainer.packed_forward` off (then the padded HF forward runs)."""
+    hooks in the module's own forward), an architecture the compact models do not cover, or
+    `trainer.packed_forward` off (then the padded HF forward runs). With transformers' gradient checkpointing on (HF's
+    flag; TRL's default) and the model training, each decoder block is checkpointed as HF's forward would
+    checkpoint each decoder layer: the same activations kept (each block's input), recomputed in the backward."""
     from rlhf_fast.integrations._trl_generate import check_peft_adapters, checkpointing
-    from rlhf_fast.models import supports
+    from rlhf_fast.models import as_decoder, supports
     from rlhf_fast.models.packed import pack, packed_hidden
 
     if not getattr(trainer, "packed_forward", False) or trainer.accelerator.unwrap_model(model) is not model:
         return None
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not supports(lm) or checkpointing(lm):
+    if not supports(lm):
         return None
     try:
         check_peft_adapters(lm)
@@ -186,8 +221,10 @@ def packed_completion_hidden(trainer, model, inputs) -> torch.Tensor | None:
     batch = pack(prompts, responses, groups=[groups.setdefault(tuple(p), len(groups)) for p in prompts],
                  share_prompts=True, device=inputs["prompt_ids"].device)
     rows, pos = batch.predict_reads(inputs["completion_ids"].shape[1])
-    with trainer.accelerator.autocast():
-        h = packed_hidden(lm, batch, rows=rows)  # (R, H): the read rows only
+    decoder = as_decoder(lm)  # shares lm's modules (converted once)
+    recompute = checkpointing(lm) and lm.training and torch.is_grad_enabled()
+    with trainer.accelerator.autocast(), (recomputed_blocks(decoder) if recompute else contextlib.nullcontext()):
+        h = packed_hidden(decoder, batch, rows=rows)  # (R, H): the read rows only
     return h[pos]  # (B, C, H)
 
 
@@ -210,15 +247,7 @@ def fused_grpo_loss(trainer, model, inputs) -> torch.Tensor:
         hidden, weight = hidden.float(), weight.float()
         bias = None if bias is None else bias.float()
     top_k, top_p = getattr(trainer, "_rf_cut", (0, 1.0))  # the engine's cut, when its log-probs are of it
-    with torch.no_grad():  # this step's log-probs and entropy without gradient: the metrics (and old log-probs)
-        labels = completion_ids.masked_fill(mask == 0, -100)  # masked-out rows skip the lm_head (0 there)
-        logp, entropy = ops.linear_token_logprobs(hidden.detach(), weight.detach(), labels,
-                                                  bias=None if bias is None else bias.detach(),
-                                                  temperature=trainer.temperature, top_k=top_k, top_p=top_p,
-                                                  return_entropy=True)
-    old = inputs.get("old_per_token_logps")
-    if old is None:  # TRL uses this step's log-probs (ratio 1)
-        old = logp
+    old = inputs.get("old_per_token_logps")  # None: TRL's old policy is this step's (ratio 1): on-policy
     mode = "train" if trainer.model.training else "eval"
     is_w = None
     if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
@@ -228,9 +257,21 @@ def fused_grpo_loss(trainer, model, inputs) -> torch.Tensor:
         kl = ops.KLTerm(inputs["ref_per_token_logps"], coef=float(trainer.beta), kind="k3")
     agg = _agg(trainer, mode, mask, inputs)
     clip = ops.PPOClip(low=trainer.epsilon_low, high=trainer.epsilon_high, level=trainer.importance_sampling_level)
-    loss, _ = ops.ppo_loss_from_hidden(hidden, weight, completion_ids, old, inputs["advantages"], mask, bias=bias,
-                                       clip=clip, agg=agg, kl=kl, temperature=trainer.temperature,
-                                       top_k=top_k, top_p=top_p, is_weights=is_w)
+    loss, st = ops.ppo_loss_from_hidden(hidden, weight, completion_ids, old, inputs["advantages"], mask, bias=bias,
+                                        clip=clip, agg=agg, kl=kl, temperature=trainer.temperature,
+                                        top_k=top_k, top_p=top_p, is_weights=is_w, token_stats=True)
+    # the metrics: this step's log-probs and entropy as the loss computed them (no second lm_head pass), unless the
+    # loss dropped a masked-in token for a NaN/Inf input (then TRL's metrics still see it: computed apart)
+    logp, entropy = st.token_logp, st.token_entropy
+    if int(st.nonfinite):
+        with torch.no_grad():
+            labels = completion_ids.masked_fill(mask == 0, -100)  # masked-out rows skip the lm_head (0 there)
+            logp, entropy = ops.linear_token_logprobs(hidden.detach(), weight.detach(), labels,
+                                                      bias=None if bias is None else bias.detach(),
+                                                      temperature=trainer.temperature, top_k=top_k, top_p=top_p,
+                                                      return_entropy=True)
+    if old is None:
+        old = logp
     ref = None if kl is None else inputs["ref_per_token_logps"]
     for key, value in trl_metrics(trainer, mask, logp, entropy.float(), old, inputs["advantages"], ref).items():
         trainer._metrics[mode][key].append(value)
