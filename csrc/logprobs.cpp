@@ -499,6 +499,16 @@ void support_threshold_cpu(std::uintptr_t logits, int dtype, std::int64_t n, std
 }
 
 }  // namespace
+
+// The forward's log-prob of `label` in one contiguous float32 row (no soft-cap, support z >= thr; -inf: all): the
+// value token_logprobs_fwd_cpu writes for that row, bit for bit (the same row kernel). csrc/sampling.cpp's fused
+// sampler calls it where the log-probs must be the trainer's op exactly (deterministic mode).
+float token_logprob_row_f32(const float* x, std::int64_t v, double inv_temp, float thr, std::int64_t label) {
+  float lp, lse, ent;
+  row_fwd<F32, float>(x, v, static_cast<float>(inv_temp), NoCap<float>{}, thr, label, true, &lp, &lse, &ent);
+  return lp;
+}
+
 }  // namespace rlhf_fast
 
 RLHF_FAST_REGISTER(logprobs) {

@@ -21,6 +21,9 @@
 #endif
 
 namespace rlhf_fast {
+
+float token_logprob_row_f32(const float* x, std::int64_t v, double inv_temp, float thr, std::int64_t label);  // logprobs.cpp
+
 namespace {
 
 using idx = std::int64_t;
@@ -178,6 +181,140 @@ void sample_rows_cpu(std::uintptr_t logits, std::int64_t rows, std::int64_t voca
   }
 }
 
+// Philox4x32-10 (rollout/philox.py, Random123's philox4x32_R(10, ctr, key)): the first output word of counter
+// (position, stream mod 2^32, stream >> 32, 0) under key (k0, k1), as a float32 uniform in [0, 1): its top 24 bits
+// times 2^-24. Bit for bit `philox.uniform`.
+float philox_uniform(std::uint32_t k0, std::uint32_t k1, std::int64_t stream, std::int64_t position) {
+  std::uint32_t c0 = static_cast<std::uint32_t>(position), c1 = static_cast<std::uint32_t>(stream);
+  std::uint32_t c2 = static_cast<std::uint32_t>(static_cast<std::uint64_t>(stream) >> 32), c3 = 0;
+  for (int r = 0; r < 10; ++r) {
+    if (r) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const std::uint64_t p0 = static_cast<std::uint64_t>(0xD2511F53u) * c0;
+    const std::uint64_t p1 = static_cast<std::uint64_t>(0xCD9E8D57u) * c2;
+    const std::uint32_t n0 = static_cast<std::uint32_t>(p1 >> 32) ^ c1 ^ k0, n2 = static_cast<std::uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<std::uint32_t>(p1);
+    c3 = static_cast<std::uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+  }
+  return static_cast<float>(c0 >> 8) * (1.0f / 16777216.0f);
+}
+
+// Greedy: the first index of the row's maximum (a NaN counts as the maximum, as torch.argmax).
+std::int64_t row_argmax(const float* x, idx vocab) {
+  idx best = 0;
+  float m = x[0];
+  if (std::isnan(m)) return 0;
+  for (idx i = 1; i < vocab; ++i) {
+    if (std::isnan(x[i])) return i;
+    if (x[i] > m) {
+      m = x[i];
+      best = i;
+    }
+  }
+  return best;
+}
+
+// log softmax(z)[tok] from the sampler's own pass: max mx and total = sum of the chunk sums of exp(z - mx).
+template <typename Ops>
+float pass_logprob(const float* z, idx vocab, std::int64_t tok, double* sums, float* w) {
+  const float mx = Ops::row_max(z, vocab);
+  const idx chunks = (vocab + kChunk - 1) / kChunk;
+  double total = 0.0;
+  for (idx c = 0; c < chunks; ++c) {
+    const idx n = vocab - c * kChunk < kChunk ? vocab - c * kChunk : kChunk;
+    sums[c] = Ops::chunk_weights(z + c * kChunk, n, mx, w);
+    total += sums[c];
+  }
+  return static_cast<float>(static_cast<double>(z[tok] - mx) - std::log(total));
+}
+
+float token_logprob_row(const float* x, idx vocab, double inv_temp, float thr, std::int64_t label) {
+  return ::rlhf_fast::token_logprob_row_f32(x, vocab, inv_temp, thr, label);
+}
+
+// The decode step's whole sampler for float32 logit rows (rollout/sampling.py `sample` on CPU), one pass over the
+// rows in cache: z = x * inv_temp cut below thr[b] (thr 0: no cut), each row's uniform from Philox at
+// (positions[b], streams[b]) under key (key[0], key[1]), the token by `sample_row` (greedy: `row_argmax`, no draw),
+// and its log-prob: exact = 1 through token_logprobs' own row kernel (bitwise the trainer's op; at lp_inv_temp,
+// support lp_thr (0: all)), exact = 0 from the sampling pass (same support and temperature; float rounding apart).
+void sample_fused_cpu(std::uintptr_t logits, std::int64_t rows, std::int64_t vocab, std::int64_t stride,
+                      double inv_temp, int greedy, std::uintptr_t thr, std::uintptr_t key, std::uintptr_t streams,
+                      std::uintptr_t positions, int exact, double lp_inv_temp, std::uintptr_t lp_thr,
+                      std::uintptr_t out_tokens, std::uintptr_t out_logprobs) {
+  if (rows < 0 || vocab < 1 || stride < vocab) {
+    throw std::invalid_argument("sample_fused_cpu: need rows >= 0, vocab >= 1 and stride >= vocab");
+  }
+  if (!exact && (greedy ? (lp_inv_temp != 1.0 || lp_thr) : (lp_inv_temp != inv_temp || lp_thr != thr))) {
+    throw std::invalid_argument("sample_fused_cpu: exact = 0 takes the log-probs at the sampling temperature and "
+                                "support (greedy: temperature 1, the whole row)");
+  }
+  const auto* x = ptr<const float>(logits);
+  const auto* th = thr ? ptr<const float>(thr) : nullptr;
+  const auto* lth = lp_thr ? ptr<const float>(lp_thr) : nullptr;
+  const auto* k = ptr<const std::int64_t>(key);
+  const auto k0 = static_cast<std::uint32_t>(k[0]), k1 = static_cast<std::uint32_t>(k[1]);
+  const auto* st = ptr<const std::int64_t>(streams);
+  const auto* po = ptr<const std::int64_t>(positions);
+  auto* tok = ptr<std::int64_t>(out_tokens);
+  auto* lp = ptr<float>(out_logprobs);
+  const idx chunks = (vocab + kChunk - 1) / kChunk;
+  const bool scale = inv_temp != 1.0;
+  const float inv_t = static_cast<float>(inv_temp);
+  const bool parallel = rows > 1 && rows * vocab >= kParallelMinElems;
+  (void)parallel;
+#ifdef RLHF_FAST_WITH_OPENMP
+#pragma omp parallel if (parallel)
+#endif
+  {
+    std::vector<double> sums(static_cast<std::size_t>(chunks));
+    std::vector<float> w(kChunk + 8);
+    std::vector<float> z(greedy || (!scale && !th) ? 0 : static_cast<std::size_t>(vocab));
+#ifdef RLHF_FAST_WITH_OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * stride;
+      const float* zr = xr;  // the scaled, cut row the token is drawn from
+      if (!z.empty()) {
+        const float t = th ? th[r] : -INFINITY;
+        for (idx i = 0; i < vocab; ++i) {  // as `inverse_cdf`: x * (1 / T) in float32, -inf below the threshold
+          const float v = scale ? xr[i] * inv_t : xr[i];
+          z[i] = v < t ? -INFINITY : v;
+        }
+        zr = z.data();
+      }
+      std::int64_t t;
+      if (greedy) {
+        t = row_argmax(xr, vocab);
+      } else {
+        const float u = philox_uniform(k0, k1, st[r], po[r]);
+#ifdef RLHF_SAMPLING_AVX2
+        if (use_avx2()) {
+          t = sample_row<Avx2Ops>(zr, vocab, u, sums.data(), w.data());
+        } else
+#endif
+          t = sample_row<BaseOps>(zr, vocab, u, sums.data(), w.data());
+      }
+      tok[r] = t;
+      if (exact) {
+        lp[r] = token_logprob_row(xr, vocab, lp_inv_temp, lth ? lth[r] : -INFINITY, t);
+        continue;
+      }
+#ifdef RLHF_SAMPLING_AVX2
+      if (use_avx2()) {
+        lp[r] = pass_logprob<Avx2Ops>(zr, vocab, t, sums.data(), w.data());
+        continue;
+      }
+#endif
+      lp[r] = pass_logprob<BaseOps>(zr, vocab, t, sums.data(), w.data());
+    }
+  }
+}
+
 }  // namespace
 }  // namespace rlhf_fast
 
@@ -187,4 +324,10 @@ RLHF_FAST_REGISTER(sampling) {
         "inverse-CDF sampling of float32 logit rows at one uniform per row (pointers, rows, vocab, row stride)",
         py::arg("logits"), py::arg("rows"), py::arg("vocab"), py::arg("stride"), py::arg("uniforms"),
         py::arg("out"));
+  m.def("sample_fused_cpu", &rlhf_fast::sample_fused_cpu, py::call_guard<py::gil_scoped_release>(),
+        "the decode step's sampler on float32 logit rows: Philox uniforms, temperature, threshold cut, inverse CDF "
+        "(or argmax) and the drawn token's log-prob, one pass per row",
+        py::arg("logits"), py::arg("rows"), py::arg("vocab"), py::arg("stride"), py::arg("inv_temp"), py::arg("greedy"),
+        py::arg("thr"), py::arg("key"), py::arg("streams"), py::arg("positions"), py::arg("exact"),
+        py::arg("lp_inv_temp"), py::arg("lp_thr"), py::arg("out_tokens"), py::arg("out_logprobs"));
 }

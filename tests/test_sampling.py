@@ -64,3 +64,33 @@ def test_follows_the_distribution():
     expect = torch.softmax(logits[0], -1) * 20000
     assert counts[4] == 0
     assert ((counts - expect).abs() < 5 * expect.sqrt() + 5).all(), (counts, expect)
+
+
+@pytest.mark.skipif(not _native.has("sample_fused_cpu"), reason="native extension without the fused sampler")
+@pytest.mark.parametrize("temperature,top_k,top_p,logprobs", [(0.0, 0, 1.0, "sampled"), (1.0, 0, 1.0, "sampled"),
+                                                               (0.7, 0, 1.0, "sampled"), (0.9, 20, 0.8, "sampled"),
+                                                               (1.3, 0, 0.5, "full"), (1.0, 1, 1.0, "sampled")])
+def test_fused_cpu_sampler_draws_as_the_torch_path(monkeypatch, temperature, top_k, top_p, logprobs):
+    """`sample_fused_cpu` (Philox, temperature, cut, inverse CDF / argmax and log-prob in one native call) draws the
+    tokens of the op-by-op path; exact=True gives `ops.token_logprobs`' values bitwise, exact=False within 1e-5."""
+    from rlhf_fast.rollout import philox, sampling
+    from rlhf_fast.rollout.types import SamplingParams
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(37, 4099, generator=g) * 3
+    logits[5, 7] = logits[5, 9] = logits[5].max() + 1  # a tie at the top: greedy takes the first
+    params = SamplingParams(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p, logprobs=logprobs)
+    key = philox.seed_key(2**40 + 17, torch.device("cpu"))
+    streams = torch.arange(37, dtype=torch.int64) * 2**31 + 5  # words above 2^32 too
+    positions = torch.randint(0, 3000, (37,), generator=g)
+    exact = sampling.sample(logits, params, key, streams, positions, exact=True)
+    fast = sampling.sample(logits, params, key, streams, positions.int(), exact=False)
+    has = _native.has
+    monkeypatch.setattr(sampling._native, "has", lambda name: name != "sample_fused_cpu" and has(name))
+    ref = sampling.sample(logits, params, key, streams, positions)
+    assert torch.equal(exact.tokens, ref.tokens) and torch.equal(fast.tokens, ref.tokens)
+    assert torch.equal(exact.logprobs, ref.logprobs)
+    torch.testing.assert_close(fast.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+    assert torch.equal(exact.thresholds, ref.thresholds) and torch.equal(fast.thresholds, ref.thresholds)
+    if temperature == 0:
+        assert int(exact.tokens[5]) == 7

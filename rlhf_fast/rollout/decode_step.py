@@ -75,7 +75,8 @@ class DecodeStep:
     def _step(self, rows: torch.Tensor, kv: torch.Tensor, key: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         inputs = block_table.decode_inputs(rows, deterministic=self.deterministic)
         logits = self.forward(inputs, kv)  # (B, V)
-        draw = sample(logits, params, key, rows[:, DecodeBatch.STREAM], rows[:, DecodeBatch.POS])
+        draw = sample(logits, params, key, rows[:, DecodeBatch.STREAM], rows[:, DecodeBatch.POS],
+                      exact=self.deterministic)
         return torch.stack([t.double() for t in draw])  # (3, B)
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs):

@@ -224,7 +224,7 @@ class RolloutEngine:
                 logits = logits[torch.tensor(rows, device=dev)]  # (samplers, V): followers share their leader's
             streams, positions = torch.tensor([[s.stream, len(s.tokens) - 1] for s, _ in step.samplers],
                                               device=dev).unbind(1)
-            out = torch.stack([t.double() for t in sample(logits, params, key, streams, positions)])
+            out = torch.stack([t.double() for t in sample(logits, params, key, streams, positions, exact=det)])
         else:
             n = len(step.seqs)
             rows = batch.update([s.block_table for s in step.seqs], [s.tokens[-1] for s in step.seqs],

@@ -57,16 +57,24 @@ class Draw(NamedTuple):
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, key: torch.Tensor, streams: torch.Tensor,
-           positions: torch.Tensor) -> Draw:
+           positions: torch.Tensor, *, exact: bool = True) -> Draw:
     """Draw one token per row of logits (B, V) and its log-prob.
 
     params: temperature (0 = greedy: argmax, first index on ties; log-probs at temperature 1), top_k, top_p and
         logprobs ("sampled" | "full").
     key: (2,) int64, the request's seed (`philox.seed_key`); streams (B,): each row's sequence index; positions (B,):
         the position of the token each row's logits were computed at (so a sequence never reuses a draw).
+    exact: the log-probs are `ops.token_logprobs`' bit for bit (what a deterministic trainer recomputes); False lets
+        the CPU sampler take them from its own pass over the row (the same tokens; log-probs within float32
+        rounding, ~1e-7, of the op's).
+
+    On CPU (float32 logits, native extension built) the whole draw is one native call per step (`sample_fused_cpu`:
+    Philox, temperature, cut, inverse CDF or argmax, log-prob), drawing the same tokens as the torch path below.
     """
-    logprobs = _opaque(_token_logprobs_op, _token_logprobs)  # (logits, tokens, temperature, top_k, top_p, thr)
     no_cut = torch.full(logits.shape[:1], float("-inf"), dtype=torch.float32, device=logits.device)
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and _native.has("sample_fused_cpu"):
+        return _sample_cpu(logits, params, key, streams, positions, exact, no_cut)
+    logprobs = _opaque(_token_logprobs_op, _token_logprobs)  # (logits, tokens, temperature, top_k, top_p, thr)
     if params.greedy:
         tokens = logits.argmax(dim=-1)
         return Draw(tokens, logprobs(logits, tokens, 1.0, 0, 1.0, None), no_cut)
@@ -82,6 +90,54 @@ def sample(logits: torch.Tensor, params: SamplingParams, key: torch.Tensor, stre
     else:
         logp = logprobs(logits, tokens, temp, 0, 1.0, None)
     return Draw(tokens, logp, replay_threshold(logits, temp, thr).float())
+
+
+def _sample_cpu(logits: torch.Tensor, params: SamplingParams, key: torch.Tensor, streams: torch.Tensor,
+                positions: torch.Tensor, exact: bool, no_cut: torch.Tensor) -> Draw:
+    """`sample` on CPU float32 logits through `sample_fused_cpu` (a custom op inside torch.compile)."""
+    fused = _opaque(_sample_fused_op, _sample_fused_native)
+    streams, positions = streams.to(torch.int64), positions.to(torch.int64)
+    if params.greedy:
+        tokens, logp = fused(logits, key, streams, positions, 1.0, True, None, exact, 1.0, False)
+        return Draw(tokens, logp, no_cut)
+    temp = params.logprob_temperature
+    if not params.truncated(logits.shape[-1]):
+        tokens, logp = fused(logits, key, streams, positions, temp, False, None, exact, temp, False)
+        return Draw(tokens, logp, no_cut)
+    thr = _opaque(_support_threshold_op, _support_threshold)(logits, temp, params.top_k, params.top_p)
+    # the log-probs over the support sampled from ("sampled") or the whole row ("full": always the op's own pass)
+    tokens, logp = fused(logits, key, streams, positions, temp, False, thr, exact or params.logprobs != "sampled",
+                         temp, params.logprobs == "sampled")
+    return Draw(tokens, logp, replay_threshold(logits, temp, thr).float())
+
+
+def _sample_fused_native(logits: torch.Tensor, key: torch.Tensor, streams: torch.Tensor, positions: torch.Tensor,
+                         temperature: float, greedy: bool, threshold: torch.Tensor | None, exact: bool,
+                         lp_temperature: float, lp_cut: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """csrc/sampling.cpp `sample_fused_cpu`: logits (B, V) float32 CPU, key (2,) int64, streams / positions (B,)
+    int64, threshold (B,) float32 or None -> tokens (B,) int64, log-probs (B,) float32 (at `lp_temperature`, over
+    the threshold's support when `lp_cut`, else the whole row)."""
+    if logits.stride(-1) != 1 or logits.stride(0) < logits.shape[1]:
+        logits = logits.contiguous()
+    b, v = logits.shape
+    for name, t in (("streams", streams), ("positions", positions)):
+        if t.shape != (b,) or t.dtype != torch.int64:
+            raise ValueError(f"sample: {name} must be ({b},) int64 for logits {tuple(logits.shape)}, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    streams, positions, key = streams.contiguous(), positions.contiguous(), key.to(torch.int64).contiguous()
+    thr = None if threshold is None else threshold.to(torch.float32).contiguous()
+    tokens = torch.empty(b, dtype=torch.int64)
+    logp = torch.empty(b, dtype=torch.float32)
+    _native.fn("sample_fused_cpu")(
+        logits.data_ptr(), b, v, logits.stride(0), 1.0 / temperature, int(greedy), 0 if thr is None else thr.data_ptr(),
+        key.data_ptr(), streams.data_ptr(), positions.data_ptr(), int(exact), 1.0 / lp_temperature,
+        thr.data_ptr() if lp_cut and thr is not None else 0, tokens.data_ptr(), logp.data_ptr())
+    return tokens, logp
+
+
+_sample_fused_op = torch.library.custom_op("rlhf_fast::sample_fused", _sample_fused_native, mutates_args=())
+_sample_fused_op.register_fake(lambda logits, *args: (logits.new_empty(logits.shape[:1], dtype=torch.int64),
+                                                      logits.new_empty(logits.shape[:1], dtype=torch.float32)))
 
 
 def inverse_cdf(logits: torch.Tensor, temperature: float, u: torch.Tensor,
