@@ -13,7 +13,9 @@ engine):
 - one PPO minibatch step as the stage takes it (`PPOTrainer.minibatch_step`: this dp rank's sequences in micro-batches
   of 2, the fused step's vocab-parallel form with the KL-in-loss and entropy terms, the clipped value loss): the loss,
   the global stats, every parameter's whole gradient, each model's gradient norm, the weights after one AdamW step;
-- this rank's bytes of parameters, gradients and AdamW state (policy, value) and of a KV-cache block.
+- this rank's bytes of parameters, gradients and AdamW state (policy, value) and of a KV-cache block;
+- the shape of every tensor a collective moved during the passes and the step (`Collectives`: c10d and functional
+  collectives seen by a dispatch mode), for the test to check that no (tokens, vocabulary) logits were gathered.
 
 Then the stage, `train_ppo` with parallel.tp = 2 for 2 iterations (rollouts by the engine under tp): the whole run
 at both worlds; at world 4 one stopped after the first iteration (the test resumes it in one process: dp 2 x tp 2 ->
@@ -26,6 +28,7 @@ import types
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf_fast import distributed as dist
 from rlhf_fast.config import KLConfig, OptimConfig, ParallelConfig, PPOConfig
@@ -78,6 +81,24 @@ def trainer_for(cfg: PPOConfig):
     return PPOTrainer(cfg, policy, value, ref, rm, tok)
 
 
+class Collectives(TorchDispatchMode):
+    """Records the shapes of the tensors every collective op (c10d's and the functional ones DTensor uses) is given
+    while active."""
+
+    KINDS = ("all_gather", "allgather", "all_reduce", "allreduce", "reduce_scatter", "broadcast", "all_to_all")
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: set[tuple[str, tuple[int, ...]]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if any(k in name for k in self.KINDS):
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            self.shapes.update((name, tuple(t.shape)) for t in leaves if isinstance(t, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
 def minibatch_checks(root: Path, tp: int) -> dict:
     """The frozen passes on the fixed rollout, one minibatch step (KL in the loss, entropy bonus, value loss) and
     the bytes this rank holds; see the module docstring."""
@@ -89,7 +110,8 @@ def minibatch_checks(root: Path, tp: int) -> dict:
     policy, value = trainer.policy, trainer.value
     prompts, comps = rollout(policy.vocab_size)
     ro = xp.make_rollout(prompts, comps, trainer.pad_id)
-    with torch.no_grad():
+    seen = Collectives()
+    with torch.no_grad(), seen:
         (old, ref_lp, values, scores), _ = pp.score_rollout(cfg, policy, trainer.ref, value, trainer.rm, ro, comps)
         logp, ent = pp.policy_logprobs(policy, ro, 1.0, entropy=True)
     exp = xp.advantages(ro, old, ref_lp, values, scores, kl_coef=0.0, kl_kind="k3", gamma=1.0, lam=0.95)
@@ -98,7 +120,8 @@ def minibatch_checks(root: Path, tp: int) -> dict:
                        old_values=exp.old_values + 0.3 * torch.randn(exp.old_values.shape, generator=g) * ro.mask)
     policy.train()
     value.train()
-    loss, stats = trainer.minibatch_step(exp, torch.tensor(MINIBATCH), [])
+    with seen:
+        loss, stats = trainer.minibatch_step(exp, torch.tensor(MINIBATCH), [])
     models = {"policy": policy, "value": value}
     grads = {f"{k}.{n}": full(p.grad) for k, m in models.items() for n, p in named(m)}
     norms = [dist.clip_grad_norm(gr, float("inf")) for gr in trainer.groups]
@@ -113,7 +136,8 @@ def minibatch_checks(root: Path, tp: int) -> dict:
     split = {f"{k}.{n}": _is_tp(p) for k, m in models.items() for n, p in named(m)}
     return {"old_logp": old, "ref_logp": ref_lp, "values": values, "scores": scores, "logp": logp, "entropy": ent,
             "loss": dist.all_sum(float(loss)), "stats": stats, "grads": grads, "norms": norms, "bytes": sizes,
-            "split": split, "stepped": {f"{k}.{n}": full(p) for k, m in models.items() for n, p in named(m)}}
+            "split": split, "collectives": sorted(seen.shapes), "vocab": policy.vocab_size,
+            "hidden_size": policy.args.hidden_size, "stepped": {f"{k}.{n}": full(p) for k, m in models.items() for n, p in named(m)}}
 
 
 def _is_tp(p: torch.Tensor) -> bool:

@@ -19,6 +19,14 @@ The reward model under tp (its own launches, `python -m tests._tp_worker OUT rm`
 backbone split and its head replicated over tp: the packed scores, the Bradley-Terry loss and train accuracy of
 `rm.step_loss`, every gradient and the gradient norm within fp32 rounding of one process; per-rank parameter and
 gradient bytes (printed); `train_rm` with parallel.tp = 2 for 2 steps ends as one process does.
+
+PPO under tp rides on the reward model's launches (`tests._tp_ppo_worker`, from this process's SFT and reward
+models): the frozen passes' log-probs, entropy, values and scores, and one minibatch step's loss, stats, gradients and
+norms (the split PPO step, `ops.vocab_parallel.vocab_parallel_ppo_loss`, with KL in the loss and an entropy bonus)
+within fp32 rounding of one process; no collective moves vocabulary-wide rows; per-rank policy / value bytes and a
+KV block 1/tp (printed); `train_ppo` with parallel.tp = 2 for 2 iterations ends as one process does, and its
+checkpoints resume across layouts (dp 2 x tp 2 -> 1, 1 -> tp 2). At one rank the split PPO step is the fused one in
+float64.
 """
 from __future__ import annotations
 
@@ -495,6 +503,24 @@ def test_ppo_passes_loss_and_gradients_match_one_process(rm_worlds, world):
         split = res["split"]
         assert split["policy.lm_head.weight"] and split["policy.embed.weight"] and split["value.lm.embed.weight"]
         assert not split["policy.norm.weight"] and not split["value.head.weight"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_ppo_gathers_no_logits(rm_worlds, world):
+    """During the frozen passes, the policy's entropy pass and the minibatch step (log-probs, entropy and KL terms,
+    value loss) no collective moves vocabulary-wide rows: every tensor a collective is given is 1-D (FSDP's flat
+    buffers, statistics, the vocab-parallel op's per-token maxima), has the hidden width as its last dimension (the
+    row-parallel and embedding all-reduces, the hidden states' gradient) or is the vocab-parallel op's 3-row
+    statistics; a gathered (tokens, V / tp) or (tokens, V) block would be none of these. Printed."""
+    res = rm_worlds[4][world][0]
+    vocab, width = res["vocab"], res["hidden_size"]
+    assert width not in (vocab, vocab // 2)  # the shapes tell a logits block from a hidden-state one
+    bad = [(op, s) for op, s in res["collectives"] if len(s) > 1 and s[-1] != width and not (len(s) == 2 and s[0] <= 3)]
+    assert not bad, bad
+    stats = {s for _, s in res["collectives"] if len(s) == 2 and s[0] == 3}
+    assert stats, res["collectives"]  # the vocab-parallel op ran (its (3, tokens) all-reduce)
+    print(f"\n[tp ppo] world {world}: collective tensor shapes during the passes and the step (vocab {vocab}, hidden "
+          f"{width}): {sorted({s for _, s in res['collectives']})}")
 
 
 @pytest.mark.parametrize("world", WORLDS)
