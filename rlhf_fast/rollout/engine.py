@@ -94,9 +94,13 @@ class RolloutEngine:
 
     def _cache(self) -> torch.Tensor:
         lm = self.lm
+        heads = tp.kv_heads(lm)
+        if heads != self.kv_heads:  # split by `tensor_parallel` after this engine was made: the same blocks, smaller
+            self.bytes_per_block = self.bytes_per_block // self.kv_heads * heads
+            self.kv_heads = heads
         shape = (lm.num_layers, 2, self.num_blocks, self.block_size, self.kv_heads, lm.head_dim)
         kv = self.kv_cache
-        if kv is None or kv.device != lm.device or kv.dtype != lm.dtype:  # the model may have moved
+        if kv is None or kv.device != lm.device or kv.dtype != lm.dtype or kv.shape != shape:  # the model moved
             self.kv_cache = kv = torch.empty(shape, dtype=lm.dtype, device=lm.device)
         return kv
 
