@@ -11,7 +11,10 @@ prompts x `--generations` completions x up to `--tokens` new tokens). Sides (the
   * trl+vllm-colocate (`--gpu`, where vllm is installed): `trl.GRPOTrainer(use_vllm=True, vllm_mode="colocate")`.
 Columns: mean step_s over the measured steps, generate_s (TRL's `_generate`: tokenize, generate, decode) and rest_s (scoring, old/ref
 log-probs, loss, backward, optimizer), speedup (trl's step_s / this side's), generated tokens/s, mean completion
-length, peak extra memory over the run (CPU: resident set high-water mark; CUDA: allocator peak). Each
+length, peak extra memory over the run (CPU: resident set high-water mark; CUDA: allocator peak); step_cpu_s and
+generate_cpu_s: the same spans in the process's CPU time (all its threads; on a machine shared with other jobs
+this is what the step costs, waits for a core excluded) and speedup_cpu from them; step_s_median: the median of the
+side's runs' step_s. Each
 `--num-iterations` value (GRPO's mu; default 1 and 2) gives one set of rows: at mu = 2 TRL recomputes the old
 policy's log-probs with a forward pass after generating, ours reuses the engine's.
 
@@ -84,15 +87,18 @@ class StepClock:
 
     def __init__(self):
         self.steps, self.gens, self.step_tokens, self.lengths = [], [], [], []
+        self.cpu_steps, self.cpu_gens = [], []  # the process's CPU time (all its threads): robust to a loaded machine
         self._t0, self._gen, self._tok = 0.0, 0.0, 0
+        self._c0, self._cgen = 0.0, 0.0
 
     def wrap(self, trainer):
         inner = trainer._generate
 
         def timed(prompts):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = inner(prompts)
             self._gen += time.perf_counter() - t0
+            self._cgen += time.process_time() - c0
             self._tok += sum(len(c) for c in out[1])
             self.lengths.extend(len(c) for c in out[1])
             return out
@@ -100,12 +106,15 @@ class StepClock:
 
     def on_step_begin(self, args, state, control, **kw):
         self._t0, self._gen, self._tok = time.perf_counter(), 0.0, 0
+        self._c0, self._cgen = time.process_time(), 0.0
 
     def on_step_end(self, args, state, control, **kw):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.steps.append(time.perf_counter() - self._t0)
         self.gens.append(self._gen)
+        self.cpu_steps.append(time.process_time() - self._c0)
+        self.cpu_gens.append(self._cgen)
         self.step_tokens.append(self._tok)
 
     def __getattr__(self, name):  # every other callback event: nothing
@@ -132,7 +141,9 @@ def run_side(trl, cls, init: str, tok, ds, cfg: dict, extra: dict, steps: int, d
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss_bytes("VmHWM")) - base
     # means over the measured steps (an even count: at mu = 2 every other step generates)
     step, gen = statistics.fmean(clock.steps[WARMUP:]), statistics.fmean(clock.gens[WARMUP:])
+    cpu, cpu_gen = statistics.fmean(clock.cpu_steps[WARMUP:]), statistics.fmean(clock.cpu_gens[WARMUP:])
     return {"step_s": round(step, 4), "generate_s": round(gen, 4), "rest_s": round(step - gen, 4),
+            "step_cpu_s": round(cpu, 4), "generate_cpu_s": round(cpu_gen, 4),
             "gen_tokens_per_s": round(sum(clock.step_tokens[WARMUP:]) / sum(clock.gens[WARMUP:]), 1),
             "mean_completion_len": round(statistics.fmean(clock.lengths), 2),
             "peak_extra_mem_MiB": round(max(peak, 0) / 2**20, 1),
@@ -258,16 +269,21 @@ def main(argv: list[str] | None = None):
         for mu in (int(m) for m in args.num_iterations.split(",")):
             first = len(rows)
             best: dict[str, dict] = {}
+            runs: dict[str, list[float]] = {}
             for rep in range(args.repeats):  # the sides alternate; each keeps its fastest run (least disturbed)
                 for side in sides(trl, plugin, args.gpu):
                     row = _child(flags, side, mu, init)
-                    print(f"{side} mu={mu} run {rep + 1}: {row['step_s']} s/step", flush=True)
+                    runs.setdefault(side, []).append(row["step_s"])
+                    print(f"{side} mu={mu} run {rep + 1}: {row['step_s']} s/step (CPU {row['step_cpu_s']} s)",
+                          flush=True)
                     if side not in best or row["step_s"] < best[side]["step_s"]:
                         best[side] = row
             for side, row in best.items():
-                rows.append({"side": row.pop("side"), "params_M": n_params, **row, "repeats": args.repeats})
+                rows.append({"side": row.pop("side"), "params_M": n_params, **row, "repeats": args.repeats,
+                             "step_s_median": round(statistics.median(runs[side]), 4)})
             for r in rows[first:]:
                 r["speedup"] = round(rows[first]["step_s"] / r["step_s"], 2)
+                r["speedup_cpu"] = round(rows[first]["step_cpu_s"] / r["step_cpu_s"], 2)
     name = "trl_grpo" + {"gpu": "_gpu", "dry-run": "_gpu_dryrun"}.get(size, "")
     write_results(name, rows)
     plot_bars(name, rows)
