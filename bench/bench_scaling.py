@@ -146,7 +146,7 @@ def tp_worker(out: Path, tp: int, arch: dict, device: str, steps: int, seqs: int
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(0)
         model = build_model(cfg, device=dev)
-        rm = ScalarHeadModel(build_model(cfg, lm_head=False, device=dev))
+        rm = ScalarHeadModel(build_model(cfg, lm_head=False, device=dev)).to(dev)  # (its head is made on the CPU)
     model = par.parallelize(model, tp=tp).train()
     params = [p for p in model.parameters() if p.requires_grad]
     row = {"rank": dist.rank(), "params_B": _local_bytes(params)}
