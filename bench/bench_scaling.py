@@ -143,7 +143,7 @@ def tp_worker(out: Path, tp: int, arch: dict, device: str, steps: int, seqs: int
     torch.set_num_threads(1)
     dev = dist.device(device)
     cfg = llama_config(arch)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if dev.type == "cuda" else []):
         torch.manual_seed(0)
         model = build_model(cfg, device=dev)
         rm = ScalarHeadModel(build_model(cfg, lm_head=False, device=dev)).to(dev)  # (its head is made on the CPU)
