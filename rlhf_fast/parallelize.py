@@ -187,9 +187,11 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
 def _colwise_fixed(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A column-parallel projection in deterministic mode: x (T, in) replicated -> this rank's columns (T, out / tp)
     through the batch-invariant fixed-chunk GEMM (`layers.linear`); what ColwiseParallel computes, bit for bit
-    whatever T."""
+    whatever T. Backward: x's gradient is the sum of every rank's share (`_Replicated`)."""
     from rlhf_fast.models.layers import linear
 
+    if torch.is_grad_enabled() and x.requires_grad:
+        x = _Replicated.apply(x, mod.weight.device_mesh.get_group())
     return linear(x, _local(mod.weight), _local(mod.bias), True)
 
 
@@ -203,25 +205,44 @@ def _rowwise_fixed(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return y + _local(mod.bias) if mod.bias is not None else y
 
 
+def _sum_in_rank_order(t: torch.Tensor, group) -> torch.Tensor:
+    """The sum over the ranks of `group` of each rank's `t`, all-gathered and added in rank order: the same bits on
+    every rank, whatever t's size (an all-reduce's order may depend on it)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    n = torch.distributed.get_world_size(group)
+    parts = funcol.all_gather_single(t.contiguous(), 0, group).view(n, *t.shape)  # (tp, ...)
+    out = parts[0]
+    for r in range(1, n):
+        out = out + parts[r]
+    return out
+
+
 class _SumInRankOrder(torch.autograd.Function):
-    """partial (T, out) on each rank of `group` -> their sum, added in rank order (the same bits on every rank, for
-    every T). Backward: the identity (the output's gradient is replicated; each rank's partial gets it whole), as
-    the row-parallel all-reduce's."""
+    """Partial products (T, out) of the ranks of `group` -> their sum (`_sum_in_rank_order`). Backward: the identity
+    (the output's gradient is replicated; each rank's partial gets it whole), as the row-parallel all-reduce's."""
 
     @staticmethod
     def forward(ctx, partial: torch.Tensor, group) -> torch.Tensor:
-        from torch.distributed import _functional_collectives as funcol
-
-        n = torch.distributed.get_world_size(group)
-        parts = funcol.all_gather_single(partial.contiguous(), 0, group).view(n, *partial.shape)  # (tp, T, out)
-        out = parts[0]
-        for r in range(1, n):
-            out = out + parts[r]
-        return out
+        return _sum_in_rank_order(partial, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
+
+
+class _Replicated(torch.autograd.Function):
+    """A replicated input of a column-parallel projection: the identity forward; backward, the sum of the ranks'
+    gradients (each rank's holds its columns' share; `_sum_in_rank_order`), as ColwiseParallel's input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _sum_in_rank_order(grad, ctx.group), None
 
 
 def _check_tp(model: nn.Module, tp: int) -> nn.Module:

@@ -8,7 +8,8 @@ as a stage prepares it (`parallelize(model, tp=2)`: FSDP2 over the dp ranks at w
 sampled completions (a fixed seed, with top-k / top-p, seed None; the deterministic mode: greedy and the fixed seed);
 the teacher-forced log-probs of the sampled completions (`teacher_forced_logprobs` under tp) and the trainer's (the packed forward and
 `ops.vocab_parallel.head_logprobs`, the vocabulary never gathered); this rank's bytes of parameters at rest and
-during the rollout, split over tp or not, and of the KV cache for a fixed number of blocks.
+during the rollout, split over tp or not, and of the KV cache for a fixed number of blocks; an engine made before the
+split. The Llama's gradients through the deterministic-mode forward (the split projections' batch-invariant path).
 """
 from __future__ import annotations
 
@@ -137,7 +138,30 @@ def kind_checks(kind: str) -> dict:
             res[("det" if det else "default") + "_kv"] = {"bytes": eng.kv_cache.numel() * eng.kv_cache.element_size(),
                                                            "shape": tuple(eng.kv_cache.shape),
                                                            "bytes_per_block": eng.bytes_per_block}
+    if kind == "llama":
+        res["det_grads"] = det_grads(model, prompts, res["default"]["greedy"])
     return res
+
+
+def det_grads(model: nn.Module, prompts: list[list[int]], seqs: list[dict]) -> dict[str, torch.Tensor]:
+    """Every parameter's whole gradient of the summed log-probs of `seqs` through the deterministic-mode forward (at
+    tp, the split projections' `batch_invariant` path and its backward), summed over the dp ranks (each dp group
+    scores its own prompts)."""
+    from torch.distributed.tensor import DTensor
+
+    from rlhf_fast.models.packed import pack, packed_hidden
+    from rlhf_fast.ops.vocab_parallel import head_logprobs
+
+    first = my_prompts()[1]
+    batch = pack([prompts[s["prompt"] - first] for s in seqs], [s["tokens"] for s in seqs])
+    rows, labels = [], []
+    for (p0, p1, r0, r1), s in zip(batch.samples, seqs):
+        rows += [p1 - 1] + list(range(r0, r1 - 1))
+        labels += s["tokens"]
+    h = packed_hidden(model, batch, deterministic=True, rows=torch.tensor(rows))
+    head_logprobs(h, model.lm_head, torch.tensor(labels)).sum().backward()
+    return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+            for n, p in model.named_parameters()}
 
 
 def run() -> dict:

@@ -13,6 +13,7 @@ tiny untied Llama and a tied Qwen3 (q/k norms, a sliding-window layer):
   top-k / top-p the tokens equal one process's;
 * the engine's log-probs equal teacher-forced ones under tp (1e-5; deterministic mode: bitwise), the trainer's
   (packed forward + vocab-parallel `head_logprobs`, 1e-5) and one process's (1e-5);
+* the deterministic-mode forward's gradients under tp equal one process's (1e-5);
 * per-rank bytes (printed: run with -s): the KV cache of the same number of blocks and the parameters tp splits are
   1/tp of one process's during the rollout (the policy is never gathered over tp), the norms whole.
 """
@@ -205,3 +206,18 @@ def test_bytes_per_rank(worlds, world, kind):
         peers = [x for x in runs[world] if x["rank"] % worker.TP == r["rank"] % worker.TP]
         assert sum(x[kind]["bytes_rest"]["split"] for x in peers) == roll["split"]
         assert sum(x[kind]["bytes_rest"]["whole"] for x in peers) == roll["whole"]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_deterministic_mode_gradients_match_one_process(worlds, world):
+    """The deterministic-mode forward under tp (the split projections' `batch_invariant` path: local fixed-chunk
+    GEMMs, row-parallel partials added in rank order, a column-parallel input's gradient summed over the ranks) gives
+    one process's gradients of the greedy completions' log-probs (summed over the dp groups' prompts), every
+    parameter within 1e-5 of its largest."""
+    one, runs, _ = worlds
+    want = one["llama"]["det_grads"]
+    for r in runs[world]:
+        got = r["llama"]["det_grads"]
+        assert got.keys() == want.keys()
+        for n, g in got.items():
+            assert float((g - want[n]).abs().max()) <= TOL * float(want[n].abs().max()), (world, r["rank"], n)
