@@ -478,6 +478,7 @@ PPO_KEYS = ("score", "kl", "kl_coef", "pg_loss", "vf_loss", "vf_explained_var", 
             "grad_norm")  # tests/test_distributed.py's PPO N-rank comparison
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_ppo_passes_loss_and_gradients_match_one_process(rm_worlds, world):
     """On a fixed rollout, models prepared as `train_ppo` prepares them (policy, reference, value and reward model
@@ -505,6 +506,7 @@ def test_ppo_passes_loss_and_gradients_match_one_process(rm_worlds, world):
         assert not split["policy.norm.weight"] and not split["value.head.weight"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_ppo_gathers_no_logits(rm_worlds, world):
     """During the frozen passes, the policy's entropy pass and the minibatch step (log-probs, entropy and KL terms,
@@ -523,6 +525,7 @@ def test_ppo_gathers_no_logits(rm_worlds, world):
           f"{width}): {sorted({s for _, s in res['collectives']})}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_ppo_bytes_per_rank(rm_worlds, world):
     """Per rank, of the policy: parameters, gradients and AdamW's two moments are exactly sum(bytes / (tp if split)
@@ -575,6 +578,7 @@ def _close_weights(a, b, limit: float = 1e-3, share: float = 0.01) -> dict:
     return off
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", WORLDS)
 def test_ppo_under_tp_matches_one_process(rm_worlds, world):
     """`train_ppo` with parallel.tp = 2 for 2 iterations (rollouts by the engine under tp, the frozen passes, GAE,
@@ -595,6 +599,7 @@ def test_ppo_under_tp_matches_one_process(rm_worlds, world):
     print(f"\n[tp ppo] world {world}: final weights beyond {REL} of one process (elements, max rel): {off or 'none'}")
 
 
+@pytest.mark.slow
 def test_ppo_resumes_across_layouts(rm_worlds):
     """A PPO run stopped after its first iteration at dp 2 x tp 2 resumes in one process (DCP reshards the policy,
     the value model and the AdamW state), and one stopped in one process resumes at tp 2: both log the
