@@ -9,6 +9,12 @@ loss (+ `ptx_coef` * pretraining NLL), one backward per minibatch. All loss math
 `ppo.algorithm` picks the advantage estimator and loss defaults (`rlhf_fast.stages.algorithms`): the critic-free
 ones (grpo, dr_grpo, dapo, rloo, reinforce_pp, ...) load no value model and use the `sampling.n` completions of a
 prompt as its group. `ppo.reward_fn` scores completions with a function instead of (or on top of) the RM.
+
+Under torchrun with `ppo.parallel.tp` = T the world is dp x T (`distributed.use_tp`): every model is split over its
+tp group (`parallelize.tensor_parallel`, the value and reward models' backbones, their scalar heads whole) and FSDP2
+sharded over dp; a tp group generates, scores and trains on one dp rank's part of each global batch, the engine and
+the policy's passes reading the lm_head's vocabulary rows of each rank (`ops.vocab_parallel`: no (tokens, V) logits
+gathered for the loss, the entropy or the KL).
 """
 from __future__ import annotations
 
