@@ -12,9 +12,9 @@ prompt as its group. `ppo.reward_fn` scores completions with a function instead 
 
 Under torchrun with `ppo.parallel.tp` = T the world is dp x T (`distributed.use_tp`): every model is split over its
 tp group (`parallelize.tensor_parallel`, the value and reward models' backbones, their scalar heads whole) and FSDP2
-sharded over dp; a tp group generates, scores and trains on one dp rank's part of each global batch, the engine and
-the policy's passes reading the lm_head's vocabulary rows of each rank (`ops.vocab_parallel`: no (tokens, V) logits
-gathered for the loss, the entropy or the KL).
+sharded over dp; a tp group generates, scores and trains on one dp rank's part of each global batch. The passes and
+the update read each rank's lm_head rows (`ops.vocab_parallel`: no (tokens, V) logits gathered for the loss, the
+entropy or the KL); the engine gathers only the sampled rows' logits (`rollout.tp`).
 """
 from __future__ import annotations
 
