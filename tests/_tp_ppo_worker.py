@@ -17,13 +17,15 @@ engine):
 - the shape of every tensor a collective moved during the passes and the step (`Collectives`: c10d and functional
   collectives seen by a dispatch mode), for the test to check that no (tokens, vocabulary) logits were gathered.
 
-Then the stage, `train_ppo` with parallel.tp = 2 for 2 iterations (rollouts by the engine under tp): the whole run
-at both worlds; at world 4 one stopped after the first iteration (the test resumes it in one process: dp 2 x tp 2 ->
-1); at world 2 the test's one-process run stopped so, copied to `ppo1s_w2`, resumed here (1 -> tp 2).
+Then the stage, `train_ppo` with parallel.tp = 2 for 2 iterations (rollouts by the engine under tp): a run stopped
+after the first iteration (the test resumes it in one process: tp 2 -> 1, dp 2 x tp 2 -> 1) and a copy of it resumed
+here (the whole run in this layout); the test's one-process run stopped so, copied to `ppo1s_w<world>`, resumed here
+(1 -> tp 2, 1 -> dp 2 x tp 2).
 """
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import types
 from pathlib import Path
 
@@ -145,16 +147,19 @@ def _is_tp(p: torch.Tensor) -> bool:
 
 
 def stage_runs(root: Path) -> None:
-    """`train_ppo` with tp 2 at this world size: the whole run; at world 4 one stopped after one iteration, at world
-    2 the one-process stopped run (copied by the test to `ppo1s_w2`) resumed to its end."""
+    """`train_ppo` with tp 2 at this world size: a run stopped after one iteration (`ppos_w<world>`, which the test
+    resumes in one process), a copy of it resumed here to the end (`ppo_w<world>`: the whole run, as a stop and
+    resume in one layout is bitwise the uninterrupted run, tests/test_distributed.py), and the one-process stopped
+    run (copied by the test to `ppo1s_w<world>`) resumed to its end."""
     from rlhf_fast.stages.ppo import train_ppo
 
     w = dist.world_size()
+    train_ppo(ppo_config(root, TP), root / f"ppos_w{w}", stop_after=1, plots=False)
+    if dist.is_main():
+        shutil.copytree(root / f"ppos_w{w}", root / f"ppo_w{w}")
+    dist.barrier()
     train_ppo(ppo_config(root, TP), root / f"ppo_w{w}", plots=False)
-    if w == 4:
-        train_ppo(ppo_config(root, TP), root / f"ppos_w{w}", stop_after=1, plots=False)
-    else:
-        train_ppo(ppo_config(root, TP), root / f"ppo1s_w{w}", plots=False)
+    train_ppo(ppo_config(root, TP), root / f"ppo1s_w{w}", plots=False)
 
 
 def run(root: Path, out: Path) -> None:

@@ -25,7 +25,7 @@ models): the frozen passes' log-probs, entropy, values and scores, and one minib
 norms (the split PPO step, `ops.vocab_parallel.vocab_parallel_ppo_loss`, with KL in the loss and an entropy bonus)
 within fp32 rounding of one process; no collective moves vocabulary-wide rows; per-rank policy / value bytes and a
 KV block 1/tp (printed); `train_ppo` with parallel.tp = 2 for 2 iterations ends as one process does, and its
-checkpoints resume across layouts (dp 2 x tp 2 -> 1, 1 -> tp 2). At one rank the split PPO step is the fused one in
+checkpoints resume across layouts (tp 2 -> 1, dp 2 x tp 2 -> 1, and back). At one rank the split PPO step is the fused one in
 float64.
 """
 from __future__ import annotations
@@ -371,8 +371,8 @@ def test_sft_resumes_across_layouts(worlds, world):
 def rm_worlds(tmp_path_factory):
     """(one-process RM checks, {world: [rank results]}, output dir, one-process PPO checks, {world: [rank PPO
     results]}). This process writes the task, an SFT model to start from (1 step), the one-process `train_rm` run
-    (PPO's reward model), the one-process PPO checks and runs (whole, and stopped for world 2 to resume), then each
-    world runs `tests._tp_worker OUT rm` (the RM, then PPO); last it resumes world 4's stopped PPO run here."""
+    (PPO's reward model), the one-process PPO checks and runs (whole, and stopped for each world to resume), then each
+    world runs `tests._tp_worker OUT rm` (the RM, then PPO); last it resumes each world's stopped PPO run here."""
     from rlhf_fast.stages.ppo import train_ppo
     from rlhf_fast.stages.rm import train_rm
     from rlhf_fast.stages.sft import train_sft
@@ -390,13 +390,16 @@ def rm_worlds(tmp_path_factory):
         train_rm(worker.rm_config(stages, 1), stages / "rm1", plots=False)
         one_ppo = ppo_worker.minibatch_checks(stages, 1)
         train_ppo(ppo_worker.ppo_config(stages, 1), stages / "ppo1", plots=False)
-        train_ppo(ppo_worker.ppo_config(stages, 1), stages / "ppo1s_w2", stop_after=1, plots=False)  # 1 -> tp 2
+        train_ppo(ppo_worker.ppo_config(stages, 1), stages / "ppo1s", stop_after=1, plots=False)
+        for w in WORLDS:  # 1 -> dp x tp
+            shutil.copytree(stages / "ppo1s", stages / f"ppo1s_w{w}")
         runs, ppo_runs = {}, {}
         for w in WORLDS:
             torchrun("tests._tp_worker", str(out), "rm", nproc=w, timeout=900)
             runs[w] = [torch.load(out / f"rm_w{w}_rank{r}.pt", weights_only=False) for r in range(w)]
             ppo_runs[w] = [torch.load(out / f"ppo_w{w}_rank{r}.pt", weights_only=False) for r in range(w)]
-        train_ppo(ppo_worker.ppo_config(stages, 1), stages / "ppos_w4", plots=False)  # dp 2 x tp 2 -> 1
+        for w in WORLDS:  # dp x tp -> 1
+            train_ppo(ppo_worker.ppo_config(stages, 1), stages / f"ppos_w{w}", plots=False)
     finally:
         torch.set_num_threads(n)
     return one, runs, out, one_ppo, ppo_runs
@@ -582,7 +585,8 @@ def _close_weights(a, b, limit: float = 1e-3, share: float = 0.01) -> dict:
 @pytest.mark.parametrize("world", WORLDS)
 def test_ppo_under_tp_matches_one_process(rm_worlds, world):
     """`train_ppo` with parallel.tp = 2 for 2 iterations (rollouts by the engine under tp, the frozen passes, GAE,
-    2 epochs of 2 minibatches, micro-batches, export) generates the same tokens as one process and logs its
+    2 epochs of 2 minibatches, micro-batches, export; stopped after the first and resumed in the same layout, which
+    is bitwise the uninterrupted run: tests/test_distributed.py) generates the same tokens as one process and logs its
     per-iteration score, KL, losses, entropy, clip fraction, approx KL and gradient norm within today's N-rank
     tolerance (tests/test_distributed.py's PPO keys). Final weights: every element within 1e-3 of its tensor's
     largest, at most 1% beyond 1e-5 (measured: 46 of 18k policy elements, max 2.5e-4, one lm_head element whose
@@ -600,13 +604,14 @@ def test_ppo_under_tp_matches_one_process(rm_worlds, world):
 
 
 @pytest.mark.slow
-def test_ppo_resumes_across_layouts(rm_worlds):
-    """A PPO run stopped after its first iteration at dp 2 x tp 2 resumes in one process (DCP reshards the policy,
-    the value model and the AdamW state), and one stopped in one process resumes at tp 2: both log the
-    uninterrupted one-process run's metrics within today's N-rank tolerance. The 1 -> tp 2 run ends with its weights
-    within that tolerance too; the dp 2 x tp 2 -> 1 run, whose first iteration ran under tp, within the bounds of
+@pytest.mark.parametrize("world", WORLDS)
+def test_ppo_resumes_across_layouts(rm_worlds, world):
+    """A PPO run stopped after its first iteration under tp (tp 2; dp 2 x tp 2) resumes in one process (DCP reshards
+    the policy, the value model and the AdamW state), and one stopped in one process resumes under tp: both log the
+    uninterrupted one-process run's metrics within today's N-rank tolerance. The 1 -> tp run ends with its weights
+    within that tolerance too; the tp -> 1 run, whose first iteration ran under tp, within the bounds of
     `test_ppo_under_tp_matches_one_process` (Adam near eps)."""
     stages = rm_worlds[2] / "stages"
-    same_run(stages / "ppo1", stages / "ppo1s_w2", ("policy", "value"), keys=PPO_KEYS)
-    same_run(stages / "ppo1", stages / "ppos_w4", (), keys=PPO_KEYS)
-    _close_weights(stages / "ppo1", stages / "ppos_w4")
+    same_run(stages / "ppo1", stages / f"ppo1s_w{world}", ("policy", "value"), keys=PPO_KEYS)
+    same_run(stages / "ppo1", stages / f"ppos_w{world}", (), keys=PPO_KEYS)
+    _close_weights(stages / "ppo1", stages / f"ppos_w{world}")
