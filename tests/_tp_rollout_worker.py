@@ -10,6 +10,7 @@ the teacher-forced log-probs of the sampled completions (`teacher_forced_logprob
 `ops.vocab_parallel.head_logprobs`, the vocabulary never gathered); this rank's bytes of parameters at rest and
 during the rollout, split over tp or not, and of the KV cache for a fixed number of blocks; an engine made before the
 split. The Llama's gradients through the deterministic-mode forward (the split projections' batch-invariant path).
+At world 1 and 2: a large-vocabulary Llama's sampled completions through the oneDNN-reordered lm_head rows.
 """
 from __future__ import annotations
 
@@ -164,10 +165,35 @@ def det_grads(model: nn.Module, prompts: list[list[int]], seqs: list[dict]) -> d
             for n, p in model.named_parameters()}
 
 
+def packed_head_checks() -> dict:
+    """A one-layer Llama with a 32768-token vocabulary, so that each tp rank's lm_head rows (16384 x 128) are large
+    enough for the oneDNN reordered head (`rollout.tp.pack_head`, `ops._onednn.applies`): whether it applied, and
+    sampled completions of all prompts."""
+    import transformers as tf
+
+    from rlhf_fast.models import build_model
+    from rlhf_fast.ops import _onednn as onednn
+    from rlhf_fast.rollout import tp
+
+    cfg = tf.LlamaConfig(vocab_size=32768, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = par.parallelize(build_model(cfg, device="cpu").eval(), tp=TP if dist.world_size() > 1 else 1)
+    prompts = [p + [32767, 16384] for p in PROMPTS]  # ids in both halves of the vocabulary
+    with par.unsharded(model):
+        packed = (tp.pack_head(model, 8) if dist.world_size() > 1 else onednn.pack(model.lm_head.weight, 8)) is not None
+        comps = RolloutEngine(model, block_size=BLOCK, num_blocks=BLOCKS).generate(prompts, SAMPLED)
+    return {"packed": packed, "completions": generated(comps, 0)}
+
+
 def run() -> dict:
     """Every check at this world size; world size 1 (the test process) runs them at tp 1, the reference."""
     torch.set_num_threads(1)
     res = {kind: kind_checks(kind) for kind in KINDS}
+    if dist.dp_size() == 1:
+        res["packed_head"] = packed_head_checks()
     res.update(tp_size=dist.tp_size(), dp_size=dist.dp_size(), dp_rank=dist.dp_rank(), rank=dist.rank())
     return res
 

@@ -221,3 +221,18 @@ def test_deterministic_mode_gradients_match_one_process(worlds, world):
         assert got.keys() == want.keys()
         for n, g in got.items():
             assert float((g - want[n]).abs().max()) <= TOL * float(want[n].abs().max()), (world, r["rank"], n)
+
+
+def test_packed_head_under_tp(worlds):
+    """At world 2 a tp rank's lm_head rows (16384 x 128 of a 32768-token vocabulary) go through the oneDNN-reordered
+    head (`rollout.tp.pack_head`) outside deterministic mode; the sampled tokens equal one process's (whose whole
+    head is reordered too) and their log-probs agree within 1e-5."""
+    one, runs, _ = worlds
+    ref = one["packed_head"]
+    assert ref["packed"], "oneDNN's reorder applies to the one-process head (an x86 CPU build of torch)"
+    for r in runs[2]:
+        got = r["packed_head"]
+        assert got["packed"]
+        assert [s["tokens"] for s in got["completions"]] == [s["tokens"] for s in ref["completions"]]
+        assert max(float((a["logprobs"] - b["logprobs"]).abs().max())
+                   for a, b in zip(got["completions"], ref["completions"])) <= TOL
