@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -288,8 +289,19 @@ void sample_fused_cpu(std::uintptr_t logits, std::int64_t rows, std::int64_t voc
         zr = z.data();
       }
       std::int64_t t;
-      if (greedy) {
-        t = row_argmax(xr, vocab);
+      if (greedy) {  // the first index of the (vectorised) row max; a row with a NaN: torch.argmax's answer, the NaN
+        float mx;
+#ifdef RLHF_SAMPLING_AVX2
+        if (use_avx2()) {
+          mx = Avx2Ops::row_max(xr, vocab);
+        } else
+#endif
+          mx = BaseOps::row_max(xr, vocab);
+        bool nan = false;
+        for (idx i = 0; i < vocab; ++i) nan |= xr[i] != xr[i];
+        t = 0;
+        while (t < vocab && !(xr[t] == mx)) ++t;
+        if (nan || t == vocab) t = row_argmax(xr, vocab);
       } else {
         const float u = philox_uniform(k0, k1, st[r], po[r]);
 #ifdef RLHF_SAMPLING_AVX2
@@ -299,18 +311,19 @@ void sample_fused_cpu(std::uintptr_t logits, std::int64_t rows, std::int64_t voc
 #endif
           t = sample_row<BaseOps>(zr, vocab, u, sums.data(), w.data());
       }
-      tok[r] = t;
+      float l;
       if (exact) {
-        lp[r] = token_logprob_row(xr, vocab, lp_inv_temp, lth ? lth[r] : -INFINITY, t);
-        continue;
-      }
+        l = token_logprob_row(xr, vocab, lp_inv_temp, lth ? lth[r] : -INFINITY, t);
+      } else {
 #ifdef RLHF_SAMPLING_AVX2
-      if (use_avx2()) {
-        lp[r] = pass_logprob<Avx2Ops>(zr, vocab, t, sums.data(), w.data());
-        continue;
-      }
+        if (use_avx2()) {
+          l = pass_logprob<Avx2Ops>(zr, vocab, t, sums.data(), w.data());
+        } else
 #endif
-      lp[r] = pass_logprob<BaseOps>(zr, vocab, t, sums.data(), w.data());
+          l = pass_logprob<BaseOps>(zr, vocab, t, sums.data(), w.data());
+      }
+      tok[r] = t;
+      lp[r] = l;
     }
   }
 }

@@ -94,3 +94,9 @@ def test_fused_cpu_sampler_draws_as_the_torch_path(monkeypatch, temperature, top
     assert torch.equal(exact.thresholds, ref.thresholds) and torch.equal(fast.thresholds, ref.thresholds)
     if temperature == 0:
         assert int(exact.tokens[5]) == 7
+        nan = logits.clone()
+        nan[6, 100] = float("nan")  # torch.argmax's answer: the NaN
+        assert int(sampling.sample(nan, params, key, streams, positions).tokens[6]) == 100
+        monkeypatch.undo()
+        assert int(sampling.sample(nan, params, key, streams, positions).tokens[6]) == 100
+        assert int(sampling.sample(nan, params, key, streams, positions, exact=False).tokens[6]) == 100
