@@ -9,7 +9,9 @@ on CPU with a 2-layer hidden-64 Llama, 4 prompts x 8 new tokens (what `bench.gpu
 Rows (bench/results/rollout.{csv,json,png}):
   * generate/hf, generate/engine, generate/engine-deterministic: 32 prompts of 8..64 tokens, 128 new tokens,
     sampling at temperature 1 with no top-k/top-p (PPO's setting: the log-probs are the policy's own); tokens/s,
-    speed-up over HF, peak extra memory. CPU timings use 1 torch thread by default (see --threads).
+    speed-up over HF, peak extra memory. CPU timings use 1 torch thread by default (see --threads), and are the best
+    of `--rounds` interleaved rounds (each round runs every generate case once, in turn: the machine is shared).
+    `--vocab V`: the CPU model with another vocabulary (bench/results/rollout_v<V>.*).
   * generate/engine-compiled, generate/engine-deterministic-compiled: the same with `RolloutEngine(compile=True)`
     (the decode step compiled per batch bucket; CUDA graphs on CUDA), timed after a first request that compiles;
     `compile_s` and `compilations` are that first request's.
@@ -23,11 +25,12 @@ from __future__ import annotations
 
 import argparse
 import random
+import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.harness import Case, device_name, run_case, write_results
+from bench.harness import Case, _sync, device_name, run_case, write_results
 from rlhf_fast.rollout import RolloutEngine, SamplingParams
 
 
@@ -123,6 +126,11 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--quick", action="store_true", help="8 prompts, 32 new tokens (smoke run)")
     ap.add_argument("--gpu", action="store_true", help="CUDA, bf16, a ~155M-parameter Llama")
     ap.add_argument("--dry-run", action="store_true", help="the --gpu code path on CPU with a tiny model")
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="CPU model's vocabulary (default 16384; another size writes rollout_v<vocab>.*)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="CPU: timed rounds, each running every generate case once in turn (A B C A B C ...: the "
+                         "machine is shared); each case's best round is reported")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared, oversubscribed machine OpenMP teams spin)")
     args = ap.parse_args(argv)
@@ -131,6 +139,10 @@ def main(argv: list[str] | None = None):
         raise SystemExit("--gpu needs a CUDA device")
     size = "gpu" if args.gpu else "dry-run" if args.dry_run else "cpu"
     dev = torch.device("cuda" if args.gpu or (size == "cpu" and torch.cuda.is_available()) else "cpu")
+    if args.vocab is not None:
+        if size != "cpu":
+            raise SystemExit("--vocab applies to the CPU model only")
+        MODELS["cpu"] = dict(MODELS["cpu"], vocab_size=args.vocab)
     model = tiny_llama(dev, size, torch.bfloat16 if args.gpu else torch.float32)
     kv = KV_BYTES.get(size)
     n_prompts, new = {"gpu": (64, 128), "dry-run": (4, 8)}.get(size, (8, 32) if args.quick else (32, 128))
@@ -150,13 +162,24 @@ def main(argv: list[str] | None = None):
             eng.generate(prompts, sampling)
             info.update(compile_s=round(eng.stats.compile_seconds, 2), compilations=eng.stats.compilations)
         cases.append(Case(name, info, lambda eng=eng: eng.generate(prompts, sampling)))
-    timing = dict(warmup=1, repeats=3) if size == "cpu" else dict(warmup=1, repeats=2) if args.gpu else \
-        dict(warmup=0, repeats=1, measure_memory=False)
+    timing = dict(warmup=1, repeats=2) if args.gpu else dict(warmup=0, repeats=1, measure_memory=False)
     rows = []
-    for c in cases:
-        row = run_case(c, dev, **timing)
+    if size == "cpu":  # interleaved: every round times each case once, so load changes hit all cases alike
+        for c in cases:
+            rows.append(run_case(c, dev, warmup=1, repeats=1))  # memory, warm-up
+        best = [float("inf")] * len(cases)
+        for _ in range(args.rounds):
+            for i, c in enumerate(cases):
+                t0 = time.perf_counter()
+                c.fn()
+                _sync(dev)
+                best[i] = min(best[i], (time.perf_counter() - t0) * 1e3)
+        for row, ms in zip(rows, best):
+            row.update(time_ms=round(ms, 4), timing=f"best of {args.rounds} interleaved rounds")
+    else:
+        rows = [run_case(c, dev, **timing) for c in cases]
+    for row in rows:
         row["tokens_per_s"] = round(n_prompts * new / (row["time_ms"] / 1e3), 1)
-        rows.append(row)
     hf_tps = rows[0]["tokens_per_s"]
     for r in rows:
         r["speedup_vs_hf"] = round(r["tokens_per_s"] / hf_tps, 2)
@@ -171,6 +194,9 @@ def main(argv: list[str] | None = None):
     long_prompts = [[rng.randrange(1, model.config.vocab_size) for _ in range(300)] for _ in range(4)]
     rows += kv_rows(model, long_prompts, 32 if size != "dry-run" else 4, 16, "300-token prompts", kv)
     name = {"gpu": "rollout_gpu", "dry-run": "rollout_gpu_dryrun"}.get(size, "rollout")
+    if args.vocab is not None and args.vocab != 16384:
+        name += f"_v{args.vocab}"
+
     write_results(name, rows, plot_x="case", plot_y="tokens_per_s")
 
 
