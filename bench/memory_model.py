@@ -6,20 +6,23 @@ against measured per-rank bytes.
 
 The formulas (`local_numel`): each parameter tensor of a decoder is what `parallelize.tensor_parallel` does to it
 (q/k/v, gate/up and the lm_head split by output rows over tp, o and down by input columns, the embedding by
-vocabulary rows; norms, a Qwen3 q/k norm, an MoE router and a scalar head replicated), then FSDP2 `fully_shard`
+vocabulary rows, an MoE layer's stacked experts by whole experts; norms, a Qwen3 q/k norm, an MoE router and a
+scalar head replicated), then FSDP2 `fully_shard`
 over the dp ranks: dim 0 of the rank's tp shard in `torch.chunk` pieces (ceil(d0 / dp) rows; the last ranks may hold
 fewer, a (1, hidden) head's whole row sits on dp rank 0). Parameters, gradients and AdamW's two moments are that
 many elements each; AdamW adds one 4-byte step counter per tensor. `check_measured` compares the prediction with
 `bench/bench_scaling.py --tp`'s measurement of the actual local shards, rank by rank, and prints both.
 
 The large-model table (`plan`) applies the same per-tensor formula to a Llama-3-70B-shaped dense policy and a
-Qwen3-30B-A3B-shaped MoE on 80 GiB devices, per phase of a PPO/GRPO iteration; its assumptions are in ASSUMPTIONS
-and in the README text this module prints (`--readme PATH` writes it).
+Qwen3-30B-A3B-shaped MoE on 80 GiB devices, per phase of a PPO/GRPO iteration; its assumptions are in ASSUMPTIONS.
+Whether our code runs a layout is asked of the code (`tp_refusal`: `parallelize._check_tp` on the model built on
+the meta device), not written down here.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -86,10 +89,10 @@ def tensors(a: Arch, *, lm_head: bool = True, scalar_head: bool = False) -> list
                 Tensor(p + "mlp_norm.weight", (h,), None)]
         if a.qk_norm:
             out += [Tensor(p + "attn.q_norm.weight", (hd,), None), Tensor(p + "attn.k_norm.weight", (hd,), None)]
-        if a.experts:  # experts split like a dense MLP, per expert (F columns): what tp of an MoE would do
+        if a.experts:  # whole experts over the tp ranks (E / tp each), the router whole on every rank
             out += [Tensor(p + "mlp.router.weight", (a.experts, h), None),
-                    Tensor(p + "mlp.experts.gate_up_proj", (a.experts, 2 * a.moe_ffn, h), 1),
-                    Tensor(p + "mlp.experts.down_proj", (a.experts, h, a.moe_ffn), 2)]
+                    Tensor(p + "mlp.experts.gate_up_proj", (a.experts, 2 * a.moe_ffn, h), 0),
+                    Tensor(p + "mlp.experts.down_proj", (a.experts, h, a.moe_ffn), 0)]
         else:
             out += [Tensor(p + "mlp.gate_proj.weight", (a.ffn, h), 0), Tensor(p + "mlp.up_proj.weight", (a.ffn, h), 0),
                     Tensor(p + "mlp.down_proj.weight", (h, a.ffn), 1)]
@@ -109,20 +112,36 @@ class Refused(ValueError):
     """A layout our code refuses (the message is the reason)."""
 
 
+def hf_config(a: Arch):
+    """A transformers config of `a`'s shape (Llama, Qwen3, or Qwen3-MoE), for building it on the meta device."""
+    import transformers
+
+    kw = dict(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
+              num_key_value_heads=a.kv_heads, tie_word_embeddings=a.tied, max_position_embeddings=8192)
+    if a.experts:
+        return transformers.Qwen3MoeConfig(intermediate_size=a.moe_ffn, moe_intermediate_size=a.moe_ffn,
+                                           num_experts=a.experts, num_experts_per_tok=a.top_k, head_dim=a.hd, **kw)
+    if a.qk_norm:
+        return transformers.Qwen3Config(intermediate_size=a.ffn, head_dim=a.hd, **kw)
+    return transformers.LlamaConfig(intermediate_size=a.ffn, head_dim=a.hd, **kw)
+
+
+@functools.lru_cache(maxsize=None)
 def tp_refusal(a: Arch, tp: int) -> str:
-    """Why `parallelize.tensor_parallel` refuses `a` at `tp` ("" when it splits it): MoE blocks are not split at
-    all; tp must divide the heads, kv heads and vocabulary (`parallelize._check_tp`)."""
+    """What our code says to splitting `a` over `tp` ranks: "" when `parallelize.tensor_parallel` splits it, else
+    its one-line ConfigError, from the code itself (`parallelize._check_tp` on `a` built on the meta device, no
+    storage), so the table follows what `tensor_parallel` covers today."""
+    from rlhf_fast import parallelize
+    from rlhf_fast.config import ConfigError
+    from rlhf_fast.models import build_model
+
     if tp == 1:
         return ""
-    why = []
-    if a.experts:
-        why.append("tensor_parallel splits Llama-family dense blocks only: an MoE policy (Qwen3-MoE, Mixtral) "
-                   "refuses tp > 1 (ConfigError) and trains with FSDP over dp only")
-    bad = [f"{k} {n}" for k, n in (("num_heads", a.heads), ("num_kv_heads", a.kv_heads), ("vocab_size", a.vocab))
-           if n % tp]
-    if bad:
-        why.append(f"parallel.tp: {tp} must divide the model's {', '.join(bad)}")
-    return "; ".join(why)
+    try:
+        parallelize._check_tp(build_model(hf_config(a), device="meta"), tp)
+    except ConfigError as e:
+        return str(e)
+    return ""
 
 
 def local_numel(t: Tensor, tp: int, dp: int, dp_rank: int = 0, *, check: bool = True) -> int:
@@ -294,7 +313,7 @@ def plan_row(a: Arch, setup: Setup, tp: int, dp: int) -> dict:
             "rollouts_at_once_per_dp_group": max_seqs, "all_rollouts_at_once": "yes" if peak <= budget else "no",
             "runs_today": "no" if refused else "yes",
             "refused": refused + (" (replicated kv heads are not built: the KV figures are what one replicated kv "
-                                  "head per rank would need)" if a.kv_heads < tp else "")}
+                                  "head per rank would need)" if a.kv_heads < tp and refused else "")}
 
 
 def plan() -> list[dict]:
@@ -315,9 +334,7 @@ def markdown(rows: list[dict]) -> str:
              "per dp group, GiB | rollout phase | update phase | fits 74 GiB | rollouts at once per dp group | our "
              "code |", "|" + "---|" * 11]
     for r in rows:
-        why = [w for w, hit in (("MoE blocks", "MoE" in r["refused"]),
-                                (f"tp {r['tp']} does not divide the kv heads", "num_kv_heads" in r["refused"])) if hit]
-        today = "runs" if r["runs_today"] == "yes" else "refuses: " + ", ".join(why)
+        today = "runs" if r["runs_today"] == "yes" else "refuses: " + r["refused"].split(" (replicated")[0]
         lines.append(f"| {r['model'].split('-shaped')[0]} | {r['setup'].split(' (')[0]} | {r['tp']} x {r['dp']} "
                      f"({r['gpus']}) | {r['trainable_states_GiB']} + {r['frozen_GiB']} | "
                      f"{r['policy_gathered_bf16_GiB']} | {r['rollouts_per_dp_group']}: {r['kv_GiB']} | "

@@ -45,6 +45,8 @@ def test_tensors_are_the_models_parameters(i):
     rm = ScalarHeadModel(build_model(cfg, lm_head=False, device="cpu"))
     got = {n.removeprefix("lm."): tuple(p.shape) for n, p in rm.named_parameters()}
     assert got == {t.name: t.shape for t in mm.tensors(arch, lm_head=False, scalar_head=True)}
+    meta = build_model(mm.hf_config(arch), device="meta")  # what tp_refusal asks our code about
+    assert {n: tuple(p.shape) for n, p in meta.named_parameters()} == {t.name: t.shape for t in mm.tensors(arch)}
 
 
 def test_one_process_bytes_after_an_adamw_step():
@@ -80,17 +82,15 @@ def test_fsdp_chunks_are_torch_chunk_and_refusals_are_ours():
         assert [mm.local_numel(mm.Tensor("x", (d0, 3), None), 1, dp, r) for r in range(dp)] == \
             [3 * s for s in sizes[:dp]], (d0, dp)
     assert mm.local_numel(mm.Tensor("w", (8, 6), 1), 2, 2, 1) == 4 * 3  # tp splits dim 1, then FSDP dim 0
-    cfg, arch = _cases()[0]
-    three = types.SimpleNamespace(size=lambda: 3)
-    with pytest.raises(ConfigError) as e:
-        par.tensor_parallel(build_model(cfg, device="cpu"), three)
-    assert str(e.value) == mm.tp_refusal(arch, 3)
-    cfg, arch = _cases()[3]  # the MoE: refused at any tp > 1
-    with pytest.raises(ConfigError, match="Llama families"):
-        par.tensor_parallel(build_model(cfg, device="cpu"), types.SimpleNamespace(size=lambda: 2))
-    assert "MoE" in mm.tp_refusal(arch, 2) and mm.tp_refusal(mm.LLAMA3_70B, 8) == ""
-    assert "num_kv_heads 4" in mm.tp_refusal(mm.QWEN3_30B_A3B, 8) and "num_kv_heads" not in \
-        mm.tp_refusal(mm.QWEN3_30B_A3B, 4)
+    for i, tp in ((0, 3), (3, 4)):  # a Llama at tp 3, the MoE (6 experts, 2 kv heads) at tp 4: refused
+        cfg, arch = _cases()[i]
+        with pytest.raises(ConfigError) as e:
+            par.tensor_parallel(build_model(cfg, device="cpu"), types.SimpleNamespace(size=lambda: tp))
+        assert mm.tp_refusal(arch, tp) == str(e.value) and "\n" not in str(e.value)
+    assert mm.tp_refusal(mm.LLAMA3_70B, 8) == "" and mm.tp_refusal(mm.LLAMA3_70B, 1) == ""
+    assert mm.tp_refusal(mm.QWEN3_30B_A3B, 8)  # 4 kv heads (and MoE blocks, where tp does not split them)
+    row = mm.plan_row(mm.QWEN3_30B_A3B, mm.GRPO, 8, 1)
+    assert row["runs_today"] == "no" and row["refused"].startswith(mm.tp_refusal(mm.QWEN3_30B_A3B, 8))
 
 
 def test_large_models_published_sizes_and_kv():
