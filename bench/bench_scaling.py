@@ -68,6 +68,10 @@ TINY_ARCH = dict(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn=48, tie
 # GPU (`--gpu`): 8 kv heads so that tp 8 divides them
 GPU_ARCH = dict(vocab=32768, hidden=1024, layers=8, heads=16, kv_heads=8, ffn=2816, tied=False)
 CPU_LAYOUTS = ((1, 1), (2, 1), (2, 2), (4, 2), (4, 4))  # (world size, tp): dp = world / tp
+# `--moe`: a Qwen3-MoE (q/k norms, 4 experts of width 32, 2 active): tp splits whole experts over its ranks
+TP_MOE_ARCH = dict(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, ffn=0, tied=False, head_dim=16,
+                   qk_norm=True, experts=4, top_k=2, moe_ffn=32)
+MOE_LAYOUTS = ((1, 1), (2, 1), (2, 2), (4, 2))
 
 
 def gpu_layouts(n: int) -> list[tuple[int, int]]:
@@ -79,8 +83,18 @@ def gpu_layouts(n: int) -> list[tuple[int, int]]:
 
 
 def llama_config(arch: dict):
+    """A transformers config of a bench arch dict: a Llama, or (with `experts`) a Qwen3-MoE."""
     from transformers import LlamaConfig
 
+    if arch.get("experts"):
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(vocab_size=arch["vocab"], hidden_size=arch["hidden"], num_hidden_layers=arch["layers"],
+                              num_attention_heads=arch["heads"], num_key_value_heads=arch["kv_heads"],
+                              head_dim=arch["head_dim"], intermediate_size=arch["moe_ffn"],
+                              moe_intermediate_size=arch["moe_ffn"], num_experts=arch["experts"],
+                              num_experts_per_tok=arch["top_k"], tie_word_embeddings=arch["tied"],
+                              max_position_embeddings=1024, pad_token_id=0, eos_token_id=1, bos_token_id=None)
     return LlamaConfig(vocab_size=arch["vocab"], hidden_size=arch["hidden"], intermediate_size=arch["ffn"],
                        num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"],
                        num_key_value_heads=arch["kv_heads"], max_position_embeddings=1024,
@@ -291,6 +305,7 @@ def tp_main(argv: list[str]) -> int:
     ap.add_argument("--gpu", action="store_true", help="CUDA + NCCL")
     ap.add_argument("--gpus", type=int, default=0, help="GPUs to use (0: all)")
     ap.add_argument("--tiny", action="store_true", help="tests/_tp_worker.py's tiny model")
+    ap.add_argument("--moe", action="store_true", help="a small Qwen3-MoE (TP_MOE_ARCH; results scaling_tp_moe)")
     ap.add_argument("--dry-run", action="store_true", help="tiny model, world 1 and 2 (tp 2), 1 timed step")
     ap.add_argument("--layouts", default="", help="world:tp,... (default: the device's)")
     ap.add_argument("--steps", type=int, default=3, help="timed SFT steps per launch")
@@ -309,13 +324,15 @@ def tp_main(argv: list[str]) -> int:
         return 0
     device = "cuda" if args.gpu else "cpu"
     small = args.tiny or args.dry_run
-    arch = TINY_ARCH if small else GPU_ARCH if args.gpu else TP_ARCH
+    arch = TP_MOE_ARCH if args.moe else TINY_ARCH if small else GPU_ARCH if args.gpu else TP_ARCH
     if args.layouts:
         layouts = [tuple(int(x) for x in item.split(":")) for item in args.layouts.split(",")]
     elif args.gpu:
         layouts = gpu_layouts(args.gpus or torch.cuda.device_count())
     elif args.dry_run:
         layouts = [(1, 1), (2, 2)]
+    elif args.moe:
+        layouts = list(MOE_LAYOUTS)
     else:
         layouts = list(CPU_LAYOUTS)
     if args.gpu and not small and args.seqs == 16 and args.length == 64:
@@ -323,8 +340,8 @@ def tp_main(argv: list[str]) -> int:
     steps = 1 if args.dry_run else args.steps
     rows = tp_rows(layouts, arch, device, steps=steps, seqs=args.seqs, length=args.length,
                    passes=1 if args.dry_run else args.passes)
-    name = args.name or ("scaling_tp" + ("_gpu" if args.gpu else "") + ("_dryrun" if args.dry_run else
-                                                                        "_tiny" if args.tiny else ""))
+    name = args.name or ("scaling_tp" + ("_moe" if args.moe else "") + ("_gpu" if args.gpu else "") +
+                         ("_dryrun" if args.dry_run else "_tiny" if args.tiny else ""))
     write_results(name, rows, plot_x="case", plot_y="step_ms", group_by="arch")
     return 0
 

@@ -58,7 +58,9 @@ class Arch:
     def from_bench(cls, arch: dict, name: str = "bench") -> "Arch":
         """bench/bench_scaling.py's arch dict (a Llama)."""
         return cls(name, arch["vocab"], arch["hidden"], arch["layers"], arch["heads"], arch["kv_heads"],
-                   arch["ffn"], tied=arch["tied"])
+                   arch["ffn"], tied=arch["tied"], head_dim=arch.get("head_dim", 0),
+                   qk_norm=arch.get("qk_norm", False), experts=arch.get("experts", 0), top_k=arch.get("top_k", 0),
+                   moe_ffn=arch.get("moe_ffn", 0))
 
 
 LLAMA3_70B = Arch("Llama-3-70B-shaped dense", vocab=128256, hidden=8192, layers=80, heads=64, kv_heads=8, ffn=28672)
