@@ -110,9 +110,10 @@ def blocks(model: nn.Module) -> nn.ModuleList:
                     f"expected a DecoderLM or a module holding one as `.lm`")
 
 
-TP_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3")  # the decoders `tensor_parallel` splits
+TP_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "mixtral", "qwen3_moe")  # what `tensor_parallel` splits
 COLWISE = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj")  # output features split
 ROWWISE = ("attn.o_proj", "mlp.down_proj")  # input features split: each rank's partial output, then an all-reduce
+EXPERTS = ("gate_up_proj", "down_proj")  # an MoE layer's stacked experts: whole experts split over the tp ranks
 
 
 def tensor_parallel(model: nn.Module, mesh) -> None:
@@ -121,7 +122,16 @@ def tensor_parallel(model: nn.Module, mesh) -> None:
     heads / tp query heads, kv_heads / tp key/value heads and its MLP columns, and computes them with no
     communication), o and down row-parallel (its rows of their inputs; the outputs are all-reduced, two per block),
     the embedding vocab-parallel (`VocabParallelEmbedding`: V / tp rows, a masked lookup, all-reduced) and the
-    lm_head likewise (a tied one shares the embedding's shard). The residual stream, the norms and the hidden
+    lm_head likewise (a tied one shares the embedding's shard).
+
+    A mixture-of-experts layer (Mixtral, Qwen3-MoE: `models.moe.SparseMoE`) is split by experts (expert parallelism
+    inside the tp group): its stacked `experts.gate_up_proj` (E, 2F, H) and `down_proj` (E, H, F) become DTensors
+    Shard(0) over the tp mesh (rank r holds the whole experts r E/tp .. (r+1) E/tp - 1), the router stays whole on
+    every rank, so every tp rank routes every token the same way (the same `RoutingRecord`, the same balance loss).
+    Each rank computes its experts' share of the layer's output (`moe.experts_partial`: zero for a token routed to
+    none of them) and the shares are summed over the tp group (an all-reduce; in deterministic mode added in rank
+    order); backward, the gradients of the layer's input and of its routing weights are summed over the ranks (each
+    holds its experts' share), so the router's and the norms' gradients stay the same on every tp rank. The residual stream, the norms and the hidden
     states stay replicated: every tp rank computes them whole, so the packed attention runs on local heads as in
     one process. The lm_head is never called: `ops.vocab_parallel.head_logprobs` reads its local rows.
 
@@ -130,23 +140,43 @@ def tensor_parallel(model: nn.Module, mesh) -> None:
     replicated after the row-parallel layers, so each tp rank computes the same scores and the same head gradient
     (FSDP shards the head over the dp ranks like the norms).
 
-    ConfigError (one line) for a model it does not cover, or heads / kv heads / vocabulary not divisible by tp."""
+    ConfigError (one line) for a model it does not cover, or heads / kv heads / vocabulary / experts not divisible
+    by tp."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     model = _check_tp(model, mesh.size())  # the decoder to split: `model`, or a scalar-head root's backbone
+    from torch.distributed.tensor import Shard, distribute_tensor
+
     plan = {}
-    for i in range(len(model.layers)):
-        plan.update({f"layers.{i}.{n}": ColwiseParallel() for n in COLWISE})
-        plan.update({f"layers.{i}.{n}": RowwiseParallel() for n in ROWWISE})
+    for i, block in enumerate(model.layers):
+        sparse = _sparse(block)
+        plan.update({f"layers.{i}.{n}": ColwiseParallel() for n in COLWISE if not (sparse and n.startswith("mlp."))})
+        plan.update({f"layers.{i}.{n}": RowwiseParallel() for n in ROWWISE if not (sparse and n.startswith("mlp."))})
     head = model.lm_head
     tied = head is not None and head.weight is model.embed.weight
     if head is not None and not tied:
         plan["lm_head"] = ColwiseParallel()  # weight (V / tp, hidden): vocab rows
     parallelize_module(model, mesh, plan)
     for block in model.layers:  # deterministic mode's path (`layers.project`): local fixed-chunk GEMMs
+        sparse = _sparse(block)
         for n in COLWISE + ROWWISE:
+            if sparse and n.startswith("mlp."):
+                continue
             mod = block.get_submodule(n)
             mod.batch_invariant = functools.partial(_colwise_fixed if n in COLWISE else _rowwise_fixed, mod)
+        if sparse:  # whole experts per rank (names unchanged: `mlp.experts.gate_up_proj`, `down_proj`)
+            ex = block.mlp.experts
+            for n in EXPERTS:
+                p = getattr(ex, n)
+                setattr(ex, n, nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)]),
+                                            requires_grad=p.requires_grad))
+            ex.split = functools.partial(_experts_split, ex)
+    for block in model.layers:  # Qwen3's q/k norms: one weight over all heads, each rank normalises its own
+        for n in ("q_norm", "k_norm"):
+            norm = getattr(block.attn, n, None)
+            if norm is not None:
+                norm.__class__ = _summed_class(type(norm))
+                norm._tp_group = mesh.get_group()
     model.embed = VocabParallelEmbedding(model.embed, mesh)
     if tied:
         head.weight = model.embed.weight  # the embedding's new (sharded) parameter, tied again
@@ -176,6 +206,82 @@ class VocabParallelEmbedding(nn.Module):
         mesh = self.weight.device_mesh
         return vocab_parallel_embedding(ids, rows, vocab_start=mesh.get_local_rank() * rows.shape[0],
                                         group=mesh.get_group(), padding_idx=self.padding_idx)
+
+
+_SUMMED: dict[type, type] = {}
+
+
+def _summed_class(cls: type) -> type:
+    """`cls` (a norm module over the head dim) whose `weight`, read with gradients enabled, passes through
+    `_Replicated`: the weight stays whole on every tp rank (state-dict name `weight` unchanged) and its gradient
+    is the sum of the ranks' shares (each rank's heads), in rank order: one process's, the same on every rank."""
+    if cls not in _SUMMED:
+        def weight(self):
+            w = self._parameters["weight"]
+            return _Replicated.apply(w, self._tp_group) if torch.is_grad_enabled() and w.requires_grad else w
+
+        _SUMMED[cls] = type(f"TpSummed{cls.__name__}", (cls,), {"weight": property(weight)})
+    return _SUMMED[cls]
+
+
+def _sparse(block: nn.Module) -> bool:
+    """Whether `block`'s MLP is a mixture of experts (`models.moe.SparseMoE`)."""
+    from rlhf_fast.models.moe import SparseMoE
+
+    return isinstance(getattr(block, "mlp", None), SparseMoE)
+
+
+def _experts_split(experts: nn.Module, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, act,
+                   deterministic: bool) -> torch.Tensor:
+    """An MoE layer's experts split over the tp ranks (`tensor_parallel`): x (N, hidden) and the routing `ids`,
+    `weights` (N, k), the same on every tp rank -> the layer's output (N, hidden), the same on every rank: this
+    rank's experts' share (`moe.experts_partial`) summed over the group (all-reduce; deterministic mode: in rank
+    order, `_SumInRankOrder`). x and weights enter through `_Replicated` / `_AllReduced`: backward, their gradients
+    are the sum of the ranks' shares, as one process's."""
+    from rlhf_fast.models.moe import experts_partial
+
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    mesh = gate_up.device_mesh
+    group = mesh.get_group()
+    gu, dn = _local(gate_up), _local(down)  # (E / tp, 2F, hidden), (E / tp, hidden, F)
+    first = mesh.get_local_rank() * gu.shape[0]
+    if torch.is_grad_enabled():
+        wrap = _Replicated if deterministic else _ReplicatedSum
+        x = wrap.apply(x, group) if x.requires_grad else x
+        weights = wrap.apply(weights, group) if weights.requires_grad else weights
+    y = experts_partial(x, ids, weights, gu, dn, first, act, deterministic)
+    return (_SumInRankOrder if deterministic else _AllReduced).apply(y, group)
+
+
+class _AllReduced(torch.autograd.Function):
+    """Partial outputs of the ranks of `group` -> their sum (an all-reduce). Backward: the identity (the output's
+    gradient is replicated; each rank's partial gets it whole)."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group) -> torch.Tensor:
+        y = partial.clone()
+        torch.distributed.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _ReplicatedSum(torch.autograd.Function):
+    """`_Replicated` with an all-reduce in the backward (outside deterministic mode: the sum's order is the
+    backend's)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g = grad.contiguous().clone()
+        torch.distributed.all_reduce(g, group=ctx.group)
+        return g, None
 
 
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -249,7 +355,9 @@ def _check_tp(model: nn.Module, tp: int) -> nn.Module:
     """The decoder `tensor_parallel` splits: `model` itself, or the backbone `.lm` of a scalar-head root (a head
     `Linear(hidden, 1)` beside it, no lm_head, no other parameters); ConfigError (one line) otherwise."""
     from rlhf_fast.config import ConfigError
+    from rlhf_fast.models import mixtral
     from rlhf_fast.models.llama import Block
+    from rlhf_fast.models.moe import Experts, Router
 
     root = model
     lm = getattr(model, "lm", None)
@@ -264,16 +372,21 @@ def _check_tp(model: nn.Module, tp: int) -> nn.Module:
         model = lm
 
     def plain(block: nn.Module) -> bool:  # a converted Phi-3's fused qkv_proj, LoRA layers: not these
-        mods = [getattr(getattr(block, a, None), b, None) for a, b in (n.split(".") for n in COLWISE + ROWWISE)]
-        return type(block) is Block and all(type(m) is nn.Linear for m in mods)
+        sparse = type(block) is mixtral.Block and _sparse(block)
+        names = [n for n in COLWISE + ROWWISE if not (sparse and n.startswith("mlp."))]
+        mods = [getattr(getattr(block, a, None), b, None) for a, b in (n.split(".") for n in names)]
+        moe_ok = not sparse or (type(block.mlp.experts) is Experts and type(block.mlp.router) is Router)
+        return type(block) in (Block, mixtral.Block) and moe_ok and all(type(m) is nn.Linear for m in mods)
 
     layers = getattr(model, "layers", None)
     if getattr(model, "lm", None) is not None or not isinstance(layers, nn.ModuleList) or not all(map(plain, layers)):
         raise ConfigError(f"parallel.tp: tensor parallelism splits causal LMs of the Llama families "
                           f"({', '.join(TP_FAMILIES)}) with plain q/k/v/o and gate/up/down projections (no LoRA), "
                           f"or a scalar-head model on one; {type(root).__name__} is not one: train it with tp = 1")
+    experts = {b.mlp.experts.gate_up_proj.shape[0] for b in layers if _sparse(b)}
     bad = [f"{k} {n}" for k, n in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads),
-                                   ("vocab_size", model.vocab_size)) if n % tp]
+                                   ("vocab_size", model.vocab_size), *(("num_experts", e) for e in sorted(experts)))
+           if n % tp]
     if bad:
         raise ConfigError(f"parallel.tp: {tp} must divide the model's {', '.join(bad)}")
     return model

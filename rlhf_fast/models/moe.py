@@ -223,6 +223,7 @@ class Router(nn.Module):
     def __init__(self, hidden: int, num_experts: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        _uniform(self.weight, hidden)
 
 
 class Experts(nn.Module):
@@ -232,6 +233,17 @@ class Experts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inner, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inner))
+        _uniform(self.gate_up_proj, hidden)
+        _uniform(self.down_proj, inner)
+
+
+def _uniform(w: torch.Tensor, fan_in: int) -> None:
+    """nn.Linear's default initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so that a freshly built model
+    (`models.build_model`) holds no uninitialised memory; a no-op on the meta device."""
+    if w.device.type != "meta":
+        bound = fan_in ** -0.5
+        with torch.no_grad():
+            w.uniform_(-bound, bound)
 
 
 def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: nn.Module, act,
@@ -255,6 +267,34 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, e
     y = ys.index_select(0, inverse).view(n, k, -1)  # (N, k, hidden) in slot order
     out = torch.zeros_like(x)
     for j in range(k):  # k slots (not tokens): 0 + y_1 w_1 + y_2 w_2 ..., as transformers' index_add
+        out = out + (y[:, j] * weights[:, j, None]).to(x.dtype)
+    return out
+
+
+def experts_partial(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor, first: int, act, deterministic: bool) -> torch.Tensor:
+    """What experts `first` .. `first + G - 1` (weights `gate_up` (G, 2F, hidden), `down` (G, hidden, F), a slice of
+    the E stacked experts) add to `experts_forward`'s output: x (N, hidden) through the pairs of `ids` (N, k) that
+    name one of them, weighted by `weights` (N, k) -> (N, hidden) in x's dtype, zero where a token has none of them.
+    Summed over slices covering all E experts it is `experts_forward` (within rounding): an expert-parallel rank's
+    share (`parallelize.tensor_parallel`). The same order as `experts_forward`: each token's k pairs in ascending
+    expert id, each expert's rows one GEMM, the k slots summed in order."""
+    n, k = ids.shape
+    g = gate_up.shape[0]
+    ids, perm = ids.sort(-1)
+    weights = weights.gather(1, perm)
+    flat = ids.reshape(-1) - first  # (N*k,) local expert index, outside 0..G-1: another rank's expert
+    pairs = ((flat >= 0) & (flat < g)).nonzero().squeeze(1)  # the pairs this slice computes
+    local = flat.index_select(0, pairs)
+    order = local.argsort(stable=True)  # grouped by expert
+    pairs = pairs.index_select(0, order)
+    counts = torch.bincount(local, minlength=g)  # (G,)
+    xs = x.index_select(0, pairs // k)  # (P, hidden)
+    gate, up = grouped_linear(xs, gate_up, counts, deterministic).chunk(2, dim=-1)
+    ys = grouped_linear(elementwise(act, gate, deterministic) * up, down, counts, deterministic)  # (P, hidden)
+    y = ys.new_zeros(n * k, ys.shape[1]).index_copy(0, pairs, ys).view(n, k, -1)  # (N, k, hidden) slot order
+    out = torch.zeros_like(x)
+    for j in range(k):  # as experts_forward: 0 + y_1 w_1 + y_2 w_2 ... (another rank's pairs add 0 * w = 0)
         out = out + (y[:, j] * weights[:, j, None]).to(x.dtype)
     return out
 
@@ -290,4 +330,7 @@ class SparseMoE(nn.Module):
             replayed = None if chosen is None else (chosen >= 0).all(-1)
             routing.put(self.moe_index, num_tokens, rows, ids, flipped, replayed)
             routing.add_load(self.moe_index, ids, probs)
+        split = getattr(self.experts, "split", None)  # experts split over ranks by code outside the model
+        if split is not None:  # (`parallelize.tensor_parallel`): this rank's experts' share, summed over the ranks
+            return split(x, ids, weights, self.act, deterministic)
         return experts_forward(x, ids, weights, self.experts, self.act, deterministic)
