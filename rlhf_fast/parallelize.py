@@ -172,11 +172,13 @@ def tensor_parallel(model: nn.Module, mesh) -> None:
                                             requires_grad=p.requires_grad))
             ex.split = functools.partial(_experts_split, ex)
     for block in model.layers:  # Qwen3's q/k norms: one weight over all heads, each rank normalises its own
-        for n in ("q_norm", "k_norm"):
-            norm = getattr(block.attn, n, None)
-            if norm is not None:
-                norm.__class__ = _summed_class(type(norm))
-                norm._tp_group = mesh.get_group()
+        norms = [m for m in (getattr(block.attn, n, None) for n in ("q_norm", "k_norm")) if m is not None]
+        for norm in norms:
+            norm.__class__ = _summed_class(type(norm))
+            norm._tp_group, norm._tp_sum = mesh.get_group(), False
+        if norms:  # the summed weight inside the block's forward only (FSDP and DCP read the parameter itself)
+            block.register_forward_pre_hook(functools.partial(_norms_summed, norms, True))
+            block.register_forward_hook(functools.partial(_norms_summed, norms, False))
     model.embed = VocabParallelEmbedding(model.embed, mesh)
     if tied:
         head.weight = model.embed.weight  # the embedding's new (sharded) parameter, tied again
@@ -212,16 +214,24 @@ _SUMMED: dict[type, type] = {}
 
 
 def _summed_class(cls: type) -> type:
-    """`cls` (a norm module over the head dim) whose `weight`, read with gradients enabled, passes through
-    `_Replicated`: the weight stays whole on every tp rank (state-dict name `weight` unchanged) and its gradient
+    """`cls` (a norm module over the head dim) whose `weight`, read with gradients enabled inside its block's
+    forward (`_norms_summed`), passes through `_Replicated`: the weight stays whole on every tp rank (state-dict name `weight` unchanged) and its gradient
     is the sum of the ranks' shares (each rank's heads), in rank order: one process's, the same on every rank."""
     if cls not in _SUMMED:
         def weight(self):
             w = self._parameters["weight"]
-            return _Replicated.apply(w, self._tp_group) if torch.is_grad_enabled() and w.requires_grad else w
+            if self._tp_sum and torch.is_grad_enabled() and w.requires_grad:
+                return _Replicated.apply(w, self._tp_group)
+            return w
 
         _SUMMED[cls] = type(f"TpSummed{cls.__name__}", (cls,), {"weight": property(weight)})
     return _SUMMED[cls]
+
+
+def _norms_summed(norms: list[nn.Module], on: bool, *args) -> None:
+    """A block's forward pre-hook (on) and forward hook (off): its q/k norms read their weight summed over tp."""
+    for norm in norms:
+        norm._tp_sum = on
 
 
 def _sparse(block: nn.Module) -> bool:

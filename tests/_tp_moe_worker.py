@@ -113,6 +113,7 @@ def kind_checks(kind: str, out: Path) -> dict:
 
     model = tiny_model(kind)
     par.parallelize(model, tp=TP if dist.world_size() > 1 else 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # on the sharded parameters, as a stage makes it
     res = {"bytes_rest": local_bytes(model), "names": sorted(model.state_dict())}
     for det in (False, True):
         res["det" if det else "default"] = forward_checks(model, det)
@@ -125,7 +126,6 @@ def kind_checks(kind: str, out: Path) -> dict:
     # one AdamW step on the default mode's gradients (forward_checks left the deterministic one's: equal within
     # rounding), then the DCP checkpoint of this layout
     res["default_again"] = forward_checks(model, False)["loss"]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     opt.step()
     res["stepped"] = {n: full(p) for n, p in model.named_parameters()}
     checkpoint.write_models(out / f"ckpt_{kind}_w{dist.world_size()}", {"policy": model}, opt)
@@ -134,6 +134,8 @@ def kind_checks(kind: str, out: Path) -> dict:
         opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
         checkpoint.read_models(out / f"ckpt_{kind}_w1", {"policy": fresh}, opt2)
         res["loaded_from_1"] = {n: full(p) for n, p in fresh.named_parameters()}
+        res["loaded_from_1_moments"] = {n: full(opt2.state[p]["exp_avg"]) for n, p in fresh.named_parameters()}
+    res["moments"] = {n: full(opt.state[p]["exp_avg"]) for n, p in model.named_parameters()}
     return res
 
 
