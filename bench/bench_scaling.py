@@ -183,7 +183,8 @@ def tp_worker(out: Path, tp: int, arch: dict, device: str, steps: int, seqs: int
         return dist.all_sum(float(total)), norm
 
     row["loss"], row["grad_norm"] = step()
-    row["grads_B"] = _local_bytes(p.grad for p in params)
+    row["grads_B"] = _local_bytes(p.grad for p in params if p.grad is not None)
+    row["no_grad"] = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     opt.step()
     state = [st for st in opt.state.values()]
     row["optim_moments_B"] = _local_bytes(v for st in state for k, v in st.items() if k != "step")
@@ -272,6 +273,9 @@ def tp_rows(layouts, arch: dict, device: str, *, steps: int, seqs: int, length: 
                 row["step_vs_1"] = round(step_ms / base["_step_ms"], 3)
                 row["loss_rel_diff_vs_1"] = abs(row["loss"] - base["loss"]) / abs(base["loss"])
                 row["grad_norm_rel_diff_vs_1"] = abs(row["grad_norm"] - base["grad_norm"]) / base["grad_norm"]
+            missing = sorted({f"rank {r['rank']}: {n}" for r in ranks for n in r.get("no_grad", [])})
+            if missing:  # a parameter the step gave no gradient on some rank: reported, not hidden
+                row["no_grad"] = "; ".join(missing)
             kv = [r.get("kv_bytes_per_token") for r in ranks]
             if all(k is not None for k in kv):
                 row["kv_B_per_token_per_rank"] = max(kv)
