@@ -118,3 +118,15 @@ def test_formula_equals_torchrun_measurement_dp2_tp2(tmp_path):
     ranks = res["measured"]["rm_params_B_ranks"]
     assert ranks[0] == ranks[1] > ranks[2] == ranks[3], ranks  # the head's uneven FSDP split, measured
     assert res["measured"]["params_B_ranks"] == [19776] * 4  # the figure the tp tests measured (dp2 x tp2)
+
+
+def test_recorded_measurements_equal_the_formula():
+    """The per-rank bytes recorded in bench/results/scaling_tp*.json (the Llama's 5 layouts, the Qwen3-MoE's 4: whole
+    experts per tp rank) still equal the formula rank by rank."""
+    from bench.harness import RESULTS_DIR
+
+    paths = sorted(RESULTS_DIR.glob("scaling_tp*.json"))
+    assert {p.name for p in paths} >= {"scaling_tp.json", "scaling_tp_moe.json"}
+    checks = mm.check_measured(paths, verbose=False)
+    assert len(checks) >= 9 and all(c["equal"] for c in checks), [c for c in checks if not c["equal"]]
+    assert any(json.loads(c["arch"]).get("experts") and "tp2" in c["case"] for c in checks)
