@@ -5,7 +5,7 @@ OUT`, for `tests/test_tp_moe.py`. Each rank writes what it saw to `OUT/w<world>_
 Per kind (a Qwen3-MoE with a dense layer and 24-wide experts: the grouped GEMM; a Mixtral with 18-wide experts: one
 GEMM per expert, a sliding window), parallelized as a stage prepares it (`parallelize(model, tp=2)`, FSDP2 over dp
 at world 4): the packed forward's hidden states and logits, its routes and balance loss (default and deterministic
-mode); the loss (summed log-probs + the balance loss) and every parameter's gradient; one AdamW step, written as a
+mode), and whether replaying its routes gives the same hidden states bit for bit; the loss (summed log-probs + the balance loss) and every parameter's gradient; one AdamW step, written as a
 DCP checkpoint (and, under torchrun, the world-1 checkpoint read into this layout); inside `parallelize.unsharded`:
 the engine's greedy and sampled completions with their routes; this rank's bytes of the experts and of the rest.
 """
@@ -80,7 +80,7 @@ def local_bytes(model: nn.Module) -> dict[str, int]:
     return out
 
 
-def forward_checks(model: nn.Module, det: bool) -> dict:
+def forward_checks(model: nn.Module, det: bool, replay: bool = True) -> dict:
     """Hidden states, logits, routes and balance loss of the packed batch; the loss and every parameter's gradient.
     At dp > 1 every dp rank runs the whole batch with the loss divided by dp: FSDP's summed gradients are one
     process's."""
@@ -103,9 +103,15 @@ def forward_checks(model: nn.Module, det: bool) -> dict:
     bal = rec.balance_loss()
     loss = (-lp.sum() + BALANCE * bal) / dist.dp_size()
     loss.backward()
-    return {"hidden": h.detach().clone(), "logits": z.clone(), "routes": rec.experts.clone(), "balance": bal.detach(),
-            "loss": loss.detach() * dist.dp_size(),
-            "grads": {n: full(p.grad) for n, p in model.named_parameters()}}
+    grads = {n: full(p.grad) for n, p in model.named_parameters()}  # before a forward re-gathers the root
+    out = {}
+    if replay:  # routing replay of the record (what the PPO passes do with a rollout's routes)
+        with torch.no_grad(), par.unsharded(model):  # which leaves FSDP's root resharded, as a stage's rollout
+            rep = RoutingRecord.replay(rec.experts)
+            replayed = packed_hidden(model, batch, deterministic=det, rows=torch.tensor(rows), routing=rep)
+        out = {"replay_equal": torch.equal(replayed, h.detach()), "replay_flips": rep.flip_fraction()}
+    return {**out, "hidden": h.detach().clone(), "logits": z.clone(), "routes": rec.experts.clone(), "balance": bal.detach(),
+            "loss": loss.detach() * dist.dp_size(), "grads": grads}
 
 
 def kind_checks(kind: str, out: Path) -> dict:
@@ -125,7 +131,7 @@ def kind_checks(kind: str, out: Path) -> dict:
                           "routes": c.routes.clone()} for c in eng.generate(PROMPTS, params)]
     # one AdamW step on the default mode's gradients (forward_checks left the deterministic one's: equal within
     # rounding), then the DCP checkpoint of this layout
-    res["default_again"] = forward_checks(model, False)["loss"]
+    res["default_again"] = forward_checks(model, False, replay=False)["loss"]  # no forward after its backward
     opt.step()
     res["stepped"] = {n: full(p) for n, p in model.named_parameters()}
     checkpoint.write_models(out / f"ckpt_{kind}_w{dist.world_size()}", {"policy": model}, opt)

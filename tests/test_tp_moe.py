@@ -9,6 +9,7 @@ at tp 1:
 
 * the packed forward's hidden states and gathered logits equal one process's (1e-5), default and deterministic
   mode; the routes (every MoE layer's experts per token) are one process's, bit for bit, and the balance loss too;
+  replaying them (`RoutingRecord.replay`, as the PPO passes do) gives the recorded forward's hidden states bitwise;
 * the loss (summed log-probs + the balance loss) and every parameter's gradient equal one process's (1e-5 of each
   tensor's largest entry), Qwen3's q/k norms included; replicated parameters' gradients agree on every tp rank;
 * the rollout engine's greedy and sampled completions: tokens and routes equal one process's and identical on every
@@ -65,6 +66,7 @@ def test_forward_and_routes(worlds, world, kind):
             assert float((got["logits"] - ref["logits"]).abs().max()) < TOL, (r["rank"], mode)
             assert got["routes"].shape[0] >= 1 and torch.equal(got["routes"], ref["routes"]), (r["rank"], mode)
             assert abs(float(got["balance"] - ref["balance"])) < 1e-6
+            assert got["replay_equal"] and got["replay_flips"] == 0.0, (r["rank"], mode)  # replay = record, bitwise
             first = runs[world][r["rank"] - r["rank"] % 2][kind][mode]  # hidden states replicated over the tp group
             assert torch.equal(got["hidden"], first["hidden"]) and torch.equal(got["logits"], first["logits"])
 

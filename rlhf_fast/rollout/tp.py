@@ -12,7 +12,10 @@ the row-parallel all-reduces). The rollout on it:
   `shared_seed`) draws the same tokens on every rank and the ranks' schedulers stay in step with no other exchange.
   The gathered tensor is one row of the vocabulary per sampled token (a decode step: one per running sequence);
   the (tokens, V) logits of a training batch are never formed (`ops.vocab_parallel`);
-* never gathers the parameters over tp: FSDP's `parallelize.unsharded` gathers over the dp ranks only.
+* never gathers the parameters over tp: FSDP's `parallelize.unsharded` gathers over the dp ranks only;
+* on a mixture-of-experts model (Mixtral, Qwen3-MoE) each rank holds E / tp whole experts and the whole router: every
+  rank routes every token the same way, so the routes the engine records (`Completion.routes`) are the same on every
+  tp rank (and one process's); the layer's output is the ranks' experts' shares summed over the group.
 
 A forward runs the tp group's collectives (the embedding's all-reduce, two per block, this gather): every rank of a
 tp group calls `generate` with the same prompts and parameters, as it runs every other forward; dp groups decode
