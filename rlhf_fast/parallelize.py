@@ -147,10 +147,14 @@ def tensor_parallel(model: nn.Module, mesh) -> None:
     model = _check_tp(model, mesh.size())  # the decoder to split: `model`, or a scalar-head root's backbone
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    tp = mesh.size()
+    kv_whole = model.num_kv_heads % tp != 0  # tp a multiple of the kv heads: each rank one kv head, replicated
+    skip = ("attn.k_proj", "attn.v_proj") if kv_whole else ()
     plan = {}
     for i, block in enumerate(model.layers):
         sparse = _sparse(block)
-        plan.update({f"layers.{i}.{n}": ColwiseParallel() for n in COLWISE if not (sparse and n.startswith("mlp."))})
+        plan.update({f"layers.{i}.{n}": ColwiseParallel() for n in COLWISE
+                     if not (sparse and n.startswith("mlp.")) and n not in skip})
         plan.update({f"layers.{i}.{n}": RowwiseParallel() for n in ROWWISE if not (sparse and n.startswith("mlp."))})
     head = model.lm_head
     tied = head is not None and head.weight is model.embed.weight
@@ -160,10 +164,17 @@ def tensor_parallel(model: nn.Module, mesh) -> None:
     for block in model.layers:  # deterministic mode's path (`layers.project`): local fixed-chunk GEMMs
         sparse = _sparse(block)
         for n in COLWISE + ROWWISE:
-            if sparse and n.startswith("mlp."):
+            if sparse and n.startswith("mlp.") or n in skip:
                 continue
             mod = block.get_submodule(n)
             mod.batch_invariant = functools.partial(_colwise_fixed if n in COLWISE else _rowwise_fixed, mod)
+        for n in skip:  # rank r computes kv head r kv / tp (its query heads' group) from the whole, replicated weight
+            mod = block.get_submodule(n)
+            h, d = mesh.get_local_rank() * model.num_kv_heads // tp, block.head_dim
+            mod._tp_group, mod._tp_rows = mesh.get_group(), (h * d, (h + 1) * d)
+            mod.forward = functools.partial(_kv_head, mod, False)
+            mod.batch_invariant = functools.partial(_kv_head, mod, True)
+            mod.register_forward_pre_hook(_kv_input)
         if sparse:  # whole experts per rank (names unchanged: `mlp.experts.gate_up_proj`, `down_proj`)
             ex = block.mlp.experts
             for n in EXPERTS:
@@ -226,6 +237,34 @@ def _summed_class(cls: type) -> type:
 
         _SUMMED[cls] = type(f"TpSummed{cls.__name__}", (cls,), {"weight": property(weight)})
     return _SUMMED[cls]
+
+
+def _kv_input(mod: nn.Module, args: tuple) -> tuple:
+    """A replicated k/v projection's forward pre-hook (`project` calls a hooked Linear as a module): its input's
+    gradient is the sum of the tp ranks' shares (each rank's query heads'), as a column-parallel input's."""
+    x = args[0]
+    if torch.is_grad_enabled() and x.requires_grad:
+        return (_ReplicatedSum.apply(x, mod._tp_group), *args[1:])
+    return args
+
+
+def _kv_head(mod: nn.Linear, deterministic: bool, x: torch.Tensor) -> torch.Tensor:
+    """A k or v projection whose kv heads are fewer than the tp ranks (`tensor_parallel`): the weight (and bias)
+    stay whole on every rank (names and state dict unchanged), the rank computes the one kv head its query heads
+    read, rows `_tp_rows` of the output -> (T, head_dim). The weight enters through `_Replicated`: its gradient (the
+    rank's query heads' share of that head's rows) summed over the tp ranks is one process's, on every rank.
+    Deterministic mode (`batch_invariant`): the fixed-chunk GEMM and the input's gradient summed in rank order."""
+    from rlhf_fast.models.layers import linear
+
+    lo, hi = mod._tp_rows
+    w, b = mod.weight, mod.bias
+    if torch.is_grad_enabled():
+        wrap = _Replicated if deterministic else _ReplicatedSum
+        w = wrap.apply(w, mod._tp_group) if w.requires_grad else w
+        b = wrap.apply(b, mod._tp_group) if b is not None and b.requires_grad else b
+        if deterministic and x.requires_grad:
+            x = _Replicated.apply(x, mod._tp_group)
+    return linear(x, w[lo:hi], None if b is None else b[lo:hi], deterministic)
 
 
 def _norms_summed(norms: list[nn.Module], on: bool, *args) -> None:
@@ -396,7 +435,7 @@ def _check_tp(model: nn.Module, tp: int) -> nn.Module:
     experts = {b.mlp.experts.gate_up_proj.shape[0] for b in layers if _sparse(b)}
     bad = [f"{k} {n}" for k, n in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads),
                                    ("vocab_size", model.vocab_size), *(("num_experts", e) for e in sorted(experts)))
-           if n % tp]
+           if n % tp and not (k == "num_kv_heads" and tp % n == 0)]  # tp a multiple of kv heads: replicated
     if bad:
         raise ConfigError(f"parallel.tp: {tp} must divide the model's {', '.join(bad)}")
     return model

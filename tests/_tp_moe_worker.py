@@ -39,9 +39,11 @@ def config(kind: str):
     common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
                   bos_token_id=None, tie_word_embeddings=False)
-    if kind == "qwen3_moe":  # layer 1 dense (column / row parallel MLP), layer 0 4 experts of 24
+    if kind == "qwen3_moe":  # layer 1 dense (column / row parallel MLP), layer 0 4 experts of 24; one kv head:
+        # at tp 2 each rank computes it from the whole k/v weights (kv heads replicated)
         return tf.Qwen3MoeConfig(head_dim=8, intermediate_size=48, num_experts=4, num_experts_per_tok=2,
-                                 moe_intermediate_size=24, norm_topk_prob=True, mlp_only_layers=[1], **common)
+                                 moe_intermediate_size=24, norm_topk_prob=True, mlp_only_layers=[1],
+                                 **{**common, "num_key_value_heads": 1})
     return tf.MixtralConfig(intermediate_size=18, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
                             **common)
 

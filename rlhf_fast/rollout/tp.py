@@ -49,8 +49,10 @@ def degree(lm) -> int:
 
 
 def kv_heads(lm) -> int:
-    """The key/value heads this rank computes and caches: num_kv_heads / tp."""
-    return lm.num_kv_heads // degree(lm)
+    """The key/value heads this rank computes and caches: num_kv_heads / tp, or 1 where tp is a multiple of them
+    (each kv head replicated on tp / num_kv_heads ranks, `parallelize.tensor_parallel`)."""
+    tp = degree(lm)
+    return lm.num_kv_heads // tp if lm.num_kv_heads % tp == 0 else 1
 
 
 def check(lm, what: str) -> None:
