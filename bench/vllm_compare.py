@@ -17,7 +17,10 @@ side: `RolloutEngine` (eager, and `compile=True`) with `torch.set_num_threads(th
 
 Timing: per side one warm-up request per setting (vLLM's compilation and our compiled buckets happen there), then
 `--repeats` timed requests, best of them. The machine is shared, so the sides are measured in alternation:
-`--rounds` rounds of (ours, vLLM) child runs, each a fresh process, best per side over the rounds. Rows
+`--rounds` rounds of (ours, vLLM) child runs, each a fresh process, best per side over the rounds. Each request is
+also timed in process CPU time (`time.process_time`, every thread of the process: vLLM runs in-process), which a
+loaded machine's time slicing does not inflate; with 1 thread it is the fairer figure there (`tokens_per_cpu_s`,
+`vs_vllm_cpu_time`). With several threads it also counts OpenMP spin-waits. Rows
 (bench/results/vllm_compare.{csv,json,png}): one per (side, setting) with tokens/s and the ratio ours / vLLM; plus
 the greedy agreement of our tokens with vLLM's (count of equal completions out of 32).
 """
@@ -70,13 +73,14 @@ def run_ours(model_dir: str, threads: int, repeats: int, modes: list[str]) -> di
         eng = RolloutEngine(model, compile=mode == "compiled")
         for name, sp in settings.items():
             outs = eng.generate(prompts, sp)  # warm-up (compiles the buckets in compiled mode)
-            times = []
+            times, cpu = [], []
             for _ in range(repeats):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 outs = eng.generate(prompts, sp)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
             tokens = sum(len(o.token_ids) for o in outs)
-            out[f"ours-{mode}/{name}"] = {"seconds": min(times), "tokens": tokens,
+            out[f"ours-{mode}/{name}"] = {"seconds": min(times), "cpu_seconds": min(cpu), "tokens": tokens,
                                           "tokens_per_s": tokens / min(times),
                                           "greedy_tokens": [o.token_ids for o in outs] if name == "greedy" else None}
     return out
@@ -104,14 +108,16 @@ def run_vllm(model_dir: str, threads: int, repeats: int, eager: bool) -> dict:
     mode = "eager" if eager else "compiled"
     for name, sp in settings.items():
         res = llm.generate(prompts, sp, use_tqdm=False)  # warm-up
-        times = []
+        times, cpu = [], []
         for _ in range(repeats):
             llm.reset_prefix_cache()  # no request finds the previous one's prompts cached (ours keeps none either)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = llm.generate(prompts, sp, use_tqdm=False)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         tokens = sum(len(c.token_ids) for r in res for c in r.outputs)
-        out[f"vllm-{mode}/{name}"] = {"seconds": min(times), "tokens": tokens, "tokens_per_s": tokens / min(times),
+        out[f"vllm-{mode}/{name}"] = {"seconds": min(times), "cpu_seconds": min(cpu), "tokens": tokens,
+                                      "tokens_per_s": tokens / min(times),
                                       "greedy_tokens": [list(r.outputs[0].token_ids) for r in res]
                                       if name == "greedy" else None}
     return out
@@ -149,7 +155,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_vllm(args.model_dir, args.threads, args.repeats, args.vllm_eager)))
         return
 
+    import torch
+
     from bench.harness import device_name, write_results
+
+    torch.set_num_threads(args.threads)  # the children's setting, for the device string
 
     tmp = tempfile.TemporaryDirectory(prefix="vllm_compare_") if args.model_dir is None else None
     model_dir = Path(args.model_dir or tmp.name)
@@ -162,11 +172,12 @@ def main(argv: list[str] | None = None) -> None:
                                 ("vllm", args.vllm_python, ["--vllm-eager"] if args.vllm_eager else [])):
             res = child(py, ["--child", side, *common, *extra])
             for k, v in res.items():
-                print(f"round {r} {k}: {v['tokens_per_s']:.0f} tok/s ({v['seconds']:.3f} s)", flush=True)
+                print(f"round {r} {k}: {v['tokens_per_s']:.0f} tok/s ({v['seconds']:.3f} s wall, "
+                      f"{v['cpu_seconds']:.3f} s CPU)", flush=True)
                 if k not in best or v["seconds"] < best[k]["seconds"]:
                     best[k] = v
     vmode = "eager" if args.vllm_eager else "compiled"
-    dev = f"{device_name('cpu')}, {args.threads} threads"
+    dev = device_name("cpu")
     rows = []
     for k, v in best.items():
         side, setting = k.split("/")
@@ -174,6 +185,10 @@ def main(argv: list[str] | None = None) -> None:
         row = {"case": k, "setting": setting, "prompts": PROMPTS, "new_tokens": NEW, "tokens": v["tokens"],
                "time_ms": round(v["seconds"] * 1e3, 1), "tokens_per_s": round(v["tokens_per_s"], 1),
                "vs_vllm": round(v["tokens_per_s"] / ref["tokens_per_s"], 2) if ref else None,
+               "cpu_ms": round(v["cpu_seconds"] * 1e3, 1),
+               "tokens_per_cpu_s": round(v["tokens"] / v["cpu_seconds"], 1),
+               "vs_vllm_cpu_time": round(ref["cpu_seconds"] / v["cpu_seconds"] * v["tokens"] / ref["tokens"], 2)
+               if ref else None,
                "rounds": args.rounds, "repeats": args.repeats, "device": dev}
         if setting == "greedy" and ref and not k.startswith("vllm"):
             row["greedy_equal_to_vllm"] = sum(a == b for a, b in zip(v["greedy_tokens"], ref["greedy_tokens"]))
