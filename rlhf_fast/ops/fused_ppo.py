@@ -63,7 +63,8 @@ class FusedPPOStats(NamedTuple):
     nonfinite: torch.Tensor  # int64: masked-in tokens dropped for a NaN/Inf old_logp / advantage / ref_logp / weight
     #                          (/ rollout_logp)
     rollout_correction: RolloutCorrectionStats | None = None  # given rollout_logp: the rollout-vs-trainer stats
-    token_logp: torch.Tensor | None = None  # token_stats=True: (batch, T) this step's log-probs (0 off the valid tokens)
+    token_logp: torch.Tensor | None = None  # token_stats=True: (batch, T) this step's log-probs, 0 off the valid
+    #                                         tokens
     token_entropy: torch.Tensor | None = None  # token_stats=True: (batch, T) this step's entropies (0 off them)
 
 
