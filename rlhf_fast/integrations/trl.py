@@ -25,8 +25,8 @@ forward (no padding, each group's prompt once; under transformers' gradient chec
 as HF checkpoints each decoder layer; `packed_forward=False` or a distributed wrapper: HF's forward). It covers
 `loss_type` grpo / bnpo / dr_grpo / dapo, `epsilon` / `epsilon_high`, `importance_sampling_level` token / sequence,
 `beta` (k3 KL to the reference), vLLM's `importance_sampling_ratio` correction and `tool_mask`, with TRL's
-normalisers (gradient accumulation included). For anything else it calls TRL's own `_compute_loss`: the loss types cispo / sapo / vespo
-/ luspo, `delta`, `off_policy_mask_threshold`, `top_entropy_quantile < 1`, an entropy bonus, `use_bias_correction_kl`,
+normalisers (gradient accumulation included). For anything else it calls TRL's own `_compute_loss`: the loss types
+cispo / sapo / vespo / luspo, `delta`, `off_policy_mask_threshold`, `top_entropy_quantile < 1`, an entropy bonus, `use_bias_correction_kl`,
 MoE aux losses, multimodal inputs, models with logit scaling or softcapping, and (B, T) advantages (a subclass's)
 with `importance_sampling_level="sequence"`. It logs TRL's metrics under TRL's
 keys and definitions (`trl_metrics`): `entropy` and `kl` as token means over the completion mask, `clip_ratio/
