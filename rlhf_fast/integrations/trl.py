@@ -19,25 +19,25 @@ which TRL asks for on the policy model of DPO (`mean_logits`, `is_top1`, WPO's `
 (`mean_logits`) and SFT (`is_top1`); their reference models and GRPO / RLOO (policy and reference) use ours.
 `unpatch()` restores TRL's.
 
-`GRPOTrainer` computes the loss straight from the policy's last hidden states and `lm_head.weight` (the
-`(B, T, V)` logits never exist, gradients come out of the forward pass); the hidden states come from our packed
-forward (no padding, each group's prompt once; under transformers' gradient checkpointing each block checkpointed
-as HF checkpoints each decoder layer; `packed_forward=False` or a distributed wrapper: HF's forward). It covers
+`GRPOTrainer` computes the loss straight from the policy's last hidden states and `lm_head.weight` (the `(B, T, V)`
+logits never exist, gradients come out of the forward pass); the hidden states come from our packed forward (no
+padding, each group's prompt once; under transformers' gradient checkpointing each block checkpointed as HF
+checkpoints each decoder layer; `packed_forward=False` or a distributed wrapper: HF's forward). It covers
 `loss_type` grpo / bnpo / dr_grpo / dapo, `epsilon` / `epsilon_high`, `importance_sampling_level` token / sequence,
 `beta` (k3 KL to the reference), vLLM's `importance_sampling_ratio` correction and `tool_mask`, with TRL's
 normalisers (gradient accumulation included). For anything else it calls TRL's own `_compute_loss`: the loss types
-cispo / sapo / vespo / luspo, `delta`, `off_policy_mask_threshold`, `top_entropy_quantile < 1`, an entropy bonus, `use_bias_correction_kl`,
-MoE aux losses, multimodal inputs, models with logit scaling or softcapping, and (B, T) advantages (a subclass's)
-with `importance_sampling_level="sequence"`. It logs TRL's metrics under TRL's
-keys and definitions (`trl_metrics`): `entropy` and `kl` as token means over the completion mask, `clip_ratio/
-low_mean`, `high_mean`, `region_mean` (token means, or row means at the sequence level), `clip_ratio/low_min` and
-`high_max` (the extreme per-sequence clip fractions over all processes). For loss_type grpo, whose loss weights each
-sequence equally, it also logs `entropy/seq_mean` and `kl/seq_mean`: the mean over sequences of each one's token
-mean, the weighting the loss gives them. Masked-out positions are selected away (`torch.where`): a NaN/Inf there
-never reaches a metric. The metrics read this step's per-token log-probs and entropy from the fused loss itself
+cispo / sapo / vespo / luspo, `delta`, `off_policy_mask_threshold`, `top_entropy_quantile < 1`, an entropy bonus,
+`use_bias_correction_kl`, MoE aux losses, multimodal inputs, models with logit scaling or softcapping, and (B, T)
+advantages (a subclass's) with `importance_sampling_level="sequence"`. It logs TRL's metrics under TRL's keys and
+definitions (`trl_metrics`): `entropy` and `kl` as token means over the completion mask, `clip_ratio/low_mean`,
+`high_mean`, `region_mean` (token means, or row means at the sequence level), `clip_ratio/low_min` and `high_max`
+(the extreme per-sequence clip fractions over all processes). For loss_type grpo, whose loss weights each sequence
+equally, it also logs `entropy/seq_mean` and `kl/seq_mean`: the mean over sequences of each one's token mean, the
+weighting the loss gives them. Masked-out positions are selected away (`torch.where`): a NaN/Inf there never reaches
+a metric. The metrics read this step's per-token log-probs and entropy from the fused loss itself
 (`token_stats=True`: the values its chunks computed, no second lm_head pass); where TRL has no old log-probs (one
-iteration per generation: TRL's old policy is this step's, detached) the loss runs on-policy (`old_logp=None`,
-ratio exactly 1) instead of computing them.
+iteration per generation: TRL's old policy is this step's, detached) the loss runs on-policy (`old_logp=None`, ratio
+exactly 1) instead of computing them.
 
 Supported TRL releases: `SUPPORTED_VERSIONS` (exactly those the tests run against); on any other, `patch()` and
 `GRPOTrainer` raise `rlhf_fast.integrations._versions.UnsupportedPeerVersion` naming both, unless
