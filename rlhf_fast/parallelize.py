@@ -7,8 +7,9 @@ backbone plus a head, like `heads.ScalarHeadModel`), and in torchtitan's order:
 0. splits a Llama-family decoder over `tp` ranks (`tp` > 1, `tensor_parallel`) with torch's `parallelize_module`:
    q/k/v and gate/up column-parallel (each rank computes its heads and its MLP columns), o and down row-parallel
    (an all-reduce after each), the embedding (`VocabParallelEmbedding`) and the lm_head vocab-parallel (each rank
-   holds V / tp rows; a scalar-head root: its backbone so, its head replicated). The blocks see local tensors:
-   their heads are the rank's own. The lm_head weight is read by `ops.vocab_parallel.head_logprobs`, which never
+   holds V / tp rows; a scalar-head root: its backbone so, its head replicated); a mixture-of-experts layer by
+   whole experts (E / tp per rank, the router replicated); kv heads fewer than tp ranks replicated (one per rank).
+   The blocks see local tensors: their heads are the rank's own. The lm_head weight is read by `ops.vocab_parallel.head_logprobs`, which never
    gathers the logits;
 1. wraps each block in torch's non-reentrant checkpoint wrapper (`checkpointing`): the block's activations are
    recomputed in the backward. The wrapper strips its own prefix from `state_dict()` keys, so the model's state dict
@@ -140,8 +141,12 @@ def tensor_parallel(model: nn.Module, mesh) -> None:
     replicated after the row-parallel layers, so each tp rank computes the same scores and the same head gradient
     (FSDP shards the head over the dp ranks like the norms).
 
-    ConfigError (one line) for a model it does not cover, or heads / kv heads / vocabulary / experts not divisible
-    by tp."""
+    Fewer kv heads than ranks (tp a multiple of num_kv_heads, e.g. 4 kv heads at tp 8): k_proj / v_proj stay whole
+    on every rank (not DTensors), rank r computes kv head r kv / tp, the one its heads / tp query heads read
+    (`_kv_head`); their weight's, bias's and input's gradients are summed over the tp ranks.
+
+    ConfigError (one line) for a model it does not cover, or heads / vocabulary / experts not divisible by tp, kv
+    heads neither dividing nor divisible by it."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     model = _check_tp(model, mesh.size())  # the decoder to split: `model`, or a scalar-head root's backbone
