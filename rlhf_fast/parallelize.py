@@ -9,8 +9,8 @@ backbone plus a head, like `heads.ScalarHeadModel`), and in torchtitan's order:
    (an all-reduce after each), the embedding (`VocabParallelEmbedding`) and the lm_head vocab-parallel (each rank
    holds V / tp rows; a scalar-head root: its backbone so, its head replicated); a mixture-of-experts layer by
    whole experts (E / tp per rank, the router replicated); kv heads fewer than tp ranks replicated (one per rank).
-   The blocks see local tensors: their heads are the rank's own. The lm_head weight is read by `ops.vocab_parallel.head_logprobs`, which never
-   gathers the logits;
+   The blocks see local tensors: their heads are the rank's own. The lm_head weight is read by
+   `ops.vocab_parallel.head_logprobs`, which never gathers the logits;
 1. wraps each block in torch's non-reentrant checkpoint wrapper (`checkpointing`): the block's activations are
    recomputed in the backward. The wrapper strips its own prefix from `state_dict()` keys, so the model's state dict
    (and DCP checkpoints, and exports) keep their names;
@@ -132,9 +132,11 @@ def tensor_parallel(model: nn.Module, mesh) -> None:
     Each rank computes its experts' share of the layer's output (`moe.experts_partial`: zero for a token routed to
     none of them) and the shares are summed over the tp group (an all-reduce; in deterministic mode added in rank
     order); backward, the gradients of the layer's input and of its routing weights are summed over the ranks (each
-    holds its experts' share), so the router's and the norms' gradients stay the same on every tp rank. The residual stream, the norms and the hidden
-    states stay replicated: every tp rank computes them whole, so the packed attention runs on local heads as in
-    one process. The lm_head is never called: `ops.vocab_parallel.head_logprobs` reads its local rows.
+    holds its experts' share), so the router's and the norms' gradients stay the same on every tp rank.
+
+    The residual stream, the norms and the hidden states stay replicated: every tp rank computes them whole, so the
+    packed attention runs on local heads as in one process. The lm_head is never called:
+    `ops.vocab_parallel.head_logprobs` reads its local rows.
 
     A scalar-head root (`heads.ScalarHeadModel`: a backbone `.lm` with no lm_head and `head = Linear(hidden, 1)`)
     has its backbone split so; the head stays whole on every tp rank: it reads the hidden states, which are
@@ -231,8 +233,9 @@ _SUMMED: dict[type, type] = {}
 
 def _summed_class(cls: type) -> type:
     """`cls` (a norm module over the head dim) whose `weight`, read with gradients enabled inside its block's
-    forward (`_norms_summed`), passes through `_Replicated`: the weight stays whole on every tp rank (state-dict name `weight` unchanged) and its gradient
-    is the sum of the ranks' shares (each rank's heads), in rank order: one process's, the same on every rank."""
+    forward (`_norms_summed`), passes through `_Replicated`: the weight stays whole on every tp rank (state-dict
+    name `weight` unchanged) and its gradient is the sum of the ranks' shares (each rank's heads), in rank order:
+    one process's, the same on every rank."""
     if cls not in _SUMMED:
         def weight(self):
             w = self._parameters["weight"]
