@@ -3,11 +3,12 @@ process, the reference) and under torchrun (world 2: tp 2; world 4: dp 2 x tp 2)
 OUT`, for `tests/test_tp_moe.py`. Each rank writes what it saw to `OUT/w<world>_rank<r>.pt`.
 
 Per kind (a Qwen3-MoE with a dense layer, 24-wide experts (the grouped GEMM) and one kv head (replicated at tp 2); a
-Mixtral with 18-wide experts (one GEMM per expert), a sliding window), parallelized as a stage prepares it (`parallelize(model, tp=2)`, FSDP2 over dp
-at world 4): the packed forward's hidden states and logits, its routes and balance loss (default and deterministic
-mode), and whether replaying its routes gives the same hidden states bit for bit; the loss (summed log-probs + the
-balance loss) and every parameter's gradient; one AdamW step, written as a DCP checkpoint (and, under torchrun, the
-world-1 checkpoint read into this layout); inside `parallelize.unsharded`: the engine's greedy and sampled completions with their routes; this rank's bytes of the experts and of the rest.
+Mixtral with 18-wide experts (one GEMM per expert), a sliding window), parallelized as a stage prepares it
+(`parallelize(model, tp=2)`, FSDP2 over dp at world 4): the packed forward's hidden states and logits, its routes and
+balance loss (default and deterministic mode), and whether replaying its routes gives the same hidden states bit for
+bit; the loss (summed log-probs + the balance loss) and every parameter's gradient; one AdamW step, written as a DCP
+checkpoint (and, under torchrun, the world-1 checkpoint read into this layout); inside `parallelize.unsharded`: the
+engine's greedy and sampled completions with their routes; this rank's bytes of the experts and of the rest.
 """
 from __future__ import annotations
 
