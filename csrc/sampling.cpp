@@ -23,7 +23,8 @@
 
 namespace rlhf_fast {
 
-float token_logprob_row_f32(const float* x, std::int64_t v, double inv_temp, float thr, std::int64_t label);  // logprobs.cpp
+// csrc/logprobs.cpp: token_logprobs' forward row kernel, the log-prob of `label` (bitwise the op's)
+float token_logprob_row_f32(const float* x, std::int64_t v, double inv_temp, float thr, std::int64_t label);
 
 namespace {
 
@@ -195,7 +196,8 @@ float philox_uniform(std::uint32_t k0, std::uint32_t k1, std::int64_t stream, st
     }
     const std::uint64_t p0 = static_cast<std::uint64_t>(0xD2511F53u) * c0;
     const std::uint64_t p1 = static_cast<std::uint64_t>(0xCD9E8D57u) * c2;
-    const std::uint32_t n0 = static_cast<std::uint32_t>(p1 >> 32) ^ c1 ^ k0, n2 = static_cast<std::uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    const std::uint32_t n0 = static_cast<std::uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const std::uint32_t n2 = static_cast<std::uint32_t>(p0 >> 32) ^ c3 ^ k1;
     c1 = static_cast<std::uint32_t>(p1);
     c3 = static_cast<std::uint32_t>(p0);
     c0 = n0;
