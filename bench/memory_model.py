@@ -75,18 +75,21 @@ class Tensor:
     split: int | None  # the dim tensor_parallel splits over tp (None: replicated on every tp rank)
 
 
-def tensors(a: Arch, *, lm_head: bool = True, scalar_head: bool = False) -> list[Tensor]:
+def tensors(a: Arch, *, lm_head: bool = True, scalar_head: bool = False, tp: int = 1) -> list[Tensor]:
     """The parameter tensors of `a` as our models hold them (nn.Linear weights (out, in); stacked experts
     gate_up (E, 2F, H) and down (E, H, F)), with the dim tensor parallelism splits. `lm_head=False`: a backbone
-    (value / reward model); `scalar_head`: plus `head` Linear(hidden, 1) with a bias, replicated."""
+    (value / reward model); `scalar_head`: plus `head` Linear(hidden, 1) with a bias, replicated. `tp`: the split
+    the tensors are for: at tp > kv_heads (a multiple of them) `tensor_parallel` replicates the kv heads, so
+    k_proj / v_proj stay whole on every tp rank (each rank computes the one kv head its query heads read)."""
     h, hd = a.hidden, a.hd
+    kv_split = 0 if tp <= a.kv_heads else None
     out = [Tensor("embed.weight", (a.vocab, h), 0)]
     for i in range(a.layers):
         p = f"layers.{i}."
         out += [Tensor(p + "attn_norm.weight", (h,), None),
                 Tensor(p + "attn.q_proj.weight", (a.heads * hd, h), 0),
-                Tensor(p + "attn.k_proj.weight", (a.kv_heads * hd, h), 0),
-                Tensor(p + "attn.v_proj.weight", (a.kv_heads * hd, h), 0),
+                Tensor(p + "attn.k_proj.weight", (a.kv_heads * hd, h), kv_split),
+                Tensor(p + "attn.v_proj.weight", (a.kv_heads * hd, h), kv_split),
                 Tensor(p + "attn.o_proj.weight", (h, a.heads * hd), 1),
                 Tensor(p + "mlp_norm.weight", (h,), None)]
         if a.qk_norm:
@@ -173,7 +176,7 @@ def predict_bench_row(arch: dict, world: int, tp: int) -> dict:
     r = dp_rank * tp + tp_rank (the tp ranks of a group hold equally much)."""
     a = Arch.from_bench(arch)
     dp = world // tp
-    pol, rm = tensors(a), tensors(a, lm_head=False, scalar_head=True)
+    pol, rm = tensors(a, tp=tp), tensors(a, lm_head=False, scalar_head=True, tp=tp)
     params = [4 * per_rank_elements(pol, tp, dp, r // tp) for r in range(world)]
     return {"params_B_ranks": params, "grads_B_ranks": params, "optim_moments_B_ranks": [2 * p for p in params],
             "optim_step_B": 4 * len(pol),
@@ -236,7 +239,8 @@ ASSUMPTIONS = [
     "before the reduce-scatter, the root (embedding, lm_head) gathered for the whole pass, the vocab-parallel "
     f"log-probs in chunks of {LOGPROB_CHUNK} rows (fp32 logits of V / tp columns, and their gradient)",
     f"KV cache: {ROLLOUTS} rollouts x {ROLLOUT_TOKENS} tokens, bf16, each dp group decoding {ROLLOUTS} / dp of "
-    "them at once, every tp rank holding its kv_heads / tp heads of every layer",
+    "them at once, every tp rank holding its kv_heads / tp heads of every layer (one, replicated, where tp is a "
+    "multiple of kv_heads: k_proj / v_proj then whole on every tp rank)",
 ]
 
 
@@ -255,10 +259,11 @@ PPO = Setup("PPO (policy + value + ref + reward)", value=True, reward=True)
 
 
 def kv_bytes_per_token(a: Arch, tp: int, *, elem: int = 2) -> int:
-    """K and V of one token, every layer, the kv heads one tp rank holds (kv_heads / tp), bf16."""
-    if a.kv_heads % tp:
-        raise Refused(f"parallel.tp: {tp} must divide the model's num_kv_heads {a.kv_heads}")
-    return 2 * a.layers * (a.kv_heads // tp) * a.hd * elem
+    """K and V of one token, every layer, the kv heads one tp rank holds (kv_heads / tp; one where tp is a multiple
+    of kv_heads: replicated), bf16."""
+    if a.kv_heads % tp and tp % a.kv_heads:
+        raise Refused(f"parallel.tp: {tp} must divide the model's num_kv_heads {a.kv_heads} or be a multiple of it")
+    return 2 * a.layers * max(1, a.kv_heads // tp) * a.hd * elem
 
 
 def _block(ts: list[Tensor], i: int) -> list[Tensor]:
@@ -273,8 +278,8 @@ def plan_row(a: Arch, setup: Setup, tp: int, dp: int) -> dict:
     """Per-rank GiB of each part in each phase of an iteration, the peak and whether it fits; `refused` says why
     our code does not run the layout (the numbers are then what it would take)."""
     refused = tp_refusal(a, tp)
-    pol = tensors(a)
-    val = tensors(a, lm_head=False, scalar_head=True)
+    pol = tensors(a, tp=tp)
+    val = tensors(a, lm_head=False, scalar_head=True, tp=tp)
     n_pol, n_val = per_rank_elements(pol, tp, dp, check=False), per_rank_elements(val, tp, dp, check=False)
     tp_pol = per_rank_elements(pol, tp, 1, check=False)  # the policy's whole tp shard (gathered over dp)
     g = GiB
@@ -282,7 +287,7 @@ def plan_row(a: Arch, setup: Setup, tp: int, dp: int) -> dict:
     frozen = 2 * n_pol + (2 * n_val if setup.reward else 0)  # reference (+ reward), bf16, sharded
     resident = trainable + frozen
     # rollout: the policy gathered (bf16), the KV cache of this dp group's rollouts
-    kv_tok = 2 * a.layers * max(1, a.kv_heads // tp) * a.hd * 2  # (kv replication where tp > kv heads: not built)
+    kv_tok = 2 * a.layers * max(1, a.kv_heads // tp) * a.hd * 2  # one replicated kv head per rank at tp > kv heads
     seqs = -(-ROLLOUTS // dp)
     kv = seqs * ROLLOUT_TOKENS * kv_tok
     rollout = resident + 2 * tp_pol + kv
@@ -293,7 +298,7 @@ def plan_row(a: Arch, setup: Setup, tp: int, dp: int) -> dict:
     m = MICRO_TOKENS
     ffn_act = a.top_k * a.moe_ffn if a.experts else a.ffn
     saved = a.layers * m * a.hidden * 2
-    work = 2 * m * (6 * a.hidden + (2 * a.heads + 2 * a.kv_heads) * a.hd // tp + 3 * ffn_act // tp) * 2
+    work = 2 * m * (6 * a.hidden + (2 * a.heads // tp + 2 * max(1, a.kv_heads // tp)) * a.hd + 3 * ffn_act // tp) * 2
     logits = 2 * LOGPROB_CHUNK * (a.vocab // tp) * 4
     acts = saved + work + logits
     grads = 4 * n_pol + (4 * n_val if setup.value else 0)
@@ -314,8 +319,7 @@ def plan_row(a: Arch, setup: Setup, tp: int, dp: int) -> dict:
             "peak_GiB": round(peak, 2), "budget_GiB": budget, "fits": "yes" if fits else "no",
             "rollouts_at_once_per_dp_group": max_seqs, "all_rollouts_at_once": "yes" if peak <= budget else "no",
             "runs_today": "no" if refused else "yes",
-            "refused": refused + (" (replicated kv heads are not built: the KV figures are what one replicated kv "
-                                  "head per rank would need)" if a.kv_heads < tp and refused else "")}
+            "refused": refused}
 
 
 def plan() -> list[dict]:

@@ -88,9 +88,10 @@ def test_fsdp_chunks_are_torch_chunk_and_refusals_are_ours():
             par.tensor_parallel(build_model(cfg, device="cpu"), types.SimpleNamespace(size=lambda: tp))
         assert mm.tp_refusal(arch, tp) == str(e.value) and "\n" not in str(e.value)
     assert mm.tp_refusal(mm.LLAMA3_70B, 8) == "" and mm.tp_refusal(mm.LLAMA3_70B, 1) == ""
-    assert mm.tp_refusal(mm.QWEN3_30B_A3B, 8)  # 4 kv heads (and MoE blocks, where tp does not split them)
+    assert mm.tp_refusal(mm.QWEN3_30B_A3B, 8) == ""  # 4 kv heads at tp 8: replicated, one per rank (H6, 70df23c)
+    assert "num_heads 32" in mm.tp_refusal(mm.QWEN3_30B_A3B, 3)
     row = mm.plan_row(mm.QWEN3_30B_A3B, mm.GRPO, 8, 1)
-    assert row["runs_today"] == "no" and row["refused"].startswith(mm.tp_refusal(mm.QWEN3_30B_A3B, 8))
+    assert row["runs_today"] == "yes" and not row["refused"]
 
 
 def test_large_models_published_sizes_and_kv():
@@ -99,8 +100,11 @@ def test_large_models_published_sizes_and_kv():
     assert round(mm.numel(mm.tensors(mm.LLAMA3_70B)) / 1e9, 2) == 70.55
     assert round(mm.numel(mm.tensors(mm.QWEN3_30B_A3B)) / 1e9, 1) == 30.5
     assert mm.kv_bytes_per_token(mm.LLAMA3_70B, 8) == 2 * 80 * 1 * 128 * 2
+    assert mm.kv_bytes_per_token(mm.QWEN3_30B_A3B, 8) == 2 * 48 * 1 * 128 * 2  # a replicated kv head per rank
     with pytest.raises(mm.Refused, match="must divide the model's num_kv_heads 4"):
-        mm.kv_bytes_per_token(mm.QWEN3_30B_A3B, 8)
+        mm.kv_bytes_per_token(mm.QWEN3_30B_A3B, 3)
+    kv = [t for t in mm.tensors(mm.QWEN3_30B_A3B, tp=8) if t.name.endswith(("k_proj.weight", "v_proj.weight"))]
+    assert kv and all(t.split is None for t in kv)  # whole on every tp rank at tp 8 (tensor_parallel replicates)
     row = mm.plan_row(mm.LLAMA3_70B, mm.GRPO, 8, 4)
     assert row["kv_GiB"] == 20.0 and row["runs_today"] == "yes"  # 64 x 8192 tokens x 40 KiB
 
