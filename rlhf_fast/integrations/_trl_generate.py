@@ -61,7 +61,7 @@ def checkpointing(lm: torch.nn.Module) -> bool:
 
 def unsupported_reason(trainer) -> str | None:
     """Why the engine cannot generate for `trainer` as TRL's generate would (None: it can)."""
-    from rlhf_fast.models import supports
+    from rlhf_fast.models import covered_families, supports
 
     if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin
                                    and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3):
@@ -70,7 +70,7 @@ def unsupported_reason(trainer) -> str | None:
         return "a vision-language model"
     base = policy_module(trainer)
     if not supports(base):
-        return f"model class {type(base).__name__} (the engine covers Llama, Qwen2, Mistral, GPT-2)"
+        return f"model class {type(base).__name__} (the engine covers {', '.join(covered_families())})"
     try:
         check_peft_adapters(base)
     except ValueError as e:  # naming the adapter the compact model does not apply
