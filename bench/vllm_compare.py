@@ -21,8 +21,8 @@ Timing: per side one warm-up request per setting (vLLM's compilation and our com
 also timed in process CPU time (`time.process_time`, every thread of the process: vLLM runs in-process), which a
 loaded machine's time slicing does not inflate; with 1 thread it is the fairer figure there (`tokens_per_cpu_s`,
 `vs_vllm_cpu_time`). With several threads it also counts OpenMP spin-waits. Rows
-(bench/results/vllm_compare_t<threads>.{csv,json,png}): one per (side, setting) with tokens/s and the ratio ours / vLLM; plus
-the greedy agreement of our tokens with vLLM's (count of equal completions out of 32).
+(bench/results/vllm_compare_t<threads>.{csv,json,png}): one per (side, setting) with tokens/s and the ratio
+ours / vLLM; plus the greedy agreement of our tokens with vLLM's (count of equal completions out of 32).
 """
 from __future__ import annotations
 
