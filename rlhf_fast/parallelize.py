@@ -325,22 +325,6 @@ class _AllReduced(torch.autograd.Function):
         return grad, None
 
 
-class _ReplicatedSum(torch.autograd.Function):
-    """`_Replicated` with an all-reduce in the backward (outside deterministic mode: the sum's order is the
-    backend's)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        g = grad.contiguous().clone()
-        torch.distributed.all_reduce(g, group=ctx.group)
-        return g, None
-
-
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     from torch.distributed.tensor import DTensor
 
@@ -406,6 +390,17 @@ class _Replicated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return _sum_in_rank_order(grad, ctx.group), None
+
+
+class _ReplicatedSum(_Replicated):
+    """`_Replicated` with an all-reduce in the backward (outside deterministic mode: the sum's order is the
+    backend's)."""
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g = grad.contiguous().clone()
+        torch.distributed.all_reduce(g, group=ctx.group)
+        return g, None
 
 
 def _check_tp(model: nn.Module, tp: int) -> nn.Module:
