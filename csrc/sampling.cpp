@@ -30,7 +30,7 @@ namespace {
 
 using idx = std::int64_t;
 constexpr idx kChunk = 256;
-constexpr std::int64_t kParallelMinElems = std::int64_t(1) << 20;  // below: one thread beats waking a team
+constexpr std::int64_t kParallelMinElems = std::int64_t(1) << 16;  // below: one thread beats waking a team
 
 using paged::vf8;
 

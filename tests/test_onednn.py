@@ -112,3 +112,90 @@ def test_truncated_support_and_the_torch_rows_keep_the_row_chunks(monkeypatch):
     with use_backend("torch"):
         linear_token_logprobs(hidden, weight, labels)
     assert not lc.use_blocks(weight.double(), "native", False) and lc.use_blocks(weight, "native", False)
+
+
+def _tiny(kind: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
+    torch.manual_seed(0)
+    return cls[1](cls[0](vocab_size=300, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])  # qwen2: q/k/v biases fused too
+def test_packed_projections_match_the_plain_forward_and_leave_nothing(monkeypatch, kind):
+    """Inside `packed_projections` the blocks run q/k/v and gate/up as one oneDNN call each and o/down on their own
+    copies: the hidden states equal the plain forward's to fp32 rounding; deterministic mode keeps its GEMMs; nothing
+    stays on the modules after the block."""
+    from rlhf_fast.models import packed_weights as pw
+    from rlhf_fast.models.layers import cache_attention
+    from rlhf_fast.rollout import block_table
+
+    monkeypatch.setattr(pw, "MIN_ELEMENTS", 1)
+    lm = from_hf(_tiny(kind))
+    inputs = block_table.prefill_inputs([[5, 6, 7, 8, 9], [3, 2, 1]], None, 16, torch.device("cpu"),
+                                          deterministic=False)
+    calls = []
+    real = onednn.linear
+    monkeypatch.setattr(onednn, "linear", lambda x, w, b=None: calls.append(w.shape) or real(x, w, b))
+
+    def hidden(det):
+        with torch.no_grad():
+            return lm(inputs.input_ids, inputs.positions, cache_attention(inputs.meta, None), det)
+
+    plain = hidden(False)
+    assert not calls
+    with pw.packed_projections(lm, 8):
+        packed, exact = hidden(False), hidden(True)
+    assert len(calls) == 2 * 4  # per block: qkv, o, gate_up, down
+    assert sorted({tuple(s) for s in calls}) == sorted({(32 + 2 * 16, 32), (32, 32), (2 * 56, 32), (32, 56)})
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(exact, plain, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 8  # deterministic mode called none
+    assert not any(pw._ATTR in m.__dict__ for m in lm.modules())
+
+
+def test_packed_projections_skip_adapters_and_hooked_layers(monkeypatch):
+    """A LoRA-adapted projection (ours or peft's) and a Linear with hooks on it run as before: they get no copy, and
+    nor does a fused group that holds one of them."""
+    from rlhf_fast.config import LoRAConfig
+    from rlhf_fast.models import lora
+    from rlhf_fast.models import packed_weights as pw
+
+    monkeypatch.setattr(pw, "MIN_ELEMENTS", 1)
+    lm = from_hf(_tiny("llama"))
+    lora.apply_lora(lm, LoRAConfig(r=4, target_modules="q_proj"))
+    lm.layers[1].mlp.down_proj.register_forward_hook(lambda *a: None)
+    with pw.packed_projections(lm, 8):
+        packed = {n for n, m in lm.named_modules() if pw._ATTR in m.__dict__}
+        assert all(set(m.__dict__[pw._ATTR]) == ({"gate_up"} if n.endswith("mlp") else {""})
+                   for n, m in lm.named_modules() if n in packed)
+    # q is adapted: no qkv group, k and v packed on their own; layer 1's down is hooked
+    assert packed == {f"layers.{i}.{p}" for i in (0, 1) for p in ("attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp")} \
+        | {"layers.0.mlp.down_proj"}
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_engine_decodes_on_the_packed_projections(monkeypatch, compile):
+    """`RolloutEngine.generate` runs its steps on the oneDNN copies (eager, and inside the compiled decode step):
+    greedy tokens equal the plain engine's and log-probs agree to fp32 rounding; the copies are gone afterwards."""
+    from rlhf_fast.models import packed_weights as pw
+    from rlhf_fast.rollout import RolloutEngine, SamplingParams
+
+    lm = from_hf(_tiny("qwen2"))
+    prompts = [[5, 6, 7, 8, 9], [3, 2, 1], [7] * 11]
+    sp = SamplingParams(max_new_tokens=6, temperature=0)
+    monkeypatch.setattr(pw, "MIN_ELEMENTS", 1 << 40)
+    plain = RolloutEngine(lm, compile=compile).generate(prompts, sp)
+    monkeypatch.setattr(pw, "MIN_ELEMENTS", 1)
+    seen = []
+    real = pw.fused
+    monkeypatch.setattr(pw, "fused", lambda m, name, x, det: seen.append(name) or real(m, name, x, det))
+    packed = RolloutEngine(lm, compile=compile).generate(prompts, sp)
+    assert {"qkv", "gate_up", ""} <= set(seen)
+    assert [c.token_ids for c in packed] == [c.token_ids for c in plain]
+    for a, b in zip(packed, plain):
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+    assert not any(pw._ATTR in m.__dict__ for m in lm.modules())

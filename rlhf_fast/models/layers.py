@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhf_fast import ops
+from rlhf_fast.models import packed_weights
 from rlhf_fast.ops import _onednn as onednn
 
 ROW_CHUNK = 16  # rows per GEMM call in deterministic mode
@@ -179,7 +180,11 @@ def project(x: torch.Tensor, module: nn.Module, deterministic: bool) -> torch.Te
     active adapter adds what peft's own forward computes: W x + b + scale * B A dropout(x). Disabled or merged
     adapters add nothing (merged ones are in W). An `nn.Linear` that code outside the model hooked (tensor
     parallelism: `parallelize.tensor_parallel`) runs as a module, or in deterministic mode through the
-    `batch_invariant(x)` that code set on it (its fixed-chunk equivalent)."""
+    `batch_invariant(x)` that code set on it (its fixed-chunk equivalent). Inside a rollout's
+    `packed_weights.packed_projections`, a plain `nn.Linear` runs on its oneDNN copy."""
+    y = packed_weights.single(module, x, deterministic)
+    if y is not None:
+        return y
     if hasattr(module, "disabled") and hasattr(module, "scaling"):  # our LoRALinear
         y = linear(x, module.weight, module.bias, deterministic)
         if module.disabled:

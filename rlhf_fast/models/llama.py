@@ -19,6 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from rlhf_fast.models import packed_weights
 from rlhf_fast.models.layers import DecoderLM, RMSNorm, Rope, activation, apply_rotary, elementwise, project, rms_norm
 from rlhf_fast.models.loading import UnsupportedModelError
 
@@ -170,7 +171,10 @@ def qkv(att: nn.Module, x: torch.Tensor, heads: int, kv_heads: int, head_dim: in
     fused `qkv_proj` (rows q, k, v: a Phi-3 that `from_hf` converted shares transformers' module)."""
     t = x.shape[0]
     fused = getattr(att, "qkv_proj", None)
-    if fused is not None:
+    y = packed_weights.fused(att, "qkv", x, deterministic)  # a rollout's oneDNN copy of q, k, v in one
+    if y is not None:
+        q, k, v = y.split((att.q_proj.out_features, att.k_proj.out_features, att.v_proj.out_features), dim=-1)
+    elif fused is not None:
         q, k, v = project(x, fused, deterministic).split((heads * head_dim, kv_heads * head_dim,
                                                           kv_heads * head_dim), dim=-1)
     else:
@@ -183,7 +187,10 @@ def gated_mlp(mlp: nn.Module, x: torch.Tensor, act, deterministic: bool) -> torc
     """down(act(gate(x)) * up(x)) of x (T, hidden) -> (T, hidden); a fused `gate_up_proj` (rows gate, up: a converted
     Phi-3) is split after the projection."""
     fused = getattr(mlp, "gate_up_proj", None)
-    if fused is not None:
+    y = packed_weights.fused(mlp, "gate_up", x, deterministic)  # a rollout's oneDNN copy of gate, up in one
+    if y is not None:
+        g, u = y.split((mlp.gate_proj.out_features, mlp.up_proj.out_features), dim=-1)
+    elif fused is not None:
         g, u = project(x, fused, deterministic).chunk(2, dim=-1)
     else:
         g, u = project(x, mlp.gate_proj, deterministic), project(x, mlp.up_proj, deterministic)

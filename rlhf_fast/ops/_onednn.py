@@ -35,9 +35,13 @@ def applies(weight: torch.Tensor) -> bool:
     DTensor) of at least MIN_ELEMENTS elements (measured, 1 thread: a 40 x 128 lm_head 53 us a call vs 8 us with MKL;
     1024 x 128 even; 8192 x 256 with 64 rows 5.6 ms vs 9.3 ms). It depends on the weight alone, so every call on a
     weight takes one path."""
+    return usable(weight) and weight.numel() >= MIN_ELEMENTS
+
+
+def usable(weight: torch.Tensor) -> bool:
+    """Whether oneDNN takes `weight` at all: a plain fp32 CPU tensor (not CUDA, bf16, a sharded DTensor)."""
     w = weight.detach()
-    return (w.device.type == "cpu" and w.dtype == torch.float32 and type(w) is torch.Tensor
-            and w.numel() >= MIN_ELEMENTS and available())
+    return w.device.type == "cpu" and w.dtype == torch.float32 and type(w) is torch.Tensor and available()
 
 
 def reorder(weight: torch.Tensor, rows_hint: int) -> torch.Tensor:

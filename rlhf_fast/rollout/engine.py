@@ -11,6 +11,7 @@ from rlhf_fast import ops
 from rlhf_fast.models import as_decoder
 from rlhf_fast.models.layers import cache_attention
 from rlhf_fast.models.moe import RoutingRecord
+from rlhf_fast.models.packed_weights import packed_projections
 from rlhf_fast.rollout import block_table, philox, tp
 from rlhf_fast.rollout.allocator import BlockAllocator
 from rlhf_fast.rollout.decode_step import DecodeStep, bucket
@@ -275,7 +276,7 @@ class RolloutEngine:
             finally:
                 self._tp_head = None
         else:
-            with self.lm.packed_head(rows_hint):
+            with self.lm.packed_head(rows_hint), packed_projections(self.lm, rows_hint):
                 yield
 
     def teacher_forced_logprobs(self, prompts, completions, *, temperature: float = 1.0, top_k: int = 0,
