@@ -119,9 +119,10 @@ bool use_avx2() {
 #endif
 
 // The token of one row: x (vocab,), u in [0, 1); sums: ceil(vocab / kChunk) doubles, w: kChunk floats of scratch.
+// row_total: the row's max mx and total = sum of the chunk sums of exp(x - mx), in a fixed order (also the
+// log-softmax's normaliser: `row_logprob`).
 template <typename Ops>
-std::int64_t sample_row(const float* x, idx vocab, float u, double* sums, float* w) {
-  const float mx = Ops::row_max(x, vocab);
+double row_total(const float* x, idx vocab, float mx, double* sums, float* w) {
   const idx chunks = (vocab + kChunk - 1) / kChunk;
   double total = 0.0;
   for (idx c = 0; c < chunks; ++c) {
@@ -129,6 +130,18 @@ std::int64_t sample_row(const float* x, idx vocab, float u, double* sums, float*
     sums[c] = Ops::chunk_weights(x + c * kChunk, n, mx, w);
     total += sums[c];
   }
+  return total;
+}
+
+// mx_out / total_out (may be null): the row's max and `row_total`, which give the drawn token's log-prob.
+template <typename Ops>
+std::int64_t sample_row(const float* x, idx vocab, float u, double* sums, float* w, float* mx_out = nullptr,
+                        double* total_out = nullptr) {
+  const float mx = Ops::row_max(x, vocab);
+  const idx chunks = (vocab + kChunk - 1) / kChunk;
+  const double total = row_total<Ops>(x, vocab, mx, sums, w);
+  if (mx_out) *mx_out = mx;
+  if (total_out) *total_out = total;
   double thr = static_cast<double>(u) * total;
   double acc = 0.0;
   idx c = 0;
@@ -221,18 +234,19 @@ std::int64_t row_argmax(const float* x, idx vocab) {
   return best;
 }
 
-// log softmax(z)[tok] from the sampler's own pass: max mx and total = sum of the chunk sums of exp(z - mx).
-template <typename Ops>
-float pass_logprob(const float* z, idx vocab, std::int64_t tok, double* sums, float* w) {
-  const float mx = Ops::row_max(z, vocab);
-  const idx chunks = (vocab + kChunk - 1) / kChunk;
-  double total = 0.0;
-  for (idx c = 0; c < chunks; ++c) {
-    const idx n = vocab - c * kChunk < kChunk ? vocab - c * kChunk : kChunk;
-    sums[c] = Ops::chunk_weights(z + c * kChunk, n, mx, w);
-    total += sums[c];
-  }
+// log softmax(z)[tok] from the sampler's own pass: the row's max mx and `row_total` (no second pass over the row).
+inline float row_logprob(const float* z, std::int64_t tok, float mx, double total) {
   return static_cast<float>(static_cast<double>(z[tok] - mx) - std::log(total));
+}
+
+// Greedy: the row's max and whether it holds a NaN, in one pass.
+template <typename Ops>
+float row_max_nan(const float* x, idx vocab, bool* nan) {
+  const float mx = Ops::row_max(x, vocab);
+  bool any = mx != mx;
+  for (idx i = 0; i < vocab; ++i) any |= x[i] != x[i];
+  *nan = any;
+  return mx;
 }
 
 float token_logprob_row(const float* x, idx vocab, double inv_temp, float thr, std::int64_t label) {
@@ -291,39 +305,38 @@ void sample_fused_cpu(std::uintptr_t logits, std::int64_t rows, std::int64_t voc
         zr = z.data();
       }
       std::int64_t t;
+      float mx;
+      double total = 0.0;
       if (greedy) {  // the first index of the (vectorised) row max; a row with a NaN: torch.argmax's answer, the NaN
-        float mx;
+        bool nan;
 #ifdef RLHF_SAMPLING_AVX2
         if (use_avx2()) {
-          mx = Avx2Ops::row_max(xr, vocab);
+          mx = row_max_nan<Avx2Ops>(xr, vocab, &nan);
         } else
 #endif
-          mx = BaseOps::row_max(xr, vocab);
-        bool nan = false;
-        for (idx i = 0; i < vocab; ++i) nan |= xr[i] != xr[i];
+          mx = row_max_nan<BaseOps>(xr, vocab, &nan);
         t = 0;
         while (t < vocab && !(xr[t] == mx)) ++t;
         if (nan || t == vocab) t = row_argmax(xr, vocab);
+        if (!exact) {
+#ifdef RLHF_SAMPLING_AVX2
+          if (use_avx2()) {
+            total = row_total<Avx2Ops>(xr, vocab, mx, sums.data(), w.data());
+          } else
+#endif
+            total = row_total<BaseOps>(xr, vocab, mx, sums.data(), w.data());
+        }
       } else {
         const float u = philox_uniform(k0, k1, st[r], po[r]);
 #ifdef RLHF_SAMPLING_AVX2
         if (use_avx2()) {
-          t = sample_row<Avx2Ops>(zr, vocab, u, sums.data(), w.data());
+          t = sample_row<Avx2Ops>(zr, vocab, u, sums.data(), w.data(), &mx, &total);
         } else
 #endif
-          t = sample_row<BaseOps>(zr, vocab, u, sums.data(), w.data());
+          t = sample_row<BaseOps>(zr, vocab, u, sums.data(), w.data(), &mx, &total);
       }
-      float l;
-      if (exact) {
-        l = token_logprob_row(xr, vocab, lp_inv_temp, lth ? lth[r] : -INFINITY, t);
-      } else {
-#ifdef RLHF_SAMPLING_AVX2
-        if (use_avx2()) {
-          l = pass_logprob<Avx2Ops>(zr, vocab, t, sums.data(), w.data());
-        } else
-#endif
-          l = pass_logprob<BaseOps>(zr, vocab, t, sums.data(), w.data());
-      }
+      const float l = exact ? token_logprob_row(xr, vocab, lp_inv_temp, lth ? lth[r] : -INFINITY, t)
+                            : row_logprob(zr, t, mx, total);
       tok[r] = t;
       lp[r] = l;
     }
