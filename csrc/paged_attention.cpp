@@ -67,12 +67,13 @@ constexpr std::int64_t kParallelMinWork = std::int64_t(1) << 16;
 #define RLHF_PA_AVX2 1
 // float32 with head_dim % 32 == 0 on a CPU with AVX2 + FMA: `paged::attend_group`'s algorithm (same block-wise online
 // softmax, same scratch layout) with 8-wide FMAs; the value accumulators of a 32-wide slice stay in registers over a
-// block's keys. A row's result still depends only on that row.
+// block's keys. A row's result still depends only on that row. Query head g (of `group`, contiguous at q) reads kv
+// head kvh + g / per_kv (per_kv: query heads per kv head): one kv head's group, or a whole row's heads.
 __attribute__((target("avx2,fma"))) void attend_group_avx2(const float* q, const float* k_cache, const float* v_cache,
                                                           const std::int32_t* table, int n, int block_size,
                                                           int kv_heads, int head_dim, int kvh, int group, float scale,
                                                           int lo, float softcap, const float* sinks, float* out,
-                                                          float* scratch) {
+                                                          float* scratch, int per_kv) {
   using paged::idx;
   const idx hd = head_dim, bs = block_size, row = static_cast<idx>(kv_heads) * head_dim;
   float* acc = scratch;              // (group, head_dim)
@@ -91,10 +92,11 @@ __attribute__((target("avx2,fma"))) void attend_group_avx2(const float* q, const
     const float* vb = v_cache + paged::token_offset(table, t0, block_size, kv_heads, head_dim, kvh);
     for (idx j = 0; j < cnt; ++j) {
       for (idx g = 0; g < group; ++g) {
+        const float* kj = kb + j * row + (g / per_kv) * hd;  // head g's kv head
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
         for (idx d = 0; d < hd; d += 16) {
-          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * hd + d), _mm256_loadu_ps(kb + j * row + d), a0);
-          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * hd + d + 8), _mm256_loadu_ps(kb + j * row + d + 8), a1);
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * hd + d), _mm256_loadu_ps(kj + d), a0);
+          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * hd + d + 8), _mm256_loadu_ps(kj + d + 8), a1);
         }
         const __m256 a = _mm256_add_ps(a0, a1);
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -122,7 +124,7 @@ __attribute__((target("avx2,fma"))) void attend_group_avx2(const float* q, const
         __m256 r2 = _mm256_mul_ps(_mm256_loadu_ps(ag + 16), al), r3 = _mm256_mul_ps(_mm256_loadu_ps(ag + 24), al);
         for (idx j = 0; j < cnt; ++j) {
           const __m256 w = _mm256_set1_ps(pg[j]);
-          const float* vj = vb + j * row + d;
+          const float* vj = vb + j * row + (g / per_kv) * hd + d;
           r0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj), r0);
           r1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8), r1);
           r2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 16), r2);
@@ -156,7 +158,11 @@ void run(const Shape& s, std::uintptr_t out, std::uintptr_t q, std::uintptr_t k,
          Load load, Store store, bool avx2 = false) {
   (void)avx2;
   const int group = s.heads / s.kv_heads;
-  const std::int64_t jobs = s.rows * s.kv_heads;
+  // With a few rows or more the AVX2 kernel takes a whole row per job (all its kv heads), reading each cached
+  // token's keys and values (kv_heads x head_dim, contiguous) in one sweep of its blocks (measured 7-10% faster on
+  // a cold cache than a kv head's strided share); otherwise one (row, kv head) a job. Same arithmetic either way.
+  const int per_job = avx2 && s.rows >= 4 ? s.kv_heads : 1;
+  const std::int64_t jobs = s.rows * s.kv_heads / per_job;
   std::int64_t work = 0;
   for (std::int64_t r = 0; r < s.rows; ++r) {
     work += static_cast<std::int64_t>(lens[r] - paged::first_key(lens[r], s.window)) * s.heads * s.head_dim;
@@ -169,13 +175,14 @@ void run(const Shape& s, std::uintptr_t out, std::uintptr_t q, std::uintptr_t k,
 #pragma omp parallel if (parallel)
 #endif
   {
-    std::vector<Acc> scratch(static_cast<std::size_t>(paged::attend_scratch_size(group, s.head_dim, s.block_size)));
+    std::vector<Acc> scratch(
+        static_cast<std::size_t>(paged::attend_scratch_size(group * per_job, s.head_dim, s.block_size)));
 #ifdef RLHF_FAST_WITH_OPENMP
 #pragma omp for schedule(dynamic, 4)
 #endif
     for (std::int64_t j = 0; j < jobs; ++j) {
-      const std::int64_t r = j / s.kv_heads;
-      const int kvh = static_cast<int>(j % s.kv_heads);
+      const std::int64_t r = j * per_job / s.kv_heads;
+      const int kvh = static_cast<int>(j * per_job % s.kv_heads);
       const std::int64_t qoff = (r * s.heads + static_cast<std::int64_t>(kvh) * group) * s.head_dim;
       const int lo = paged::first_key(lens[r], s.window);
       const Acc* sg = sinks ? sink.data() + static_cast<std::int64_t>(kvh) * group : nullptr;
@@ -183,9 +190,9 @@ void run(const Shape& s, std::uintptr_t out, std::uintptr_t q, std::uintptr_t k,
       if constexpr (std::is_same<T, float>::value) {
         if (avx2) {
           attend_group_avx2(ptr<const float>(q) + qoff, ptr<const float>(k), ptr<const float>(v),
-                            tables + r * s.max_blocks, lens[r], s.block_size, s.kv_heads, s.head_dim, kvh, group,
-                            static_cast<float>(scale), lo, static_cast<float>(softcap),
-                            sg, ptr<float>(out) + qoff, scratch.data());
+                            tables + r * s.max_blocks, lens[r], s.block_size, s.kv_heads, s.head_dim, kvh,
+                            group * per_job, static_cast<float>(scale), lo, static_cast<float>(softcap),
+                            sg, ptr<float>(out) + qoff, scratch.data(), group);
           continue;
         }
       }
