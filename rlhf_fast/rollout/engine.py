@@ -266,7 +266,8 @@ class RolloutEngine:
     @contextlib.contextmanager
     def _packed_head(self, rows_hint: int):
         """The lm_head reordered for oneDNN for one `generate` (`DecoderLM.packed_head`; a tp rank's rows,
-        `tp.pack_head`); nothing in deterministic mode."""
+        `tp.pack_head`), and on one process the blocks' projections too (`models.packed_weights`: q/k/v and gate/up
+        fused); nothing in deterministic mode."""
         if self.deterministic:
             yield
         elif tp.degree(self.lm) > 1:
