@@ -39,6 +39,20 @@ def torchrun(module: str, *args: str, nproc: int = 2, timeout: int = 600,
     return p
 
 
+def rank_results(out, prefix: str, world: int) -> list:
+    """Every rank's saved results of a torchrun launch, `<out>/<prefix>_rank<r>.pt`, in rank order."""
+    return [torch.load(out / f"{prefix}_rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def in_one_process(fn, *args):
+    """fn(*args) in this process, torch's thread count restored afterwards (a worker's one-process run sets its own)."""
+    n = torch.get_num_threads()
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(n)
+
+
 def close(a: float, b: float, rel: float = REL, atol: float = 0.0) -> bool:
     return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12) + atol
 

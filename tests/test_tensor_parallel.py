@@ -35,7 +35,7 @@ from rlhf_fast import distributed as dist
 from rlhf_fast.config import OptimConfig
 from tests import _tp_ppo_worker as ppo_worker
 from tests import _tp_worker as worker
-from tests.test_distributed import max_rel, same_run, torchrun
+from tests.test_distributed import max_rel, rank_results, same_run, torchrun
 
 REL = 1e-5  # fp32: a tp rank's matmuls reduce over its heads / columns, then the all-reduce sums the ranks' parts
 WORLDS = (2, 4)
@@ -65,7 +65,7 @@ def worlds(tmp_path_factory):
         runs = {}
         for w in WORLDS:
             torchrun("tests._tp_worker", str(out), nproc=w, timeout=900)
-            runs[w] = [torch.load(out / f"w{w}_rank{r}.pt", weights_only=False) for r in range(w)]
+            runs[w] = rank_results(out, f"w{w}", w)
         for w in WORLDS:  # tp -> 1
             train_sft(worker.sft_config(stages, 1), stages / f"sfts_w{w}", plots=False)
     finally:
@@ -189,8 +189,7 @@ def rm_worlds(tmp_path_factory):
         runs, ppo_runs = {}, {}
         for w in WORLDS:
             torchrun("tests._tp_worker", str(out), "rm", nproc=w, timeout=900)
-            runs[w] = [torch.load(out / f"rm_w{w}_rank{r}.pt", weights_only=False) for r in range(w)]
-            ppo_runs[w] = [torch.load(out / f"ppo_w{w}_rank{r}.pt", weights_only=False) for r in range(w)]
+            runs[w], ppo_runs[w] = rank_results(out, f"rm_w{w}", w), rank_results(out, f"ppo_w{w}", w)
         for w in WORLDS:  # dp x tp -> 1
             train_ppo(ppo_worker.ppo_config(stages, 1), stages / f"ppos_w{w}", plots=False)
     finally:

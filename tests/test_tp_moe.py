@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from tests import _tp_moe_worker as worker
-from tests.test_distributed import torchrun
+from tests.test_distributed import in_one_process, rank_results, torchrun
 
 TOL = 1e-5
 WORLDS = (4,)  # dp 2 x tp 2 (tp 2 with FSDP2 over dp on top); (2, 4) adds the tp-only layout (+ ~30 s)
@@ -38,15 +38,11 @@ pytestmark = pytest.mark.slow
 def worlds(tmp_path_factory):
     """(one-process results, {world: [rank results]}, output dir)."""
     out = tmp_path_factory.mktemp("tp_moe")
-    n = torch.get_num_threads()
-    try:
-        one = worker.run(out)  # writes the world-1 checkpoints the launches read
-    finally:
-        torch.set_num_threads(n)
+    one = in_one_process(worker.run, out)  # writes the world-1 checkpoints the launches read
     runs = {}
     for w in WORLDS:
         torchrun("tests._tp_moe_worker", str(out), nproc=w, timeout=600)
-        runs[w] = [torch.load(out / f"w{w}_rank{r}.pt", weights_only=False) for r in range(w)]
+        runs[w] = rank_results(out, f"w{w}", w)
     return one, runs, out
 
 

@@ -25,7 +25,7 @@ import torch
 from rlhf_fast.models.packed import pack, packed_hidden
 from rlhf_fast.rollout import philox, teacher_forced_logprobs
 from tests import _tp_rollout_worker as worker
-from tests.test_distributed import torchrun
+from tests.test_distributed import in_one_process, rank_results, torchrun
 
 TOL = 1e-5  # fp32: a tp rank's matmuls reduce over its heads / columns, then the all-reduce adds the ranks' parts
 WORLDS = (2, 4)
@@ -36,15 +36,11 @@ pytestmark = pytest.mark.slow
 def worlds(tmp_path_factory):
     """(one-process results, {world: [rank results]}, the one-process models)."""
     out = tmp_path_factory.mktemp("tp_rollout")
-    n = torch.get_num_threads()
-    try:
-        one = worker.run()
-    finally:
-        torch.set_num_threads(n)
+    one = in_one_process(worker.run)
     runs = {}
     for w in WORLDS:
         torchrun("tests._tp_rollout_worker", str(out), nproc=w, timeout=600)
-        runs[w] = [torch.load(out / f"w{w}_rank{r}.pt", weights_only=False) for r in range(w)]
+        runs[w] = rank_results(out, f"w{w}", w)
     return one, runs, {k: worker.tiny_model(k) for k in worker.KINDS}
 
 
