@@ -1,6 +1,7 @@
 // Shared helpers for the CPU C++ kernels: dtype codes (must match rlhf_fast/_native.py), half/bfloat16
 // conversion without libtorch, and a portable parallel-for.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -94,9 +95,18 @@ inline void store_from_double(void* p, int dtype, std::int64_t i, double v) {
   throw std::invalid_argument("unsupported dtype code " + std::to_string(dtype));
 }
 
+// Threads a kernel's parallel region uses: torch's intra-op thread count, which rlhf_fast/_native.py passes here
+// before each call (`set_num_threads`). The extension's OpenMP runtime is the system's, not the copy torch loads, so
+// `torch.set_num_threads` never reaches it and a one-thread process would otherwise run these regions on every core.
+// 0 (nothing set): OpenMP's own default.
+inline std::atomic<int> g_num_threads{0};
+
+inline void set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0, std::memory_order_relaxed); }
+
 inline int max_threads() {
 #ifdef RLHF_FAST_WITH_OPENMP
-  return omp_get_max_threads();
+  const int n = g_num_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : omp_get_max_threads();
 #else
   return 1;
 #endif

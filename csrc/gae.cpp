@@ -61,7 +61,7 @@ void run_all(std::uintptr_t r, std::uintptr_t v, std::uintptr_t m, const std::in
   const bool parallel = npairs > 1 && cu[nseq] - cu[0] >= kParallelMinTokens;
   (void)parallel;
 #ifdef RLHF_FAST_WITH_OPENMP
-#pragma omp parallel for schedule(dynamic, 2) if (parallel)
+#pragma omp parallel for schedule(dynamic, 2) if (parallel) num_threads(max_threads())
 #endif
   for (std::int64_t i = 0; i < npairs; ++i) {
     sweep_pair(ptr<const void>(r), ptr<const void>(v), ptr<const std::uint8_t>(m), cu + 2 * i, ptr<void>(adv),

@@ -272,7 +272,7 @@ void fwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std:
   F* lp = ptr<F>(logp);
   F* ls = ptr<F>(lse);
   F* en = ptr<F>(ent);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(max_threads())
   for (std::int64_t i = 0; i < n; ++i) {
     const bool valid = y[i] != ignore_index;
     const F t = th ? th[i] : -std::numeric_limits<F>::infinity();
@@ -293,7 +293,7 @@ void bwd_rows(std::uintptr_t logits, std::uintptr_t labels, std::int64_t n, std:
   const F* en = ptr<const F>(ent);
   const F* g = ptr<const F>(dlogp);
   const F* gh = ptr<const F>(dent);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(max_threads())
   for (std::int64_t i = 0; i < n; ++i) {
     const bool valid = y[i] != ignore_index;
     const F t = th ? th[i] : -std::numeric_limits<F>::infinity();
@@ -427,7 +427,7 @@ void threshold_rows(std::uintptr_t logits, std::int64_t n, std::int64_t v, doubl
                     std::int64_t top_k, double top_p, std::uintptr_t thr) {
   const auto* x = ptr<const typename In::T>(logits);
   F* out = ptr<F>(thr);
-#pragma omp parallel
+#pragma omp parallel num_threads(max_threads())
   {
     std::vector<typename KeyOf<F>::I> key(static_cast<std::size_t>(v));
     std::vector<F> e(static_cast<std::size_t>(v));

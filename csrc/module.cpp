@@ -15,5 +15,6 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_openmp") = false;
 #endif
   m.def("max_threads", &rlhf_fast::max_threads, "OpenMP threads the CPU kernels use (1 without OpenMP)");
+  m.def("set_num_threads", &rlhf_fast::set_num_threads, "threads for the CPU kernels' parallel regions (0: OpenMP's default)");
   for (auto fn : rlhf_fast::registry()) fn(m);
 }

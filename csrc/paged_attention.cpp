@@ -172,7 +172,7 @@ void run(const Shape& s, std::uintptr_t out, std::uintptr_t q, std::uintptr_t k,
   const bool parallel = jobs > 1 && work >= kParallelMinWork;
   (void)parallel;
 #ifdef RLHF_FAST_WITH_OPENMP
-#pragma omp parallel if (parallel)
+#pragma omp parallel if (parallel) num_threads(max_threads())
 #endif
   {
     std::vector<Acc> scratch(

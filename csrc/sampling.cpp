@@ -176,7 +176,7 @@ void sample_rows_cpu(std::uintptr_t logits, std::int64_t rows, std::int64_t voca
   const bool parallel = rows > 1 && rows * vocab >= kParallelMinElems;
   (void)parallel;
 #ifdef RLHF_FAST_WITH_OPENMP
-#pragma omp parallel if (parallel)
+#pragma omp parallel if (parallel) num_threads(max_threads())
 #endif
   {
     std::vector<double> sums(static_cast<std::size_t>(chunks));
@@ -284,7 +284,7 @@ void sample_fused_cpu(std::uintptr_t logits, std::int64_t rows, std::int64_t voc
   const bool parallel = rows > 1 && rows * vocab >= kParallelMinElems;
   (void)parallel;
 #ifdef RLHF_FAST_WITH_OPENMP
-#pragma omp parallel if (parallel)
+#pragma omp parallel if (parallel) num_threads(max_threads())
 #endif
   {
     std::vector<double> sums(static_cast<std::size_t>(chunks));

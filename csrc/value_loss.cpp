@@ -85,7 +85,7 @@ void for_rows(std::int64_t rows, std::int64_t T, RowFn fn) {
   const bool parallel = rows > 1 && rows * T >= kParallelMinTokens;
   (void)parallel;
 #ifdef RLHF_FAST_WITH_OPENMP
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(static) if (parallel) num_threads(max_threads())
 #endif
   for (std::int64_t r = 0; r < rows; ++r) fn(r);
 }

@@ -37,10 +37,21 @@ def has(name: str) -> bool:
     return _C is not None and hasattr(_C, name)
 
 
+_threads = 0  # the thread count last passed to the extension
+
+
 def fn(name: str):
+    """The `_C` function `name`, looked up at the call: its CPU kernels then run on `torch.get_num_threads()`
+    threads. The extension's OpenMP runtime is the system's, not the copy torch loads, so without this a process
+    that set torch to one thread would still run them on every core."""
+    global _threads
     if not has(name):
         raise RuntimeError(f"rlhf_fast._C has no function {name!r} (extension built: {available()}; "
                            f"import error: {IMPORT_ERROR})")
+    n = torch.get_num_threads()
+    if n != _threads and hasattr(_C, "set_num_threads"):
+        _C.set_num_threads(n)
+        _threads = n
     return getattr(_C, name)
 
 

@@ -77,6 +77,33 @@ def test_native_extension_built():
     assert _native.available(), _native.IMPORT_ERROR
 
 
+def test_native_kernels_follow_torch_thread_count():
+    """The CPU kernels run on torch.get_num_threads() threads, though _C's OpenMP runtime is not the one torch
+    loads (torch.set_num_threads never reaches it): a one-thread process must not run them on every core. Results
+    do not depend on the thread count."""
+    if not (_native.has("set_num_threads") and _native.built_with_openmp()):
+        pytest.skip("native extension without OpenMP")
+    import torch
+
+    from rlhf_fast import ops
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(64, 4, 32, generator=gen)
+    k, v = torch.randn(2, 96, 16, 2, 32, generator=gen).unbind(0)
+    tables = torch.randint(0, 96, (64, 8), generator=gen, dtype=torch.int32)
+    lens = torch.randint(1, 8 * 16 + 1, (64,), generator=gen, dtype=torch.int32)
+    before = torch.get_num_threads()
+    outs = {}
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            outs[n] = ops.paged_attention(q, k, v, tables, lens)  # large enough for the parallel path
+            assert _native._C.max_threads() == n
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[1], outs[2])
+
+
 def test_cuda_sources_compiled_when_nvcc_present():
     """Where nvcc exists (and RLHF_FAST_CUDA is not 0) the CUDA sources must have compiled into _C."""
     if shutil.which("nvcc") is None or os.environ.get("RLHF_FAST_CUDA") == "0":
