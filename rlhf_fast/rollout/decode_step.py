@@ -18,6 +18,7 @@ Prefill stays eager (variable length).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -86,4 +87,37 @@ class DecodeStep:
         from torch._inductor.compile_fx import compile_fx
 
         cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-        return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": cuda})
+        with _onednn_calls_direct(gm) as direct:
+            patches = {"triton.cudagraphs": cuda}
+            if direct:  # its post-grad fusions (linear + add / unary) would lower to the frozen-weight path again
+                patches["pattern_matcher"] = False
+            return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+@contextlib.contextmanager
+def _onednn_calls_direct(gm: torch.fx.GraphModule):
+    """The step's oneDNN linears (`ops._onednn`'s custom op, opaque to the tracer) called in the compiled code as
+    `torch.ops.mkldnn._linear_pointwise` itself: the custom op's Python dispatch cost ~15 us a call, 17 calls a step
+    on a 4-layer model. Inductor's lowering of that op handles only weights it froze itself, so it is set aside
+    while this graph compiles (inductor then calls the op as an extern kernel) and restored after."""
+    from torch._inductor import lowering
+
+    from rlhf_fast.ops import _onednn
+
+    direct = torch.ops.mkldnn._linear_pointwise.default if _onednn.available() else None
+    found = False
+    for node in gm.graph.nodes:
+        if direct is not None and node.op == "call_function" and node.target is _onednn.OP:
+            x, w, b = (list(node.args) + [node.kwargs.get("bias")])[:3]
+            node.target, node.args, node.kwargs = direct, (x, w, b, "none", [], ""), {}
+            found = True
+    if not found:
+        yield False
+        return
+    gm.recompile()
+    saved = lowering.lowerings.pop(direct, None)
+    try:
+        yield True
+    finally:
+        if saved is not None:
+            lowering.lowerings[direct] = saved
