@@ -193,8 +193,14 @@ def test_engine_decodes_on_the_packed_projections(monkeypatch, compile):
     seen = []
     real = pw.fused
     monkeypatch.setattr(pw, "fused", lambda m, name, x, det: seen.append(name) or real(m, name, x, det))
-    packed = RolloutEngine(lm, compile=compile).generate(prompts, sp)
+    engine = RolloutEngine(lm, compile=compile)
+    packed = engine.generate(prompts, sp)
     assert {"qkv", "gate_up", ""} <= set(seen)
+    if compile:  # the compiled step calls oneDNN directly (no custom-op dispatch); inductor's own lowering is back
+        from torch._inductor import lowering
+
+        assert engine.decode_step.onednn_direct_calls >= 4 * lm.num_layers
+        assert torch.ops.mkldnn._linear_pointwise.default in lowering.lowerings
     assert [c.token_ids for c in packed] == [c.token_ids for c in plain]
     for a, b in zip(packed, plain):
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)

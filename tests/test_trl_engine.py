@@ -294,6 +294,57 @@ def test_train_with_the_engine(env, kind, tmp_path):
     assert any((a != b).any() for a, b in zip(before, trainer.model.parameters()))
 
 
+def test_stale_require_grads_hooks_are_dropped():
+    """transformers adds an input-embedding hook at every gradient_checkpointing_enable and forgets the old one
+    (removing none at disable for a plain model): `drop_stale_require_grads_hooks` keeps the one it still holds and
+    any other hook on the embedding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_fast.integrations._trl_generate import drop_stale_require_grads_hooks
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    on = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    emb = model.get_input_embeddings()
+    mine = emb.register_forward_hook(lambda mod, inp, out: None)
+    for _ in range(3):
+        on()
+        off()
+    on()
+    assert len(emb._forward_hooks) == 1 + 4  # the leak this works around (if transformers fixes it, this fails)
+    assert drop_stale_require_grads_hooks(model) == 3
+    held = [h.id for h in model._require_grads_hooks]
+    assert sorted(emb._forward_hooks) == sorted([mine.id, *held])
+    assert drop_stale_require_grads_hooks(model) == 0
+    out = emb(torch.tensor([[1, 2]]))
+    assert out.requires_grad  # the kept hook still does its job
+
+
+def test_training_keeps_one_embedding_hook(env, monkeypatch, tmp_path):
+    """With gradient checkpointing on (TRL toggles it around every step's log-prob pass), each generation starts
+    with one require-grads hook on the embedding, not one more per step: the eager forward stays as cheap and a
+    compiled decode step is not recompiled at every step."""
+    from _tiny import one_thread
+
+    from rlhf_fast.rollout import RolloutEngine
+
+    counts = []
+    real = RolloutEngine.generate
+
+    def spy(self, *a, **k):
+        counts.append(sum(len(m._forward_hooks) for m in self.lm.modules()))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(RolloutEngine, "generate", spy)
+    trainer = _trainer(env, "GRPO", num_iterations=1, max_steps=4, gradient_checkpointing=True,
+                       output_dir=str(tmp_path), beta=0.0)
+    assert trainer.use_rlhf_fast_engine
+    with one_thread():
+        trainer.train()
+    assert len(counts) == 4 and counts == [counts[0]] * 4 and counts[0] <= 1, counts
+
+
 def test_train_peft_with_the_engine_and_packed_loss(env, tmp_path):
     """A PEFT (LoRA) policy: the engine reads base + adapters unmerged, the packed loss's gradients reach the
     adapters and only them; TRL's reference (adapters off, beta != 0) runs as TRL's."""

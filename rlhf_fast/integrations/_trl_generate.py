@@ -91,6 +91,31 @@ def policy_module(trainer):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+_REQUIRE_GRADS_HOOK = "enable_input_require_grads.<locals>.make_inputs_require_grads"
+
+
+def drop_stale_require_grads_hooks(model: torch.nn.Module) -> int:
+    """Remove the input-embedding hooks transformers has stopped tracking; returns how many.
+
+    transformers' `enable_input_require_grads` registers one forward hook on the input embeddings at every
+    `gradient_checkpointing_enable` and replaces `_require_grads_hooks` by the new handle, while
+    `gradient_checkpointing_disable` removes them only for PEFT models (transformers 5.x). TRL turns checkpointing off
+    and on around every step's log-prob pass, so a plain model gains one hook a step: each forward then calls them
+    all, and a compiled decode step sees its embedding's hooks change at every step and recompiles. The hooks are all
+    the same `output.requires_grad_(True)`; the one transformers still holds is kept."""
+    held = {h.id for h in (getattr(model, "_require_grads_hooks", None) or [])}
+    dropped = 0
+    for mod in model.modules():
+        stale = [k for k, fn in mod._forward_hooks.items()
+                 if k not in held and getattr(fn, "__qualname__", "").endswith(_REQUIRE_GRADS_HOOK)]
+        for k in stale:  # what RemovableHandle.remove does
+            mod._forward_hooks.pop(k, None)
+            mod._forward_hooks_with_kwargs.pop(k, None)
+            mod._forward_hooks_always_called.pop(k, None)
+        dropped += len(stale)
+    return dropped
+
+
 def stop_tokens(trainer) -> tuple[int, ...]:
     """TRL's stop tokens: the tokenizer's EOS and the generation config's (`trainer.eos_token_ids`)."""
     ids = list(trainer.eos_token_ids)
@@ -153,6 +178,7 @@ class EngineGeneration:
 
         distinct, n = group(prompt_ids, num_generations)
         lm = policy_module(self)
+        drop_stale_require_grads_hooks(self.accelerator.unwrap_model(self.model))
         vocab = lm.get_output_embeddings().weight.shape[0]
         probe = self._rf_params(n, cut=False)
         cut = self._rf_cut_logprobs and probe.truncated(vocab) and self._rf_loss_cuts()

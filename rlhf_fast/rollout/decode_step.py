@@ -50,6 +50,7 @@ class DecodeStep:
         self.compiled = compile
         self.compilations = 0
         self.compile_seconds = 0.0
+        self.onednn_direct_calls = 0  # oneDNN linears the compiled graphs call directly (`_onednn_calls_direct`)
         self._fn = self._step
         if compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
@@ -88,6 +89,7 @@ class DecodeStep:
 
         cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
         with _onednn_calls_direct(gm) as direct:
+            self.onednn_direct_calls += direct
             patches = {"triton.cudagraphs": cuda}
             if direct:  # its post-grad fusions (linear + add / unary) would lower to the frozen-weight path again
                 patches["pattern_matcher"] = False
@@ -105,19 +107,19 @@ def _onednn_calls_direct(gm: torch.fx.GraphModule):
     from rlhf_fast.ops import _onednn
 
     direct = torch.ops.mkldnn._linear_pointwise.default if _onednn.available() else None
-    found = False
+    found = 0
     for node in gm.graph.nodes:
         if direct is not None and node.op == "call_function" and node.target is _onednn.OP:
             x, w, b = (list(node.args) + [node.kwargs.get("bias")])[:3]
             node.target, node.args, node.kwargs = direct, (x, w, b, "none", [], ""), {}
-            found = True
+            found += 1
     if not found:
-        yield False
+        yield 0
         return
     gm.recompile()
     saved = lowering.lowerings.pop(direct, None)
     try:
-        yield True
+        yield found
     finally:
         if saved is not None:
             lowering.lowerings[direct] = saved
