@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -23,14 +24,20 @@ void check_coefs(double gamma, double lam) {
   if (!(lam >= 0.0 && lam <= 1.0)) throw std::invalid_argument("lam must be in [0, 1], got " + std::to_string(lam));
 }
 
+// A NaN result's sign and payload depend on which operand the compiled instruction sequence hands the FPU first
+// (x86 keeps the first NaN operand's; an invalid operation such as inf - inf gives the negative default NaN), so
+// they change with code generation (the same step inlined into a pair sweep or a lone one, a CUDA-enabled build).
+// Every NaN is stored as the one positive quiet NaN: the output bits depend only on the inputs.
+inline double canonical_nan(double x) { return x != x ? std::numeric_limits<double>::quiet_NaN() : x; }
+
 // Token t of one sequence, walking backwards: the state (A, G) goes through t's map and A, A + V are stored.
 template <typename Load, typename Store>
 inline void step(const void* rewards, const void* values, const std::uint8_t* mask, std::int64_t t, void* adv,
                  void* ret, double gamma, double lam, Load load, Store store, gae::State<double>& st) {
   const double v = load(values, t);
   st = gae::apply(gae::token_map<double>(load(rewards, t), v, mask[t] != 0, gamma, lam), st);
-  store(adv, t, st.adv);
-  store(ret, t, st.adv + v);
+  store(adv, t, canonical_nan(st.adv));
+  store(ret, t, canonical_nan(st.adv + v));
 }
 
 // Sequences a = [cu[0], cu[1]) and b = [cu[1], cu[2]) swept together, one token of each per iteration, over their
